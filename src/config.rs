@@ -1,0 +1,941 @@
+//! The configuration file: serde types, defaults, loading and validation.
+//!
+//! Loading happens in two passes. Parsing (serde_yaml through serde_path_to_error) stops at the
+//! first syntax error, wrong type or unknown key and reports it with its key path, line and
+//! column. Validation then looks at the whole parsed file and reports *every* problem at once,
+//! each with its key path, so an operator fixes a file in one round trip.
+//!
+//! [`Config`] is the validated result the rest of the crate works with: every customer's
+//! effective URL, store code and file path are resolved here, once.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use reqwest::Url;
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+
+use zeroize::Zeroizing;
+
+use crate::secret::Secret;
+
+/// Magento locks a username after this many failed logins (`oauth/authentication_lock/max_failures_count`).
+pub const MAGENTO_LOCK_FAILURES: u32 = 6;
+
+// ---------------------------------------------------------------------------------------------
+// The file as written
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    magento: RawMagento,
+    #[serde(default)]
+    refresh: RawRefresh,
+    output: RawOutput,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    log: RawLog,
+    customers: Vec<RawCustomer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMagento {
+    base_url: String,
+    #[serde(default)]
+    store_code: Option<String>,
+    #[serde(default = "default_timeout")]
+    timeout: Dur,
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
+    #[serde(default)]
+    allow_insecure_http: bool,
+}
+
+fn default_timeout() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawRefresh {
+    before_expiry: Dur,
+    jitter: Dur,
+    default_lifetime: Dur,
+    min_backoff: Dur,
+    max_backoff: Dur,
+    max_auth_failures: u32,
+    auth_failure_pause: Dur,
+    max_concurrent_logins: usize,
+    auth_failure_delays: Vec<Dur>,
+    lockout_threshold: u32,
+    lockout_window: Dur,
+}
+
+impl Default for RawRefresh {
+    fn default() -> Self {
+        let m = |mins: u64| Dur(Duration::from_secs(mins * 60));
+        RawRefresh {
+            before_expiry: m(15),
+            jitter: m(1),
+            default_lifetime: m(60),
+            min_backoff: Dur(Duration::from_secs(1)),
+            max_backoff: m(5),
+            max_auth_failures: 3,
+            auth_failure_pause: m(31),
+            max_concurrent_logins: 8,
+            auth_failure_delays: vec![m(1), m(5)],
+            lockout_threshold: MAGENTO_LOCK_FAILURES,
+            lockout_window: m(30),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutput {
+    dir: PathBuf,
+    #[serde(default = "default_mode")]
+    mode: Mode,
+    #[serde(default)]
+    format: Format,
+}
+
+fn default_mode() -> Mode {
+    Mode(0o600)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    #[serde(default = "default_listen")]
+    listen: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        RawAdmin { listen: default_listen() }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:9102".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    #[serde(default)]
+    format: LogFormat,
+    #[serde(default = "default_level")]
+    level: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog { format: LogFormat::default(), level: default_level() }
+    }
+}
+
+fn default_level() -> String {
+    "info".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCustomer {
+    name: String,
+    username: String,
+    #[serde(default)]
+    password_file: Option<PathBuf>,
+    #[serde(default)]
+    password_env: Option<String>,
+    #[serde(default)]
+    store_code: Option<String>,
+    #[serde(default)]
+    base_url: Option<String>,
+    #[serde(default)]
+    file: Option<String>,
+}
+
+/// A duration written as a string (`90s`, `15m`, `1h`); a bare number is refused because its
+/// unit would be a guess.
+#[derive(Debug, Clone, Copy)]
+struct Dur(Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Dur;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a duration string like \"90s\", \"15m\" or \"1h\"")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Dur, E> {
+                humantime::parse_duration(v.trim()).map(Dur).map_err(|e| {
+                    E::custom(format_args!("invalid duration {v:?} ({e}); write e.g. \"90s\", \"15m\" or \"1h\""))
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A file mode written as a quoted octal string. A bare number is refused: YAML reads `0600`
+/// as the decimal 600 or the octal 384 depending on the parser's YAML version.
+#[derive(Debug, Clone, Copy)]
+struct Mode(u32);
+
+impl<'de> Deserialize<'de> for Mode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Mode;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a quoted octal string like \"0600\" (a bare number is misread by YAML)")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Mode, E> {
+                let digits = v.strip_prefix("0o").unwrap_or(v);
+                match u32::from_str_radix(digits, 8) {
+                    Ok(m) if !digits.is_empty() && m <= 0o777 => Ok(Mode(m)),
+                    _ => Err(E::custom(format_args!(
+                        "invalid mode {v:?}: expected an octal string between \"0000\" and \"0777\""
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The validated configuration
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// The token alone, no newline.
+    #[default]
+    Raw,
+    /// `{"customer":..,"token":..,"obtained_at":..,"expires_at":..}`
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub magento: MagentoSettings,
+    pub refresh: RefreshSettings,
+    pub output: OutputSettings,
+    /// `None` when `admin.listen` is `""`.
+    pub admin_listen: Option<SocketAddr>,
+    pub log: LogSettings,
+    pub customers: Vec<CustomerConfig>,
+}
+
+/// What the shared HTTP client is built from: a change here means a new client.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MagentoSettings {
+    pub timeout: Duration,
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefreshSettings {
+    pub before_expiry: Duration,
+    pub jitter: Duration,
+    pub default_lifetime: Duration,
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+    pub max_auth_failures: u32,
+    pub auth_failure_pause: Duration,
+    pub max_concurrent_logins: usize,
+    /// Waits after the first, second, ... 401 in a row (the last one repeats), before the pause.
+    pub auth_failure_delays: Vec<Duration>,
+    /// The store's `oauth/authentication_lock/max_failures_count`.
+    pub lockout_threshold: u32,
+    /// The store's `oauth/authentication_lock/timeout`.
+    pub lockout_window: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputSettings {
+    pub dir: PathBuf,
+    pub mode: u32,
+    pub format: Format,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CustomerConfig {
+    pub name: String,
+    pub username: String,
+    pub password: PasswordSource,
+    /// The base URL in effect for this customer (its own or `magento.base_url`).
+    pub base_url: Url,
+    /// The store code in effect for this customer (its own or `magento.store_code`).
+    pub store_code: Option<String>,
+    /// `<output.dir>/<file or name>`.
+    pub path: PathBuf,
+}
+
+impl CustomerConfig {
+    /// `POST {base}/rest[/<store>]/V1/integration/customer/token`
+    pub fn token_url(&self) -> String {
+        self.rest_url("V1/integration/customer/token")
+    }
+
+    /// `GET {base}/rest[/<store>]/V1/customers/me`
+    pub fn me_url(&self) -> String {
+        self.rest_url("V1/customers/me")
+    }
+
+    fn rest_url(&self, route: &str) -> String {
+        let base = self.base_url.as_str().trim_end_matches('/');
+        match &self.store_code {
+            Some(store) => format!("{base}/rest/{store}/{route}"),
+            None => format!("{base}/rest/{route}"),
+        }
+    }
+
+    /// The settings whose change means the token on disk may belong to someone else.
+    pub fn same_login(&self, other: &CustomerConfig) -> bool {
+        self.username == other.username
+            && self.base_url == other.base_url
+            && self.store_code == other.store_code
+            && self.password == other.password
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PasswordSource {
+    File(PathBuf),
+    Env(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PasswordError {
+    #[error("password_file {path}: {source}")]
+    File { path: PathBuf, source: std::io::Error },
+    #[error("password_file {0}: the file is empty")]
+    EmptyFile(PathBuf),
+    #[error("password_file {0}: not UTF-8 text")]
+    NotText(PathBuf),
+    #[error("password_env {0}: not set")]
+    EnvMissing(String),
+    #[error("password_env {0}: empty")]
+    EnvEmpty(String),
+}
+
+impl PasswordSource {
+    /// Reads the password afresh: a mounted Secret may have been rotated since the last login.
+    /// One trailing newline is stripped, nothing else.
+    pub fn read(&self) -> Result<Secret, PasswordError> {
+        match self {
+            PasswordSource::File(path) => {
+                let bytes = Zeroizing::new(
+                    std::fs::read(path).map_err(|source| PasswordError::File { path: path.clone(), source })?,
+                );
+                let text = std::str::from_utf8(&bytes).map_err(|_| PasswordError::NotText(path.clone()))?;
+                let text = text.strip_suffix('\n').unwrap_or(text);
+                if text.is_empty() {
+                    return Err(PasswordError::EmptyFile(path.clone()));
+                }
+                Ok(Secret::new(text.to_owned()))
+            }
+            PasswordSource::Env(var) => match std::env::var(var) {
+                Ok(v) if v.is_empty() => Err(PasswordError::EnvEmpty(var.clone())),
+                Ok(v) => Ok(Secret::new(v)),
+                Err(_) => Err(PasswordError::EnvMissing(var.clone())),
+            },
+        }
+    }
+
+    fn key(&self) -> &'static str {
+        match self {
+            PasswordSource::File(_) => "password_file",
+            PasswordSource::Env(_) => "password_env",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+
+/// One problem in a configuration file, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(f, "{}: {n} problem{}", self.file.display(), if n == 1 { "" } else { "s" })?;
+        for p in &self.problems {
+            write!(f, "\n  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// What validation looks at beyond the file itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checks {
+    /// Only the file's content: used in unit tests.
+    Static,
+    /// Also the world the daemon will run in: password sources readable, output directory a
+    /// writable directory, the CA file a PEM bundle. Used by `check`, at start and on reload.
+    Environment,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading
+
+/// Reads, parses and validates a configuration file.
+pub fn load(file: &Path, checks: Checks) -> Result<Config, ConfigError> {
+    let fail = |message: String| ConfigError { file: file.to_path_buf(), problems: vec![Problem { path: String::new(), message }] };
+    let text = std::fs::read_to_string(file).map_err(|e| fail(format!("cannot read the configuration file: {e}")))?;
+    parse(&text, checks).map_err(|problems| ConfigError { file: file.to_path_buf(), problems })
+}
+
+/// Parses and validates a configuration from YAML text.
+pub fn parse(text: &str, checks: Checks) -> Result<Config, Vec<Problem>> {
+    if let Some(line) = bare_number_mode(text) {
+        return Err(vec![Problem {
+            path: "output.mode".into(),
+            message: format!(
+                "write the mode as a quoted octal string like \"0600\" (a bare number is misread by YAML) at line {line}"
+            ),
+        }]);
+    }
+    let raw: RawConfig = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(text)).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        vec![Problem { path, message: e.into_inner().to_string() }]
+    })?;
+    validate(raw, checks)
+}
+
+/// The line of an unquoted numeric `mode:` value. serde_yaml hands `0600` over as the string
+/// "0600" while other YAML readers (Helm's, Python's) see the number 384: the contract refuses
+/// the ambiguity, and only the text shows whether the value was quoted. `mode` is a key of
+/// `output` alone (anywhere else it is an unknown key, refused anyway).
+fn bare_number_mode(text: &str) -> Option<usize> {
+    text.lines().position(|line| {
+        line.trim_start()
+            .strip_prefix("mode:")
+            .is_some_and(|value| value.trim_start().starts_with(|c: char| c.is_ascii_digit() || c == '+' || c == '-'))
+    })
+    .map(|i| i + 1)
+}
+
+fn validate(raw: RawConfig, checks: Checks) -> Result<Config, Vec<Problem>> {
+    let mut v = Validator::default();
+
+    let allow_http = raw.magento.allow_insecure_http;
+    let base_url = v.url("magento.base_url", &raw.magento.base_url, allow_http);
+    if let Some(code) = &raw.magento.store_code {
+        v.store_code("magento.store_code", code);
+    }
+    v.positive("magento.timeout", raw.magento.timeout);
+    if let (Some(ca), Checks::Environment) = (&raw.magento.ca_file, checks) {
+        v.ca_file("magento.ca_file", ca);
+    }
+
+    let r = &raw.refresh;
+    v.positive("refresh.before_expiry", r.before_expiry);
+    v.positive("refresh.default_lifetime", r.default_lifetime);
+    v.positive("refresh.min_backoff", r.min_backoff);
+    if r.jitter.0 >= r.before_expiry.0 {
+        v.problem("refresh.jitter", format!("must be less than refresh.before_expiry ({})", show(r.before_expiry.0)));
+    }
+    if r.min_backoff.0 > r.max_backoff.0 {
+        v.problem("refresh.max_backoff", format!("must be at least refresh.min_backoff ({})", show(r.min_backoff.0)));
+    }
+    if r.lockout_threshold < 2 {
+        v.problem("refresh.lockout_threshold", "must be at least 2 (Magento's default is 6)".into());
+    } else if r.max_auth_failures == 0 || r.max_auth_failures >= r.lockout_threshold {
+        v.problem(
+            "refresh.max_auth_failures",
+            format!(
+                "must be between 1 and {}: Magento locks a username at {} failed logins",
+                r.lockout_threshold - 1,
+                r.lockout_threshold
+            ),
+        );
+    }
+    if r.auth_failure_pause.0 <= r.lockout_window.0 {
+        v.problem(
+            "refresh.auth_failure_pause",
+            format!(
+                "must be longer than refresh.lockout_window ({}), or Magento's failure count carries over and locks the customer",
+                show(r.lockout_window.0)
+            ),
+        );
+    }
+    if r.auth_failure_delays.is_empty() {
+        v.problem("refresh.auth_failure_delays", "must list at least one duration".into());
+    }
+    for (i, d) in r.auth_failure_delays.iter().enumerate() {
+        v.positive(&format!("refresh.auth_failure_delays[{i}]"), *d);
+    }
+    if r.max_concurrent_logins == 0 {
+        v.problem("refresh.max_concurrent_logins", "must be at least 1".into());
+    }
+
+    let dir = raw.output.dir.clone();
+    if dir.as_os_str().is_empty() {
+        v.problem("output.dir", "must not be empty".into());
+    } else if checks == Checks::Environment {
+        v.writable_dir("output.dir", &dir);
+    }
+
+    let admin_listen = match raw.admin.listen.trim() {
+        "" => None,
+        text => match text.parse::<SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                v.problem("admin.listen", format!("{text:?} is not an address like \"127.0.0.1:9102\" (\"\" disables the admin server)"));
+                None
+            }
+        },
+    };
+
+    if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&raw.log.level) {
+        v.problem("log.level", format!("{:?} is not a log level or filter ({e}); use e.g. \"info\" or \"debug\"", raw.log.level));
+    }
+
+    if raw.customers.is_empty() {
+        v.problem("customers", "at least one customer is required".into());
+    }
+    let mut names = HashSet::new();
+    let mut files = HashSet::new();
+    let mut customers = Vec::new();
+    for (i, c) in raw.customers.iter().enumerate() {
+        let at = |key: &str| format!("customers[{i}].{key}");
+        if !valid_name(&c.name) {
+            v.problem(&at("name"), format!("{:?} must be 1 to 64 characters of A-Z a-z 0-9 _ . -", c.name));
+        } else if !names.insert(c.name.clone()) {
+            v.problem(&at("name"), format!("{:?} is used by another customer", c.name));
+        }
+        if c.username.trim().is_empty() {
+            v.problem(&at("username"), "must not be empty".into());
+        }
+        let password = match (&c.password_file, &c.password_env) {
+            (Some(path), None) => Some(PasswordSource::File(path.clone())),
+            (None, Some(var)) if var.is_empty() => {
+                v.problem(&at("password_env"), "must name an environment variable".into());
+                None
+            }
+            (None, Some(var)) => Some(PasswordSource::Env(var.clone())),
+            (Some(_), Some(_)) => {
+                v.problem(&at("password_file"), "give exactly one of password_file and password_env, not both".into());
+                None
+            }
+            (None, None) => {
+                v.problem(&at("password_file"), "one of password_file and password_env is required".into());
+                None
+            }
+        };
+        if let (Some(source), Checks::Environment) = (&password, checks) {
+            if let Err(e) = source.read() {
+                v.problem(&at(source.key()), password_problem(&e));
+            }
+        }
+        let url = match &c.base_url {
+            Some(text) => v.url(&at("base_url"), text, allow_http),
+            None => base_url.clone(),
+        };
+        if let Some(code) = &c.store_code {
+            v.store_code(&at("store_code"), code);
+        }
+        let file = c.file.clone().unwrap_or_else(|| c.name.clone());
+        if c.file.is_some() {
+            if let Err(why) = check_file_name(&file) {
+                v.problem(&at("file"), why);
+            }
+        }
+        // (A duplicate name already says it; its default file name would only repeat it.)
+        if !files.insert(file.clone()) && (c.file.is_some() || names.len() == i + 1) {
+            v.problem(&at("file"), format!("{file:?} is written by another customer too"));
+        }
+        if let (Some(password), Some(base_url)) = (password, url) {
+            customers.push(CustomerConfig {
+                name: c.name.clone(),
+                username: c.username.clone(),
+                password,
+                base_url,
+                store_code: c.store_code.clone().or_else(|| raw.magento.store_code.clone()),
+                path: dir.join(&file),
+            });
+        }
+    }
+
+    if !v.problems.is_empty() {
+        return Err(v.problems);
+    }
+    Ok(Config {
+        magento: MagentoSettings { timeout: raw.magento.timeout.0, ca_file: raw.magento.ca_file },
+        refresh: RefreshSettings {
+            before_expiry: r.before_expiry.0,
+            jitter: r.jitter.0,
+            default_lifetime: r.default_lifetime.0,
+            min_backoff: r.min_backoff.0,
+            max_backoff: r.max_backoff.0,
+            max_auth_failures: r.max_auth_failures,
+            auth_failure_pause: r.auth_failure_pause.0,
+            max_concurrent_logins: r.max_concurrent_logins,
+            auth_failure_delays: r.auth_failure_delays.iter().map(|d| d.0).collect(),
+            lockout_threshold: r.lockout_threshold,
+            lockout_window: r.lockout_window.0,
+        },
+        output: OutputSettings { dir, mode: raw.output.mode.0, format: raw.output.format },
+        admin_listen,
+        log: LogSettings { format: raw.log.format, level: raw.log.level },
+        customers,
+    })
+}
+
+/// The problem text for an unreadable password source, without the path repeated (the key
+/// path already says which customer).
+fn password_problem(e: &PasswordError) -> String {
+    match e {
+        PasswordError::File { source, .. } if source.kind() == std::io::ErrorKind::NotFound => "no such file".into(),
+        PasswordError::File { path, source } => format!("cannot read {}: {source}", path.display()),
+        PasswordError::EmptyFile(path) => format!("{} is empty", path.display()),
+        PasswordError::NotText(path) => format!("{} is not UTF-8 text", path.display()),
+        PasswordError::EnvMissing(var) => format!("environment variable {var} is not set"),
+        PasswordError::EnvEmpty(var) => format!("environment variable {var} is empty"),
+    }
+}
+
+fn show(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+}
+
+fn check_file_name(file: &str) -> Result<(), String> {
+    if file.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if file.contains('/') || file.contains('\\') || file.contains('\0') {
+        return Err(format!("{file:?} must be a plain file name inside output.dir, without '/'"));
+    }
+    if file.starts_with('.') {
+        return Err(format!("{file:?} must not start with '.' (such names are kept for temporary files)"));
+    }
+    if file.len() > 200 {
+        return Err("must be at most 200 characters".into());
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Validator {
+    problems: Vec<Problem>,
+}
+
+impl Validator {
+    fn problem(&mut self, path: &str, message: String) {
+        self.problems.push(Problem { path: path.into(), message });
+    }
+
+    fn positive(&mut self, path: &str, d: Dur) {
+        if d.0.is_zero() {
+            self.problem(path, "must be longer than 0s".into());
+        }
+    }
+
+    fn url(&mut self, path: &str, text: &str, allow_http: bool) -> Option<Url> {
+        let url = match Url::parse(text) {
+            Ok(url) => url,
+            Err(e) => {
+                self.problem(path, format!("{text:?} is not a URL ({e}); write e.g. \"https://shop.example.com\""));
+                return None;
+            }
+        };
+        let before = self.problems.len();
+        match url.scheme() {
+            "https" => {}
+            "http" if allow_http || is_loopback(&url) => {}
+            "http" => self.problem(
+                path,
+                format!("{text:?} uses plain http to a non-loopback host: passwords would cross the network unencrypted; use https or set magento.allow_insecure_http: true"),
+            ),
+            other => self.problem(path, format!("{text:?} has scheme {other:?}; only https (or http) is supported")),
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            self.problem(path, format!("{text:?} has no host"));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            self.problem(path, format!("{text:?} must not carry a query or fragment"));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            self.problem(path, "must not carry credentials".into());
+        }
+        (self.problems.len() == before).then_some(url)
+    }
+
+    fn store_code(&mut self, path: &str, code: &str) {
+        let ok = code.len() <= 32
+            && code.starts_with(|c: char| c.is_ascii_alphabetic())
+            && code.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !ok {
+            self.problem(path, format!("{code:?} is not a Magento store code (a letter, then letters, digits or '_')"));
+        }
+    }
+
+    fn ca_file(&mut self, path: &str, file: &Path) {
+        match std::fs::read(file) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => self.problem(path, "no such file".into()),
+            Err(e) => self.problem(path, format!("cannot read {}: {e}", file.display())),
+            Ok(pem) => {
+                if reqwest::Certificate::from_pem_bundle(&pem).map(|c| c.is_empty()).unwrap_or(true) {
+                    self.problem(path, format!("{} holds no PEM certificate", file.display()));
+                }
+            }
+        }
+    }
+
+    fn writable_dir(&mut self, path: &str, dir: &Path) {
+        match std::fs::metadata(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => self.problem(path, format!("{}: no such directory", dir.display())),
+            Err(e) => self.problem(path, format!("{}: {e}", dir.display())),
+            Ok(m) if !m.is_dir() => self.problem(path, format!("{} is not a directory", dir.display())),
+            Ok(_) => {
+                if let Err(e) = tempfile::Builder::new().prefix(".write-check.").tempfile_in(dir) {
+                    self.problem(path, format!("{} is not writable: {e}", dir.display()));
+                }
+            }
+        }
+    }
+}
+
+fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
+        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "
+magento:
+  base_url: https://shop.example.com
+output:
+  dir: /tmp
+customers:
+  - name: alice
+    username: alice@example.com
+    password_env: ALICE_PASSWORD
+";
+
+    fn problems(yaml: &str) -> Vec<String> {
+        parse(yaml, Checks::Static).unwrap_err().iter().map(|p| p.to_string()).collect()
+    }
+
+    #[test]
+    fn defaults_are_the_contracts() {
+        let c = parse(MINIMAL, Checks::Static).unwrap();
+        assert_eq!(c.magento.timeout, Duration::from_secs(10));
+        assert_eq!(c.refresh.before_expiry, Duration::from_secs(15 * 60));
+        assert_eq!(c.refresh.jitter, Duration::from_secs(60));
+        assert_eq!(c.refresh.default_lifetime, Duration::from_secs(3600));
+        assert_eq!(c.refresh.min_backoff, Duration::from_secs(1));
+        assert_eq!(c.refresh.max_backoff, Duration::from_secs(300));
+        assert_eq!(c.refresh.max_auth_failures, 3);
+        assert_eq!(c.refresh.auth_failure_pause, Duration::from_secs(31 * 60));
+        assert_eq!(c.refresh.max_concurrent_logins, 8);
+        assert_eq!(c.output.mode, 0o600);
+        assert_eq!(c.output.format, Format::Raw);
+        assert_eq!(c.admin_listen, Some("127.0.0.1:9102".parse().unwrap()));
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(c.log.level, "info");
+        let alice = &c.customers[0];
+        assert_eq!(alice.path, PathBuf::from("/tmp/alice"));
+        assert_eq!(alice.token_url(), "https://shop.example.com/rest/V1/integration/customer/token");
+    }
+
+    #[test]
+    fn store_codes_and_path_prefixes_build_the_url() {
+        let yaml = MINIMAL.replace("https://shop.example.com", "https://example.com/shop/").replace(
+            "    password_env: ALICE_PASSWORD",
+            "    password_env: ALICE_PASSWORD\n    store_code: de\n  - name: bob\n    username: b\n    password_env: B\n    base_url: https://shop.fr\n    file: bob.json",
+        );
+        let c = parse(&yaml, Checks::Static).unwrap();
+        assert_eq!(c.customers[0].token_url(), "https://example.com/shop/rest/de/V1/integration/customer/token");
+        assert_eq!(c.customers[1].me_url(), "https://shop.fr/rest/V1/customers/me");
+        assert_eq!(c.customers[1].path, PathBuf::from("/tmp/bob.json"));
+    }
+
+    #[test]
+    fn unknown_keys_are_reported_with_path_and_line() {
+        let p = problems(&MINIMAL.replace("  base_url:", "  base_ur: x\n  base_url:"));
+        assert_eq!(p.len(), 1);
+        assert!(p[0].contains("unknown field `base_ur`"), "{p:?}");
+        assert!(p[0].contains("line 3 column"), "{p:?}");
+        assert!(p[0].starts_with("magento"), "{p:?}");
+    }
+
+    #[test]
+    fn a_bare_number_mode_is_refused() {
+        for bare in ["0600", "600", "384", "0o600"] {
+            let p = problems(&MINIMAL.replace("  dir: /tmp", &format!("  dir: /tmp\n  mode: {bare}")));
+            assert!(p[0].starts_with("output.mode: "), "{p:?}");
+            assert!(p[0].contains("quoted octal string"), "{p:?}");
+        }
+        let p = problems(&MINIMAL.replace("  dir: /tmp", "  dir: /tmp\n  mode: \"1777\""));
+        assert!(p[0].contains("between \"0000\" and \"0777\""), "{p:?}");
+        let c = parse(&MINIMAL.replace("  dir: /tmp", "  dir: /tmp\n  mode: \"0640\""), Checks::Static).unwrap();
+        assert_eq!(c.output.mode, 0o640);
+    }
+
+    #[test]
+    fn durations_must_be_strings_with_units() {
+        let p = problems(&format!("{MINIMAL}refresh:\n  jitter: 60\n"));
+        assert!(p[0].starts_with("refresh.jitter: "), "{p:?}");
+        let p = problems(&format!("{MINIMAL}refresh:\n  jitter: 5 parsecs\n"));
+        assert!(p[0].contains("invalid duration"), "{p:?}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let yaml = "
+magento:
+  base_url: http://shop.example.com
+  store_code: ../admin
+output:
+  dir: /tmp
+refresh:
+  before_expiry: 1m
+  jitter: 2m
+  min_backoff: 10s
+  max_backoff: 5s
+  max_auth_failures: 6
+  auth_failure_pause: 10m
+admin:
+  listen: nowhere
+log:
+  level: \"[\"
+customers:
+  - name: alice
+    username: alice@example.com
+    password_env: A
+  - name: alice
+    username: ''
+    password_file: /x
+    password_env: Y
+  - name: bad/name
+    username: c
+    file: ../escape
+";
+        let p = problems(yaml);
+        let expect = [
+            "magento.base_url: ",
+            "magento.store_code: ",
+            "refresh.jitter: must be less than",
+            "refresh.max_backoff: must be at least",
+            "refresh.max_auth_failures: must be between 1 and 5",
+            "refresh.auth_failure_pause: must be longer",
+            "admin.listen: ",
+            "log.level: ",
+            "customers[1].name: \"alice\" is used by another customer",
+            "customers[1].username: must not be empty",
+            "customers[1].password_file: give exactly one",
+            "customers[2].name: ",
+            "customers[2].password_file: one of password_file and password_env is required",
+            "customers[2].file: ",
+        ];
+        for e in expect {
+            assert!(p.iter().any(|line| line.starts_with(e)), "missing {e:?} in {p:#?}");
+        }
+        assert_eq!(p.len(), expect.len(), "{p:#?}");
+    }
+
+    #[test]
+    fn plain_http_is_for_loopback_unless_allowed() {
+        for ok in ["http://127.0.0.1:8080", "http://localhost", "http://[::1]:80"] {
+            assert!(parse(&MINIMAL.replace("https://shop.example.com", ok), Checks::Static).is_ok(), "{ok}");
+        }
+        let insecure = MINIMAL.replace("https://shop.example.com", "http://shop.example.com");
+        assert!(parse(&insecure, Checks::Static).is_err());
+        let allowed = insecure.replace("  base_url:", "  allow_insecure_http: true\n  base_url:");
+        assert!(parse(&allowed, Checks::Static).is_ok());
+        assert!(problems(&MINIMAL.replace("https://shop.example.com", "ftp://x"))[0].contains("scheme"));
+    }
+
+    #[test]
+    fn environment_checks_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = format!(
+            "magento:\n  base_url: https://x\n  ca_file: {d}/ca.pem\noutput:\n  dir: {d}/missing\ncustomers:\n  - name: a\n    username: a\n    password_file: {d}/nope\n",
+            d = dir.path().display()
+        );
+        let p: Vec<String> = parse(&yaml, Checks::Environment).unwrap_err().iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            p,
+            vec![
+                "magento.ca_file: no such file".to_string(),
+                format!("output.dir: {}/missing: no such directory", dir.path().display()),
+                "customers[0].password_file: no such file".to_string(),
+            ]
+        );
+    }
+
+    #[test]
+    fn password_files_lose_one_trailing_newline_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        for (content, expect) in [("s3cret\n", "s3cret"), ("s3cret", "s3cret"), ("s3cret\n\n", "s3cret\n"), (" sp ace \n", " sp ace "), ("crlf\r\n", "crlf\r")] {
+            std::fs::write(&file, content).unwrap();
+            assert_eq!(PasswordSource::File(file.clone()).read().unwrap().expose(), expect);
+        }
+        std::fs::write(&file, "\n").unwrap();
+        assert!(matches!(PasswordSource::File(file).read(), Err(PasswordError::EmptyFile(_))));
+    }
+}

@@ -1,0 +1,287 @@
+//! The supervisor: one worker task per customer, reloads that touch only what changed, and a
+//! graceful stop. Also `once`, the single pass used by init containers and CronJobs.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::{Stream, StreamExt};
+use rand::Rng;
+use tokio::sync::Semaphore;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::{self, Checks, Config, CustomerConfig};
+use crate::logging::Logging;
+use crate::magento::{Client, ClientError, LoginError};
+use crate::metrics::{Metrics, Outcome};
+use crate::schedule;
+use crate::signals::Signal;
+use crate::sink;
+use crate::status::{Board, Reporter};
+use crate::token;
+use crate::worker::{Shared, Worker};
+
+/// How long a stop waits for logins and writes in flight.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
+struct Running {
+    customer: CustomerConfig,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// The running set of workers and what they share.
+pub struct Supervisor {
+    config: Config,
+    shared: Shared,
+    board: Board,
+    metrics: Arc<Metrics>,
+    workers: BTreeMap<String, Running>,
+}
+
+impl Supervisor {
+    pub fn new(config: Config, board: Board, metrics: Arc<Metrics>) -> Result<Supervisor, ClientError> {
+        let shared = shared_for(&config, None)?;
+        Ok(Supervisor { config, shared, board, metrics, workers: BTreeMap::new() })
+    }
+
+    /// Starts a worker for every configured customer.
+    pub fn start(&mut self) {
+        for customer in self.config.customers.clone() {
+            self.spawn(customer, true);
+        }
+    }
+
+    fn spawn(&mut self, customer: CustomerConfig, adopt: bool) {
+        let stop = CancellationToken::new();
+        let report = Reporter::new(&customer.name, self.board.clone(), self.metrics.clone());
+        let worker = Worker::new(customer.clone(), self.shared.clone(), report, stop.clone());
+        let task = tokio::spawn(worker.run(adopt));
+        self.workers.insert(customer.name.clone(), Running { customer, stop, task });
+    }
+
+    /// Applies a new configuration: customers added start at once, removed ones stop (their
+    /// files stay), changed ones restart, the others go on undisturbed.
+    pub async fn apply(&mut self, new: Config) -> Result<(), ClientError> {
+        let shared = shared_for(&new, Some((&self.config, &self.shared)))?;
+        let everyone = !shared.same_as(&self.shared);
+        let wanted: BTreeMap<String, CustomerConfig> = new.customers.iter().map(|c| (c.name.clone(), c.clone())).collect();
+
+        // Stop the removed and the changed first, all together, so no two workers ever write
+        // one file.
+        let mut stopping = Vec::new();
+        let mut restart = Vec::new();
+        for (name, running) in &self.workers {
+            match wanted.get(name) {
+                None => stopping.push(name.clone()),
+                Some(c) if everyone || *c != running.customer => {
+                    stopping.push(name.clone());
+                    restart.push((c.clone(), c.same_login(&running.customer)));
+                }
+                Some(_) => {}
+            }
+        }
+        let stopped: Vec<Running> = stopping.iter().filter_map(|n| self.workers.remove(n)).collect();
+        join_all(stopped).await;
+        for name in &stopping {
+            if !wanted.contains_key(name) {
+                self.board.remove(name);
+                self.metrics.remove_customer(name);
+                info!(customer = %name, "customer removed; its token file stays");
+            }
+        }
+        self.shared = shared;
+        self.config = new;
+        for (customer, same_login) in restart {
+            info!(customer = %customer.name, "customer changed: restarting it");
+            self.spawn(customer, same_login);
+        }
+        for (name, customer) in wanted {
+            if !self.workers.contains_key(&name) {
+                info!(customer = %name, "customer added");
+                self.spawn(customer, true);
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops every worker: waits end at once, logins and writes in flight get [`STOP_GRACE`].
+    pub async fn stop(self) {
+        join_all(self.workers.into_values().collect()).await;
+    }
+}
+
+async fn join_all(workers: Vec<Running>) {
+    for w in &workers {
+        w.stop.cancel();
+    }
+    let deadline = tokio::time::Instant::now() + STOP_GRACE;
+    for mut w in workers {
+        if tokio::time::timeout_at(deadline, &mut w.task).await.is_err() {
+            warn!(customer = %w.customer.name, "still busy after the grace period: abandoning it");
+            w.task.abort();
+        }
+    }
+}
+
+/// What the workers share, reusing the old client and login slots when their settings did
+/// not change (the connection pool survives a reload).
+fn shared_for(config: &Config, old: Option<(&Config, &Shared)>) -> Result<Shared, ClientError> {
+    let client = match old {
+        Some((c, s)) if c.magento == config.magento => s.client.clone(),
+        _ => Client::new(&config.magento)?,
+    };
+    let logins = match old {
+        Some((c, s)) if c.refresh.max_concurrent_logins == config.refresh.max_concurrent_logins => s.logins.clone(),
+        _ => Arc::new(Semaphore::new(config.refresh.max_concurrent_logins)),
+    };
+    Ok(Shared {
+        client,
+        refresh: Arc::new(config.refresh.clone()),
+        format: config.output.format,
+        mode: config.output.mode,
+        logins,
+    })
+}
+
+impl Shared {
+    fn same_as(&self, other: &Shared) -> bool {
+        self.client.same_as(&other.client)
+            && self.refresh == other.refresh
+            && self.format == other.format
+            && self.mode == other.mode
+            && Arc::ptr_eq(&self.logins, &other.logins)
+    }
+}
+
+/// The daemon: runs the workers until a shutdown signal, reloading on SIGHUP.
+pub async fn run(
+    config_path: &Path,
+    config: Config,
+    board: Board,
+    metrics: Arc<Metrics>,
+    logging: &Logging,
+    mut signals: impl Stream<Item = Signal> + Unpin,
+) -> Result<(), ClientError> {
+    info!(customers = config.customers.len(), version = env!("CARGO_PKG_VERSION"), "starting");
+    let mut supervisor = Supervisor::new(config, board, metrics.clone())?;
+    supervisor.start();
+    while let Some(signal) = signals.next().await {
+        match signal {
+            Signal::Shutdown(name) => {
+                info!(signal = name, "stopping: letting logins and writes in flight finish");
+                break;
+            }
+            Signal::Reload => match reload(config_path, &mut supervisor).await {
+                Ok(level) => {
+                    logging.set_level(&level);
+                    metrics.reload(true);
+                }
+                Err(e) => {
+                    metrics.reload(false);
+                    error!(error = %e, "configuration reload failed: the running configuration stays");
+                }
+            },
+        }
+    }
+    supervisor.stop().await;
+    info!("stopped");
+    Ok(())
+}
+
+async fn reload(path: &Path, supervisor: &mut Supervisor) -> Result<String, String> {
+    let new = config::load(path, Checks::Environment).map_err(|e| e.to_string())?;
+    if new.admin_listen != supervisor.config.admin_listen || new.log.format != supervisor.config.log.format {
+        warn!("admin.listen and log.format take effect at the next start");
+    }
+    let level = new.log.level.clone();
+    supervisor.apply(new).await.map_err(|e| e.to_string())?;
+    info!(customers = supervisor.workers.len(), "configuration reloaded");
+    Ok(level)
+}
+
+/// The outcome of `once` for one customer.
+pub struct OnceResult {
+    pub customer: String,
+    pub path: PathBuf,
+    pub outcome: Result<SystemTime, LoginError>,
+}
+
+/// Logs every customer in once and writes the files, retrying transient failures until
+/// `timeout` has passed (a 401 is never retried: Magento's lock). Returns one result per
+/// customer, in the configured order.
+pub async fn once(config: &Config, timeout: Duration) -> Result<Vec<OnceResult>, ClientError> {
+    let client = Client::new(&config.magento)?;
+    let logins = Arc::new(Semaphore::new(config.refresh.max_concurrent_logins));
+    let deadline = Instant::now() + timeout;
+    let mut tasks = JoinSet::new();
+    for (i, customer) in config.customers.iter().cloned().enumerate() {
+        let (client, logins, refresh) = (client.clone(), logins.clone(), config.refresh.clone());
+        let (format, mode) = (config.output.format, config.output.mode);
+        tasks.spawn(async move {
+            let mut failures = 0;
+            let outcome = loop {
+                let attempt = once_attempt(&client, &logins, &customer, &refresh, format, mode).await;
+                match attempt {
+                    Err(e) if !matches!(e.outcome, Outcome::AuthFailure) => {
+                        failures += 1;
+                        let wait = schedule::backoff(failures, &refresh, e.retry_after, rand::thread_rng().gen());
+                        if Instant::now() + wait >= deadline {
+                            break Err(e);
+                        }
+                        warn!(customer = %customer.name, result = e.outcome.as_str(), error = %e.message, "login failed: retrying");
+                        tokio::time::sleep(wait).await;
+                    }
+                    other => break other,
+                }
+            };
+            (i, OnceResult { customer: customer.name.clone(), path: customer.path.clone(), outcome })
+        });
+    }
+    let mut results: Vec<Option<OnceResult>> = (0..config.customers.len()).map(|_| None).collect();
+    while let Some(done) = tasks.join_next().await {
+        let (i, result) = done.expect("a once task panicked");
+        results[i] = Some(result);
+    }
+    // One directory sync for the whole batch.
+    if let Err(e) = sink::sync_directory(&config.output.dir) {
+        for r in results.iter_mut().flatten() {
+            if r.outcome.is_ok() {
+                r.outcome = Err(LoginError {
+                    outcome: Outcome::WriteError,
+                    message: format!("cannot sync {}: {e}", config.output.dir.display()),
+                    retry_after: None,
+                });
+            }
+        }
+    }
+    Ok(results.into_iter().flatten().collect())
+}
+
+async fn once_attempt(
+    client: &Client,
+    logins: &Semaphore,
+    customer: &CustomerConfig,
+    refresh: &config::RefreshSettings,
+    format: config::Format,
+    mode: u32,
+) -> Result<SystemTime, LoginError> {
+    let fail = |outcome, message: String| LoginError { outcome, message, retry_after: None };
+    // An unreadable password will not fix itself within a single pass: like a 401, no retry.
+    let password = customer.password.read().map_err(|e| fail(Outcome::AuthFailure, e.to_string()))?;
+    let permit = logins.acquire().await.expect("the semaphore is never closed");
+    let started = SystemTime::now();
+    let token = client.login(&customer.token_url(), &customer.username, &password).await?;
+    drop(permit);
+    let expiry = token::expiry(&token, started, refresh.default_lifetime).map_err(|e| fail(Outcome::InvalidResponse, e.to_string()))?;
+    let content = sink::render(format, &customer.name, &token, started, expiry.expires_at);
+    let path = customer.path.clone();
+    tokio::task::spawn_blocking(move || sink::write_atomic(&path, mode, &content, false))
+        .await
+        .map_err(|e| fail(Outcome::WriteError, e.to_string()))?
+        .map_err(|e| fail(Outcome::WriteError, format!("cannot write {}: {e}", customer.path.display())))?;
+    Ok(expiry.expires_at)
+}

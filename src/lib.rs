@@ -1,0 +1,39 @@
+//! magento-token-sidecar keeps Magento 2 / Adobe Commerce customer tokens fresh on disk, for
+//! the applications beside it.
+//!
+//! One refresh flows through the modules in this order:
+//!
+//! | module       | role                                                                            |
+//! |--------------|---------------------------------------------------------------------------------|
+//! | [`config`]   | the YAML file: serde types, defaults, validation reporting every problem        |
+//! | [`schedule`] | pure decisions: when to refresh, how long to back off, the lockout budget        |
+//! | [`magento`]  | the HTTP client: the login request and the class of every outcome                |
+//! | [`token`]    | the accepted token form, and its expiry (JWT `exp`, clock skew, opaque tokens)   |
+//! | [`sink`]     | atomic, durable token files; reading back what an earlier run left               |
+//! | [`worker`]   | one customer's loop, tying the above together                                    |
+//! | [`status`]   | what the workers report: the board behind `/status` and `/readyz`               |
+//! | [`metrics`]  | every Prometheus metric, in an owned registry                                    |
+//! | [`daemon`]   | the supervisor (a task per customer, reloads, graceful stop) and `once`          |
+//! | [`admin`]    | `/healthz`, `/readyz`, `/status`, `/metrics`                                     |
+//! | [`signals`]  | SIGTERM/SIGINT/SIGHUP as one typed stream                                        |
+//! | [`logging`]  | JSON or text logs, level changeable on reload                                    |
+//! | [`secret`]   | the type that keeps passwords and tokens out of logs                             |
+//! | [`devserver`]| a Magento-compatible server for `demo`, the tests and the benchmarks             |
+//! | [`demo`]     | the `demo` command's set-up                                                      |
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod daemon;
+pub mod demo;
+pub mod devserver;
+pub mod logging;
+pub mod magento;
+pub mod metrics;
+pub mod schedule;
+pub mod secret;
+pub mod signals;
+pub mod sink;
+pub mod status;
+pub mod token;
+pub mod worker;

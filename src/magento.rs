@@ -1,0 +1,330 @@
+//! The HTTP client: the login request, reading Magento's answer, and sorting every outcome
+//! into one of the classes the metrics count.
+//!
+//! One `reqwest::Client` serves every customer, so its connection pool is shared. Redirects
+//! are not followed: the login body carries a password, and a 3xx must never send it to
+//! another host. Bodies are read up to a cap, so a misbehaving proxy cannot make the daemon
+//! buffer megabytes.
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use reqwest::header::{HeaderMap, ACCEPT, CONTENT_TYPE, LOCATION, RETRY_AFTER};
+use reqwest::{Response, StatusCode};
+use serde::Serialize;
+use zeroize::Zeroizing;
+
+use crate::config::MagentoSettings;
+use crate::metrics::Outcome;
+use crate::secret::Secret;
+use crate::token;
+
+/// The most of a response body ever read.
+pub const MAX_BODY: usize = 64 * 1024;
+
+pub const USER_AGENT: &str = concat!("magento-token-sidecar/", env!("CARGO_PKG_VERSION"));
+
+/// Why a request did not give a token (or, for [`Client::whoami`], an identity).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoginError {
+    pub outcome: Outcome,
+    pub message: String,
+    /// What a `Retry-After` header asked for.
+    pub retry_after: Option<Duration>,
+}
+
+impl fmt::Display for LoginError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.outcome.as_str(), self.message)
+    }
+}
+
+impl std::error::Error for LoginError {}
+
+impl LoginError {
+    fn new(outcome: Outcome, message: impl Into<String>) -> LoginError {
+        LoginError { outcome, message: message.into(), retry_after: None }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("magento.ca_file {path}: {message}")]
+    CaFile { path: String, message: String },
+    #[error("cannot build the HTTP client: {0}")]
+    Build(#[from] reqwest::Error),
+}
+
+#[derive(Clone, Debug)]
+pub struct Client {
+    http: reqwest::Client,
+    settings: MagentoSettings,
+}
+
+impl Client {
+    pub fn new(settings: &MagentoSettings) -> Result<Client, ClientError> {
+        let mut builder = reqwest::Client::builder()
+            .user_agent(USER_AGENT)
+            .timeout(settings.timeout)
+            .connect_timeout(settings.timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_max_idle_per_host(16);
+        if let Some(path) = &settings.ca_file {
+            let ca_error = |message: String| ClientError::CaFile { path: path.display().to_string(), message };
+            let pem = std::fs::read(path).map_err(|e| ca_error(e.to_string()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ca_error(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(ca_error("holds no PEM certificate".into()));
+            }
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        Ok(Client { http: builder.build()?, settings: settings.clone() })
+    }
+
+    /// Whether `other` was built from the same settings (and so behaves the same).
+    pub fn same_as(&self, other: &Client) -> bool {
+        self.settings == other.settings
+    }
+
+    /// `POST .../V1/integration/customer/token`: the token, checked for form, or why not.
+    pub async fn login(&self, url: &str, username: &str, password: &Secret) -> Result<Secret, LoginError> {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            username: &'a str,
+            password: &'a str,
+        }
+        let body = Zeroizing::new(
+            serde_json::to_vec(&Body { username, password: password.expose() }).expect("two strings always serialize"),
+        );
+        let request = self
+            .http
+            .post(url)
+            .header(ACCEPT, "application/json")
+            .header(CONTENT_TYPE, "application/json")
+            .body(body.to_vec());
+        let response = request.send().await.map_err(network_error)?;
+        let status = response.status();
+        if status != StatusCode::OK {
+            return Err(error_answer(response).await);
+        }
+        let body = read_body(response, true).await?;
+        parse_token(&body)
+    }
+
+    /// `GET .../V1/customers/me` with the token: the email of the customer it belongs to.
+    pub async fn whoami(&self, url: &str, token: &Secret) -> Result<String, LoginError> {
+        let response = self
+            .http
+            .get(url)
+            .header(ACCEPT, "application/json")
+            .bearer_auth(token.expose())
+            .send()
+            .await
+            .map_err(network_error)?;
+        if response.status() != StatusCode::OK {
+            return Err(error_answer(response).await);
+        }
+        let body = read_body(response, true).await?;
+        let customer: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| LoginError::new(Outcome::InvalidResponse, format!("customers/me: not JSON ({e})")))?;
+        customer
+            .get("email")
+            .and_then(|e| e.as_str())
+            .map(str::to_owned)
+            .ok_or_else(|| LoginError::new(Outcome::InvalidResponse, "customers/me: no email in the answer"))
+    }
+}
+
+/// Parses a successful login's body: a JSON string holding a token of the accepted form.
+pub fn parse_token(body: &[u8]) -> Result<Secret, LoginError> {
+    let invalid = |message: String| LoginError::new(Outcome::InvalidResponse, message);
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+        let looks = if body.trim_ascii_start().starts_with(b"<") { " (it looks like HTML or XML)" } else { "" };
+        invalid(format!("the answer to the login is not JSON{looks}: {e}"))
+    })?;
+    let serde_json::Value::String(text) = value else {
+        return Err(invalid(format!("the answer to the login is a JSON {}, not a string", json_kind(&value))));
+    };
+    let secret = Secret::new(text);
+    token::check_form(secret.expose()).map_err(|e| invalid(e.to_string()))?;
+    Ok(secret)
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "boolean",
+        serde_json::Value::Number(_) => "number",
+        serde_json::Value::String(_) => "string",
+        serde_json::Value::Array(_) => "array",
+        serde_json::Value::Object(_) => "object",
+    }
+}
+
+fn network_error(e: reqwest::Error) -> LoginError {
+    let what = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "cannot connect"
+    } else {
+        "connection failed"
+    };
+    // reqwest's own message is terse; the causes below it say what really happened.
+    let mut message = format!("{what}: {e}");
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    LoginError::new(Outcome::NetworkError, message)
+}
+
+/// Reads the body up to [`MAX_BODY`]. With `strict`, a longer body is an `invalid_response`;
+/// without, it is cut (an error page is read only for its message).
+async fn read_body(mut response: Response, strict: bool) -> Result<Vec<u8>, LoginError> {
+    let too_large = || LoginError::new(Outcome::InvalidResponse, format!("the answer is larger than {} KiB", MAX_BODY / 1024));
+    if strict && response.content_length().is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(network_error)? {
+        if body.len() + chunk.len() > MAX_BODY {
+            if strict {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk[..MAX_BODY - body.len()]);
+            break;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Turns a non-200 answer into the error an operator can act on.
+async fn error_answer(response: Response) -> LoginError {
+    let status = response.status();
+    let headers = response.headers().clone();
+    let retry_after = retry_after(&headers, SystemTime::now());
+    if status.is_redirection() {
+        let location = headers.get(LOCATION).and_then(|v| v.to_str().ok()).unwrap_or("(no Location)");
+        let mut e = LoginError::new(
+            Outcome::HttpError,
+            format!(
+                "HTTP {status}: redirected to {location}; not followed, so the password never goes to another host: set base_url to the address that answers"
+            ),
+        );
+        e.retry_after = retry_after;
+        return e;
+    }
+    let body = read_body(response, false).await.unwrap_or_default();
+    let magento = magento_message(&body);
+    let detail = match &magento {
+        Some(m) => m.clone(),
+        None => {
+            let kind = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("no content type");
+            format!("a {kind} answer, not Magento's JSON (a proxy, CDN or maintenance page?)")
+        }
+    };
+    let hint = match status.as_u16() {
+        401 => " (a wrong password, an unknown username or a locked account: Magento does not say which)",
+        404 => " (check base_url and store_code: an unknown store code also answers this)",
+        400 if detail.contains("ReCaptcha") => {
+            " (the store requires reCAPTCHA for customer logins through the web API, which a daemon cannot solve: turn it off for the web API in the store's reCAPTCHA settings)"
+        }
+        _ => "",
+    };
+    let outcome = if status == StatusCode::UNAUTHORIZED { Outcome::AuthFailure } else { Outcome::HttpError };
+    LoginError { outcome, message: format!("HTTP {status}: {detail}{hint}"), retry_after }
+}
+
+/// Magento's error `message` with its `%placeholders` filled from `parameters` (an object for
+/// named ones, an array for `%1`, `%2`, ...).
+pub fn magento_message(body: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let mut message = value.get("message")?.as_str()?.to_owned();
+    let show = |v: &serde_json::Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+    match value.get("parameters") {
+        Some(serde_json::Value::Object(map)) => {
+            // Longest names first, so `%name` never eats the start of `%names`.
+            let mut names: Vec<_> = map.iter().collect();
+            names.sort_by_key(|(k, _)| std::cmp::Reverse(k.len()));
+            for (name, v) in names {
+                message = message.replace(&format!("%{name}"), &show(v));
+            }
+        }
+        Some(serde_json::Value::Array(list)) => {
+            for (i, v) in list.iter().enumerate().rev() {
+                message = message.replace(&format!("%{}", i + 1), &show(v));
+            }
+        }
+        _ => {}
+    }
+    Some(message.chars().take(500).collect())
+}
+
+/// A `Retry-After` header as a wait from `now`: delay-seconds or an HTTP date.
+pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    #[test]
+    fn a_token_is_a_json_string_of_the_right_form() {
+        assert_eq!(parse_token(br#""abc.def.ghi""#).unwrap().expose(), "abc.def.ghi");
+        let err = |body: &[u8]| parse_token(body).unwrap_err();
+        for (body, says) in [
+            (&b"<html>down</html>"[..], "looks like HTML"),
+            (b"\xff\xfe", "not JSON"),
+            (br#"{"token":"x"}"#, "JSON object, not a string"),
+            (b"42", "JSON number"),
+            (br#""""#, "empty"),
+            (br#""abc\r\nX: y""#, "character outside"),
+            (br#""a\"b""#, "character outside"),
+        ] {
+            let e = err(body);
+            assert_eq!(e.outcome, Outcome::InvalidResponse);
+            assert!(e.message.contains(says), "{:?}: {}", String::from_utf8_lossy(body), e.message);
+        }
+    }
+
+    #[test]
+    fn magento_messages_get_their_placeholders_filled() {
+        let body = br#"{"message":"\"%fieldName\" is required. Enter and try again.","parameters":{"fieldName":"password"}}"#;
+        assert_eq!(magento_message(body).unwrap(), "\"password\" is required. Enter and try again.");
+        let body = br#"{"message":"The consumer isn't authorized to access %resources.","parameters":{"resources":"self"}}"#;
+        assert_eq!(magento_message(body).unwrap(), "The consumer isn't authorized to access self.");
+        let body = br#"{"message":"No such entity with %1 = %2","parameters":["email","x"]}"#;
+        assert_eq!(magento_message(body).unwrap(), "No such entity with email = x");
+        assert_eq!(magento_message(b"<html>"), None);
+        assert_eq!(magento_message(br#"{"trace":"..."}"#), None);
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_or_a_date() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut h = HeaderMap::new();
+        assert_eq!(retry_after(&h, now), None);
+        h.insert(RETRY_AFTER, HeaderValue::from_static("120"));
+        assert_eq!(retry_after(&h, now), Some(Duration::from_secs(120)));
+        let date = httpdate::fmt_http_date(now + Duration::from_secs(90));
+        h.insert(RETRY_AFTER, HeaderValue::from_str(&date).unwrap());
+        assert_eq!(retry_after(&h, now), Some(Duration::from_secs(90)));
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(90));
+        h.insert(RETRY_AFTER, HeaderValue::from_str(&past).unwrap());
+        assert_eq!(retry_after(&h, now), Some(Duration::ZERO));
+        h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&h, now), None);
+    }
+}

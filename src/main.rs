@@ -1,0 +1,265 @@
+//! The command line: parses arguments, sets up logging, runs a command, maps the outcome to an
+//! exit status (0 done, 1 failed, 2 bad configuration).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use futures::StreamExt;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use magento_token_sidecar::config::{self, Checks, Config};
+use magento_token_sidecar::logging::{self, Logging};
+use magento_token_sidecar::metrics::Metrics;
+use magento_token_sidecar::signals::{self, Signal};
+use magento_token_sidecar::status::Board;
+use magento_token_sidecar::{admin, daemon, demo, devserver};
+
+const BAD_CONFIG: u8 = 2;
+const FAILED: u8 = 1;
+
+#[derive(Parser)]
+#[command(name = "magento-token-sidecar", version, about = "Keeps Magento customer tokens fresh on disk for the apps beside it")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Keep every customer's token file fresh until SIGTERM/SIGINT (SIGHUP reloads the config).
+    Run(ConfigArg),
+    /// Log every customer in once, write the files and exit (init containers, CronJobs).
+    Once {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Give up on customers still failing after this long (transient failures are retried).
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Validate the config, that every password source is readable and the output directory
+    /// writable; no network.
+    Check(ConfigArg),
+    /// Start a built-in Magento-compatible server on loopback and the daemon against it.
+    Demo,
+    /// Run only the built-in Magento-compatible server (tests and benchmarks).
+    #[command(hide = true)]
+    Devserver(devserver::DevServerArgs),
+}
+
+#[derive(Args)]
+struct ConfigArg {
+    /// The YAML configuration file.
+    #[arg(long, env = "MAGENTO_TOKEN_SIDECAR_CONFIG")]
+    config: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match &cli.command {
+        // The server answers many clients at once in benchmarks: every core.
+        Command::Devserver(_) => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+        // The daemon mostly sleeps: one thread is plenty, and the cheapest.
+        _ => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+    };
+    let runtime = match runtime {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::from(FAILED);
+        }
+    };
+    let code = match cli.command {
+        Command::Run(arg) => match load(&arg.config) {
+            Ok(config) => {
+                let logging = logging::init(config.log.format, &config.log.level);
+                runtime.block_on(serve(&arg.config, config, None, &logging))
+            }
+            Err(code) => code,
+        },
+        Command::Once { config: arg, timeout } => match load(&arg.config) {
+            Ok(config) => {
+                logging::init(config.log.format, &config.log.level);
+                runtime.block_on(once(config, timeout))
+            }
+            Err(code) => code,
+        },
+        Command::Check(arg) => match load(&arg.config) {
+            Ok(config) => {
+                println!(
+                    "{}: ok ({} customer{}, tokens in {})",
+                    arg.config.display(),
+                    config.customers.len(),
+                    if config.customers.len() == 1 { "" } else { "s" },
+                    config.output.dir.display()
+                );
+                0
+            }
+            Err(code) => code,
+        },
+        Command::Demo => runtime.block_on(run_demo()),
+        Command::Devserver(args) => runtime.block_on(async {
+            let stop = match signals::listen() {
+                Ok(mut s) => async move {
+                    while let Some(sig) = s.next().await {
+                        if matches!(sig, Signal::Shutdown(_)) {
+                            break;
+                        }
+                    }
+                },
+                Err(e) => {
+                    eprintln!("cannot install signal handlers: {e}");
+                    return FAILED;
+                }
+            };
+            match devserver::run_cli(args, stop).await {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("devserver: {e}");
+                    FAILED
+                }
+            }
+        }),
+    };
+    ExitCode::from(code)
+}
+
+/// Loads and fully checks the configuration; on failure prints every problem.
+fn load(path: &Path) -> Result<Config, u8> {
+    config::load(path, Checks::Environment).map_err(|e| {
+        eprintln!("{e}");
+        BAD_CONFIG
+    })
+}
+
+/// `run` (and `demo`): the admin server and the daemon until a shutdown signal.
+async fn serve(config_path: &Path, config: Config, admin_listener: Option<TcpListener>, logging: &Logging) -> u8 {
+    // Handlers first: from here on SIGTERM means a graceful stop.
+    let signals = match signals::listen() {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "cannot install signal handlers");
+            return FAILED;
+        }
+    };
+    let board = Board::default();
+    let metrics = Arc::new(Metrics::new());
+    let listener = match (admin_listener, config.admin_listen) {
+        (Some(l), _) => Some(l),
+        (None, Some(addr)) => match TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                error!(error = %e, address = %addr, "cannot listen on admin.listen");
+                eprintln!("cannot listen on admin.listen {addr}: {e}");
+                return FAILED;
+            }
+        },
+        (None, None) => None,
+    };
+    let admin_stop = CancellationToken::new();
+    let admin_task = listener.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            info!(address = %addr, "admin server listening");
+        }
+        let admin = admin::Admin { board: board.clone(), metrics: metrics.clone() };
+        tokio::spawn(admin::serve(listener, admin, admin_stop.clone().cancelled_owned()))
+    });
+    let result = daemon::run(config_path, config, board, metrics, logging, signals).await;
+    admin_stop.cancel();
+    if let Some(task) = admin_task {
+        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+    }
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            error!(error = %e, "cannot start");
+            eprintln!("{e}");
+            BAD_CONFIG
+        }
+    }
+}
+
+async fn once(config: Config, timeout: Duration) -> u8 {
+    let results = match daemon::once(&config, timeout).await {
+        Ok(results) => results,
+        Err(e) => {
+            eprintln!("{e}");
+            return BAD_CONFIG;
+        }
+    };
+    let mut failed = 0;
+    for r in &results {
+        match &r.outcome {
+            Ok(expires_at) => info!(
+                customer = %r.customer,
+                result = "success",
+                file = %r.path.display(),
+                expires_at = %magento_token_sidecar::sink::rfc3339(*expires_at),
+                "token written"
+            ),
+            Err(e) => {
+                failed += 1;
+                error!(customer = %r.customer, result = e.outcome.as_str(), error = %e.message, "no token written");
+            }
+        }
+    }
+    info!(written = results.len() - failed, failed, "once: done");
+    if failed == 0 {
+        0
+    } else {
+        FAILED
+    }
+}
+
+async fn run_demo() -> u8 {
+    let demo = match demo::prepare().await {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("demo: {e}");
+            return FAILED;
+        }
+    };
+    let config_path = demo.dir.path().join("demo.yaml");
+    let text = demo::DEMO_CONFIG
+        .replace("{base_url}", &demo.server.base_url())
+        .replace("{dir}", &demo.dir.path().display().to_string());
+    if let Err(e) = std::fs::write(&config_path, text) {
+        eprintln!("demo: {e}");
+        return FAILED;
+    }
+    let logging = logging::init(demo.config.log.format, &demo.config.log.level);
+    // The usual admin port when it is free, else any.
+    let listener = match TcpListener::bind("127.0.0.1:9102").await {
+        Ok(l) => l,
+        Err(_) => match TcpListener::bind("127.0.0.1:0").await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("demo: cannot listen on loopback: {e}");
+                return FAILED;
+            }
+        },
+    };
+    let admin = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let tokens = demo.config.output.dir.display().to_string();
+    let base = demo.server.base_url();
+    println!(
+        "\nmagento-token-sidecar demo\n\
+         \n  Magento-compatible server  {base}  (alice@example.com, bob@example.com; tokens live {life})\
+         \n  token files                {tokens}/alice (raw), {tokens}/bob.json (json)\
+         \n  status                     http://{admin}/status\
+         \n  metrics                    http://{admin}/metrics\
+         \n  configuration              {config}  (edit it, then: kill -HUP {pid})\
+         \n\n  use a token:\n    curl -s -H \"Authorization: Bearer $(cat {tokens}/alice)\" {base}/rest/V1/customers/me\
+         \n\n  Ctrl-C stops the demo and removes its directory.\n",
+        life = humantime::format_duration(demo::DEMO_TOKEN_LIFETIME),
+        config = config_path.display(),
+        pid = std::process::id(),
+    );
+    let code = serve(&config_path, demo.config, Some(listener), &logging).await;
+    demo.server.shutdown().await;
+    code
+}

@@ -1,0 +1,217 @@
+//! Token files: atomic replacement, and reading back what a previous run left.
+//!
+//! A file is replaced by writing a temporary file in the same directory (its mode set before
+//! any content, so no other user can read it at any moment), syncing it, renaming it over the
+//! old one and syncing the directory. A reader sees the old token or the new one, never a mix
+//! or an empty file, and a token is durable before it is reported written.
+
+use std::fs::{File, Permissions};
+use std::io::{self, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::config::Format;
+use crate::secret::Secret;
+
+/// Temporary files are named `.<file>.<random>.tmp`; names starting with `.` are refused for
+/// token files, so these never collide with one.
+const TMP_SUFFIX: &str = ".tmp";
+
+fn tmp_prefix(file_name: &str) -> String {
+    format!(".{file_name}.")
+}
+
+/// The bytes of a token file in the configured format.
+pub fn render(format: Format, customer: &str, token: &Secret, obtained_at: SystemTime, expires_at: SystemTime) -> Zeroizing<Vec<u8>> {
+    match format {
+        Format::Raw => Zeroizing::new(token.expose().as_bytes().to_vec()),
+        Format::Json => {
+            #[derive(Serialize)]
+            struct JsonFile<'a> {
+                customer: &'a str,
+                token: &'a str,
+                obtained_at: String,
+                expires_at: String,
+            }
+            let file = JsonFile {
+                customer,
+                token: token.expose(),
+                obtained_at: rfc3339(obtained_at),
+                expires_at: rfc3339(expires_at),
+            };
+            Zeroizing::new(serde_json::to_vec(&file).expect("strings always serialize"))
+        }
+    }
+}
+
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Replaces `path` with `content` atomically, with file mode `mode` whatever the umask.
+/// With `sync_dir` false the caller syncs the directory itself (one sync for a batch).
+pub fn write_atomic(path: &Path, mode: u32, content: &[u8], sync_dir: bool) -> io::Result<()> {
+    let dir = parent(path);
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the token path has no file name"))?;
+    let mut tmp = tempfile::Builder::new().prefix(&tmp_prefix(name)).suffix(TMP_SUFFIX).tempfile_in(dir)?;
+    // fchmod, not the mode argument of open(2): the umask cannot narrow or widen it.
+    tmp.as_file().set_permissions(Permissions::from_mode(mode))?;
+    tmp.write_all(content)?;
+    tmp.as_file().sync_all()?;
+    // On failure the temporary file is dropped, which deletes it.
+    tmp.persist(path).map_err(|e| e.error)?;
+    if sync_dir {
+        sync_directory(dir)?;
+    }
+    Ok(())
+}
+
+pub fn sync_directory(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn parent(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Deletes temporary files a killed process may have left for `path`. Returns how many.
+pub fn remove_stale_temporaries(path: &Path) -> usize {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else { return 0 };
+    let prefix = tmp_prefix(name);
+    let Ok(entries) = std::fs::read_dir(parent(path)) else { return 0 };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.starts_with(&prefix) && n.ends_with(TMP_SUFFIX) && n.len() > prefix.len() + TMP_SUFFIX.len()
+        })
+        .filter(|e| std::fs::remove_file(e.path()).is_ok())
+        .count()
+}
+
+/// A token found in a file written earlier.
+#[derive(Debug)]
+pub struct OnDisk {
+    pub token: Secret,
+    /// The expiry recorded in a `json` file.
+    pub expires_at: Option<SystemTime>,
+    /// When the file was written: with an opaque token in a `raw` file, the best guess of when it
+    /// was obtained.
+    pub modified: SystemTime,
+}
+
+/// Reads the token in `path`, in either format (the format may have changed since it was
+/// written). `None` when there is no file or it holds no token of the accepted form.
+pub fn read_existing(path: &Path) -> Option<OnDisk> {
+    #[derive(Deserialize)]
+    struct JsonFile {
+        token: String,
+        expires_at: Option<String>,
+    }
+    let file = File::open(path).ok()?;
+    let meta = file.metadata().ok()?;
+    if !meta.is_file() || meta.len() > 64 * 1024 {
+        return None;
+    }
+    let bytes = Zeroizing::new(std::fs::read(path).ok()?);
+    let (token, expires_at) = match serde_json::from_slice::<JsonFile>(&bytes) {
+        Ok(json) => (Secret::new(json.token), json.expires_at.and_then(|t| humantime::parse_rfc3339(&t).ok())),
+        Err(_) => (Secret::new(std::str::from_utf8(&bytes).ok()?.to_owned()), None),
+    };
+    crate::token::check_form(token.expose()).ok()?;
+    Some(OnDisk { token, expires_at, modified: meta.modified().ok()? })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn raw_is_the_token_alone() {
+        let t = Secret::new("abc.def".into());
+        let now = SystemTime::UNIX_EPOCH;
+        assert_eq!(&render(Format::Raw, "alice", &t, now, now)[..], b"abc.def");
+    }
+
+    #[test]
+    fn json_has_customer_token_and_times() {
+        let t = Secret::new("abc.def".into());
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_860_000);
+        let bytes = render(Format::Json, "alice", &t, at, at + Duration::from_secs(3600));
+        assert_eq!(
+            std::str::from_utf8(&bytes).unwrap(),
+            r#"{"customer":"alice","token":"abc.def","obtained_at":"2026-11-28T10:00:00Z","expires_at":"2026-11-28T11:00:00Z"}"#
+        );
+    }
+
+    #[test]
+    fn writes_with_the_exact_mode_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alice");
+        for mode in [0o600, 0o640, 0o444] {
+            write_atomic(&path, mode, b"token-1", true).unwrap();
+            let meta = std::fs::metadata(&path).unwrap();
+            assert_eq!(meta.permissions().mode() & 0o777, mode);
+            assert_eq!(std::fs::read(&path).unwrap(), b"token-1");
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_failed_write_keeps_the_old_file_and_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alice");
+        write_atomic(&path, 0o600, b"old", true).unwrap();
+        // The target replaced by a directory: rename fails.
+        let blocked = dir.path().join("bob");
+        std::fs::create_dir(&blocked).unwrap();
+        std::fs::write(blocked.join("x"), b"").unwrap();
+        assert!(write_atomic(&blocked, 0o600, b"new", true).is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"old");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
+    fn stale_temporaries_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alice");
+        for name in [".alice.x1Yz.tmp", ".alice.Q.tmp", "alice", ".bob.x.tmp", ".alice..tmp", "alice.tmp"] {
+            std::fs::write(dir.path().join(name), b"").unwrap();
+        }
+        assert_eq!(remove_stale_temporaries(&path), 2);
+        let mut left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        left.sort();
+        assert_eq!(left, [".alice..tmp", ".bob.x.tmp", "alice", "alice.tmp"]);
+    }
+
+    #[test]
+    fn reads_back_either_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alice");
+        assert!(read_existing(&path).is_none());
+        std::fs::write(&path, b"abc.def").unwrap();
+        let found = read_existing(&path).unwrap();
+        assert_eq!(found.token.expose(), "abc.def");
+        assert_eq!(found.expires_at, None);
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_860_000);
+        std::fs::write(&path, &*render(Format::Json, "alice", &Secret::new("t0k".into()), at, at + Duration::from_secs(60))).unwrap();
+        let found = read_existing(&path).unwrap();
+        assert_eq!(found.token.expose(), "t0k");
+        assert_eq!(found.expires_at, Some(at + Duration::from_secs(60)));
+        std::fs::write(&path, b"not a token\n").unwrap();
+        assert!(read_existing(&path).is_none());
+    }
+}

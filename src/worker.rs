@@ -1,0 +1,345 @@
+//! One customer's loop: adopt the token on disk or log in, write the file, plan the next
+//! login, and back off on failure, without ever risking Magento's brute-force lock.
+//!
+//! ```text
+//!   start ─► token on disk still good and Magento agrees? ── yes ─► wait for the refresh time
+//!                 │ no                                                     │
+//!                 ▼                                                        ▼
+//!          ┌─► login ─► 200 + token of the accepted form ─► write file ─► plan next refresh
+//!          │     ├── 401 ─────────────► wait 1 min, 5 min, then pause (or until the password changes)
+//!          │     └── anything else ───► back off (doubling, jittered, Retry-After honoured)
+//!          └───────────────────────────────────────────────────────────────┘
+//! ```
+//!
+//! A stop request interrupts waits only: a login in flight and its write finish first, so a
+//! token Magento has issued is not thrown away and no file is left half done.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use rand::Rng;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn, Instrument};
+
+use crate::config::{CustomerConfig, Format, RefreshSettings};
+use crate::magento::{Client, LoginError};
+use crate::metrics::Outcome;
+use crate::schedule::{self, AuthState, AuthWait};
+use crate::secret::Secret;
+use crate::sink;
+use crate::status::{Reporter, State};
+use crate::token::{self, Expiry};
+
+/// How often the password source is re-read while waiting after a 401: a Secret rotated by
+/// Kubernetes (an atomic symlink swap) is noticed within this time.
+pub const PASSWORD_POLL: Duration = Duration::from_secs(2);
+
+/// What every worker shares with the others.
+#[derive(Clone)]
+pub struct Shared {
+    pub client: Client,
+    pub refresh: Arc<RefreshSettings>,
+    pub format: Format,
+    pub mode: u32,
+    /// Bounds logins in flight over all customers.
+    pub logins: Arc<Semaphore>,
+}
+
+/// A token obtained and checked, not yet (or not successfully) written.
+struct Obtained {
+    token: Secret,
+    obtained_at: SystemTime,
+    expiry: Expiry,
+}
+
+pub struct Worker {
+    customer: CustomerConfig,
+    shared: Shared,
+    report: Reporter,
+    stop: CancellationToken,
+    auth: AuthState,
+    /// The password that got the last 401, to notice when it changes.
+    failed_password: Option<Secret>,
+    /// Transient failures in a row, for the backoff.
+    transient: u32,
+    /// A token that could not be written yet: written on the next try without a new login.
+    pending: Option<Obtained>,
+    warned_skew: bool,
+}
+
+/// Why a wait ended.
+enum Woken {
+    Due,
+    PasswordChanged,
+    Stopped,
+}
+
+impl Worker {
+    pub fn new(customer: CustomerConfig, shared: Shared, report: Reporter, stop: CancellationToken) -> Worker {
+        Worker {
+            customer,
+            shared,
+            report,
+            stop,
+            auth: AuthState::default(),
+            failed_password: None,
+            transient: 0,
+            pending: None,
+            warned_skew: false,
+        }
+    }
+
+    /// Runs until the stop token is cancelled. `adopt`: the token on disk may be kept when
+    /// Magento still accepts it for this username.
+    pub async fn run(mut self, adopt: bool) {
+        let span = tracing::info_span!("customer", name = %self.customer.name);
+        async move {
+            let removed = sink::remove_stale_temporaries(&self.customer.path);
+            if removed > 0 {
+                info!(removed, "removed temporary files left by an earlier run");
+            }
+            let mut next = self.start(adopt).await;
+            loop {
+                let state = match self.auth.wait(&self.shared.refresh) {
+                    AuthWait::Paused(_) => State::Paused,
+                    AuthWait::Backoff(_) => State::AuthBackoff,
+                    AuthWait::Clear if self.transient > 0 || self.pending.is_some() => State::Retrying,
+                    AuthWait::Clear => State::Fresh,
+                };
+                self.report.planned(state, Some(next));
+                match self.wait_until(next).await {
+                    Woken::Stopped => break,
+                    Woken::PasswordChanged => {
+                        self.auth.password_changed();
+                        self.failed_password = None;
+                        if let Some(t) = self.auth.wait(&self.shared.refresh).until() {
+                            warn!(
+                                retry_at = %sink::rfc3339(t),
+                                "the password changed, but Magento's failure count is near its lock: waiting for it to expire"
+                            );
+                            next = t;
+                            continue;
+                        }
+                        info!("the password changed since its last 401: trying it now");
+                    }
+                    Woken::Due => {}
+                }
+                next = match self.pending.take() {
+                    Some(obtained) if obtained.expiry.expires_at > SystemTime::now() + self.shared.refresh.before_expiry => {
+                        self.write(obtained, None).await
+                    }
+                    _ => match self.refresh().await {
+                        Some(next) => next,
+                        None => break,
+                    },
+                };
+            }
+            self.report.planned(State::Fresh, None);
+            debug!("stopped");
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Looks at the token an earlier run left; returns when to log in.
+    async fn start(&mut self, adopt: bool) -> SystemTime {
+        let now = SystemTime::now();
+        let Some(found) = sink::read_existing(&self.customer.path) else { return now };
+        let jwt = token::jwt_times(found.token.expose());
+        let expires_at = found
+            .expires_at
+            .or_else(|| jwt.map(|t| token::from_unix(t.exp)))
+            .unwrap_or(found.modified + self.shared.refresh.default_lifetime);
+        if expires_at <= now {
+            return now;
+        }
+        // The file is on disk and unexpired whatever happens next: the app can use it.
+        self.report.token_on_disk(expires_at, now);
+        let r = &self.shared.refresh;
+        if !adopt || schedule::is_due(now, expires_at, r.before_expiry) {
+            return now;
+        }
+        let Some(_permit) = self.permit().await else { return now };
+        match self.shared.client.whoami(&self.customer.me_url(), &found.token).await {
+            Ok(email) if email.eq_ignore_ascii_case(&self.customer.username) => {
+                let lifetime = match jwt {
+                    Some(token::JwtTimes { iat: Some(iat), exp }) if exp > iat => Duration::from_secs((exp - iat) as u64),
+                    _ => r.default_lifetime,
+                };
+                let next = schedule::next_refresh(now, expires_at, lifetime, r, rand::thread_rng().gen());
+                info!(
+                    expires_at = %sink::rfc3339(expires_at),
+                    token = %found.token.fingerprint(),
+                    "adopted the token on disk: Magento still accepts it"
+                );
+                next
+            }
+            Ok(_) => {
+                info!("the token on disk belongs to another customer: logging in");
+                now
+            }
+            Err(e) => {
+                info!(error = %e, "the token on disk was not accepted: logging in");
+                now
+            }
+        }
+    }
+
+    /// Waits until `at`; while a 401 is outstanding, also watches the password source.
+    async fn wait_until(&self, at: SystemTime) -> Woken {
+        loop {
+            if self.failed_password.is_some() && self.password_changed() {
+                return Woken::PasswordChanged;
+            }
+            let left = at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
+            if left.is_zero() {
+                return Woken::Due;
+            }
+            let nap = if self.failed_password.is_some() { left.min(PASSWORD_POLL) } else { left };
+            tokio::select! {
+                _ = self.stop.cancelled() => return Woken::Stopped,
+                _ = tokio::time::sleep(nap) => {}
+            }
+        }
+    }
+
+    fn password_changed(&self) -> bool {
+        match (&self.failed_password, self.customer.password.read()) {
+            (Some(failed), Ok(now)) => *failed != now,
+            _ => false,
+        }
+    }
+
+    async fn permit(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        tokio::select! {
+            permit = self.shared.logins.acquire() => permit.ok(),
+            _ = self.stop.cancelled() => None,
+        }
+    }
+
+    /// One login and its write; returns when to try next, `None` when stopped while waiting
+    /// for a login slot.
+    async fn refresh(&mut self) -> Option<SystemTime> {
+        let password = match self.customer.password.read() {
+            Ok(p) => p,
+            Err(e) => {
+                let now = SystemTime::now();
+                self.transient += 1;
+                self.report.metrics().password_error(&self.customer.name);
+                self.report.problem("password", &e.to_string(), now);
+                let wait = schedule::backoff(self.transient, &self.shared.refresh, None, rand::thread_rng().gen());
+                error!(error = %e, retry_in = %humantime::format_duration(round(wait)), "cannot read the password");
+                return Some(now + wait);
+            }
+        };
+        let permit = self.permit().await?;
+        self.report.state(State::Refreshing);
+        let started = SystemTime::now();
+        let clock = Instant::now();
+        let answer = self.shared.client.login(&self.customer.token_url(), &self.customer.username, &password).await;
+        let took = clock.elapsed();
+        drop(permit);
+        let result = answer.and_then(|token| {
+            let expiry = token::expiry(&token, started, self.shared.refresh.default_lifetime)
+                .map_err(|e| LoginError { outcome: Outcome::InvalidResponse, message: e.to_string(), retry_after: None })?;
+            Ok(Obtained { token, obtained_at: started, expiry })
+        });
+        match result {
+            Ok(obtained) => {
+                self.auth.record_success();
+                self.failed_password = None;
+                Some(self.write(obtained, Some(took)).await)
+            }
+            Err(e) => Some(self.failed(e, password, took)),
+        }
+    }
+
+    /// Writes an obtained token; returns when to log in next.
+    async fn write(&mut self, obtained: Obtained, took: Option<Duration>) -> SystemTime {
+        let content = sink::render(self.shared.format, &self.customer.name, &obtained.token, obtained.obtained_at, obtained.expiry.expires_at);
+        let (path, mode) = (self.customer.path.clone(), self.shared.mode);
+        // fsync blocks: off the async threads. A blocking task runs to its end even if this
+        // future is dropped, so a write once started is never cut short.
+        let written = tokio::task::spawn_blocking(move || sink::write_atomic(&path, mode, &content, true))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(format!("the write task failed: {e}"))));
+        let now = SystemTime::now();
+        let r = &self.shared.refresh;
+        match written {
+            Ok(()) => {
+                self.transient = 0;
+                if let (Some(skew), false) = (obtained.expiry.skew, self.warned_skew) {
+                    self.warned_skew = true;
+                    warn!(
+                        skew_seconds = skew,
+                        "Magento's clock and ours differ by more than a minute: counting the token's life from the request instead of its exp"
+                    );
+                }
+                self.report.success(now, obtained.expiry.expires_at, took);
+                let next = schedule::next_refresh(now, obtained.expiry.expires_at, obtained.expiry.lifetime, r, rand::thread_rng().gen());
+                info!(
+                    result = "success",
+                    expires_at = %sink::rfc3339(obtained.expiry.expires_at),
+                    next_refresh_at = %sink::rfc3339(next),
+                    duration_ms = took.map(|d| d.as_millis() as u64),
+                    token = %obtained.token.fingerprint(),
+                    "token written"
+                );
+                next
+            }
+            Err(e) => {
+                let message = format!("cannot write {}: {e}", self.customer.path.display());
+                self.report.failure(Outcome::WriteError, &message, now, took);
+                self.transient += 1;
+                let wait = schedule::backoff(self.transient, r, None, rand::thread_rng().gen());
+                error!(result = "write_error", error = %message, retry_in = %humantime::format_duration(round(wait)), "token not written");
+                self.pending = Some(obtained);
+                now + wait
+            }
+        }
+    }
+
+    /// Books a failed login; returns when to try next.
+    fn failed(&mut self, e: LoginError, password: Secret, took: Duration) -> SystemTime {
+        let now = SystemTime::now();
+        let r = self.shared.refresh.clone();
+        self.report.failure(e.outcome, &e.message, now, Some(took));
+        let duration_ms = took.as_millis() as u64;
+        if e.outcome == Outcome::AuthFailure {
+            self.auth.record_failure(now, &r);
+            self.failed_password = Some(password);
+            let wait = self.auth.wait(&r);
+            let next = wait.until().unwrap_or(now);
+            let retry_in = humantime::format_duration(round(next.duration_since(now).unwrap_or_default()));
+            if let AuthWait::Paused(_) = wait {
+                error!(
+                    result = "auth_failure",
+                    error = %e.message,
+                    failures_in_a_row = self.auth.in_a_row,
+                    duration_ms,
+                    retry_in = %retry_in,
+                    "login refused again: pausing this customer so Magento does not lock the account; fix the password (a changed password is tried at once)"
+                );
+            } else {
+                warn!(result = "auth_failure", error = %e.message, failures_in_a_row = self.auth.in_a_row, duration_ms, retry_in = %retry_in, "login refused");
+            }
+            return next;
+        }
+        self.transient += 1;
+        let wait = schedule::backoff(self.transient, &r, e.retry_after, rand::thread_rng().gen());
+        warn!(
+            result = e.outcome.as_str(),
+            error = %e.message,
+            duration_ms,
+            retry_in = %humantime::format_duration(round(wait)),
+            "login failed"
+        );
+        now + wait
+    }
+}
+
+/// Whole milliseconds, for durations shown to people.
+fn round(d: Duration) -> Duration {
+    Duration::from_millis(d.as_millis() as u64)
+}
