@@ -430,7 +430,10 @@ pub enum Checks {
 
 /// Reads, parses and validates a configuration file.
 pub fn load(file: &Path, checks: Checks) -> Result<Config, ConfigError> {
-    let fail = |message: String| ConfigError { file: file.to_path_buf(), problems: vec![Problem { path: String::new(), message }] };
+    let fail = |message: String| ConfigError {
+        file: file.to_path_buf(),
+        problems: vec![Problem { path: String::new(), message }],
+    };
     let text = std::fs::read_to_string(file).map_err(|e| fail(format!("cannot read the configuration file: {e}")))?;
     parse(&text, checks).map_err(|problems| ConfigError { file: file.to_path_buf(), problems })
 }
@@ -458,12 +461,13 @@ pub fn parse(text: &str, checks: Checks) -> Result<Config, Vec<Problem>> {
 /// the ambiguity, and only the text shows whether the value was quoted. `mode` is a key of
 /// `output` alone (anywhere else it is an unknown key, refused anyway).
 fn bare_number_mode(text: &str) -> Option<usize> {
-    text.lines().position(|line| {
-        line.trim_start()
-            .strip_prefix("mode:")
-            .is_some_and(|value| value.trim_start().starts_with(|c: char| c.is_ascii_digit() || c == '+' || c == '-'))
-    })
-    .map(|i| i + 1)
+    text.lines()
+        .position(|line| {
+            line.trim_start().strip_prefix("mode:").is_some_and(|value| {
+                value.trim_start().starts_with(|c: char| c.is_ascii_digit() || c == '+' || c == '-')
+            })
+        })
+        .map(|i| i + 1)
 }
 
 fn validate(raw: RawConfig, checks: Checks) -> Result<Config, Vec<Problem>> {
@@ -532,14 +536,20 @@ fn validate(raw: RawConfig, checks: Checks) -> Result<Config, Vec<Problem>> {
         text => match text.parse::<SocketAddr>() {
             Ok(addr) => Some(addr),
             Err(_) => {
-                v.problem("admin.listen", format!("{text:?} is not an address like \"127.0.0.1:9102\" (\"\" disables the admin server)"));
+                v.problem(
+                    "admin.listen",
+                    format!("{text:?} is not an address like \"127.0.0.1:9102\" (\"\" disables the admin server)"),
+                );
                 None
             }
         },
     };
 
     if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&raw.log.level) {
-        v.problem("log.level", format!("{:?} is not a log level or filter ({e}); use e.g. \"info\" or \"debug\"", raw.log.level));
+        v.problem(
+            "log.level",
+            format!("{:?} is not a log level or filter ({e}); use e.g. \"info\" or \"debug\"", raw.log.level),
+        );
     }
 
     if raw.customers.is_empty() {
@@ -739,7 +749,9 @@ impl Validator {
 
     fn writable_dir(&mut self, path: &str, dir: &Path) {
         match std::fs::metadata(dir) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => self.problem(path, format!("{}: no such directory", dir.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.problem(path, format!("{}: no such directory", dir.display()))
+            }
             Err(e) => self.problem(path, format!("{}: {e}", dir.display())),
             Ok(m) if !m.is_dir() => self.problem(path, format!("{} is not a directory", dir.display())),
             Ok(_) => {
@@ -931,7 +943,13 @@ customers:
     fn password_files_lose_one_trailing_newline_only() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("pw");
-        for (content, expect) in [("s3cret\n", "s3cret"), ("s3cret", "s3cret"), ("s3cret\n\n", "s3cret\n"), (" sp ace \n", " sp ace "), ("crlf\r\n", "crlf\r")] {
+        for (content, expect) in [
+            ("s3cret\n", "s3cret"),
+            ("s3cret", "s3cret"),
+            ("s3cret\n\n", "s3cret\n"),
+            (" sp ace \n", " sp ace "),
+            ("crlf\r\n", "crlf\r"),
+        ] {
             std::fs::write(&file, content).unwrap();
             assert_eq!(PasswordSource::File(file.clone()).read().unwrap().expose(), expect);
         }

@@ -68,7 +68,8 @@ impl Supervisor {
     pub async fn apply(&mut self, new: Config) -> Result<(), ClientError> {
         let shared = shared_for(&new, Some((&self.config, &self.shared)))?;
         let everyone = !shared.same_as(&self.shared);
-        let wanted: BTreeMap<String, CustomerConfig> = new.customers.iter().map(|c| (c.name.clone(), c.clone())).collect();
+        let wanted: BTreeMap<String, CustomerConfig> =
+            new.customers.iter().map(|c| (c.name.clone(), c.clone())).collect();
 
         // Stop the removed and the changed first, all together, so no two workers ever write
         // one file.
@@ -276,7 +277,8 @@ async fn once_attempt(
     let started = SystemTime::now();
     let token = client.login(&customer.token_url(), &customer.username, &password).await?;
     drop(permit);
-    let expiry = token::expiry(&token, started, refresh.default_lifetime).map_err(|e| fail(Outcome::InvalidResponse, e.to_string()))?;
+    let expiry = token::expiry(&token, started, refresh.default_lifetime)
+        .map_err(|e| fail(Outcome::InvalidResponse, e.to_string()))?;
     let content = sink::render(format, &customer.name, &token, started, expiry.expires_at);
     let path = customer.path.clone();
     tokio::task::spawn_blocking(move || sink::write_atomic(&path, mode, &content, false))

@@ -32,7 +32,8 @@ pub async fn prepare() -> Result<Demo, String> {
         server.add_customer(email, password);
         std::fs::write(dir.path().join("secrets").join(name), format!("{password}\n")).map_err(|e| e.to_string())?;
     }
-    let text = DEMO_CONFIG.replace("{base_url}", &server.base_url()).replace("{dir}", &dir.path().display().to_string());
+    let text =
+        DEMO_CONFIG.replace("{base_url}", &server.base_url()).replace("{dir}", &dir.path().display().to_string());
     let config = config::parse(&text, Checks::Environment)
         .map_err(|problems| problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "))?;
     Ok(Demo { server, dir, config })

@@ -185,7 +185,8 @@ fn network_error(e: reqwest::Error) -> LoginError {
 /// Reads the body up to [`MAX_BODY`]. With `strict`, a longer body is an `invalid_response`;
 /// without, it is cut (an error page is read only for its message).
 async fn read_body(mut response: Response, strict: bool) -> Result<Vec<u8>, LoginError> {
-    let too_large = || LoginError::new(Outcome::InvalidResponse, format!("the answer is larger than {} KiB", MAX_BODY / 1024));
+    let too_large =
+        || LoginError::new(Outcome::InvalidResponse, format!("the answer is larger than {} KiB", MAX_BODY / 1024));
     if strict && response.content_length().is_some_and(|n| n > MAX_BODY as u64) {
         return Err(too_large());
     }
@@ -224,7 +225,11 @@ async fn error_answer(response: Response) -> LoginError {
     let detail = match &magento {
         Some(m) => m.clone(),
         None => {
-            let kind = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("no content type");
+            let kind = headers
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split(';').next())
+                .map_or("untyped".to_owned(), |v| v.trim().to_owned());
             format!("a {kind} answer, not Magento's JSON (a proxy, CDN or maintenance page?)")
         }
     };
@@ -301,9 +306,11 @@ mod tests {
 
     #[test]
     fn magento_messages_get_their_placeholders_filled() {
-        let body = br#"{"message":"\"%fieldName\" is required. Enter and try again.","parameters":{"fieldName":"password"}}"#;
+        let body =
+            br#"{"message":"\"%fieldName\" is required. Enter and try again.","parameters":{"fieldName":"password"}}"#;
         assert_eq!(magento_message(body).unwrap(), "\"password\" is required. Enter and try again.");
-        let body = br#"{"message":"The consumer isn't authorized to access %resources.","parameters":{"resources":"self"}}"#;
+        let body =
+            br#"{"message":"The consumer isn't authorized to access %resources.","parameters":{"resources":"self"}}"#;
         assert_eq!(magento_message(body).unwrap(), "The consumer isn't authorized to access self.");
         let body = br#"{"message":"No such entity with %1 = %2","parameters":["email","x"]}"#;
         assert_eq!(magento_message(body).unwrap(), "No such entity with email = x");

@@ -23,7 +23,11 @@ const BAD_CONFIG: u8 = 2;
 const FAILED: u8 = 1;
 
 #[derive(Parser)]
-#[command(name = "magento-token-sidecar", version, about = "Keeps Magento customer tokens fresh on disk for the apps beside it")]
+#[command(
+    name = "magento-token-sidecar",
+    version,
+    about = "Keeps Magento customer tokens fresh on disk for the apps beside it"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -104,13 +108,15 @@ fn main() -> ExitCode {
         Command::Demo => runtime.block_on(run_demo()),
         Command::Devserver(args) => runtime.block_on(async {
             let stop = match signals::listen() {
-                Ok(mut s) => async move {
-                    while let Some(sig) = s.next().await {
-                        if matches!(sig, Signal::Shutdown(_)) {
-                            break;
+                Ok(mut s) => {
+                    async move {
+                        while let Some(sig) = s.next().await {
+                            if matches!(sig, Signal::Shutdown(_)) {
+                                break;
+                            }
                         }
                     }
-                },
+                }
                 Err(e) => {
                     eprintln!("cannot install signal handlers: {e}");
                     return FAILED;

@@ -6,7 +6,9 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use prometheus::{Encoder, GaugeVec, Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 /// The outcome of one login, the `result` label of `magento_token_refresh_total`: a closed set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -76,9 +78,8 @@ impl Metrics {
             )
             .unwrap(),
             refresh_duration: Histogram::with_opts(
-                HistogramOpts::new("magento_token_refresh_duration_seconds", "Time of one login request.").buckets(vec![
-                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                ]),
+                HistogramOpts::new("magento_token_refresh_duration_seconds", "Time of one login request.")
+                    .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
             )
             .unwrap(),
             expiry: GaugeVec::new(
@@ -87,12 +88,18 @@ impl Metrics {
             )
             .unwrap(),
             last_success: GaugeVec::new(
-                Opts::new("magento_token_last_success_timestamp_seconds", "Unix time of the last successful write (0: none yet)."),
+                Opts::new(
+                    "magento_token_last_success_timestamp_seconds",
+                    "Unix time of the last successful write (0: none yet).",
+                ),
                 customer,
             )
             .unwrap(),
             next_refresh: GaugeVec::new(
-                Opts::new("magento_token_next_refresh_timestamp_seconds", "Unix time the next login is planned (0: none planned)."),
+                Opts::new(
+                    "magento_token_next_refresh_timestamp_seconds",
+                    "Unix time the next login is planned (0: none planned).",
+                ),
                 customer,
             )
             .unwrap(),
@@ -101,20 +108,29 @@ impl Metrics {
                 customer,
             )
             .unwrap(),
-            valid: IntGaugeVec::new(Opts::new("magento_token_valid", "1 when an unexpired token is on disk."), customer).unwrap(),
+            valid: IntGaugeVec::new(
+                Opts::new("magento_token_valid", "1 when an unexpired token is on disk."),
+                customer,
+            )
+            .unwrap(),
             reloads: IntCounterVec::new(
                 Opts::new("magento_token_config_reloads_total", "Configuration reloads (SIGHUP) by result."),
                 &["result"],
             )
             .unwrap(),
             password_errors: IntCounterVec::new(
-                Opts::new("magento_token_password_errors_total", "Password sources that could not be read before a login."),
+                Opts::new(
+                    "magento_token_password_errors_total",
+                    "Password sources that could not be read before a login.",
+                ),
                 customer,
             )
             .unwrap(),
             registry,
         };
-        let build_info = IntGaugeVec::new(Opts::new("magento_token_build_info", "Always 1; the version is a label."), &["version"]).unwrap();
+        let build_info =
+            IntGaugeVec::new(Opts::new("magento_token_build_info", "Always 1; the version is a label."), &["version"])
+                .unwrap();
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         let collectors: [Box<dyn prometheus::core::Collector>; 11] = [
             Box::new(m.refresh_total.clone()),
@@ -238,7 +254,10 @@ mod tests {
             assert_eq!(value(&text, &format!("{name}{{customer=\"alice\"}}")).as_deref(), Some("0"), "{name}");
         }
         assert_eq!(value(&text, "magento_token_config_reloads_total{result=\"failure\"}").as_deref(), Some("0"));
-        assert_eq!(value(&text, &format!("magento_token_build_info{{version=\"{}\"}}", env!("CARGO_PKG_VERSION"))).as_deref(), Some("1"));
+        assert_eq!(
+            value(&text, &format!("magento_token_build_info{{version=\"{}\"}}", env!("CARGO_PKG_VERSION"))).as_deref(),
+            Some("1")
+        );
         assert!(text.contains("process_resident_memory_bytes"));
         m.remove_customer("alice");
         assert!(!m.encode().contains("alice"));
@@ -251,7 +270,10 @@ mod tests {
         m.login("bob", Outcome::AuthFailure, Some(Duration::from_millis(30)));
         m.consecutive_failures("bob", 1);
         let text = m.encode();
-        assert_eq!(value(&text, "magento_token_refresh_total{customer=\"bob\",result=\"auth_failure\"}").as_deref(), Some("1"));
+        assert_eq!(
+            value(&text, "magento_token_refresh_total{customer=\"bob\",result=\"auth_failure\"}").as_deref(),
+            Some("1")
+        );
         assert_eq!(value(&text, "magento_token_refresh_duration_seconds_bucket{le=\"0.05\"}").as_deref(), Some("1"));
         assert_eq!(value(&text, "magento_token_refresh_duration_seconds_bucket{le=\"0.025\"}").as_deref(), Some("0"));
         assert_eq!(value(&text, "magento_token_consecutive_failures{customer=\"bob\"}").as_deref(), Some("1"));

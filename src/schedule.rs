@@ -18,7 +18,13 @@ pub const MIN_LOGIN_INTERVAL: Duration = Duration::from_secs(5);
 /// The plan is `expires_at - before_expiry - random(0, jitter)`. When `before_expiry` is more
 /// than half the token's lifetime (a store with short-lived tokens), half the lifetime is used
 /// instead, so a fresh token is always used for a while before the next login.
-pub fn next_refresh(now: SystemTime, expires_at: SystemTime, lifetime: Duration, r: &RefreshSettings, random: f64) -> SystemTime {
+pub fn next_refresh(
+    now: SystemTime,
+    expires_at: SystemTime,
+    lifetime: Duration,
+    r: &RefreshSettings,
+    random: f64,
+) -> SystemTime {
     let lead = r.before_expiry.min(lifetime / 2);
     let jitter = r.jitter.min(lead / 2).mul_f64(random.clamp(0.0, 1.0));
     let planned = expires_at.checked_sub(lead + jitter).unwrap_or(now);
@@ -170,7 +176,10 @@ mod tests {
         let exp = now + HOUR;
         assert_eq!(next_refresh(now, exp, HOUR, &r, 0.0), exp - Duration::from_secs(15 * 60));
         assert_eq!(next_refresh(now, exp, HOUR, &r, 0.5), exp - Duration::from_secs(15 * 60 + 30));
-        assert_eq!(next_refresh(now, exp, HOUR, &r, 0.999_999), exp - Duration::from_secs(15 * 60 + 60) + Duration::from_micros(60));
+        assert_eq!(
+            next_refresh(now, exp, HOUR, &r, 0.999_999),
+            exp - Duration::from_secs(15 * 60 + 60) + Duration::from_micros(60)
+        );
     }
 
     #[test]

@@ -26,7 +26,13 @@ fn tmp_prefix(file_name: &str) -> String {
 }
 
 /// The bytes of a token file in the configured format.
-pub fn render(format: Format, customer: &str, token: &Secret, obtained_at: SystemTime, expires_at: SystemTime) -> Zeroizing<Vec<u8>> {
+pub fn render(
+    format: Format,
+    customer: &str,
+    token: &Secret,
+    obtained_at: SystemTime,
+    expires_at: SystemTime,
+) -> Zeroizing<Vec<u8>> {
     match format {
         Format::Raw => Zeroizing::new(token.expose().as_bytes().to_vec()),
         Format::Json => {
@@ -192,7 +198,8 @@ mod tests {
             std::fs::write(dir.path().join(name), b"").unwrap();
         }
         assert_eq!(remove_stale_temporaries(&path), 2);
-        let mut left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let mut left: Vec<_> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         left.sort();
         assert_eq!(left, [".alice..tmp", ".bob.x.tmp", "alice", "alice.tmp"]);
     }
@@ -207,7 +214,11 @@ mod tests {
         assert_eq!(found.token.expose(), "abc.def");
         assert_eq!(found.expires_at, None);
         let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_860_000);
-        std::fs::write(&path, &*render(Format::Json, "alice", &Secret::new("t0k".into()), at, at + Duration::from_secs(60))).unwrap();
+        std::fs::write(
+            &path,
+            &*render(Format::Json, "alice", &Secret::new("t0k".into()), at, at + Duration::from_secs(60)),
+        )
+        .unwrap();
         let found = read_existing(&path).unwrap();
         assert_eq!(found.token.expose(), "t0k");
         assert_eq!(found.expires_at, Some(at + Duration::from_secs(60)));

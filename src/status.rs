@@ -191,7 +191,13 @@ impl Reporter {
     }
 
     /// A failed attempt; returns the failures in a row since the last success.
-    pub fn failure(&self, outcome: Outcome, message: &str, at: SystemTime, request_time: Option<std::time::Duration>) -> u32 {
+    pub fn failure(
+        &self,
+        outcome: Outcome,
+        message: &str,
+        at: SystemTime,
+        request_time: Option<std::time::Duration>,
+    ) -> u32 {
         self.metrics.login(&self.name, outcome, request_time);
         let n = self.board.with(|m| {
             let e = m.get_mut(&self.name)?;

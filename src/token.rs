@@ -93,11 +93,18 @@ pub struct Expiry {
 /// compared with ours: the token's own life (`exp - iat`) is counted from `started` instead.
 pub fn expiry(token: &Secret, started: SystemTime, default_lifetime: Duration) -> Result<Expiry, TokenError> {
     let Some(times) = jwt_times(token.expose()) else {
-        return Ok(Expiry { expires_at: started + default_lifetime, lifetime: default_lifetime, skew: None, is_jwt: false });
+        return Ok(Expiry {
+            expires_at: started + default_lifetime,
+            lifetime: default_lifetime,
+            skew: None,
+            is_jwt: false,
+        });
     };
     let start = unix(started);
     let (exp_local, skew) = match times.iat {
-        Some(iat) if (iat - start).unsigned_abs() > MAX_CLOCK_SKEW.as_secs() => (start + (times.exp - iat), Some(iat - start)),
+        Some(iat) if (iat - start).unsigned_abs() > MAX_CLOCK_SKEW.as_secs() => {
+            (start + (times.exp - iat), Some(iat - start))
+        }
         _ => (times.exp, None),
     };
     if exp_local <= start {

@@ -93,7 +93,7 @@ impl Worker {
     /// Runs until the stop token is cancelled. `adopt`: the token on disk may be kept when
     /// Magento still accepts it for this username.
     pub async fn run(mut self, adopt: bool) {
-        let span = tracing::info_span!("customer", name = %self.customer.name);
+        let span = tracing::info_span!("worker", customer = %self.customer.name);
         async move {
             let removed = sink::remove_stale_temporaries(&self.customer.path);
             if removed > 0 {
@@ -164,7 +164,9 @@ impl Worker {
         match self.shared.client.whoami(&self.customer.me_url(), &found.token).await {
             Ok(email) if email.eq_ignore_ascii_case(&self.customer.username) => {
                 let lifetime = match jwt {
-                    Some(token::JwtTimes { iat: Some(iat), exp }) if exp > iat => Duration::from_secs((exp - iat) as u64),
+                    Some(token::JwtTimes { iat: Some(iat), exp }) if exp > iat => {
+                        Duration::from_secs((exp - iat) as u64)
+                    }
                     _ => r.default_lifetime,
                 };
                 let next = schedule::next_refresh(now, expires_at, lifetime, r, rand::thread_rng().gen());
@@ -241,8 +243,9 @@ impl Worker {
         let took = clock.elapsed();
         drop(permit);
         let result = answer.and_then(|token| {
-            let expiry = token::expiry(&token, started, self.shared.refresh.default_lifetime)
-                .map_err(|e| LoginError { outcome: Outcome::InvalidResponse, message: e.to_string(), retry_after: None })?;
+            let expiry = token::expiry(&token, started, self.shared.refresh.default_lifetime).map_err(|e| {
+                LoginError { outcome: Outcome::InvalidResponse, message: e.to_string(), retry_after: None }
+            })?;
             Ok(Obtained { token, obtained_at: started, expiry })
         });
         match result {
@@ -257,7 +260,13 @@ impl Worker {
 
     /// Writes an obtained token; returns when to log in next.
     async fn write(&mut self, obtained: Obtained, took: Option<Duration>) -> SystemTime {
-        let content = sink::render(self.shared.format, &self.customer.name, &obtained.token, obtained.obtained_at, obtained.expiry.expires_at);
+        let content = sink::render(
+            self.shared.format,
+            &self.customer.name,
+            &obtained.token,
+            obtained.obtained_at,
+            obtained.expiry.expires_at,
+        );
         let (path, mode) = (self.customer.path.clone(), self.shared.mode);
         // fsync blocks: off the async threads. A blocking task runs to its end even if this
         // future is dropped, so a write once started is never cut short.
@@ -277,7 +286,13 @@ impl Worker {
                     );
                 }
                 self.report.success(now, obtained.expiry.expires_at, took);
-                let next = schedule::next_refresh(now, obtained.expiry.expires_at, obtained.expiry.lifetime, r, rand::thread_rng().gen());
+                let next = schedule::next_refresh(
+                    now,
+                    obtained.expiry.expires_at,
+                    obtained.expiry.lifetime,
+                    r,
+                    rand::thread_rng().gen(),
+                );
                 info!(
                     result = "success",
                     expires_at = %sink::rfc3339(obtained.expiry.expires_at),

@@ -1,0 +1,470 @@
+//! One HTTP request: routing as Magento's REST router does it, the token, customers/me
+//! and revoke endpoints, and the injected faults.
+
+use std::borrow::Cow;
+use std::io;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderMap, HeaderName, ACCEPT, AUTHORIZATION, CONTENT_TYPE, LOCATION, RETRY_AFTER, USER_AGENT};
+use hyper::{Method, Request, Response};
+use serde_json::{Map, Value};
+use tokio::net::TcpStream;
+
+use super::faults::{self, Fault};
+use super::jwt::{self, Claims};
+use super::render::{body_kind, negotiate, parse_xml_body, BodyKind, Format, Node};
+use super::{format_datetime, Config, Customer, OpaqueToken, RequestRecord, Shared, StoreInfo};
+
+pub(crate) const MSG_SIGN_IN: &str =
+    "The account sign-in was incorrect or your account is disabled temporarily. Please wait and try again later.";
+pub(crate) const MSG_NO_ROUTE: &str = "Request does not match any route.";
+const MSG_NOT_AUTHORIZED: &str = "The consumer isn't authorized to access %resources.";
+const MSG_REQUIRED: &str = "\"%fieldName\" is required. Enter and try again.";
+const MSG_INPUT_EXCEPTIONS: &str = "One or more input exceptions have occurred.";
+const MSG_RECAPTCHA: &str = "ReCaptcha validation failed, please try again";
+const MSG_DECODING: &str = "Decoding error.";
+const MSG_METHOD: &str = "Request method is invalid.";
+
+/// Request bodies larger than this are refused before they are read to the end.
+const MAX_BODY: usize = 1 << 20;
+
+/// The three routes this server knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Token,
+    Me,
+    Revoke,
+}
+
+/// What to answer.
+struct Reply {
+    status: u16,
+    content_type: Cow<'static, str>,
+    body: Bytes,
+    retry_after: Option<String>,
+    location: Option<String>,
+}
+
+impl Reply {
+    fn new(status: u16, content_type: impl Into<Cow<'static, str>>, body: impl Into<Bytes>) -> Reply {
+        Reply { status, content_type: content_type.into(), body: body.into(), retry_after: None, location: None }
+    }
+
+    fn node(format: Format, status: u16, node: &Node) -> Reply {
+        Reply::new(status, format.content_type(), format.render(node))
+    }
+
+    fn message(format: Format, status: u16, message: &str) -> Reply {
+        Reply::node(format, status, &Node::Map(vec![("message", Node::str(message))]))
+    }
+
+    fn into_response(self) -> Response<Full<Bytes>> {
+        let mut builder = Response::builder().status(self.status).header(CONTENT_TYPE, self.content_type.as_ref());
+        if let Some(value) = &self.retry_after {
+            builder = builder.header(RETRY_AFTER, value);
+        }
+        if let Some(value) = &self.location {
+            builder = builder.header(LOCATION, value);
+        }
+        builder.body(Full::new(self.body)).unwrap_or_else(|_| {
+            // An impossible status or header value in a test's fault: say so loudly.
+            let mut r = Response::new(Full::new(Bytes::from_static(b"invalid fault")));
+            *r.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
+            r
+        })
+    }
+}
+
+fn header(headers: &HeaderMap, name: HeaderName) -> Option<String> {
+    headers.get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+}
+
+/// Magento's REST routing: after `/rest`, a first segment that is a known store code
+/// (or `all`) selects the store; anything else stays in the path and simply matches no
+/// route. Surrounding slashes are ignored, everything else must match exactly.
+fn route<'c>(cfg: &'c Config, path: &str) -> Option<(Endpoint, &'c StoreInfo)> {
+    let rest = path.strip_prefix("/rest")?;
+    if !(rest.is_empty() || rest.starts_with('/')) {
+        return None;
+    }
+    let trimmed = rest.trim_matches('/');
+    let (first, after) = trimmed.split_once('/').unwrap_or((trimmed, ""));
+    let (store, service_path) = if first == "all" {
+        (&cfg.all_store, after)
+    } else if let Some(store) = cfg.stores.get(first) {
+        (store, after)
+    } else {
+        (&cfg.default_store, trimmed)
+    };
+    let endpoint = match service_path {
+        "V1/integration/customer/token" => Endpoint::Token,
+        "V1/customers/me" => Endpoint::Me,
+        "V1/integration/customer/revoke-customer-token" => Endpoint::Revoke,
+        _ => return None,
+    };
+    Some((endpoint, store))
+}
+
+/// Whether this is aimed at the token endpoint, whatever the store segment says: such a
+/// request counts as a login attempt and is what faults (things in front of Magento,
+/// which know nothing of store codes) answer.
+fn looks_like_token_path(path: &str) -> bool {
+    let Some(rest) = path.strip_prefix("/rest/") else {
+        return false;
+    };
+    let rest = rest.trim_matches('/');
+    let service = "V1/integration/customer/token";
+    match rest.strip_suffix(service) {
+        Some("") => true,
+        Some(store) => store.ends_with('/') && !store[..store.len() - 1].contains('/'),
+        None => false,
+    }
+}
+
+/// The request as the handler needs it after the body was read.
+struct Req<'a> {
+    method: &'a Method,
+    path: &'a str,
+    content_type: Option<&'a str>,
+    accept: Option<&'a str>,
+    authorization: Option<&'a str>,
+    body: &'a [u8],
+    /// The body parsed as JSON, when this is a token request and it parsed.
+    json: Option<Value>,
+}
+
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    stream: Arc<TcpStream>,
+    req: Request<Incoming>,
+) -> io::Result<Response<Full<Bytes>>> {
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<LengthLimitError>() => Err(Reply::new(
+            413,
+            "text/html; charset=utf-8",
+            "<html><body><h1>413 Request Entity Too Large</h1></body></html>\n",
+        )),
+        // The client went away mid-body: nothing to answer.
+        Err(e) => return Err(io::Error::other(e)),
+    };
+    let content_type = header(&parts.headers, CONTENT_TYPE);
+    let accept = header(&parts.headers, ACCEPT);
+    let authorization = header(&parts.headers, AUTHORIZATION);
+    let path = parts.uri.path();
+    let is_token = parts.method == Method::POST && looks_like_token_path(path);
+    // A cheap (reference-counted) handle on the body that outlives the match below.
+    let raw_bytes: Bytes = body.as_ref().map(Bytes::clone).unwrap_or_default();
+    let raw: &[u8] = &raw_bytes;
+    let json = if is_token && !raw.is_empty() { serde_json::from_slice::<Value>(raw).ok() } else { None };
+    let credential = |name: &str| json.as_ref().and_then(|v| v.get(name)).and_then(Value::as_str).map(str::to_owned);
+    let (username, password) = (credential("username"), credential("password"));
+
+    let (index, fault) = {
+        let mut st = shared.lock();
+        let index = st.records.len();
+        if is_token {
+            if let Some(u) = &username {
+                *st.attempts.entry(u.to_lowercase()).or_insert(0) += 1;
+            }
+        }
+        st.records.push(RequestRecord {
+            method: parts.method.as_str().to_owned(),
+            path: path.to_owned(),
+            username,
+            password,
+            content_type: content_type.clone(),
+            accept: accept.clone(),
+            user_agent: header(&parts.headers, USER_AGENT),
+            authorization: authorization.is_some(),
+            status: 0,
+            at: SystemTime::now(),
+        });
+        let fault = if is_token { st.faults.pop_front().or_else(|| st.sticky.clone()) } else { None };
+        (index, fault)
+    };
+
+    let request = |json| Req {
+        method: &parts.method,
+        path,
+        content_type: content_type.as_deref(),
+        accept: accept.as_deref(),
+        authorization: authorization.as_deref(),
+        body: raw,
+        json,
+    };
+    let reply = match (body, fault) {
+        (Err(too_large), _) => too_large,
+        (Ok(_), None) => process(&shared, request(json)),
+        (Ok(_), Some(Fault::Delay(delay))) => {
+            let mut stopping = shared.shutdown.subscribe();
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = super::stopped(&mut stopping) => return Err(io::Error::other("server stopping")),
+            }
+            process(&shared, request(json))
+        }
+        (Ok(_), Some(Fault::Hang)) => {
+            tracing::debug!(path, "devserver: hanging a token request");
+            let mut stopping = shared.shutdown.subscribe();
+            super::stopped(&mut stopping).await;
+            return Err(io::Error::other("hang fault: server stopping"));
+        }
+        (Ok(_), Some(Fault::Reset)) => {
+            tracing::debug!(path, "devserver: resetting a token request's connection");
+            stream.set_zero_linger()?;
+            // The error makes hyper drop the connection; with linger 0 the close is an RST.
+            return Err(io::Error::new(io::ErrorKind::ConnectionReset, "reset fault"));
+        }
+        (Ok(_), Some(Fault::Respond { status, content_type, body, retry_after })) => {
+            Reply { retry_after, ..Reply::new(status, content_type, body) }
+        }
+        (Ok(_), Some(Fault::Redirect { status, location })) => Reply {
+            location: Some(location.clone()),
+            ..Reply::new(status, "text/html; charset=utf-8", faults::redirect_page(status, &location))
+        },
+    };
+    shared.lock().records[index].status = reply.status;
+    tracing::debug!(method = %parts.method, path, status = reply.status, "devserver request");
+    Ok(reply.into_response())
+}
+
+/// Everything Magento itself would do with the request.
+fn process(shared: &Shared, req: Req<'_>) -> Reply {
+    if !req.path.starts_with("/rest/") && req.path != "/rest" {
+        // Not the web API at all: the storefront's 404 page.
+        return Reply::new(
+            404,
+            "text/html; charset=utf-8",
+            "<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head><body><h1>Whoops, our bad...</h1></body></html>\n",
+        );
+    }
+    let format = match negotiate(req.accept) {
+        Ok(f) => f,
+        Err(first) => {
+            return Reply::message(
+                Format::Json,
+                406,
+                &format!(
+                    "Server cannot match any of the given Accept HTTP header media type(s) from the request: \"{first}\" with media types from the config of response renderer."
+                ),
+            )
+        }
+    };
+    if !matches!(*req.method, Method::GET | Method::POST | Method::PUT | Method::DELETE) {
+        return Reply::message(format, 400, MSG_METHOD);
+    }
+    let cfg = &shared.cfg;
+    match route(cfg, req.path) {
+        Some((Endpoint::Token, store)) if req.method == Method::POST => token(shared, store, format, req),
+        Some((Endpoint::Me, _)) if req.method == Method::GET => me(shared, format, req.authorization),
+        Some((Endpoint::Revoke, _)) if req.method == Method::POST => revoke(shared, format, &req),
+        _ => Reply::message(format, 404, MSG_NO_ROUTE),
+    }
+}
+
+/// Magento's body reading: nothing to decode when the body is empty; otherwise the
+/// Content-Type picks the deserializer. Non-object JSON yields no parameters at all.
+fn decode_body(content_type: Option<&str>, body: &[u8], json: Option<Value>) -> Result<Map<String, Value>, String> {
+    if body.is_empty() {
+        return Ok(Map::new());
+    }
+    match body_kind(content_type)? {
+        BodyKind::Json => match json.or_else(|| serde_json::from_slice(body).ok()) {
+            Some(Value::Object(m)) => Ok(m),
+            Some(_) => Ok(Map::new()),
+            None => Err(MSG_DECODING.to_owned()),
+        },
+        BodyKind::Xml => parse_xml_body(body).ok_or_else(|| MSG_DECODING.to_owned()),
+    }
+}
+
+fn required(field: &'static str) -> Node {
+    Node::Map(vec![
+        ("message", Node::str(MSG_REQUIRED)),
+        ("parameters", Node::Map(vec![("fieldName", Node::str(field))])),
+    ])
+}
+
+fn unauthorized(format: Format) -> Reply {
+    Reply::node(
+        format,
+        401,
+        &Node::Map(vec![
+            ("message", Node::str(MSG_NOT_AUTHORIZED)),
+            ("parameters", Node::Map(vec![("resources", Node::str("self"))])),
+        ]),
+    )
+}
+
+fn token(shared: &Shared, store: &StoreInfo, format: Format, req: Req<'_>) -> Reply {
+    if shared.cfg.recaptcha_required {
+        return Reply::message(format, 400, MSG_RECAPTCHA);
+    }
+    let params = match decode_body(req.content_type, req.body, req.json) {
+        Ok(p) => p,
+        Err(message) => return Reply::message(format, 400, &message),
+    };
+    let field = |name: &str| params.get(name).and_then(Value::as_str).filter(|s| !s.is_empty());
+    let (username, password) = match (field("username"), field("password")) {
+        (Some(u), Some(p)) => (u, p),
+        (None, None) => {
+            return Reply::node(
+                format,
+                400,
+                &Node::Map(vec![
+                    ("message", Node::str(MSG_INPUT_EXCEPTIONS)),
+                    ("errors", Node::List(vec![required("username"), required("password")])),
+                ]),
+            )
+        }
+        (None, Some(_)) => return Reply::node(format, 400, &required("username")),
+        (Some(_), None) => return Reply::node(format, 400, &required("password")),
+    };
+    match login(shared, store, username, password) {
+        Some(token) => Reply::node(format, 200, &Node::Str(token)),
+        None => Reply::message(format, 401, MSG_SIGN_IN),
+    }
+}
+
+/// The throttle check, the password check and the minting, as CustomerTokenService does.
+fn login(shared: &Shared, store: &StoreInfo, username: &str, password: &str) -> Option<String> {
+    let cfg = &shared.cfg;
+    let key = username.to_lowercase();
+    let now = Instant::now();
+    let mut st = shared.lock();
+    if st.throttle.is_locked(&key, now) {
+        return None;
+    }
+    let id = st.lookup(&store.website, &key).filter(|c| c.password == password).map(|c| c.id);
+    let Some(uid) = id else {
+        st.throttle.record_failure(&key, now);
+        return None;
+    };
+    st.throttle.reset(&key);
+    let iat = cfg.unix_now();
+    let exp = iat + cfg.token_lifetime_secs;
+    if cfg.opaque_tokens {
+        let token = jwt::opaque_token();
+        st.opaque.insert(token.clone(), OpaqueToken { uid, iat, exp });
+        return Some(token);
+    }
+    drop(st);
+    Some(shared.signer.mint(Claims { uid, iat, exp }))
+}
+
+/// Magento's TokenUserContext: `Bearer` (any case), one space, the token.
+fn bearer(authorization: Option<&str>) -> Option<&str> {
+    let (kind, token) = authorization?.split_once(' ')?;
+    (kind.eq_ignore_ascii_case("bearer") && !token.contains(' ')).then_some(token)
+}
+
+/// The customer id a token authenticates right now, if any.
+pub(crate) fn authenticate(shared: &Shared, token: &str) -> Option<u64> {
+    let claims = if token.contains('.') { Some(shared.signer.verify(token)?) } else { None };
+    let now = shared.cfg.unix_now();
+    let st = shared.lock();
+    let (uid, iat, exp) = match claims {
+        Some(c) => (c.uid, c.iat, c.exp),
+        None => {
+            let t = st.opaque.get(token)?;
+            (t.uid, t.iat, t.exp)
+        }
+    };
+    if now >= exp {
+        return None;
+    }
+    let customer = st.customers.get(&uid)?;
+    if customer.revoked_at.is_some_and(|r| iat <= r) {
+        return None;
+    }
+    Some(uid)
+}
+
+fn me(shared: &Shared, format: Format, authorization: Option<&str>) -> Reply {
+    let Some(uid) = bearer(authorization).and_then(|t| authenticate(shared, t)) else {
+        return unauthorized(format);
+    };
+    let node = {
+        let st = shared.lock();
+        match st.customers.get(&uid) {
+            Some(c) => customer_node(c),
+            None => return unauthorized(format),
+        }
+    };
+    Reply::node(format, 200, &node)
+}
+
+fn revoke(shared: &Shared, format: Format, req: &Req<'_>) -> Reply {
+    let Some(uid) = bearer(req.authorization).and_then(|t| authenticate(shared, t)) else {
+        return unauthorized(format);
+    };
+    if let Err(message) = decode_body(req.content_type, req.body, None) {
+        return Reply::message(format, 400, &message);
+    }
+    let now = shared.cfg.unix_now();
+    if let Some(c) = shared.lock().customers.get_mut(&uid) {
+        c.revoked_at = Some(now);
+    }
+    Reply::node(format, 200, &Node::Bool(true))
+}
+
+/// The customer object of `GET /V1/customers/me`, fields in Magento's order.
+fn customer_node(c: &Customer) -> Node {
+    let created = format_datetime(c.created_at);
+    Node::Map(vec![
+        ("id", Node::Int(c.id as i64)),
+        ("group_id", Node::Int(1)),
+        ("created_at", Node::Str(created.clone())),
+        ("updated_at", Node::Str(created)),
+        ("created_in", Node::str(c.created_in.as_str())),
+        ("email", Node::str(c.email.as_str())),
+        ("firstname", Node::str(c.firstname.as_str())),
+        ("lastname", Node::str("Customer")),
+        ("store_id", Node::Int(i64::from(c.store_id))),
+        ("website_id", Node::Int(i64::from(c.website_id))),
+        ("addresses", Node::List(Vec::new())),
+        ("disable_auto_group_change", Node::Int(0)),
+        ("extension_attributes", Node::Map(vec![("is_subscribed", Node::Bool(false))])),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_paths() {
+        for p in [
+            "/rest/V1/integration/customer/token",
+            "/rest/V1/integration/customer/token/",
+            "/rest/de/V1/integration/customer/token",
+            "/rest/unknown/V1/integration/customer/token",
+        ] {
+            assert!(looks_like_token_path(p), "{p}");
+        }
+        for p in [
+            "/rest/a/b/V1/integration/customer/token",
+            "/rest/V1/integration/customer/tokens",
+            "/rest/xV1/integration/customer/token",
+            "/V1/integration/customer/token",
+            "/rest/V1/customers/me",
+        ] {
+            assert!(!looks_like_token_path(p), "{p}");
+        }
+    }
+
+    #[test]
+    fn bearer_parsing() {
+        assert_eq!(bearer(Some("Bearer abc")), Some("abc"));
+        assert_eq!(bearer(Some("bearer abc")), Some("abc"));
+        assert_eq!(bearer(Some("Bearer  abc")), None);
+        assert_eq!(bearer(Some("Basic abc")), None);
+        assert_eq!(bearer(Some("Bearer")), None);
+        assert_eq!(bearer(None), None);
+    }
+}

@@ -1,0 +1,468 @@
+//! A development server that answers the Magento 2.4 customer-token API the way a real
+//! Magento does (see shared/magento-api.md): the token, customers/me and revoke
+//! endpoints, store codes, every error body, the brute-force throttle, JWT or opaque
+//! tokens, plus injectable faults of the things that sit in front of a real store.
+//!
+//! It backs the `demo` command, the end-to-end tests, the Python tests and the
+//! benchmarks, so it is built for speed as well: one task per connection, keep-alive,
+//! short critical sections on one mutex, no logging above debug per request.
+
+mod cli;
+mod faults;
+mod handler;
+mod io;
+mod jwt;
+mod render;
+#[cfg(test)]
+mod tests;
+mod throttle;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+
+pub use cli::{run_cli, DevServerArgs};
+pub use faults::Fault;
+
+use jwt::Signer;
+use throttle::Throttle;
+
+/// How the server behaves; the defaults are Magento's defaults.
+#[derive(Clone, Debug)]
+pub struct DevServerOptions {
+    /// Where to listen; port 0 picks a free one.
+    pub listen: SocketAddr,
+    /// JWT `exp - iat` (Magento's `webapi/jwtauth/customer_expiration`), also the
+    /// lifetime of opaque tokens.
+    pub token_lifetime: Duration,
+    /// Issue 32-character `[0-9a-z]` opaque tokens instead of JWTs.
+    pub opaque_tokens: bool,
+    /// `oauth/authentication_lock/max_failures_count`.
+    pub lock_max_failures: u32,
+    /// `oauth/authentication_lock/timeout`.
+    pub lock_timeout: Duration,
+    /// (store code, website code). `all` is always accepted and means the default
+    /// website; the default store (for `/rest/V1/...`) is `default` if listed, else the
+    /// first entry.
+    pub stores: Vec<(String, String)>,
+    /// The token endpoint answers the 400 reCAPTCHA error, as a store with reCAPTCHA for
+    /// customer login enabled does.
+    pub recaptcha_required: bool,
+    /// Added to `iat`/`exp` and to the clock tokens are checked against: a Magento whose
+    /// clock is off.
+    pub clock_offset_secs: i64,
+}
+
+impl Default for DevServerOptions {
+    fn default() -> Self {
+        DevServerOptions {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            token_lifetime: Duration::from_secs(3600),
+            opaque_tokens: false,
+            lock_max_failures: 6,
+            lock_timeout: Duration::from_secs(1800),
+            stores: vec![("default".to_owned(), "base".to_owned())],
+            recaptcha_required: false,
+            clock_offset_secs: 0,
+        }
+    }
+}
+
+/// One request as received (credentials included: tests assert on what was sent).
+#[derive(Clone, Debug)]
+pub struct RequestRecord {
+    pub method: String,
+    /// The path as received, without the query, e.g. `/rest/de/V1/integration/customer/token`.
+    pub path: String,
+    /// From a token request's JSON body, when present and a string.
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub content_type: Option<String>,
+    pub accept: Option<String>,
+    pub user_agent: Option<String>,
+    /// Whether an Authorization header was present (its value is never kept).
+    pub authorization: bool,
+    /// What was answered; 0 for Hang and Reset (nothing was).
+    pub status: u16,
+    pub at: SystemTime,
+}
+
+/// A store as the router needs it.
+#[derive(Clone, Debug)]
+pub(crate) struct StoreInfo {
+    pub(crate) website: String,
+}
+
+/// Fixed at start.
+pub(crate) struct Config {
+    pub(crate) token_lifetime_secs: i64,
+    pub(crate) opaque_tokens: bool,
+    pub(crate) recaptcha_required: bool,
+    pub(crate) clock_offset_secs: i64,
+    pub(crate) stores: HashMap<String, StoreInfo>,
+    pub(crate) default_store: StoreInfo,
+    pub(crate) all_store: StoreInfo,
+    /// Website code -> (website_id, store_id of its first store, that store's code).
+    websites: HashMap<String, (u32, u32, String)>,
+}
+
+impl Config {
+    /// Magento's notion of now, in Unix seconds.
+    pub(crate) fn unix_now(&self) -> i64 {
+        let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        secs + self.clock_offset_secs
+    }
+}
+
+pub(crate) struct Customer {
+    pub(crate) id: u64,
+    pub(crate) email: String,
+    pub(crate) password: String,
+    pub(crate) website: String,
+    pub(crate) firstname: String,
+    pub(crate) created_in: String,
+    pub(crate) store_id: u32,
+    pub(crate) website_id: u32,
+    pub(crate) created_at: i64,
+    /// Tokens with `iat <=` this are dead (revoke-customer-token).
+    pub(crate) revoked_at: Option<i64>,
+}
+
+pub(crate) struct OpaqueToken {
+    pub(crate) uid: u64,
+    pub(crate) iat: i64,
+    pub(crate) exp: i64,
+}
+
+pub(crate) struct State {
+    next_id: u64,
+    pub(crate) customers: HashMap<u64, Customer>,
+    /// website code -> lower-cased email -> customer id (MySQL compares emails
+    /// case-insensitively).
+    index: HashMap<String, HashMap<String, u64>>,
+    pub(crate) throttle: Throttle,
+    /// Lower-cased username -> token requests naming it.
+    pub(crate) attempts: HashMap<String, usize>,
+    pub(crate) records: Vec<RequestRecord>,
+    pub(crate) faults: VecDeque<Fault>,
+    pub(crate) sticky: Option<Fault>,
+    pub(crate) opaque: HashMap<String, OpaqueToken>,
+}
+
+impl State {
+    /// A customer of `website` by lower-cased email.
+    pub(crate) fn lookup(&self, website: &str, email_lower: &str) -> Option<&Customer> {
+        let id = self.index.get(website)?.get(email_lower)?;
+        self.customers.get(id)
+    }
+
+    /// Ids of every customer with this email, in any website.
+    fn ids_by_email(&self, email: &str) -> Vec<u64> {
+        let key = email.to_lowercase();
+        self.index.values().filter_map(|m| m.get(&key).copied()).collect()
+    }
+}
+
+pub(crate) struct Shared {
+    pub(crate) cfg: Config,
+    pub(crate) signer: Signer,
+    state: Mutex<State>,
+    /// Turns true once the server stops: hung and delayed requests give up, connections close.
+    pub(crate) shutdown: watch::Sender<bool>,
+}
+
+impl Shared {
+    /// The state, even if a panicking test thread poisoned the mutex.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A running development server. Dropping it stops it at once; [`DevServer::shutdown`]
+/// stops it gracefully.
+pub struct DevServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    accept_task: Option<JoinHandle<()>>,
+}
+
+/// How long a graceful shutdown waits for connections to finish their current request.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl DevServer {
+    /// Binds and starts serving in the background (needs a tokio runtime).
+    pub async fn start(opts: DevServerOptions) -> std::io::Result<DevServer> {
+        let listener = TcpListener::bind(opts.listen).await?;
+        let addr = listener.local_addr()?;
+        let (shutdown, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            cfg: build_config(&opts),
+            signer: Signer::random(),
+            state: Mutex::new(State {
+                next_id: 1,
+                customers: HashMap::new(),
+                index: HashMap::new(),
+                throttle: Throttle::new(opts.lock_max_failures, opts.lock_timeout),
+                attempts: HashMap::new(),
+                records: Vec::new(),
+                faults: VecDeque::new(),
+                sticky: None,
+                opaque: HashMap::new(),
+            }),
+            shutdown,
+        });
+        let accept_task = tokio::spawn(accept_loop(listener, shared.clone()));
+        tracing::debug!(%addr, "devserver listening");
+        Ok(DevServer { addr, shared, accept_task: Some(accept_task) })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`, no trailing slash.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A customer of website `base`. Re-adding an email replaces its password (same id,
+    /// so its tokens stay valid).
+    pub fn add_customer(&self, email: &str, password: &str) {
+        self.add_customer_in_website(email, password, "base");
+    }
+
+    pub fn add_customer_in_website(&self, email: &str, password: &str, website: &str) {
+        let key = email.to_lowercase();
+        let cfg = &self.shared.cfg;
+        let mut st = self.shared.lock();
+        if let Some(&id) = st.index.get(website).and_then(|m| m.get(&key)) {
+            if let Some(c) = st.customers.get_mut(&id) {
+                c.password = password.to_owned();
+                return;
+            }
+        }
+        let id = st.next_id;
+        st.next_id += 1;
+        let (website_id, store_id, store_code) = cfg.websites.get(website).cloned().unwrap_or((0, 0, String::new()));
+        let local = email.split('@').next().unwrap_or(email);
+        let mut firstname: String = local.chars().take(1).flat_map(char::to_uppercase).collect();
+        firstname.extend(local.chars().skip(1));
+        st.customers.insert(
+            id,
+            Customer {
+                id,
+                email: email.to_owned(),
+                password: password.to_owned(),
+                website: website.to_owned(),
+                firstname,
+                created_in: store_view_name(&store_code),
+                store_id,
+                website_id,
+                created_at: cfg.unix_now(),
+                revoked_at: None,
+            },
+        );
+        st.index.entry(website.to_owned()).or_default().insert(key, id);
+    }
+
+    /// Changes the password of every customer with this email (any website).
+    pub fn set_password(&self, email: &str, password: &str) {
+        let mut st = self.shared.lock();
+        for id in st.ids_by_email(email) {
+            if let Some(c) = st.customers.get_mut(&id) {
+                c.password = password.to_owned();
+            }
+        }
+    }
+
+    /// Deletes every customer with this email; their tokens die with them.
+    pub fn remove_customer(&self, email: &str) {
+        let key = email.to_lowercase();
+        let mut st = self.shared.lock();
+        for id in st.ids_by_email(email) {
+            if let Some(c) = st.customers.remove(&id) {
+                if let Some(m) = st.index.get_mut(&c.website) {
+                    m.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Like revoke-customer-token for every customer with this email: every token with
+    /// `iat <= now` dies (so a login within the same second too).
+    pub fn revoke(&self, email: &str) {
+        let now = self.shared.cfg.unix_now();
+        let mut st = self.shared.lock();
+        for id in st.ids_by_email(email) {
+            if let Some(c) = st.customers.get_mut(&id) {
+                c.revoked_at = Some(now);
+            }
+        }
+    }
+
+    /// Queues a fault that answers exactly one following token request (FIFO).
+    pub fn push_fault(&self, fault: Fault) {
+        self.shared.lock().faults.push_back(fault);
+    }
+
+    /// A fault that answers every token request once the queue is empty, until cleared.
+    pub fn set_fault(&self, fault: Option<Fault>) {
+        self.shared.lock().sticky = fault;
+    }
+
+    /// Every request received, in arrival order.
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        self.shared.lock().records.clone()
+    }
+
+    /// Token requests whose body named this username (faulted ones included).
+    pub fn login_attempts(&self, username: &str) -> usize {
+        let st = self.shared.lock();
+        st.attempts.get(&username.to_lowercase()).copied().unwrap_or(0)
+    }
+
+    /// Whether the brute-force lock is in force for this username now.
+    pub fn is_locked(&self, username: &str) -> bool {
+        let st = self.shared.lock();
+        st.throttle.is_locked(&username.to_lowercase(), Instant::now())
+    }
+
+    /// The throttle's current failure count (0 after expiry or a successful login).
+    pub fn failures(&self, username: &str) -> u32 {
+        let st = self.shared.lock();
+        st.throttle.failures(&username.to_lowercase(), Instant::now())
+    }
+
+    /// The email this token authenticates now; `None` where customers/me would answer 401.
+    pub fn check_token(&self, token: &str) -> Option<String> {
+        let uid = handler::authenticate(&self.shared, token)?;
+        let st = self.shared.lock();
+        st.customers.get(&uid).map(|c| c.email.clone())
+    }
+
+    /// Stops accepting, lets requests in flight finish (hung and delayed ones give up at
+    /// once), closes idle keep-alive connections, waits at most a few seconds.
+    pub async fn shutdown(mut self) {
+        self.shared.shutdown.send_replace(true);
+        if let Some(task) = self.accept_task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for DevServer {
+    fn drop(&mut self) {
+        self.shared.shutdown.send_replace(true);
+        if let Some(task) = self.accept_task.take() {
+            // Aborting the accept loop drops its JoinSet, which aborts every connection.
+            task.abort();
+        }
+    }
+}
+
+fn store_view_name(code: &str) -> String {
+    match code {
+        "default" | "" => "Default Store View".to_owned(),
+        other => format!("{other} Store View"),
+    }
+}
+
+fn build_config(opts: &DevServerOptions) -> Config {
+    let stores_list: Vec<(String, String)> =
+        if opts.stores.is_empty() { DevServerOptions::default().stores } else { opts.stores.clone() };
+    let mut stores = HashMap::new();
+    let mut websites: HashMap<String, (u32, u32, String)> = HashMap::new();
+    for (i, (code, website)) in stores_list.iter().enumerate() {
+        let next_website_id = websites.len() as u32 + 1;
+        websites.entry(website.clone()).or_insert_with(|| (next_website_id, i as u32 + 1, code.clone()));
+        stores.insert(code.clone(), StoreInfo { website: website.clone() });
+    }
+    let default_store =
+        stores.get("default").cloned().unwrap_or_else(|| StoreInfo { website: stores_list[0].1.clone() });
+    Config {
+        token_lifetime_secs: opts.token_lifetime.as_secs() as i64,
+        opaque_tokens: opts.opaque_tokens,
+        recaptcha_required: opts.recaptcha_required,
+        clock_offset_secs: opts.clock_offset_secs,
+        all_store: default_store.clone(),
+        default_store,
+        stores,
+        websites,
+    }
+}
+
+/// Resolves once the server is stopping (or can no longer be told to stop).
+pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    let mut stopping = shared.shutdown.subscribe();
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    connections.spawn(serve_connection(stream, shared.clone()));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::debug!(error = %e, "devserver accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            },
+            // Reap finished connections so the set does not grow with every client.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            _ = stopped(&mut stopping) => break,
+        }
+    }
+    drop(listener);
+    // Every connection saw the same signal and is finishing; give them a bounded time.
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, async { while connections.join_next().await.is_some() {} }).await;
+}
+
+async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let stream = Arc::new(stream);
+    let io = TokioIo::new(io::SharedStream(stream.clone()));
+    let mut stopping = shared.shutdown.subscribe();
+    let service = service_fn(move |req| handler::handle(shared.clone(), stream.clone(), req));
+    let conn = http1::Builder::new()
+        .keep_alive(true)
+        // Idle keep-alive connections stay open as long as the client likes.
+        .header_read_timeout(None)
+        .serve_connection(io, service);
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = stopped(&mut stopping) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
+}
+
+/// Magento's `Y-m-d H:i:s` (UTC) from Unix seconds.
+pub(crate) fn format_datetime(unix: i64) -> String {
+    let days = unix.div_euclid(86_400);
+    let secs = unix.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 in the proleptic Gregorian calendar,
+    // computed over 400-year eras shifted to start on March 1st.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}", secs / 3600, secs % 3600 / 60, secs % 60)
+}

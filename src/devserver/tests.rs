@@ -1,0 +1,827 @@
+//! The development server over real HTTP on loopback.
+
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use super::*;
+
+const PATH_TOKEN: &str = "/rest/V1/integration/customer/token";
+const PATH_ME: &str = "/rest/V1/customers/me";
+const PATH_REVOKE: &str = "/rest/V1/integration/customer/revoke-customer-token";
+const SIGN_IN: &str =
+    "The account sign-in was incorrect or your account is disabled temporarily. Please wait and try again later.";
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+async fn server(opts: DevServerOptions) -> DevServer {
+    let s = DevServer::start(opts).await.unwrap();
+    s.add_customer("alice@example.com", "secret-a");
+    s
+}
+
+struct Answer {
+    status: u16,
+    content_type: String,
+    headers: reqwest::header::HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+async fn send(req: reqwest::RequestBuilder) -> Answer {
+    let r = req.send().await.unwrap();
+    Answer {
+        status: r.status().as_u16(),
+        content_type: r.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default(),
+        headers: r.headers().clone(),
+        body: r.bytes().await.unwrap().to_vec(),
+    }
+}
+
+async fn login_at(s: &DevServer, path: &str, user: &str, pass: &str) -> Answer {
+    send(
+        client()
+            .post(format!("{}{path}", s.base_url()))
+            .header("content-type", "application/json")
+            .header("accept", "application/json")
+            .body(json!({"username": user, "password": pass}).to_string()),
+    )
+    .await
+}
+
+async fn login(s: &DevServer, user: &str, pass: &str) -> Answer {
+    login_at(s, PATH_TOKEN, user, pass).await
+}
+
+async fn token(s: &DevServer, user: &str, pass: &str) -> String {
+    let a = login(s, user, pass).await;
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    a.json().as_str().unwrap().to_owned()
+}
+
+async fn me(s: &DevServer, token: &str) -> Answer {
+    send(client().get(format!("{}{PATH_ME}", s.base_url())).header("accept", "application/json").bearer_auth(token))
+        .await
+}
+
+fn unauthorized_body() -> Value {
+    json!({"message":"The consumer isn't authorized to access %resources.","parameters":{"resources":"self"}})
+}
+
+fn claims(token: &str) -> Value {
+    let part = token.split('.').nth(1).unwrap();
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).unwrap()).unwrap()
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+#[tokio::test]
+async fn jwt_shape_and_expiry() {
+    let s = server(DevServerOptions::default()).await;
+    let a = login(&s, "alice@example.com", "secret-a").await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.content_type, "application/json; charset=utf-8");
+    assert!(a.body.starts_with(b"\"eyJraWQiOiIxIiwiYWxnIjoiSFMyNTYifQ."));
+    let t = a.json().as_str().unwrap().to_owned();
+    let parts: Vec<&str> = t.split('.').collect();
+    assert_eq!(parts.len(), 3);
+    assert!(t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.'));
+    assert_eq!(URL_SAFE_NO_PAD.decode(parts[0]).unwrap(), br#"{"kid":"1","alg":"HS256"}"#);
+    let c = claims(&t);
+    let keys: Vec<&String> = c.as_object().unwrap().keys().collect();
+    assert_eq!(keys.len(), 4);
+    assert_eq!(c["utypid"], 3);
+    assert_eq!(c["uid"], 1);
+    let iat = c["iat"].as_i64().unwrap();
+    assert!((iat - unix_now()).abs() <= 2);
+    assert_eq!(c["exp"].as_i64().unwrap() - iat, 3600);
+    assert_eq!(s.check_token(&t).as_deref(), Some("alice@example.com"));
+    // An earlier token stays valid after another login.
+    let t2 = token(&s, "alice@example.com", "secret-a").await;
+    assert_eq!(me(&s, &t).await.status, 200);
+    assert_eq!(me(&s, &t2).await.status, 200);
+}
+
+#[tokio::test]
+async fn clock_offset_and_lifetime() {
+    let s = server(DevServerOptions {
+        token_lifetime: Duration::from_secs(90),
+        clock_offset_secs: -7200,
+        ..Default::default()
+    })
+    .await;
+    let t = token(&s, "alice@example.com", "secret-a").await;
+    let c = claims(&t);
+    let iat = c["iat"].as_i64().unwrap();
+    assert!((iat - (unix_now() - 7200)).abs() <= 2);
+    assert_eq!(c["exp"].as_i64().unwrap() - iat, 90);
+    assert_eq!(me(&s, &t).await.status, 200);
+}
+
+#[tokio::test]
+async fn customers_me_accepts_and_refuses() {
+    let s = server(DevServerOptions { token_lifetime: Duration::from_secs(1), ..Default::default() }).await;
+    let t = token(&s, "alice@example.com", "secret-a").await;
+    let a = me(&s, &t).await;
+    assert_eq!(a.status, 200);
+    let v = a.json();
+    assert_eq!(v["email"], "alice@example.com");
+    assert_eq!(v["id"], 1);
+    assert_eq!(v["website_id"], 1);
+    assert_eq!(v["store_id"], 1);
+    assert_eq!(v["addresses"], json!([]));
+    assert_eq!(v["extension_attributes"], json!({"is_subscribed": false}));
+    for key in
+        ["group_id", "created_at", "updated_at", "created_in", "firstname", "lastname", "disable_auto_group_change"]
+    {
+        assert!(v.get(key).is_some(), "{key} missing");
+    }
+    // Tampered, garbled and missing tokens.
+    // Flip one character of the signature's first (fully significant) position.
+    let sig_at = t.rfind('.').unwrap() + 1;
+    let mut tampered = t.clone();
+    let flipped = if &t[sig_at..sig_at + 1] == "A" { "B" } else { "A" };
+    tampered.replace_range(sig_at..sig_at + 1, flipped);
+    for bad in [tampered.as_str(), "garbage", "a.b.c", ""] {
+        let a = me(&s, bad).await;
+        assert_eq!(a.status, 401, "{bad}");
+        assert_eq!(a.json(), unauthorized_body());
+    }
+    let a = send(client().get(format!("{}{PATH_ME}", s.base_url()))).await;
+    assert_eq!(a.status, 401);
+    assert_eq!(a.json(), unauthorized_body());
+    // Expiry (lifetime 1 s).
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(me(&s, &t).await.status, 401);
+    assert_eq!(s.check_token(&t), None);
+}
+
+#[tokio::test]
+async fn removed_customer_tokens_die() {
+    let s = server(DevServerOptions::default()).await;
+    let t = token(&s, "alice@example.com", "secret-a").await;
+    s.remove_customer("alice@example.com");
+    assert_eq!(me(&s, &t).await.status, 401);
+    // Re-created under the same email: a new id, the old token stays dead.
+    s.add_customer("alice@example.com", "secret-a");
+    assert_eq!(me(&s, &t).await.status, 401);
+    let t2 = token(&s, "alice@example.com", "secret-a").await;
+    assert_eq!(claims(&t2)["uid"], 2);
+    // Re-adding replaces the password and keeps the id.
+    s.add_customer("alice@example.com", "other");
+    assert_eq!(me(&s, &t2).await.status, 200);
+    assert_eq!(login(&s, "alice@example.com", "secret-a").await.status, 401);
+    s.set_password("alice@example.com", "third");
+    assert_eq!(login(&s, "alice@example.com", "third").await.status, 200);
+}
+
+#[tokio::test]
+async fn revoke_endpoint_and_method() {
+    let s = server(DevServerOptions::default()).await;
+    s.add_customer("bob@example.com", "secret-b");
+    let t1 = token(&s, "alice@example.com", "secret-a").await;
+    let t2 = token(&s, "alice@example.com", "secret-a").await;
+    let tb = token(&s, "bob@example.com", "secret-b").await;
+    // Without a token: 401.
+    let a = send(client().post(format!("{}{PATH_REVOKE}", s.base_url()))).await;
+    assert_eq!(a.status, 401);
+    assert_eq!(a.json(), unauthorized_body());
+    let a = send(client().post(format!("{}{PATH_REVOKE}", s.base_url())).bearer_auth(&t1)).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body, b"true");
+    assert_eq!(me(&s, &t1).await.status, 401);
+    assert_eq!(me(&s, &t2).await.status, 401);
+    assert_eq!(me(&s, &tb).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let fresh = token(&s, "alice@example.com", "secret-a").await;
+    assert_eq!(me(&s, &fresh).await.status, 200);
+    // The API-side revoke.
+    let before = unix_now();
+    s.revoke("bob@example.com");
+    assert_eq!(me(&s, &tb).await.status, 401);
+    assert_eq!(s.check_token(&tb), None);
+    // A login within the same second as the revoke is dead too (checked only when the
+    // second did not roll over in between, which the clock may do at any time).
+    let immediate = token(&s, "bob@example.com", "secret-b").await;
+    if claims(&immediate)["iat"].as_i64().unwrap() == before {
+        assert_eq!(me(&s, &immediate).await.status, 401, "login in the revoke's second must be dead");
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let later = token(&s, "bob@example.com", "secret-b").await;
+    assert_eq!(s.check_token(&later).as_deref(), Some("bob@example.com"));
+}
+
+#[tokio::test]
+async fn stores_and_routes() {
+    let s = DevServer::start(DevServerOptions {
+        stores: vec![("default".into(), "base".into()), ("en".into(), "base".into()), ("de".into(), "german".into())],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    s.add_customer("alice@example.com", "secret-a");
+    s.add_customer_in_website("hans@example.de", "geheim", "german");
+    for path in [
+        "/rest/V1/integration/customer/token",
+        "/rest/default/V1/integration/customer/token",
+        "/rest/en/V1/integration/customer/token",
+        "/rest/all/V1/integration/customer/token",
+        "/rest/V1/integration/customer/token/",
+    ] {
+        assert_eq!(login_at(&s, path, "alice@example.com", "secret-a").await.status, 200, "{path}");
+        assert_eq!(login_at(&s, path, "hans@example.de", "geheim").await.status, 401, "{path}");
+    }
+    // Email lookup is case-insensitive, within the store's website.
+    assert_eq!(login(&s, "ALICE@example.com", "secret-a").await.status, 200);
+    let a = login_at(&s, "/rest/de/V1/integration/customer/token", "hans@example.de", "geheim").await;
+    assert_eq!(a.status, 200);
+    let t = a.json().as_str().unwrap().to_owned();
+    let v = me(&s, &t).await.json();
+    assert_eq!(v["website_id"], 2);
+    assert_eq!(v["store_id"], 3);
+    assert_eq!(
+        login_at(&s, "/rest/de/V1/integration/customer/token", "alice@example.com", "secret-a").await.status,
+        401
+    );
+    let not_found = json!({"message": "Request does not match any route."});
+    let attempts_before = s.login_attempts("alice@example.com");
+    let failures_before = s.failures("alice@example.com");
+    for path in [
+        "/rest/xx/V1/integration/customer/token",
+        "/rest/V1/integration/customer/tokens",
+        "/rest/V2/integration/customer/token",
+        "/rest/de/de/V1/integration/customer/token",
+        "/rest/admin/V1/integration/customer/token",
+    ] {
+        let a = login_at(&s, path, "alice@example.com", "secret-a").await;
+        assert_eq!(a.status, 404, "{path}");
+        assert_eq!(a.json(), not_found);
+    }
+    // Aimed at the token endpoint through an unknown store: still a login attempt.
+    assert_eq!(s.login_attempts("alice@example.com"), attempts_before + 2);
+    assert_eq!(s.failures("alice@example.com"), failures_before, "a 404 is no failed login");
+    // Wrong methods.
+    let a = send(client().get(format!("{}{PATH_TOKEN}", s.base_url()))).await;
+    assert_eq!((a.status, a.json()), (404, not_found.clone()));
+    let a = send(client().post(format!("{}{PATH_ME}", s.base_url()))).await;
+    assert_eq!((a.status, a.json()), (404, not_found.clone()));
+    let a = send(client().delete(format!("{}{PATH_TOKEN}", s.base_url()))).await;
+    assert_eq!((a.status, a.json()), (404, not_found));
+    let a = send(client().patch(format!("{}{PATH_TOKEN}", s.base_url()))).await;
+    assert_eq!((a.status, a.json()), (400, json!({"message": "Request method is invalid."})));
+    // Outside /rest: the storefront's HTML 404.
+    let a = send(client().get(format!("{}/customer/account", s.base_url()))).await;
+    assert_eq!(a.status, 404);
+    assert!(a.content_type.starts_with("text/html"));
+}
+
+async fn post_raw(s: &DevServer, content_type: Option<&str>, body: &str) -> Answer {
+    let mut req = client()
+        .post(format!("{}{PATH_TOKEN}", s.base_url()))
+        .header("accept", "application/json")
+        .body(body.to_owned());
+    if let Some(ct) = content_type {
+        req = req.header("content-type", ct);
+    }
+    send(req).await
+}
+
+fn required(field: &str) -> Value {
+    json!({"message": "\"%fieldName\" is required. Enter and try again.", "parameters": {"fieldName": field}})
+}
+
+#[tokio::test]
+async fn token_endpoint_400_bodies() {
+    let s = server(DevServerOptions::default()).await;
+    let both = json!({
+        "message": "One or more input exceptions have occurred.",
+        "errors": [required("username"), required("password")],
+    });
+    let ct = Some("application/json");
+    let cases: Vec<(Option<&str>, &str, Value)> = vec![
+        (ct, r#"{"username":"alice@example.com"}"#, required("password")),
+        (ct, r#"{"username":"alice@example.com","password":null}"#, required("password")),
+        (ct, r#"{"username":"alice@example.com","password":""}"#, required("password")),
+        (ct, r#"{"username":"alice@example.com","password":123}"#, required("password")),
+        (ct, r#"{"username":"alice@example.com","password":["x"]}"#, required("password")),
+        (ct, r#"{"password":"secret-a"}"#, required("username")),
+        (ct, r#"{"username":"","password":"secret-a"}"#, required("username")),
+        (ct, r#"{}"#, both.clone()),
+        (ct, r#"{"user":"a","pass":"b"}"#, both.clone()),
+        (ct, r#"[1,2]"#, both.clone()),
+        (ct, r#""just a string""#, both.clone()),
+        (ct, "", both.clone()),
+        (None, "", both.clone()),
+        (None, r#"{"username":"a","password":"b"}"#, json!({"message": "Content-Type header is empty."})),
+        (ct, "{not json", json!({"message": "Decoding error."})),
+        (ct, "   ", json!({"message": "Decoding error."})),
+        (
+            Some("text/plain"),
+            r#"{"username":"a","password":"b"}"#,
+            json!({"message": "Server cannot understand Content-Type HTTP header media type text/plain"}),
+        ),
+        (
+            Some("application/x-www-form-urlencoded"),
+            "username=a&password=b",
+            json!({"message": "Server cannot understand Content-Type HTTP header media type application/x-www-form-urlencoded"}),
+        ),
+        (
+            Some("application/json; charset=iso-8859-1"),
+            r#"{"username":"a","password":"b"}"#,
+            json!({"message": "UTF-8 is the only supported charset."}),
+        ),
+    ];
+    for (ct, body, expected) in cases {
+        let a = post_raw(&s, ct, body).await;
+        assert_eq!(a.status, 400, "{ct:?} {body}");
+        assert_eq!(a.content_type, "application/json; charset=utf-8");
+        assert_eq!(a.json(), expected, "{ct:?} {body}");
+    }
+    // Field order as Magento writes it.
+    let a = post_raw(&s, ct, "{}").await;
+    assert!(a.body.starts_with(b"{\"message\":\"One or more input exceptions have occurred.\",\"errors\":["));
+    // PHP escapes slashes.
+    let a = post_raw(&s, Some("text/plain"), "x").await;
+    assert!(String::from_utf8_lossy(&a.body).contains("text\\/plain"));
+    // None of these touched the throttle.
+    assert_eq!(s.failures("alice@example.com"), 0);
+    assert_eq!(s.failures("a"), 0);
+    // Unknown keys are ignored; charset=utf-8 is fine.
+    let a = post_raw(
+        &s,
+        Some("application/json; charset=UTF-8"),
+        r#"{"username":"alice@example.com","password":"secret-a","extra":{"x":1}}"#,
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    // Wrong password: the 401 body.
+    let a = login(&s, "alice@example.com", "wrong").await;
+    assert_eq!((a.status, a.json()), (401, json!({"message": SIGN_IN})));
+    let a = login(&s, "nobody@example.com", "wrong").await;
+    assert_eq!((a.status, a.json()), (401, json!({"message": SIGN_IN})));
+}
+
+#[tokio::test]
+async fn xml_accept_and_xml_body() {
+    let s = server(DevServerOptions::default()).await;
+    let a = send(
+        client()
+            .post(format!("{}{PATH_TOKEN}", s.base_url()))
+            .header("content-type", "application/json")
+            .header("accept", "application/xml")
+            .body(json!({"username": "alice@example.com", "password": "secret-a"}).to_string()),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.content_type, "application/xml; charset=utf-8");
+    let text = String::from_utf8(a.body).unwrap();
+    let t =
+        text.strip_prefix("<?xml version=\"1.0\"?>\n<response>").and_then(|r| r.strip_suffix("</response>\n")).unwrap();
+    assert_eq!(s.check_token(t).as_deref(), Some("alice@example.com"));
+    let a = send(
+        client()
+            .post(format!("{}{PATH_TOKEN}", s.base_url()))
+            .header("content-type", "text/xml")
+            .header("accept", "text/xml")
+            .body("<?xml version=\"1.0\"?><request><username>alice@example.com</username><password>wrong</password></request>"),
+    )
+    .await;
+    assert_eq!(a.status, 401);
+    assert!(String::from_utf8(a.body).unwrap().contains("<message>The account sign-in was incorrect"));
+    let a = send(
+        client()
+            .post(format!("{}{PATH_TOKEN}", s.base_url()))
+            .header("content-type", "application/xml")
+            .header("accept", "application/json")
+            .body("<request><username>alice@example.com</username><password>secret-a</password></request>"),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    let a = send(
+        client()
+            .post(format!("{}{PATH_TOKEN}", s.base_url()))
+            .header("content-type", "application/xml")
+            .body("{\"username\":\"alice@example.com\"}"),
+    )
+    .await;
+    assert_eq!((a.status, a.json()), (400, json!({"message": "Decoding error."})));
+    let a = send(client().get(format!("{}{PATH_ME}", s.base_url())).header("accept", "text/html")).await;
+    assert_eq!(a.status, 406);
+}
+
+#[tokio::test]
+async fn recaptcha_required() {
+    let s = server(DevServerOptions { recaptcha_required: true, ..Default::default() }).await;
+    let a = login(&s, "alice@example.com", "secret-a").await;
+    assert_eq!((a.status, a.json()), (400, json!({"message": "ReCaptcha validation failed, please try again"})));
+    assert_eq!(s.login_attempts("alice@example.com"), 1);
+    assert_eq!(s.failures("alice@example.com"), 0);
+}
+
+#[tokio::test]
+async fn opaque_tokens() {
+    let s =
+        server(DevServerOptions { opaque_tokens: true, token_lifetime: Duration::from_secs(1), ..Default::default() })
+            .await;
+    let t = token(&s, "alice@example.com", "secret-a").await;
+    assert_eq!(t.len(), 32);
+    assert!(t.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase()));
+    let t2 = token(&s, "alice@example.com", "secret-a").await;
+    assert_ne!(t, t2);
+    assert_eq!(me(&s, &t).await.status, 200);
+    assert_eq!(me(&s, &"0".repeat(32)).await.status, 401);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(me(&s, &t).await.status, 401);
+}
+
+#[tokio::test]
+async fn throttle_locks_at_six_and_unlocks() {
+    let s = server(DevServerOptions { lock_timeout: Duration::from_secs(1), ..Default::default() }).await;
+    // A success resets the count.
+    assert_eq!(login(&s, "alice@example.com", "bad").await.status, 401);
+    assert_eq!(s.failures("alice@example.com"), 1);
+    assert_eq!(login(&s, "alice@example.com", "secret-a").await.status, 200);
+    assert_eq!(s.failures("alice@example.com"), 0);
+    for i in 1..=5 {
+        assert_eq!(login(&s, "alice@example.com", "bad").await.status, 401);
+        assert_eq!(s.failures("alice@example.com"), i);
+        assert!(!s.is_locked("alice@example.com"));
+    }
+    // The sixth failure in a row locks (the username's case does not matter).
+    assert_eq!(login(&s, "ALICE@example.com", "bad").await.status, 401);
+    assert_eq!(s.failures("alice@example.com"), 6);
+    assert!(s.is_locked("alice@example.com"));
+    let a = login(&s, "alice@example.com", "secret-a").await;
+    assert_eq!((a.status, a.json()), (401, json!({"message": SIGN_IN})));
+    assert_eq!(s.failures("alice@example.com"), 6, "refusals while locked are not counted");
+    // Another username is not affected.
+    s.add_customer("bob@example.com", "secret-b");
+    assert_eq!(login(&s, "bob@example.com", "secret-b").await.status, 200);
+    assert_eq!(s.login_attempts("alice@example.com"), 9);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.is_locked("alice@example.com") {
+        assert!(Instant::now() < deadline, "lock did not expire");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(s.failures("alice@example.com"), 0);
+    assert_eq!(login(&s, "alice@example.com", "secret-a").await.status, 200);
+    // After expiry the count restarts at 1.
+    assert_eq!(login(&s, "alice@example.com", "bad").await.status, 401);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(login(&s, "alice@example.com", "bad").await.status, 401);
+    assert_eq!(s.failures("alice@example.com"), 1);
+}
+
+#[tokio::test]
+async fn unknown_user_is_throttled_too() {
+    let s = server(DevServerOptions::default()).await;
+    for _ in 0..6 {
+        assert_eq!(login(&s, "ghost@example.com", "x").await.status, 401);
+    }
+    assert!(s.is_locked("ghost@example.com"));
+    s.add_customer("ghost@example.com", "x");
+    assert_eq!(login(&s, "ghost@example.com", "x").await.status, 401);
+}
+
+#[tokio::test]
+async fn respond_faults_fifo_then_sticky() {
+    let s = server(DevServerOptions::default()).await;
+    s.push_fault(Fault::status(503));
+    s.push_fault(Fault::html(502));
+    s.push_fault(Fault::retry_after(429, "7"));
+    s.push_fault(Fault::json(200, json!(42)));
+    s.push_fault(Fault::garbage());
+    s.push_fault(Fault::oversize(100_000));
+    s.set_fault(Some(Fault::json(500, json!({"message": "sticky"}))));
+
+    let a = login(&s, "alice@example.com", "bad").await;
+    assert_eq!(a.status, 503);
+    assert!(a.json()["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("Internal Error. Details are available in Magento log file. Report ID: webapi-"));
+    let a = login(&s, "alice@example.com", "bad").await;
+    assert_eq!(a.status, 502);
+    assert!(a.content_type.starts_with("text/html"));
+    assert!(String::from_utf8_lossy(&a.body).contains("<html>"));
+    let a = login(&s, "alice@example.com", "bad").await;
+    assert_eq!(a.status, 429);
+    assert_eq!(a.headers.get("retry-after").unwrap(), "7");
+    let a = login(&s, "alice@example.com", "bad").await;
+    assert_eq!((a.status, a.json()), (200, json!(42)));
+    let a = login(&s, "alice@example.com", "bad").await;
+    assert_eq!(a.status, 200);
+    assert!(std::str::from_utf8(&a.body).is_err());
+    let a = login(&s, "alice@example.com", "bad").await;
+    assert_eq!(a.body.len(), 100_000);
+    assert!(a.json().is_string());
+    for _ in 0..3 {
+        let a = login(&s, "alice@example.com", "bad").await;
+        assert_eq!((a.status, a.json()), (500, json!({"message": "sticky"})));
+    }
+    // Faults touch neither the throttle nor other routes, but are counted and recorded.
+    assert_eq!(s.failures("alice@example.com"), 0);
+    assert_eq!(s.login_attempts("alice@example.com"), 9);
+    let t = send(client().get(format!("{}{PATH_ME}", s.base_url())).bearer_auth("x")).await;
+    assert_eq!(t.status, 401);
+    s.set_fault(None);
+    assert_eq!(login(&s, "alice@example.com", "secret-a").await.status, 200);
+    let records = s.requests();
+    assert_eq!(records.len(), 11);
+    let statuses: Vec<u16> = records.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [503, 502, 429, 200, 200, 200, 500, 500, 500, 401, 200]);
+}
+
+#[tokio::test]
+async fn redirect_is_not_followed() {
+    let s = server(DevServerOptions::default()).await;
+    s.push_fault(Fault::Redirect {
+        status: 301,
+        location: "https://shop.example.com/rest/V1/integration/customer/token".into(),
+    });
+    let a = login(&s, "alice@example.com", "secret-a").await;
+    assert_eq!(a.status, 301);
+    assert_eq!(a.headers.get("location").unwrap(), "https://shop.example.com/rest/V1/integration/customer/token");
+    assert_eq!(s.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn delay_fault_answers_late_and_counts() {
+    let s = server(DevServerOptions::default()).await;
+    s.push_fault(Fault::Delay(Duration::from_millis(400)));
+    let started = Instant::now();
+    let a = login(&s, "alice@example.com", "bad").await;
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    assert_eq!(a.status, 401);
+    assert_eq!(s.failures("alice@example.com"), 1, "a delayed login is a normal login");
+    let iat_floor = unix_now();
+    s.push_fault(Fault::Delay(Duration::from_millis(300)));
+    let t = token(&s, "alice@example.com", "secret-a").await;
+    assert!(claims(&t)["iat"].as_i64().unwrap() >= iat_floor);
+}
+
+#[tokio::test]
+async fn hang_fault_times_out_the_client() {
+    let s = server(DevServerOptions::default()).await;
+    s.push_fault(Fault::Hang);
+    let quick = reqwest::Client::builder().no_proxy().timeout(Duration::from_millis(300)).build().unwrap();
+    let err = quick
+        .post(format!("{}{PATH_TOKEN}", s.base_url()))
+        .header("content-type", "application/json")
+        .body(json!({"username": "alice@example.com", "password": "secret-a"}).to_string())
+        .send()
+        .await
+        .unwrap_err();
+    assert!(err.is_timeout(), "{err:?}");
+    let r = s.requests();
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].status, 0);
+    assert_eq!(r[0].username.as_deref(), Some("alice@example.com"));
+    assert_eq!(s.login_attempts("alice@example.com"), 1);
+    // The next request is served normally; shutting down does not wait for the hung one.
+    assert_eq!(login(&s, "alice@example.com", "secret-a").await.status, 200);
+    let stopped = Instant::now();
+    s.shutdown().await;
+    assert!(stopped.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn hang_fault_connection_stays_open_until_stop() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = server(DevServerOptions::default()).await;
+    s.push_fault(Fault::Hang);
+    let mut conn = tokio::net::TcpStream::connect(s.addr()).await.unwrap();
+    let body = r#"{"username":"alice@example.com","password":"secret-a"}"#;
+    let req = format!(
+        "POST {PATH_TOKEN} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 64];
+    let r = tokio::time::timeout(Duration::from_millis(300), conn.read(&mut buf)).await;
+    assert!(r.is_err(), "nothing must arrive while hanging");
+    drop(s);
+    let r = tokio::time::timeout(Duration::from_secs(3), conn.read(&mut buf)).await;
+    match r {
+        Ok(Ok(0)) | Ok(Err(_)) => {}
+        other => panic!("connection should close when the server stops: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn reset_fault_is_a_connection_error() {
+    let s = server(DevServerOptions::default()).await;
+    s.push_fault(Fault::Reset);
+    let err = client()
+        .post(format!("{}{PATH_TOKEN}", s.base_url()))
+        .header("content-type", "application/json")
+        .body(json!({"username": "alice@example.com", "password": "secret-a"}).to_string())
+        .send()
+        .await
+        .unwrap_err();
+    assert!(!err.is_timeout() && err.status().is_none(), "{err:?}");
+    assert_eq!(s.requests()[0].status, 0);
+    assert_eq!(s.failures("alice@example.com"), 0);
+    assert_eq!(login(&s, "alice@example.com", "secret-a").await.status, 200);
+}
+
+#[tokio::test]
+async fn reset_fault_sends_rst() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = server(DevServerOptions::default()).await;
+    s.push_fault(Fault::Reset);
+    let mut conn = tokio::net::TcpStream::connect(s.addr()).await.unwrap();
+    let body = r#"{"username":"alice@example.com","password":"secret-a"}"#;
+    let req = format!(
+        "POST {PATH_TOKEN} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 64];
+    let r = tokio::time::timeout(Duration::from_secs(3), conn.read(&mut buf))
+        .await
+        .expect("the server must close the connection");
+    let e = r.expect_err("a reset, not a clean close");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset);
+}
+
+#[tokio::test]
+async fn records_capture_the_request() {
+    let s = server(DevServerOptions::default()).await;
+    let _ = send(
+        client()
+            .post(format!("{}/rest/default/V1/integration/customer/token", s.base_url()))
+            .header("content-type", "application/json")
+            .header("accept", "application/json")
+            .header("user-agent", "sidecar-test/1")
+            .body(json!({"username": "alice@example.com", "password": "secret-a"}).to_string()),
+    )
+    .await;
+    let _ = send(client().get(format!("{}{PATH_ME}?x=1", s.base_url())).bearer_auth("nope")).await;
+    let r = s.requests();
+    assert_eq!(r.len(), 2);
+    assert_eq!(r[0].method, "POST");
+    assert_eq!(r[0].path, "/rest/default/V1/integration/customer/token");
+    assert_eq!(r[0].username.as_deref(), Some("alice@example.com"));
+    assert_eq!(r[0].password.as_deref(), Some("secret-a"));
+    assert_eq!(r[0].content_type.as_deref(), Some("application/json"));
+    assert_eq!(r[0].accept.as_deref(), Some("application/json"));
+    assert_eq!(r[0].user_agent.as_deref(), Some("sidecar-test/1"));
+    assert!(!r[0].authorization);
+    assert_eq!(r[0].status, 200);
+    assert_eq!(r[1].method, "GET");
+    assert_eq!(r[1].path, PATH_ME);
+    assert!(r[1].authorization);
+    assert_eq!(r[1].username, None);
+    assert_eq!(r[1].status, 401);
+    assert!(r[0].at <= r[1].at);
+}
+
+#[tokio::test]
+async fn many_logins_on_keep_alive() {
+    let s = server(DevServerOptions::default()).await;
+    let c = client();
+    let started = Instant::now();
+    for _ in 0..500 {
+        let r = c
+            .post(format!("{}{PATH_TOKEN}", s.base_url()))
+            .header("content-type", "application/json")
+            .body(r#"{"username":"alice@example.com","password":"secret-a"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let _ = r.bytes().await.unwrap();
+    }
+    assert_eq!(s.login_attempts("alice@example.com"), 500);
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+#[tokio::test]
+async fn cli_args_and_customers_file() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: DevServerArgs,
+    }
+    let dir = std::env::temp_dir().join(format!("devserver-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("customers.txt");
+    std::fs::write(&file, "c1@example.com:p:with:colons\r\n\nc2@example.com:p2\n").unwrap();
+    let cli = Cli::try_parse_from([
+        "devserver",
+        "--customer",
+        "a@example.com:pa:ss",
+        "--customers-file",
+        file.to_str().unwrap(),
+        "--token-lifetime",
+        "90s",
+        "--lock-max-failures",
+        "3",
+        "--lock-timeout",
+        "2s",
+        "--store",
+        "de:german",
+        "--store",
+        "en",
+        "--clock-offset",
+        "-5",
+    ])
+    .unwrap();
+    assert_eq!(cli.args.token_lifetime, Duration::from_secs(90));
+    let s = cli::start_from_args(&cli.args).await.unwrap();
+    let t = token(&s, "a@example.com", "pa:ss").await;
+    let c = claims(&t);
+    assert_eq!(c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap(), 90);
+    assert_eq!(login(&s, "c1@example.com", "p:with:colons").await.status, 200);
+    assert_eq!(login(&s, "c2@example.com", "p2").await.status, 200);
+    assert_eq!(login_at(&s, "/rest/en/V1/integration/customer/token", "c2@example.com", "p2").await.status, 200);
+    assert_eq!(login_at(&s, "/rest/de/V1/integration/customer/token", "c2@example.com", "p2").await.status, 401);
+    for _ in 0..2 {
+        login(&s, "c2@example.com", "bad").await;
+    }
+    assert!(s.is_locked("c2@example.com"));
+    s.shutdown().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let bad = Cli::try_parse_from(["devserver", "--customer", "no-colon"]).unwrap();
+    assert!(cli::start_from_args(&bad.args).await.is_err());
+}
+
+#[tokio::test]
+async fn run_cli_stops_on_signal() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: DevServerArgs,
+    }
+    let cli = Cli::try_parse_from(["devserver"]).unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(run_cli(cli.args, async {
+        let _ = rx.await;
+    }));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap().unwrap();
+}
+
+#[test]
+fn datetime_format() {
+    assert_eq!(format_datetime(0), "1970-01-01 00:00:00");
+    assert_eq!(format_datetime(1_700_000_000), "2023-11-14 22:13:20");
+    assert_eq!(format_datetime(951_782_400), "2000-02-29 00:00:00");
+    assert_eq!(format_datetime(-1), "1969-12-31 23:59:59");
+}
+
+/// Throughput check for the benchmarks' scale: `cargo test --release --lib
+/// devserver::tests::bench_10k_logins -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark, run on demand"]
+async fn bench_10k_logins() {
+    let s = server(DevServerOptions::default()).await;
+    let url = format!("{}{PATH_TOKEN}", s.base_url());
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (c, url) = (client(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..1250 {
+                let r = c
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .header("accept", "application/json")
+                    .body(r#"{"username":"alice@example.com","password":"secret-a"}"#)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                let _ = r.bytes().await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    println!("10000 logins in {elapsed:?} ({:.0}/s)", 10_000.0 / elapsed.as_secs_f64());
+    assert_eq!(s.login_attempts("alice@example.com"), 10_000);
+}
