@@ -1,0 +1,312 @@
+{{/*
+Names, labels and the reusable pieces of the sidecar.
+
+Every template below takes the chart's context: `.` inside this chart, and
+`(index .Subcharts "magento-token-sidecar")` in a parent chart that lists this chart as a
+dependency (see the README, "Adding the sidecar to an existing chart"). None of them uses
+`.Template`, which a subchart's context does not carry.
+
+Public pieces, for a pod spec of your own:
+  magento-token-sidecar.initContainers   items for `initContainers:` (the native sidecar, or the `once` container)
+  magento-token-sidecar.containers       items for `containers:` (the daemon in the classic layout; empty when native)
+  magento-token-sidecar.container        the daemon container alone
+  magento-token-sidecar.onceContainer    the `once` init container alone
+  magento-token-sidecar.volumes          items for `volumes:` (tokens, config, passwords)
+  magento-token-sidecar.volume           the token volume alone
+  magento-token-sidecar.volumeMount      item for the app container's `volumeMounts:` (read-only tokens)
+  magento-token-sidecar.podAnnotations   checksum/config and checksum/secret, for the pod template
+*/}}
+
+{{- define "magento-token-sidecar.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "magento-token-sidecar.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* A name derived from the full name, kept within 63 characters: (list $ctx "suffix"). */}}
+{{- define "magento-token-sidecar.suffixed" -}}
+{{- $ctx := index . 0 }}
+{{- $suffix := index . 1 }}
+{{- printf "%s-%s" (include "magento-token-sidecar.fullname" $ctx | trunc (int (sub 62 (len $suffix))) | trimSuffix "-") $suffix }}
+{{- end }}
+
+{{- define "magento-token-sidecar.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "magento-token-sidecar.labels" -}}
+helm.sh/chart: {{ include "magento-token-sidecar.chart" . }}
+{{ include "magento-token-sidecar.selectorLabels" . }}
+{{- if .Chart.AppVersion }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* Selector labels: name and instance only, so they never change on upgrade. */}}
+{{- define "magento-token-sidecar.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "magento-token-sidecar.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "magento-token-sidecar.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "magento-token-sidecar.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "magento-token-sidecar.configMapName" -}}
+{{- include "magento-token-sidecar.fullname" . }}
+{{- end }}
+
+{{- define "magento-token-sidecar.secretName" -}}
+{{- default (include "magento-token-sidecar.fullname" .) .Values.existingSecret }}
+{{- end }}
+
+{{/* An image reference from {repository, tag, digest}: (list $image $defaultTag). */}}
+{{- define "magento-token-sidecar.imageRef" -}}
+{{- $image := index . 0 }}
+{{- if $image.digest }}
+{{- printf "%s@%s" $image.repository $image.digest }}
+{{- else }}
+{{- printf "%s:%s" $image.repository (toString (default (index . 1) $image.tag)) }}
+{{- end }}
+{{- end }}
+
+{{- define "magento-token-sidecar.image" -}}
+{{- include "magento-token-sidecar.imageRef" (list .Values.image .Chart.AppVersion) }}
+{{- end }}
+
+{{/* Where the pieces live inside the daemon's containers. */}}
+{{- define "magento-token-sidecar.configDir" -}}/etc/magento-token-sidecar/config{{- end }}
+{{- define "magento-token-sidecar.configFile" -}}/etc/magento-token-sidecar/config/config.yaml{{- end }}
+{{- define "magento-token-sidecar.secretDir" -}}/etc/magento-token-sidecar/secrets{{- end }}
+
+{{/* The key holding a customer's password in the Secret. */}}
+{{- define "magento-token-sidecar.passwordKey" -}}
+{{- default .name .passwordKey }}
+{{- end }}
+
+{{/* Fails the render, naming the value to fix, when the customers cannot work. */}}
+{{- define "magento-token-sidecar.validate" -}}
+{{- if not .Values.customers }}
+{{- fail "customers: list at least one customer (name, username, password or existingSecret)" }}
+{{- end }}
+{{- $seen := dict }}
+{{- range $i, $c := .Values.customers }}
+{{- if hasKey $seen $c.name }}
+{{- fail (printf "customers[%d].name: %q is used twice; names must be unique" $i $c.name) }}
+{{- end }}
+{{- $_ := set $seen $c.name true }}
+{{- if and (not $.Values.existingSecret) (not $c.password) }}
+{{- fail (printf "customers[%d].password: required unless existingSecret names a Secret holding it (customer %q)" $i $c.name) }}
+{{- end }}
+{{- end }}
+{{- if and .Values.nativeSidecar (semverCompare "<1.29.0-0" .Capabilities.KubeVersion.Version) }}
+{{- fail (printf "nativeSidecar: native sidecar containers need Kubernetes 1.29 or later (this is %s); set nativeSidecar=false" .Capabilities.KubeVersion.Version) }}
+{{- end }}
+{{- end }}
+
+{{/* A copy of a map without its null and "" entries (the daemon takes absent keys as defaults). */}}
+{{- define "magento-token-sidecar.compact" -}}
+{{- $out := dict }}
+{{- range $k, $v := . }}
+{{- if not (or (kindIs "invalid" $v) (and (kindIs "string" $v) (eq $v ""))) }}
+{{- $_ := set $out $k $v }}
+{{- end }}
+{{- end }}
+{{- toYaml $out }}
+{{- end }}
+
+{{/*
+The daemon's config file. Password files point into the mounted Secret directory, one file
+per key (no subPath: a rotated Secret arrives through the kubelet's symlink swap and the
+daemon re-reads the file before each login).
+*/}}
+{{- define "magento-token-sidecar.config" -}}
+{{- include "magento-token-sidecar.validate" . }}
+{{- $customers := list }}
+{{- range .Values.customers }}
+{{- $c := include "magento-token-sidecar.compact" (omit . "password" "passwordKey") | fromYaml }}
+{{- $_ := set $c "password_file" (printf "%s/%s" (include "magento-token-sidecar.secretDir" $) (include "magento-token-sidecar.passwordKey" .)) }}
+{{- $customers = append $customers $c }}
+{{- end }}
+{{- $cfg := dict
+  "magento" (include "magento-token-sidecar.compact" .Values.magento | fromYaml)
+  "refresh" (include "magento-token-sidecar.compact" .Values.refresh | fromYaml)
+  "output" (dict "dir" .Values.tokens.mountPath "mode" .Values.output.mode "format" .Values.output.format)
+  "admin" (dict "listen" (printf "%s:%v" .Values.admin.bindAddress .Values.admin.port))
+  "log" .Values.log
+  "customers" $customers }}
+{{- toYaml $cfg }}
+{{- end }}
+
+{{/* What the chart puts into its Secret, or which Secret and keys it expects. */}}
+{{- define "magento-token-sidecar.secretData" -}}
+{{- if .Values.existingSecret }}
+existingSecret: {{ .Values.existingSecret }}
+keys:
+{{- range .Values.customers }}
+  - {{ include "magento-token-sidecar.passwordKey" . }}
+{{- end }}
+{{- else }}
+{{- range .Values.customers }}
+{{ include "magento-token-sidecar.passwordKey" . }}: {{ .password | toString | b64enc }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "magento-token-sidecar.podAnnotations" -}}
+checksum/config: {{ include "magento-token-sidecar.config" . | sha256sum }}
+checksum/secret: {{ include "magento-token-sidecar.secretData" . | sha256sum }}
+{{- end }}
+
+{{/* The volumes the daemon's containers mount. */}}
+{{- define "magento-token-sidecar.volume" -}}
+- name: magento-tokens
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .Values.tokens.sizeLimit }}
+{{- end }}
+
+{{- define "magento-token-sidecar.volumes" -}}
+{{ include "magento-token-sidecar.volume" . }}
+- name: magento-token-sidecar-config
+  configMap:
+    name: {{ include "magento-token-sidecar.configMapName" . }}
+- name: magento-token-sidecar-secrets
+  secret:
+    secretName: {{ include "magento-token-sidecar.secretName" . }}
+    # 0440: owned by root with the pod's fsGroup, readable by the daemon's group only.
+    defaultMode: 288
+{{- end }}
+
+{{/* The app container's mount of the token directory: the whole directory, read-only. */}}
+{{- define "magento-token-sidecar.volumeMount" -}}
+- name: magento-tokens
+  mountPath: {{ .Values.tokens.mountPath }}
+  readOnly: true
+{{- end }}
+
+{{- define "magento-token-sidecar.daemonMounts" -}}
+- name: magento-tokens
+  mountPath: {{ .Values.tokens.mountPath }}
+- name: magento-token-sidecar-config
+  mountPath: {{ include "magento-token-sidecar.configDir" . }}
+  readOnly: true
+- name: magento-token-sidecar-secrets
+  mountPath: {{ include "magento-token-sidecar.secretDir" . }}
+  readOnly: true
+{{- with .Values.sidecar.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "magento-token-sidecar.probe" -}}
+{{- $probe := index . 0 -}}
+httpGet:
+  path: {{ index . 1 }}
+  port: admin
+{{- with omit $probe "enabled" }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* The daemon: a native sidecar (restartPolicy: Always) or an ordinary container. */}}
+{{- define "magento-token-sidecar.container" -}}
+- name: {{ .Values.sidecar.name }}
+  image: {{ include "magento-token-sidecar.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  {{- if .Values.nativeSidecar }}
+  restartPolicy: Always
+  {{- end }}
+  args:
+    - run
+    - --config
+    - {{ include "magento-token-sidecar.configFile" . }}
+  {{- with .Values.sidecar.extraEnv }}
+  env:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  ports:
+    - name: admin
+      containerPort: {{ .Values.admin.port }}
+      protocol: TCP
+  {{- if .Values.sidecar.startupProbe.enabled }}
+  startupProbe:
+    {{- include "magento-token-sidecar.probe" (list .Values.sidecar.startupProbe "/readyz") | nindent 4 }}
+  {{- end }}
+  {{- if .Values.sidecar.livenessProbe.enabled }}
+  livenessProbe:
+    {{- include "magento-token-sidecar.probe" (list .Values.sidecar.livenessProbe "/healthz") | nindent 4 }}
+  {{- end }}
+  {{- if .Values.sidecar.readinessProbe.enabled }}
+  readinessProbe:
+    {{- include "magento-token-sidecar.probe" (list .Values.sidecar.readinessProbe "/readyz") | nindent 4 }}
+  {{- end }}
+  resources:
+    {{- toYaml .Values.sidecar.resources | nindent 4 }}
+  securityContext:
+    {{- toYaml .Values.sidecar.securityContext | nindent 4 }}
+  volumeMounts:
+    {{- include "magento-token-sidecar.daemonMounts" . | nindent 4 }}
+{{- end }}
+
+{{/* The classic layout's init container: the first tokens exist before the app starts. */}}
+{{- define "magento-token-sidecar.onceContainer" -}}
+- name: {{ .Values.init.name }}
+  image: {{ include "magento-token-sidecar.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  args:
+    - once
+    - --config
+    - {{ include "magento-token-sidecar.configFile" . }}
+    - --timeout
+    - {{ .Values.init.timeout | quote }}
+  {{- with .Values.sidecar.extraEnv }}
+  env:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  resources:
+    {{- toYaml .Values.init.resources | nindent 4 }}
+  securityContext:
+    {{- toYaml .Values.sidecar.securityContext | nindent 4 }}
+  volumeMounts:
+    {{- include "magento-token-sidecar.daemonMounts" . | nindent 4 }}
+{{- end }}
+
+{{- define "magento-token-sidecar.initContainers" -}}
+{{- if .Values.nativeSidecar }}
+{{- include "magento-token-sidecar.container" . }}
+{{- else }}
+{{- include "magento-token-sidecar.onceContainer" . }}
+{{- end }}
+{{- end }}
+
+{{- define "magento-token-sidecar.containers" -}}
+{{- if not .Values.nativeSidecar }}
+{{- include "magento-token-sidecar.container" . }}
+{{- end }}
+{{- end }}
+
+{{/* The pods the metrics Service and PodMonitor select: this chart's, or `metrics.selector`. */}}
+{{- define "magento-token-sidecar.metricsSelector" -}}
+{{- if .Values.metrics.selector }}
+{{- toYaml .Values.metrics.selector }}
+{{- else }}
+{{- include "magento-token-sidecar.selectorLabels" . }}
+{{- end }}
+{{- end }}
