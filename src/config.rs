@@ -940,6 +940,18 @@ customers:
     }
 
     #[test]
+    fn the_shipped_examples_are_valid() {
+        let example = parse(include_str!("../config/example.yaml"), Checks::Static).unwrap();
+        assert_eq!(example.customers.len(), 2);
+        assert_eq!(example.customers[0].token_url(), "https://shop.de/rest/de/V1/integration/customer/token");
+        assert_eq!(example.customers[0].path, PathBuf::from("/var/run/magento-tokens/alice.token"));
+        assert_eq!(example.customers[1].password, PasswordSource::Env("ERP_PASSWORD".into()));
+        let demo =
+            include_str!("../config/demo.yaml").replace("{base_url}", "http://127.0.0.1:1").replace("{dir}", "/tmp");
+        assert_eq!(parse(&demo, Checks::Static).unwrap().customers.len(), 2);
+    }
+
+    #[test]
     fn password_files_lose_one_trailing_newline_only() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("pw");

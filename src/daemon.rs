@@ -196,7 +196,7 @@ pub async fn run(
 async fn reload(path: &Path, supervisor: &mut Supervisor) -> Result<String, String> {
     let new = config::load(path, Checks::Environment).map_err(|e| e.to_string())?;
     if new.admin_listen != supervisor.config.admin_listen || new.log.format != supervisor.config.log.format {
-        warn!("admin.listen and log.format take effect at the next start");
+        info!("admin.listen and log.format take effect at the next start");
     }
     let level = new.log.level.clone();
     supervisor.apply(new).await.map_err(|e| e.to_string())?;

@@ -57,6 +57,7 @@ pub struct Metrics {
     next_refresh: GaugeVec,
     consecutive_failures: IntGaugeVec,
     valid: IntGaugeVec,
+    paused: IntGaugeVec,
     reloads: IntCounterVec,
     password_errors: IntCounterVec,
 }
@@ -113,6 +114,14 @@ impl Metrics {
                 customer,
             )
             .unwrap(),
+            paused: IntGaugeVec::new(
+                Opts::new(
+                    "magento_token_paused",
+                    "1 while the customer is paused after repeated 401s (its password is probably wrong).",
+                ),
+                customer,
+            )
+            .unwrap(),
             reloads: IntCounterVec::new(
                 Opts::new("magento_token_config_reloads_total", "Configuration reloads (SIGHUP) by result."),
                 &["result"],
@@ -132,7 +141,7 @@ impl Metrics {
             IntGaugeVec::new(Opts::new("magento_token_build_info", "Always 1; the version is a label."), &["version"])
                 .unwrap();
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        let collectors: [Box<dyn prometheus::core::Collector>; 11] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 12] = [
             Box::new(m.refresh_total.clone()),
             Box::new(m.refresh_duration.clone()),
             Box::new(m.expiry.clone()),
@@ -140,6 +149,7 @@ impl Metrics {
             Box::new(m.next_refresh.clone()),
             Box::new(m.consecutive_failures.clone()),
             Box::new(m.valid.clone()),
+            Box::new(m.paused.clone()),
             Box::new(m.reloads.clone()),
             Box::new(m.password_errors.clone()),
             Box::new(build_info),
@@ -154,16 +164,18 @@ impl Metrics {
         m
     }
 
-    /// Creates every series of `customer` at 0.
+    /// Creates every series of `customer` at 0; series that exist (a customer restarted by a
+    /// reload) keep their values.
     pub fn add_customer(&self, customer: &str) {
         for outcome in Outcome::ALL {
             self.refresh_total.with_label_values(&[customer, outcome.as_str()]);
         }
         for g in [&self.expiry, &self.last_success, &self.next_refresh] {
-            g.with_label_values(&[customer]).set(0.0);
+            g.with_label_values(&[customer]);
         }
-        self.consecutive_failures.with_label_values(&[customer]).set(0);
-        self.valid.with_label_values(&[customer]).set(0);
+        self.consecutive_failures.with_label_values(&[customer]);
+        self.valid.with_label_values(&[customer]);
+        self.paused.with_label_values(&[customer]);
         self.password_errors.with_label_values(&[customer]);
     }
 
@@ -177,6 +189,7 @@ impl Metrics {
         }
         let _ = self.consecutive_failures.remove_label_values(&[customer]);
         let _ = self.valid.remove_label_values(&[customer]);
+        let _ = self.paused.remove_label_values(&[customer]);
         let _ = self.password_errors.remove_label_values(&[customer]);
     }
 
@@ -205,6 +218,10 @@ impl Metrics {
 
     pub fn valid(&self, customer: &str, valid: bool) {
         self.valid.with_label_values(&[customer]).set(i64::from(valid));
+    }
+
+    pub fn paused(&self, customer: &str, paused: bool) {
+        self.paused.with_label_values(&[customer]).set(i64::from(paused));
     }
 
     pub fn password_error(&self, customer: &str) {

@@ -124,21 +124,19 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    /// Registers `name` on the board and creates its metric series at 0.
+    /// Registers `name` on the board and creates its metric series at 0. A customer restarted
+    /// by a reload keeps what is known of it (its token on disk is still there).
     pub fn new(name: &str, board: Board, metrics: Arc<Metrics>) -> Reporter {
         metrics.add_customer(name);
         board.with(|m| {
-            m.insert(
-                name.to_owned(),
-                Entry {
-                    state: State::Starting,
-                    expires_at: None,
-                    last_success_at: None,
-                    next_refresh_at: None,
-                    consecutive_failures: 0,
-                    last_error: None,
-                },
-            )
+            m.entry(name.to_owned()).and_modify(|e| e.state = State::Starting).or_insert(Entry {
+                state: State::Starting,
+                expires_at: None,
+                last_success_at: None,
+                next_refresh_at: None,
+                consecutive_failures: 0,
+                last_error: None,
+            });
         });
         Reporter { name: name.to_owned(), board, metrics }
     }
@@ -172,6 +170,7 @@ impl Reporter {
 
     pub fn planned(&self, state: State, at: Option<SystemTime>) {
         self.metrics.next_refresh(&self.name, at);
+        self.metrics.paused(&self.name, state == State::Paused);
         self.update(|e| {
             e.state = state;
             e.next_refresh_at = at;

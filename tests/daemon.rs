@@ -152,7 +152,13 @@ async fn wrong_passwords_are_bounded_and_never_lock_the_account() {
     let mut d = w.start();
     let start = std::time::Instant::now();
     let mut max_failures = 0;
+    let mut seen_paused = false;
     while start.elapsed() < 12 * SEC {
+        if !seen_paused && w.server.login_attempts(ALICE.1) == 3 {
+            // After the third 401 in a row the customer pauses, and the metric says so.
+            d.wait_metric(&series("magento_token_paused", "alice"), 1.0, 2 * SEC).await;
+            seen_paused = true;
+        }
         assert!(!w.server.is_locked(ALICE.1), "Magento locked the account");
         max_failures = max_failures.max(w.server.failures(ALICE.1));
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -161,6 +167,7 @@ async fn wrong_passwords_are_bounded_and_never_lock_the_account() {
     let attempts = w.server.login_attempts(ALICE.1);
     assert!((4..=5).contains(&attempts), "{attempts} attempts in 12 s");
     assert!(max_failures <= 3, "Magento counted {max_failures} failures in a row");
+    assert!(seen_paused);
     assert_eq!(d.metric(&refreshes("alice", "auth_failure")).await, Some(attempts as f64));
     let (_, status) = d.get("/status").await.unwrap();
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
