@@ -13,11 +13,12 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::{self, Checks, Config, CustomerConfig};
+use crate::config::{self, Checks, Config, CustomerConfig, PasswordError};
 use crate::logging::Logging;
 use crate::magento::{Client, ClientError, LoginError};
 use crate::metrics::{Metrics, Outcome};
-use crate::schedule;
+use crate::schedule::{self, AuthState};
+use crate::secret::Secret;
 use crate::signals::Signal;
 use crate::sink;
 use crate::status::{Board, Reporter};
@@ -204,16 +205,42 @@ async fn reload(path: &Path, supervisor: &mut Supervisor) -> Result<String, Stri
     Ok(level)
 }
 
+/// Why `once` wrote no token for a customer.
+#[derive(Debug, thiserror::Error)]
+pub enum OnceFailure {
+    #[error("{0}")]
+    Password(#[from] PasswordError),
+    #[error("{0}")]
+    Login(#[from] LoginError),
+    /// Earlier 401s are recorded for this customer: trying again now could lock the account.
+    #[error("not trying: Magento refused this customer {in_a_row} time(s) in a row, last at {last}; to keep clear of its lock the next try waits until {next}")]
+    HeldBack { in_a_row: u32, last: String, next: String },
+}
+
+impl OnceFailure {
+    /// A word for the log line: the login's `result` class, or what kept it from being sent.
+    pub fn class(&self) -> &'static str {
+        match self {
+            OnceFailure::Password(_) => "password_error",
+            OnceFailure::Login(e) => e.outcome.as_str(),
+            OnceFailure::HeldBack { .. } => "held_back",
+        }
+    }
+}
+
 /// The outcome of `once` for one customer.
 pub struct OnceResult {
     pub customer: String,
     pub path: PathBuf,
-    pub outcome: Result<SystemTime, LoginError>,
+    /// When the written token expires.
+    pub outcome: Result<SystemTime, OnceFailure>,
 }
 
 /// Logs every customer in once and writes the files, retrying transient failures until
-/// `timeout` has passed (a 401 is never retried: Magento's lock). Returns one result per
-/// customer, in the configured order.
+/// `timeout` has passed. A 401 is never retried, and a customer whose recorded 401s (see
+/// [`sink::AuthLedger`]) call for a wait is not tried at all: an init container restarted by
+/// the kubelet must not walk into Magento's lock. Returns one result per customer, in the
+/// configured order.
 pub async fn once(config: &Config, timeout: Duration) -> Result<Vec<OnceResult>, ClientError> {
     let client = Client::new(&config.magento)?;
     let logins = Arc::new(Semaphore::new(config.refresh.max_concurrent_logins));
@@ -223,22 +250,7 @@ pub async fn once(config: &Config, timeout: Duration) -> Result<Vec<OnceResult>,
         let (client, logins, refresh) = (client.clone(), logins.clone(), config.refresh.clone());
         let (format, mode) = (config.output.format, config.output.mode);
         tasks.spawn(async move {
-            let mut failures = 0;
-            let outcome = loop {
-                let attempt = once_attempt(&client, &logins, &customer, &refresh, format, mode).await;
-                match attempt {
-                    Err(e) if !matches!(e.outcome, Outcome::AuthFailure) => {
-                        failures += 1;
-                        let wait = schedule::backoff(failures, &refresh, e.retry_after, rand::thread_rng().gen());
-                        if Instant::now() + wait >= deadline {
-                            break Err(e);
-                        }
-                        warn!(customer = %customer.name, result = e.outcome.as_str(), error = %e.message, "login failed: retrying");
-                        tokio::time::sleep(wait).await;
-                    }
-                    other => break other,
-                }
-            };
+            let outcome = once_customer(&client, &logins, &customer, &refresh, format, mode, deadline).await;
             (i, OnceResult { customer: customer.name.clone(), path: customer.path.clone(), outcome })
         });
     }
@@ -251,31 +263,84 @@ pub async fn once(config: &Config, timeout: Duration) -> Result<Vec<OnceResult>,
     if let Err(e) = sink::sync_directory(&config.output.dir) {
         for r in results.iter_mut().flatten() {
             if r.outcome.is_ok() {
-                r.outcome = Err(LoginError {
-                    outcome: Outcome::WriteError,
-                    message: format!("cannot sync {}: {e}", config.output.dir.display()),
-                    retry_after: None,
-                });
+                let message = format!("cannot sync {}: {e}", config.output.dir.display());
+                r.outcome = Err(LoginError { outcome: Outcome::WriteError, message, retry_after: None }.into());
             }
         }
     }
     Ok(results.into_iter().flatten().collect())
 }
 
-async fn once_attempt(
+async fn once_customer(
     client: &Client,
     logins: &Semaphore,
     customer: &CustomerConfig,
     refresh: &config::RefreshSettings,
     format: config::Format,
     mode: u32,
+    deadline: Instant,
+) -> Result<SystemTime, OnceFailure> {
+    let recorded = sink::read_ledger(&customer.path, &customer.username);
+    let mut auth = recorded.map_or_else(AuthState::default, |l| {
+        AuthState::from_ledger(l.in_a_row, l.chain, token::from_unix(l.last_failure))
+    });
+    if let Some(next) = auth.wait(refresh).until().filter(|at| *at > SystemTime::now()) {
+        return Err(OnceFailure::HeldBack {
+            in_a_row: auth.in_a_row,
+            last: auth.last_failure.map(sink::rfc3339).unwrap_or_default(),
+            next: sink::rfc3339(next),
+        });
+    }
+    let password = customer.password.read()?;
+    let mut failures = 0;
+    loop {
+        match once_attempt(client, logins, customer, &password, refresh, format, mode).await {
+            Ok(expires_at) => {
+                if auth != AuthState::default() {
+                    sink::remove_ledger(&customer.path);
+                }
+                return Ok(expires_at);
+            }
+            Err(e) if e.outcome == Outcome::AuthFailure => {
+                let now = SystemTime::now();
+                auth.record_failure(now, refresh);
+                let ledger = sink::AuthLedger {
+                    username: customer.username.clone(),
+                    in_a_row: auth.in_a_row,
+                    chain: auth.chain,
+                    last_failure: token::unix(now),
+                };
+                if let Err(write) = sink::write_ledger(&customer.path, &ledger) {
+                    warn!(customer = %customer.name, error = %write, "cannot record the 401 beside the token file");
+                }
+                return Err(e.into());
+            }
+            Err(e) => {
+                failures += 1;
+                let wait = schedule::backoff(failures, refresh, e.retry_after, rand::thread_rng().gen());
+                if Instant::now() + wait >= deadline {
+                    return Err(e.into());
+                }
+                warn!(customer = %customer.name, result = e.outcome.as_str(), error = %e.message, "login failed: retrying");
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+async fn once_attempt(
+    client: &Client,
+    logins: &Semaphore,
+    customer: &CustomerConfig,
+    password: &Secret,
+    refresh: &config::RefreshSettings,
+    format: config::Format,
+    mode: u32,
 ) -> Result<SystemTime, LoginError> {
     let fail = |outcome, message: String| LoginError { outcome, message, retry_after: None };
-    // An unreadable password will not fix itself within a single pass: like a 401, no retry.
-    let password = customer.password.read().map_err(|e| fail(Outcome::AuthFailure, e.to_string()))?;
     let permit = logins.acquire().await.expect("the semaphore is never closed");
     let started = SystemTime::now();
-    let token = client.login(&customer.token_url(), &customer.username, &password).await?;
+    let token = client.login(&customer.token_url(), &customer.username, password).await?;
     drop(permit);
     let expiry = token::expiry(&token, started, refresh.default_lifetime)
         .map_err(|e| fail(Outcome::InvalidResponse, e.to_string()))?;

@@ -68,7 +68,10 @@ fn main() -> ExitCode {
         // The server answers many clients at once in benchmarks: every core.
         Command::Devserver(_) => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
         // The daemon mostly sleeps: one thread is plenty, and the cheapest.
-        _ => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        _ => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .max_blocking_threads(std::env::var("MBT").ok().and_then(|v| v.parse().ok()).unwrap_or(512))
+            .build(),
     };
     let runtime = match runtime {
         Ok(rt) => rt,
@@ -209,7 +212,7 @@ async fn once(config: Config, timeout: Duration) -> u8 {
             ),
             Err(e) => {
                 failed += 1;
-                error!(customer = %r.customer, result = e.outcome.as_str(), error = %e.message, "no token written");
+                error!(customer = %r.customer, result = e.class(), error = %e, "no token written");
             }
         }
     }

@@ -139,6 +139,40 @@ pub fn read_existing(path: &Path) -> Option<OnDisk> {
     Some(OnDisk { token, expires_at, modified: meta.modified().ok()? })
 }
 
+/// The record of a customer's recent 401s, kept beside its token file as `.<file>.auth`, so a
+/// restarted process (a crash loop, an init container's `once` retried by the kubelet, a worker
+/// restarted by a reload) does not forget them and walk into Magento's lock. Removed after a
+/// success. It holds counts and a time, never a password.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthLedger {
+    pub username: String,
+    pub in_a_row: u32,
+    pub chain: u32,
+    /// Unix seconds of the last 401.
+    pub last_failure: i64,
+}
+
+pub fn ledger_path(token_path: &Path) -> std::path::PathBuf {
+    let name = token_path.file_name().and_then(|n| n.to_str()).unwrap_or("token");
+    parent(token_path).join(format!(".{name}.auth"))
+}
+
+/// The ledger of `username`'s 401s for this token file, if any (another username's is ignored).
+pub fn read_ledger(token_path: &Path, username: &str) -> Option<AuthLedger> {
+    let bytes = std::fs::read(ledger_path(token_path)).ok()?;
+    let ledger: AuthLedger = serde_json::from_slice(&bytes).ok()?;
+    (ledger.username == username).then_some(ledger)
+}
+
+pub fn write_ledger(token_path: &Path, ledger: &AuthLedger) -> io::Result<()> {
+    let bytes = serde_json::to_vec(ledger).expect("a ledger always serializes");
+    write_atomic(&ledger_path(token_path), 0o600, &bytes, true)
+}
+
+pub fn remove_ledger(token_path: &Path) {
+    let _ = std::fs::remove_file(ledger_path(token_path));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,6 +236,27 @@ mod tests {
             std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         left.sort();
         assert_eq!(left, [".alice..tmp", ".bob.x.tmp", "alice", "alice.tmp"]);
+    }
+
+    #[test]
+    fn the_auth_ledger_round_trips_per_username() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alice");
+        assert_eq!(read_ledger(&path, "a@x"), None);
+        let ledger = AuthLedger { username: "a@x".into(), in_a_row: 2, chain: 3, last_failure: 1_700_000_000 };
+        write_ledger(&path, &ledger).unwrap();
+        assert_eq!(ledger_path(&path), dir.path().join(".alice.auth"));
+        assert_eq!(mode_of(&ledger_path(&path)), 0o600);
+        assert_eq!(read_ledger(&path, "a@x"), Some(ledger));
+        assert_eq!(read_ledger(&path, "b@x"), None);
+        // The stale-temporary sweep leaves it alone.
+        assert_eq!(remove_stale_temporaries(&path), 0);
+        remove_ledger(&path);
+        assert_eq!(read_ledger(&path, "a@x"), None);
+    }
+
+    fn mode_of(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
     }
 
     #[test]

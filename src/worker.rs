@@ -99,7 +99,11 @@ impl Worker {
             if removed > 0 {
                 info!(removed, "removed temporary files left by an earlier run");
             }
+            self.restore_ledger();
             let mut next = self.start(adopt).await;
+            if let Some(t) = self.auth.wait(&self.shared.refresh).until() {
+                next = next.max(t);
+            }
             loop {
                 let state = match self.auth.wait(&self.shared.refresh) {
                     AuthWait::Paused(_) => State::Paused,
@@ -140,6 +144,20 @@ impl Worker {
         }
         .instrument(span)
         .await
+    }
+
+    /// Takes back the 401s an earlier process (or this customer's previous worker) recorded.
+    fn restore_ledger(&mut self) {
+        let Some(ledger) = sink::read_ledger(&self.customer.path, &self.customer.username) else { return };
+        self.auth = AuthState::from_ledger(ledger.in_a_row, ledger.chain, token::from_unix(ledger.last_failure));
+        // Which password failed is not recorded (no trace of a password is ever written): take
+        // the one configured now, so that a change from here on is tried at once.
+        self.failed_password = self.customer.password.read().ok();
+        info!(
+            failures_in_a_row = ledger.in_a_row,
+            last_failure = %sink::rfc3339(token::from_unix(ledger.last_failure)),
+            "remembering the 401s recorded before this start"
+        );
     }
 
     /// Looks at the token an earlier run left; returns when to log in.
@@ -250,6 +268,9 @@ impl Worker {
         });
         match result {
             Ok(obtained) => {
+                if self.auth != AuthState::default() {
+                    sink::remove_ledger(&self.customer.path);
+                }
                 self.auth.record_success();
                 self.failed_password = None;
                 Some(self.write(obtained, Some(took)).await)
@@ -323,6 +344,16 @@ impl Worker {
         let duration_ms = took.as_millis() as u64;
         if e.outcome == Outcome::AuthFailure {
             self.auth.record_failure(now, &r);
+            let ledger = sink::AuthLedger {
+                username: self.customer.username.clone(),
+                in_a_row: self.auth.in_a_row,
+                chain: self.auth.chain,
+                last_failure: token::unix(now),
+            };
+            // Rare and small: written in place rather than on the blocking pool.
+            if let Err(e) = sink::write_ledger(&self.customer.path, &ledger) {
+                warn!(error = %e, "cannot record the 401 beside the token file: a restart would forget it");
+            }
             self.failed_password = Some(password);
             let wait = self.auth.wait(&r);
             let next = wait.until().unwrap_or(now);

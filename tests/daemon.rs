@@ -294,6 +294,14 @@ async fn once_and_check_exit_codes() {
     assert!(w.read_token("alice").is_some());
     assert_eq!(w.server.login_attempts(BOB.1), 2, "one try in the first run, one in this");
 
+    // Run again at once, as the kubelet restarts a failed init container: the recorded 401 holds
+    // bob back (no request at all), alice is logged in again.
+    let (code, _, err) = run_async(vec!["once".into(), "--config".into(), config.clone()]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("held_back") && err.contains("refused this customer 1 time(s)"), "{err}");
+    assert_eq!(w.server.login_attempts(BOB.1), 2, "no login while held back");
+    assert_eq!(w.server.login_attempts(ALICE.1), 3);
+
     // A password file gone: check and once both exit 2 naming the key.
     std::fs::remove_file(w.secret_path("bob")).unwrap();
     for command in ["check", "once", "run"] {
@@ -402,4 +410,43 @@ async fn no_password_or_token_in_any_log_line() {
         .unwrap();
     assert_eq!(success["span"]["customer"], "alice");
     assert!(success["expires_at"].is_string() && success["duration_ms"].is_number(), "{success}");
+}
+
+/// A restarted process remembers the 401s of the one before (a crash loop must not walk into
+/// Magento's lock), and still tries a corrected password at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recorded_401s_survive_a_restart() {
+    let w = World::with_customers(&[ALICE]).await;
+    w.set_password("alice", "typo");
+    w.write_config(&w.config_text(&[(ALICE.0, ALICE.1)], "  auth_failure_delays: [30s]\n", ""));
+    let mut d = w.start();
+    wait_for(10 * SEC, "the first 401", || async { (w.server.login_attempts(ALICE.1) == 1).then_some(()) }).await;
+    wait_for(5 * SEC, "the ledger", || async { w.token_path(".alice.auth").exists().then_some(()) }).await;
+    d.signal("KILL");
+    d.wait_exit(5 * SEC).await;
+
+    let d = w.start();
+    wait_for(10 * SEC, "the restart", || async { d.logs().contains("remembering the 401s").then_some(()) }).await;
+    tokio::time::sleep(2 * SEC).await;
+    assert_eq!(w.server.login_attempts(ALICE.1), 1, "no immediate retry of the same password");
+    let (_, status) = d.get("/status").await.unwrap();
+    assert!(status.contains("auth_backoff"), "{status}");
+
+    w.set_password("alice", ALICE.2);
+    let token = w.wait_token("alice", None, 6 * SEC).await;
+    assert_eq!(w.server.check_token(&token).as_deref(), Some(ALICE.1));
+    assert_eq!(w.server.login_attempts(ALICE.1), 2);
+    wait_for(5 * SEC, "the ledger to go", || async { (!w.token_path(".alice.auth").exists()).then_some(()) }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_port_in_use_exits_1() {
+    let w = World::with_customers(&[ALICE]).await;
+    let busy = std::net::TcpListener::bind(("127.0.0.1", w.admin_port)).unwrap();
+    w.write_config(&w.config_text(&[(ALICE.0, ALICE.1)], "", ""));
+    let mut d = w.start();
+    let status = d.wait_exit(10 * SEC).await;
+    assert_eq!(status.code(), Some(1));
+    assert!(d.logs().contains("cannot listen on admin.listen"), "{}", d.logs());
+    drop(busy);
 }

@@ -137,7 +137,8 @@ async fn clock_offset_and_lifetime() {
 
 #[tokio::test]
 async fn customers_me_accepts_and_refuses() {
-    let s = server(DevServerOptions { token_lifetime: Duration::from_secs(1), ..Default::default() }).await;
+    // Whole seconds: a token minted late in a second has a little over 2 s of life.
+    let s = server(DevServerOptions { token_lifetime: Duration::from_secs(3), ..Default::default() }).await;
     let t = token(&s, "alice@example.com", "secret-a").await;
     let a = me(&s, &t).await;
     assert_eq!(a.status, 200);
@@ -167,8 +168,8 @@ async fn customers_me_accepts_and_refuses() {
     let a = send(client().get(format!("{}{PATH_ME}", s.base_url()))).await;
     assert_eq!(a.status, 401);
     assert_eq!(a.json(), unauthorized_body());
-    // Expiry (lifetime 1 s).
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // Expiry (lifetime 3 s).
+    tokio::time::sleep(Duration::from_millis(4100)).await;
     assert_eq!(me(&s, &t).await.status, 401);
     assert_eq!(s.check_token(&t), None);
 }
