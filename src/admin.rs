@@ -30,7 +30,7 @@ pub struct Admin {
 
 pub fn router(admin: Admin) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
@@ -49,9 +49,9 @@ pub async fn serve(
 async fn readyz(State(admin): State<Admin>) -> Response {
     let missing = admin.board.not_ready(SystemTime::now());
     if missing.is_empty() {
-        (StatusCode::OK, "ready\n").into_response()
+        (StatusCode::OK, "ready").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("no valid token yet: {}\n", missing.join(", "))).into_response()
+        (StatusCode::SERVICE_UNAVAILABLE, format!("no valid token yet: {}", missing.join(", "))).into_response()
     }
 }
 

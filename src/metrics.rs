@@ -58,6 +58,7 @@ pub struct Metrics {
     consecutive_failures: IntGaugeVec,
     valid: IntGaugeVec,
     paused: IntGaugeVec,
+    clock_skew: IntGaugeVec,
     reloads: IntCounterVec,
     password_errors: IntCounterVec,
 }
@@ -122,6 +123,14 @@ impl Metrics {
                 customer,
             )
             .unwrap(),
+            clock_skew: IntGaugeVec::new(
+                Opts::new(
+                    "magento_token_clock_skew_seconds",
+                    "Magento's clock minus ours, from the last JWT's iat, when more than a minute apart (else 0).",
+                ),
+                customer,
+            )
+            .unwrap(),
             reloads: IntCounterVec::new(
                 Opts::new("magento_token_config_reloads_total", "Configuration reloads (SIGHUP) by result."),
                 &["result"],
@@ -141,7 +150,7 @@ impl Metrics {
             IntGaugeVec::new(Opts::new("magento_token_build_info", "Always 1; the version is a label."), &["version"])
                 .unwrap();
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        let collectors: [Box<dyn prometheus::core::Collector>; 12] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 13] = [
             Box::new(m.refresh_total.clone()),
             Box::new(m.refresh_duration.clone()),
             Box::new(m.expiry.clone()),
@@ -150,6 +159,7 @@ impl Metrics {
             Box::new(m.consecutive_failures.clone()),
             Box::new(m.valid.clone()),
             Box::new(m.paused.clone()),
+            Box::new(m.clock_skew.clone()),
             Box::new(m.reloads.clone()),
             Box::new(m.password_errors.clone()),
             Box::new(build_info),
@@ -176,6 +186,7 @@ impl Metrics {
         self.consecutive_failures.with_label_values(&[customer]);
         self.valid.with_label_values(&[customer]);
         self.paused.with_label_values(&[customer]);
+        self.clock_skew.with_label_values(&[customer]);
         self.password_errors.with_label_values(&[customer]);
     }
 
@@ -190,6 +201,7 @@ impl Metrics {
         let _ = self.consecutive_failures.remove_label_values(&[customer]);
         let _ = self.valid.remove_label_values(&[customer]);
         let _ = self.paused.remove_label_values(&[customer]);
+        let _ = self.clock_skew.remove_label_values(&[customer]);
         let _ = self.password_errors.remove_label_values(&[customer]);
     }
 
@@ -222,6 +234,10 @@ impl Metrics {
 
     pub fn paused(&self, customer: &str, paused: bool) {
         self.paused.with_label_values(&[customer]).set(i64::from(paused));
+    }
+
+    pub fn clock_skew(&self, customer: &str, seconds: i64) {
+        self.clock_skew.with_label_values(&[customer]).set(seconds);
     }
 
     pub fn password_error(&self, customer: &str) {

@@ -307,6 +307,7 @@ impl Worker {
                     );
                 }
                 self.report.success(now, obtained.expiry.expires_at, took);
+                self.report.metrics().clock_skew(&self.customer.name, obtained.expiry.skew.unwrap_or(0));
                 let next = schedule::next_refresh(
                     now,
                     obtained.expiry.expires_at,
