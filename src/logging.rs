@@ -28,7 +28,11 @@ pub fn init(format: LogFormat, level: &str) -> Logging {
             .with_span_list(false)
             .with_writer(std::io::stderr)
             .boxed(),
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
+        // Colours only for a person at a terminal, not in a container's log file.
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+            .boxed(),
     };
     // A second init (as in tests that run several daemons in one process) keeps the first.
     let _ = tracing_subscriber::registry().with(filter_layer).with(fmt_layer).try_init();
