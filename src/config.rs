@@ -1,8 +1,7 @@
 //! The configuration file: serde types, defaults, loading and validation.
 //!
-//! Loading happens in two passes. Parsing (serde_yaml through serde_path_to_error) stops at the
-//! first syntax error, wrong type or unknown key and reports it with its key path, line and
-//! column. Validation then looks at the whole parsed file and reports *every* problem at once,
+//! Loading happens in two passes. Parsing (serde_yaml) stops at the first syntax error, wrong
+//! type or unknown key and reports it with its key path, line and column. Validation then looks at the whole parsed file and reports *every* problem at once,
 //! each with its key path, so an operator fixes a file in one round trip.
 //!
 //! [`Config`] is the validated result the rest of the crate works with: every customer's
@@ -448,26 +447,41 @@ pub fn parse(text: &str, checks: Checks) -> Result<Config, Vec<Problem>> {
             ),
         }]);
     }
-    let raw: RawConfig = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(text)).map_err(|e| {
-        let path = e.path().to_string();
-        let path = if path == "." { String::new() } else { path };
-        vec![Problem { path, message: e.into_inner().to_string() }]
-    })?;
+    // serde_yaml's message already starts with the key path and ends with line and column.
+    let raw: RawConfig =
+        serde_yaml::from_str(text).map_err(|e| vec![Problem { path: String::new(), message: e.to_string() }])?;
     validate(raw, checks)
 }
 
 /// The line of an unquoted numeric `mode:` value. serde_yaml hands `0600` over as the string
 /// "0600" while other YAML readers (Helm's, Python's) see the number 384: the contract refuses
 /// the ambiguity, and only the text shows whether the value was quoted. `mode` is a key of
-/// `output` alone (anywhere else it is an unknown key, refused anyway).
+/// `output` alone (anywhere else it is an unknown key, refused anyway); it may stand at the start
+/// of a line or inside a flow mapping (`output: {dir: /x, mode: 0600}`).
 fn bare_number_mode(text: &str) -> Option<usize> {
     text.lines()
         .position(|line| {
-            line.trim_start().strip_prefix("mode:").is_some_and(|value| {
-                value.trim_start().starts_with(|c: char| c.is_ascii_digit() || c == '+' || c == '-')
+            let line = line.split(" #").next().unwrap_or(line);
+            line.match_indices("mode:").any(|(at, _)| {
+                let before = line[..at].trim_end().chars().last();
+                let key_starts = matches!(before, None | Some('{' | ',' | '-'));
+                let value = line[at + "mode:".len()..].trim_start();
+                key_starts && value.starts_with(|c: char| c.is_ascii_digit() || c == '+' || c == '-')
             })
         })
         .map(|i| i + 1)
+}
+
+/// Whether `level` is a log level, or a filter made of `target=level` directives. A bare word
+/// that is not a level would be read as a target name and silence every log line.
+fn valid_log_level(level: &str) -> bool {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    !level.trim().is_empty()
+        && tracing_subscriber::EnvFilter::builder().parse(level).is_ok()
+        && level.split(',').all(|d| {
+            let d = d.trim();
+            d.contains('=') || LEVELS.iter().any(|l| l.eq_ignore_ascii_case(d))
+        })
 }
 
 fn validate(raw: RawConfig, checks: Checks) -> Result<Config, Vec<Problem>> {
@@ -545,10 +559,13 @@ fn validate(raw: RawConfig, checks: Checks) -> Result<Config, Vec<Problem>> {
         },
     };
 
-    if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&raw.log.level) {
+    if !valid_log_level(&raw.log.level) {
         v.problem(
             "log.level",
-            format!("{:?} is not a log level or filter ({e}); use e.g. \"info\" or \"debug\"", raw.log.level),
+            format!(
+                "{:?} is not a log level (off, error, warn, info, debug, trace) or a filter like \"info,reqwest=debug\"",
+                raw.log.level
+            ),
         );
     }
 
@@ -556,17 +573,36 @@ fn validate(raw: RawConfig, checks: Checks) -> Result<Config, Vec<Problem>> {
         v.problem("customers", "at least one customer is required".into());
     }
     let mut names = HashSet::new();
+    let mut usernames = std::collections::HashMap::new();
     let mut files = HashSet::new();
     let mut customers = Vec::new();
     for (i, c) in raw.customers.iter().enumerate() {
         let at = |key: &str| format!("customers[{i}].{key}");
         if !valid_name(&c.name) {
             v.problem(&at("name"), format!("{:?} must be 1 to 64 characters of A-Z a-z 0-9 _ . -", c.name));
+        } else if c.name.starts_with('.') {
+            v.problem(
+                &at("name"),
+                format!(
+                    "{:?} must not start with '.' (it names the token file; such names are kept for temporary files)",
+                    c.name
+                ),
+            );
         } else if !names.insert(c.name.clone()) {
             v.problem(&at("name"), format!("{:?} is used by another customer", c.name));
         }
         if c.username.trim().is_empty() {
             v.problem(&at("username"), "must not be empty".into());
+        } else if let Some(first) = usernames.insert(c.username.to_lowercase(), i) {
+            // Magento counts failed logins per username, whatever the store view, ignoring case:
+            // two entries would spend one lockout budget twice.
+            v.problem(
+                &at("username"),
+                format!(
+                    "{:?} is customers[{first}]'s username too: Magento counts failed logins per username, so two entries could lock it out together; keep one entry per username",
+                    c.username
+                ),
+            );
         }
         let password = match (&c.password_file, &c.password_env) {
             (Some(path), None) => Some(PasswordSource::File(path.clone())),
@@ -841,6 +877,10 @@ customers:
             assert!(p[0].starts_with("output.mode: "), "{p:?}");
             assert!(p[0].contains("quoted octal string"), "{p:?}");
         }
+        let flow = MINIMAL.replace("output:\n  dir: /tmp", "output: {dir: /tmp, mode: 0600}");
+        assert!(problems(&flow)[0].starts_with("output.mode: "));
+        let quoted = MINIMAL.replace("output:\n  dir: /tmp", "output: {dir: /tmp, mode: \"0600\"}");
+        assert_eq!(parse(&quoted, Checks::Static).unwrap().output.mode, 0o600);
         let p = problems(&MINIMAL.replace("  dir: /tmp", "  dir: /tmp\n  mode: \"1777\""));
         assert!(p[0].contains("between \"0000\" and \"0777\""), "{p:?}");
         let c = parse(&MINIMAL.replace("  dir: /tmp", "  dir: /tmp\n  mode: \"0640\""), Checks::Static).unwrap();
@@ -907,6 +947,30 @@ customers:
             assert!(p.iter().any(|line| line.starts_with(e)), "missing {e:?} in {p:#?}");
         }
         assert_eq!(p.len(), expect.len(), "{p:#?}");
+    }
+
+    #[test]
+    fn one_entry_per_username_and_no_hidden_names() {
+        let yaml = format!(
+            "{MINIMAL}  - name: alice-de\n    username: Alice@Example.com\n    password_env: A\n    store_code: de\n  - name: .hidden\n    username: h\n    password_env: H\n"
+        );
+        let p = problems(&yaml);
+        assert!(
+            p[0].starts_with("customers[1].username: \"Alice@Example.com\" is customers[0]'s username too"),
+            "{p:?}"
+        );
+        assert!(p[1].starts_with("customers[2].name: \".hidden\" must not start with '.'"), "{p:?}");
+        assert_eq!(p.len(), 2, "{p:?}");
+    }
+
+    #[test]
+    fn log_levels_are_levels_or_filters() {
+        for ok in ["info", "DEBUG", "warn,reqwest=debug", "magento_token_sidecar=trace", "off"] {
+            assert!(valid_log_level(ok), "{ok}");
+        }
+        for bad in ["", "inf", "verbose", "warning", "[", "info,chatty"] {
+            assert!(!valid_log_level(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -294,7 +294,21 @@ async fn once_customer(
     let password = customer.password.read()?;
     let mut failures = 0;
     loop {
-        match once_attempt(client, logins, customer, &password, refresh, format, mode).await {
+        // The deadline bounds the wait for a login slot and the request too, not only the
+        // pauses between attempts. A write, once started, is left to finish.
+        let attempt = tokio::time::timeout_at(
+            deadline.into(),
+            once_attempt(client, logins, customer, &password, refresh, format, mode),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(LoginError {
+                outcome: Outcome::NetworkError,
+                message: "no answer before the end of --timeout".into(),
+                retry_after: None,
+            })
+        });
+        match attempt {
             Ok(expires_at) => {
                 if auth != AuthState::default() {
                     sink::remove_ledger(&customer.path);
@@ -315,6 +329,9 @@ async fn once_customer(
                 }
                 return Err(e.into());
             }
+            // A broken output directory will not mend within one pass, and another login would
+            // only make Magento mint another token.
+            Err(e) if e.outcome == Outcome::WriteError => return Err(e.into()),
             Err(e) => {
                 failures += 1;
                 let wait = schedule::backoff(failures, refresh, e.retry_after, rand::thread_rng().gen());

@@ -258,7 +258,7 @@ async fn run_demo() -> u8 {
     println!(
         "\nmagento-token-sidecar demo\n\
          \n  Magento-compatible server  {base}  (alice@example.com, bob@example.com; tokens live {life})\
-         \n  token files                {tokens}/alice (raw), {tokens}/bob.json (json)\
+         \n  token files                {tokens}/alice, {tokens}/bob.token (the token alone, no newline)\
          \n  status                     http://{admin}/status\
          \n  metrics                    http://{admin}/metrics\
          \n  configuration              {config}  (edit it, then: kill -HUP {pid})\

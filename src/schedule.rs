@@ -13,11 +13,11 @@ use crate::config::RefreshSettings;
 pub const MIN_LOGIN_INTERVAL: Duration = Duration::from_secs(5);
 
 /// When to log in again after obtaining a token at `now` that expires at `expires_at` and
-/// lives `lifetime` in all.
+/// lives `lifetime` in all: `expires_at - before_expiry - random(0, jitter)`.
 ///
-/// The plan is `expires_at - before_expiry - random(0, jitter)`. When `before_expiry` is more
-/// than half the token's lifetime (a store with short-lived tokens), half the lifetime is used
-/// instead, so a fresh token is always used for a while before the next login.
+/// When `before_expiry` is close to (or beyond) the token's lifetime, that would be at once,
+/// every time: the plan is then never sooner than a tenth of the lifetime (and
+/// [`MIN_LOGIN_INTERVAL`]) after this login, so a fresh token is used for a while first.
 pub fn next_refresh(
     now: SystemTime,
     expires_at: SystemTime,
@@ -25,10 +25,9 @@ pub fn next_refresh(
     r: &RefreshSettings,
     random: f64,
 ) -> SystemTime {
-    let lead = r.before_expiry.min(lifetime / 2);
-    let jitter = r.jitter.min(lead / 2).mul_f64(random.clamp(0.0, 1.0));
-    let planned = expires_at.checked_sub(lead + jitter).unwrap_or(now);
-    planned.max(now + MIN_LOGIN_INTERVAL)
+    let jitter = r.jitter.mul_f64(random.clamp(0.0, 1.0));
+    let planned = expires_at.checked_sub(r.before_expiry + jitter).unwrap_or(now);
+    planned.max(now + (lifetime / 10).max(MIN_LOGIN_INTERVAL))
 }
 
 /// Whether a token that expires at `expires_at` is due for a refresh at `now`, i.e. has no more
@@ -188,13 +187,21 @@ mod tests {
     }
 
     #[test]
-    fn short_tokens_are_refreshed_at_half_life() {
+    fn short_tokens_follow_before_expiry_too() {
         let r = settings();
         let now = from_unix(1_000_000);
-        let life = Duration::from_secs(120);
-        assert_eq!(next_refresh(now, now + life, life, &r, 0.0), now + Duration::from_secs(60));
-        // The jitter shrinks with the lead, so the token is still used a while.
-        assert_eq!(next_refresh(now, now + life, life, &r, 1.0), now + Duration::from_secs(30));
+        let life = Duration::from_secs(1200);
+        // 20-minute tokens, 15 minutes before expiry: 5 minutes after the login (less jitter).
+        assert_eq!(next_refresh(now, now + life, life, &r, 0.0), now + Duration::from_secs(300));
+        assert_eq!(next_refresh(now, now + life, life, &r, 1.0), now + Duration::from_secs(240));
+    }
+
+    #[test]
+    fn before_expiry_beyond_the_lifetime_waits_a_tenth_of_it() {
+        let r = settings();
+        let now = from_unix(1_000_000);
+        let life = Duration::from_secs(600);
+        assert_eq!(next_refresh(now, now + life, life, &r, 0.5), now + Duration::from_secs(60));
     }
 
     #[test]
@@ -204,7 +211,7 @@ mod tests {
         let life = Duration::from_secs(2);
         assert_eq!(next_refresh(now, now + life, life, &r, 0.7), now + MIN_LOGIN_INTERVAL);
         // A token that expires now (adopted late, or a clock jump) still waits the floor.
-        assert_eq!(next_refresh(now, now, HOUR, &r, 0.0), now + MIN_LOGIN_INTERVAL);
+        assert_eq!(next_refresh(now, now, HOUR, &r, 0.0), now + HOUR / 10);
     }
 
     #[test]

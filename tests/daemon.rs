@@ -16,11 +16,12 @@ async fn run_async(args: Vec<String>) -> (i32, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_tokens_are_written_whole_private_and_accepted() {
-    let w = World::with_customers(&[ALICE, BOB]).await;
+    let carol = ("carol", "carol@example.com", "carol-pw");
+    let w = World::with_customers(&[ALICE, BOB, carol]).await;
     let extra = format!(
-        "  - name: bob-json\n    username: {}\n    password_file: {}\n    file: bob.json\n",
-        BOB.1,
-        w.secret_path("bob").display()
+        "  - name: carol\n    username: {}\n    password_file: {}\n    file: carol.token\n",
+        carol.1,
+        w.secret_path("carol").display()
     );
     w.write_config(
         &w.config_text(&[(ALICE.0, ALICE.1), (BOB.0, BOB.1)], "", &extra).replace("  dir:", "  format: raw\n  dir:"),
@@ -32,11 +33,11 @@ async fn first_tokens_are_written_whole_private_and_accepted() {
     assert!(!alice.ends_with('\n') && !alice.is_empty());
     assert_eq!(w.server.check_token(&alice).as_deref(), Some(ALICE.1), "Magento accepts alice's token");
     assert_eq!(w.server.check_token(&w.read_token("bob").unwrap()).as_deref(), Some(BOB.1));
-    for file in ["alice", "bob", "bob.json"] {
+    for file in ["alice", "bob", "carol.token"] {
         assert_eq!(mode_of(&w.token_path(file)), 0o600, "{file}");
     }
-    // `file:` overrides the file name (a second entry for bob's account).
-    assert_eq!(w.server.check_token(&w.read_token("bob.json").unwrap()).as_deref(), Some(BOB.1));
+    // `file:` overrides the file name.
+    assert_eq!(w.server.check_token(&w.read_token("carol.token").unwrap()).as_deref(), Some(carol.1));
 
     // What Magento received: one login each, JSON both ways, our User-Agent.
     let logins: Vec<_> = w.server.requests().into_iter().filter(|r| r.path.ends_with("/customer/token")).collect();
@@ -73,7 +74,7 @@ async fn first_tokens_are_written_whole_private_and_accepted() {
     assert!(!body.contains(&alice) && !body.contains(ALICE.2), "no secret in /status");
 
     assert_eq!(d.stop().await.code(), Some(0));
-    assert!(w.stray_files(&["alice", "bob", "bob.json"]).is_empty());
+    assert!(w.stray_files(&["alice", "bob", "carol.token"]).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
