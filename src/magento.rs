@@ -5,6 +5,15 @@
 //! are not followed: the login body carries a password, and a 3xx must never send it to
 //! another host. Bodies are read up to a cap, so a misbehaving proxy cannot make the daemon
 //! buffer megabytes.
+//!
+//! The proxy variables (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, `NO_PROXY`) are honoured,
+//! except for loopback addresses and `localhost`, which always go direct: a proxy could not reach
+//! this pod's loopback, and plain http to loopback (allowed without `allow_insecure_http`) must
+//! not carry a password across the network to a proxy.
+//!
+//! The password is wiped from memory after use: the request body is one zeroizing buffer, handed
+//! to the HTTP stack without a copy; an error message that echoes it (a proxy repeating the
+//! request) has it masked.
 
 use std::fmt;
 use std::time::{Duration, SystemTime};
@@ -45,6 +54,16 @@ impl LoginError {
     fn new(outcome: Outcome, message: impl Into<String>) -> LoginError {
         LoginError { outcome, message: message.into(), retry_after: None }
     }
+
+    /// The error with `secret` masked wherever the answer repeated it (a proxy or a broken store
+    /// echoing the request in its message): error messages go to logs and `/status`.
+    fn masking(mut self, secret: &Secret) -> LoginError {
+        let value = secret.expose();
+        if !value.is_empty() && self.message.contains(value) {
+            self.message = self.message.replace(value, "***");
+        }
+        self
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,12 +76,23 @@ pub enum ClientError {
 
 #[derive(Clone, Debug)]
 pub struct Client {
+    /// Through the proxies of the environment, if any.
     http: reqwest::Client,
+    /// Never through a proxy: for loopback addresses.
+    direct: reqwest::Client,
     settings: MagentoSettings,
 }
 
 impl Client {
     pub fn new(settings: &MagentoSettings) -> Result<Client, ClientError> {
+        Ok(Client {
+            http: Client::builder(settings)?.build()?,
+            direct: Client::builder(settings)?.no_proxy().build()?,
+            settings: settings.clone(),
+        })
+    }
+
+    fn builder(settings: &MagentoSettings) -> Result<reqwest::ClientBuilder, ClientError> {
         let mut builder = reqwest::Client::builder()
             .user_agent(USER_AGENT)
             .timeout(settings.timeout)
@@ -80,7 +110,22 @@ impl Client {
                 builder = builder.add_root_certificate(cert);
             }
         }
-        Ok(Client { http: builder.build()?, settings: settings.clone() })
+        Ok(builder)
+    }
+
+    /// The client for `url`: direct for loopback, else through the environment's proxies.
+    fn for_url(&self, url: &str) -> &reqwest::Client {
+        let loopback = reqwest::Url::parse(url).is_ok_and(|u| match u.host() {
+            Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+            None => false,
+        });
+        if loopback {
+            &self.direct
+        } else {
+            &self.http
+        }
     }
 
     /// Whether `other` was built from the same settings (and so behaves the same).
@@ -95,45 +140,54 @@ impl Client {
             username: &'a str,
             password: &'a str,
         }
-        let body = Zeroizing::new(
-            serde_json::to_vec(&Body { username, password: password.expose() }).expect("two strings always serialize"),
-        );
+        // Room for the JSON at its longest (every character escaped as \uXXXX), so that the
+        // buffer never grows: growing would leave a copy of the password behind, unwiped.
+        let room = 32 + 6 * (username.len() + password.expose().len());
+        let mut body = Zeroizing::new(Vec::with_capacity(room));
+        serde_json::to_writer(&mut *body, &Body { username, password: password.expose() })
+            .expect("two strings always serialize");
         let request = self
-            .http
+            .for_url(url)
             .post(url)
             .header(ACCEPT, "application/json")
             .header(CONTENT_TYPE, "application/json")
-            .body(body.to_vec());
-        let response = request.send().await.map_err(network_error)?;
-        let status = response.status();
-        if status != StatusCode::OK {
-            return Err(error_answer(response).await);
-        }
-        let body = read_body(response, true).await?;
-        parse_token(&body)
+            // The buffer itself, not a copy: wiped when the HTTP stack lets go of it.
+            .body(hyper::body::Bytes::from_owner(body));
+        let answer = async {
+            let response = request.send().await.map_err(network_error)?;
+            if response.status() != StatusCode::OK {
+                return Err(error_answer(response).await);
+            }
+            let body = read_body(response, true).await?;
+            parse_token(&body)
+        };
+        answer.await.map_err(|e| e.masking(password))
     }
 
     /// `GET .../V1/customers/me` with the token: the email of the customer it belongs to.
     pub async fn whoami(&self, url: &str, token: &Secret) -> Result<String, LoginError> {
-        let response = self
-            .http
-            .get(url)
-            .header(ACCEPT, "application/json")
-            .bearer_auth(token.expose())
-            .send()
-            .await
-            .map_err(network_error)?;
-        if response.status() != StatusCode::OK {
-            return Err(error_answer(response).await);
-        }
-        let body = read_body(response, true).await?;
-        let customer: serde_json::Value = serde_json::from_slice(&body)
-            .map_err(|e| LoginError::new(Outcome::InvalidResponse, format!("customers/me: not JSON ({e})")))?;
-        customer
-            .get("email")
-            .and_then(|e| e.as_str())
-            .map(str::to_owned)
-            .ok_or_else(|| LoginError::new(Outcome::InvalidResponse, "customers/me: no email in the answer"))
+        let answer = async {
+            let response = self
+                .for_url(url)
+                .get(url)
+                .header(ACCEPT, "application/json")
+                .bearer_auth(token.expose())
+                .send()
+                .await
+                .map_err(network_error)?;
+            if response.status() != StatusCode::OK {
+                return Err(error_answer(response).await);
+            }
+            let body = read_body(response, true).await?;
+            let customer: serde_json::Value = serde_json::from_slice(&body)
+                .map_err(|e| LoginError::new(Outcome::InvalidResponse, format!("customers/me: not JSON ({e})")))?;
+            customer
+                .get("email")
+                .and_then(|e| e.as_str())
+                .map(str::to_owned)
+                .ok_or_else(|| LoginError::new(Outcome::InvalidResponse, "customers/me: no email in the answer"))
+        };
+        answer.await.map_err(|e| e.masking(token))
     }
 }
 
@@ -178,6 +232,11 @@ fn network_error(e: reqwest::Error) -> LoginError {
         message.push_str(": ");
         message.push_str(&cause.to_string());
         source = cause.source();
+    }
+    if message.contains("certificate") {
+        message.push_str(
+            " (the server's TLS certificate was not accepted: check the host name in base_url; a certificate from a private CA needs that CA's PEM in magento.ca_file)",
+        );
     }
     LoginError::new(Outcome::NetworkError, message)
 }

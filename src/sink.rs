@@ -54,8 +54,11 @@ pub fn render(
     }
 }
 
+/// `2026-11-28T10:00:00Z`. Times outside the years 1970 to 9999 (which humantime cannot
+/// write, and panics on) are shown at the nearer edge: a log line must never bring a worker down.
 pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+    let last = std::time::UNIX_EPOCH + std::time::Duration::from_secs(253_402_300_799);
+    humantime::format_rfc3339_seconds(t.clamp(std::time::UNIX_EPOCH, last)).to_string()
 }
 
 /// Replaces `path` with `content` atomically, with file mode `mode` whatever the umask.
@@ -177,6 +180,14 @@ pub fn remove_ledger(token_path: &Path) {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn times_beyond_what_rfc3339_can_write_do_not_panic() {
+        let epoch = SystemTime::UNIX_EPOCH;
+        assert_eq!(rfc3339(epoch - Duration::from_secs(1)), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(epoch + Duration::from_secs(1 << 40)), "9999-12-31T23:59:59Z");
+        assert_eq!(rfc3339(epoch + Duration::from_secs(1_795_860_000)), "2026-11-28T10:00:00Z");
+    }
 
     #[test]
     fn raw_is_the_token_alone() {

@@ -19,6 +19,11 @@ pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 /// instead: the token's life (`exp - iat`) is then counted from the request's start.
 pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(60);
 
+/// The longest life a token may claim. Magento's lifetimes are minutes or hours; a claim beyond
+/// this is garbage (a proxy's, a broken store's), and taken as it is it would put the next
+/// refresh centuries away and times beyond what can be written down.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
     #[error("the token is empty")]
@@ -29,6 +34,8 @@ pub enum TokenError {
     BadCharacter(usize),
     #[error("the token expired before it arrived (exp is {0} s before the request)")]
     AlreadyExpired(u64),
+    #[error("the token claims to live {0} s, an implausible lifetime (more than 10 years)")]
+    Implausible(u128),
 }
 
 /// Checks that `token` has the form of an RFC 6750 `b64token`: `[A-Za-z0-9._~+/-]+=*`.
@@ -91,27 +98,38 @@ pub struct Expiry {
 /// for an opaque token, `started + default_lifetime`. When `iat` is more than
 /// [`MAX_CLOCK_SKEW`] away from `started`, one of the clocks is wrong and `exp` cannot be
 /// compared with ours: the token's own life (`exp - iat`) is counted from `started` instead.
+/// Claims of any size are taken without overflow; a life beyond [`MAX_LIFETIME`] is refused.
 pub fn expiry(token: &Secret, started: SystemTime, default_lifetime: Duration) -> Result<Expiry, TokenError> {
     let Some(times) = jwt_times(token.expose()) else {
         return Ok(Expiry {
-            expires_at: started + default_lifetime,
+            expires_at: started
+                .checked_add(default_lifetime)
+                .ok_or(TokenError::Implausible(default_lifetime.as_secs().into()))?,
             lifetime: default_lifetime,
             skew: None,
             is_jwt: false,
         });
     };
-    let start = unix(started);
-    let (exp_local, skew) = match times.iat {
-        Some(iat) if (iat - start).unsigned_abs() > MAX_CLOCK_SKEW.as_secs() => {
-            (start + (times.exp - iat), Some(iat - start))
+    // In i128, where no pair of i64 claims can overflow.
+    let start = i128::from(unix(started));
+    let exp = i128::from(times.exp);
+    let (exp_local, skew) = match times.iat.map(i128::from) {
+        Some(iat) if (iat - start).unsigned_abs() > u128::from(MAX_CLOCK_SKEW.as_secs()) => {
+            (start + (exp - iat), Some(iat - start))
         }
-        _ => (times.exp, None),
+        _ => (exp, None),
     };
     if exp_local <= start {
-        return Err(TokenError::AlreadyExpired((start - exp_local) as u64));
+        return Err(TokenError::AlreadyExpired(u64::try_from(start - exp_local).unwrap_or(u64::MAX)));
     }
-    let lifetime = Duration::from_secs((exp_local - start) as u64);
-    Ok(Expiry { expires_at: from_unix(exp_local), lifetime, skew, is_jwt: true })
+    let life = (exp_local - start).unsigned_abs();
+    if life > u128::from(MAX_LIFETIME.as_secs()) {
+        return Err(TokenError::Implausible(life));
+    }
+    // Everything now fits: the life is at most MAX_LIFETIME, so exp_local is near start.
+    let lifetime = Duration::from_secs(life as u64);
+    let skew = skew.map(|s| s.clamp(i64::MIN.into(), i64::MAX.into()) as i64);
+    Ok(Expiry { expires_at: from_unix(exp_local as i64), lifetime, skew, is_jwt: true })
 }
 
 pub fn unix(t: SystemTime) -> i64 {
@@ -206,5 +224,19 @@ pub(crate) mod tests {
         assert_eq!(expiry(&dead, start, Duration::from_secs(1)), Err(TokenError::AlreadyExpired(10)));
         let no_iat = Secret::new(jwt(r#"{"exp":1699990000}"#));
         assert!(expiry(&no_iat, start, Duration::from_secs(1)).is_err());
+    }
+
+    #[test]
+    fn absurd_claims_are_refused_without_overflow() {
+        let start = from_unix(1_700_000_000);
+        let far = Secret::new(jwt(r#"{"iat":1700000000,"exp":1000000000000}"#));
+        assert_eq!(expiry(&far, start, Duration::from_secs(1)), Err(TokenError::Implausible(998_300_000_000)));
+        let wide = Secret::new(jwt(r#"{"iat":-9223372036854775808,"exp":9223372036854775807}"#));
+        assert!(matches!(expiry(&wide, start, Duration::from_secs(1)), Err(TokenError::Implausible(_))));
+        let ancient = Secret::new(jwt(r#"{"exp":-9223372036854775808}"#));
+        assert!(matches!(expiry(&ancient, start, Duration::from_secs(1)), Err(TokenError::AlreadyExpired(_))));
+        // Ten years is still a lifetime.
+        let decade = Secret::new(jwt(r#"{"iat":1700000000,"exp":2015000000}"#));
+        assert_eq!(expiry(&decade, start, Duration::from_secs(1)).unwrap().expires_at, from_unix(2_015_000_000));
     }
 }

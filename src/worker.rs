@@ -13,8 +13,15 @@
 //!
 //! A stop request interrupts waits only: a login in flight and its write finish first, so a
 //! token Magento has issued is not thrown away and no file is left half done.
+//!
+//! Magento counts failed logins per username, whichever worker sent them. So every worker that
+//! logs in as one username (at one base URL) shares one `Account` for the life of the process:
+//! what is known of its 401s, and a turn to log in. A worker restarted by a reload finds what
+//! its predecessor learnt, even when the reload renamed the customer or its file (the ledger
+//! beside the old file does not follow), and no two workers can spend one lockout budget twice.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use rand::Rng;
@@ -46,6 +53,42 @@ pub struct Shared {
     pub logins: Arc<Semaphore>,
 }
 
+/// One Magento account (a username at a base URL) as every worker logging in with it sees it.
+struct Account {
+    /// One login of this account at a time: the next one is decided knowing how the last went.
+    turn: tokio::sync::Mutex<()>,
+    state: Mutex<AccountState>,
+}
+
+#[derive(Default)]
+struct AccountState {
+    auth: AuthState,
+    /// The password Magento refused last: another one deserves a try at once.
+    refused: Option<Secret>,
+}
+
+impl Account {
+    /// The account of `customer`'s username at its base URL, shared for the life of the process
+    /// (a handful of usernames: never freed, so a reload that restarts every worker keeps it).
+    fn of(customer: &CustomerConfig) -> Arc<Account> {
+        static ACCOUNTS: OnceLock<Mutex<HashMap<String, Arc<Account>>>> = OnceLock::new();
+        let key = format!("{} {}", customer.base_url, customer.username.to_lowercase());
+        let mut accounts = ACCOUNTS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+        accounts
+            .entry(key)
+            .or_insert_with(|| Arc::new(Account { turn: tokio::sync::Mutex::new(()), state: Mutex::default() }))
+            .clone()
+    }
+
+    fn state(&self) -> MutexGuard<'_, AccountState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wait(&self, r: &RefreshSettings) -> AuthWait {
+        self.state().auth.wait(r)
+    }
+}
+
 /// A token obtained and checked, not yet (or not successfully) written.
 struct Obtained {
     token: Secret,
@@ -58,8 +101,11 @@ pub struct Worker {
     shared: Shared,
     report: Reporter,
     stop: CancellationToken,
-    auth: AuthState,
-    /// The password that got the last 401, to notice when it changes.
+    /// This customer's Magento account, shared with every worker that logs in as it (this
+    /// worker's predecessors before a reload included).
+    account: Arc<Account>,
+    /// The password this worker is held back with (refused, to this worker or an earlier one
+    /// for the same username), to notice when it changes.
     failed_password: Option<Secret>,
     /// Transient failures in a row, for the backoff.
     transient: u32,
@@ -78,11 +124,11 @@ enum Woken {
 impl Worker {
     pub fn new(customer: CustomerConfig, shared: Shared, report: Reporter, stop: CancellationToken) -> Worker {
         Worker {
+            account: Account::of(&customer),
             customer,
             shared,
             report,
             stop,
-            auth: AuthState::default(),
             failed_password: None,
             transient: 0,
             pending: None,
@@ -101,11 +147,11 @@ impl Worker {
             }
             self.restore_ledger();
             let mut next = self.start(adopt).await;
-            if let Some(t) = self.auth.wait(&self.shared.refresh).until() {
+            if let Some(t) = self.account.wait(&self.shared.refresh).until() {
                 next = next.max(t);
             }
             loop {
-                let state = match self.auth.wait(&self.shared.refresh) {
+                let state = match self.account.wait(&self.shared.refresh) {
                     AuthWait::Paused(_) => State::Paused,
                     AuthWait::Backoff(_) => State::AuthBackoff,
                     AuthWait::Clear if self.transient > 0 || self.pending.is_some() => State::Retrying,
@@ -115,22 +161,16 @@ impl Worker {
                 match self.wait_until(next).await {
                     Woken::Stopped => break,
                     Woken::PasswordChanged => {
-                        self.auth.password_changed();
+                        // Tried at once unless Magento's count is near its lock (see refresh).
                         self.failed_password = None;
-                        if let Some(t) = self.auth.wait(&self.shared.refresh).until() {
-                            warn!(
-                                retry_at = %sink::rfc3339(t),
-                                "the password changed, but Magento's failure count is near its lock: waiting for it to expire"
-                            );
-                            next = t;
-                            continue;
-                        }
-                        info!("the password changed since its last 401: trying it now");
+                        info!("the password changed since its last 401");
                     }
                     Woken::Due => {}
                 }
                 next = match self.pending.take() {
-                    Some(obtained) if obtained.expiry.expires_at > SystemTime::now() + self.shared.refresh.before_expiry => {
+                    Some(obtained)
+                        if obtained.expiry.expires_at > SystemTime::now() + self.shared.refresh.before_expiry =>
+                    {
                         self.write(obtained, None).await
                     }
                     _ => match self.refresh().await {
@@ -149,10 +189,19 @@ impl Worker {
     /// Takes back the 401s an earlier process (or this customer's previous worker) recorded.
     fn restore_ledger(&mut self) {
         let Some(ledger) = sink::read_ledger(&self.customer.path, &self.customer.username) else { return };
-        self.auth = AuthState::from_ledger(ledger.in_a_row, ledger.chain, token::from_unix(ledger.last_failure));
+        let recorded = AuthState::from_ledger(ledger.in_a_row, ledger.chain, token::from_unix(ledger.last_failure));
         // Which password failed is not recorded (no trace of a password is ever written): take
         // the one configured now, so that a change from here on is tried at once.
         self.failed_password = self.customer.password.read().ok();
+        {
+            // The account may know more already (another entry's 401s, or this worker's
+            // predecessor's, to the millisecond where the ledger keeps seconds).
+            let mut account = self.account.state();
+            if account.auth.last_failure < recorded.last_failure {
+                account.auth = recorded;
+                account.refused = self.failed_password.clone();
+            }
+        }
         info!(
             failures_in_a_row = ledger.in_a_row,
             last_failure = %sink::rfc3339(token::from_unix(ledger.last_failure)),
@@ -164,30 +213,25 @@ impl Worker {
     async fn start(&mut self, adopt: bool) -> SystemTime {
         let now = SystemTime::now();
         let Some(found) = sink::read_existing(&self.customer.path) else { return now };
-        let jwt = token::jwt_times(found.token.expose());
-        let expires_at = found
-            .expires_at
-            .or_else(|| jwt.map(|t| token::from_unix(t.exp)))
-            .unwrap_or(found.modified + self.shared.refresh.default_lifetime);
+        let r = &self.shared.refresh;
+        // Read like an answer obtained when the file was written: a JWT from a Magento whose
+        // clock is off then lives by its own `exp - iat`, not by that clock (a raw file records
+        // no expiry of its own), and absurd claims are refused. A json file's expiry was worked
+        // out the same way when it was written.
+        let Ok(read) = token::expiry(&found.token, found.modified, r.default_lifetime) else { return now };
+        let expires_at = found.expires_at.unwrap_or(read.expires_at);
         if expires_at <= now {
             return now;
         }
         // The file is on disk and unexpired whatever happens next: the app can use it.
         self.report.token_on_disk(expires_at, now);
-        let r = &self.shared.refresh;
         if !adopt || schedule::is_due(now, expires_at, r.before_expiry) {
             return now;
         }
         let Some(_permit) = self.permit().await else { return now };
         match self.shared.client.whoami(&self.customer.me_url(), &found.token).await {
             Ok(email) if email.eq_ignore_ascii_case(&self.customer.username) => {
-                let lifetime = match jwt {
-                    Some(token::JwtTimes { iat: Some(iat), exp }) if exp > iat => {
-                        Duration::from_secs((exp - iat) as u64)
-                    }
-                    _ => r.default_lifetime,
-                };
-                let next = schedule::next_refresh(now, expires_at, lifetime, r, rand::thread_rng().gen());
+                let next = schedule::next_refresh(now, expires_at, read.lifetime, r, rand::thread_rng().gen());
                 info!(
                     expires_at = %sink::rfc3339(expires_at),
                     token = %found.token.fingerprint(),
@@ -253,6 +297,16 @@ impl Worker {
                 return Some(now + wait);
             }
         };
+        // The account's turn: another entry of this username may be logging in, and its
+        // outcome decides whether this login may be sent at all.
+        let account = self.account.clone();
+        let turn = tokio::select! {
+            turn = account.turn.lock() => turn,
+            _ = self.stop.cancelled() => return None,
+        };
+        if let Some(until) = self.held_back(&password) {
+            return Some(until);
+        }
         let permit = self.permit().await?;
         self.report.state(State::Refreshing);
         let started = SystemTime::now();
@@ -268,15 +322,40 @@ impl Worker {
         });
         match result {
             Ok(obtained) => {
-                if self.auth != AuthState::default() {
-                    sink::remove_ledger(&self.customer.path);
-                }
-                self.auth.record_success();
+                *self.account.state() = AccountState::default();
+                drop(turn);
+                // Always: another entry of this username may have cleared the account first.
+                sink::remove_ledger(&self.customer.path);
                 self.failed_password = None;
                 Some(self.write(obtained, Some(took)).await)
             }
             Err(e) => Some(self.failed(e, password, took)),
         }
+    }
+
+    /// When the account's recent 401s (this worker's, or an earlier worker's for the same
+    /// username) call for a wait before `password` may be sent. A password not refused yet is
+    /// tried at once, unless Magento's count is near its lock.
+    fn held_back(&mut self, password: &Secret) -> Option<SystemTime> {
+        let now = SystemTime::now();
+        let (until, changed) = {
+            let mut account = self.account.state();
+            // (Unknown, as after a restart whose password could not be read: not a change.)
+            let changed = account.refused.as_ref().is_some_and(|refused| refused != password);
+            if changed {
+                account.auth.password_changed();
+            }
+            (account.auth.wait(&self.shared.refresh).until().filter(|t| *t > now)?, changed)
+        };
+        self.failed_password = Some(password.clone());
+        let message = if changed {
+            "a password not refused yet, but Magento's failure count for this username is near its lock: not sent until it expires"
+        } else {
+            "this password was refused for this username not long ago (before a reload or restart): not sent again until the wait after that 401 is over"
+        };
+        warn!(retry_at = %sink::rfc3339(until), "{message}");
+        self.report.problem("held_back", message, now);
+        Some(until)
     }
 
     /// Writes an obtained token; returns when to log in next.
@@ -344,11 +423,16 @@ impl Worker {
         self.report.failure(e.outcome, &e.message, now, Some(took));
         let duration_ms = took.as_millis() as u64;
         if e.outcome == Outcome::AuthFailure {
-            self.auth.record_failure(now, &r);
+            let (wait, in_a_row, chain) = {
+                let mut account = self.account.state();
+                account.auth.record_failure(now, &r);
+                account.refused = Some(password.clone());
+                (account.auth.wait(&r), account.auth.in_a_row, account.auth.chain)
+            };
             let ledger = sink::AuthLedger {
                 username: self.customer.username.clone(),
-                in_a_row: self.auth.in_a_row,
-                chain: self.auth.chain,
+                in_a_row,
+                chain,
                 last_failure: token::unix(now),
             };
             // Rare and small: written in place rather than on the blocking pool.
@@ -356,20 +440,19 @@ impl Worker {
                 warn!(error = %e, "cannot record the 401 beside the token file: a restart would forget it");
             }
             self.failed_password = Some(password);
-            let wait = self.auth.wait(&r);
             let next = wait.until().unwrap_or(now);
             let retry_in = humantime::format_duration(round(next.duration_since(now).unwrap_or_default()));
             if let AuthWait::Paused(_) = wait {
                 error!(
                     result = "auth_failure",
                     error = %e.message,
-                    failures_in_a_row = self.auth.in_a_row,
+                    failures_in_a_row = in_a_row,
                     duration_ms,
                     retry_in = %retry_in,
                     "login refused again: pausing this customer so Magento does not lock the account; fix the password (a changed password is tried at once)"
                 );
             } else {
-                warn!(result = "auth_failure", error = %e.message, failures_in_a_row = self.auth.in_a_row, duration_ms, retry_in = %retry_in, "login refused");
+                warn!(result = "auth_failure", error = %e.message, failures_in_a_row = in_a_row, duration_ms, retry_in = %retry_in, "login refused");
             }
             return next;
         }

@@ -103,6 +103,7 @@ pub(crate) async fn start_from_args(args: &DevServerArgs) -> std::io::Result<Dev
         stores,
         recaptcha_required: args.recaptcha_required,
         clock_offset_secs: args.clock_offset,
+        tls: None,
     })
     .await?;
     for (email, password) in customers {

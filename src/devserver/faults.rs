@@ -21,6 +21,9 @@ pub enum Fault {
     Reset,
     /// A redirect: status (301/302/307/308) with this Location.
     Redirect { status: u16, location: String },
+    /// A body streamed in `count` chunks of `chunk`, `interval` apart, with chunked transfer
+    /// encoding (no Content-Length): an endless answer in megabytes, or one that trickles.
+    Stream { status: u16, content_type: String, chunk: Vec<u8>, count: usize, interval: Duration },
 }
 
 const JSON: &str = "application/json; charset=utf-8";
@@ -104,6 +107,29 @@ impl Fault {
         body.resize(inner + 1, b'a');
         body.push(b'"');
         Fault::Respond { status: 200, content_type: JSON.to_owned(), body, retry_after: None }
+    }
+}
+
+impl Fault {
+    /// 200, JSON: a string literal that never ends, streamed as fast as it is read, `bytes` in
+    /// all (rounded up to 64 KiB), without a Content-Length.
+    pub fn oversize_chunked(bytes: usize) -> Fault {
+        const CHUNK: usize = 64 * 1024;
+        let mut chunk = vec![b'a'; CHUNK];
+        chunk[0] = b'"';
+        Fault::Stream {
+            status: 200,
+            content_type: JSON.to_owned(),
+            chunk,
+            count: bytes.div_ceil(CHUNK),
+            interval: Duration::ZERO,
+        }
+    }
+
+    /// 200, JSON, whose body trickles in one byte every `interval`, `count` bytes in all: the
+    /// headers come at once, the body never completes in time.
+    pub fn trickle(interval: Duration, count: usize) -> Fault {
+        Fault::Stream { status: 200, content_type: JSON.to_owned(), chunk: b"\"".to_vec(), count, interval }
     }
 }
 

@@ -6,8 +6,9 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::body::{Bytes, Incoming};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited, StreamBody};
+use hyper::body::{Bytes, Frame, Incoming};
 use hyper::header::{HeaderMap, HeaderName, ACCEPT, AUTHORIZATION, CONTENT_TYPE, LOCATION, RETRY_AFTER, USER_AGENT};
 use hyper::{Method, Request, Response};
 use serde_json::{Map, Value};
@@ -39,6 +40,13 @@ enum Endpoint {
     Revoke,
 }
 
+/// The body of every answer: whole, or streamed for [`Fault::Stream`].
+pub(crate) type Body = UnsyncBoxBody<Bytes, io::Error>;
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+}
+
 /// What to answer.
 struct Reply {
     status: u16,
@@ -61,7 +69,7 @@ impl Reply {
         Reply::node(format, status, &Node::Map(vec![("message", Node::str(message))]))
     }
 
-    fn into_response(self) -> Response<Full<Bytes>> {
+    fn into_response(self) -> Response<Body> {
         let mut builder = Response::builder().status(self.status).header(CONTENT_TYPE, self.content_type.as_ref());
         if let Some(value) = &self.retry_after {
             builder = builder.header(RETRY_AFTER, value);
@@ -69,9 +77,9 @@ impl Reply {
         if let Some(value) = &self.location {
             builder = builder.header(LOCATION, value);
         }
-        builder.body(Full::new(self.body)).unwrap_or_else(|_| {
+        builder.body(full(self.body)).unwrap_or_else(|_| {
             // An impossible status or header value in a test's fault: say so loudly.
-            let mut r = Response::new(Full::new(Bytes::from_static(b"invalid fault")));
+            let mut r = Response::new(full(Bytes::from_static(b"invalid fault")));
             *r.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
             r
         })
@@ -140,7 +148,7 @@ pub(crate) async fn handle(
     shared: Arc<Shared>,
     stream: Arc<TcpStream>,
     req: Request<Incoming>,
-) -> io::Result<Response<Full<Bytes>>> {
+) -> io::Result<Response<Body>> {
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, MAX_BODY).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
@@ -227,10 +235,49 @@ pub(crate) async fn handle(
             location: Some(location.clone()),
             ..Reply::new(status, "text/html; charset=utf-8", faults::redirect_page(status, &location))
         },
+        (Ok(_), Some(Fault::Stream { status, content_type, chunk, count, interval })) => {
+            shared.lock().records[index].status = status;
+            tracing::debug!(path, status, count, "devserver: streaming a token answer");
+            return Ok(streamed(&shared, status, &content_type, chunk.into(), count, interval));
+        }
     };
     shared.lock().records[index].status = reply.status;
     tracing::debug!(method = %parts.method, path, status = reply.status, "devserver request");
     Ok(reply.into_response())
+}
+
+/// `count` chunks, `interval` apart, chunked; stops early when the server stops or the client
+/// hangs up (hyper then drops the body).
+fn streamed(
+    shared: &Shared,
+    status: u16,
+    content_type: &str,
+    chunk: Bytes,
+    count: usize,
+    interval: std::time::Duration,
+) -> Response<Body> {
+    let stopping = shared.shutdown.subscribe();
+    let chunks = futures::stream::unfold((0usize, stopping), move |(sent, mut stopping)| {
+        let chunk = chunk.clone();
+        async move {
+            if sent >= count || *stopping.borrow() {
+                return None;
+            }
+            if !interval.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = super::stopped(&mut stopping) => return None,
+                }
+            }
+            Some((Ok::<_, io::Error>(Frame::data(chunk)), (sent + 1, stopping)))
+        }
+    });
+    let mut response = Response::new(StreamBody::new(chunks).boxed_unsync());
+    *response.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    if let Ok(value) = hyper::header::HeaderValue::from_str(content_type) {
+        response.headers_mut().insert(CONTENT_TYPE, value);
+    }
+    response
 }
 
 /// Everything Magento itself would do with the request.

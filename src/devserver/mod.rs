@@ -59,6 +59,22 @@ pub struct DevServerOptions {
     /// Added to `iat`/`exp` and to the clock tokens are checked against: a Magento whose
     /// clock is off.
     pub clock_offset_secs: i64,
+    /// Serve https with this certificate instead of plain http (tests of the daemon's TLS
+    /// handling: a test CA, `magento.ca_file`, proxies with CONNECT).
+    pub tls: Option<TlsIdentity>,
+}
+
+/// A certificate chain (leaf first) and its private key, both PEM.
+#[derive(Clone)]
+pub struct TlsIdentity {
+    pub cert_chain_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for TlsIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsIdentity").field("key_pem", &"***").finish_non_exhaustive()
+    }
 }
 
 impl Default for DevServerOptions {
@@ -72,6 +88,7 @@ impl Default for DevServerOptions {
             stores: vec![("default".to_owned(), "base".to_owned())],
             recaptcha_required: false,
             clock_offset_secs: 0,
+            tls: None,
         }
     }
 }
@@ -190,6 +207,7 @@ impl Shared {
 /// stops it gracefully.
 pub struct DevServer {
     addr: SocketAddr,
+    https: bool,
     shared: Arc<Shared>,
     accept_task: Option<JoinHandle<()>>,
 }
@@ -200,6 +218,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 impl DevServer {
     /// Binds and starts serving in the background (needs a tokio runtime).
     pub async fn start(opts: DevServerOptions) -> std::io::Result<DevServer> {
+        let tls = opts.tls.as_ref().map(tls_acceptor).transpose()?;
         let listener = TcpListener::bind(opts.listen).await?;
         let addr = listener.local_addr()?;
         let (shutdown, _) = watch::channel(false);
@@ -219,18 +238,19 @@ impl DevServer {
             }),
             shutdown,
         });
-        let accept_task = tokio::spawn(accept_loop(listener, shared.clone()));
-        tracing::debug!(%addr, "devserver listening");
-        Ok(DevServer { addr, shared, accept_task: Some(accept_task) })
+        let https = tls.is_some();
+        let accept_task = tokio::spawn(accept_loop(listener, shared.clone(), tls));
+        tracing::debug!(%addr, https, "devserver listening");
+        Ok(DevServer { addr, https, shared, accept_task: Some(accept_task) })
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
-    /// `http://127.0.0.1:PORT`, no trailing slash.
+    /// `http://127.0.0.1:PORT` (`https://` when serving TLS), no trailing slash.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", if self.https { "https" } else { "http" }, self.addr)
     }
 
     /// A customer of website `base`. Re-adding an email replaces its password (same id,
@@ -348,6 +368,16 @@ impl DevServer {
         st.customers.get(&uid).map(|c| c.email.clone())
     }
 
+    /// Whether this server minted the token, whole and unaltered, whether or not it has
+    /// expired or was revoked since: tells a token cut short or spliced from a real one.
+    pub fn issued(&self, token: &str) -> bool {
+        if token.contains('.') {
+            self.shared.signer.verify(token).is_some()
+        } else {
+            self.shared.lock().opaque.contains_key(token)
+        }
+    }
+
     /// Stops accepting, lets requests in flight finish (hung and delayed ones give up at
     /// once), closes idle keep-alive connections, waits at most a few seconds.
     pub async fn shutdown(mut self) {
@@ -404,14 +434,35 @@ pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+/// The server side of TLS from a PEM certificate chain and key.
+fn tls_acceptor(identity: &TlsIdentity) -> std::io::Result<tokio_rustls::TlsAcceptor> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let invalid = |what: &str, e: &dyn std::fmt::Display| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("devserver TLS {what}: {e}"))
+    };
+    let certs = CertificateDer::pem_slice_iter(identity.cert_chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid("certificate", &e))?;
+    let key = PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes()).map_err(|e| invalid("key", &e))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid("versions", &e))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| invalid("identity", &e))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tls: Option<tokio_rustls::TlsAcceptor>) {
     let mut stopping = shared.shutdown.subscribe();
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => {
-                    connections.spawn(serve_connection(stream, shared.clone()));
+                    connections.spawn(serve_connection(stream, shared.clone(), tls.clone()));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -429,10 +480,34 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, async { while connections.join_next().await.is_some() {} }).await;
 }
 
-async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
+/// How long a client may take over the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, tls: Option<tokio_rustls::TlsAcceptor>) {
     let _ = stream.set_nodelay(true);
     let stream = Arc::new(stream);
-    let io = TokioIo::new(io::SharedStream(stream.clone()));
+    let plain = io::SharedStream(stream.clone());
+    match tls {
+        None => serve_http(TokioIo::new(plain), stream, shared).await,
+        Some(acceptor) => {
+            let mut stopping = shared.shutdown.subscribe();
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(plain));
+            let done = tokio::select! {
+                done = handshake => done,
+                _ = stopped(&mut stopping) => return,
+            };
+            // A client that does not trust the certificate hangs up here: nothing to serve.
+            if let Ok(Ok(tls_stream)) = done {
+                serve_http(TokioIo::new(tls_stream), stream, shared).await;
+            }
+        }
+    }
+}
+
+async fn serve_http<I>(io: TokioIo<I>, stream: Arc<TcpStream>, shared: Arc<Shared>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let mut stopping = shared.shutdown.subscribe();
     let service = service_fn(move |req| handler::handle(shared.clone(), stream.clone(), req));
     let conn = http1::Builder::new()

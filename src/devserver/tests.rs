@@ -439,7 +439,9 @@ async fn recaptcha_required() {
 #[tokio::test]
 async fn opaque_tokens() {
     let s =
-        server(DevServerOptions { opaque_tokens: true, token_lifetime: Duration::from_secs(1), ..Default::default() })
+        // Two seconds: Magento counts in whole seconds, so a token minted near the end of one
+        // second with a lifetime of one would already be dead at the next.
+        server(DevServerOptions { opaque_tokens: true, token_lifetime: Duration::from_secs(2), ..Default::default() })
             .await;
     let t = token(&s, "alice@example.com", "secret-a").await;
     assert_eq!(t.len(), 32);
@@ -448,7 +450,7 @@ async fn opaque_tokens() {
     assert_ne!(t, t2);
     assert_eq!(me(&s, &t).await.status, 200);
     assert_eq!(me(&s, &"0".repeat(32)).await.status, 401);
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    tokio::time::sleep(Duration::from_millis(3100)).await;
     assert_eq!(me(&s, &t).await.status, 401);
 }
 
@@ -561,6 +563,85 @@ async fn redirect_is_not_followed() {
     assert_eq!(a.status, 301);
     assert_eq!(a.headers.get("location").unwrap(), "https://shop.example.com/rest/V1/integration/customer/token");
     assert_eq!(s.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn stream_faults_are_chunked_and_end() {
+    let s = server(DevServerOptions::default()).await;
+    s.push_fault(Fault::oversize_chunked(200 * 1024));
+    let r = client()
+        .post(format!("{}{PATH_TOKEN}", s.base_url()))
+        .header("content-type", "application/json")
+        .body(json!({"username": "alice@example.com", "password": "secret-a"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("content-length").is_none(), "no length: chunked");
+    assert_eq!(r.headers().get("transfer-encoding").unwrap(), "chunked");
+    let body = r.bytes().await.unwrap();
+    assert_eq!(body.len(), 4 * 64 * 1024, "rounded up to whole 64 KiB chunks");
+    assert!(body.starts_with(b"\"aaa"));
+    assert_eq!(s.requests()[0].status, 200);
+    // A trickle: the headers at once, the body a byte at a time.
+    s.push_fault(Fault::trickle(Duration::from_millis(50), 3));
+    let started = Instant::now();
+    let a = login(&s, "alice@example.com", "secret-a").await;
+    assert!(started.elapsed() >= Duration::from_millis(150));
+    assert_eq!(a.body, b"\"\"\"");
+}
+
+#[tokio::test]
+async fn issued_tells_whole_tokens_whatever_their_age() {
+    let s = server(DevServerOptions { token_lifetime: Duration::from_secs(2), ..Default::default() }).await;
+    let t = token(&s, "alice@example.com", "secret-a").await;
+    assert!(s.issued(&t));
+    assert!(!s.issued(&t[..t.len() - 1]));
+    assert!(!s.issued(&format!("{t}x")));
+    s.revoke("alice@example.com");
+    assert!(s.check_token(&t).is_none());
+    assert!(s.issued(&t), "revoked, but minted here");
+    let o = server(DevServerOptions { opaque_tokens: true, ..Default::default() }).await;
+    let ot = token(&o, "alice@example.com", "secret-a").await;
+    assert!(o.issued(&ot));
+    assert!(!o.issued(&"0".repeat(32)));
+}
+
+#[tokio::test]
+async fn tls_serves_https_with_the_given_certificate() {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap().signed_by(&key, &issuer).unwrap();
+    let tls = TlsIdentity { cert_chain_pem: leaf.pem(), key_pem: key.serialize_pem() };
+    assert!(!format!("{tls:?}").contains("PRIVATE KEY"), "the key stays out of Debug");
+    let s = server(DevServerOptions { tls: Some(tls), ..Default::default() }).await;
+    assert!(s.base_url().starts_with("https://127.0.0.1:"));
+    let trusting = reqwest::Client::builder()
+        .no_proxy()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca_cert.pem().as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let body = json!({"username": "alice@example.com", "password": "secret-a"}).to_string();
+    let post = |c: &reqwest::Client| {
+        c.post(format!("{}{PATH_TOKEN}", s.base_url())).header("content-type", "application/json").body(body.clone())
+    };
+    let a = send(post(&trusting)).await;
+    assert_eq!(a.status, 200);
+    assert!(s.check_token(a.json().as_str().unwrap()).is_some());
+    // A client that does not trust the CA gets nowhere, and the server records nothing.
+    let err = post(&client()).send().await.unwrap_err();
+    assert!(format!("{err:?}").to_lowercase().contains("certificate"), "{err:?}");
+    assert_eq!(s.requests().len(), 1);
+    assert!(DevServer::start(DevServerOptions {
+        tls: Some(TlsIdentity { cert_chain_pem: "nope".into(), key_pem: "nope".into() }),
+        ..Default::default()
+    })
+    .await
+    .is_err());
 }
 
 #[tokio::test]

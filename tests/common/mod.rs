@@ -253,3 +253,173 @@ pub fn series(name: &str, customer: &str) -> String {
 pub fn refreshes(customer: &str, result: &str) -> String {
     format!("magento_token_refresh_total{{customer=\"{customer}\",result=\"{result}\"}}")
 }
+
+// ---------------------------------------------------------------------------------------------
+// Helpers of the fault and security suites (tests/faults.rs, tests/security.rs).
+
+impl Daemon {
+    /// Like [`Daemon::spawn`], with `adjust` given the command before it starts (environment,
+    /// or a shell around the binary). Proxy variables of the environment running the tests are
+    /// removed, so only the ones a test sets apply.
+    pub fn spawn_with(args: &[&str], log: &Path, admin_port: u16, adjust: impl FnOnce(&mut Command)) -> Daemon {
+        let file = std::fs::File::create(log).unwrap();
+        let mut command = Command::new(BIN);
+        command.args(args);
+        for var in PROXY_VARIABLES {
+            command.env_remove(var);
+        }
+        command
+            .env_remove("RUST_LOG")
+            .env_remove("MAGENTO_TOKEN_SIDECAR_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file);
+        adjust(&mut command);
+        let child = command.spawn().unwrap();
+        Daemon { child, log: log.to_path_buf(), admin_port }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The most memory the process has held so far (VmHWM), in KiB.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    /// Asserts that no secret appears in the logs so far, `/status` or `/metrics`.
+    pub async fn assert_secrets_hidden(&self, secrets: &[String]) {
+        let (_, status) = self.get("/status").await.expect("/status answers");
+        let (_, metrics) = self.get("/metrics").await.expect("/metrics answers");
+        assert_hidden("/status", &status, secrets);
+        assert_hidden("/metrics", &metrics, secrets);
+        assert_hidden("the logs", &self.logs(), secrets);
+    }
+
+    /// The parsed `/status` entry of one customer.
+    pub async fn status_of(&self, customer: &str) -> serde_json::Value {
+        let (_, body) = self.get("/status").await.expect("/status answers");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        json["customers"].as_array().unwrap().iter().find(|c| c["name"] == customer).cloned().unwrap()
+    }
+}
+
+/// The variables reqwest reads for proxies.
+pub const PROXY_VARIABLES: [&str; 8] =
+    ["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"];
+
+/// Fails naming the place when any secret (or the signature part of a token) appears in `text`.
+/// The secrets are never printed.
+pub fn assert_hidden(place: &str, text: &str, secrets: &[String]) {
+    for (i, secret) in secrets.iter().enumerate() {
+        assert!(!secret.is_empty());
+        assert!(!text.contains(secret.as_str()), "secret #{i} ({} bytes) appears in {place}", secret.len());
+        // A JWT's signature alone would let no one in, but it is the token's one secret part.
+        if let Some(signature) = secret.rsplit('.').next().filter(|s| s.len() >= 16 && *s != secret) {
+            assert!(!text.contains(signature), "the signature of secret #{i} appears in {place}");
+        }
+    }
+}
+
+impl World {
+    /// Starts `run` with `adjust` applied to the command (see [`Daemon::spawn_with`]).
+    pub fn start_with(&self, adjust: impl FnOnce(&mut Command)) -> Daemon {
+        Daemon::spawn_with(
+            &["run", "--config", self.config_path().to_str().unwrap()],
+            &self.dir.path().join("daemon.log"),
+            self.admin_port,
+            adjust,
+        )
+    }
+
+    /// Logs in straight to the dev server, as an earlier run of the daemon would have.
+    pub async fn login_directly(&self, email: &str, password: &str) -> String {
+        let url = format!("{}/rest/V1/integration/customer/token", self.server.base_url());
+        let response = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .post(url)
+            .header("content-type", "application/json")
+            .body(serde_json::json!({ "username": email, "password": password }).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        serde_json::from_slice(&response.bytes().await.unwrap()).unwrap()
+    }
+
+    /// Puts a token file in place as the daemon writes it (mode 0600, the token alone).
+    pub fn seed_token(&self, file: &str, token: &str) {
+        let path = self.token_path(file);
+        std::fs::write(&path, token).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    /// Temporary files (`.<file>.<random>.tmp`) in the token directory.
+    pub fn temporaries(&self) -> Vec<String> {
+        temporaries_in(&self.tokens())
+    }
+}
+
+pub fn temporaries_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with('.') && n.ends_with(".tmp"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Token requests the dev server received, in order.
+pub fn token_requests(server: &DevServer) -> Vec<magento_token_sidecar::devserver::RequestRecord> {
+    server.requests().into_iter().filter(|r| r.path.ends_with("/integration/customer/token")).collect()
+}
+
+/// The time between consecutive requests.
+pub fn gaps(requests: &[magento_token_sidecar::devserver::RequestRecord]) -> Vec<Duration> {
+    requests.windows(2).map(|w| w[1].at.duration_since(w[0].at).unwrap_or_default()).collect()
+}
+
+/// A tmpfs mounted for one test (needs root; `None` where mounting is not allowed), unmounted
+/// when dropped.
+pub struct Tmpfs {
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(path: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(path).ok()?;
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "tmpfs"])
+            .arg(path)
+            .stderr(Stdio::null())
+            .status()
+            .ok()?
+            .success();
+        ok.then(|| Tmpfs { path: path.to_path_buf() })
+    }
+
+    /// `mount -o remount,ro` or `rw`.
+    pub fn remount(&self, option: &str) {
+        let ok = Command::new("mount")
+            .args(["-o", &format!("remount,{option}")])
+            .arg(&self.path)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "remount,{option} failed");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
