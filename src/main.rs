@@ -67,11 +67,11 @@ fn main() -> ExitCode {
     let runtime = match &cli.command {
         // The server answers many clients at once in benchmarks: every core.
         Command::Devserver(_) => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
-        // The daemon mostly sleeps: one thread is plenty, and the cheapest.
-        _ => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .max_blocking_threads(std::env::var("MBT").ok().and_then(|v| v.parse().ok()).unwrap_or(512))
-            .build(),
+        // The daemon mostly sleeps: one thread is plenty, and the cheapest (benches/RESULTS.md).
+        // The blocking pool only writes token files and resolves host names; more threads than
+        // two just contend for the token directory's lock: 1,000 logins in `once` cost 60 µs of
+        // CPU each with tokio's default of 512, 48 µs with 2.
+        _ => tokio::runtime::Builder::new_current_thread().enable_all().max_blocking_threads(2).build(),
     };
     let runtime = match runtime {
         Ok(rt) => rt,

@@ -1,0 +1,753 @@
+//! `cargo bench --bench sidecar`: what the sidecar costs, side by side with the two loops
+//! people write by hand (`benches/baselines/`), measured from the outside in one run.
+//!
+//! Every program under test is its own process, so the numbers are what a pod pays:
+//!
+//! * the release binary, built first with `cargo build --release` (or `SIDECAR_BENCH_BIN`);
+//! * the dev server (`magento-token-sidecar devserver`) on loopback, one process for the whole
+//!   run, holding every customer; its own CPU is measured around each workload;
+//! * `once` for N customers, the Python loop and the curl loop on the same N: wall time, CPU
+//!   (user + system, from `wait4`, descendants included) and peak RSS (`ru_maxrss`: the largest
+//!   single process, for the curl loop the largest `curl`, `mv` or the shell);
+//! * `run` holding N customers once every token is written: RSS, CPU and context switches
+//!   (each one a wakeup) over a quiet window, from `/proc/<pid>/task/*/{schedstat,status}`;
+//!   then what one `/metrics` scrape costs;
+//! * process start to the first token file (inotify on the token directory), next to one
+//!   login round trip on a new connection.
+//!
+//! Token files go to `/dev/shm`, a memory file system like the `emptyDir: {medium: Memory}`
+//! the Helm chart mounts; `SIDECAR_BENCH_TOKEN_FS=disk` puts them on the temporary directory's
+//! file system instead. `-- --quick` stops at 1,000 customers. The tables are printed and
+//! written to `target/sidecar-bench.md`. Nothing here passes or fails a test: it reports.
+
+mod fixture;
+mod measure;
+
+use std::fmt::Write as _;
+use std::io::{self, BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fixture::{Fixture, TokenFs};
+use measure::{median, Guard, Sample, Usage};
+
+/// The sizes of the `once` workload.
+const SIZES: [usize; 4] = [1, 100, 1_000, 10_000];
+/// How many times each `once` run is repeated (the median is reported): the sidecar and the
+/// Python loop are quick enough for three runs up to 1,000 customers; the curl loop spends
+/// about 5 ms a login, so its large runs happen once.
+fn repeats(who: Who, n: usize) -> usize {
+    match (who, n) {
+        // The Python loop's CPU time swings by a factor of two from run to run (its eight
+        // threads contend for the GIL): three runs at every size.
+        (Who::Sidecar | Who::Python, _) => 3,
+        (Who::Curl, n) if n <= 100 => 3,
+        _ => 1,
+    }
+}
+/// The quiet window over which the idle daemon is watched.
+const IDLE_WINDOW: Duration = Duration::from_secs(10);
+/// tokio's blocking threads (the file writes) end after 10 s without work; the window starts
+/// once they have, at most this long after the last token was written.
+const SETTLE_LIMIT: Duration = Duration::from_secs(15);
+/// First-token runs, and round trips measured for comparison.
+const FIRST_TOKEN_RUNS: usize = 10;
+const ROUND_TRIPS: usize = 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Who {
+    Sidecar,
+    Python,
+    Curl,
+}
+
+impl Who {
+    fn label(self) -> &'static str {
+        match self {
+            Who::Sidecar => "sidecar `once`",
+            Who::Python => "Python loop",
+            Who::Curl => "curl loop",
+        }
+    }
+}
+
+/// Where the programs under test are.
+struct Tools {
+    sidecar: PathBuf,
+    python: Option<PathBuf>,
+    curl: Option<String>,
+    baselines: PathBuf,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(measure::LAUNCH) {
+        if let Err(e) = measure::launcher(&args[1..]) {
+            eprintln!("launcher: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` does not, and a benchmark of
+    // minutes has no place in the test suite.
+    if !args.iter().any(|a| a == "--bench") {
+        println!("the sidecar benchmark runs with `cargo bench --bench sidecar`: skipped");
+        return;
+    }
+    let started = Instant::now();
+    let quick = args.iter().any(|a| a == "--quick");
+    match bench(quick) {
+        Ok(report) => {
+            println!("{report}");
+            let out = target_dir().join("sidecar-bench.md");
+            match std::fs::write(&out, &report) {
+                Ok(()) => {
+                    println!("(also written to {}; whole benchmark took {:.0?})", out.display(), started.elapsed())
+                }
+                Err(e) => eprintln!("cannot write {}: {e}", out.display()),
+            }
+        }
+        Err(e) => {
+            eprintln!("benchmark failed: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// `<target>` from this executable's path, `<target>/release/deps/sidecar-<hash>`.
+fn target_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.ancestors().nth(3).map(Path::to_path_buf))
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+}
+
+fn fail(message: String) -> io::Error {
+    io::Error::other(message)
+}
+
+/// The release binary: `SIDECAR_BENCH_BIN`, or `cargo build --release` and its output.
+fn sidecar_binary() -> io::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("SIDECAR_BENCH_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("building the release binary (cargo build --release) ...");
+    let status = Command::new(cargo)
+        .args(["build", "--release", "--bin", "magento-token-sidecar"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()?;
+    if !status.success() {
+        return Err(fail(format!("cargo build --release failed: {status}")));
+    }
+    let bin = target_dir().join("release").join("magento-token-sidecar");
+    if !bin.is_file() {
+        return Err(fail(format!("{} is missing after cargo build --release", bin.display())));
+    }
+    Ok(bin)
+}
+
+/// The interpreter itself, not a shim (pyenv's `python3` is a shell script that would be
+/// measured too).
+fn find_python() -> Option<PathBuf> {
+    let out = Command::new("python3").args(["-c", "import sys; print(sys.executable)"]).output().ok()?;
+    let path = String::from_utf8(out.stdout).ok()?.trim().to_owned();
+    (out.status.success() && !path.is_empty()).then(|| PathBuf::from(path))
+}
+
+fn version_line(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program).args(args).output().ok()?;
+    let text = if out.stdout.is_empty() { out.stderr } else { out.stdout };
+    String::from_utf8_lossy(&text).lines().next().map(str::to_owned)
+}
+
+fn bench(quick: bool) -> io::Result<String> {
+    let sizes: Vec<usize> = SIZES.iter().copied().filter(|&n| !quick || n <= 1_000).collect();
+    let max_n = *sizes.last().expect("at least one size");
+    let idle_sizes: Vec<usize> = [1, 1_000, 10_000].into_iter().filter(|&n| n <= max_n).collect();
+    let tools = Tools {
+        sidecar: sidecar_binary()?,
+        python: find_python(),
+        curl: version_line("curl", &["--version"]).map(|_| "curl".to_owned()),
+        baselines: Path::new(env!("CARGO_MANIFEST_DIR")).join("benches").join("baselines"),
+    };
+    let token_fs = match std::env::var("SIDECAR_BENCH_TOKEN_FS").as_deref() {
+        Ok("disk") => TokenFs::Disk,
+        _ if Path::new("/dev/shm").is_dir() => TokenFs::Memory,
+        _ => TokenFs::Disk,
+    };
+    let mut report = String::new();
+    let mut notes: Vec<String> = Vec::new();
+    if tools.python.is_none() {
+        notes.push("python3 not found: the Python baseline is skipped.".into());
+    }
+    if tools.curl.is_none() {
+        notes.push("curl not found (`apt-get install -y curl`): the curl baseline is skipped.".into());
+    }
+
+    eprintln!("preparing {max_n} customers ...");
+    let fx = Fixture::new(max_n, token_fs)?;
+    // The smallest peak RSS this set-up can report: `true`, started like everything else.
+    let (_, log) = fx.log_file("floor")?;
+    let floor = measure::run(&Command::new("true"), &log, Duration::from_secs(10))?;
+    let server = DevServer::start(&tools.sidecar, &fx)?;
+    eprintln!("dev server at {}", server.base_url);
+
+    // First token, before anything else has warmed the dev server's connection handling.
+    eprintln!("start to first token ...");
+    let first = first_token(&tools, &fx, &server)?;
+
+    let mut rows: Vec<OnceRow> = Vec::new();
+    for &n in &sizes {
+        for who in [Who::Sidecar, Who::Python, Who::Curl] {
+            let available = match who {
+                Who::Sidecar => true,
+                Who::Python => tools.python.is_some(),
+                Who::Curl => tools.curl.is_some(),
+            };
+            if !available {
+                continue;
+            }
+            eprintln!("once: {} with {n} customers ...", who.label());
+            let mut runs = Vec::new();
+            for _ in 0..repeats(who, n) {
+                runs.push(once_run(who, n, &tools, &fx, &server)?);
+            }
+            rows.push(OnceRow { who, n, runs });
+        }
+    }
+
+    eprintln!("idle daemons ...");
+    let idle = idle_daemons(&idle_sizes, &tools, &fx, &server)?;
+    let server_end = Sample::take(server.pid())?;
+
+    // The report.
+    writeln!(report, "## Results\n").unwrap();
+    machine(&mut report, &tools, token_fs)?;
+    writeln!(
+        report,
+        "Peak RSS is `ru_maxrss` from `wait4`; the smallest this set-up can report (`true`) is {:.1} MiB.",
+        floor.max_rss_kib as f64 / 1024.0
+    )
+    .unwrap();
+    once_tables(&mut report, &rows, &sizes);
+    idle_table(&mut report, &idle);
+    first_token_table(&mut report, &first);
+    writeln!(report, "\nDev server: {} KiB RSS at the end, serving every login of this run.", server_end.rss_kib)
+        .unwrap();
+    targets(&mut report, &rows, &idle, &first);
+    for note in notes {
+        writeln!(report, "\n> {note}").unwrap();
+    }
+    server.stop();
+    Ok(report)
+}
+
+fn machine(out: &mut String, tools: &Tools, token_fs: TokenFs) -> io::Result<()> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, m)| m.trim().to_owned()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_mib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(0, |kib| kib / 1024);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let size = std::fs::metadata(&tools.sidecar)?.len();
+    writeln!(out, "Machine: {model}, {cores} cores, {mem_mib} MiB, Linux {}.", kernel.trim()).unwrap();
+    writeln!(
+        out,
+        "Sidecar: `{}` ({:.2} MiB), {}. Python: {}. curl: {}. Token files on {}.",
+        tools.sidecar.display(),
+        size as f64 / (1024.0 * 1024.0),
+        version_line("rustc", &["-V"]).unwrap_or_else(|| "rustc ?".into()),
+        tools
+            .python
+            .as_ref()
+            .and_then(|p| version_line(&p.to_string_lossy(), &["-V"]))
+            .unwrap_or_else(|| "absent".into()),
+        tools
+            .curl
+            .as_ref()
+            .and_then(|c| version_line(c, &["--version"]))
+            .map_or("absent".into(), |v| { v.split_whitespace().take(2).collect::<Vec<_>>().join(" ") }),
+        match token_fs {
+            TokenFs::Memory => "tmpfs (/dev/shm, like the chart's memory emptyDir)",
+            TokenFs::Disk => "the temporary directory's disk file system",
+        }
+    )
+    .unwrap();
+    Ok(())
+}
+
+/// The dev server as its own process.
+struct DevServer {
+    child: Guard,
+    base_url: String,
+    addr: SocketAddr,
+}
+
+impl DevServer {
+    fn start(bin: &Path, fx: &Fixture) -> io::Result<DevServer> {
+        let (log, file) = fx.log_file("devserver")?;
+        let mut child = Command::new(bin)
+            .args(["devserver", "--listen", "127.0.0.1:0", "--token-lifetime", "1h", "--customers-file"])
+            .arg(fx.server_customers())
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(file)
+            .spawn()?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let child = Guard(Some(child));
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let base_url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .ok_or_else(|| fail(format!("the dev server said {line:?}: {}", fixture::tail(&log, 5))))?
+            .to_owned();
+        let addr = base_url
+            .strip_prefix("http://")
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| fail(format!("cannot read an address in {base_url}")))?;
+        Ok(DevServer { child, base_url, addr })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    fn cpu(&self) -> Duration {
+        measure::stat_cpu(self.pid()).unwrap_or_default()
+    }
+
+    fn stop(mut self) {
+        let _ = measure::stop(self.child.take(), Duration::from_secs(10));
+    }
+}
+
+/// One `once` workload's repetitions.
+struct OnceRow {
+    who: Who,
+    n: usize,
+    runs: Vec<OnceRun>,
+}
+
+struct OnceRun {
+    usage: Usage,
+    /// The dev server's CPU over the run.
+    server_cpu: Duration,
+}
+
+impl OnceRow {
+    fn wall(&self) -> f64 {
+        median(self.runs.iter().map(|r| r.usage.wall.as_secs_f64()).collect())
+    }
+    fn cpu(&self) -> f64 {
+        median(self.runs.iter().map(|r| r.usage.cpu().as_secs_f64()).collect())
+    }
+    fn cpu_per_login(&self) -> f64 {
+        self.cpu() / self.n as f64
+    }
+    fn rss_mib(&self) -> f64 {
+        median(self.runs.iter().map(|r| r.usage.max_rss_kib as f64 / 1024.0).collect())
+    }
+    fn server_cpu_per_login(&self) -> f64 {
+        median(self.runs.iter().map(|r| r.server_cpu.as_secs_f64()).collect()) / self.n as f64
+    }
+}
+
+fn once_run(who: Who, n: usize, tools: &Tools, fx: &Fixture, server: &DevServer) -> io::Result<OnceRun> {
+    let out = fx.out_dir(&format!("once-{who:?}-{n}"))?;
+    let (log, file) = fx.log_file(&format!("once-{who:?}-{n}"))?;
+    let mut cmd = match who {
+        Who::Sidecar => {
+            let config = fx.config(n, &server.base_url, &out, None)?;
+            let mut c = Command::new(&tools.sidecar);
+            c.arg("once").arg("--config").arg(config).args(["--timeout", "60s"]);
+            c
+        }
+        Who::Python => {
+            let mut c = Command::new(tools.python.as_ref().expect("checked by the caller"));
+            c.arg(tools.baselines.join("python_loop.py")).arg(&server.base_url).arg(fx.customer_list(n)?).arg(&out);
+            c
+        }
+        Who::Curl => {
+            let mut c = Command::new("bash");
+            c.arg(tools.baselines.join("curl_loop.sh")).arg(&server.base_url).arg(fx.customer_list(n)?).arg(&out);
+            c
+        }
+    };
+    cmd.env_remove("RUST_LOG");
+    let server_before = server.cpu();
+    let limit = Duration::from_secs(30) + Duration::from_millis(20) * n as u32;
+    let usage = measure::run(&cmd, &file, limit)?;
+    let server_cpu = server.cpu().saturating_sub(server_before);
+    let written = measure::count_files(&out);
+    if usage.code != Some(0) || written != n {
+        return Err(fail(format!(
+            "{} with {n} customers: exit {:?}, {written} of {n} files written; log {}:\n{}",
+            who.label(),
+            usage.code,
+            log.display(),
+            fixture::tail(&log, 10)
+        )));
+    }
+    std::fs::remove_dir_all(&out)?;
+    Ok(OnceRun { usage, server_cpu })
+}
+
+fn free_port() -> io::Result<SocketAddr> {
+    TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
+/// A `run` daemon holding N customers, watched over the quiet window.
+struct Idle {
+    n: usize,
+    /// Start to every token written, and the CPU that took.
+    all_written: Duration,
+    startup_cpu: Duration,
+    startup_hwm_kib: u64,
+    threads: usize,
+    rss_kib: u64,
+    /// The part of the RSS that is the process's own (heap, stacks), not mapped files.
+    anon_kib: u64,
+    window: Duration,
+    window_cpu: Duration,
+    switches: u64,
+    /// Per scrape: bytes, CPU, and RSS after.
+    scrapes: Vec<(usize, Duration, u64)>,
+    exit: Option<i32>,
+}
+
+fn idle_daemons(sizes: &[usize], tools: &Tools, fx: &Fixture, server: &DevServer) -> io::Result<Vec<Idle>> {
+    struct Running {
+        n: usize,
+        child: Guard,
+        admin: SocketAddr,
+        all_written: Duration,
+        startup: Sample,
+        log: PathBuf,
+    }
+    let mut running = Vec::new();
+    // One at a time, so each start-up burst has the machine to itself.
+    for &n in sizes {
+        let out = fx.out_dir(&format!("run-{n}"))?;
+        let admin = free_port()?;
+        let config = fx.config(n, &server.base_url, &out, Some(admin))?;
+        let (log, file) = fx.log_file(&format!("run-{n}"))?;
+        let start = Instant::now();
+        let child = Command::new(&tools.sidecar)
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()?;
+        let child = Guard(Some(child));
+        let limit = Duration::from_secs(30) + Duration::from_millis(5) * n as u32;
+        let Some(_) = measure::wait_for_files(&out, n, limit) else {
+            return Err(fail(format!(
+                "run with {n} customers: {} of {n} files after {limit:?}; log {}:\n{}",
+                measure::count_files(&out),
+                log.display(),
+                fixture::tail(&log, 10)
+            )));
+        };
+        let all_written = start.elapsed();
+        let startup = Sample::take(child.pid())?;
+        running.push(Running { n, child, admin, all_written, startup, log });
+    }
+    // Let the blocking threads of the last burst end.
+    let settle = Instant::now();
+    while settle.elapsed() < SETTLE_LIMIT {
+        let busy = running.iter().any(|r| Sample::take(r.child.pid()).is_ok_and(|s| s.thread_count() > 1));
+        if !busy {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let before: Vec<Sample> = running.iter().map(|r| Sample::take(r.child.pid())).collect::<io::Result<_>>()?;
+    let window_start = Instant::now();
+    std::thread::sleep(IDLE_WINDOW);
+    let window = window_start.elapsed();
+    let after: Vec<Sample> = running.iter().map(|r| Sample::take(r.child.pid())).collect::<io::Result<_>>()?;
+    let mut results = Vec::new();
+    for ((r, b), a) in running.into_iter().zip(before).zip(after) {
+        let (window_cpu, switches) = a.since(&b);
+        let mut scrapes = Vec::new();
+        for _ in 0..3 {
+            let s0 = Sample::take(r.child.pid())?;
+            let request = format!("GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", r.admin);
+            let (code, body, _) = measure::http(r.admin, request.as_bytes())?;
+            if code != 200 {
+                return Err(fail(format!("GET /metrics answered {code}; log {}", r.log.display())));
+            }
+            // The connection's task ends just after the last byte: let it.
+            std::thread::sleep(Duration::from_millis(50));
+            let s1 = Sample::take(r.child.pid())?;
+            scrapes.push((body.len(), s1.since(&s0).0, s1.rss_kib));
+        }
+        let mut child = r.child;
+        let exit = measure::stop(child.take(), Duration::from_secs(15))?.code;
+        results.push(Idle {
+            n: r.n,
+            all_written: r.all_written,
+            // Ticks count exited threads but in 10 ms steps; schedstat is exact but only for
+            // the threads still alive: the larger of the two.
+            startup_cpu: r.startup.ticks_cpu.max(r.startup.since(&Sample::default()).0),
+            startup_hwm_kib: r.startup.hwm_kib,
+            threads: a.thread_count(),
+            rss_kib: a.rss_kib,
+            anon_kib: a.anon_kib,
+            window,
+            window_cpu,
+            switches,
+            scrapes,
+            exit,
+        });
+    }
+    Ok(results)
+}
+
+struct FirstToken {
+    /// Process start to the token file renamed into place, per run.
+    first: Vec<Duration>,
+    /// One login on a new connection, per request.
+    round_trips: Vec<Duration>,
+}
+
+fn first_token(tools: &Tools, fx: &Fixture, server: &DevServer) -> io::Result<FirstToken> {
+    let body = format!("{{\"username\":\"{}\",\"password\":\"pw-00000-Secret!\"}}", fixture::email(0));
+    let request = format!(
+        "POST /rest/V1/integration/customer/token HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+         Accept: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        server.addr,
+        body.len()
+    );
+    let mut round_trips = Vec::new();
+    for _ in 0..ROUND_TRIPS {
+        let (code, _, took) = measure::http(server.addr, request.as_bytes())?;
+        if code != 200 {
+            return Err(fail(format!("a login to the dev server answered {code}")));
+        }
+        round_trips.push(took);
+    }
+    let mut first = Vec::new();
+    for _ in 0..FIRST_TOKEN_RUNS {
+        let out = fx.out_dir("first")?;
+        let config = fx.config(1, &server.base_url, &out, None)?;
+        let (log, file) = fx.log_file("first")?;
+        let watch = measure::DirWatch::new(&out)?;
+        let start = Instant::now();
+        let child = Command::new(&tools.sidecar)
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()?;
+        let mut child = Guard(Some(child));
+        let seen = watch.wait_for(&fixture::name(0), Duration::from_secs(10))?;
+        let took = start.elapsed();
+        measure::stop(child.take(), Duration::from_secs(15))?;
+        if !seen {
+            return Err(fail(format!(
+                "no token file within 10 s; log {}:\n{}",
+                log.display(),
+                fixture::tail(&log, 10)
+            )));
+        }
+        first.push(took);
+        std::fs::remove_dir_all(&out)?;
+    }
+    Ok(FirstToken { first, round_trips })
+}
+
+fn ms(d: f64) -> String {
+    let ms = d * 1e3;
+    if ms >= 100.0 {
+        format!("{ms:.0} ms")
+    } else if ms >= 1.0 {
+        format!("{ms:.1} ms")
+    } else {
+        format!("{:.0} µs", ms * 1e3)
+    }
+}
+
+fn secs(d: f64) -> String {
+    if d >= 1.0 {
+        format!("{d:.2} s")
+    } else {
+        ms(d)
+    }
+}
+
+fn find(rows: &[OnceRow], who: Who, n: usize) -> Option<&OnceRow> {
+    rows.iter().find(|r| r.who == who && r.n == n)
+}
+
+fn once_tables(out: &mut String, rows: &[OnceRow], sizes: &[usize]) {
+    writeln!(out, "\n### `once`: log N customers in, write N files, exit\n").unwrap();
+    writeln!(out, "| N | program | runs | wall | CPU | CPU per login | peak RSS | dev server CPU per login |").unwrap();
+    writeln!(out, "|---:|---|---:|---:|---:|---:|---:|---:|").unwrap();
+    for row in rows {
+        writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {:.1} MiB | {} |",
+            row.n,
+            row.who.label(),
+            row.runs.len(),
+            secs(row.wall()),
+            secs(row.cpu()),
+            ms(row.cpu_per_login()),
+            row.rss_mib(),
+            ms(row.server_cpu_per_login()),
+        )
+        .unwrap();
+    }
+    writeln!(out, "\nSidecar ÷ baseline, same run (lower is better for the sidecar):\n").unwrap();
+    writeln!(out, "| N | CPU per login ÷ Python | CPU per login ÷ curl | peak RSS ÷ Python | peak RSS ÷ curl |")
+        .unwrap();
+    writeln!(out, "|---:|---:|---:|---:|---:|").unwrap();
+    for &n in sizes {
+        let Some(s) = find(rows, Who::Sidecar, n) else { continue };
+        let ratio = |who, f: fn(&OnceRow) -> f64| {
+            find(rows, who, n).map_or("—".to_owned(), |b| format!("1/{:.1}", f(b) / f(s)))
+        };
+        writeln!(
+            out,
+            "| {n} | {} | {} | {} | {} |",
+            ratio(Who::Python, OnceRow::cpu_per_login),
+            ratio(Who::Curl, OnceRow::cpu_per_login),
+            ratio(Who::Python, OnceRow::rss_mib),
+            ratio(Who::Curl, OnceRow::rss_mib),
+        )
+        .unwrap();
+    }
+}
+
+fn idle_table(out: &mut String, idle: &[Idle]) {
+    writeln!(out, "\n### `run`: the daemon holding N customers between refreshes\n").unwrap();
+    writeln!(
+        out,
+        "| N | start to all tokens written | CPU for that | peak RSS then | threads | RSS idle (anonymous) | CPU per minute | wakeups per second | one `/metrics` scrape |"
+    )
+    .unwrap();
+    writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---|").unwrap();
+    for i in idle {
+        let per_sec = i.window_cpu.as_secs_f64() / i.window.as_secs_f64();
+        let scrape_cpu = median(i.scrapes.iter().map(|s| s.1.as_secs_f64()).collect());
+        let (bytes, _, rss) = i.scrapes.last().copied().unwrap_or_default();
+        writeln!(
+            out,
+            "| {} | {} | {} | {:.1} MiB | {} | {:.1} MiB ({:.1}) | {} | {:.2} | {} CPU, {:.0} KiB of text, RSS after {:.1} MiB |",
+            i.n,
+            secs(i.all_written.as_secs_f64()),
+            secs(i.startup_cpu.as_secs_f64()),
+            i.startup_hwm_kib as f64 / 1024.0,
+            i.threads,
+            i.rss_kib as f64 / 1024.0,
+            i.anon_kib as f64 / 1024.0,
+            ms(per_sec * 60.0),
+            i.switches as f64 / i.window.as_secs_f64(),
+            ms(scrape_cpu),
+            bytes as f64 / 1024.0,
+            rss as f64 / 1024.0,
+        )
+        .unwrap();
+        if i.exit != Some(0) {
+            writeln!(out, "\n> `run` with {} customers exited with {:?} on SIGTERM.\n", i.n, i.exit).unwrap();
+        }
+    }
+    writeln!(
+        out,
+        "\nIdle figures are over a {:.0} s window once every token is written and tokio's blocking threads have ended; \
+         wakeups are context switches summed over the daemon's threads.",
+        IDLE_WINDOW.as_secs_f64()
+    )
+    .unwrap();
+}
+
+fn first_token_table(out: &mut String, f: &FirstToken) {
+    let first = median(f.first.iter().map(Duration::as_secs_f64).collect());
+    let best = f.first.iter().min().copied().unwrap_or_default().as_secs_f64();
+    let rtt = median(f.round_trips.iter().map(Duration::as_secs_f64).collect());
+    writeln!(out, "\n### Start to the first token file (`run`, 1 customer)\n").unwrap();
+    writeln!(out, "| process start to token file (median of {}) | best | one login round trip (median of {}) | start-up cost beyond the round trip |", f.first.len(), f.round_trips.len()).unwrap();
+    writeln!(out, "|---:|---:|---:|---:|").unwrap();
+    writeln!(out, "| {} | {} | {} | {} |", ms(first), ms(best), ms(rtt), ms(first - rtt)).unwrap();
+}
+
+fn targets(out: &mut String, rows: &[OnceRow], idle: &[Idle], first: &FirstToken) {
+    writeln!(out, "\n### Targets\n").unwrap();
+    writeln!(out, "| target | measured | |").unwrap();
+    writeln!(out, "|---|---:|---|").unwrap();
+    let mut line = |what: String, measured: String, ok: Option<bool>| {
+        let verdict = match ok {
+            Some(true) => "met",
+            Some(false) => "**missed**",
+            None => "not measured",
+        };
+        writeln!(out, "| {what} | {measured} | {verdict} |").unwrap();
+    };
+    for n in [1_000, 10_000] {
+        let Some(s) = find(rows, Who::Sidecar, n) else { continue };
+        for (who, limit) in [(Who::Python, 10.0), (Who::Curl, 50.0)] {
+            let (measured, ok) = match find(rows, who, n) {
+                Some(b) => {
+                    let r = b.cpu_per_login() / s.cpu_per_login();
+                    (format!("1/{r:.1}"), Some(r >= limit))
+                }
+                None => ("—".into(), None),
+            };
+            line(format!("CPU per login ≤ 1/{limit:.0} of the {}, N = {n}", who.label()), measured, ok);
+        }
+    }
+    match (find(rows, Who::Sidecar, 1_000), find(rows, Who::Python, 1_000)) {
+        (Some(s), Some(p)) => {
+            let r = p.rss_mib() / s.rss_mib();
+            line(
+                "peak RSS of `once` ≤ 1/4 of the Python loop's, N = 1,000".into(),
+                format!("1/{r:.1} ({:.1} vs {:.1} MiB)", s.rss_mib(), p.rss_mib()),
+                Some(r >= 4.0),
+            );
+        }
+        _ => line("peak RSS of `once` ≤ 1/4 of the Python loop's, N = 1,000".into(), "—".into(), None),
+    }
+    if let Some(s) = find(rows, Who::Sidecar, 1) {
+        line("peak RSS of `once` ≤ 8 MiB, N = 1".into(), format!("{:.1} MiB", s.rss_mib()), Some(s.rss_mib() <= 8.0));
+    }
+    match idle.iter().find(|i| i.n == 10_000) {
+        Some(i) => {
+            let mib = i.rss_kib as f64 / 1024.0;
+            line("idle daemon, 10,000 customers: RSS ≤ 32 MiB".into(), format!("{mib:.1} MiB"), Some(mib <= 32.0));
+            let per_sec = i.window_cpu.as_secs_f64() / i.window.as_secs_f64();
+            line(
+                "idle daemon, 10,000 customers: CPU ≤ 1 ms per second".into(),
+                format!("{} per second", ms(per_sec)),
+                Some(per_sec <= 1e-3),
+            );
+        }
+        None => line("idle daemon, 10,000 customers".into(), "— (quick run)".into(), None),
+    }
+    let first_ms = median(first.first.iter().map(Duration::as_secs_f64).collect());
+    let rtt = median(first.round_trips.iter().map(Duration::as_secs_f64).collect());
+    line(
+        "first token on disk within 10 ms of start plus one round trip".into(),
+        format!("{} = {} + {}", ms(first_ms), ms(first_ms - rtt), ms(rtt)),
+        Some(first_ms - rtt <= 0.010),
+    );
+}
