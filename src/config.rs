@@ -161,6 +161,8 @@ struct RawCustomer {
     file: Option<String>,
 }
 
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// A duration written as a string (`90s`, `15m`, `1h`); a bare number is refused because its
 /// unit would be a guess.
 #[derive(Debug, Clone, Copy)]
@@ -175,9 +177,14 @@ impl<'de> Deserialize<'de> for Dur {
                 f.write_str("a duration string like \"90s\", \"15m\" or \"1h\"")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Dur, E> {
-                humantime::parse_duration(v.trim()).map(Dur).map_err(|e| {
+                let d = humantime::parse_duration(v.trim()).map_err(|e| {
                     E::custom(format_args!("invalid duration {v:?} ({e}); write e.g. \"90s\", \"15m\" or \"1h\""))
-                })
+                })?;
+                // Far beyond any sensible setting, and where time arithmetic would overflow.
+                if d > MAX_DURATION {
+                    return Err(E::custom(format_args!("duration {v:?} is longer than 10 years")));
+                }
+                Ok(Dur(d))
             }
         }
         d.deserialize_any(V)
@@ -893,6 +900,8 @@ customers:
         assert!(p[0].starts_with("refresh.jitter: "), "{p:?}");
         let p = problems(&format!("{MINIMAL}refresh:\n  jitter: 5 parsecs\n"));
         assert!(p[0].contains("invalid duration"), "{p:?}");
+        let p = problems(&format!("{MINIMAL}refresh:\n  auth_failure_delays: [1m, 500000000000y]\n"));
+        assert!(p[0].starts_with("refresh.auth_failure_delays[1]: ") && p[0].contains("longer than 10 years"), "{p:?}");
     }
 
     #[test]

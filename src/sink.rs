@@ -20,6 +20,8 @@ use crate::secret::Secret;
 /// Temporary files are named `.<file>.<random>.tmp`; names starting with `.` are refused for
 /// token files, so these never collide with one.
 const TMP_SUFFIX: &str = ".tmp";
+/// Random alphanumeric characters between the two.
+const TMP_RANDOM: usize = 6;
 
 fn tmp_prefix(file_name: &str) -> String {
     format!(".{file_name}.")
@@ -69,7 +71,11 @@ pub fn write_atomic(path: &Path, mode: u32, content: &[u8], sync_dir: bool) -> i
         .file_name()
         .and_then(|n| n.to_str())
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the token path has no file name"))?;
-    let mut tmp = tempfile::Builder::new().prefix(&tmp_prefix(name)).suffix(TMP_SUFFIX).tempfile_in(dir)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&tmp_prefix(name))
+        .rand_bytes(TMP_RANDOM)
+        .suffix(TMP_SUFFIX)
+        .tempfile_in(dir)?;
     // fchmod, not the mode argument of open(2): the umask cannot narrow or widen it.
     tmp.as_file().set_permissions(Permissions::from_mode(mode))?;
     tmp.write_all(content)?;
@@ -103,7 +109,11 @@ pub fn remove_stale_temporaries(path: &Path) -> usize {
         .filter(|e| {
             let n = e.file_name();
             let n = n.to_string_lossy();
-            n.starts_with(&prefix) && n.ends_with(TMP_SUFFIX) && n.len() > prefix.len() + TMP_SUFFIX.len()
+            // Exactly the shape write_atomic makes: the temporaries of file `a.x` (`.a.x.…`)
+            // are not those of file `a`.
+            n.strip_prefix(&prefix)
+                .and_then(|rest| rest.strip_suffix(TMP_SUFFIX))
+                .is_some_and(|random| random.len() == TMP_RANDOM && random.bytes().all(|b| b.is_ascii_alphanumeric()))
         })
         .filter(|e| std::fs::remove_file(e.path()).is_ok())
         .count()
@@ -118,6 +128,9 @@ pub struct OnDisk {
     /// When the file was written: with an opaque token in a `raw` file, the best guess of when it
     /// was obtained.
     pub modified: SystemTime,
+    /// The format it was written in, and its mode: a reload may have changed either.
+    pub format: Format,
+    pub mode: u32,
 }
 
 /// Reads the token in `path`, in either format (the format may have changed since it was
@@ -134,12 +147,15 @@ pub fn read_existing(path: &Path) -> Option<OnDisk> {
         return None;
     }
     let bytes = Zeroizing::new(std::fs::read(path).ok()?);
-    let (token, expires_at) = match serde_json::from_slice::<JsonFile>(&bytes) {
-        Ok(json) => (Secret::new(json.token), json.expires_at.and_then(|t| humantime::parse_rfc3339(&t).ok())),
-        Err(_) => (Secret::new(std::str::from_utf8(&bytes).ok()?.to_owned()), None),
+    let (token, expires_at, format) = match serde_json::from_slice::<JsonFile>(&bytes) {
+        Ok(json) => {
+            (Secret::new(json.token), json.expires_at.and_then(|t| humantime::parse_rfc3339(&t).ok()), Format::Json)
+        }
+        Err(_) => (Secret::new(std::str::from_utf8(&bytes).ok()?.to_owned()), None, Format::Raw),
     };
     crate::token::check_form(token.expose()).ok()?;
-    Some(OnDisk { token, expires_at, modified: meta.modified().ok()? })
+    let mode = meta.permissions().mode() & 0o777;
+    Some(OnDisk { token, expires_at, modified: meta.modified().ok()?, format, mode })
 }
 
 /// The record of a customer's recent 401s, kept beside its token file as `.<file>.auth`, so a
@@ -239,14 +255,16 @@ mod tests {
     fn stale_temporaries_are_removed_and_nothing_else() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("alice");
-        for name in [".alice.x1Yz.tmp", ".alice.Q.tmp", "alice", ".bob.x.tmp", ".alice..tmp", "alice.tmp"] {
+        let names = [".alice.x1Yz9Q.tmp", ".alice.AAAAAA.tmp", "alice", ".bob.x1Yz9Q.tmp", ".alice..tmp", "alice.tmp"];
+        // File `alice.x`'s temporary (another customer's, in flight) starts like alice's.
+        for name in names.iter().chain(&[".alice.x.k2Lm3N.tmp"]) {
             std::fs::write(dir.path().join(name), b"").unwrap();
         }
         assert_eq!(remove_stale_temporaries(&path), 2);
         let mut left: Vec<_> =
             std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         left.sort();
-        assert_eq!(left, [".alice..tmp", ".bob.x.tmp", "alice", "alice.tmp"]);
+        assert_eq!(left, [".alice..tmp", ".alice.x.k2Lm3N.tmp", ".bob.x1Yz9Q.tmp", "alice", "alice.tmp"]);
     }
 
     #[test]

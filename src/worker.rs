@@ -232,6 +232,18 @@ impl Worker {
         match self.shared.client.whoami(&self.customer.me_url(), &found.token).await {
             Ok(email) if email.eq_ignore_ascii_case(&self.customer.username) => {
                 let next = schedule::next_refresh(now, expires_at, read.lifetime, r, rand::thread_rng().gen());
+                if found.format != self.shared.format || found.mode != self.shared.mode {
+                    // A reload changed output.format or output.mode: the same token, rewritten.
+                    let content =
+                        sink::render(self.shared.format, &self.customer.name, &found.token, found.modified, expires_at);
+                    let (path, mode) = (self.customer.path.clone(), self.shared.mode);
+                    let rewritten =
+                        tokio::task::spawn_blocking(move || sink::write_atomic(&path, mode, &content, true)).await;
+                    if let Ok(Err(e)) | Err(e) = rewritten.map_err(std::io::Error::other) {
+                        warn!(error = %e, "cannot rewrite the token file in the new format or mode: logging in");
+                        return now;
+                    }
+                }
                 info!(
                     expires_at = %sink::rfc3339(expires_at),
                     token = %found.token.fingerprint(),
@@ -253,6 +265,10 @@ impl Worker {
     /// Waits until `at`; while a 401 is outstanding, also watches the password source.
     async fn wait_until(&self, at: SystemTime) -> Woken {
         loop {
+            // A stop asked while this worker was busy ends it here, before any new login.
+            if self.stop.is_cancelled() {
+                return Woken::Stopped;
+            }
             if self.failed_password.is_some() && self.password_changed() {
                 return Woken::PasswordChanged;
             }
@@ -262,6 +278,7 @@ impl Worker {
             }
             let nap = if self.failed_password.is_some() { left.min(PASSWORD_POLL) } else { left };
             tokio::select! {
+                biased;
                 _ = self.stop.cancelled() => return Woken::Stopped,
                 _ = tokio::time::sleep(nap) => {}
             }
@@ -276,9 +293,11 @@ impl Worker {
     }
 
     async fn permit(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        // The stop first: a free slot must not win the race against a stop already asked.
         tokio::select! {
-            permit = self.shared.logins.acquire() => permit.ok(),
+            biased;
             _ = self.stop.cancelled() => None,
+            permit = self.shared.logins.acquire() => permit.ok(),
         }
     }
 

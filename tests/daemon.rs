@@ -451,3 +451,24 @@ async fn an_admin_port_in_use_exits_1() {
     assert!(d.logs().contains("cannot listen on admin.listen"), "{}", d.logs());
     drop(busy);
 }
+
+/// A reload that changes only `output.format` and `output.mode` rewrites the same token in the
+/// new shape, at once, without a new login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_of_format_and_mode_rewrites_the_same_token() {
+    let w = World::with_customers(&[ALICE]).await;
+    let raw = w.config_text(&[(ALICE.0, ALICE.1)], "", "");
+    w.write_config(&raw);
+    let mut d = w.start();
+    let token = w.wait_token("alice", None, 10 * SEC).await;
+    assert_eq!(mode_of(&w.token_path("alice")), 0o600);
+
+    w.write_config(&raw.replace("  dir:", "  format: json\n  mode: \"0640\"\n  dir:"));
+    d.signal("HUP");
+    let json = w.wait_token("alice", Some(&token), 10 * SEC).await;
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(json["token"].as_str(), Some(token.as_str()));
+    assert_eq!(mode_of(&w.token_path("alice")), 0o640);
+    assert_eq!(w.server.login_attempts(ALICE.1), 1, "no new login");
+    assert_eq!(d.stop().await.code(), Some(0));
+}
