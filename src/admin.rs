@@ -11,6 +11,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -65,7 +66,10 @@ async fn status(State(admin): State<Admin>) -> Json<StatusBody> {
     Json(StatusBody { version: env!("CARGO_PKG_VERSION"), customers: admin.board.snapshot(SystemTime::now()) })
 }
 
+/// Written piece by piece as it is sent (see [`Metrics::text`]): with thousands of customers
+/// the whole text would be megabytes held at once.
 async fn metrics(State(admin): State<Admin>) -> Response {
-    admin.board.refresh_validity(&admin.metrics, SystemTime::now());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], admin.metrics.encode()).into_response()
+    let pieces = admin.metrics.text().map(Ok::<_, std::convert::Infallible>);
+    let body = Body::from_stream(futures::stream::iter(pieces));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }

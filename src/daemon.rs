@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use futures::{Stream, StreamExt};
 use rand::Rng;
 use tokio::sync::Semaphore;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -36,6 +36,7 @@ struct Running {
 
 /// The running set of workers and what they share.
 pub struct Supervisor {
+    /// The configuration in effect, its `customers` moved out to the workers (see `start`).
     config: Config,
     shared: Shared,
     board: Board,
@@ -49,9 +50,10 @@ impl Supervisor {
         Ok(Supervisor { config, shared, board, metrics, workers: BTreeMap::new() })
     }
 
-    /// Starts a worker for every configured customer.
+    /// Starts a worker for every configured customer. From here on each customer's settings
+    /// are kept by its worker and its [`Running`] entry only, not in `config` too.
     pub fn start(&mut self) {
-        for customer in self.config.customers.clone() {
+        for customer in std::mem::take(&mut self.config.customers) {
             self.spawn(customer, true);
         }
     }
@@ -66,11 +68,11 @@ impl Supervisor {
 
     /// Applies a new configuration: customers added start at once, removed ones stop (their
     /// files stay), changed ones restart, the others go on undisturbed.
-    pub async fn apply(&mut self, new: Config) -> Result<(), ClientError> {
+    pub async fn apply(&mut self, mut new: Config) -> Result<(), ClientError> {
         let shared = shared_for(&new, Some((&self.config, &self.shared)))?;
         let everyone = !shared.same_as(&self.shared);
         let wanted: BTreeMap<String, CustomerConfig> =
-            new.customers.iter().map(|c| (c.name.clone(), c.clone())).collect();
+            std::mem::take(&mut new.customers).into_iter().map(|c| (c.name.clone(), c)).collect();
 
         // Stop the removed and the changed first, all together, so no two workers ever write
         // one file.
@@ -241,22 +243,28 @@ pub struct OnceResult {
 /// [`sink::AuthLedger`]) call for a wait is not tried at all: an init container restarted by
 /// the kubelet must not walk into Magento's lock. Returns one result per customer, in the
 /// configured order.
+///
+/// Everything runs on the calling task: at most [`once_in_flight`] customers are under way at
+/// once (their logins limited further by `max_concurrent_logins`), the next one starting as
+/// soon as any finishes, so a customer that keeps failing holds up no one. Files are written
+/// inline, each `fsync`ed: on tmpfs a hand-off to a blocking thread cost more than the write
+/// (benches/RESULTS.md); on a slow disk a sync holds up the pass's other logins while it lasts.
 pub async fn once(config: &Config, timeout: Duration) -> Result<Vec<OnceResult>, ClientError> {
     let client = Client::new(&config.magento)?;
-    let logins = Arc::new(Semaphore::new(config.refresh.max_concurrent_logins));
+    let logins = Semaphore::new(config.refresh.max_concurrent_logins);
     let deadline = Instant::now() + timeout;
-    let mut tasks = JoinSet::new();
-    for (i, customer) in config.customers.iter().cloned().enumerate() {
-        let (client, logins, refresh) = (client.clone(), logins.clone(), config.refresh.clone());
-        let (format, mode) = (config.output.format, config.output.mode);
-        tasks.spawn(async move {
-            let outcome = once_customer(&client, &logins, &customer, &refresh, format, mode, deadline).await;
-            (i, OnceResult { customer: customer.name.clone(), path: customer.path.clone(), outcome })
-        });
-    }
+    let (refresh, format, mode) = (&config.refresh, config.output.format, config.output.mode);
     let mut results: Vec<Option<OnceResult>> = (0..config.customers.len()).map(|_| None).collect();
-    while let Some(done) = tasks.join_next().await {
-        let (i, result) = done.expect("a once task panicked");
+    let mut done = futures::stream::iter(config.customers.iter().enumerate())
+        .map(|(i, customer)| {
+            let (client, logins) = (&client, &logins);
+            async move {
+                let outcome = once_customer(client, logins, customer, refresh, format, mode, deadline).await;
+                (i, OnceResult { customer: customer.name.clone(), path: customer.path.clone(), outcome })
+            }
+        })
+        .buffer_unordered(once_in_flight(config.refresh.max_concurrent_logins));
+    while let Some((i, result)) = done.next().await {
         results[i] = Some(result);
     }
     // One directory sync for the whole batch.
@@ -269,6 +277,12 @@ pub async fn once(config: &Config, timeout: Duration) -> Result<Vec<OnceResult>,
         }
     }
     Ok(results.into_iter().flatten().collect())
+}
+
+/// Customers `once` has under way at a time: twice the login slots, so a slot freed is taken
+/// at once while the customer that had it writes its file.
+fn once_in_flight(max_concurrent_logins: usize) -> usize {
+    2 * max_concurrent_logins.max(1)
 }
 
 async fn once_customer(
@@ -362,10 +376,54 @@ async fn once_attempt(
     let expiry = token::expiry(&token, started, refresh.default_lifetime)
         .map_err(|e| fail(Outcome::InvalidResponse, e.to_string()))?;
     let content = sink::render(format, &customer.name, &token, started, expiry.expires_at);
-    let path = customer.path.clone();
-    tokio::task::spawn_blocking(move || sink::write_atomic(&path, mode, &content, false))
-        .await
-        .map_err(|e| fail(Outcome::WriteError, e.to_string()))?
+    // Inline: the directory is synced once at the end of the pass.
+    sink::write_atomic(&customer.path, mode, &content, false)
         .map_err(|e| fail(Outcome::WriteError, format!("cannot write {}: {e}", customer.path.display())))?;
     Ok(expiry.expires_at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devserver::{DevServer, DevServerOptions, Fault};
+
+    #[tokio::test]
+    async fn once_answers_in_order_and_a_stuck_login_holds_up_no_one_else() {
+        let server = DevServer::start(DevServerOptions::default()).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = dir.path().join("tokens");
+        std::fs::create_dir(&tokens).unwrap();
+        let mut customers = String::new();
+        for i in 0..40 {
+            let name = format!("c{i:02}");
+            server.add_customer(&format!("{name}@example.com"), "pw");
+            let secret = dir.path().join(&name);
+            std::fs::write(&secret, "pw").unwrap();
+            customers += &format!(
+                "  - name: {name}\n    username: {name}@example.com\n    password_file: {}\n",
+                secret.display()
+            );
+        }
+        let text = format!(
+            "magento:\n  base_url: {}\nrefresh:\n  max_concurrent_logins: 2\noutput:\n  dir: {}\ncustomers:\n{customers}",
+            server.base_url(),
+            tokens.display()
+        );
+        let config = config::parse(&text, Checks::Environment).unwrap();
+        // The first login never gets an answer: it holds one of the two login slots until the
+        // end of the pass, and the customers after it go on through the other.
+        server.push_fault(Fault::Hang);
+        let results = once(&config, Duration::from_secs(2)).await.unwrap();
+        let names: Vec<&str> = results.iter().map(|r| r.customer.as_str()).collect();
+        let configured: Vec<&str> = config.customers.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, configured);
+        let failed: Vec<&OnceResult> = results.iter().filter(|r| r.outcome.is_err()).collect();
+        assert_eq!(failed.len(), 1, "only the stuck login fails");
+        let Err(e) = &failed[0].outcome else { unreachable!() };
+        assert_eq!(e.class(), "network_error", "{e}");
+        for r in results.iter().filter(|r| r.outcome.is_ok()) {
+            assert!(std::fs::read(&r.path).is_ok_and(|t| !t.is_empty()), "{}", r.path.display());
+        }
+        assert_eq!(std::fs::read_dir(&tokens).unwrap().count(), 39, "no temporary file left");
+    }
 }

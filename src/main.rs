@@ -16,7 +16,6 @@ use magento_token_sidecar::config::{self, Checks, Config};
 use magento_token_sidecar::logging::{self, Logging};
 use magento_token_sidecar::metrics::Metrics;
 use magento_token_sidecar::signals::{self, Signal};
-use magento_token_sidecar::status::Board;
 use magento_token_sidecar::{admin, daemon, demo, devserver};
 
 const BAD_CONFIG: u8 = 2;
@@ -155,8 +154,8 @@ async fn serve(config_path: &Path, config: Config, admin_listener: Option<TcpLis
             return FAILED;
         }
     };
-    let board = Board::default();
     let metrics = Arc::new(Metrics::new());
+    let board = metrics.board().clone();
     let listener = match (admin_listener, config.admin_listen) {
         (Some(l), _) => Some(l),
         (None, Some(addr)) => match TcpListener::bind(addr).await {

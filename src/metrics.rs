@@ -1,14 +1,21 @@
 //! Every metric the daemon exports, defined in one place, in an owned registry.
 //!
-//! Per-customer series are created at 0 for every label value as soon as a customer is
-//! configured, so dashboards and alerts see a customer before its first login, and they are
-//! deleted when a reload removes the customer.
+//! Per-customer series exist at 0 for every label value as soon as a customer is configured,
+//! so dashboards and alerts see a customer before its first login, and they are gone when a
+//! reload removes the customer. Their values live in the status [`Board`] (one compact entry a
+//! customer) and are turned into series only while `/metrics` is scraped.
 
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::ops::Bound;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
-};
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{self, LabelPair, Metric, MetricFamily, MetricType};
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use crate::status::{Board, Entry};
 
 /// The outcome of one login, the `result` label of `magento_token_refresh_total`: a closed set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -36,6 +43,21 @@ impl Outcome {
         Outcome::WriteError,
     ];
 
+    /// [`Outcome::ALL`] in the order of their `result` label values, as a scrape lists them.
+    pub const SORTED: [Outcome; 6] = [
+        Outcome::AuthFailure,
+        Outcome::HttpError,
+        Outcome::InvalidResponse,
+        Outcome::NetworkError,
+        Outcome::Success,
+        Outcome::WriteError,
+    ];
+
+    /// This outcome's place in [`Outcome::ALL`].
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Success => "success",
@@ -48,19 +70,220 @@ impl Outcome {
     }
 }
 
+/// A per-customer family: every configured customer has its series, written from its
+/// [`Board`] entry whenever `/metrics` is scraped.
+struct Family {
+    name: &'static str,
+    help: &'static str,
+    kind: MetricType,
+    value: Value,
+}
+
+enum Value {
+    /// One series, labelled `customer`.
+    One(fn(&Entry, SystemTime) -> f64),
+    /// One series per [`Outcome`], labelled `customer` and `result`.
+    PerOutcome,
+}
+
+/// Every per-customer family, in the order of their names (the order of the exposition).
+const FAMILIES: [Family; 9] = [
+    Family {
+        name: "magento_token_clock_skew_seconds",
+        help: "Magento's clock minus ours, from the last JWT's iat, when more than a minute apart (else 0).",
+        kind: MetricType::GAUGE,
+        value: Value::One(|e, _| e.clock_skew as f64),
+    },
+    Family {
+        name: "magento_token_consecutive_failures",
+        help: "Failed logins since the last success.",
+        kind: MetricType::GAUGE,
+        value: Value::One(|e, _| f64::from(e.consecutive_failures)),
+    },
+    Family {
+        name: "magento_token_expiry_timestamp_seconds",
+        help: "Unix time the token on disk expires (0: none).",
+        kind: MetricType::GAUGE,
+        value: Value::One(|e, _| e.expires_at.map_or(0.0, unix)),
+    },
+    Family {
+        name: "magento_token_last_success_timestamp_seconds",
+        help: "Unix time of the last successful write (0: none yet).",
+        kind: MetricType::GAUGE,
+        value: Value::One(|e, _| e.last_success_at.map_or(0.0, unix)),
+    },
+    Family {
+        name: "magento_token_next_refresh_timestamp_seconds",
+        help: "Unix time the next login is planned (0: none planned).",
+        kind: MetricType::GAUGE,
+        value: Value::One(|e, _| e.next_refresh_at.map_or(0.0, unix)),
+    },
+    Family {
+        name: "magento_token_password_errors_total",
+        help: "Password sources that could not be read before a login.",
+        kind: MetricType::COUNTER,
+        value: Value::One(|e, _| e.password_errors as f64),
+    },
+    Family {
+        name: "magento_token_paused",
+        help: "1 while the customer is paused after repeated 401s (its password is probably wrong).",
+        kind: MetricType::GAUGE,
+        value: Value::One(|e, _| f64::from(u8::from(e.paused))),
+    },
+    Family {
+        name: "magento_token_refresh_total",
+        help: "Logins by outcome.",
+        kind: MetricType::COUNTER,
+        value: Value::PerOutcome,
+    },
+    Family {
+        name: "magento_token_valid",
+        help: "1 when an unexpired token is on disk.",
+        kind: MetricType::GAUGE,
+        value: Value::One(|e, now| f64::from(u8::from(e.valid(now)))),
+    },
+];
+
+impl Family {
+    fn label_names(&self) -> &'static [&'static str] {
+        match self.value {
+            Value::One(_) => &["customer"],
+            Value::PerOutcome => &["customer", "result"],
+        }
+    }
+
+    /// Calls `f` with the `result` label (if the family has one) and the value of each of one
+    /// customer's series, in the order of the exposition.
+    fn series(&self, e: &Entry, now: SystemTime, mut f: impl FnMut(Option<&'static str>, f64)) {
+        match self.value {
+            Value::One(value) => f(None, value(e, now)),
+            Value::PerOutcome => {
+                for outcome in Outcome::SORTED {
+                    f(Some(outcome.as_str()), e.refreshes[outcome.index()] as f64);
+                }
+            }
+        }
+    }
+
+    /// This family as Prometheus' data model (what `Registry::gather` returns).
+    fn collect(&self, board: &BTreeMap<Box<str>, Entry>, now: SystemTime) -> MetricFamily {
+        let mut mf = MetricFamily::default();
+        mf.set_name(self.name.into());
+        mf.set_help(self.help.into());
+        mf.set_field_type(self.kind);
+        let metrics = mf.mut_metric();
+        metrics.reserve(board.len() * if matches!(self.value, Value::PerOutcome) { Outcome::ALL.len() } else { 1 });
+        for (customer, e) in board {
+            self.series(e, now, |result, value| {
+                let mut labels = vec![label_pair("customer", customer)];
+                labels.extend(result.map(|r| label_pair("result", r)));
+                let mut m = Metric::from_label(labels);
+                if self.kind == MetricType::COUNTER {
+                    let mut c = proto::Counter::default();
+                    c.set_value(value);
+                    m.set_counter(c);
+                } else {
+                    let mut g = proto::Gauge::default();
+                    g.set_value(value);
+                    m.set_gauge(g);
+                }
+                metrics.push(m);
+            });
+        }
+        mf
+    }
+
+    /// `# HELP` and `# TYPE`, as `TextEncoder` writes them.
+    fn write_header(&self, out: &mut String) {
+        let kind = if self.kind == MetricType::COUNTER { "counter" } else { "gauge" };
+        let _ = writeln!(out, "# HELP {} {}\n# TYPE {} {kind}", self.name, escape(self.help, false), self.name);
+    }
+
+    /// One customer's series in the text format, exactly as `TextEncoder` writes what
+    /// [`Family::collect`] makes of them.
+    fn write_customer(&self, out: &mut String, customer: &str, e: &Entry, now: SystemTime) {
+        let customer = escape(customer, true);
+        self.series(e, now, |result, value| {
+            out.push_str(self.name);
+            out.push_str("{customer=\"");
+            out.push_str(&customer);
+            if let Some(result) = result {
+                out.push_str("\",result=\"");
+                out.push_str(result);
+            }
+            let _ = writeln!(out, "\"}} {value}");
+        });
+    }
+}
+
+fn label_pair(name: &str, value: &str) -> LabelPair {
+    let mut l = LabelPair::default();
+    l.set_name(name.into());
+    l.set_value(value.into());
+    l
+}
+
+/// The text format's escaping: `\` and newlines always, `"` in label values.
+fn escape(s: &str, quote: bool) -> Cow<'_, str> {
+    let special: &[char] = if quote { &['\\', '\n', '"'] } else { &['\\', '\n'] };
+    if !s.contains(special) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '"' if quote => out.push_str("\\\""),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// The per-customer families as a [`Collector`], so the registry's `gather` holds every
+/// metric. Scrapes do not go through it: [`Metrics::encode`] writes the same series as text
+/// straight from the board.
+struct CustomerCollector {
+    board: Board,
+    descs: Vec<Desc>,
+}
+
+impl CustomerCollector {
+    fn new(board: Board) -> CustomerCollector {
+        let descs = FAMILIES
+            .iter()
+            .map(|f| {
+                let labels = f.label_names().iter().map(|l| l.to_string()).collect();
+                Desc::new(f.name.into(), f.help.into(), labels, HashMap::new()).expect("valid names and help")
+            })
+            .collect();
+        CustomerCollector { board, descs }
+    }
+}
+
+impl Collector for CustomerCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let now = SystemTime::now();
+        self.board.with(|board| FAMILIES.iter().map(|f| f.collect(board, now)).collect())
+    }
+}
+
+/// Every metric of the process, in an owned registry, and the board the per-customer series
+/// are read from.
 pub struct Metrics {
+    /// Every metric, the per-customer families included: [`Metrics::gather`].
     registry: Registry,
-    refresh_total: IntCounterVec,
+    /// The metrics that are not per customer, also in `registry`: what a scrape
+    /// ([`Metrics::text`]) gathers; it writes the per-customer families from the board itself.
+    fixed: Registry,
+    board: Board,
     refresh_duration: Histogram,
-    expiry: GaugeVec,
-    last_success: GaugeVec,
-    next_refresh: GaugeVec,
-    consecutive_failures: IntGaugeVec,
-    valid: IntGaugeVec,
-    paused: IntGaugeVec,
-    clock_skew: IntGaugeVec,
     reloads: IntCounterVec,
-    password_errors: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -71,64 +294,13 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let registry = Registry::new();
-        let customer = &["customer"];
         let m = Metrics {
-            refresh_total: IntCounterVec::new(
-                Opts::new("magento_token_refresh_total", "Logins by outcome."),
-                &["customer", "result"],
-            )
-            .unwrap(),
+            registry: Registry::new(),
+            fixed: Registry::new(),
+            board: Board::new(),
             refresh_duration: Histogram::with_opts(
                 HistogramOpts::new("magento_token_refresh_duration_seconds", "Time of one login request.")
                     .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
-            )
-            .unwrap(),
-            expiry: GaugeVec::new(
-                Opts::new("magento_token_expiry_timestamp_seconds", "Unix time the token on disk expires (0: none)."),
-                customer,
-            )
-            .unwrap(),
-            last_success: GaugeVec::new(
-                Opts::new(
-                    "magento_token_last_success_timestamp_seconds",
-                    "Unix time of the last successful write (0: none yet).",
-                ),
-                customer,
-            )
-            .unwrap(),
-            next_refresh: GaugeVec::new(
-                Opts::new(
-                    "magento_token_next_refresh_timestamp_seconds",
-                    "Unix time the next login is planned (0: none planned).",
-                ),
-                customer,
-            )
-            .unwrap(),
-            consecutive_failures: IntGaugeVec::new(
-                Opts::new("magento_token_consecutive_failures", "Failed logins since the last success."),
-                customer,
-            )
-            .unwrap(),
-            valid: IntGaugeVec::new(
-                Opts::new("magento_token_valid", "1 when an unexpired token is on disk."),
-                customer,
-            )
-            .unwrap(),
-            paused: IntGaugeVec::new(
-                Opts::new(
-                    "magento_token_paused",
-                    "1 while the customer is paused after repeated 401s (its password is probably wrong).",
-                ),
-                customer,
-            )
-            .unwrap(),
-            clock_skew: IntGaugeVec::new(
-                Opts::new(
-                    "magento_token_clock_skew_seconds",
-                    "Magento's clock minus ours, from the last JWT's iat, when more than a minute apart (else 0).",
-                ),
-                customer,
             )
             .unwrap(),
             reloads: IntCounterVec::new(
@@ -136,36 +308,29 @@ impl Metrics {
                 &["result"],
             )
             .unwrap(),
-            password_errors: IntCounterVec::new(
-                Opts::new(
-                    "magento_token_password_errors_total",
-                    "Password sources that could not be read before a login.",
-                ),
-                customer,
-            )
-            .unwrap(),
-            registry,
         };
         let build_info =
             IntGaugeVec::new(Opts::new("magento_token_build_info", "Always 1; the version is a label."), &["version"])
                 .unwrap();
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        let collectors: [Box<dyn prometheus::core::Collector>; 13] = [
-            Box::new(m.refresh_total.clone()),
+        let process = || prometheus::process_collector::ProcessCollector::for_self();
+        let fixed: [Box<dyn Collector>; 4] = [
             Box::new(m.refresh_duration.clone()),
-            Box::new(m.expiry.clone()),
-            Box::new(m.last_success.clone()),
-            Box::new(m.next_refresh.clone()),
-            Box::new(m.consecutive_failures.clone()),
-            Box::new(m.valid.clone()),
-            Box::new(m.paused.clone()),
-            Box::new(m.clock_skew.clone()),
             Box::new(m.reloads.clone()),
-            Box::new(m.password_errors.clone()),
-            Box::new(build_info),
-            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
+            Box::new(build_info.clone()),
+            Box::new(process()),
         ];
-        for c in collectors {
+        for c in fixed {
+            m.fixed.register(c).expect("metric names are unique");
+        }
+        let all: [Box<dyn Collector>; 5] = [
+            Box::new(CustomerCollector::new(m.board.clone())),
+            Box::new(m.refresh_duration.clone()),
+            Box::new(m.reloads.clone()),
+            Box::new(build_info),
+            Box::new(process()),
+        ];
+        for c in all {
             m.registry.register(c).expect("metric names are unique");
         }
         for result in ["success", "failure"] {
@@ -174,85 +339,140 @@ impl Metrics {
         m
     }
 
+    /// The board every per-customer series is read from: the one of this process.
+    pub fn board(&self) -> &Board {
+        &self.board
+    }
+
     /// Creates every series of `customer` at 0; series that exist (a customer restarted by a
     /// reload) keep their values.
     pub fn add_customer(&self, customer: &str) {
-        for outcome in Outcome::ALL {
-            self.refresh_total.with_label_values(&[customer, outcome.as_str()]);
-        }
-        for g in [&self.expiry, &self.last_success, &self.next_refresh] {
-            g.with_label_values(&[customer]);
-        }
-        self.consecutive_failures.with_label_values(&[customer]);
-        self.valid.with_label_values(&[customer]);
-        self.paused.with_label_values(&[customer]);
-        self.clock_skew.with_label_values(&[customer]);
-        self.password_errors.with_label_values(&[customer]);
+        self.board.add(customer);
     }
 
-    /// Deletes every series of `customer`.
+    /// Deletes every series of `customer` (and its board entry).
     pub fn remove_customer(&self, customer: &str) {
-        for outcome in Outcome::ALL {
-            let _ = self.refresh_total.remove_label_values(&[customer, outcome.as_str()]);
-        }
-        for g in [&self.expiry, &self.last_success, &self.next_refresh] {
-            let _ = g.remove_label_values(&[customer]);
-        }
-        let _ = self.consecutive_failures.remove_label_values(&[customer]);
-        let _ = self.valid.remove_label_values(&[customer]);
-        let _ = self.paused.remove_label_values(&[customer]);
-        let _ = self.clock_skew.remove_label_values(&[customer]);
-        let _ = self.password_errors.remove_label_values(&[customer]);
+        self.board.remove(customer);
     }
 
+    /// A login: counted by outcome, and its request timed.
     pub fn login(&self, customer: &str, outcome: Outcome, request_time: Option<Duration>) {
-        self.refresh_total.with_label_values(&[customer, outcome.as_str()]).inc();
+        self.board.update(customer, |e| e.refreshes[outcome.index()] += 1);
+        self.login_time(request_time);
+    }
+
+    /// The time of one login request, if one was sent.
+    pub(crate) fn login_time(&self, request_time: Option<Duration>) {
         if let Some(t) = request_time {
             self.refresh_duration.observe(t.as_secs_f64());
         }
     }
 
-    pub fn consecutive_failures(&self, customer: &str, n: u32) {
-        self.consecutive_failures.with_label_values(&[customer]).set(i64::from(n));
-    }
-
-    pub fn token_on_disk(&self, customer: &str, expires_at: SystemTime) {
-        self.expiry.with_label_values(&[customer]).set(unix(expires_at));
-    }
-
-    pub fn written(&self, customer: &str, at: SystemTime) {
-        self.last_success.with_label_values(&[customer]).set(unix(at));
-    }
-
-    pub fn next_refresh(&self, customer: &str, at: Option<SystemTime>) {
-        self.next_refresh.with_label_values(&[customer]).set(at.map_or(0.0, unix));
-    }
-
-    pub fn valid(&self, customer: &str, valid: bool) {
-        self.valid.with_label_values(&[customer]).set(i64::from(valid));
-    }
-
-    pub fn paused(&self, customer: &str, paused: bool) {
-        self.paused.with_label_values(&[customer]).set(i64::from(paused));
-    }
-
     pub fn clock_skew(&self, customer: &str, seconds: i64) {
-        self.clock_skew.with_label_values(&[customer]).set(seconds);
+        self.board.update(customer, |e| e.clock_skew = seconds);
     }
 
     pub fn password_error(&self, customer: &str) {
-        self.password_errors.with_label_values(&[customer]).inc();
+        self.board.update(customer, |e| e.password_errors += 1);
     }
 
     pub fn reload(&self, ok: bool) {
         self.reloads.with_label_values(&[if ok { "success" } else { "failure" }]).inc();
     }
 
-    /// The Prometheus text exposition of everything registered.
+    /// Every metric in Prometheus' data model, built from the board for the per-customer ones.
+    pub fn gather(&self) -> Vec<MetricFamily> {
+        self.registry.gather()
+    }
+
+    /// The Prometheus text exposition of every metric: byte for byte what `TextEncoder` makes
+    /// of [`Metrics::gather`].
     pub fn encode(&self) -> String {
-        let mut out = Vec::with_capacity(16 * 1024);
-        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding into memory cannot fail");
-        String::from_utf8(out).expect("the text format is UTF-8")
+        self.text().collect()
+    }
+
+    /// [`Metrics::encode`] in pieces of about [`TEXT_CHUNK`] bytes, each written when it is
+    /// asked for: a scrape's response is sent as it is written, and costs a few pieces of
+    /// memory at a time instead of the whole text (0.9 KiB a customer, which malloc would
+    /// keep). A customer added or removed while a scrape is being sent may show in some of
+    /// its families only, as if it had happened between two scrapes for the others.
+    pub fn text(&self) -> TextChunks {
+        let mut sections = VecDeque::with_capacity(FAMILIES.len() + 8);
+        let mut fixed = self.fixed.gather().into_iter().peekable();
+        let encoder = TextEncoder::new();
+        let encode = |mf: MetricFamily| {
+            let mut text = String::new();
+            encoder.encode_utf8(&[mf], &mut text).expect("no empty family is gathered");
+            Section::Text(text)
+        };
+        for family in &FAMILIES {
+            while let Some(mf) = fixed.next_if(|mf| mf.name() < family.name) {
+                sections.push_back(encode(mf));
+            }
+            sections.push_back(Section::Customers(family));
+        }
+        sections.extend(fixed.map(encode));
+        TextChunks { board: self.board.clone(), now: SystemTime::now(), sections, after: None }
+    }
+}
+
+/// The size a piece of [`Metrics::text`] grows to before it is handed out: well below
+/// malloc's threshold for mapping memory of its own, so the pieces reuse the same memory.
+pub const TEXT_CHUNK: usize = 32 * 1024;
+
+/// The text exposition, piece by piece: see [`Metrics::text`].
+pub struct TextChunks {
+    board: Board,
+    /// For `magento_token_valid`: one moment for the whole scrape.
+    now: SystemTime,
+    sections: VecDeque<Section>,
+    /// The last customer written of the family at the front, when it is partly written.
+    after: Option<Box<str>>,
+}
+
+enum Section {
+    /// Families that are not per customer, already in the text format.
+    Text(String),
+    Customers(&'static Family),
+}
+
+impl Iterator for TextChunks {
+    type Item = String;
+
+    fn next(&mut self) -> Option<String> {
+        let mut out = String::with_capacity(TEXT_CHUNK + 4 * 1024);
+        while out.len() < TEXT_CHUNK {
+            match self.sections.pop_front() {
+                None => break,
+                Some(Section::Text(text)) => out.push_str(&text),
+                Some(Section::Customers(family)) => {
+                    let after = self.after.take();
+                    let now = self.now;
+                    self.board.with(|board| {
+                        let rest = match &after {
+                            // As the registry leaves out a family without series.
+                            None if board.is_empty() => return,
+                            None => {
+                                family.write_header(&mut out);
+                                board.range::<str, _>(..)
+                            }
+                            Some(last) => board.range::<str, _>((Bound::Excluded(&**last), Bound::Unbounded)),
+                        };
+                        for (customer, e) in rest {
+                            family.write_customer(&mut out, customer, e, now);
+                            if out.len() >= TEXT_CHUNK {
+                                self.after = Some(customer.clone());
+                                break;
+                            }
+                        }
+                    });
+                    if self.after.is_some() {
+                        self.sections.push_front(Section::Customers(family));
+                    }
+                }
+            }
+        }
+        (!out.is_empty()).then_some(out)
     }
 }
 
@@ -262,6 +482,8 @@ fn unix(t: SystemTime) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    use prometheus::Encoder;
+
     use super::*;
 
     fn value(text: &str, series: &str) -> Option<String> {
@@ -301,7 +523,7 @@ mod tests {
         let m = Metrics::new();
         m.add_customer("bob");
         m.login("bob", Outcome::AuthFailure, Some(Duration::from_millis(30)));
-        m.consecutive_failures("bob", 1);
+        m.board().update("bob", |e| e.consecutive_failures = 1);
         let text = m.encode();
         assert_eq!(
             value(&text, "magento_token_refresh_total{customer=\"bob\",result=\"auth_failure\"}").as_deref(),
@@ -310,5 +532,192 @@ mod tests {
         assert_eq!(value(&text, "magento_token_refresh_duration_seconds_bucket{le=\"0.05\"}").as_deref(), Some("1"));
         assert_eq!(value(&text, "magento_token_refresh_duration_seconds_bucket{le=\"0.025\"}").as_deref(), Some("0"));
         assert_eq!(value(&text, "magento_token_consecutive_failures{customer=\"bob\"}").as_deref(), Some("1"));
+    }
+
+    #[test]
+    fn outcomes_are_listed_in_label_order() {
+        let mut sorted = Outcome::ALL;
+        sorted.sort_by_key(|o| o.as_str());
+        assert_eq!(sorted, Outcome::SORTED);
+        for (i, o) in Outcome::ALL.into_iter().enumerate() {
+            assert_eq!(o.index(), i);
+        }
+    }
+
+    /// The samples of a text exposition, the process's own (which change between two calls)
+    /// left out.
+    fn without_process_samples(text: &str) -> String {
+        text.lines().filter(|l| !l.starts_with("process_")).map(|l| format!("{l}\n")).collect()
+    }
+
+    fn busy_metrics() -> Metrics {
+        let m = Metrics::new();
+        let t = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        for (i, name) in ["alice", "bob", "carol-2", "d.e_f"].into_iter().enumerate() {
+            m.add_customer(name);
+            m.board().update(name, |e| {
+                e.expires_at = (i != 1).then_some(t + Duration::from_secs(3600 * i as u64));
+                e.last_success_at = (i != 1).then_some(t);
+                e.next_refresh_at = (i != 3).then_some(t + Duration::from_millis(2_700_500));
+                e.consecutive_failures = i as u32;
+                e.paused = i == 1;
+                e.clock_skew = [0, -300, 75, 0][i];
+                e.password_errors = i as u64 * 2;
+                for o in Outcome::ALL {
+                    e.refreshes[o.index()] = (o.index() * 7 + i) as u64;
+                }
+            });
+        }
+        m.login("alice", Outcome::HttpError, Some(Duration::from_millis(70)));
+        m.reload(false);
+        m
+    }
+
+    #[test]
+    fn the_text_is_what_the_text_encoder_makes_of_gather() {
+        for m in [Metrics::new(), busy_metrics()] {
+            let mut reference = Vec::new();
+            TextEncoder::new().encode(&m.gather(), &mut reference).unwrap();
+            let reference = String::from_utf8(reference).unwrap();
+            assert_eq!(without_process_samples(&m.encode()), without_process_samples(&reference));
+        }
+    }
+
+    /// The series as the `prometheus` crate's labelled vectors made them before the board
+    /// held the values: same names, help, types, labels and values.
+    #[test]
+    fn the_series_are_those_of_the_metric_vectors_they_replace() {
+        use prometheus::{GaugeVec, IntGaugeVec};
+        let m = busy_metrics();
+        let now = SystemTime::now();
+        let old = Registry::new();
+        let customer = &["customer"];
+        let refresh_total =
+            IntCounterVec::new(Opts::new("magento_token_refresh_total", "Logins by outcome."), &["customer", "result"])
+                .unwrap();
+        let gauge = |name: &str, help: &str| GaugeVec::new(Opts::new(name, help), customer).unwrap();
+        let int_gauge = |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), customer).unwrap();
+        let expiry = gauge("magento_token_expiry_timestamp_seconds", "Unix time the token on disk expires (0: none).");
+        let last_success = gauge(
+            "magento_token_last_success_timestamp_seconds",
+            "Unix time of the last successful write (0: none yet).",
+        );
+        let next_refresh = gauge(
+            "magento_token_next_refresh_timestamp_seconds",
+            "Unix time the next login is planned (0: none planned).",
+        );
+        let failures = int_gauge("magento_token_consecutive_failures", "Failed logins since the last success.");
+        let valid = int_gauge("magento_token_valid", "1 when an unexpired token is on disk.");
+        let paused = int_gauge(
+            "magento_token_paused",
+            "1 while the customer is paused after repeated 401s (its password is probably wrong).",
+        );
+        let skew = int_gauge(
+            "magento_token_clock_skew_seconds",
+            "Magento's clock minus ours, from the last JWT's iat, when more than a minute apart (else 0).",
+        );
+        let password_errors = IntCounterVec::new(
+            Opts::new("magento_token_password_errors_total", "Password sources that could not be read before a login."),
+            customer,
+        )
+        .unwrap();
+        m.board().with(|board| {
+            for (name, e) in board.iter() {
+                let name: &str = name;
+                for o in Outcome::ALL {
+                    refresh_total.with_label_values(&[name, o.as_str()]).inc_by(e.refreshes[o.index()]);
+                }
+                expiry.with_label_values(&[name]).set(e.expires_at.map_or(0.0, unix));
+                last_success.with_label_values(&[name]).set(e.last_success_at.map_or(0.0, unix));
+                next_refresh.with_label_values(&[name]).set(e.next_refresh_at.map_or(0.0, unix));
+                failures.with_label_values(&[name]).set(i64::from(e.consecutive_failures));
+                valid.with_label_values(&[name]).set(i64::from(e.valid(now)));
+                paused.with_label_values(&[name]).set(i64::from(e.paused));
+                skew.with_label_values(&[name]).set(e.clock_skew);
+                password_errors.with_label_values(&[name]).inc_by(e.password_errors);
+            }
+        });
+        let collectors: [Box<dyn Collector>; 9] = [
+            Box::new(refresh_total),
+            Box::new(expiry),
+            Box::new(last_success),
+            Box::new(next_refresh),
+            Box::new(failures),
+            Box::new(valid),
+            Box::new(paused),
+            Box::new(skew),
+            Box::new(password_errors),
+        ];
+        for c in collectors {
+            old.register(c).unwrap();
+        }
+        let mut expected = Vec::new();
+        TextEncoder::new().encode(&old.gather(), &mut expected).unwrap();
+        let expected = String::from_utf8(expected).unwrap();
+        let families: Vec<&str> = FAMILIES.iter().map(|f| f.name).collect();
+        let ours: String = m
+            .encode()
+            .lines()
+            .filter(|l| families.iter().any(|f| l.split([' ', '{']).any(|w| w == *f)))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(ours, expected);
+        assert!(expected.contains("magento_token_clock_skew_seconds{customer=\"bob\"} -300\n"), "{expected}");
+    }
+
+    #[test]
+    fn the_families_are_listed_by_name() {
+        assert!(FAMILIES.windows(2).all(|w| w[0].name < w[1].name));
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let m = Metrics::new();
+        m.add_customer("a\"b\\c\nd");
+        let mut reference = Vec::new();
+        TextEncoder::new().encode(&m.gather(), &mut reference).unwrap();
+        let reference = String::from_utf8(reference).unwrap();
+        assert!(reference.contains(r#"magento_token_valid{customer="a\"b\\c\nd"} 0"#), "{reference}");
+        assert_eq!(without_process_samples(&m.encode()), without_process_samples(&reference));
+    }
+
+    #[test]
+    fn the_text_comes_in_bounded_pieces_that_add_up_to_the_whole() {
+        let m = busy_metrics();
+        for i in 0..3000 {
+            let name = format!("customer-with-a-rather-long-name-{i:05}");
+            m.add_customer(&name);
+            m.board().update(&name, |e| e.refreshes[Outcome::Success.index()] = i);
+        }
+        let pieces: Vec<String> = m.text().collect();
+        assert!(pieces.len() > 20, "{}", pieces.len());
+        for p in &pieces {
+            // A piece ends after the customer that takes it past the size, or a fixed family.
+            assert!(p.len() < TEXT_CHUNK + 2048, "{}", p.len());
+            assert!(p.ends_with('\n'));
+        }
+        let mut reference = Vec::new();
+        TextEncoder::new().encode(&m.gather(), &mut reference).unwrap();
+        let reference = String::from_utf8(reference).unwrap();
+        assert_eq!(without_process_samples(&pieces.concat()), without_process_samples(&reference));
+    }
+
+    #[test]
+    fn customers_coming_and_going_during_a_scrape_leave_a_well_formed_text() {
+        let m = Metrics::new();
+        for i in 0..3000 {
+            m.add_customer(&format!("c{i:05}"));
+        }
+        let mut text = String::new();
+        for (i, piece) in m.text().enumerate() {
+            text.push_str(&piece);
+            m.remove_customer(&format!("c{:05}", 2999 - i * 37));
+            m.add_customer(&format!("new{i:03}"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            assert!(seen.insert(line.split(' ').next().unwrap().to_owned()), "one series once: {line}");
+        }
+        assert!(text.contains("magento_token_valid{customer=\"c00000\"} 0\n"));
     }
 }

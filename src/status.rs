@@ -1,8 +1,10 @@
-//! What every customer's worker reports: the board behind `/status` and `/readyz`, kept in
-//! step with the metrics.
+//! What every customer's worker reports: one compact entry per customer, behind `/status`,
+//! `/readyz` and every per-customer series of `/metrics`.
 //!
-//! Workers write through a [`Reporter`], which updates the board and the metrics together, so
-//! the two never disagree.
+//! The board is the only place a customer's numbers live: the metrics' per-customer series are
+//! written from it at scrape time (see [`crate::metrics`]), so `/status` and `/metrics` never
+//! disagree and a customer costs one [`Entry`], not a dozen Prometheus children.
+//! Workers write through a [`Reporter`].
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -32,14 +34,64 @@ pub enum State {
     Paused,
 }
 
+/// Everything known of one customer: what `/status` shows and every per-customer metric.
 #[derive(Debug, Clone)]
-struct Entry {
-    state: State,
-    expires_at: Option<SystemTime>,
-    last_success_at: Option<SystemTime>,
-    next_refresh_at: Option<SystemTime>,
-    consecutive_failures: u32,
-    last_error: Option<LastError>,
+pub(crate) struct Entry {
+    /// `magento_token_expiry_timestamp_seconds`; `magento_token_valid` is computed from it.
+    pub(crate) expires_at: Option<SystemTime>,
+    /// `magento_token_last_success_timestamp_seconds`.
+    pub(crate) last_success_at: Option<SystemTime>,
+    /// `magento_token_next_refresh_timestamp_seconds`.
+    pub(crate) next_refresh_at: Option<SystemTime>,
+    /// `magento_token_refresh_total`, indexed by [`Outcome::index`].
+    pub(crate) refreshes: [u64; Outcome::ALL.len()],
+    /// `magento_token_password_errors_total`.
+    pub(crate) password_errors: u64,
+    /// `magento_token_clock_skew_seconds`.
+    pub(crate) clock_skew: i64,
+    /// `magento_token_consecutive_failures`.
+    pub(crate) consecutive_failures: u32,
+    pub(crate) state: State,
+    /// `magento_token_paused`: set with the plan, so it stays up while a paused customer's
+    /// state moves on to `refreshing`.
+    pub(crate) paused: bool,
+    /// Boxed: most customers never have one.
+    last_error: Option<Box<ErrorNote>>,
+}
+
+impl Entry {
+    fn new() -> Entry {
+        Entry {
+            expires_at: None,
+            last_success_at: None,
+            next_refresh_at: None,
+            refreshes: [0; Outcome::ALL.len()],
+            password_errors: 0,
+            clock_skew: 0,
+            consecutive_failures: 0,
+            state: State::Starting,
+            paused: false,
+            last_error: None,
+        }
+    }
+
+    /// Whether an unexpired token is on disk at `now`.
+    pub(crate) fn valid(&self, now: SystemTime) -> bool {
+        self.expires_at.is_some_and(|t| t > now)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct ErrorNote {
+    class: &'static str,
+    message: Box<str>,
+    at: SystemTime,
+}
+
+impl ErrorNote {
+    fn boxed(class: &'static str, message: &str, at: SystemTime) -> Box<ErrorNote> {
+        Box::new(ErrorNote { class, message: message.into(), at })
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -64,37 +116,67 @@ pub struct CustomerStatus {
     pub valid: bool,
 }
 
-/// Every configured customer's status, shared by the workers and the admin server.
-#[derive(Clone, Default)]
+/// Every configured customer's status, shared by the workers, the metrics and the admin
+/// server. The one board of a process is [`Metrics::board`]'s.
+#[derive(Clone)]
 pub struct Board {
-    entries: Arc<Mutex<BTreeMap<String, Entry>>>,
+    entries: Arc<Mutex<BTreeMap<Box<str>, Entry>>>,
 }
 
 impl Board {
-    fn with<R>(&self, f: impl FnOnce(&mut BTreeMap<String, Entry>) -> R) -> R {
+    pub(crate) fn new() -> Board {
+        Board { entries: Arc::new(Mutex::new(BTreeMap::new())) }
+    }
+
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&mut BTreeMap<Box<str>, Entry>) -> R) -> R {
         f(&mut self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
     }
 
+    /// Runs `f` on `name`'s entry, if it is on the board.
+    pub(crate) fn update<R>(&self, name: &str, f: impl FnOnce(&mut Entry) -> R) -> Option<R> {
+        self.with(|m| m.get_mut(name).map(f))
+    }
+
+    /// Puts `name` on the board with every value at 0; a customer already there (restarted
+    /// by a reload) keeps what is known of it (its token on disk is still there).
+    pub(crate) fn add(&self, name: &str) {
+        self.with(|m| match m.get_mut(name) {
+            Some(e) => e.state = State::Starting,
+            None => {
+                m.insert(name.into(), Entry::new());
+            }
+        });
+    }
+
+    /// Takes `name` off the board: gone from `/status`, `/readyz` and every metric.
     pub fn remove(&self, name: &str) {
         self.with(|m| m.remove(name));
     }
 
+    pub fn same_as(&self, other: &Board) -> bool {
+        Arc::ptr_eq(&self.entries, &other.entries)
+    }
+
     pub fn names(&self) -> Vec<String> {
-        self.with(|m| m.keys().cloned().collect())
+        self.with(|m| m.keys().map(|k| k.to_string()).collect())
     }
 
     pub fn snapshot(&self, now: SystemTime) -> Vec<CustomerStatus> {
         self.with(|m| {
             m.iter()
                 .map(|(name, e)| CustomerStatus {
-                    name: name.clone(),
+                    name: name.to_string(),
                     state: e.state,
                     expires_at: e.expires_at.map(rfc3339),
                     last_success_at: e.last_success_at.map(rfc3339),
                     next_refresh_at: e.next_refresh_at.map(rfc3339),
                     consecutive_failures: e.consecutive_failures,
-                    last_error: e.last_error.clone(),
-                    valid: e.expires_at.is_some_and(|t| t > now),
+                    last_error: e.last_error.as_ref().map(|n| LastError {
+                        class: n.class,
+                        message: n.message.to_string(),
+                        at: rfc3339(n.at),
+                    }),
+                    valid: e.valid(now),
                 })
                 .collect()
         })
@@ -102,16 +184,7 @@ impl Board {
 
     /// The customers without an unexpired token on disk at `now`; empty means ready.
     pub fn not_ready(&self, now: SystemTime) -> Vec<String> {
-        self.with(|m| m.iter().filter(|(_, e)| e.expires_at.is_none_or(|t| t <= now)).map(|(n, _)| n.clone()).collect())
-    }
-
-    /// Brings `magento_token_valid` up to date: a token expires without anyone writing.
-    pub fn refresh_validity(&self, metrics: &Metrics, now: SystemTime) {
-        self.with(|m| {
-            for (name, e) in m.iter() {
-                metrics.valid(name, e.expires_at.is_some_and(|t| t > now));
-            }
-        });
+        self.with(|m| m.iter().filter(|(_, e)| !e.valid(now)).map(|(n, _)| n.to_string()).collect())
     }
 }
 
@@ -124,20 +197,12 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    /// Registers `name` on the board and creates its metric series at 0. A customer restarted
-    /// by a reload keeps what is known of it (its token on disk is still there).
+    /// Registers `name` on the board, which creates its metric series at 0. A customer
+    /// restarted by a reload keeps what is known of it (its token on disk is still there).
+    /// `board` must be `metrics.board()`.
     pub fn new(name: &str, board: Board, metrics: Arc<Metrics>) -> Reporter {
-        metrics.add_customer(name);
-        board.with(|m| {
-            m.entry(name.to_owned()).and_modify(|e| e.state = State::Starting).or_insert(Entry {
-                state: State::Starting,
-                expires_at: None,
-                last_success_at: None,
-                next_refresh_at: None,
-                consecutive_failures: 0,
-                last_error: None,
-            });
-        });
+        debug_assert!(board.same_as(metrics.board()), "one board per process: the metrics' own");
+        board.add(name);
         Reporter { name: name.to_owned(), board, metrics }
     }
 
@@ -149,41 +214,34 @@ impl Reporter {
         &self.metrics
     }
 
-    fn update(&self, f: impl FnOnce(&mut Entry)) {
-        self.board.with(|m| {
-            if let Some(e) = m.get_mut(&self.name) {
-                f(e)
-            }
-        });
+    fn update<R>(&self, f: impl FnOnce(&mut Entry) -> R) -> Option<R> {
+        self.board.update(&self.name, f)
     }
 
     pub fn state(&self, state: State) {
         self.update(|e| e.state = state);
     }
 
-    /// A token is on disk (adopted from an earlier run, or just written).
-    pub fn token_on_disk(&self, expires_at: SystemTime, now: SystemTime) {
-        self.metrics.token_on_disk(&self.name, expires_at);
-        self.metrics.valid(&self.name, expires_at > now);
+    /// A token is on disk (adopted from an earlier run, or just written). Whether it is still
+    /// valid is worked out whenever someone asks, from its expiry.
+    pub fn token_on_disk(&self, expires_at: SystemTime, _now: SystemTime) {
         self.update(|e| e.expires_at = Some(expires_at));
     }
 
     pub fn planned(&self, state: State, at: Option<SystemTime>) {
-        self.metrics.next_refresh(&self.name, at);
-        self.metrics.paused(&self.name, state == State::Paused);
         self.update(|e| {
             e.state = state;
             e.next_refresh_at = at;
+            e.paused = state == State::Paused;
         });
     }
 
     /// A new token was written.
     pub fn success(&self, at: SystemTime, expires_at: SystemTime, request_time: Option<std::time::Duration>) {
-        self.metrics.login(&self.name, Outcome::Success, request_time);
-        self.metrics.written(&self.name, at);
-        self.metrics.consecutive_failures(&self.name, 0);
-        self.token_on_disk(expires_at, at);
+        self.metrics.login_time(request_time);
         self.update(|e| {
+            e.refreshes[Outcome::Success.index()] += 1;
+            e.expires_at = Some(expires_at);
             e.last_success_at = Some(at);
             e.consecutive_failures = 0;
         });
@@ -197,20 +255,59 @@ impl Reporter {
         at: SystemTime,
         request_time: Option<std::time::Duration>,
     ) -> u32 {
-        self.metrics.login(&self.name, outcome, request_time);
-        let n = self.board.with(|m| {
-            let e = m.get_mut(&self.name)?;
+        self.metrics.login_time(request_time);
+        self.update(|e| {
+            e.refreshes[outcome.index()] += 1;
             e.consecutive_failures += 1;
-            e.last_error = Some(LastError { class: outcome.as_str(), message: message.to_owned(), at: rfc3339(at) });
-            Some(e.consecutive_failures)
-        });
-        let n = n.unwrap_or(1);
-        self.metrics.consecutive_failures(&self.name, n);
-        n
+            e.last_error = Some(ErrorNote::boxed(outcome.as_str(), message, at));
+            e.consecutive_failures
+        })
+        .unwrap_or(1)
     }
 
     /// A problem that is not a login (an unreadable password source): shown in `/status`.
     pub fn problem(&self, class: &'static str, message: &str, at: SystemTime) {
-        self.update(|e| e.last_error = Some(LastError { class, message: message.to_owned(), at: rfc3339(at) }));
+        self.update(|e| e.last_error = Some(ErrorNote::boxed(class, message, at)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn an_entry_stays_small() {
+        // The board holds one of these per customer, for the life of the daemon.
+        assert!(std::mem::size_of::<Entry>() <= 128, "{}", std::mem::size_of::<Entry>());
+    }
+
+    #[test]
+    fn the_board_shows_what_the_reporter_says() {
+        let metrics = Arc::new(Metrics::new());
+        let board = metrics.board().clone();
+        let r = Reporter::new("alice", board.clone(), metrics.clone());
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        assert_eq!(board.not_ready(t0), ["alice"]);
+        assert_eq!(r.failure(Outcome::NetworkError, "reset", t0, None), 1);
+        assert_eq!(r.failure(Outcome::HttpError, "503", t0, None), 2);
+        r.success(t0, t0 + Duration::from_secs(3600), Some(Duration::from_millis(5)));
+        r.planned(State::Fresh, Some(t0 + Duration::from_secs(2700)));
+        let s = &board.snapshot(t0)[0];
+        assert_eq!((s.name.as_str(), s.state, s.consecutive_failures, s.valid), ("alice", State::Fresh, 0, true));
+        assert_eq!(s.expires_at.as_deref(), Some("2027-01-15T09:00:00Z"));
+        assert_eq!(s.last_error.as_ref().map(|e| (e.class, e.message.as_str())), Some(("http_error", "503")));
+        assert!(board.not_ready(t0).is_empty());
+        assert_eq!(board.not_ready(t0 + Duration::from_secs(3600)), ["alice"]);
+        // A restart keeps what is known; a removal forgets it.
+        Reporter::new("alice", board.clone(), metrics.clone());
+        assert_eq!(board.snapshot(t0)[0].state, State::Starting);
+        assert!(board.snapshot(t0)[0].valid);
+        board.remove("alice");
+        assert!(board.names().is_empty());
+        // A reporter whose customer is gone changes nothing.
+        assert_eq!(r.failure(Outcome::HttpError, "503", t0, None), 1);
+        assert!(board.names().is_empty());
     }
 }
