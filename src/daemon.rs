@@ -29,7 +29,8 @@ use crate::worker::{Shared, Worker};
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
 
 struct Running {
-    customer: CustomerConfig,
+    /// Shared with the worker: one copy of each customer's settings.
+    customer: Arc<CustomerConfig>,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -59,6 +60,7 @@ impl Supervisor {
     }
 
     fn spawn(&mut self, customer: CustomerConfig, adopt: bool) {
+        let customer = Arc::new(customer);
         let stop = CancellationToken::new();
         let report = Reporter::new(&customer.name, self.board.clone(), self.metrics.clone());
         let worker = Worker::new(customer.clone(), self.shared.clone(), report, stop.clone());
@@ -81,7 +83,7 @@ impl Supervisor {
         for (name, running) in &self.workers {
             match wanted.get(name) {
                 None => stopping.push(name.clone()),
-                Some(c) if everyone || *c != running.customer => {
+                Some(c) if everyone || *c != *running.customer => {
                     stopping.push(name.clone());
                     restart.push((c.clone(), c.same_login(&running.customer)));
                 }
