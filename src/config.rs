@@ -94,6 +94,31 @@ impl Default for RawRefresh {
     }
 }
 
+impl RawRefresh {
+    fn settings(&self) -> RefreshSettings {
+        RefreshSettings {
+            before_expiry: self.before_expiry.0,
+            jitter: self.jitter.0,
+            default_lifetime: self.default_lifetime.0,
+            min_backoff: self.min_backoff.0,
+            max_backoff: self.max_backoff.0,
+            max_auth_failures: self.max_auth_failures,
+            auth_failure_pause: self.auth_failure_pause.0,
+            max_concurrent_logins: self.max_concurrent_logins,
+            auth_failure_delays: self.auth_failure_delays.iter().map(|d| d.0).collect(),
+            lockout_threshold: self.lockout_threshold,
+            lockout_window: self.lockout_window.0,
+        }
+    }
+}
+
+impl Default for RefreshSettings {
+    /// The contract's defaults.
+    fn default() -> Self {
+        RawRefresh::default().settings()
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawOutput {
@@ -666,19 +691,7 @@ fn validate(raw: RawConfig, checks: Checks) -> Result<Config, Vec<Problem>> {
     }
     Ok(Config {
         magento: MagentoSettings { timeout: raw.magento.timeout.0, ca_file: raw.magento.ca_file },
-        refresh: RefreshSettings {
-            before_expiry: r.before_expiry.0,
-            jitter: r.jitter.0,
-            default_lifetime: r.default_lifetime.0,
-            min_backoff: r.min_backoff.0,
-            max_backoff: r.max_backoff.0,
-            max_auth_failures: r.max_auth_failures,
-            auth_failure_pause: r.auth_failure_pause.0,
-            max_concurrent_logins: r.max_concurrent_logins,
-            auth_failure_delays: r.auth_failure_delays.iter().map(|d| d.0).collect(),
-            lockout_threshold: r.lockout_threshold,
-            lockout_window: r.lockout_window.0,
-        },
+        refresh: r.settings(),
         output: OutputSettings { dir, mode: raw.output.mode.0, format: raw.output.format },
         admin_listen,
         log: LogSettings { format: raw.log.format, level: raw.log.level },

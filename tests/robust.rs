@@ -40,20 +40,7 @@ fn claim() -> impl Strategy<Value = String> {
 }
 
 fn settings() -> RefreshSettings {
-    let m = |mins: u64| Duration::from_secs(mins * 60);
-    RefreshSettings {
-        before_expiry: m(15),
-        jitter: m(1),
-        default_lifetime: m(60),
-        min_backoff: Duration::from_secs(1),
-        max_backoff: m(5),
-        max_auth_failures: 3,
-        auth_failure_pause: m(31),
-        max_concurrent_logins: 8,
-        auth_failure_delays: vec![m(1), m(5)],
-        lockout_threshold: 6,
-        lockout_window: m(30),
-    }
+    RefreshSettings::default()
 }
 
 proptest! {
