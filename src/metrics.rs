@@ -573,12 +573,17 @@ mod tests {
         m
     }
 
+    /// What the `prometheus` crate's own encoder makes of everything registered.
+    fn encoded_by_the_crate(m: &Metrics) -> String {
+        let mut text = Vec::new();
+        TextEncoder::new().encode(&m.gather(), &mut text).unwrap();
+        String::from_utf8(text).unwrap()
+    }
+
     #[test]
     fn the_text_is_what_the_text_encoder_makes_of_gather() {
         for m in [Metrics::new(), busy_metrics()] {
-            let mut reference = Vec::new();
-            TextEncoder::new().encode(&m.gather(), &mut reference).unwrap();
-            let reference = String::from_utf8(reference).unwrap();
+            let reference = encoded_by_the_crate(&m);
             assert_eq!(without_process_samples(&m.encode()), without_process_samples(&reference));
         }
     }
@@ -674,9 +679,7 @@ mod tests {
     fn label_values_are_escaped() {
         let m = Metrics::new();
         m.add_customer("a\"b\\c\nd");
-        let mut reference = Vec::new();
-        TextEncoder::new().encode(&m.gather(), &mut reference).unwrap();
-        let reference = String::from_utf8(reference).unwrap();
+        let reference = encoded_by_the_crate(&m);
         assert!(reference.contains(r#"magento_token_valid{customer="a\"b\\c\nd"} 0"#), "{reference}");
         assert_eq!(without_process_samples(&m.encode()), without_process_samples(&reference));
     }
@@ -696,9 +699,7 @@ mod tests {
             assert!(p.len() < TEXT_CHUNK + 2048, "{}", p.len());
             assert!(p.ends_with('\n'));
         }
-        let mut reference = Vec::new();
-        TextEncoder::new().encode(&m.gather(), &mut reference).unwrap();
-        let reference = String::from_utf8(reference).unwrap();
+        let reference = encoded_by_the_crate(&m);
         assert_eq!(without_process_samples(&pieces.concat()), without_process_samples(&reference));
     }
 

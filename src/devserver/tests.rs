@@ -684,18 +684,22 @@ async fn hang_fault_times_out_the_client() {
     assert!(stopped.elapsed() < Duration::from_secs(3));
 }
 
+/// alice's login as raw HTTP/1.1, for tests that watch the socket itself.
+fn raw_login_request() -> String {
+    let body = r#"{"username":"alice@example.com","password":"secret-a"}"#;
+    format!(
+        "POST {PATH_TOKEN} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
 #[tokio::test]
 async fn hang_fault_connection_stays_open_until_stop() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let s = server(DevServerOptions::default()).await;
     s.push_fault(Fault::Hang);
     let mut conn = tokio::net::TcpStream::connect(s.addr()).await.unwrap();
-    let body = r#"{"username":"alice@example.com","password":"secret-a"}"#;
-    let req = format!(
-        "POST {PATH_TOKEN} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    conn.write_all(req.as_bytes()).await.unwrap();
+    conn.write_all(raw_login_request().as_bytes()).await.unwrap();
     let mut buf = [0u8; 64];
     let r = tokio::time::timeout(Duration::from_millis(300), conn.read(&mut buf)).await;
     assert!(r.is_err(), "nothing must arrive while hanging");
@@ -730,12 +734,7 @@ async fn reset_fault_sends_rst() {
     let s = server(DevServerOptions::default()).await;
     s.push_fault(Fault::Reset);
     let mut conn = tokio::net::TcpStream::connect(s.addr()).await.unwrap();
-    let body = r#"{"username":"alice@example.com","password":"secret-a"}"#;
-    let req = format!(
-        "POST {PATH_TOKEN} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    conn.write_all(req.as_bytes()).await.unwrap();
+    conn.write_all(raw_login_request().as_bytes()).await.unwrap();
     let mut buf = [0u8; 64];
     let r = tokio::time::timeout(Duration::from_secs(3), conn.read(&mut buf))
         .await
