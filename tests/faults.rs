@@ -65,6 +65,22 @@ fn secrets(list: &[&str]) -> Vec<String> {
 }
 
 /// Restarts a stopped dev server on the same address, retrying while the port is released.
+/// Binds `addr` without listening on it: connecting is refused, and the port stays ours.
+fn hold_port(addr: std::net::SocketAddr) -> tokio::net::TcpSocket {
+    let start = Instant::now();
+    loop {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_reuseaddr(true).unwrap();
+        match socket.bind(addr) {
+            Ok(()) => return socket,
+            Err(e) => {
+                assert!(start.elapsed() < 5 * SEC, "cannot hold {addr}: {e}");
+                std::thread::sleep(ms(20));
+            }
+        }
+    }
+}
+
 async fn restart_server(addr: std::net::SocketAddr, opts: DevServerOptions) -> DevServer {
     let start = Instant::now();
     loop {
@@ -183,11 +199,18 @@ async fn outage(case: Case) -> OutageReport {
             std::mem::replace(&mut w.server, placeholder).shutdown().await;
         }
     }
+    // Hold the stopped server's port, bound but not listening: connections are refused, and no
+    // other server or admin port of a test running beside this one can be given it meanwhile
+    // (a daemon would then reach that one and see an HTTP error, not a refused connection).
+    let held_port = match &case.outage {
+        Outage::Stopped => Some(hold_port(addr)),
+        Outage::Fault(_) => None,
+    };
     let mut d = w.start();
     // The token on disk is unexpired: ready at once, outage or not.
     d.wait_ready(5 * SEC).await;
     // The outage is held for OUTAGE from the first failed attempt.
-    wait_for(10 * SEC, "the first attempt", || async {
+    wait_for(10 * SEC, &format!("{name}: the first attempt"), || async {
         match &case.outage {
             Outage::Fault(_) => (token_requests(&w.server).len() > 1).then_some(()),
             Outage::Stopped => d.metric(&refreshes("alice", case.result)).await.filter(|n| *n >= 1.0).map(|_| ()),
@@ -211,6 +234,7 @@ async fn outage(case: Case) -> OutageReport {
     match &case.outage {
         Outage::Fault(_) => w.server.set_fault(None),
         Outage::Stopped => {
+            drop(held_port);
             let back = restart_server(addr, opts).await;
             back.add_customer(ALICE.1, ALICE.2);
             drop(std::mem::replace(&mut w.server, back));
