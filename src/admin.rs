@@ -21,11 +21,11 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 
 use crate::metrics::Metrics;
-use crate::status::{Board, CustomerStatus};
+use crate::status::CustomerStatus;
 
 #[derive(Clone)]
 pub struct Admin {
-    pub board: Board,
+    /// The metrics and, through them, the status board (one per process).
     pub metrics: Arc<Metrics>,
 }
 
@@ -48,7 +48,7 @@ pub async fn serve(
 }
 
 async fn readyz(State(admin): State<Admin>) -> Response {
-    let missing = admin.board.not_ready(SystemTime::now());
+    let missing = admin.metrics.board().not_ready(SystemTime::now());
     if missing.is_empty() {
         (StatusCode::OK, "ready").into_response()
     } else {
@@ -63,7 +63,10 @@ struct StatusBody {
 }
 
 async fn status(State(admin): State<Admin>) -> Json<StatusBody> {
-    Json(StatusBody { version: env!("CARGO_PKG_VERSION"), customers: admin.board.snapshot(SystemTime::now()) })
+    Json(StatusBody {
+        version: env!("CARGO_PKG_VERSION"),
+        customers: admin.metrics.board().snapshot(SystemTime::now()),
+    })
 }
 
 /// Written piece by piece as it is sent (see [`Metrics::text`]): with thousands of customers

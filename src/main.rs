@@ -155,7 +155,6 @@ async fn serve(config_path: &Path, config: Config, admin_listener: Option<TcpLis
         }
     };
     let metrics = Arc::new(Metrics::new());
-    let board = metrics.board().clone();
     let listener = match (admin_listener, config.admin_listen) {
         (Some(l), _) => Some(l),
         (None, Some(addr)) => match TcpListener::bind(addr).await {
@@ -173,10 +172,10 @@ async fn serve(config_path: &Path, config: Config, admin_listener: Option<TcpLis
         if let Ok(addr) = listener.local_addr() {
             info!(address = %addr, "admin server listening");
         }
-        let admin = admin::Admin { board: board.clone(), metrics: metrics.clone() };
+        let admin = admin::Admin { metrics: metrics.clone() };
         tokio::spawn(admin::serve(listener, admin, admin_stop.clone().cancelled_owned()))
     });
-    let result = daemon::run(config_path, config, board, metrics, logging, signals).await;
+    let result = daemon::run(config_path, config, metrics, logging, signals).await;
     admin_stop.cancel();
     if let Some(task) = admin_task {
         let _ = tokio::time::timeout(Duration::from_secs(2), task).await;

@@ -153,10 +153,6 @@ impl Board {
         self.with(|m| m.remove(name));
     }
 
-    pub fn same_as(&self, other: &Board) -> bool {
-        Arc::ptr_eq(&self.entries, &other.entries)
-    }
-
     pub fn names(&self) -> Vec<String> {
         self.with(|m| m.keys().map(|k| k.to_string()).collect())
     }
@@ -192,18 +188,15 @@ impl Board {
 #[derive(Clone)]
 pub struct Reporter {
     name: String,
-    board: Board,
     metrics: Arc<Metrics>,
 }
 
 impl Reporter {
     /// Registers `name` on the board, which creates its metric series at 0. A customer
     /// restarted by a reload keeps what is known of it (its token on disk is still there).
-    /// `board` must be `metrics.board()`.
-    pub fn new(name: &str, board: Board, metrics: Arc<Metrics>) -> Reporter {
-        debug_assert!(board.same_as(metrics.board()), "one board per process: the metrics' own");
-        board.add(name);
-        Reporter { name: name.to_owned(), board, metrics }
+    pub fn new(name: &str, metrics: Arc<Metrics>) -> Reporter {
+        metrics.add_customer(name);
+        Reporter { name: name.to_owned(), metrics }
     }
 
     pub fn name(&self) -> &str {
@@ -215,7 +208,7 @@ impl Reporter {
     }
 
     fn update<R>(&self, f: impl FnOnce(&mut Entry) -> R) -> Option<R> {
-        self.board.update(&self.name, f)
+        self.metrics.board().update(&self.name, f)
     }
 
     pub fn state(&self, state: State) {
@@ -224,7 +217,7 @@ impl Reporter {
 
     /// A token is on disk (adopted from an earlier run, or just written). Whether it is still
     /// valid is worked out whenever someone asks, from its expiry.
-    pub fn token_on_disk(&self, expires_at: SystemTime, _now: SystemTime) {
+    pub fn token_on_disk(&self, expires_at: SystemTime) {
         self.update(|e| e.expires_at = Some(expires_at));
     }
 
@@ -287,7 +280,7 @@ mod tests {
     fn the_board_shows_what_the_reporter_says() {
         let metrics = Arc::new(Metrics::new());
         let board = metrics.board().clone();
-        let r = Reporter::new("alice", board.clone(), metrics.clone());
+        let r = Reporter::new("alice", metrics.clone());
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         assert_eq!(board.not_ready(t0), ["alice"]);
         assert_eq!(r.failure(Outcome::NetworkError, "reset", t0, None), 1);
@@ -301,7 +294,7 @@ mod tests {
         assert!(board.not_ready(t0).is_empty());
         assert_eq!(board.not_ready(t0 + Duration::from_secs(3600)), ["alice"]);
         // A restart keeps what is known; a removal forgets it.
-        Reporter::new("alice", board.clone(), metrics.clone());
+        Reporter::new("alice", metrics.clone());
         assert_eq!(board.snapshot(t0)[0].state, State::Starting);
         assert!(board.snapshot(t0)[0].valid);
         board.remove("alice");

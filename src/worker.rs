@@ -228,7 +228,7 @@ impl Worker {
             return now;
         }
         // The file is on disk and unexpired whatever happens next: the app can use it.
-        self.report.token_on_disk(expires_at, now);
+        self.report.token_on_disk(expires_at);
         if !adopt || schedule::is_due(now, expires_at, r.before_expiry) {
             return now;
         }
@@ -523,7 +523,7 @@ mod tests {
             logins: Arc::new(Semaphore::new(1)),
         };
         let metrics = Arc::new(Metrics::new());
-        let report = Reporter::new("a", metrics.board().clone(), metrics.clone());
+        let report = Reporter::new("a", metrics.clone());
         let worker = Worker::new(Arc::new(config.customers[0].clone()), shared, report, CancellationToken::new());
         let task = worker.run(true);
         let size = std::mem::size_of_val(&task);
