@@ -239,7 +239,7 @@ pub struct OnceResult {
 
 /// Logs every customer in once and writes the files, retrying transient failures until
 /// `timeout` has passed. A 401 is never retried, and a customer whose recorded 401s (see
-/// [`sink::AuthLedger`]) call for a wait is not tried at all: an init container restarted by
+/// [`sink::read_ledger`]) call for a wait is not tried at all: an init container restarted by
 /// the kubelet must not walk into Magento's lock. Returns one result per customer, in the
 /// configured order.
 ///
@@ -293,10 +293,7 @@ async fn once_customer(
     mode: u32,
     deadline: Instant,
 ) -> Result<SystemTime, OnceFailure> {
-    let recorded = sink::read_ledger(&customer.path, &customer.username);
-    let mut auth = recorded.map_or_else(AuthState::default, |l| {
-        AuthState::from_ledger(l.in_a_row, l.chain, token::from_unix(l.last_failure))
-    });
+    let mut auth = sink::read_ledger(&customer.path, &customer.username).unwrap_or_default();
     if let Some(next) = auth.wait(refresh).until().filter(|at| *at > SystemTime::now()) {
         return Err(OnceFailure::HeldBack {
             in_a_row: auth.in_a_row,
@@ -331,13 +328,7 @@ async fn once_customer(
             Err(e) if e.outcome == Outcome::AuthFailure => {
                 let now = SystemTime::now();
                 auth.record_failure(now, refresh);
-                let ledger = sink::AuthLedger {
-                    username: customer.username.clone(),
-                    in_a_row: auth.in_a_row,
-                    chain: auth.chain,
-                    last_failure: token::unix(now),
-                };
-                if let Err(write) = sink::write_ledger(&customer.path, &ledger) {
+                if let Err(write) = sink::write_ledger(&customer.path, &customer.username, &auth) {
                     warn!(customer = %customer.name, error = %write, "cannot record the 401 beside the token file");
                 }
                 return Err(e.into());

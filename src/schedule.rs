@@ -98,11 +98,6 @@ impl AuthState {
         self.last_failure = Some(now);
     }
 
-    /// Restores what a ledger (see [`crate::sink::AuthLedger`]) recorded.
-    pub fn from_ledger(in_a_row: u32, chain: u32, last_failure: SystemTime) -> AuthState {
-        AuthState { in_a_row, chain, last_failure: Some(last_failure) }
-    }
-
     pub fn record_success(&mut self) {
         *self = AuthState::default();
     }

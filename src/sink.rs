@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::config::Format;
+use crate::schedule::AuthState;
 use crate::secret::Secret;
 
 /// Temporary files are named `.<file>.<random>.tmp`; names starting with `.` are refused for
@@ -162,13 +163,13 @@ pub fn read_existing(path: &Path) -> Option<OnDisk> {
 /// restarted process (a crash loop, an init container's `once` retried by the kubelet, a worker
 /// restarted by a reload) does not forget them and walk into Magento's lock. Removed after a
 /// success. It holds counts and a time, never a password.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuthLedger {
-    pub username: String,
-    pub in_a_row: u32,
-    pub chain: u32,
+#[derive(Serialize, Deserialize)]
+struct AuthLedger {
+    username: String,
+    in_a_row: u32,
+    chain: u32,
     /// Unix seconds of the last 401.
-    pub last_failure: i64,
+    last_failure: i64,
 }
 
 pub fn ledger_path(token_path: &Path) -> std::path::PathBuf {
@@ -176,15 +177,27 @@ pub fn ledger_path(token_path: &Path) -> std::path::PathBuf {
     parent(token_path).join(format!(".{name}.auth"))
 }
 
-/// The ledger of `username`'s 401s for this token file, if any (another username's is ignored).
-pub fn read_ledger(token_path: &Path, username: &str) -> Option<AuthLedger> {
+/// What the ledger beside this token file records of `username`'s 401s, if anything (another
+/// username's ledger is ignored).
+pub fn read_ledger(token_path: &Path, username: &str) -> Option<AuthState> {
     let bytes = std::fs::read(ledger_path(token_path)).ok()?;
     let ledger: AuthLedger = serde_json::from_slice(&bytes).ok()?;
-    (ledger.username == username).then_some(ledger)
+    (ledger.username == username).then(|| AuthState {
+        in_a_row: ledger.in_a_row,
+        chain: ledger.chain,
+        last_failure: Some(crate::token::from_unix(ledger.last_failure)),
+    })
 }
 
-pub fn write_ledger(token_path: &Path, ledger: &AuthLedger) -> io::Result<()> {
-    let bytes = serde_json::to_vec(ledger).expect("a ledger always serializes");
+/// Records `auth` (after a 401: its last failure is set) as `username`'s ledger.
+pub fn write_ledger(token_path: &Path, username: &str, auth: &AuthState) -> io::Result<()> {
+    let ledger = AuthLedger {
+        username: username.to_owned(),
+        in_a_row: auth.in_a_row,
+        chain: auth.chain,
+        last_failure: auth.last_failure.map_or(0, crate::token::unix),
+    };
+    let bytes = serde_json::to_vec(&ledger).expect("a ledger always serializes");
     write_atomic(&ledger_path(token_path), 0o600, &bytes, true)
 }
 
@@ -272,11 +285,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("alice");
         assert_eq!(read_ledger(&path, "a@x"), None);
-        let ledger = AuthLedger { username: "a@x".into(), in_a_row: 2, chain: 3, last_failure: 1_700_000_000 };
-        write_ledger(&path, &ledger).unwrap();
+        let auth = AuthState {
+            in_a_row: 2,
+            chain: 3,
+            last_failure: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
+        };
+        write_ledger(&path, "a@x", &auth).unwrap();
         assert_eq!(ledger_path(&path), dir.path().join(".alice.auth"));
         assert_eq!(mode_of(&ledger_path(&path)), 0o600);
-        assert_eq!(read_ledger(&path, "a@x"), Some(ledger));
+        assert_eq!(read_ledger(&path, "a@x"), Some(auth));
         assert_eq!(read_ledger(&path, "b@x"), None);
         // The stale-temporary sweep leaves it alone.
         assert_eq!(remove_stale_temporaries(&path), 0);

@@ -192,25 +192,22 @@ impl Worker {
 
     /// Takes back the 401s an earlier process (or this customer's previous worker) recorded.
     fn restore_ledger(&mut self) {
-        let Some(ledger) = sink::read_ledger(&self.customer.path, &self.customer.username) else { return };
-        let recorded = AuthState::from_ledger(ledger.in_a_row, ledger.chain, token::from_unix(ledger.last_failure));
+        let Some(recorded) = sink::read_ledger(&self.customer.path, &self.customer.username) else { return };
         // Which password failed is not recorded (no trace of a password is ever written): take
         // the one configured now, so that a change from here on is tried at once.
         self.failed_password = self.customer.password.read().ok();
-        {
-            // The account may know more already (another entry's 401s, or this worker's
-            // predecessor's, to the millisecond where the ledger keeps seconds).
-            let mut account = self.account.state();
-            if account.auth.last_failure < recorded.last_failure {
-                account.auth = recorded;
-                account.refused = self.failed_password.clone();
-            }
-        }
         info!(
-            failures_in_a_row = ledger.in_a_row,
-            last_failure = %sink::rfc3339(token::from_unix(ledger.last_failure)),
+            failures_in_a_row = recorded.in_a_row,
+            last_failure = %recorded.last_failure.map(sink::rfc3339).unwrap_or_default(),
             "remembering the 401s recorded before this start"
         );
+        // The account may know more already (another entry's 401s, or this worker's
+        // predecessor's, to the millisecond where the ledger keeps seconds).
+        let mut account = self.account.state();
+        if account.auth.last_failure < recorded.last_failure {
+            account.auth = recorded;
+            account.refused = self.failed_password.clone();
+        }
     }
 
     /// Looks at the token an earlier run left; returns when to log in.
@@ -446,20 +443,15 @@ impl Worker {
         self.report.failure(e.outcome, &e.message, now, Some(took));
         let duration_ms = took.as_millis() as u64;
         if e.outcome == Outcome::AuthFailure {
-            let (wait, in_a_row, chain) = {
+            let auth = {
                 let mut account = self.account.state();
                 account.auth.record_failure(now, &r);
                 account.refused = Some(password.clone());
-                (account.auth.wait(&r), account.auth.in_a_row, account.auth.chain)
+                account.auth.clone()
             };
-            let ledger = sink::AuthLedger {
-                username: self.customer.username.clone(),
-                in_a_row,
-                chain,
-                last_failure: token::unix(now),
-            };
+            let wait = auth.wait(&r);
             // Rare and small: written in place rather than on the blocking pool.
-            if let Err(e) = sink::write_ledger(&self.customer.path, &ledger) {
+            if let Err(e) = sink::write_ledger(&self.customer.path, &self.customer.username, &auth) {
                 warn!(error = %e, "cannot record the 401 beside the token file: a restart would forget it");
             }
             self.failed_password = Some(password);
@@ -469,13 +461,13 @@ impl Worker {
                 error!(
                     result = "auth_failure",
                     error = %e.message,
-                    failures_in_a_row = in_a_row,
+                    failures_in_a_row = auth.in_a_row,
                     duration_ms,
                     retry_in = %retry_in,
                     "login refused again: pausing this customer so Magento does not lock the account; fix the password (a changed password is tried at once)"
                 );
             } else {
-                warn!(result = "auth_failure", error = %e.message, failures_in_a_row = in_a_row, duration_ms, retry_in = %retry_in, "login refused");
+                warn!(result = "auth_failure", error = %e.message, failures_in_a_row = auth.in_a_row, duration_ms, retry_in = %retry_in, "login refused");
             }
             return next;
         }
