@@ -199,10 +199,6 @@ impl Reporter {
         Reporter { name: name.to_owned(), metrics }
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
