@@ -10,10 +10,11 @@ ARG RUST_VERSION=1.95
 FROM rust:${RUST_VERSION}-bookworm AS build
 WORKDIR /src
 COPY . .
-# The cache mounts keep the registry and target dir between builds (BuildKit).
+# The cache mounts keep the registry and target dir between builds (BuildKit). Without the default
+# `demo` feature: the shipped binary holds no dev server and none of its dependencies.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin magento-token-sidecar \
+    cargo build --release --locked --no-default-features --bin magento-token-sidecar \
  && install -D -m 0755 target/release/magento-token-sidecar /out/magento-token-sidecar
 
 # glibc and CA certificates, no shell, no package manager; user 65532 "nonroot".

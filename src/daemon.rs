@@ -375,7 +375,7 @@ async fn once_attempt(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devserver::{DevServer, DevServerOptions, Fault};
+    use magento_devserver::{DevServer, DevServerOptions, Fault};
 
     #[tokio::test]
     async fn once_answers_in_order_and_a_stuck_login_holds_up_no_one_else() {

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::config::{self, Checks, Config};
-use crate::devserver::{DevServer, DevServerOptions};
+use magento_devserver::{DevServer, DevServerOptions};
 
 /// The demo's configuration, with placeholders for the server's URL and a temporary directory.
 pub const DEMO_CONFIG: &str = include_str!("../config/demo.yaml");

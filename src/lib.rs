@@ -18,15 +18,14 @@
 //! | [`signals`]  | SIGTERM/SIGINT/SIGHUP as one typed stream                                        |
 //! | [`logging`]  | JSON or text logs, level changeable on reload                                    |
 //! | [`secret`]   | the type that keeps passwords and tokens out of logs                             |
-//! | [`devserver`]| a Magento-compatible server for `demo`, the tests and the benchmarks             |
-//! | [`demo`]     | the `demo` command's set-up                                                      |
+//! | [`demo`]     | the `demo` command's set-up (feature `demo`: the dev server crate beside it)    |
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod config;
 pub mod daemon;
+#[cfg(feature = "demo")]
 pub mod demo;
-pub mod devserver;
 pub mod logging;
 pub mod magento;
 pub mod metrics;

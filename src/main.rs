@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
@@ -15,8 +14,8 @@ use tracing::{error, info};
 use magento_token_sidecar::config::{self, Checks, Config};
 use magento_token_sidecar::logging::{self, Logging};
 use magento_token_sidecar::metrics::Metrics;
-use magento_token_sidecar::signals::{self, Signal};
-use magento_token_sidecar::{admin, daemon, demo, devserver};
+use magento_token_sidecar::signals;
+use magento_token_sidecar::{admin, daemon};
 
 const BAD_CONFIG: u8 = 2;
 const FAILED: u8 = 1;
@@ -50,8 +49,9 @@ enum Command {
     /// Start a built-in Magento-compatible server on loopback and the daemon against it.
     Demo,
     /// Run only the built-in Magento-compatible server (tests and benchmarks).
+    #[cfg(feature = "demo")]
     #[command(hide = true)]
-    Devserver(devserver::DevServerArgs),
+    Devserver(magento_devserver::DevServerArgs),
 }
 
 #[derive(Args)]
@@ -65,6 +65,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match &cli.command {
         // The server answers many clients at once in benchmarks: every core.
+        #[cfg(feature = "demo")]
         Command::Devserver(_) => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
         // The daemon mostly sleeps: one thread is plenty, and the cheapest (benches/RESULTS.md).
         // The blocking pool only writes token files and resolves host names; more threads than
@@ -107,31 +108,9 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Demo => runtime.block_on(run_demo()),
-        Command::Devserver(args) => runtime.block_on(async {
-            let stop = match signals::listen() {
-                Ok(mut s) => {
-                    async move {
-                        while let Some(sig) = s.next().await {
-                            if matches!(sig, Signal::Shutdown(_)) {
-                                break;
-                            }
-                        }
-                    }
-                }
-                Err(e) => {
-                    eprintln!("cannot install signal handlers: {e}");
-                    return FAILED;
-                }
-            };
-            match devserver::run_cli(args, stop).await {
-                Ok(()) => 0,
-                Err(e) => {
-                    eprintln!("devserver: {e}");
-                    FAILED
-                }
-            }
-        }),
+        Command::Demo => runtime.block_on(dev::run_demo()),
+        #[cfg(feature = "demo")]
+        Command::Devserver(args) => runtime.block_on(dev::run_devserver(args)),
     };
     ExitCode::from(code)
 }
@@ -222,51 +201,100 @@ async fn once(config: Config, timeout: Duration) -> u8 {
     }
 }
 
-async fn run_demo() -> u8 {
-    let demo = match demo::prepare().await {
-        Ok(d) => d,
-        Err(e) => {
+/// The commands that need the dev server crate: `demo` and the hidden `devserver`.
+#[cfg(feature = "demo")]
+mod dev {
+    use futures::StreamExt;
+    use tokio::net::TcpListener;
+
+    use magento_token_sidecar::demo;
+    use magento_token_sidecar::logging;
+    use magento_token_sidecar::signals::{self, Signal};
+
+    use super::{serve, FAILED};
+
+    pub async fn run_demo() -> u8 {
+        let demo = match demo::prepare().await {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("demo: {e}");
+                return FAILED;
+            }
+        };
+        let config_path = demo.dir.path().join("demo.yaml");
+        let text = demo::DEMO_CONFIG
+            .replace("{base_url}", &demo.server.base_url())
+            .replace("{dir}", &demo.dir.path().display().to_string());
+        if let Err(e) = std::fs::write(&config_path, text) {
             eprintln!("demo: {e}");
             return FAILED;
         }
-    };
-    let config_path = demo.dir.path().join("demo.yaml");
-    let text = demo::DEMO_CONFIG
-        .replace("{base_url}", &demo.server.base_url())
-        .replace("{dir}", &demo.dir.path().display().to_string());
-    if let Err(e) = std::fs::write(&config_path, text) {
-        eprintln!("demo: {e}");
-        return FAILED;
-    }
-    let logging = logging::init(demo.config.log.format, &demo.config.log.level);
-    // The usual admin port when it is free, else any.
-    let listener = match TcpListener::bind("127.0.0.1:9102").await {
-        Ok(l) => l,
-        Err(_) => match TcpListener::bind("127.0.0.1:0").await {
+        let logging = logging::init(demo.config.log.format, &demo.config.log.level);
+        // The usual admin port when it is free, else any.
+        let listener = match TcpListener::bind("127.0.0.1:9102").await {
             Ok(l) => l,
+            Err(_) => match TcpListener::bind("127.0.0.1:0").await {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("demo: cannot listen on loopback: {e}");
+                    return FAILED;
+                }
+            },
+        };
+        let admin = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let tokens = demo.config.output.dir.display().to_string();
+        let base = demo.server.base_url();
+        println!(
+            "\nmagento-token-sidecar demo\n\
+             \n  Magento-compatible server  {base}  (alice@example.com, bob@example.com; tokens live {life})\
+             \n  token files                {tokens}/alice, {tokens}/bob.token (the token alone, no newline)\
+             \n  status                     http://{admin}/status\
+             \n  metrics                    http://{admin}/metrics\
+             \n  configuration              {config}  (edit it, then: kill -HUP {pid})\
+             \n\n  use a token:\n    curl -s -H \"Authorization: Bearer $(cat {tokens}/alice)\" {base}/rest/V1/customers/me\
+             \n\n  Ctrl-C stops the demo and removes its directory.\n",
+            life = humantime::format_duration(demo::DEMO_TOKEN_LIFETIME),
+            config = config_path.display(),
+            pid = std::process::id(),
+        );
+        let code = serve(&config_path, demo.config, Some(listener), &logging).await;
+        demo.server.shutdown().await;
+        code
+    }
+
+    pub async fn run_devserver(args: magento_devserver::DevServerArgs) -> u8 {
+        let stop = match signals::listen() {
+            Ok(mut s) => {
+                async move {
+                    while let Some(sig) = s.next().await {
+                        if matches!(sig, Signal::Shutdown(_)) {
+                            break;
+                        }
+                    }
+                }
+            }
             Err(e) => {
-                eprintln!("demo: cannot listen on loopback: {e}");
+                eprintln!("cannot install signal handlers: {e}");
                 return FAILED;
             }
-        },
-    };
-    let admin = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    let tokens = demo.config.output.dir.display().to_string();
-    let base = demo.server.base_url();
-    println!(
-        "\nmagento-token-sidecar demo\n\
-         \n  Magento-compatible server  {base}  (alice@example.com, bob@example.com; tokens live {life})\
-         \n  token files                {tokens}/alice, {tokens}/bob.token (the token alone, no newline)\
-         \n  status                     http://{admin}/status\
-         \n  metrics                    http://{admin}/metrics\
-         \n  configuration              {config}  (edit it, then: kill -HUP {pid})\
-         \n\n  use a token:\n    curl -s -H \"Authorization: Bearer $(cat {tokens}/alice)\" {base}/rest/V1/customers/me\
-         \n\n  Ctrl-C stops the demo and removes its directory.\n",
-        life = humantime::format_duration(demo::DEMO_TOKEN_LIFETIME),
-        config = config_path.display(),
-        pid = std::process::id(),
-    );
-    let code = serve(&config_path, demo.config, Some(listener), &logging).await;
-    demo.server.shutdown().await;
-    code
+        };
+        match magento_devserver::run_cli(args, stop).await {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("devserver: {e}");
+                FAILED
+            }
+        }
+    }
+}
+
+/// A build without the dev server (the container image) has no demo: say how to get one.
+#[cfg(not(feature = "demo"))]
+mod dev {
+    pub async fn run_demo() -> u8 {
+        eprintln!(
+            "this build has no demo (built without the `demo` feature, as the container image is): run `cargo run --release -- demo` in the source tree"
+        );
+        super::FAILED
+    }
 }

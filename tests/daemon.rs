@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use magento_token_sidecar::devserver::{DevServerOptions, Fault};
+use magento_devserver::{DevServerOptions, Fault};
 
 const SEC: Duration = Duration::from_secs(1);
 

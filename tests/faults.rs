@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
-use magento_token_sidecar::devserver::{DevServer, DevServerOptions, Fault};
+use magento_devserver::{DevServer, DevServerOptions, Fault};
 
 const SEC: Duration = Duration::from_secs(1);
 
@@ -316,7 +316,6 @@ async fn slow_answer() -> OutageReport {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outages_keep_the_last_token_and_recover_within_max_backoff() {
-    let retry_at = httpdate::fmt_http_date(SystemTime::now() + 3 * SEC);
     let html = |status| Outage::Fault(Fault::html(status));
     let cases = vec![
         Case::new("500, Magento's JSON", Outage::Fault(Fault::status(500)), "http_error"),
@@ -333,7 +332,7 @@ async fn outages_keep_the_last_token_and_recover_within_max_backoff() {
             first_gap: Some(ms(1500)),
             ..Case::new(
                 "503, Retry-After: an HTTP date 3 s ahead",
-                Outage::Fault(Fault::retry_after(503, &retry_at)),
+                Outage::Fault(Fault::RetryAt { status: 503, ahead: 3 * SEC }),
                 "http_error",
             )
         },

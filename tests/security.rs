@@ -10,7 +10,7 @@ mod common;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
-use magento_token_sidecar::devserver::{DevServer, DevServerOptions, Fault, RequestRecord, TlsIdentity};
+use magento_devserver::{DevServer, DevServerOptions, Fault, RequestRecord, TlsIdentity};
 
 const SEC: Duration = Duration::from_secs(1);
 

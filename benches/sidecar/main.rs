@@ -3,7 +3,8 @@
 //!
 //! Every program under test is its own process, so the numbers are what a pod pays:
 //!
-//! * the release binary, built first with `cargo build --release` (or `SIDECAR_BENCH_BIN`);
+//! * the shipped release binary, built first as the container image builds it, with
+//!   `cargo build --release --no-default-features` (no dev server inside; or `SIDECAR_BENCH_BIN`);
 //! * the dev server (`magento-token-sidecar devserver`) on loopback, one process for the whole
 //!   run, holding every customer; its own CPU is measured around each workload;
 //! * `once` for N customers, the Python loop and the curl loop on the same N: wall time, CPU
@@ -76,6 +77,8 @@ impl Who {
 /// Where the programs under test are.
 struct Tools {
     sidecar: PathBuf,
+    /// `magento-devserver`, the dev server crate's own binary.
+    devserver: PathBuf,
     python: Option<PathBuf>,
     curl: Option<String>,
     baselines: PathBuf,
@@ -128,25 +131,33 @@ fn fail(message: String) -> io::Error {
     io::Error::other(message)
 }
 
-/// The release binary: `SIDECAR_BENCH_BIN`, or `cargo build --release` and its output.
+/// The shipped release binary: `SIDECAR_BENCH_BIN`, or the container image's build of it
+/// (without the `demo` feature, so without the dev server).
 fn sidecar_binary() -> io::Result<PathBuf> {
     if let Some(bin) = std::env::var_os("SIDECAR_BENCH_BIN") {
         return Ok(PathBuf::from(bin));
     }
+    release_build(&["--no-default-features", "--bin", "magento-token-sidecar"], "magento-token-sidecar")
+}
+
+/// The dev server's own release binary.
+fn devserver_binary() -> io::Result<PathBuf> {
+    release_build(&["-p", "magento-devserver", "--bin", "magento-devserver"], "magento-devserver")
+}
+
+fn release_build(args: &[&str], bin: &str) -> io::Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("building the release binary (cargo build --release) ...");
-    let status = Command::new(cargo)
-        .args(["build", "--release", "--bin", "magento-token-sidecar"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()?;
+    eprintln!("building {bin} (cargo build --release {}) ...", args.join(" "));
+    let status =
+        Command::new(cargo).args(["build", "--release"]).args(args).current_dir(env!("CARGO_MANIFEST_DIR")).status()?;
     if !status.success() {
-        return Err(fail(format!("cargo build --release failed: {status}")));
+        return Err(fail(format!("cargo build --release {} failed: {status}", args.join(" "))));
     }
-    let bin = target_dir().join("release").join("magento-token-sidecar");
-    if !bin.is_file() {
-        return Err(fail(format!("{} is missing after cargo build --release", bin.display())));
+    let path = target_dir().join("release").join(bin);
+    if !path.is_file() {
+        return Err(fail(format!("{} is missing after cargo build --release", path.display())));
     }
-    Ok(bin)
+    Ok(path)
 }
 
 /// The interpreter itself, not a shim (pyenv's `python3` is a shell script that would be
@@ -169,6 +180,7 @@ fn bench(quick: bool) -> io::Result<String> {
     let idle_sizes: Vec<usize> = [1, 1_000, 10_000].into_iter().filter(|&n| n <= max_n).collect();
     let tools = Tools {
         sidecar: sidecar_binary()?,
+        devserver: devserver_binary()?,
         python: find_python(),
         curl: version_line("curl", &["--version"]).map(|_| "curl".to_owned()),
         baselines: Path::new(env!("CARGO_MANIFEST_DIR")).join("benches").join("baselines"),
@@ -192,7 +204,7 @@ fn bench(quick: bool) -> io::Result<String> {
     // The smallest peak RSS this set-up can report: `true`, started like everything else.
     let (_, log) = fx.log_file("floor")?;
     let floor = measure::run(&Command::new("true"), &log, Duration::from_secs(10))?;
-    let server = DevServer::start(&tools.sidecar, &fx)?;
+    let server = DevServer::start(&tools.devserver, &fx)?;
     eprintln!("dev server at {}", server.base_url);
 
     // First token, before anything else has warmed the dev server's connection handling.
@@ -298,7 +310,7 @@ impl DevServer {
     fn start(bin: &Path, fx: &Fixture) -> io::Result<DevServer> {
         let (log, file) = fx.log_file("devserver")?;
         let mut child = Command::new(bin)
-            .args(["devserver", "--listen", "127.0.0.1:0", "--token-lifetime", "1h", "--customers-file"])
+            .args(["--listen", "127.0.0.1:0", "--token-lifetime", "1h", "--customers-file"])
             .arg(fx.server_customers())
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use magento_token_sidecar::devserver::{DevServer, DevServerOptions};
+use magento_devserver::{DevServer, DevServerOptions};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_magento-token-sidecar");
 
@@ -378,12 +378,12 @@ pub fn temporaries_in(dir: &Path) -> Vec<String> {
 }
 
 /// Token requests the dev server received, in order.
-pub fn token_requests(server: &DevServer) -> Vec<magento_token_sidecar::devserver::RequestRecord> {
+pub fn token_requests(server: &DevServer) -> Vec<magento_devserver::RequestRecord> {
     server.requests().into_iter().filter(|r| r.path.ends_with("/integration/customer/token")).collect()
 }
 
 /// The time between consecutive requests.
-pub fn gaps(requests: &[magento_token_sidecar::devserver::RequestRecord]) -> Vec<Duration> {
+pub fn gaps(requests: &[magento_devserver::RequestRecord]) -> Vec<Duration> {
     requests.windows(2).map(|w| w[1].at.duration_since(w[0].at).unwrap_or_default()).collect()
 }
 

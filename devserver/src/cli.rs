@@ -1,5 +1,5 @@
-//! `magento-token-sidecar devserver ...`: the development server as a process, for the
-//! Python tests, the benchmarks and manual use.
+//! `magento-token-sidecar devserver ...` and `magento-devserver ...`: the development server as a
+//! process, for the Python tests, the benchmarks and manual use.
 
 use std::future::Future;
 use std::io::Write as _;

@@ -231,6 +231,14 @@ pub(crate) async fn handle(
         (Ok(_), Some(Fault::Respond { status, content_type, body, retry_after })) => {
             Reply { retry_after, ..Reply::new(status, content_type, body) }
         }
+        (Ok(_), Some(Fault::RetryAt { status, ahead })) => {
+            match faults::Fault::retry_at(status, ahead, SystemTime::now()) {
+                Fault::Respond { status, content_type, body, retry_after } => {
+                    Reply { retry_after, ..Reply::new(status, content_type, body) }
+                }
+                _ => unreachable!("retry_at answers with Respond"),
+            }
+        }
         (Ok(_), Some(Fault::Redirect { status, location })) => Reply {
             location: Some(location.clone()),
             ..Reply::new(status, "text/html; charset=utf-8", faults::redirect_page(status, &location))

@@ -13,6 +13,9 @@ pub enum Fault {
     /// Answer with this status, content type and body, plus optional Retry-After header
     /// value (seconds or HTTP date, verbatim).
     Respond { status: u16, content_type: String, body: Vec<u8>, retry_after: Option<String> },
+    /// An HTML page with `Retry-After` as an HTTP date this far ahead of the moment it is sent
+    /// (a date fixed in advance would drift while a busy machine gets to the request).
+    RetryAt { status: u16, ahead: Duration },
     /// Answer normally, but only after this delay.
     Delay(Duration),
     /// Read the request and never answer (keep the connection open until the server stops).
@@ -77,6 +80,11 @@ impl Fault {
             body: html_page(status).into_bytes(),
             retry_after: Some(value.to_owned()),
         }
+    }
+
+    /// The answer of [`Fault::RetryAt`] sent at `now`.
+    pub(crate) fn retry_at(status: u16, ahead: Duration, now: std::time::SystemTime) -> Fault {
+        Fault::retry_after(status, &httpdate::fmt_http_date(now + ahead))
     }
 
     /// Any JSON body: an object, a number, a crafted token string...
