@@ -15,13 +15,14 @@ use tracing::{error, info, warn};
 
 use crate::config::{self, Checks, Config, CustomerConfig, PasswordError};
 use crate::logging::Logging;
+use crate::magento::Outcome;
 use crate::magento::{Client, ClientError, LoginError};
-use crate::metrics::{Metrics, Outcome};
+use crate::metrics::Metrics;
 use crate::schedule::{self, AuthState};
 use crate::secret::Secret;
 use crate::signals::Signal;
 use crate::sink;
-use crate::status::Reporter;
+use crate::status::{Board, Reporter};
 use crate::token;
 use crate::worker::{Shared, Worker};
 
@@ -40,14 +41,14 @@ pub struct Supervisor {
     /// The configuration in effect, its `customers` moved out to the workers (see `start`).
     config: Config,
     shared: Shared,
-    metrics: Arc<Metrics>,
+    board: Board,
     workers: BTreeMap<String, Running>,
 }
 
 impl Supervisor {
-    pub fn new(config: Config, metrics: Arc<Metrics>) -> Result<Supervisor, ClientError> {
+    pub fn new(config: Config, board: Board) -> Result<Supervisor, ClientError> {
         let shared = shared_for(&config, None)?;
-        Ok(Supervisor { config, shared, metrics, workers: BTreeMap::new() })
+        Ok(Supervisor { config, shared, board, workers: BTreeMap::new() })
     }
 
     /// Starts a worker for every configured customer. From here on each customer's settings
@@ -61,7 +62,7 @@ impl Supervisor {
     fn spawn(&mut self, customer: CustomerConfig, adopt: bool) {
         let customer = Arc::new(customer);
         let stop = CancellationToken::new();
-        let report = Reporter::new(&customer.name, self.metrics.clone());
+        let report = Reporter::new(&customer.name, self.board.clone());
         let worker = Worker::new(customer.clone(), self.shared.clone(), report, stop.clone());
         let task = tokio::spawn(worker.run(adopt));
         self.workers.insert(customer.name.clone(), Running { customer, stop, task });
@@ -93,7 +94,7 @@ impl Supervisor {
         join_all(stopped).await;
         for name in &stopping {
             if !wanted.contains_key(name) {
-                self.metrics.remove_customer(name);
+                self.board.remove(name);
                 info!(customer = %name, "customer removed; its token file stays");
             }
         }
@@ -170,7 +171,7 @@ pub async fn run(
     mut signals: impl Stream<Item = Signal> + Unpin,
 ) -> Result<(), ClientError> {
     info!(customers = config.customers.len(), version = env!("CARGO_PKG_VERSION"), "starting");
-    let mut supervisor = Supervisor::new(config, metrics.clone())?;
+    let mut supervisor = Supervisor::new(config, metrics.board().clone())?;
     supervisor.start();
     while let Some(signal) = signals.next().await {
         match signal {

@@ -24,7 +24,6 @@ use serde::Serialize;
 use zeroize::Zeroizing;
 
 use crate::config::MagentoSettings;
-use crate::metrics::Outcome;
 use crate::secret::Secret;
 use crate::token;
 
@@ -32,6 +31,59 @@ use crate::token;
 pub const MAX_BODY: usize = 64 * 1024;
 
 pub const USER_AGENT: &str = concat!("magento-token-sidecar/", env!("CARGO_PKG_VERSION"));
+
+/// The outcome of one login, the `result` label of `magento_token_refresh_total`: a closed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    Success,
+    /// 401: wrong password, unknown username or locked account.
+    AuthFailure,
+    /// Any other HTTP status, redirects included.
+    HttpError,
+    /// Connect, reset, timeout.
+    NetworkError,
+    /// An answer that is not a JSON string holding a token of the accepted form.
+    InvalidResponse,
+    /// The token could not be written to its file.
+    WriteError,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Success,
+        Outcome::AuthFailure,
+        Outcome::HttpError,
+        Outcome::NetworkError,
+        Outcome::InvalidResponse,
+        Outcome::WriteError,
+    ];
+
+    /// [`Outcome::ALL`] in the order of their `result` label values, as a scrape lists them.
+    pub const SORTED: [Outcome; 6] = [
+        Outcome::AuthFailure,
+        Outcome::HttpError,
+        Outcome::InvalidResponse,
+        Outcome::NetworkError,
+        Outcome::Success,
+        Outcome::WriteError,
+    ];
+
+    /// This outcome's place in [`Outcome::ALL`].
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::AuthFailure => "auth_failure",
+            Outcome::HttpError => "http_error",
+            Outcome::NetworkError => "network_error",
+            Outcome::InvalidResponse => "invalid_response",
+            Outcome::WriteError => "write_error",
+        }
+    }
+}
 
 /// Why a request did not give a token (or, for [`Client::whoami`], an identity).
 #[derive(Debug, Clone, PartialEq, Eq)]

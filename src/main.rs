@@ -15,6 +15,7 @@ use magento_token_sidecar::config::{self, Checks, Config};
 use magento_token_sidecar::logging::{self, Logging};
 use magento_token_sidecar::metrics::Metrics;
 use magento_token_sidecar::signals;
+use magento_token_sidecar::status::Board;
 use magento_token_sidecar::{admin, daemon};
 
 const BAD_CONFIG: u8 = 2;
@@ -133,7 +134,7 @@ async fn serve(config_path: &Path, config: Config, admin_listener: Option<TcpLis
             return FAILED;
         }
     };
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::new(Board::new()));
     let listener = match (admin_listener, config.admin_listen) {
         (Some(l), _) => Some(l),
         (None, Some(addr)) => match TcpListener::bind(addr).await {

@@ -9,66 +9,14 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::ops::Bound;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{self, LabelPair, Metric, MetricFamily, MetricType};
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
+use crate::magento::Outcome;
 use crate::status::{Board, Entry};
-
-/// The outcome of one login, the `result` label of `magento_token_refresh_total`: a closed set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Outcome {
-    Success,
-    /// 401: wrong password, unknown username or locked account.
-    AuthFailure,
-    /// Any other HTTP status, redirects included.
-    HttpError,
-    /// Connect, reset, timeout.
-    NetworkError,
-    /// An answer that is not a JSON string holding a token of the accepted form.
-    InvalidResponse,
-    /// The token could not be written to its file.
-    WriteError,
-}
-
-impl Outcome {
-    pub const ALL: [Outcome; 6] = [
-        Outcome::Success,
-        Outcome::AuthFailure,
-        Outcome::HttpError,
-        Outcome::NetworkError,
-        Outcome::InvalidResponse,
-        Outcome::WriteError,
-    ];
-
-    /// [`Outcome::ALL`] in the order of their `result` label values, as a scrape lists them.
-    pub const SORTED: [Outcome; 6] = [
-        Outcome::AuthFailure,
-        Outcome::HttpError,
-        Outcome::InvalidResponse,
-        Outcome::NetworkError,
-        Outcome::Success,
-        Outcome::WriteError,
-    ];
-
-    /// This outcome's place in [`Outcome::ALL`].
-    pub const fn index(self) -> usize {
-        self as usize
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Success => "success",
-            Outcome::AuthFailure => "auth_failure",
-            Outcome::HttpError => "http_error",
-            Outcome::NetworkError => "network_error",
-            Outcome::InvalidResponse => "invalid_response",
-            Outcome::WriteError => "write_error",
-        }
-    }
-}
 
 /// A per-customer family: every configured customer has its series, written from its
 /// [`Board`] entry whenever `/metrics` is scraped.
@@ -282,27 +230,16 @@ pub struct Metrics {
     /// ([`Metrics::text`]) gathers; it writes the per-customer families from the board itself.
     fixed: Registry,
     board: Board,
-    refresh_duration: Histogram,
     reloads: IntCounterVec,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Metrics {
-    pub fn new() -> Metrics {
+    /// The metrics of the process whose workers report to `board`.
+    pub fn new(board: Board) -> Metrics {
         let m = Metrics {
             registry: Registry::new(),
             fixed: Registry::new(),
-            board: Board::new(),
-            refresh_duration: Histogram::with_opts(
-                HistogramOpts::new("magento_token_refresh_duration_seconds", "Time of one login request.")
-                    .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
-            )
-            .unwrap(),
+            board,
             reloads: IntCounterVec::new(
                 Opts::new("magento_token_config_reloads_total", "Configuration reloads (SIGHUP) by result."),
                 &["result"],
@@ -315,7 +252,7 @@ impl Metrics {
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         let process = || prometheus::process_collector::ProcessCollector::for_self();
         let fixed: [Box<dyn Collector>; 4] = [
-            Box::new(m.refresh_duration.clone()),
+            Box::new(m.board.login_times().clone()),
             Box::new(m.reloads.clone()),
             Box::new(build_info.clone()),
             Box::new(process()),
@@ -325,7 +262,7 @@ impl Metrics {
         }
         let all: [Box<dyn Collector>; 5] = [
             Box::new(CustomerCollector::new(m.board.clone())),
-            Box::new(m.refresh_duration.clone()),
+            Box::new(m.board.login_times().clone()),
             Box::new(m.reloads.clone()),
             Box::new(build_info),
             Box::new(process()),
@@ -342,38 +279,6 @@ impl Metrics {
     /// The board every per-customer series is read from: the one of this process.
     pub fn board(&self) -> &Board {
         &self.board
-    }
-
-    /// Creates every series of `customer` at 0; series that exist (a customer restarted by a
-    /// reload) keep their values.
-    pub fn add_customer(&self, customer: &str) {
-        self.board.add(customer);
-    }
-
-    /// Deletes every series of `customer` (and its board entry).
-    pub fn remove_customer(&self, customer: &str) {
-        self.board.remove(customer);
-    }
-
-    /// A login: counted by outcome, and its request timed.
-    pub fn login(&self, customer: &str, outcome: Outcome, request_time: Option<Duration>) {
-        self.board.update(customer, |e| e.refreshes[outcome.index()] += 1);
-        self.login_time(request_time);
-    }
-
-    /// The time of one login request, if one was sent.
-    pub(crate) fn login_time(&self, request_time: Option<Duration>) {
-        if let Some(t) = request_time {
-            self.refresh_duration.observe(t.as_secs_f64());
-        }
-    }
-
-    pub fn clock_skew(&self, customer: &str, seconds: i64) {
-        self.board.update(customer, |e| e.clock_skew = seconds);
-    }
-
-    pub fn password_error(&self, customer: &str) {
-        self.board.update(customer, |e| e.password_errors += 1);
     }
 
     pub fn reload(&self, ok: bool) {
@@ -482,6 +387,8 @@ fn unix(t: SystemTime) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use prometheus::Encoder;
 
     use super::*;
@@ -492,8 +399,8 @@ mod tests {
 
     #[test]
     fn every_customer_series_starts_at_zero_and_goes_with_the_customer() {
-        let m = Metrics::new();
-        m.add_customer("alice");
+        let m = Metrics::new(Board::new());
+        m.board().add("alice");
         let text = m.encode();
         for outcome in Outcome::ALL {
             let series = format!("magento_token_refresh_total{{customer=\"alice\",result=\"{}\"}}", outcome.as_str());
@@ -514,16 +421,20 @@ mod tests {
             Some("1")
         );
         assert!(text.contains("process_resident_memory_bytes"));
-        m.remove_customer("alice");
+        m.board().remove("alice");
         assert!(!m.encode().contains("alice"));
     }
 
     #[test]
     fn a_login_counts_and_times() {
-        let m = Metrics::new();
-        m.add_customer("bob");
-        m.login("bob", Outcome::AuthFailure, Some(Duration::from_millis(30)));
-        m.board().update("bob", |e| e.consecutive_failures = 1);
+        let m = Metrics::new(Board::new());
+        m.board().add("bob");
+        crate::status::Reporter::new("bob", m.board().clone()).failure(
+            Outcome::AuthFailure,
+            "401",
+            UNIX_EPOCH,
+            Some(Duration::from_millis(30)),
+        );
         let text = m.encode();
         assert_eq!(
             value(&text, "magento_token_refresh_total{customer=\"bob\",result=\"auth_failure\"}").as_deref(),
@@ -551,10 +462,10 @@ mod tests {
     }
 
     fn busy_metrics() -> Metrics {
-        let m = Metrics::new();
+        let m = Metrics::new(Board::new());
         let t = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         for (i, name) in ["alice", "bob", "carol-2", "d.e_f"].into_iter().enumerate() {
-            m.add_customer(name);
+            m.board().add(name);
             m.board().update(name, |e| {
                 e.expires_at = (i != 1).then_some(t + Duration::from_secs(3600 * i as u64));
                 e.last_success_at = (i != 1).then_some(t);
@@ -568,7 +479,8 @@ mod tests {
                 }
             });
         }
-        m.login("alice", Outcome::HttpError, Some(Duration::from_millis(70)));
+        m.board().update("alice", |e| e.refreshes[Outcome::HttpError.index()] += 1);
+        m.board().login_time(Some(Duration::from_millis(70)));
         m.reload(false);
         m
     }
@@ -582,7 +494,7 @@ mod tests {
 
     #[test]
     fn the_text_is_what_the_text_encoder_makes_of_gather() {
-        for m in [Metrics::new(), busy_metrics()] {
+        for m in [Metrics::new(Board::new()), busy_metrics()] {
             let reference = encoded_by_the_crate(&m);
             assert_eq!(without_process_samples(&m.encode()), without_process_samples(&reference));
         }
@@ -677,8 +589,8 @@ mod tests {
 
     #[test]
     fn label_values_are_escaped() {
-        let m = Metrics::new();
-        m.add_customer("a\"b\\c\nd");
+        let m = Metrics::new(Board::new());
+        m.board().add("a\"b\\c\nd");
         let reference = encoded_by_the_crate(&m);
         assert!(reference.contains(r#"magento_token_valid{customer="a\"b\\c\nd"} 0"#), "{reference}");
         assert_eq!(without_process_samples(&m.encode()), without_process_samples(&reference));
@@ -689,7 +601,7 @@ mod tests {
         let m = busy_metrics();
         for i in 0..3000 {
             let name = format!("customer-with-a-rather-long-name-{i:05}");
-            m.add_customer(&name);
+            m.board().add(&name);
             m.board().update(&name, |e| e.refreshes[Outcome::Success.index()] = i);
         }
         let pieces: Vec<String> = m.text().collect();
@@ -705,15 +617,15 @@ mod tests {
 
     #[test]
     fn customers_coming_and_going_during_a_scrape_leave_a_well_formed_text() {
-        let m = Metrics::new();
+        let m = Metrics::new(Board::new());
         for i in 0..3000 {
-            m.add_customer(&format!("c{i:05}"));
+            m.board().add(&format!("c{i:05}"));
         }
         let mut text = String::new();
         for (i, piece) in m.text().enumerate() {
             text.push_str(&piece);
-            m.remove_customer(&format!("c{:05}", 2999 - i * 37));
-            m.add_customer(&format!("new{i:03}"));
+            m.board().remove(&format!("c{:05}", 2999 - i * 37));
+            m.board().add(&format!("new{i:03}"));
         }
         let mut seen = std::collections::HashSet::new();
         for line in text.lines().filter(|l| !l.starts_with('#')) {

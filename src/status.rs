@@ -1,10 +1,12 @@
 //! What every customer's worker reports: one compact entry per customer, behind `/status`,
 //! `/readyz` and every per-customer series of `/metrics`.
 //!
-//! The board is the only place a customer's numbers live: the metrics' per-customer series are
-//! written from it at scrape time (see [`crate::metrics`]), so `/status` and `/metrics` never
-//! disagree and a customer costs one [`Entry`], not a dozen Prometheus children.
-//! Workers write through a [`Reporter`].
+//! The board is the root the rest reports to: workers write through a [`Reporter`], and the
+//! metrics ([`crate::metrics`]) and the admin server only read it. It is the only place a
+//! customer's numbers live: the per-customer series are written from it at scrape time, so
+//! `/status` and `/metrics` never disagree and a customer costs one [`Entry`], not a dozen
+//! Prometheus children. It depends on no other module of the daemon but the class of a login
+//! ([`Outcome`]).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -12,7 +14,9 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use crate::metrics::{Metrics, Outcome};
+use prometheus::{Histogram, HistogramOpts};
+
+use crate::magento::Outcome;
 use crate::sink::rfc3339;
 
 /// Where a customer's worker stands.
@@ -117,15 +121,40 @@ pub struct CustomerStatus {
 }
 
 /// Every configured customer's status, shared by the workers, the metrics and the admin
-/// server. The one board of a process is [`Metrics::board`]'s.
+/// server: one per process (clones share it).
 #[derive(Clone)]
 pub struct Board {
     entries: Arc<Mutex<BTreeMap<Box<str>, Entry>>>,
+    /// `magento_token_refresh_duration_seconds`: the one record that is not per customer.
+    login_times: Histogram,
+}
+
+impl Default for Board {
+    fn default() -> Self {
+        Board::new()
+    }
 }
 
 impl Board {
-    pub(crate) fn new() -> Board {
-        Board { entries: Arc::new(Mutex::new(BTreeMap::new())) }
+    pub fn new() -> Board {
+        let login_times = Histogram::with_opts(
+            HistogramOpts::new("magento_token_refresh_duration_seconds", "Time of one login request.")
+                .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+        )
+        .expect("a valid histogram");
+        Board { entries: Arc::new(Mutex::new(BTreeMap::new())), login_times }
+    }
+
+    /// The histogram of login request times, for the metrics registry.
+    pub(crate) fn login_times(&self) -> &Histogram {
+        &self.login_times
+    }
+
+    /// The time of one login request, if one was sent.
+    pub(crate) fn login_time(&self, request_time: Option<std::time::Duration>) {
+        if let Some(t) = request_time {
+            self.login_times.observe(t.as_secs_f64());
+        }
     }
 
     pub(crate) fn with<R>(&self, f: impl FnOnce(&mut BTreeMap<Box<str>, Entry>) -> R) -> R {
@@ -184,27 +213,33 @@ impl Board {
     }
 }
 
-/// A worker's handle on the board and the metrics.
+/// A worker's handle on the board.
 #[derive(Clone)]
 pub struct Reporter {
     name: String,
-    metrics: Arc<Metrics>,
+    board: Board,
 }
 
 impl Reporter {
     /// Registers `name` on the board, which creates its metric series at 0. A customer
     /// restarted by a reload keeps what is known of it (its token on disk is still there).
-    pub fn new(name: &str, metrics: Arc<Metrics>) -> Reporter {
-        metrics.add_customer(name);
-        Reporter { name: name.to_owned(), metrics }
-    }
-
-    pub fn metrics(&self) -> &Metrics {
-        &self.metrics
+    pub fn new(name: &str, board: Board) -> Reporter {
+        board.add(name);
+        Reporter { name: name.to_owned(), board }
     }
 
     fn update<R>(&self, f: impl FnOnce(&mut Entry) -> R) -> Option<R> {
-        self.metrics.board().update(&self.name, f)
+        self.board.update(&self.name, f)
+    }
+
+    /// The password source could not be read before a login (no login sent).
+    pub fn password_error(&self) {
+        self.update(|e| e.password_errors += 1);
+    }
+
+    /// Magento's clock minus ours, from the last JWT (0 when within tolerance).
+    pub fn clock_skew(&self, seconds: i64) {
+        self.update(|e| e.clock_skew = seconds);
     }
 
     pub fn state(&self, state: State) {
@@ -227,7 +262,7 @@ impl Reporter {
 
     /// A new token was written.
     pub fn success(&self, at: SystemTime, expires_at: SystemTime, request_time: Option<std::time::Duration>) {
-        self.metrics.login_time(request_time);
+        self.board.login_time(request_time);
         self.update(|e| {
             e.refreshes[Outcome::Success.index()] += 1;
             e.expires_at = Some(expires_at);
@@ -244,7 +279,7 @@ impl Reporter {
         at: SystemTime,
         request_time: Option<std::time::Duration>,
     ) -> u32 {
-        self.metrics.login_time(request_time);
+        self.board.login_time(request_time);
         self.update(|e| {
             e.refreshes[outcome.index()] += 1;
             e.consecutive_failures += 1;
@@ -274,9 +309,8 @@ mod tests {
 
     #[test]
     fn the_board_shows_what_the_reporter_says() {
-        let metrics = Arc::new(Metrics::new());
-        let board = metrics.board().clone();
-        let r = Reporter::new("alice", metrics.clone());
+        let board = Board::new();
+        let r = Reporter::new("alice", board.clone());
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         assert_eq!(board.not_ready(t0), ["alice"]);
         assert_eq!(r.failure(Outcome::NetworkError, "reset", t0, None), 1);
@@ -290,7 +324,7 @@ mod tests {
         assert!(board.not_ready(t0).is_empty());
         assert_eq!(board.not_ready(t0 + Duration::from_secs(3600)), ["alice"]);
         // A restart keeps what is known; a removal forgets it.
-        Reporter::new("alice", metrics.clone());
+        Reporter::new("alice", board.clone());
         assert_eq!(board.snapshot(t0)[0].state, State::Starting);
         assert!(board.snapshot(t0)[0].valid);
         board.remove("alice");

@@ -30,8 +30,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::config::{CustomerConfig, Format, RefreshSettings};
+use crate::magento::Outcome;
 use crate::magento::{Client, LoginError};
-use crate::metrics::Outcome;
 use crate::schedule::{self, AuthState, AuthWait};
 use crate::secret::Secret;
 use crate::sink;
@@ -310,7 +310,7 @@ impl Worker {
             Err(e) => {
                 let now = SystemTime::now();
                 self.transient += 1;
-                self.report.metrics().password_error(&self.customer.name);
+                self.report.password_error();
                 self.report.problem("password", &e.to_string(), now);
                 let wait = schedule::backoff(self.transient, &self.shared.refresh, None, rand::thread_rng().gen());
                 error!(error = %e, retry_in = %humantime::format_duration(round(wait)), "cannot read the password");
@@ -406,7 +406,7 @@ impl Worker {
                     );
                 }
                 self.report.success(now, obtained.expiry.expires_at, took);
-                self.report.metrics().clock_skew(&self.customer.name, obtained.expiry.skew.unwrap_or(0));
+                self.report.clock_skew(obtained.expiry.skew.unwrap_or(0));
                 let next = schedule::next_refresh(
                     now,
                     obtained.expiry.expires_at,
@@ -493,7 +493,6 @@ fn round(d: Duration) -> Duration {
 mod tests {
     use super::*;
     use crate::config::{Checks, MagentoSettings};
-    use crate::metrics::Metrics;
 
     /// Every configured customer holds one of these tasks for the life of the daemon: with
     /// 10,000 customers each byte is 10 KB of resident memory (benches/RESULTS.md). It was
@@ -514,8 +513,7 @@ mod tests {
             mode: 0o600,
             logins: Arc::new(Semaphore::new(1)),
         };
-        let metrics = Arc::new(Metrics::new());
-        let report = Reporter::new("a", metrics.clone());
+        let report = Reporter::new("a", crate::status::Board::new());
         let worker = Worker::new(Arc::new(config.customers[0].clone()), shared, report, CancellationToken::new());
         let task = worker.run(true);
         let size = std::mem::size_of_val(&task);

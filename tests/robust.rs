@@ -9,8 +9,8 @@ use base64::Engine;
 use proptest::prelude::*;
 
 use magento_token_sidecar::config::{self, Checks, RefreshSettings};
+use magento_token_sidecar::magento::Outcome;
 use magento_token_sidecar::magento::{magento_message, parse_token};
-use magento_token_sidecar::metrics::Outcome;
 use magento_token_sidecar::schedule;
 use magento_token_sidecar::secret::Secret;
 use magento_token_sidecar::sink;
