@@ -13,17 +13,17 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::{self, Checks, Config, CustomerConfig, PasswordError};
+use crate::account::Accounts;
+use crate::attempt::{self, Attempt, NoToken, Obtained};
+use crate::clock::Clock;
+use crate::config::{self, Checks, Config, CustomerConfig, LogFormat, MagentoSettings, PasswordError};
 use crate::logging::Logging;
-use crate::magento::Outcome;
-use crate::magento::{Client, ClientError, LoginError};
+use crate::magento::{Client, ClientError, LoginError, Outcome};
 use crate::metrics::Metrics;
-use crate::schedule::{self, AuthState};
-use crate::secret::Secret;
+use crate::schedule;
 use crate::signals::Signal;
 use crate::sink;
 use crate::status::{Board, Reporter};
-use crate::token;
 use crate::worker::{Shared, Worker};
 
 /// How long a stop waits for logins and writes in flight.
@@ -38,78 +38,112 @@ struct Running {
 
 /// The running set of workers and what they share.
 pub struct Supervisor {
-    /// The configuration in effect, its `customers` moved out to the workers (see `start`).
-    config: Config,
+    /// What the shared client was built from: a reload that keeps them keeps the client and
+    /// its connection pool.
+    magento: MagentoSettings,
     shared: Shared,
+    /// Settings read only at start, to say so when a reload changes them.
+    admin_listen: Option<std::net::SocketAddr>,
+    log_format: LogFormat,
     board: Board,
+    /// One lockout budget per username, handed to the workers.
+    accounts: Accounts,
     workers: BTreeMap<String, Running>,
 }
 
-impl Supervisor {
-    pub fn new(config: Config, board: Board) -> Result<Supervisor, ClientError> {
-        let shared = shared_for(&config, None)?;
-        Ok(Supervisor { config, shared, board, workers: BTreeMap::new() })
-    }
+/// What a reload does to the customers: worked out from the running and the wanted settings
+/// alone, before anything stops.
+#[derive(Debug, Default, PartialEq)]
+pub struct Plan {
+    /// Running customers no longer configured: stopped for good (their files stay).
+    pub remove: Vec<String>,
+    /// Running customers whose settings changed: stopped, then started with the new ones.
+    /// `adopt`: their login did not change, so the token on disk may be kept.
+    pub restart: Vec<(CustomerConfig, bool)>,
+    /// Customers not running yet.
+    pub add: Vec<CustomerConfig>,
+}
 
-    /// Starts a worker for every configured customer. From here on each customer's settings
-    /// are kept by its worker and its [`Running`] entry only, not in `config` too.
-    pub fn start(&mut self) {
-        for customer in std::mem::take(&mut self.config.customers) {
-            self.spawn(customer, true);
+/// The reload plan. `everyone`: what all workers share changed (client, refresh settings,
+/// format, mode), so every running customer that stays restarts.
+pub fn plan<'a>(
+    running: impl IntoIterator<Item = &'a CustomerConfig>,
+    wanted: Vec<CustomerConfig>,
+    everyone: bool,
+) -> Plan {
+    let mut wanted: BTreeMap<String, CustomerConfig> = wanted.into_iter().map(|c| (c.name.clone(), c)).collect();
+    let mut plan = Plan::default();
+    for old in running {
+        match wanted.remove(&old.name) {
+            None => plan.remove.push(old.name.clone()),
+            Some(new) if everyone || new != *old => {
+                let adopt = new.same_login(old);
+                plan.restart.push((new, adopt));
+            }
+            Some(_) => {}
         }
+    }
+    plan.add = wanted.into_values().collect();
+    plan
+}
+
+impl Supervisor {
+    /// Starts a worker for every configured customer.
+    pub fn start(config: Config, board: Board) -> Result<Supervisor, ClientError> {
+        let shared = shared_for(&config, None)?;
+        let mut supervisor = Supervisor {
+            magento: config.magento,
+            shared,
+            admin_listen: config.admin_listen,
+            log_format: config.log.format,
+            board,
+            accounts: Accounts::new(),
+            workers: BTreeMap::new(),
+        };
+        for customer in config.customers {
+            supervisor.spawn(customer, true);
+        }
+        Ok(supervisor)
     }
 
     fn spawn(&mut self, customer: CustomerConfig, adopt: bool) {
         let customer = Arc::new(customer);
         let stop = CancellationToken::new();
         let report = Reporter::new(&customer.name, self.board.clone());
-        let worker = Worker::new(customer.clone(), self.shared.clone(), report, stop.clone());
+        let account = self.accounts.of(&customer);
+        let worker = Worker::new(customer.clone(), account, self.shared.clone(), report, stop.clone());
         let task = tokio::spawn(worker.run(adopt));
         self.workers.insert(customer.name.clone(), Running { customer, stop, task });
     }
 
     /// Applies a new configuration: customers added start at once, removed ones stop (their
     /// files stay), changed ones restart, the others go on undisturbed.
-    pub async fn apply(&mut self, mut new: Config) -> Result<(), ClientError> {
-        let shared = shared_for(&new, Some((&self.config, &self.shared)))?;
+    pub async fn apply(&mut self, new: Config) -> Result<(), ClientError> {
+        let shared = shared_for(&new, Some(self))?;
         let everyone = !shared.same_as(&self.shared);
-        let wanted: BTreeMap<String, CustomerConfig> =
-            std::mem::take(&mut new.customers).into_iter().map(|c| (c.name.clone(), c)).collect();
-
+        let plan = plan(self.workers.values().map(|r| &*r.customer), new.customers, everyone);
         // Stop the removed and the changed first, all together, so no two workers ever write
         // one file.
-        let mut stopping = Vec::new();
-        let mut restart = Vec::new();
-        for (name, running) in &self.workers {
-            match wanted.get(name) {
-                None => stopping.push(name.clone()),
-                Some(c) if everyone || *c != *running.customer => {
-                    stopping.push(name.clone());
-                    restart.push((c.clone(), c.same_login(&running.customer)));
-                }
-                Some(_) => {}
-            }
-        }
-        let stopped: Vec<Running> = stopping.iter().filter_map(|n| self.workers.remove(n)).collect();
+        let stopping = plan.remove.iter().chain(plan.restart.iter().map(|(c, _)| &c.name));
+        let stopped: Vec<Running> = stopping.filter_map(|n| self.workers.remove(n)).collect();
         join_all(stopped).await;
-        for name in &stopping {
-            if !wanted.contains_key(name) {
-                self.board.remove(name);
-                info!(customer = %name, "customer removed; its token file stays");
-            }
+        for name in &plan.remove {
+            self.board.remove(name);
+            info!(customer = %name, "customer removed; its token file stays");
         }
+        self.magento = new.magento;
         self.shared = shared;
-        self.config = new;
-        for (customer, same_login) in restart {
+        self.admin_listen = new.admin_listen;
+        self.log_format = new.log.format;
+        for (customer, adopt) in plan.restart {
             info!(customer = %customer.name, "customer changed: restarting it");
-            self.spawn(customer, same_login);
+            self.spawn(customer, adopt);
         }
-        for (name, customer) in wanted {
-            if !self.workers.contains_key(&name) {
-                info!(customer = %name, "customer added");
-                self.spawn(customer, true);
-            }
+        for customer in plan.add {
+            info!(customer = %customer.name, "customer added");
+            self.spawn(customer, true);
         }
+        self.accounts.prune();
         Ok(())
     }
 
@@ -132,29 +166,37 @@ async fn join_all(workers: Vec<Running>) {
     }
 }
 
-/// What the workers share, reusing the old client and login slots when their settings did
-/// not change (the connection pool survives a reload).
-fn shared_for(config: &Config, old: Option<(&Config, &Shared)>) -> Result<Shared, ClientError> {
-    let client = match old {
-        Some((c, s)) if c.magento == config.magento => s.client.clone(),
+/// What the workers share, reusing the running client and login slots when their settings
+/// did not change (the connection pool survives a reload).
+fn shared_for(config: &Config, running: Option<&Supervisor>) -> Result<Shared, ClientError> {
+    let client = match running {
+        Some(s) if s.magento == config.magento => s.shared.magento.clone(),
         _ => Client::new(&config.magento)?,
     };
-    let logins = match old {
-        Some((c, s)) if c.refresh.max_concurrent_logins == config.refresh.max_concurrent_logins => s.logins.clone(),
+    let logins = match running {
+        Some(s) if s.shared.refresh.max_concurrent_logins == config.refresh.max_concurrent_logins => {
+            s.shared.logins.clone()
+        }
         _ => Arc::new(Semaphore::new(config.refresh.max_concurrent_logins)),
     };
     Ok(Shared {
-        client,
+        magento: client,
         refresh: Arc::new(config.refresh.clone()),
         format: config.output.format,
         mode: config.output.mode,
         logins,
+        clock: Clock::System,
     })
 }
 
-impl Shared {
+/// Whether two sets of shared settings behave the same (if not, every worker restarts).
+trait SameAs {
+    fn same_as(&self, other: &Self) -> bool;
+}
+
+impl SameAs for Shared {
     fn same_as(&self, other: &Shared) -> bool {
-        self.client.same_as(&other.client)
+        self.magento.same_as(&other.magento)
             && self.refresh == other.refresh
             && self.format == other.format
             && self.mode == other.mode
@@ -171,8 +213,7 @@ pub async fn run(
     mut signals: impl Stream<Item = Signal> + Unpin,
 ) -> Result<(), ClientError> {
     info!(customers = config.customers.len(), version = env!("CARGO_PKG_VERSION"), "starting");
-    let mut supervisor = Supervisor::new(config, metrics.board().clone())?;
-    supervisor.start();
+    let mut supervisor = Supervisor::start(config, metrics.board().clone())?;
     while let Some(signal) = signals.next().await {
         match signal {
             Signal::Shutdown(name) => {
@@ -198,7 +239,7 @@ pub async fn run(
 
 async fn reload(path: &Path, supervisor: &mut Supervisor) -> Result<String, String> {
     let new = config::load(path, Checks::Environment).map_err(|e| e.to_string())?;
-    if new.admin_listen != supervisor.config.admin_listen || new.log.format != supervisor.config.log.format {
+    if new.admin_listen != supervisor.admin_listen || new.log.format != supervisor.log_format {
         info!("admin.listen and log.format take effect at the next start");
     }
     let level = new.log.level.clone();
@@ -252,14 +293,15 @@ pub struct OnceResult {
 pub async fn once(config: &Config, timeout: Duration) -> Result<Vec<OnceResult>, ClientError> {
     let client = Client::new(&config.magento)?;
     let logins = Semaphore::new(config.refresh.max_concurrent_logins);
+    let accounts = Accounts::new();
     let deadline = Instant::now() + timeout;
-    let (refresh, format, mode) = (&config.refresh, config.output.format, config.output.mode);
+    let pass = Pass { client: &client, logins: &logins, accounts: &accounts, config, deadline };
     let mut results: Vec<Option<OnceResult>> = (0..config.customers.len()).map(|_| None).collect();
     let mut done = futures::stream::iter(config.customers.iter().enumerate())
         .map(|(i, customer)| {
-            let (client, logins) = (&client, &logins);
+            let pass = &pass;
             async move {
-                let outcome = once_customer(client, logins, customer, refresh, format, mode, deadline).await;
+                let outcome = pass.customer(customer).await;
                 (i, OnceResult { customer: customer.name.clone(), path: customer.path.clone(), outcome })
             }
         })
@@ -272,7 +314,7 @@ pub async fn once(config: &Config, timeout: Duration) -> Result<Vec<OnceResult>,
         for r in results.iter_mut().flatten() {
             if r.outcome.is_ok() {
                 let message = format!("cannot sync {}: {e}", config.output.dir.display());
-                r.outcome = Err(LoginError { outcome: Outcome::WriteError, message, retry_after: None }.into());
+                r.outcome = Err(LoginError::new(Outcome::WriteError, message).into());
             }
         }
     }
@@ -285,97 +327,126 @@ fn once_in_flight(max_concurrent_logins: usize) -> usize {
     2 * max_concurrent_logins.max(1)
 }
 
-async fn once_customer(
-    client: &Client,
-    logins: &Semaphore,
-    customer: &CustomerConfig,
-    refresh: &config::RefreshSettings,
-    format: config::Format,
-    mode: u32,
+/// What every customer of one `once` pass shares.
+struct Pass<'a> {
+    client: &'a Client,
+    logins: &'a Semaphore,
+    accounts: &'a Accounts,
+    config: &'a Config,
     deadline: Instant,
-) -> Result<SystemTime, OnceFailure> {
-    let mut auth = sink::read_ledger(&customer.path, &customer.username).unwrap_or_default();
-    if let Some(next) = auth.wait(refresh).until().filter(|at| *at > SystemTime::now()) {
-        return Err(OnceFailure::HeldBack {
-            in_a_row: auth.in_a_row,
-            last: auth.last_failure.map(sink::rfc3339).unwrap_or_default(),
-            next: sink::rfc3339(next),
-        });
-    }
-    let password = customer.password.read()?;
-    let mut failures = 0;
-    loop {
-        // The deadline bounds the wait for a login slot and the request too, not only the
-        // pauses between attempts. A write, once started, is left to finish.
-        let attempt = tokio::time::timeout_at(
-            deadline.into(),
-            once_attempt(client, logins, customer, &password, refresh, format, mode),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(LoginError {
-                outcome: Outcome::NetworkError,
-                message: "no answer before the end of --timeout".into(),
-                retry_after: None,
-            })
-        });
-        match attempt {
-            Ok(expires_at) => {
-                if auth != AuthState::default() {
-                    sink::remove_ledger(&customer.path);
+}
+
+impl Pass<'_> {
+    /// One customer: attempts (the same path as `run`'s workers) until a token is written, a
+    /// 401, a held-back login or the deadline.
+    async fn customer(&self, customer: &CustomerConfig) -> Result<SystemTime, OnceFailure> {
+        let refresh = &self.config.refresh;
+        let account = self.accounts.of(customer);
+        attempt::restore_ledger(customer, &account);
+        // `once` is never stopped early: its bound is the deadline.
+        let never = CancellationToken::new();
+        let mut failures = 0;
+        loop {
+            let attempt = Attempt {
+                magento: self.client,
+                customer,
+                account: &account,
+                refresh,
+                logins: self.logins,
+                clock: Clock::System,
+            };
+            // The deadline bounds the wait for the account's turn, a login slot and the request
+            // too, not only the pauses between attempts. A write, once started, is left to finish.
+            let result = tokio::time::timeout_at(self.deadline.into(), attempt::attempt(attempt, &never))
+                .await
+                .unwrap_or_else(|_| Err(NoToken::Login { error: timed_out_error(), took: Duration::ZERO }));
+            let error = match result {
+                Ok(obtained) => return self.write(customer, obtained),
+                Err(NoToken::Password(e)) => return Err(e.into()),
+                Err(NoToken::HeldBack { until, auth, .. }) => {
+                    return Err(OnceFailure::HeldBack {
+                        in_a_row: auth.in_a_row,
+                        last: auth.last_failure.map(sink::rfc3339).unwrap_or_default(),
+                        next: sink::rfc3339(until),
+                    })
                 }
-                return Ok(expires_at);
+                Err(NoToken::Stopped) => timed_out_error(),
+                Err(NoToken::Login { error, .. }) => error,
+            };
+            if error.outcome == Outcome::AuthFailure {
+                return Err(error.into());
             }
-            Err(e) if e.outcome == Outcome::AuthFailure => {
-                let now = SystemTime::now();
-                auth.record_failure(now, refresh);
-                if let Err(write) = sink::write_ledger(&customer.path, &customer.username, &auth) {
-                    warn!(customer = %customer.name, error = %write, "cannot record the 401 beside the token file");
-                }
-                return Err(e.into());
+            failures += 1;
+            let wait = schedule::backoff(failures, refresh, error.retry_after, rand::thread_rng().gen());
+            if Instant::now() + wait >= self.deadline {
+                return Err(error.into());
             }
-            // A broken output directory will not mend within one pass, and another login would
-            // only make Magento mint another token.
-            Err(e) if e.outcome == Outcome::WriteError => return Err(e.into()),
-            Err(e) => {
-                failures += 1;
-                let wait = schedule::backoff(failures, refresh, e.retry_after, rand::thread_rng().gen());
-                if Instant::now() + wait >= deadline {
-                    return Err(e.into());
-                }
-                warn!(customer = %customer.name, result = e.outcome.as_str(), error = %e.message, "login failed: retrying");
-                tokio::time::sleep(wait).await;
-            }
+            warn!(customer = %customer.name, result = error.outcome.as_str(), error = %error.message, "login failed: retrying");
+            tokio::time::sleep(wait).await;
         }
+    }
+
+    /// Writes inline: the directory is synced once at the end of the pass.
+    fn write(&self, customer: &CustomerConfig, obtained: Obtained) -> Result<SystemTime, OnceFailure> {
+        let output = &self.config.output;
+        let expires_at = obtained.expiry.expires_at;
+        let content = sink::render(output.format, &customer.name, &obtained.token, obtained.obtained_at, expires_at);
+        sink::write_atomic(&customer.path, output.mode, &content, false).map_err(|e| {
+            LoginError::new(Outcome::WriteError, format!("cannot write {}: {e}", customer.path.display()))
+        })?;
+        Ok(expires_at)
     }
 }
 
-async fn once_attempt(
-    client: &Client,
-    logins: &Semaphore,
-    customer: &CustomerConfig,
-    password: &Secret,
-    refresh: &config::RefreshSettings,
-    format: config::Format,
-    mode: u32,
-) -> Result<SystemTime, LoginError> {
-    let fail = |outcome, message: String| LoginError { outcome, message, retry_after: None };
-    let permit = logins.acquire().await.expect("the semaphore is never closed");
-    let started = SystemTime::now();
-    let token = client.login(&customer.token_url(), &customer.username, password).await?;
-    drop(permit);
-    let expiry = token::expiry(&token, started, refresh.default_lifetime)
-        .map_err(|e| fail(Outcome::InvalidResponse, e.to_string()))?;
-    let content = sink::render(format, &customer.name, &token, started, expiry.expires_at);
-    // Inline: the directory is synced once at the end of the pass.
-    sink::write_atomic(&customer.path, mode, &content, false)
-        .map_err(|e| fail(Outcome::WriteError, format!("cannot write {}: {e}", customer.path.display())))?;
-    Ok(expiry.expires_at)
+fn timed_out_error() -> LoginError {
+    LoginError::new(Outcome::NetworkError, "no answer before the end of --timeout")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn customers(extra: &str) -> Vec<CustomerConfig> {
+        let text = format!("magento:\n  base_url: http://127.0.0.1:1\noutput:\n  dir: /tmp\ncustomers:\n{extra}");
+        config::parse(&text, Checks::Static).unwrap().customers
+    }
+
+    fn customer(name: &str, more: &str) -> String {
+        format!("  - name: {name}\n    username: {name}@x.com\n    password_env: PW\n{more}")
+    }
+
+    fn names(plan: &Plan) -> (Vec<&str>, Vec<(&str, bool)>, Vec<&str>) {
+        (
+            plan.remove.iter().map(String::as_str).collect(),
+            plan.restart.iter().map(|(c, adopt)| (c.name.as_str(), *adopt)).collect(),
+            plan.add.iter().map(|c| c.name.as_str()).collect(),
+        )
+    }
+
+    #[test]
+    fn a_reload_plan_touches_only_what_changed() {
+        let running = customers(&[customer("a", ""), customer("b", ""), customer("c", ""), customer("d", "")].concat());
+        let wanted = customers(
+            &[
+                customer("a", ""),
+                // Another file: the same login, so its token on disk may be adopted.
+                customer("b", "    file: b.token\n"),
+                // Another store: the token on disk may belong to another website.
+                customer("c", "    store_code: de\n"),
+                customer("e", ""),
+            ]
+            .concat(),
+        );
+        let plan = plan(&running, wanted.clone(), false);
+        assert_eq!(names(&plan), (vec!["d"], vec![("b", true), ("c", false)], vec!["e"]));
+        assert_eq!(plan.restart[0].0.path, std::path::Path::new("/tmp/b.token"));
+        // Shared settings changed: every customer that stays restarts, adopting its token
+        // where its own login did not change.
+        let plan = super::plan(&running, wanted, true);
+        assert_eq!(names(&plan), (vec!["d"], vec![("a", true), ("b", true), ("c", false)], vec!["e"]));
+        // Nothing changed: nothing to do.
+        assert_eq!(super::plan(&running, running.clone(), false), Plan::default());
+    }
     use magento_devserver::{DevServer, DevServerOptions, Fault};
 
     #[tokio::test]

@@ -6,9 +6,12 @@
 //! | module       | role                                                                            |
 //! |--------------|---------------------------------------------------------------------------------|
 //! | [`config`]   | the YAML file: serde types, defaults, validation reporting every problem        |
-//! | [`schedule`] | pure decisions: when to refresh, how long to back off, the lockout budget        |
+//! | [`clock`]    | the wall clock as a handle (the system's, or tokio's paused one in tests)       |
+//! | [`schedule`] | pure decisions: when to refresh, how long to back off, the lockout policy       |
+//! | [`account`]  | one lockout budget per username, shared by every worker that logs in with it    |
 //! | [`magento`]  | the HTTP client: the login request and the class of every outcome                |
 //! | [`token`]    | the accepted token form, and its expiry (JWT `exp`, clock skew, opaque tokens)   |
+//! | [`attempt`]  | one login under the lockout policy: the only path a password is sent by          |
 //! | [`sink`]     | atomic, durable token files; reading back what an earlier run left               |
 //! | [`worker`]   | one customer's loop, tying the above together                                    |
 //! | [`status`]   | what the workers report: the board behind `/status` and `/readyz`               |
@@ -21,7 +24,10 @@
 //! | [`demo`]     | the `demo` command's set-up (feature `demo`: the dev server crate beside it)    |
 #![forbid(unsafe_code)]
 
+pub mod account;
 pub mod admin;
+pub mod attempt;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 #[cfg(feature = "demo")]

@@ -103,7 +103,7 @@ impl fmt::Display for LoginError {
 impl std::error::Error for LoginError {}
 
 impl LoginError {
-    fn new(outcome: Outcome, message: impl Into<String>) -> LoginError {
+    pub fn new(outcome: Outcome, message: impl Into<String>) -> LoginError {
         LoginError { outcome, message: message.into(), retry_after: None }
     }
 
@@ -124,6 +124,42 @@ pub enum ClientError {
     CaFile { path: String, message: String },
     #[error("cannot build the HTTP client: {0}")]
     Build(#[from] reqwest::Error),
+}
+
+/// What logging in needs of Magento: [`Client`] in the daemon, a scripted stand-in in the
+/// in-process tests of the worker (which run on tokio's paused clock, where real sockets and
+/// timeouts would not keep time).
+pub trait Magento: Send + Sync + 'static {
+    /// `POST .../V1/integration/customer/token`: the token, checked for form, or why not.
+    fn login(
+        &self,
+        url: &str,
+        username: &str,
+        password: &Secret,
+    ) -> impl std::future::Future<Output = Result<Secret, LoginError>> + Send;
+
+    /// `GET .../V1/customers/me` with the token: the email of the customer it belongs to.
+    fn whoami(&self, url: &str, token: &Secret)
+        -> impl std::future::Future<Output = Result<String, LoginError>> + Send;
+}
+
+impl Magento for Client {
+    fn login(
+        &self,
+        url: &str,
+        username: &str,
+        password: &Secret,
+    ) -> impl std::future::Future<Output = Result<Secret, LoginError>> + Send {
+        Client::login(self, url, username, password)
+    }
+
+    fn whoami(
+        &self,
+        url: &str,
+        token: &Secret,
+    ) -> impl std::future::Future<Output = Result<String, LoginError>> + Send {
+        Client::whoami(self, url, token)
+    }
 }
 
 #[derive(Clone, Debug)]

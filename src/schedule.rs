@@ -51,7 +51,8 @@ pub fn backoff(failures: u32, r: &RefreshSettings, retry_after: Option<Duration>
     }
 }
 
-/// What the daemon knows of one username's failed logins: the basis of the lockout budget.
+/// What the daemon knows of one username's failed logins: the basis of the lockout budget, and
+/// with [`AuthState::wait`] the one lockout policy every login goes through.
 ///
 /// Magento counts failed logins per username; each failure pushes the lock expiry to
 /// `now + lockout_window`, and the count starts over only after a success or once that expiry
@@ -60,7 +61,7 @@ pub fn backoff(failures: u32, r: &RefreshSettings, retry_after: Option<Duration>
 /// stays below the threshold.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AuthState {
-    /// 401s in a row with the password in use now (a new password starts again at 0).
+    /// 401s in a row with the password Magento refused last (another password starts again).
     pub in_a_row: u32,
     /// Failures Magento is believed to count now (ours only; it may count others' too).
     pub chain: u32,
@@ -89,9 +90,15 @@ impl AuthWait {
 }
 
 impl AuthState {
-    pub fn record_failure(&mut self, now: SystemTime, r: &RefreshSettings) {
+    /// A 401 at `now`. `same_password`: the password sent was the one refused last (a new one
+    /// starts `in_a_row` again; Magento's count does not care which password failed, so `chain`
+    /// goes on).
+    pub fn record_failure(&mut self, now: SystemTime, same_password: bool, r: &RefreshSettings) {
         if self.chain_expired(now, r) {
             self.chain = 0;
+        }
+        if !same_password {
+            self.in_a_row = 0;
         }
         self.chain += 1;
         self.in_a_row += 1;
@@ -102,14 +109,14 @@ impl AuthState {
         *self = AuthState::default();
     }
 
-    /// The password changed since the last 401: it deserves a try at once. Magento's count does
-    /// not care which password failed, so `chain` stays.
-    pub fn password_changed(&mut self) {
-        self.in_a_row = 0;
-    }
-
     fn chain_expired(&self, now: SystemTime, r: &RefreshSettings) -> bool {
         self.last_failure.is_none_or(|last| now >= last + r.lockout_window)
+    }
+
+    /// Whether another failure could leave no margin before Magento's lock: then no password
+    /// is sent until the pause is over, and a change of password cannot shorten the wait.
+    pub fn near_lock(&self, r: &RefreshSettings) -> bool {
+        self.last_failure.is_some() && self.chain + 2 >= r.lockout_threshold
     }
 
     /// Failures Magento still counts at `now`.
@@ -121,20 +128,21 @@ impl AuthState {
         }
     }
 
-    /// When the next login may be sent.
+    /// The lockout policy: when a login may be sent. `same_password`: the password to send is
+    /// the one Magento refused last (or which it was is unknown, as after a restart).
     ///
-    /// After the n-th 401 in a row: wait `auth_failure_delays[n-1]` (the last repeats), and after
-    /// `max_auth_failures` wait `auth_failure_pause`, which outlasts Magento's window so its count
-    /// starts over. Whatever the password, a login that could be the last failure before
-    /// Magento's lock is never sent: one failure of margin is kept for the app or a person
-    /// using the same account.
-    pub fn wait(&self, r: &RefreshSettings) -> AuthWait {
+    /// After the n-th 401 in a row with one password: wait `auth_failure_delays[n-1]` (the last
+    /// repeats), and after `max_auth_failures` wait `auth_failure_pause`, which outlasts
+    /// Magento's window so its count starts over. A password not refused yet is tried at once.
+    /// Whatever the password, a login that could be the last failure before Magento's lock is
+    /// never sent: one failure of margin is kept for the app or a person using the same account.
+    pub fn wait(&self, same_password: bool, r: &RefreshSettings) -> AuthWait {
         let Some(last) = self.last_failure else { return AuthWait::Clear };
-        let near_lock = self.chain + 2 >= r.lockout_threshold;
-        if near_lock || self.in_a_row >= r.max_auth_failures {
+        if self.near_lock(r) || (same_password && self.in_a_row >= r.max_auth_failures) {
             return AuthWait::Paused(last + r.auth_failure_pause);
         }
         match self.in_a_row {
+            _ if !same_password => AuthWait::Clear,
             0 => AuthWait::Clear,
             n => {
                 let i = (n as usize - 1).min(r.auth_failure_delays.len().saturating_sub(1));
@@ -235,15 +243,15 @@ mod tests {
         let r = settings();
         let t0 = from_unix(1_000_000);
         let mut a = AuthState::default();
-        assert_eq!(a.wait(&r), AuthWait::Clear);
-        a.record_failure(t0, &r);
-        assert_eq!(a.wait(&r), AuthWait::Backoff(t0 + Duration::from_secs(60)));
+        assert_eq!(a.wait(true, &r), AuthWait::Clear);
+        a.record_failure(t0, true, &r);
+        assert_eq!(a.wait(true, &r), AuthWait::Backoff(t0 + Duration::from_secs(60)));
         let t1 = t0 + Duration::from_secs(60);
-        a.record_failure(t1, &r);
-        assert_eq!(a.wait(&r), AuthWait::Backoff(t1 + Duration::from_secs(300)));
+        a.record_failure(t1, true, &r);
+        assert_eq!(a.wait(true, &r), AuthWait::Backoff(t1 + Duration::from_secs(300)));
         let t2 = t1 + Duration::from_secs(300);
-        a.record_failure(t2, &r);
-        assert_eq!(a.wait(&r), AuthWait::Paused(t2 + Duration::from_secs(31 * 60)));
+        a.record_failure(t2, true, &r);
+        assert_eq!(a.wait(true, &r), AuthWait::Paused(t2 + Duration::from_secs(31 * 60)));
     }
 
     #[test]
@@ -252,14 +260,14 @@ mod tests {
         let mut a = AuthState::default();
         let mut now = from_unix(1_000_000);
         for _ in 0..3 {
-            a.record_failure(now, &r);
-            now = a.wait(&r).until().unwrap();
+            a.record_failure(now, true, &r);
+            now = a.wait(true, &r).until().unwrap();
         }
         assert_eq!(a.counted(now, &r), 0);
-        a.record_failure(now, &r);
+        a.record_failure(now, true, &r);
         assert_eq!(a.chain, 1);
         assert_eq!(a.in_a_row, 4);
-        assert!(matches!(a.wait(&r), AuthWait::Paused(_)));
+        assert!(matches!(a.wait(true, &r), AuthWait::Paused(_)));
     }
 
     #[test]
@@ -267,29 +275,33 @@ mod tests {
         let r = settings();
         let mut a = AuthState::default();
         let mut now = from_unix(1_000_000);
-        // Three wrong passwords in a row, each replaced right after its 401.
+        // Four wrong passwords in a row, each replaced right after its 401.
         for expected_chain in 1..=4 {
-            a.record_failure(now, &r);
+            a.record_failure(now, false, &r);
             assert_eq!(a.chain, expected_chain);
-            a.password_changed();
+            assert_eq!(a.in_a_row, 1, "a new password starts again");
+            assert!(matches!(a.wait(true, &r), AuthWait::Backoff(_) | AuthWait::Paused(_)));
             if expected_chain < 4 {
-                assert_eq!(a.wait(&r), AuthWait::Clear, "after {expected_chain} failures");
+                assert_eq!(a.wait(false, &r), AuthWait::Clear, "after {expected_chain} failures");
+                assert!(!a.near_lock(&r));
             }
             now += Duration::from_secs(10);
         }
         // Four failures counted: a fifth would leave no margin before Magento's lock at six.
         let last = now - Duration::from_secs(10);
-        assert_eq!(a.wait(&r), AuthWait::Paused(last + r.auth_failure_pause));
+        assert!(a.near_lock(&r));
+        assert_eq!(a.wait(false, &r), AuthWait::Paused(last + r.auth_failure_pause));
+        assert_eq!(a.wait(true, &r), AuthWait::Paused(last + r.auth_failure_pause));
     }
 
     #[test]
     fn success_clears_everything() {
         let r = settings();
         let mut a = AuthState::default();
-        a.record_failure(from_unix(1), &r);
+        a.record_failure(from_unix(1), true, &r);
         a.record_success();
         assert_eq!(a, AuthState::default());
-        assert_eq!(a.wait(&r), AuthWait::Clear);
+        assert_eq!(a.wait(true, &r), AuthWait::Clear);
     }
 
     /// The promise to Magento, checked over a long simulated run: whatever the password does,
@@ -312,8 +324,8 @@ mod tests {
             attempts.push(now);
             magento_count += 1;
             magento_expiry = now + r.lockout_window;
-            a.record_failure(now, &r);
-            now = a.wait(&r).until().unwrap();
+            a.record_failure(now, true, &r);
+            now = a.wait(true, &r).until().unwrap();
         }
         for (i, t) in attempts.iter().enumerate() {
             let in_window = attempts[i..].iter().take_while(|u| **u < *t + r.lockout_window).count();

@@ -14,99 +14,65 @@
 //! A stop request interrupts waits only: a login in flight and its write finish first, so a
 //! token Magento has issued is not thrown away and no file is left half done.
 //!
-//! Magento counts failed logins per username, whichever worker sent them. So every worker that
-//! logs in as one username (at one base URL) shares one `Account` for the life of the process:
-//! what is known of its 401s, and a turn to log in. A worker restarted by a reload finds what
-//! its predecessor learnt, even when the reload renamed the customer or its file (the ledger
-//! beside the old file does not follow), and no two workers can spend one lockout budget twice.
+//! Every login goes through [`crate::attempt`], under the lockout policy of the customer's
+//! [`Account`] (one per username, handed in by the supervisor). Time is read from the
+//! [`Clock`] in [`Shared`], so the tests below drive a worker through a day on tokio's paused
+//! clock against a scripted Magento.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use rand::Rng;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
+use crate::account::Account;
+use crate::attempt::{self, Attempt, NoToken, Obtained};
+use crate::clock::Clock;
 use crate::config::{CustomerConfig, Format, RefreshSettings};
-use crate::magento::Outcome;
-use crate::magento::{Client, LoginError};
-use crate::schedule::{self, AuthState, AuthWait};
-use crate::secret::Secret;
+use crate::magento::{Client, LoginError, Magento, Outcome};
+use crate::schedule::{self, AuthWait};
 use crate::sink;
 use crate::status::{Reporter, State};
-use crate::token::{self, Expiry};
+use crate::token;
 
 /// How often the password source is re-read while waiting after a 401: a Secret rotated by
 /// Kubernetes (an atomic symlink swap) is noticed within this time.
 pub const PASSWORD_POLL: Duration = Duration::from_secs(2);
 
 /// What every worker shares with the others.
-#[derive(Clone)]
-pub struct Shared {
-    pub client: Client,
+pub struct Shared<M = Client> {
+    pub magento: M,
     pub refresh: Arc<RefreshSettings>,
     pub format: Format,
     pub mode: u32,
     /// Bounds logins in flight over all customers.
     pub logins: Arc<Semaphore>,
+    pub clock: Clock,
 }
 
-/// One Magento account (a username at a base URL) as every worker logging in with it sees it.
-struct Account {
-    /// One login of this account at a time: the next one is decided knowing how the last went.
-    turn: tokio::sync::Mutex<()>,
-    state: Mutex<AccountState>,
-}
-
-#[derive(Default)]
-struct AccountState {
-    auth: AuthState,
-    /// The password Magento refused last: another one deserves a try at once.
-    refused: Option<Secret>,
-}
-
-impl Account {
-    /// The account of `customer`'s username at its base URL, shared for the life of the process
-    /// (a handful of usernames: never freed, so a reload that restarts every worker keeps it).
-    fn of(customer: &CustomerConfig) -> Arc<Account> {
-        static ACCOUNTS: OnceLock<Mutex<HashMap<String, Arc<Account>>>> = OnceLock::new();
-        let key = format!("{} {}", customer.base_url, customer.username.to_lowercase());
-        let mut accounts = ACCOUNTS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
-        accounts
-            .entry(key)
-            .or_insert_with(|| Arc::new(Account { turn: tokio::sync::Mutex::new(()), state: Mutex::default() }))
-            .clone()
-    }
-
-    fn state(&self) -> MutexGuard<'_, AccountState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn wait(&self, r: &RefreshSettings) -> AuthWait {
-        self.state().auth.wait(r)
+impl<M: Clone> Clone for Shared<M> {
+    fn clone(&self) -> Self {
+        Shared {
+            magento: self.magento.clone(),
+            refresh: self.refresh.clone(),
+            format: self.format,
+            mode: self.mode,
+            logins: self.logins.clone(),
+            clock: self.clock,
+        }
     }
 }
 
-/// A token obtained and checked, not yet (or not successfully) written.
-struct Obtained {
-    token: Secret,
-    obtained_at: SystemTime,
-    expiry: Expiry,
-}
-
-pub struct Worker {
+pub struct Worker<M = Client> {
     customer: Arc<CustomerConfig>,
-    shared: Shared,
+    shared: Shared<M>,
     report: Reporter,
     stop: CancellationToken,
-    /// This customer's Magento account, shared with every worker that logs in as it (this
-    /// worker's predecessors before a reload included).
+    /// This customer's Magento account, shared with every worker that logs in as its username
+    /// (this worker's predecessors before a reload included).
     account: Arc<Account>,
-    /// The password this worker is held back with (refused, to this worker or an earlier one
-    /// for the same username), to notice when it changes.
-    failed_password: Option<Secret>,
     /// Transient failures in a row, for the backoff.
     transient: u32,
     /// A token that could not be written yet: written on the next try without a new login.
@@ -121,19 +87,19 @@ enum Woken {
     Stopped,
 }
 
-impl Worker {
-    pub fn new(customer: Arc<CustomerConfig>, shared: Shared, report: Reporter, stop: CancellationToken) -> Worker {
-        Worker {
-            account: Account::of(&customer),
-            customer,
-            shared,
-            report,
-            stop,
-            failed_password: None,
-            transient: 0,
-            pending: None,
-            warned_skew: false,
-        }
+impl<M: Magento> Worker<M> {
+    pub fn new(
+        customer: Arc<CustomerConfig>,
+        account: Arc<Account>,
+        shared: Shared<M>,
+        report: Reporter,
+        stop: CancellationToken,
+    ) -> Worker<M> {
+        Worker { customer, shared, report, stop, account, transient: 0, pending: None, warned_skew: false }
+    }
+
+    fn now(&self) -> SystemTime {
+        self.shared.clock.now()
     }
 
     /// Runs until the stop token is cancelled. `adopt`: the token on disk may be kept when
@@ -150,13 +116,19 @@ impl Worker {
             if removed > 0 {
                 info!(removed, "removed temporary files left by an earlier run");
             }
-            self.restore_ledger();
+            if let Some(recorded) = attempt::restore_ledger(&self.customer, &self.account) {
+                info!(
+                    failures_in_a_row = recorded.in_a_row,
+                    last_failure = %recorded.last_failure.map(sink::rfc3339).unwrap_or_default(),
+                    "remembering the 401s recorded before this start"
+                );
+            }
             let mut next = Box::pin(self.start(adopt)).await;
-            if let Some(t) = self.account.wait(&self.shared.refresh).until() {
+            if let Some(t) = self.account.standing(&self.shared.refresh).until() {
                 next = next.max(t);
             }
             loop {
-                let state = match self.account.wait(&self.shared.refresh) {
+                let state = match self.account.standing(&self.shared.refresh) {
                     AuthWait::Paused(_) => State::Paused,
                     AuthWait::Backoff(_) => State::AuthBackoff,
                     AuthWait::Clear if self.transient > 0 || self.pending.is_some() => State::Retrying,
@@ -165,18 +137,13 @@ impl Worker {
                 self.report.planned(state, Some(next));
                 match self.wait_until(next).await {
                     Woken::Stopped => break,
-                    Woken::PasswordChanged => {
-                        // Tried at once unless Magento's count is near its lock (see refresh).
-                        self.failed_password = None;
-                        info!("the password changed since its last 401");
-                    }
+                    // Tried at once unless Magento's count is near its lock (the policy says).
+                    Woken::PasswordChanged => info!("the password changed since its last 401"),
                     Woken::Due => {}
                 }
                 next = match self.pending.take() {
-                    Some(obtained)
-                        if obtained.expiry.expires_at > SystemTime::now() + self.shared.refresh.before_expiry =>
-                    {
-                        Box::pin(self.write(obtained, None)).await
+                    Some(obtained) if obtained.expiry.expires_at > self.now() + self.shared.refresh.before_expiry => {
+                        Box::pin(self.write(obtained, false)).await
                     }
                     _ => match Box::pin(self.refresh()).await {
                         Some(next) => next,
@@ -190,29 +157,9 @@ impl Worker {
         .instrument(span)
     }
 
-    /// Takes back the 401s an earlier process (or this customer's previous worker) recorded.
-    fn restore_ledger(&mut self) {
-        let Some(recorded) = sink::read_ledger(&self.customer.path, &self.customer.username) else { return };
-        // Which password failed is not recorded (no trace of a password is ever written): take
-        // the one configured now, so that a change from here on is tried at once.
-        self.failed_password = self.customer.password.read().ok();
-        info!(
-            failures_in_a_row = recorded.in_a_row,
-            last_failure = %recorded.last_failure.map(sink::rfc3339).unwrap_or_default(),
-            "remembering the 401s recorded before this start"
-        );
-        // The account may know more already (another entry's 401s, or this worker's
-        // predecessor's, to the millisecond where the ledger keeps seconds).
-        let mut account = self.account.state();
-        if account.auth.last_failure < recorded.last_failure {
-            account.auth = recorded;
-            account.refused = self.failed_password.clone();
-        }
-    }
-
     /// Looks at the token an earlier run left; returns when to log in.
     async fn start(&mut self, adopt: bool) -> SystemTime {
-        let now = SystemTime::now();
+        let now = self.now();
         let Some(found) = sink::read_existing(&self.customer.path) else { return now };
         let r = &self.shared.refresh;
         // Read like an answer obtained when the file was written: a JWT from a Magento whose
@@ -229,18 +176,21 @@ impl Worker {
         if !adopt || schedule::is_due(now, expires_at, r.before_expiry) {
             return now;
         }
-        let Some(_permit) = self.permit().await else { return now };
-        match self.shared.client.whoami(&self.customer.me_url(), &found.token).await {
+        let permit = tokio::select! {
+            biased;
+            _ = self.stop.cancelled() => return now,
+            permit = self.shared.logins.acquire() => permit,
+        };
+        let answer = self.shared.magento.whoami(&self.customer.me_url(), &found.token).await;
+        drop(permit);
+        match answer {
             Ok(email) if email.eq_ignore_ascii_case(&self.customer.username) => {
                 let next = schedule::next_refresh(now, expires_at, read.lifetime, r, rand::thread_rng().gen());
                 if found.format != self.shared.format || found.mode != self.shared.mode {
                     // A reload changed output.format or output.mode: the same token, rewritten.
                     let content =
                         sink::render(self.shared.format, &self.customer.name, &found.token, found.modified, expires_at);
-                    let (path, mode) = (self.customer.path.clone(), self.shared.mode);
-                    let rewritten =
-                        tokio::task::spawn_blocking(move || sink::write_atomic(&path, mode, &content, true)).await;
-                    if let Ok(Err(e)) | Err(e) = rewritten.map_err(std::io::Error::other) {
+                    if let Err(e) = write_file(&self.customer.path, self.shared.mode, content).await {
                         warn!(error = %e, "cannot rewrite the token file in the new format or mode: logging in");
                         return now;
                     }
@@ -263,21 +213,25 @@ impl Worker {
         }
     }
 
-    /// Waits until `at`; while a 401 is outstanding, also watches the password source.
+    /// Waits until `at`; while a 401 of the password in use is what holds the customer back,
+    /// also watches the password source.
     async fn wait_until(&self, at: SystemTime) -> Woken {
         loop {
             // A stop asked while this worker was busy ends it here, before any new login.
             if self.stop.is_cancelled() {
                 return Woken::Stopped;
             }
-            if self.failed_password.is_some() && self.password_changed() {
-                return Woken::PasswordChanged;
+            let refused = self.account.refused_password(&self.shared.refresh);
+            if let (Some(refused), Ok(now)) = (&refused, self.customer.password.read()) {
+                if *refused != now {
+                    return Woken::PasswordChanged;
+                }
             }
-            let left = at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
+            let left = self.shared.clock.until(at);
             if left.is_zero() {
                 return Woken::Due;
             }
-            let nap = if self.failed_password.is_some() { left.min(PASSWORD_POLL) } else { left };
+            let nap = if refused.is_some() { left.min(PASSWORD_POLL) } else { left };
             tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => return Woken::Stopped,
@@ -286,100 +240,48 @@ impl Worker {
         }
     }
 
-    fn password_changed(&self) -> bool {
-        match (&self.failed_password, self.customer.password.read()) {
-            (Some(failed), Ok(now)) => *failed != now,
-            _ => false,
-        }
-    }
-
-    async fn permit(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
-        // The stop first: a free slot must not win the race against a stop already asked.
-        tokio::select! {
-            biased;
-            _ = self.stop.cancelled() => None,
-            permit = self.shared.logins.acquire() => permit.ok(),
-        }
-    }
-
-    /// One login and its write; returns when to try next, `None` when stopped while waiting
-    /// for a login slot.
+    /// One attempt and, with a token, its write; returns when to try next, `None` when stopped
+    /// before anything was sent.
     async fn refresh(&mut self) -> Option<SystemTime> {
-        let password = match self.customer.password.read() {
-            Ok(p) => p,
-            Err(e) => {
-                let now = SystemTime::now();
+        self.report.state(State::Refreshing);
+        let attempt = Attempt {
+            magento: &self.shared.magento,
+            customer: &self.customer,
+            account: &self.account,
+            refresh: &self.shared.refresh,
+            logins: &self.shared.logins,
+            clock: self.shared.clock,
+        };
+        match attempt::attempt(attempt, &self.stop).await {
+            Ok(obtained) => Some(self.write(obtained, true).await),
+            Err(NoToken::Stopped) => None,
+            Err(NoToken::Password(e)) => {
+                let now = self.now();
                 self.transient += 1;
                 self.report.password_error();
                 self.report.problem("password", &e.to_string(), now);
                 let wait = schedule::backoff(self.transient, &self.shared.refresh, None, rand::thread_rng().gen());
                 error!(error = %e, retry_in = %humantime::format_duration(round(wait)), "cannot read the password");
-                return Some(now + wait);
+                Some(now + wait)
             }
-        };
-        // The account's turn: another entry of this username may be logging in, and its
-        // outcome decides whether this login may be sent at all.
-        let account = self.account.clone();
-        let turn = tokio::select! {
-            turn = account.turn.lock() => turn,
-            _ = self.stop.cancelled() => return None,
-        };
-        if let Some(until) = self.held_back(&password) {
-            return Some(until);
-        }
-        let permit = self.permit().await?;
-        self.report.state(State::Refreshing);
-        let started = SystemTime::now();
-        let clock = Instant::now();
-        let answer = self.shared.client.login(&self.customer.token_url(), &self.customer.username, &password).await;
-        let took = clock.elapsed();
-        drop(permit);
-        let result = answer.and_then(|token| {
-            let expiry = token::expiry(&token, started, self.shared.refresh.default_lifetime).map_err(|e| {
-                LoginError { outcome: Outcome::InvalidResponse, message: e.to_string(), retry_after: None }
-            })?;
-            Ok(Obtained { token, obtained_at: started, expiry })
-        });
-        match result {
-            Ok(obtained) => {
-                *self.account.state() = AccountState::default();
-                drop(turn);
-                // Always: another entry of this username may have cleared the account first.
-                sink::remove_ledger(&self.customer.path);
-                self.failed_password = None;
-                Some(self.write(obtained, Some(took)).await)
+            Err(NoToken::HeldBack { until, near_lock, .. }) => {
+                let message = if near_lock {
+                    "Magento's failure count for this username is near its lock: no login is sent until it expires"
+                } else {
+                    "this password was refused for this username not long ago (before a reload or restart): not sent again until the wait after that 401 is over"
+                };
+                warn!(retry_at = %sink::rfc3339(until), "{message}");
+                self.report.problem("held_back", message, self.now());
+                Some(until)
             }
-            Err(e) => Some(self.failed(e, password, took)),
+            Err(NoToken::Login { error, took }) => Some(self.failed(error, took)),
         }
     }
 
-    /// When the account's recent 401s (this worker's, or an earlier worker's for the same
-    /// username) call for a wait before `password` may be sent. A password not refused yet is
-    /// tried at once, unless Magento's count is near its lock.
-    fn held_back(&mut self, password: &Secret) -> Option<SystemTime> {
-        let now = SystemTime::now();
-        let (until, changed) = {
-            let mut account = self.account.state();
-            // (Unknown, as after a restart whose password could not be read: not a change.)
-            let changed = account.refused.as_ref().is_some_and(|refused| refused != password);
-            if changed {
-                account.auth.password_changed();
-            }
-            (account.auth.wait(&self.shared.refresh).until().filter(|t| *t > now)?, changed)
-        };
-        self.failed_password = Some(password.clone());
-        let message = if changed {
-            "a password not refused yet, but Magento's failure count for this username is near its lock: not sent until it expires"
-        } else {
-            "this password was refused for this username not long ago (before a reload or restart): not sent again until the wait after that 401 is over"
-        };
-        warn!(retry_at = %sink::rfc3339(until), "{message}");
-        self.report.problem("held_back", message, now);
-        Some(until)
-    }
-
-    /// Writes an obtained token; returns when to log in next.
-    async fn write(&mut self, obtained: Obtained, took: Option<Duration>) -> SystemTime {
+    /// Writes an obtained token; returns when to log in next. `fresh`: it was just obtained
+    /// (a retried write of a token obtained earlier sends no request to time).
+    async fn write(&mut self, obtained: Obtained, fresh: bool) -> SystemTime {
+        let took = fresh.then_some(obtained.took);
         let content = sink::render(
             self.shared.format,
             &self.customer.name,
@@ -387,13 +289,8 @@ impl Worker {
             obtained.obtained_at,
             obtained.expiry.expires_at,
         );
-        let (path, mode) = (self.customer.path.clone(), self.shared.mode);
-        // fsync blocks: off the async threads. A blocking task runs to its end even if this
-        // future is dropped, so a write once started is never cut short.
-        let written = tokio::task::spawn_blocking(move || sink::write_atomic(&path, mode, &content, true))
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(format!("the write task failed: {e}"))));
-        let now = SystemTime::now();
+        let written = write_file(&self.customer.path, self.shared.mode, content).await;
+        let now = self.now();
         let r = &self.shared.refresh;
         match written {
             Ok(()) => {
@@ -436,25 +333,15 @@ impl Worker {
         }
     }
 
-    /// Books a failed login; returns when to try next.
-    fn failed(&mut self, e: LoginError, password: Secret, took: Duration) -> SystemTime {
-        let now = SystemTime::now();
+    /// Reports a failed login (a 401 is already booked in the account); returns when to try next.
+    fn failed(&mut self, e: LoginError, took: Duration) -> SystemTime {
+        let now = self.now();
         let r = self.shared.refresh.clone();
         self.report.failure(e.outcome, &e.message, now, Some(took));
         let duration_ms = took.as_millis() as u64;
         if e.outcome == Outcome::AuthFailure {
-            let auth = {
-                let mut account = self.account.state();
-                account.auth.record_failure(now, &r);
-                account.refused = Some(password.clone());
-                account.auth.clone()
-            };
-            let wait = auth.wait(&r);
-            // Rare and small: written in place rather than on the blocking pool.
-            if let Err(e) = sink::write_ledger(&self.customer.path, &self.customer.username, &auth) {
-                warn!(error = %e, "cannot record the 401 beside the token file: a restart would forget it");
-            }
-            self.failed_password = Some(password);
+            let auth = self.account.auth();
+            let wait = self.account.standing(&r);
             let next = wait.until().unwrap_or(now);
             let retry_in = humantime::format_duration(round(next.duration_since(now).unwrap_or_default()));
             if let AuthWait::Paused(_) = wait {
@@ -484,39 +371,19 @@ impl Worker {
     }
 }
 
+/// Writes a token file off the async threads (fsync blocks). A blocking task runs to its end
+/// even if this future is dropped, so a write once started is never cut short.
+async fn write_file(path: &std::path::Path, mode: u32, content: zeroize::Zeroizing<Vec<u8>>) -> std::io::Result<()> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || sink::write_atomic(&path, mode, &content, true))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(format!("the write task failed: {e}"))))
+}
+
 /// Whole milliseconds, for durations shown to people.
 fn round(d: Duration) -> Duration {
     Duration::from_millis(d.as_millis() as u64)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::{Checks, MagentoSettings};
-
-    /// Every configured customer holds one of these tasks for the life of the daemon: with
-    /// 10,000 customers each byte is 10 KB of resident memory (benches/RESULTS.md). It was
-    /// 2,968 bytes before `run` stopped being an `async fn` and the rare steps were boxed.
-    #[test]
-    fn an_idle_customer_task_stays_small() {
-        let config = crate::config::parse(
-            "magento:\n  base_url: http://127.0.0.1:1\noutput:\n  dir: /tmp\ncustomers:\n  - name: a\n    username: a\n    password_env: X\n",
-            Checks::Static,
-        )
-        .unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let _entered = rt.enter();
-        let shared = Shared {
-            client: Client::new(&MagentoSettings { timeout: Duration::from_secs(1), ca_file: None }).unwrap(),
-            refresh: Arc::new(config.refresh.clone()),
-            format: Format::Raw,
-            mode: 0o600,
-            logins: Arc::new(Semaphore::new(1)),
-        };
-        let report = Reporter::new("a", crate::status::Board::new());
-        let worker = Worker::new(Arc::new(config.customers[0].clone()), shared, report, CancellationToken::new());
-        let task = worker.run(true);
-        let size = std::mem::size_of_val(&task);
-        assert!(size <= 1024, "a customer's task is {size} bytes");
-    }
-}
+mod tests;

@@ -1,0 +1,201 @@
+//! Magento accounts as the daemon knows them: one per username, shared by every worker (and every
+//! successor of a worker after a reload) that logs in with it.
+//!
+//! Magento counts failed logins per username, for the whole installation, whichever store, base
+//! URL or process sent them. So the lockout budget is kept per username: what is known of its
+//! 401s, the password refused last, and a turn to log in, so that one login is decided knowing
+//! how the one before went. The registry is owned by whoever runs the workers (the supervisor,
+//! or `once`) and handed to them; a worker restarted by a reload, even one that renamed the
+//! customer or its file, finds what its predecessor learnt.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use crate::config::{CustomerConfig, RefreshSettings};
+use crate::schedule::{AuthState, AuthWait};
+use crate::secret::Secret;
+
+/// Every account of the usernames configured now.
+#[derive(Default)]
+pub struct Accounts {
+    by_username: Mutex<HashMap<String, Arc<Account>>>,
+}
+
+impl Accounts {
+    pub fn new() -> Accounts {
+        Accounts::default()
+    }
+
+    /// The account of `customer`'s username (compared without case, as Magento does).
+    pub fn of(&self, customer: &CustomerConfig) -> Arc<Account> {
+        let mut map = self.by_username.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(customer.username.to_lowercase()).or_default().clone()
+    }
+
+    /// Forgets the accounts no worker holds any more (their customers were removed): what they
+    /// knew of recent 401s is also in the ledger beside the token file.
+    pub fn prune(&self) {
+        let mut map = self.by_username.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, account| Arc::strong_count(account) > 1);
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_username.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One username's lockout budget.
+#[derive(Default)]
+pub struct Account {
+    /// One login of this account at a time: the next one is decided knowing how the last went.
+    pub(crate) turn: tokio::sync::Mutex<()>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    auth: AuthState,
+    /// The password Magento refused last; `None` with 401s recorded means unknown (restored
+    /// from a ledger while the password could not be read), taken as the same one.
+    refused: Option<Secret>,
+}
+
+impl State {
+    fn same_password(&self, password: &Secret) -> bool {
+        self.refused.as_ref().is_none_or(|refused| refused == password)
+    }
+}
+
+impl Account {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes in the 401s an earlier process recorded (the ledger beside a token file), unless
+    /// this account knows of a later one. Which password failed is never recorded: the one
+    /// configured now is taken as refused, so that a change from here on is tried at once.
+    pub fn restore(&self, recorded: AuthState, password_now: Option<Secret>) {
+        let mut state = self.state();
+        if state.auth.last_failure < recorded.last_failure {
+            state.auth = recorded;
+            state.refused = password_now;
+        }
+    }
+
+    /// The lockout policy ([`AuthState::wait`]) for sending `password` now.
+    pub fn wait(&self, password: &Secret, r: &RefreshSettings) -> AuthWait {
+        let state = self.state();
+        state.auth.wait(state.same_password(password), r)
+    }
+
+    /// Where the account stands for the password refused last: the wait a worker shows while
+    /// nothing changes.
+    pub fn standing(&self, r: &RefreshSettings) -> AuthWait {
+        self.state().auth.wait(true, r)
+    }
+
+    /// The password refused last, when a change of password would end the wait now in force:
+    /// the one a waiting worker compares the password source with.
+    pub fn refused_password(&self, r: &RefreshSettings) -> Option<Secret> {
+        let state = self.state();
+        match state.auth.wait(true, r) {
+            AuthWait::Clear => None,
+            _ if state.auth.near_lock(r) => None,
+            _ => state.refused.clone(),
+        }
+    }
+
+    /// A 401 for `password` at `now`; returns what is now known (for the ledger).
+    pub fn record_failure(&self, password: &Secret, now: SystemTime, r: &RefreshSettings) -> AuthState {
+        let mut state = self.state();
+        let same = state.same_password(password);
+        state.auth.record_failure(now, same, r);
+        state.refused = Some(password.clone());
+        state.auth.clone()
+    }
+
+    /// A successful login: Magento's count for the username is gone.
+    pub fn record_success(&self) {
+        *self.state() = State::default();
+    }
+
+    /// What is known of the account's 401s.
+    pub fn auth(&self) -> AuthState {
+        self.state().auth.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::{Checks, RefreshSettings};
+    use crate::token::from_unix;
+
+    fn customers(yaml_customers: &str) -> Vec<CustomerConfig> {
+        let text =
+            format!("magento:\n  base_url: http://127.0.0.1:1\noutput:\n  dir: /tmp\ncustomers:\n{yaml_customers}");
+        crate::config::parse(&text, Checks::Static).unwrap().customers
+    }
+
+    #[test]
+    fn one_account_per_username_whatever_the_case_or_base_url() {
+        let c = customers(
+            "  - name: a\n    username: A@x.com\n    password_env: X\n  - name: b\n    username: b@x.com\n    password_env: X\n    base_url: http://127.0.0.2:1\n",
+        );
+        let mut renamed = c[0].clone();
+        renamed.name = "a2".into();
+        renamed.username = "a@X.com".into();
+        renamed.base_url = "http://127.0.0.3:1".parse().unwrap();
+        let accounts = Accounts::new();
+        let a = accounts.of(&c[0]);
+        assert!(Arc::ptr_eq(&a, &accounts.of(&renamed)));
+        let b = accounts.of(&c[1]);
+        assert!(!Arc::ptr_eq(&a, &b));
+        drop(b);
+        accounts.prune();
+        assert_eq!(accounts.len(), 1, "b's account is held by no worker");
+    }
+
+    #[test]
+    fn the_refused_password_is_the_one_fact_a_waiting_worker_watches() {
+        let r = RefreshSettings::default();
+        let account = Account::default();
+        let (wrong, fixed) = (Secret::new("wrong".into()), Secret::new("fixed".into()));
+        let t0 = from_unix(1_800_000_000);
+        assert_eq!(account.wait(&wrong, &r), AuthWait::Clear);
+        assert_eq!(account.refused_password(&r), None);
+        account.record_failure(&wrong, t0, &r);
+        assert_eq!(account.wait(&wrong, &r), AuthWait::Backoff(t0 + Duration::from_secs(60)));
+        assert_eq!(account.wait(&fixed, &r), AuthWait::Clear, "a new password is tried at once");
+        assert_eq!(account.refused_password(&r), Some(wrong.clone()));
+        account.record_success();
+        assert_eq!(account.auth(), AuthState::default());
+        assert_eq!(account.refused_password(&r), None);
+    }
+
+    #[test]
+    fn a_restored_ledger_takes_the_password_of_now_as_refused() {
+        let r = RefreshSettings::default();
+        let account = Account::default();
+        let t0 = from_unix(1_800_000_000);
+        let recorded = AuthState { in_a_row: 3, chain: 3, last_failure: Some(t0) };
+        let now = Secret::new("now".into());
+        account.restore(recorded.clone(), Some(now.clone()));
+        assert_eq!(account.wait(&now, &r), AuthWait::Paused(t0 + r.auth_failure_pause));
+        assert_eq!(account.wait(&Secret::new("other".into()), &r), AuthWait::Clear);
+        // An older record changes nothing; unknown password counts as the refused one.
+        account.restore(AuthState { last_failure: Some(t0 - Duration::from_secs(1)), ..recorded.clone() }, None);
+        assert_eq!(account.refused_password(&r), Some(now));
+        let unknown = Account::default();
+        unknown.restore(recorded, None);
+        assert!(matches!(unknown.wait(&Secret::new("any".into()), &r), AuthWait::Paused(_)));
+        assert_eq!(unknown.refused_password(&r), None, "nothing to compare a change with");
+    }
+}

@@ -1,0 +1,118 @@
+//! One login attempt under the lockout policy: the only path by which a password is sent.
+//!
+//! `run`'s workers and `once` both call [`attempt`]: read the password afresh, take the
+//! account's turn, ask the policy ([`crate::schedule::AuthState::wait`]) whether this password
+//! may be sent now, log in, work out the token's expiry, and book the outcome in the account and
+//! in the ledger beside the token file. Writing the token, reporting and planning the next try
+//! are the caller's.
+
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::account::Account;
+use crate::clock::Clock;
+use crate::config::{CustomerConfig, PasswordError, RefreshSettings};
+use crate::magento::{LoginError, Magento, Outcome};
+use crate::schedule::AuthState;
+use crate::secret::Secret;
+use crate::sink;
+use crate::token::{self, Expiry};
+
+/// A token obtained and checked, not yet written.
+pub struct Obtained {
+    pub token: Secret,
+    /// When the request that got it started (the base of an opaque token's lifetime).
+    pub obtained_at: SystemTime,
+    pub expiry: Expiry,
+    /// How long the login request took.
+    pub took: Duration,
+}
+
+/// Why an attempt gave no token.
+#[derive(Debug)]
+pub enum NoToken {
+    /// The password source could not be read: nothing was sent.
+    Password(PasswordError),
+    /// The lockout policy holds this login back until `until`: nothing was sent.
+    HeldBack {
+        until: SystemTime,
+        /// Magento's count is near its lock: no password at all may be sent before `until`.
+        near_lock: bool,
+        auth: AuthState,
+    },
+    /// The login was sent and failed (a 401 is already booked in the account and the ledger).
+    Login { error: LoginError, took: Duration },
+    /// A stop was asked for before anything was sent.
+    Stopped,
+}
+
+/// Everything one attempt needs, borrowed from its caller.
+pub struct Attempt<'a, M> {
+    pub magento: &'a M,
+    pub customer: &'a CustomerConfig,
+    pub account: &'a Account,
+    pub refresh: &'a RefreshSettings,
+    /// Bounds logins in flight over all customers.
+    pub logins: &'a Semaphore,
+    pub clock: Clock,
+}
+
+/// Takes `customer`'s recorded 401s (the ledger an earlier process left beside its token file)
+/// into its account. Returns what was recorded.
+pub fn restore_ledger(customer: &CustomerConfig, account: &Account) -> Option<AuthState> {
+    let recorded = sink::read_ledger(&customer.path, &customer.username)?;
+    account.restore(recorded.clone(), customer.password.read().ok());
+    Some(recorded)
+}
+
+/// One attempt. Waits for the account's turn and a login slot, each given up for `stop`.
+pub async fn attempt<M: Magento>(a: Attempt<'_, M>, stop: &CancellationToken) -> Result<Obtained, NoToken> {
+    let password = a.customer.password.read().map_err(NoToken::Password)?;
+    // The account's turn: another entry of this username may be logging in, and its outcome
+    // decides whether this login may be sent at all.
+    let _turn = tokio::select! {
+        biased;
+        _ = stop.cancelled() => return Err(NoToken::Stopped),
+        turn = a.account.turn.lock() => turn,
+    };
+    if let Some(until) = a.account.wait(&password, a.refresh).until().filter(|t| *t > a.clock.now()) {
+        let auth = a.account.auth();
+        return Err(NoToken::HeldBack { until, near_lock: auth.near_lock(a.refresh), auth });
+    }
+    let permit = tokio::select! {
+        biased;
+        _ = stop.cancelled() => return Err(NoToken::Stopped),
+        permit = a.logins.acquire() => permit.expect("the login semaphore is never closed"),
+    };
+    let started = a.clock.now();
+    let timer = tokio::time::Instant::now();
+    let answer = a.magento.login(&a.customer.token_url(), &a.customer.username, &password).await;
+    let took = timer.elapsed();
+    drop(permit);
+    let obtained = answer.and_then(|token| {
+        let expiry = token::expiry(&token, started, a.refresh.default_lifetime)
+            .map_err(|e| LoginError::new(Outcome::InvalidResponse, e.to_string()))?;
+        Ok(Obtained { token, obtained_at: started, expiry, took })
+    });
+    match obtained {
+        Ok(obtained) => {
+            a.account.record_success();
+            // Always: another entry of this username may have cleared the account first.
+            sink::remove_ledger(&a.customer.path);
+            Ok(obtained)
+        }
+        Err(error) => {
+            if error.outcome == Outcome::AuthFailure {
+                let auth = a.account.record_failure(&password, a.clock.now(), a.refresh);
+                // Rare and small: written in place rather than on the blocking pool.
+                if let Err(e) = sink::write_ledger(&a.customer.path, &a.customer.username, &auth) {
+                    warn!(customer = %a.customer.name, error = %e, "cannot record the 401 beside the token file: a restart would forget it");
+                }
+            }
+            Err(NoToken::Login { error, took })
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! A worker driven in-process through whole days on tokio's paused clock, against a scripted
+//! Magento that mints JWTs on the same clock: the two promises checked minute by minute (a
+//! token Magento accepts is always on disk; a wrong password never nears Magento's lock).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::account::Accounts;
+use crate::clock::Clock;
+use crate::config::{self, Checks, Config, MagentoSettings};
+use crate::magento::{Client, LoginError, Magento, Outcome};
+use crate::secret::Secret;
+use crate::status::{Board, Reporter};
+
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// Magento as the worker sees it: a password, JWTs of one hour on the test's clock, and every
+/// login it received.
+#[derive(Clone)]
+struct Scripted(Arc<Mutex<Store>>);
+
+struct Store {
+    clock: Clock,
+    password: String,
+    lifetime: Duration,
+    /// (when, accepted) of every login.
+    logins: Vec<(SystemTime, bool)>,
+}
+
+impl Scripted {
+    fn new(clock: Clock, password: &str) -> Scripted {
+        Scripted(Arc::new(Mutex::new(Store { clock, password: password.into(), lifetime: HOUR, logins: Vec::new() })))
+    }
+
+    fn logins(&self) -> Vec<(SystemTime, bool)> {
+        self.0.lock().unwrap().logins.clone()
+    }
+
+    /// Whether Magento accepts `token` now: its `exp` is ahead.
+    fn accepts(&self, token: &str) -> bool {
+        let now = crate::token::unix(self.0.lock().unwrap().clock.now());
+        crate::token::jwt_times(token).is_some_and(|t| t.exp > now)
+    }
+}
+
+fn jwt(iat: i64, exp: i64) -> String {
+    let b64 = |s: String| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    format!(
+        "{}.{}.c2lnbmF0dXJlLW9mLXRoZS1zdG9yZQ",
+        b64(r#"{"kid":"1","alg":"HS256"}"#.into()),
+        b64(format!(r#"{{"uid":3,"utypid":3,"iat":{iat},"exp":{exp}}}"#))
+    )
+}
+
+impl Magento for Scripted {
+    fn login(
+        &self,
+        _url: &str,
+        _username: &str,
+        password: &Secret,
+    ) -> impl std::future::Future<Output = Result<Secret, LoginError>> + Send {
+        let mut store = self.0.lock().unwrap();
+        let now = store.clock.now();
+        let accepted = password.expose() == store.password;
+        store.logins.push((now, accepted));
+        let iat = crate::token::unix(now);
+        let answer = if accepted {
+            Ok(Secret::new(jwt(iat, iat + store.lifetime.as_secs() as i64)))
+        } else {
+            Err(LoginError::new(Outcome::AuthFailure, "HTTP 401 Unauthorized: The account sign-in was incorrect"))
+        };
+        std::future::ready(answer)
+    }
+
+    fn whoami(
+        &self,
+        _url: &str,
+        _token: &Secret,
+    ) -> impl std::future::Future<Output = Result<String, LoginError>> + Send {
+        std::future::ready(Err(LoginError::new(Outcome::AuthFailure, "HTTP 401 Unauthorized")))
+    }
+}
+
+/// One customer, `alice`, with her password in a file and her token in `dir/tokens`.
+fn config(dir: &std::path::Path, extra_refresh: &str) -> Config {
+    std::fs::create_dir_all(dir.join("tokens")).unwrap();
+    let text = format!(
+        "magento:\n  base_url: http://127.0.0.1:1\nrefresh:\n{extra_refresh}  max_backoff: 5m\noutput:\n  dir: {}\ncustomers:\n  - name: alice\n    username: alice@example.com\n    password_file: {}\n",
+        dir.join("tokens").display(),
+        dir.join("password").display()
+    );
+    config::parse(&text, Checks::Static).unwrap()
+}
+
+struct Run {
+    magento: Scripted,
+    board: Board,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    clock: Clock,
+    path: std::path::PathBuf,
+}
+
+fn start(config: &Config, magento: Scripted, clock: Clock) -> Run {
+    let customer = Arc::new(config.customers[0].clone());
+    let shared = Shared {
+        magento: magento.clone(),
+        refresh: Arc::new(config.refresh.clone()),
+        format: config.output.format,
+        mode: config.output.mode,
+        logins: Arc::new(Semaphore::new(1)),
+        clock,
+    };
+    let board = Board::new();
+    let stop = CancellationToken::new();
+    let accounts = Accounts::new();
+    let worker = Worker::new(
+        customer.clone(),
+        accounts.of(&customer),
+        shared,
+        Reporter::new("alice", board.clone()),
+        stop.clone(),
+    );
+    let task = tokio::spawn(worker.run(true));
+    Run { magento, board, stop, task, clock, path: customer.path.clone() }
+}
+
+impl Run {
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.unwrap();
+    }
+
+    fn token(&self) -> Option<String> {
+        std::fs::read_to_string(&self.path).ok()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_day_of_refreshes_always_leaves_a_token_magento_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("password"), "right\n").unwrap();
+    let config = config(dir.path(), "");
+    let clock = Clock::tokio(SystemTime::now());
+    let run = start(&config, Scripted::new(clock, "right"), clock);
+
+    // Checked every 10 s of the day, from the first second on.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..(24 * 360) {
+        let token = run.token().expect("a token file");
+        assert!(run.magento.accepts(&token), "Magento refuses the token on disk at {:?}", run.clock.now());
+        seen.insert(token);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
+    let logins = run.magento.logins();
+    assert!(logins.iter().all(|(_, ok)| *ok));
+    // Every 44 to 45 minutes (before_expiry 15m, jitter 1m, one-hour tokens): 33 in a day.
+    for pair in logins.windows(2) {
+        let gap = pair[1].0.duration_since(pair[0].0).unwrap();
+        assert!(gap >= 44 * MINUTE - Duration::from_secs(1) && gap <= 45 * MINUTE, "{gap:?} between logins");
+    }
+    assert_eq!(logins.len(), 33, "{} logins in a day", logins.len());
+    assert_eq!(seen.len(), logins.len(), "each login's token was written");
+    let status = &run.board.snapshot(run.clock.now())[0];
+    assert_eq!(status.state, crate::status::State::Fresh);
+    assert_eq!(status.consecutive_failures, 0);
+    run.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wrong_password_for_a_day_never_nears_the_lock_and_a_fix_is_tried_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("password");
+    std::fs::write(&password, "wrong\n").unwrap();
+    let config = config(dir.path(), "");
+    let r = config.refresh.clone();
+    let clock = Clock::tokio(SystemTime::now());
+    let run = start(&config, Scripted::new(clock, "right"), clock);
+
+    tokio::time::sleep(24 * HOUR).await;
+    let logins = run.magento.logins();
+    assert!(logins.iter().all(|(_, ok)| !*ok));
+    // Magento's count (cleared 30 minutes after the last failure by its cron) never comes
+    // within two of its lock at six.
+    let mut count = 0;
+    let mut expires = logins[0].0;
+    for (at, _) in &logins {
+        if *at >= expires {
+            count = 0;
+        }
+        count += 1;
+        expires = *at + r.lockout_window;
+        assert!(count <= r.lockout_threshold - 2, "Magento's count reached {count} at {at:?}");
+    }
+    // At 0, 1 and 6 minutes, then once per 31-minute pause.
+    assert_eq!(logins.len(), 3 + (24 * 60 - 6) / 31, "{} logins in a day", logins.len());
+    let status = &run.board.snapshot(run.clock.now())[0];
+    assert_eq!(status.state, crate::status::State::Paused);
+    assert!(crate::sink::read_ledger(&run.path, "alice@example.com").is_some(), "the 401s are in the ledger");
+
+    // The Secret is fixed: tried within the password poll, not after the pause.
+    std::fs::write(&password, "right\n").unwrap();
+    let fixed_at = run.clock.now();
+    tokio::time::sleep(PASSWORD_POLL + Duration::from_secs(1)).await;
+    let (at, ok) = *run.magento.logins().last().unwrap();
+    assert!(ok, "the fixed password was not tried");
+    assert!(at.duration_since(fixed_at).unwrap() <= PASSWORD_POLL);
+    assert!(run.magento.accepts(&run.token().unwrap()));
+    assert!(crate::sink::read_ledger(&run.path, "alice@example.com").is_none(), "a success clears the ledger");
+    run.stop().await;
+}
+
+/// Every configured customer holds one of these tasks for the life of the daemon: with
+/// 10,000 customers each byte is 10 KB of resident memory (benches/RESULTS.md). It was
+/// 2,968 bytes before `run` stopped being an `async fn` and the rare steps were boxed.
+#[test]
+fn an_idle_customer_task_stays_small() {
+    let config = config::parse(
+        "magento:\n  base_url: http://127.0.0.1:1\noutput:\n  dir: /tmp\ncustomers:\n  - name: a\n    username: a\n    password_env: X\n",
+        Checks::Static,
+    )
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let _entered = rt.enter();
+    let shared = Shared {
+        magento: Client::new(&MagentoSettings { timeout: Duration::from_secs(1), ca_file: None }).unwrap(),
+        refresh: Arc::new(config.refresh.clone()),
+        format: config.output.format,
+        mode: 0o600,
+        logins: Arc::new(Semaphore::new(1)),
+        clock: Clock::System,
+    };
+    let customer = Arc::new(config.customers[0].clone());
+    let account = Accounts::new().of(&customer);
+    let worker = Worker::new(customer, account, shared, Reporter::new("a", Board::new()), CancellationToken::new());
+    let task = worker.run(true);
+    let size = std::mem::size_of_val(&task);
+    assert!(size <= 1024, "a customer's task is {size} bytes");
+}
