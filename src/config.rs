@@ -819,7 +819,9 @@ impl Validator {
     }
 }
 
-fn is_loopback(url: &Url) -> bool {
+/// Whether `url` points at this host's loopback (`localhost`, 127.0.0.0/8, ::1): plain http
+/// may go there, and never through a proxy.
+pub fn is_loopback(url: &Url) -> bool {
     match url.host() {
         Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
         Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),

@@ -203,12 +203,7 @@ impl Client {
 
     /// The client for `url`: direct for loopback, else through the environment's proxies.
     fn for_url(&self, url: &str) -> &reqwest::Client {
-        let loopback = reqwest::Url::parse(url).is_ok_and(|u| match u.host() {
-            Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-            None => false,
-        });
+        let loopback = reqwest::Url::parse(url).is_ok_and(|u| crate::config::is_loopback(&u));
         if loopback {
             &self.direct
         } else {

@@ -109,11 +109,7 @@ impl World {
 
     /// Starts `magento-token-sidecar run` on the configuration file; its stderr goes to a file.
     pub fn start(&self) -> Daemon {
-        Daemon::spawn(
-            &["run", "--config", self.config_path().to_str().unwrap()],
-            &self.dir.path().join("daemon.log"),
-            self.admin_port,
-        )
+        self.start_with(|_| {})
     }
 
     pub fn read_token(&self, file: &str) -> Option<String> {
@@ -151,17 +147,7 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn spawn(args: &[&str], log: &Path, admin_port: u16) -> Daemon {
-        let file = std::fs::File::create(log).unwrap();
-        let child = Command::new(BIN)
-            .args(args)
-            .env_remove("RUST_LOG")
-            .env_remove("MAGENTO_TOKEN_SIDECAR_CONFIG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .unwrap();
-        Daemon { child, log: log.to_path_buf(), admin_port }
+        Daemon::spawn_with(args, log, admin_port, |_| {})
     }
 
     pub fn signal(&self, name: &str) {
