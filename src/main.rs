@@ -62,6 +62,8 @@ struct ConfigArg {
 }
 
 fn main() -> ExitCode {
+    // Before anything is read: no configuration, no password yet.
+    raise_open_file_limit();
     let cli = Cli::parse();
     let runtime = match &cli.command {
         // The server answers many clients at once in benchmarks: every core.
@@ -136,6 +138,21 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
+/// The soft open-file limit up to the hard one (often 1,024 soft against 500,000 or more
+/// hard): the descriptors the logins, token files and admin connections share. The admin
+/// server takes at most a quarter of them (`admin::connection_limit`).
+fn raise_open_file_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if let Some(hard) = limit.maximum {
+        if limit.current.is_some_and(|soft| soft < hard) {
+            if let Err(e) = setrlimit(Resource::Nofile, Rlimit { current: Some(hard), maximum: Some(hard) }) {
+                eprintln!("warning: cannot raise the open-file limit to {hard}: {e}");
+            }
+        }
+    }
+}
+
 /// Loads and fully checks the configuration; on failure prints every problem.
 fn load(path: &Path) -> Result<Config, u8> {
     config::load(path, Checks::Environment).map_err(|e| {
@@ -170,7 +187,7 @@ async fn serve(config_path: &Path, config: Config, admin_listener: Option<TcpLis
     let admin_stop = CancellationToken::new();
     let admin_task = listener.map(|listener| {
         if let Ok(addr) = listener.local_addr() {
-            info!(address = %addr, "admin server listening");
+            info!(address = %addr, max_connections = admin::connection_limit(), "admin server listening");
         }
         let admin = admin::Admin { metrics: metrics.clone() };
         tokio::spawn(admin::serve(listener, admin, admin_stop.clone().cancelled_owned()))
