@@ -63,6 +63,7 @@ struct ConfigArg {
 
 fn main() -> ExitCode {
     // Before anything is read: no configuration, no password yet.
+    forbid_core_dumps();
     raise_open_file_limit();
     let cli = Cli::parse();
     let runtime = match &cli.command {
@@ -136,6 +137,22 @@ fn main() -> ExitCode {
         }),
     };
     ExitCode::from(code)
+}
+
+/// An abort must not leave a core holding a password or a token: the core size limit goes to 0,
+/// soft and hard (a child or a later `ulimit -c` cannot raise it), and the process is marked
+/// not dumpable, which also covers a `core_pattern` pipe (it ignores the size limit) and keeps
+/// other processes of the same user from attaching to it or reading its memory through
+/// `/proc`. Run first in `main`, before any configuration or password is read.
+fn forbid_core_dumps() {
+    use rustix::process::{setrlimit, Resource, Rlimit};
+    if let Err(e) = setrlimit(Resource::Core, Rlimit { current: Some(0), maximum: Some(0) }) {
+        eprintln!("warning: cannot set the core file size limit to 0: {e}");
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(e) = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable) {
+        eprintln!("warning: cannot mark the process not dumpable (prctl PR_SET_DUMPABLE): {e}");
+    }
 }
 
 /// The soft open-file limit up to the hard one (often 1,024 soft against 500,000 or more

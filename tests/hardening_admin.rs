@@ -10,6 +10,7 @@
 mod common;
 
 use std::collections::HashSet;
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -236,4 +237,59 @@ async fn idle_connections_under_a_low_descriptor_limit_do_not_stop_refreshes() {
     eprintln!("{} idle connections at a limit of 128: refreshes {before} -> {after}", idle.len());
     drop(idle);
     assert_eq!(d.stop().await.code(), Some(0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 11. Core dumps
+
+/// Started with `ulimit -c unlimited` in a working directory of its own, the daemon runs with a
+/// core size limit of 0 (soft and hard), and a SIGABRT leaves no core file there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_never_leaves_a_core_dump() {
+    let w = World::with_customers(&[ALICE]).await;
+    one_customer(&w, "");
+    let cwd = w.dir.path().join("cwd");
+    std::fs::create_dir(&cwd).unwrap();
+    let log = w.dir.path().join("daemon.log");
+    let mut d = w.start_with(|c| in_shell(c, "ulimit -c unlimited", &log, Some(&cwd)));
+    d.wait_ready(20 * SEC).await;
+
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.pid())).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max core file size")).unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields[4..6], ["0", "0"], "{line}");
+
+    let pattern = std::fs::read_to_string("/proc/sys/kernel/core_pattern").unwrap_or_default();
+    let pattern = pattern.trim();
+    let unlimited = rustix::process::getrlimit(rustix::process::Resource::Core).maximum.is_none();
+    if pattern.starts_with('|') || pattern.is_empty() || !unlimited {
+        eprintln!(
+            "SKIPPED the SIGABRT half: core_pattern is {pattern:?} (a pipe, or empty) or this process may not raise its core limit"
+        );
+        assert_eq!(d.stop().await.code(), Some(0));
+        return;
+    }
+    // Where a core would go: the pattern's directory (the working directory for a relative
+    // one), under a name starting with the pattern's text before its first %-specifier.
+    let (dir, name) = match pattern.rsplit_once('/') {
+        Some((dir, name)) => (Path::new(if dir.is_empty() { "/" } else { dir }).to_path_buf(), name),
+        None => (cwd.clone(), pattern),
+    };
+    let dir = if dir.is_absolute() { dir } else { cwd.join(dir) };
+    let prefix = name.split('%').next().unwrap_or_default().to_owned();
+    let listing = |dir: &Path| -> HashSet<String> {
+        std::fs::read_dir(dir)
+            .map(|entries| entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+            .unwrap_or_default()
+    };
+    let before = listing(&dir);
+    d.signal("ABRT");
+    let status = d.wait_exit(15 * SEC).await;
+    assert_eq!(status.signal(), Some(6), "{status:?}");
+    assert!(!status.core_dumped(), "the kernel reports a core dump: {status:?}");
+    // Give a slow file system a moment to show a core the kernel was still writing.
+    tokio::time::sleep(SEC).await;
+    let cores: Vec<String> =
+        listing(&dir).difference(&before).filter(|n| n.starts_with(prefix.as_str())).cloned().collect();
+    assert!(cores.is_empty(), "core files left in {}: {cores:?}", dir.display());
 }
