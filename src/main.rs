@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use magento_token_sidecar::config::{self, Checks, Config};
 use magento_token_sidecar::logging::{self, Logging};
@@ -86,6 +86,7 @@ fn main() -> ExitCode {
         Command::Run(arg) => match load(&arg.config) {
             Ok(config) => {
                 let logging = logging::init(config.log.format, &config.log.level);
+                log_warnings(&config);
                 runtime.block_on(serve(&arg.config, config, None, &logging))
             }
             Err(code) => code,
@@ -93,12 +94,16 @@ fn main() -> ExitCode {
         Command::Once { config: arg, timeout } => match load(&arg.config) {
             Ok(config) => {
                 logging::init(config.log.format, &config.log.level);
+                log_warnings(&config);
                 runtime.block_on(once(config, timeout))
             }
             Err(code) => code,
         },
         Command::Check(arg) => match load(&arg.config) {
             Ok(config) => {
+                for warning in config.warnings() {
+                    eprintln!("warning: {warning}");
+                }
                 println!(
                     "{}: ok ({} customer{}, tokens in {})",
                     arg.config.display(),
@@ -176,6 +181,13 @@ fn load(path: &Path) -> Result<Config, u8> {
         eprintln!("{e}");
         BAD_CONFIG
     })
+}
+
+/// Settings that are allowed but risky (`Config::warnings`), as WARN lines.
+fn log_warnings(config: &Config) {
+    for warning in config.warnings() {
+        warn!("{warning}");
+    }
 }
 
 /// `run` (and `demo`): the admin server and the daemon until a shutdown signal.

@@ -10,6 +10,7 @@
 mod common;
 
 use std::collections::HashSet;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -236,6 +237,65 @@ async fn idle_connections_under_a_low_descriptor_limit_do_not_stop_refreshes() {
     assert!(!logs.contains("Too many open files"), "descriptors ran out:\n{logs}");
     eprintln!("{} idle connections at a limit of 128: refreshes {before} -> {after}", idle.len());
     drop(idle);
+    assert_eq!(d.stop().await.code(), Some(0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Unsafe settings
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_modes_others_can_write_are_refused() {
+    let w = World::with_customers(&[ALICE]).await;
+    let good = w.config_text(&[(ALICE.0, ALICE.1)], "", "");
+    let config = w.config_path().to_str().unwrap().to_owned();
+    for (command, mode, expected) in [
+        ("check", "0666", 2),
+        ("check", "0620", 2),
+        ("run", "0666", 2),
+        ("check", "0600", 0),
+        ("check", "0640", 0),
+        ("check", "0440", 0),
+    ] {
+        w.write_config(&good.replace("  dir:", &format!("  mode: \"{mode}\"\n  dir:")));
+        let args = [command.to_owned(), "--config".to_owned(), config.clone()];
+        let (code, _, err) =
+            tokio::task::spawn_blocking(move || run_to_end(&args.iter().map(String::as_str).collect::<Vec<_>>()))
+                .await
+                .unwrap();
+        assert_eq!(code, expected, "{command} with mode {mode}: {err}");
+        if expected == 2 {
+            assert!(err.contains(&format!("output.mode: \"{mode}\"")), "{command} {mode}: {err}");
+            assert!(err.contains("writable by its group or by others"), "{command} {mode}: {err}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_directory_others_can_write_is_warned_about() {
+    let w = World::with_customers(&[ALICE]).await;
+    one_customer(&w, "");
+    let config = w.config_path().to_str().unwrap().to_owned();
+    let check = |config: String| async move {
+        tokio::task::spawn_blocking(move || run_to_end(&["check", "--config", &config])).await.unwrap()
+    };
+
+    std::fs::set_permissions(w.tokens(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (code, _, err) = check(config.clone()).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("warning"), "no warning for a 0755 directory: {err}");
+
+    std::fs::set_permissions(w.tokens(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let (code, out, err) = check(config.clone()).await;
+    assert_eq!(code, 0, "a warning, not a refusal: {err}");
+    assert!(out.contains(": ok"), "{out}");
+    assert!(err.contains("warning: output.dir: ") && err.contains("writable by other users"), "{err}");
+    assert!(err.contains("plant files or symbolic links"), "{err}");
+
+    let mut d = w.start();
+    d.wait_ready(20 * SEC).await;
+    let logs = d.logs();
+    let line = logs.lines().find(|l| l.contains("output.dir") && l.contains("writable by other users"));
+    assert!(line.is_some_and(|l| l.contains("\"level\":\"WARN\"")), "no WARN line about output.dir:\n{logs}");
     assert_eq!(d.stop().await.code(), Some(0));
 }
 
