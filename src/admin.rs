@@ -6,7 +6,6 @@
 //! | `GET /readyz`  | 200 `ready` when every customer has an unexpired token on disk; else 503 and the names that have none (startup and readiness probes) |
 //! | `GET /status`  | 200 JSON for people: per customer its state, expiry, last success, next refresh, failures in a row and last error; never a token or a password |
 //! | `GET /metrics` | Prometheus text format                                                       |
-
 //!
 //! The port may face anyone who can reach it, so a connection costs little and never lasts:
 //!
