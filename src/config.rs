@@ -485,6 +485,28 @@ pub fn parse(text: &str, checks: Checks) -> Result<Config, Vec<Problem>> {
     validate(raw, checks)
 }
 
+impl Config {
+    /// What is allowed but risky in the world the daemon runs in: printed by `check`, logged
+    /// at the start of `run` and `once`.
+    pub fn warnings(&self) -> Vec<Problem> {
+        use std::os::unix::fs::PermissionsExt;
+        let mut warnings = Vec::new();
+        if let Ok(meta) = std::fs::metadata(&self.output.dir) {
+            let mode = meta.permissions().mode() & 0o7777;
+            if mode & 0o002 != 0 {
+                warnings.push(Problem {
+                    path: "output.dir".into(),
+                    message: format!(
+                        "{} is writable by other users (mode {mode:04o}): another user can plant files or symbolic links there, at a token's path before the daemon writes it or beside it; use a directory only the daemon's user (and its group) can write to",
+                        self.output.dir.display()
+                    ),
+                });
+            }
+        }
+        warnings
+    }
+}
+
 /// The line of an unquoted numeric `mode:` value. serde_yaml hands `0600` over as the string
 /// "0600" while other YAML readers (Helm's, Python's) see the number 384: the contract refuses
 /// the ambiguity, and only the text shows whether the value was quoted. `mode` is a key of
@@ -575,6 +597,16 @@ fn validate(raw: RawConfig, checks: Checks) -> Result<Config, Vec<Problem>> {
         v.problem("output.dir", "must not be empty".into());
     } else if checks == Checks::Environment {
         v.writable_dir("output.dir", &dir);
+    }
+
+    let mode = raw.output.mode.0;
+    if mode & 0o022 != 0 {
+        v.problem(
+            "output.mode",
+            format!(
+                "\"{mode:04o}\" makes every token file writable by its group or by others, who could replace the token the app sends; use \"0600\" (or \"0640\" for readers in the file's group)"
+            ),
+        );
     }
 
     let admin_listen = match raw.admin.listen.trim() {
@@ -907,6 +939,35 @@ customers:
         assert!(p[0].contains("between \"0000\" and \"0777\""), "{p:?}");
         let c = parse(&MINIMAL.replace("  dir: /tmp", "  dir: /tmp\n  mode: \"0640\""), Checks::Static).unwrap();
         assert_eq!(c.output.mode, 0o640);
+    }
+
+    #[test]
+    fn modes_that_let_others_write_token_files_are_refused() {
+        let with_mode = |mode: &str| MINIMAL.replace("  dir: /tmp", &format!("  dir: /tmp\n  mode: \"{mode}\""));
+        for bad in ["0666", "0620", "0602", "0660", "0o622", "0777"] {
+            let p = problems(&with_mode(bad));
+            assert_eq!(p.len(), 1, "{bad}: {p:?}");
+            assert!(p[0].starts_with("output.mode: \"0"), "{bad}: {p:?}");
+            assert!(p[0].contains("writable by its group or by others"), "{bad}: {p:?}");
+        }
+        for good in ["0600", "0640", "0440", "0400", "0644", "0000"] {
+            assert!(parse(&with_mode(good), Checks::Static).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn an_output_directory_others_can_write_is_a_warning() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = MINIMAL.replace("  dir: /tmp", &format!("  dir: {}", dir.path().display()));
+        let config = parse(&yaml, Checks::Static).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o750)).unwrap();
+        assert!(config.warnings().is_empty());
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let w: Vec<String> = config.warnings().iter().map(|p| p.to_string()).collect();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].starts_with("output.dir: ") && w[0].contains("(mode 1777)"), "{w:?}");
+        assert!(w[0].contains("another user can plant files or symbolic links there"), "{w:?}");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use magento_token_sidecar::config::{self, Checks, Config};
 use magento_token_sidecar::logging::{self, Logging};
@@ -63,6 +63,9 @@ struct ConfigArg {
 }
 
 fn main() -> ExitCode {
+    // Before anything is read: no configuration, no password yet.
+    forbid_core_dumps();
+    raise_open_file_limit();
     let cli = Cli::parse();
     let runtime = match &cli.command {
         // The server answers many clients at once in benchmarks: every core.
@@ -85,6 +88,7 @@ fn main() -> ExitCode {
         Command::Run(arg) => match load(&arg.config) {
             Ok(config) => {
                 let logging = logging::init(config.log.format, &config.log.level);
+                log_warnings(&config);
                 runtime.block_on(serve(&arg.config, config, None, &logging))
             }
             Err(code) => code,
@@ -92,12 +96,16 @@ fn main() -> ExitCode {
         Command::Once { config: arg, timeout } => match load(&arg.config) {
             Ok(config) => {
                 logging::init(config.log.format, &config.log.level);
+                log_warnings(&config);
                 runtime.block_on(once(config, timeout))
             }
             Err(code) => code,
         },
         Command::Check(arg) => match load(&arg.config) {
             Ok(config) => {
+                for warning in config.warnings() {
+                    eprintln!("warning: {warning}");
+                }
                 println!(
                     "{}: ok ({} customer{}, tokens in {})",
                     arg.config.display(),
@@ -116,12 +124,50 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
+/// An abort must not leave a core holding a password or a token: the core size limit goes to 0,
+/// soft and hard (a child or a later `ulimit -c` cannot raise it), and the process is marked
+/// not dumpable, which also covers a `core_pattern` pipe (it ignores the size limit) and keeps
+/// other processes of the same user from attaching to it or reading its memory through
+/// `/proc`. Run first in `main`, before any configuration or password is read.
+fn forbid_core_dumps() {
+    use rustix::process::{setrlimit, Resource, Rlimit};
+    if let Err(e) = setrlimit(Resource::Core, Rlimit { current: Some(0), maximum: Some(0) }) {
+        eprintln!("warning: cannot set the core file size limit to 0: {e}");
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(e) = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable) {
+        eprintln!("warning: cannot mark the process not dumpable (prctl PR_SET_DUMPABLE): {e}");
+    }
+}
+
+/// The soft open-file limit up to the hard one (often 1,024 soft against 500,000 or more
+/// hard): the descriptors the logins, token files and admin connections share. The admin
+/// server takes at most a quarter of them (`admin::connection_limit`).
+fn raise_open_file_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if let Some(hard) = limit.maximum {
+        if limit.current.is_some_and(|soft| soft < hard) {
+            if let Err(e) = setrlimit(Resource::Nofile, Rlimit { current: Some(hard), maximum: Some(hard) }) {
+                eprintln!("warning: cannot raise the open-file limit to {hard}: {e}");
+            }
+        }
+    }
+}
+
 /// Loads and fully checks the configuration; on failure prints every problem.
 fn load(path: &Path) -> Result<Config, u8> {
     config::load(path, Checks::Environment).map_err(|e| {
         eprintln!("{e}");
         BAD_CONFIG
     })
+}
+
+/// Settings that are allowed but risky (`Config::warnings`), as WARN lines.
+fn log_warnings(config: &Config) {
+    for warning in config.warnings() {
+        warn!("{warning}");
+    }
 }
 
 /// `run` (and `demo`): the admin server and the daemon until a shutdown signal.
@@ -150,7 +196,7 @@ async fn serve(config_path: &Path, config: Config, admin_listener: Option<TcpLis
     let admin_stop = CancellationToken::new();
     let admin_task = listener.map(|listener| {
         if let Ok(addr) = listener.local_addr() {
-            info!(address = %addr, "admin server listening");
+            info!(address = %addr, max_connections = admin::connection_limit(), "admin server listening");
         }
         let admin = admin::Admin { metrics: metrics.clone() };
         tokio::spawn(admin::serve(listener, admin, admin_stop.clone().cancelled_owned()))

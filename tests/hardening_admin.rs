@@ -1,0 +1,355 @@
+//! Hardening of issue 14, items 5, 8 and 11, judged from the outside:
+//!
+//! - the admin port under idle, half-sent and never-read connections (item 5): `/healthz` keeps
+//!   answering, the daemon holds a bounded number of them and gives their descriptors back, and
+//!   under a low open-file limit the logins go on;
+//! - settings that make token files writable by others are refused, an output directory others
+//!   can write to is warned about (item 8);
+//! - the running daemon can never dump core, whatever limit it was started with (item 11).
+
+mod common;
+
+use std::collections::HashSet;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use magento_token_sidecar::devserver::DevServerOptions;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const SEC: Duration = Duration::from_secs(1);
+
+/// The most admin connections the daemon may hold at once (`admin::MAX_CONNECTIONS`).
+const CAP: usize = 64;
+
+/// The test process opens hundreds of sockets: its soft open-file limit up to the hard one.
+fn raise_own_open_file_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if let Some(max) = limit.maximum {
+        let _ = setrlimit(Resource::Nofile, Rlimit { current: Some(max), maximum: Some(max) });
+    }
+}
+
+/// Makes `command` run through `sh -c '<prefix>; exec BIN ARGS'` (a `ulimit` first), with its
+/// stderr to `log` and, when given, `cwd` as its working directory.
+fn in_shell(command: &mut Command, prefix: &str, log: &Path, cwd: Option<&Path>) {
+    let program = command.get_program().to_owned();
+    let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
+    *command = Command::new("sh");
+    command.arg("-c").arg(format!("{prefix}; exec \"$0\" \"$@\"")).arg(program).args(args);
+    for var in PROXY_VARIABLES.iter().chain(&["RUST_LOG", "MAGENTO_TOKEN_SIDECAR_CONFIG"]) {
+        command.env_remove(var);
+    }
+    command.stdin(Stdio::null()).stdout(Stdio::null());
+    command.stderr(std::fs::File::create(log).unwrap());
+    if let Some(dir) = cwd {
+        command.current_dir(dir);
+    }
+}
+
+/// The number of descriptors the process has open.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).expect("/proc/<pid>/fd is readable (tests run as root)").count()
+}
+
+/// Connections to `port` the process holds open (its sockets with that local port, the
+/// listening one aside).
+fn admin_connections(pid: u32, port: u16) -> usize {
+    let inodes: HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("/proc/<pid>/fd is readable (tests run as root)")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|link| Some(link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned()))
+        .collect();
+    let mut held = 0;
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else { continue };
+        for line in text.lines().skip(1) {
+            // sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local_port = f[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port) && f[3] != "0A" && inodes.contains(f[9]) {
+                held += 1;
+            }
+        }
+    }
+    held
+}
+
+async fn connect(port: u16) -> Option<TcpStream> {
+    tokio::time::timeout(2 * SEC, TcpStream::connect(("127.0.0.1", port))).await.ok()?.ok()
+}
+
+/// Reads until the peer closes the connection (end of file or a reset), at most `limit`: what
+/// was read, or `None` when it is still open after `limit`.
+async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(limit, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .ok()?;
+    Some(got)
+}
+
+fn one_customer(w: &World, refresh: &str) {
+    w.write_config(&w.config_text(&[(ALICE.0, ALICE.1)], refresh, ""));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. The admin server
+
+/// 500 idle connections, a few requests whose header never ends and a keep-alive connection
+/// left idle after one answer: the daemon holds at most its cap of them, `/healthz` still
+/// answers while they are all open, the server closes the stalled ones itself, and the
+/// daemon's descriptors come back to where they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_half_sent_connections_time_out_and_never_block_healthz() {
+    raise_own_open_file_limit();
+    let w = World::with_customers(&[ALICE]).await;
+    one_customer(&w, "");
+    let mut d = w.start();
+    d.wait_ready(20 * SEC).await;
+    let (pid, port) = (d.pid(), d.admin_port);
+    let fds_at_start = open_fds(pid);
+
+    let mut half_sent = Vec::new();
+    for _ in 0..5 {
+        let mut s = connect(port).await.expect("connect");
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ").await.unwrap();
+        half_sent.push(s);
+    }
+    let mut kept = connect(port).await.expect("connect");
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..500 {
+        match connect(port).await {
+            Some(s) => idle.push(s),
+            None => break,
+        }
+    }
+    assert!(idle.len() >= 400, "only {} idle connections could be opened", idle.len());
+
+    tokio::time::sleep(SEC).await;
+    let held = admin_connections(pid, port);
+    assert!(held <= CAP, "the daemon holds {held} admin connections at once (cap {CAP})");
+
+    wait_for(20 * SEC, "/healthz to answer 200 while 500 idle connections are open", || async {
+        d.get("/healthz").await.filter(|(s, _)| *s == 200)
+    })
+    .await;
+
+    for (i, s) in half_sent.iter_mut().enumerate() {
+        assert!(read_until_closed(s, 20 * SEC).await.is_some(), "half-sent request #{i} was never timed out");
+    }
+    let answer = read_until_closed(&mut kept, 20 * SEC).await.expect("an idle keep-alive connection was never closed");
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+
+    wait_for(20 * SEC, "the daemon to hold no admin connection", || async {
+        (admin_connections(pid, port) == 0).then_some(())
+    })
+    .await;
+    let fds_now = wait_for(20 * SEC, "the daemon's descriptors back near their start", || async {
+        let n = open_fds(pid);
+        (n <= fds_at_start + 3).then_some(n)
+    })
+    .await;
+    eprintln!("descriptors: {fds_at_start} at start, {held} admin connections held for 506 clients, {fds_now} after");
+    assert!(d.get("/healthz").await.is_some_and(|(s, _)| s == 200));
+    drop(idle);
+    assert_eq!(d.stop().await.code(), Some(0));
+}
+
+/// A client that sends requests and never reads the answers: once the daemon's writes stall,
+/// it drops the connection instead of holding it (and a slot) for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_its_answers_is_dropped() {
+    let w = World::with_customers(&[ALICE]).await;
+    one_customer(&w, "");
+    let mut d = w.start();
+    d.wait_ready(20 * SEC).await;
+    let (pid, port) = (d.pid(), d.admin_port);
+    let answer = d.get("/metrics").await.unwrap().1.len().max(1);
+    // Enough pipelined requests for 32 MiB of answers: more than any socket buffers hold.
+    let wanted = (32 << 20) / answer + 1;
+    let batch = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(100);
+    let mut s = connect(port).await.expect("connect");
+    let mut sent = 0;
+    while sent < wanted.min(200_000) {
+        match tokio::time::timeout(SEC, s.write_all(&batch)).await {
+            Ok(Ok(())) => sent += 100,
+            _ => break,
+        }
+    }
+    tokio::time::sleep(SEC).await;
+    assert_eq!(admin_connections(pid, port), 1, "the daemon holds the connection while it answers");
+    wait_for(25 * SEC, "the daemon to drop a connection whose answers are never read", || async {
+        (admin_connections(pid, port) == 0).then_some(())
+    })
+    .await;
+    eprintln!("{sent} requests for answers of {answer} bytes, never read: dropped");
+    assert!(d.get("/healthz").await.is_some_and(|(s, _)| s == 200));
+    drop(s);
+    assert_eq!(d.stop().await.code(), Some(0));
+}
+
+/// With an open-file limit of 128, 300 idle admin connections take no descriptor a login
+/// needs: a customer whose tokens live 10 s keeps being refreshed, and `/healthz` answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_under_a_low_descriptor_limit_do_not_stop_refreshes() {
+    raise_own_open_file_limit();
+    let w = World::new(DevServerOptions { token_lifetime: 10 * SEC, ..Default::default() }).await;
+    w.server.add_customer(ALICE.1, ALICE.2);
+    w.set_password(ALICE.0, ALICE.2);
+    one_customer(&w, "  before_expiry: 8s\n  jitter: 0s\n");
+    let log = w.dir.path().join("daemon.log");
+    let mut d = w.start_with(|c| in_shell(c, "ulimit -n 128", &log, None));
+    d.wait_ready(20 * SEC).await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.pid())).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    assert_eq!(line.split_whitespace().nth(3), Some("128"), "{line}");
+
+    let success = refreshes(ALICE.0, "success");
+    let before = d.metric(&success).await.unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        match connect(d.admin_port).await {
+            Some(s) => idle.push(s),
+            None => break,
+        }
+    }
+    let after = wait_for(20 * SEC, "two more successful refreshes while 300 idle connections are open", || async {
+        d.metric(&success).await.filter(|v| *v >= before + 2.0)
+    })
+    .await;
+    wait_for(20 * SEC, "/healthz to answer 200", || async { d.get("/healthz").await.filter(|(s, _)| *s == 200) }).await;
+    let logs = d.logs();
+    assert!(!logs.contains("Too many open files"), "descriptors ran out:\n{logs}");
+    eprintln!("{} idle connections at a limit of 128: refreshes {before} -> {after}", idle.len());
+    drop(idle);
+    assert_eq!(d.stop().await.code(), Some(0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Unsafe settings
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_modes_others_can_write_are_refused() {
+    let w = World::with_customers(&[ALICE]).await;
+    let good = w.config_text(&[(ALICE.0, ALICE.1)], "", "");
+    let config = w.config_path().to_str().unwrap().to_owned();
+    for (command, mode, expected) in [
+        ("check", "0666", 2),
+        ("check", "0620", 2),
+        ("run", "0666", 2),
+        ("check", "0600", 0),
+        ("check", "0640", 0),
+        ("check", "0440", 0),
+    ] {
+        w.write_config(&good.replace("  dir:", &format!("  mode: \"{mode}\"\n  dir:")));
+        let args = [command.to_owned(), "--config".to_owned(), config.clone()];
+        let (code, _, err) =
+            tokio::task::spawn_blocking(move || run_to_end(&args.iter().map(String::as_str).collect::<Vec<_>>()))
+                .await
+                .unwrap();
+        assert_eq!(code, expected, "{command} with mode {mode}: {err}");
+        if expected == 2 {
+            assert!(err.contains(&format!("output.mode: \"{mode}\"")), "{command} {mode}: {err}");
+            assert!(err.contains("writable by its group or by others"), "{command} {mode}: {err}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_directory_others_can_write_is_warned_about() {
+    let w = World::with_customers(&[ALICE]).await;
+    one_customer(&w, "");
+    let config = w.config_path().to_str().unwrap().to_owned();
+    let check = |config: String| async move {
+        tokio::task::spawn_blocking(move || run_to_end(&["check", "--config", &config])).await.unwrap()
+    };
+
+    std::fs::set_permissions(w.tokens(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (code, _, err) = check(config.clone()).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("warning"), "no warning for a 0755 directory: {err}");
+
+    std::fs::set_permissions(w.tokens(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let (code, out, err) = check(config.clone()).await;
+    assert_eq!(code, 0, "a warning, not a refusal: {err}");
+    assert!(out.contains(": ok"), "{out}");
+    assert!(err.contains("warning: output.dir: ") && err.contains("writable by other users"), "{err}");
+    assert!(err.contains("plant files or symbolic links"), "{err}");
+
+    let mut d = w.start();
+    d.wait_ready(20 * SEC).await;
+    let logs = d.logs();
+    let line = logs.lines().find(|l| l.contains("output.dir") && l.contains("writable by other users"));
+    assert!(line.is_some_and(|l| l.contains("\"level\":\"WARN\"")), "no WARN line about output.dir:\n{logs}");
+    assert_eq!(d.stop().await.code(), Some(0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 11. Core dumps
+
+/// Started with `ulimit -c unlimited` in a working directory of its own, the daemon runs with a
+/// core size limit of 0 (soft and hard), and a SIGABRT leaves no core file there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_never_leaves_a_core_dump() {
+    let w = World::with_customers(&[ALICE]).await;
+    one_customer(&w, "");
+    let cwd = w.dir.path().join("cwd");
+    std::fs::create_dir(&cwd).unwrap();
+    let log = w.dir.path().join("daemon.log");
+    let mut d = w.start_with(|c| in_shell(c, "ulimit -c unlimited", &log, Some(&cwd)));
+    d.wait_ready(20 * SEC).await;
+
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.pid())).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max core file size")).unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields[4..6], ["0", "0"], "{line}");
+
+    let pattern = std::fs::read_to_string("/proc/sys/kernel/core_pattern").unwrap_or_default();
+    let pattern = pattern.trim();
+    let unlimited = rustix::process::getrlimit(rustix::process::Resource::Core).maximum.is_none();
+    if pattern.starts_with('|') || pattern.is_empty() || !unlimited {
+        eprintln!(
+            "SKIPPED the SIGABRT half: core_pattern is {pattern:?} (a pipe, or empty) or this process may not raise its core limit"
+        );
+        assert_eq!(d.stop().await.code(), Some(0));
+        return;
+    }
+    // Where a core would go: the pattern's directory (the working directory for a relative
+    // one), under a name starting with the pattern's text before its first %-specifier.
+    let (dir, name) = match pattern.rsplit_once('/') {
+        Some((dir, name)) => (Path::new(if dir.is_empty() { "/" } else { dir }).to_path_buf(), name),
+        None => (cwd.clone(), pattern),
+    };
+    let dir = if dir.is_absolute() { dir } else { cwd.join(dir) };
+    let prefix = name.split('%').next().unwrap_or_default().to_owned();
+    let listing = |dir: &Path| -> HashSet<String> {
+        std::fs::read_dir(dir)
+            .map(|entries| entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+            .unwrap_or_default()
+    };
+    let before = listing(&dir);
+    d.signal("ABRT");
+    let status = d.wait_exit(15 * SEC).await;
+    assert_eq!(status.signal(), Some(6), "{status:?}");
+    assert!(!status.core_dumped(), "the kernel reports a core dump: {status:?}");
+    // Give a slow file system a moment to show a core the kernel was still writing.
+    tokio::time::sleep(SEC).await;
+    let cores: Vec<String> =
+        listing(&dir).difference(&before).filter(|n| n.starts_with(prefix.as_str())).cloned().collect();
+    assert!(cores.is_empty(), "core files left in {}: {cores:?}", dir.display());
+}
