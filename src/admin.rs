@@ -328,7 +328,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let admin = Admin { metrics: Arc::new(Metrics::new()) };
+        let admin = Admin { metrics: Arc::new(Metrics::new(crate::status::Board::new())) };
         let server = tokio::spawn(serve(listener, admin, async move {
             let _ = stopped.await;
         }));
