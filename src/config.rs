@@ -540,18 +540,40 @@ fn valid_log_level(level: &str) -> bool {
 
 fn validate(raw: RawConfig, checks: Checks) -> Result<Config, Vec<Problem>> {
     let mut v = Validator::default();
+    let base_url = check_magento(&mut v, &raw.magento, checks);
+    check_refresh(&mut v, &raw.refresh);
+    check_output(&mut v, &raw.output, checks);
+    let admin_listen = check_admin(&mut v, &raw.admin.listen);
+    check_log(&mut v, &raw.log.level);
+    let customers = check_customers(&mut v, &raw, base_url, checks);
+    if !v.problems.is_empty() {
+        return Err(v.problems);
+    }
+    Ok(Config {
+        magento: MagentoSettings { timeout: raw.magento.timeout.0, ca_file: raw.magento.ca_file },
+        refresh: raw.refresh.settings(),
+        output: OutputSettings { dir: raw.output.dir, mode: raw.output.mode.0, format: raw.output.format },
+        admin_listen,
+        log: LogSettings { format: raw.log.format, level: raw.log.level },
+        customers,
+    })
+}
 
-    let allow_http = raw.magento.allow_insecure_http;
-    let base_url = v.url("magento.base_url", &raw.magento.base_url, allow_http);
-    if let Some(code) = &raw.magento.store_code {
+/// `magento`: returns the base URL when it is good.
+fn check_magento(v: &mut Validator, m: &RawMagento, checks: Checks) -> Option<Url> {
+    let base_url = v.url("magento.base_url", &m.base_url, m.allow_insecure_http);
+    if let Some(code) = &m.store_code {
         v.store_code("magento.store_code", code);
     }
-    v.positive("magento.timeout", raw.magento.timeout);
-    if let (Some(ca), Checks::Environment) = (&raw.magento.ca_file, checks) {
+    v.positive("magento.timeout", m.timeout);
+    if let (Some(ca), Checks::Environment) = (&m.ca_file, checks) {
         v.ca_file("magento.ca_file", ca);
     }
+    base_url
+}
 
-    let r = &raw.refresh;
+/// `refresh`: every duration and count, and how they must relate to Magento's lock.
+fn check_refresh(v: &mut Validator, r: &RawRefresh) {
     v.positive("refresh.before_expiry", r.before_expiry);
     v.positive("refresh.default_lifetime", r.default_lifetime);
     v.positive("refresh.min_backoff", r.min_backoff);
@@ -591,15 +613,18 @@ fn validate(raw: RawConfig, checks: Checks) -> Result<Config, Vec<Problem>> {
     if r.max_concurrent_logins == 0 {
         v.problem("refresh.max_concurrent_logins", "must be at least 1".into());
     }
+}
 
-    let dir = raw.output.dir.clone();
+/// `output`: the directory (writable, with `Checks::Environment`) and a mode no one else can write.
+fn check_output(v: &mut Validator, o: &RawOutput, checks: Checks) {
+    let dir = &o.dir;
     if dir.as_os_str().is_empty() {
         v.problem("output.dir", "must not be empty".into());
     } else if checks == Checks::Environment {
-        v.writable_dir("output.dir", &dir);
+        v.writable_dir("output.dir", dir);
     }
 
-    let mode = raw.output.mode.0;
+    let mode = o.mode.0;
     if mode & 0o022 != 0 {
         v.problem(
             "output.mode",
@@ -608,8 +633,11 @@ fn validate(raw: RawConfig, checks: Checks) -> Result<Config, Vec<Problem>> {
             ),
         );
     }
+}
 
-    let admin_listen = match raw.admin.listen.trim() {
+/// `admin.listen`: an address, or `""` for none.
+fn check_admin(v: &mut Validator, listen: &str) -> Option<SocketAddr> {
+    match listen.trim() {
         "" => None,
         text => match text.parse::<SocketAddr>() {
             Ok(addr) => Some(addr),
@@ -621,18 +649,24 @@ fn validate(raw: RawConfig, checks: Checks) -> Result<Config, Vec<Problem>> {
                 None
             }
         },
-    };
+    }
+}
 
-    if !valid_log_level(&raw.log.level) {
+/// `log.level`.
+fn check_log(v: &mut Validator, level: &str) {
+    if !valid_log_level(level) {
         v.problem(
             "log.level",
             format!(
                 "{:?} is not a log level (off, error, warn, info, debug, trace) or a filter like \"info,reqwest=debug\"",
-                raw.log.level
+                level
             ),
         );
     }
+}
 
+/// `customers`: each entry, and what no two of them may share (name, username, file).
+fn check_customers(v: &mut Validator, raw: &RawConfig, base_url: Option<Url>, checks: Checks) -> Vec<CustomerConfig> {
     if raw.customers.is_empty() {
         v.problem("customers", "at least one customer is required".into());
     }
@@ -668,29 +702,9 @@ fn validate(raw: RawConfig, checks: Checks) -> Result<Config, Vec<Problem>> {
                 ),
             );
         }
-        let password = match (&c.password_file, &c.password_env) {
-            (Some(path), None) => Some(PasswordSource::File(path.clone())),
-            (None, Some(var)) if var.is_empty() => {
-                v.problem(&at("password_env"), "must name an environment variable".into());
-                None
-            }
-            (None, Some(var)) => Some(PasswordSource::Env(var.clone())),
-            (Some(_), Some(_)) => {
-                v.problem(&at("password_file"), "give exactly one of password_file and password_env, not both".into());
-                None
-            }
-            (None, None) => {
-                v.problem(&at("password_file"), "one of password_file and password_env is required".into());
-                None
-            }
-        };
-        if let (Some(source), Checks::Environment) = (&password, checks) {
-            if let Err(e) = source.read() {
-                v.problem(&at(source.key()), password_problem(&e));
-            }
-        }
+        let password = password_source(v, &at, c, checks);
         let url = match &c.base_url {
-            Some(text) => v.url(&at("base_url"), text, allow_http),
+            Some(text) => v.url(&at("base_url"), text, raw.magento.allow_insecure_http),
             None => base_url.clone(),
         };
         if let Some(code) = &c.store_code {
@@ -713,22 +727,43 @@ fn validate(raw: RawConfig, checks: Checks) -> Result<Config, Vec<Problem>> {
                 password,
                 base_url,
                 store_code: c.store_code.clone().or_else(|| raw.magento.store_code.clone()),
-                path: dir.join(&file),
+                path: raw.output.dir.join(&file),
             });
         }
     }
+    customers
+}
 
-    if !v.problems.is_empty() {
-        return Err(v.problems);
+/// A customer's password source: exactly one of `password_file` and `password_env`, readable
+/// with `Checks::Environment`.
+fn password_source(
+    v: &mut Validator,
+    at: &dyn Fn(&str) -> String,
+    c: &RawCustomer,
+    checks: Checks,
+) -> Option<PasswordSource> {
+    let password = match (&c.password_file, &c.password_env) {
+        (Some(path), None) => Some(PasswordSource::File(path.clone())),
+        (None, Some(var)) if var.is_empty() => {
+            v.problem(&at("password_env"), "must name an environment variable".into());
+            None
+        }
+        (None, Some(var)) => Some(PasswordSource::Env(var.clone())),
+        (Some(_), Some(_)) => {
+            v.problem(&at("password_file"), "give exactly one of password_file and password_env, not both".into());
+            None
+        }
+        (None, None) => {
+            v.problem(&at("password_file"), "one of password_file and password_env is required".into());
+            None
+        }
+    };
+    if let (Some(source), Checks::Environment) = (&password, checks) {
+        if let Err(e) = source.read() {
+            v.problem(&at(source.key()), password_problem(&e));
+        }
     }
-    Ok(Config {
-        magento: MagentoSettings { timeout: raw.magento.timeout.0, ca_file: raw.magento.ca_file },
-        refresh: r.settings(),
-        output: OutputSettings { dir, mode: raw.output.mode.0, format: raw.output.format },
-        admin_listen,
-        log: LogSettings { format: raw.log.format, level: raw.log.level },
-        customers,
-    })
+    password
 }
 
 /// The problem text for an unreadable password source, without the path repeated (the key
