@@ -32,7 +32,7 @@ pub const MAGENTO_LOCK_FAILURES: u32 = 6;
 struct RawConfig {
     magento: RawMagento,
     #[serde(default)]
-    refresh: RawRefresh,
+    refresh: RefreshSettings,
     output: RawOutput,
     #[serde(default)]
     admin: RawAdmin,
@@ -57,66 +57,6 @@ struct RawMagento {
 
 fn default_timeout() -> Dur {
     Dur(Duration::from_secs(10))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct RawRefresh {
-    before_expiry: Dur,
-    jitter: Dur,
-    default_lifetime: Dur,
-    min_backoff: Dur,
-    max_backoff: Dur,
-    max_auth_failures: u32,
-    auth_failure_pause: Dur,
-    max_concurrent_logins: usize,
-    auth_failure_delays: Vec<Dur>,
-    lockout_threshold: u32,
-    lockout_window: Dur,
-}
-
-impl Default for RawRefresh {
-    fn default() -> Self {
-        let m = |mins: u64| Dur(Duration::from_secs(mins * 60));
-        RawRefresh {
-            before_expiry: m(15),
-            jitter: m(1),
-            default_lifetime: m(60),
-            min_backoff: Dur(Duration::from_secs(1)),
-            max_backoff: m(5),
-            max_auth_failures: 3,
-            auth_failure_pause: m(31),
-            max_concurrent_logins: 8,
-            auth_failure_delays: vec![m(1), m(5)],
-            lockout_threshold: MAGENTO_LOCK_FAILURES,
-            lockout_window: m(30),
-        }
-    }
-}
-
-impl RawRefresh {
-    fn settings(&self) -> RefreshSettings {
-        RefreshSettings {
-            before_expiry: self.before_expiry.0,
-            jitter: self.jitter.0,
-            default_lifetime: self.default_lifetime.0,
-            min_backoff: self.min_backoff.0,
-            max_backoff: self.max_backoff.0,
-            max_auth_failures: self.max_auth_failures,
-            auth_failure_pause: self.auth_failure_pause.0,
-            max_concurrent_logins: self.max_concurrent_logins,
-            auth_failure_delays: self.auth_failure_delays.iter().map(|d| d.0).collect(),
-            lockout_threshold: self.lockout_threshold,
-            lockout_window: self.lockout_window.0,
-        }
-    }
-}
-
-impl Default for RefreshSettings {
-    /// The contract's defaults.
-    fn default() -> Self {
-        RawRefresh::default().settings()
-    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -282,22 +222,61 @@ pub struct MagentoSettings {
     pub ca_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// `refresh`, read straight from the file: every key is optional, and the defaults below are
+/// the contract's, written once.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct RefreshSettings {
+    #[serde(deserialize_with = "duration")]
     pub before_expiry: Duration,
+    #[serde(deserialize_with = "duration")]
     pub jitter: Duration,
+    #[serde(deserialize_with = "duration")]
     pub default_lifetime: Duration,
+    #[serde(deserialize_with = "duration")]
     pub min_backoff: Duration,
+    #[serde(deserialize_with = "duration")]
     pub max_backoff: Duration,
     pub max_auth_failures: u32,
+    #[serde(deserialize_with = "duration")]
     pub auth_failure_pause: Duration,
     pub max_concurrent_logins: usize,
     /// Waits after the first, second, ... 401 in a row (the last one repeats), before the pause.
+    #[serde(deserialize_with = "durations")]
     pub auth_failure_delays: Vec<Duration>,
     /// The store's `oauth/authentication_lock/max_failures_count`.
     pub lockout_threshold: u32,
     /// The store's `oauth/authentication_lock/timeout`.
+    #[serde(deserialize_with = "duration")]
     pub lockout_window: Duration,
+}
+
+impl Default for RefreshSettings {
+    /// The contract's defaults.
+    fn default() -> Self {
+        let m = |mins: u64| Duration::from_secs(mins * 60);
+        RefreshSettings {
+            before_expiry: m(15),
+            jitter: m(1),
+            default_lifetime: m(60),
+            min_backoff: Duration::from_secs(1),
+            max_backoff: m(5),
+            max_auth_failures: 3,
+            auth_failure_pause: m(31),
+            max_concurrent_logins: 8,
+            auth_failure_delays: vec![m(1), m(5)],
+            lockout_threshold: MAGENTO_LOCK_FAILURES,
+            lockout_window: m(30),
+        }
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    Dur::deserialize(d).map(|d| d.0)
+}
+
+fn durations<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+    Vec::<Dur>::deserialize(d).map(|v| v.into_iter().map(|d| d.0).collect())
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -551,7 +530,7 @@ fn validate(raw: RawConfig, checks: Checks) -> Result<Config, Vec<Problem>> {
     }
     Ok(Config {
         magento: MagentoSettings { timeout: raw.magento.timeout.0, ca_file: raw.magento.ca_file },
-        refresh: raw.refresh.settings(),
+        refresh: raw.refresh,
         output: OutputSettings { dir: raw.output.dir, mode: raw.output.mode.0, format: raw.output.format },
         admin_listen,
         log: LogSettings { format: raw.log.format, level: raw.log.level },
@@ -565,7 +544,7 @@ fn check_magento(v: &mut Validator, m: &RawMagento, checks: Checks) -> Option<Ur
     if let Some(code) = &m.store_code {
         v.store_code("magento.store_code", code);
     }
-    v.positive("magento.timeout", m.timeout);
+    v.positive("magento.timeout", m.timeout.0);
     if let (Some(ca), Checks::Environment) = (&m.ca_file, checks) {
         v.ca_file("magento.ca_file", ca);
     }
@@ -573,15 +552,15 @@ fn check_magento(v: &mut Validator, m: &RawMagento, checks: Checks) -> Option<Ur
 }
 
 /// `refresh`: every duration and count, and how they must relate to Magento's lock.
-fn check_refresh(v: &mut Validator, r: &RawRefresh) {
+fn check_refresh(v: &mut Validator, r: &RefreshSettings) {
     v.positive("refresh.before_expiry", r.before_expiry);
     v.positive("refresh.default_lifetime", r.default_lifetime);
     v.positive("refresh.min_backoff", r.min_backoff);
-    if r.jitter.0 >= r.before_expiry.0 {
-        v.problem("refresh.jitter", format!("must be less than refresh.before_expiry ({})", show(r.before_expiry.0)));
+    if r.jitter >= r.before_expiry {
+        v.problem("refresh.jitter", format!("must be less than refresh.before_expiry ({})", show(r.before_expiry)));
     }
-    if r.min_backoff.0 > r.max_backoff.0 {
-        v.problem("refresh.max_backoff", format!("must be at least refresh.min_backoff ({})", show(r.min_backoff.0)));
+    if r.min_backoff > r.max_backoff {
+        v.problem("refresh.max_backoff", format!("must be at least refresh.min_backoff ({})", show(r.min_backoff)));
     }
     if r.lockout_threshold < 2 {
         v.problem("refresh.lockout_threshold", "must be at least 2 (Magento's default is 6)".into());
@@ -595,12 +574,12 @@ fn check_refresh(v: &mut Validator, r: &RawRefresh) {
             ),
         );
     }
-    if r.auth_failure_pause.0 <= r.lockout_window.0 {
+    if r.auth_failure_pause <= r.lockout_window {
         v.problem(
             "refresh.auth_failure_pause",
             format!(
                 "must be longer than refresh.lockout_window ({}), or Magento's failure count carries over and locks the customer",
-                show(r.lockout_window.0)
+                show(r.lockout_window)
             ),
         );
     }
@@ -813,8 +792,8 @@ impl Validator {
         self.problems.push(Problem { path: path.into(), message });
     }
 
-    fn positive(&mut self, path: &str, d: Dur) {
-        if d.0.is_zero() {
+    fn positive(&mut self, path: &str, d: Duration) {
+        if d.is_zero() {
             self.problem(path, "must be longer than 0s".into());
         }
     }
