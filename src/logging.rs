@@ -69,7 +69,7 @@ fn needs_escape(c: char) -> bool {
         || ('\u{2066}'..='\u{2069}').contains(&c)
 }
 
-/// `text` with every character of [`needs_escape`] written as an escape: `\n`, `\r`, `\t`, `\0`,
+/// `text` with every character of `needs_escape` written as an escape: `\n`, `\r`, `\t`, `\0`,
 /// else `\u{1b}` (Rust's notation). Everything else, backslashes included, is left as it is.
 pub fn escape_controls(text: &str) -> Cow<'_, str> {
     if !text.chars().any(needs_escape) {
