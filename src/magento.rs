@@ -16,7 +16,7 @@
 //!
 //! Whatever an answer carries (Magento's message, a content type, a `Location`) is server text:
 //! it may repeat the request, so the password, in any encoding and in any piece (see
-//! [`Pieces`]), and it may hold control characters. It is shown only when it repeats no piece
+//! `Pieces`), and it may hold control characters. It is shown only when it repeats no piece
 //! of the secret sent, at most [`MAX_SHOWN`] characters of it, with its control characters
 //! escaped; and it never costs more memory than that, whatever the answer asks for (Magento's
 //! placeholders are filled in one bounded pass).
@@ -71,7 +71,7 @@ impl LoginError {
     }
 
     /// The last safety net before logs and `/status`: an exact copy of `secret` masked, control
-    /// characters escaped. Server text was already checked piece by piece ([`Pieces`]) where it
+    /// characters escaped. Server text was already checked piece by piece (`Pieces`) where it
     /// entered the message; this catches what came another way (an error's cause).
     fn masking(mut self, secret: &Secret) -> LoginError {
         let value = secret.expose();
