@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{DevServer, DevServerOptions};
+use super::{DevServer, DevServerOptions, TokenFormat};
 
 /// Flags of the `devserver` command.
 #[derive(clap::Args, Debug, Clone)]
@@ -28,8 +28,13 @@ pub struct DevServerArgs {
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
     pub token_lifetime: Duration,
 
-    /// Issue opaque 32-character tokens instead of JWTs.
-    #[arg(long)]
+    /// What the token endpoint issues: JWS (readable claims), opaque 32-character tokens, or
+    /// encrypted JWTs (JWE, unreadable claims).
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = TokenFormat::Jwt)]
+    pub token_format: TokenFormat,
+
+    /// Issue opaque 32-character tokens instead of JWTs (same as `--token-format opaque`).
+    #[arg(long, conflicts_with = "token_format")]
     pub opaque: bool,
 
     /// Failed logins per username before the brute-force lock.
@@ -39,6 +44,24 @@ pub struct DevServerArgs {
     /// How long the brute-force lock lasts after the last failure.
     #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = humantime::parse_duration)]
     pub lock_timeout: Duration,
+
+    /// A store whose cron does not run: an expired brute-force row keeps its count, so the
+    /// next failure adds to it; only a successful login clears it.
+    #[arg(long)]
+    pub no_cron: bool,
+
+    /// Wrong passwords of a customer before the customer's own lock (0 disables it).
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub customer_lock_failures: u32,
+
+    /// How long the customer's own lock lasts.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub customer_lock_duration: Duration,
+
+    /// An htpasswd front before the whole store, as USER:PASS (split at the first ':'):
+    /// requests without these Basic credentials get the web server's HTML 401.
+    #[arg(long, value_name = "USER:PASS")]
+    pub basic_auth: Option<String>,
 
     /// A store view, as CODE or CODE:WEBSITE (website defaults to `base`); repeatable.
     /// The store `default` (website `base`) always exists unless given explicitly.
@@ -94,12 +117,21 @@ pub(crate) async fn start_from_args(args: &DevServerArgs) -> std::io::Result<Dev
         );
     }
     let customers = lines.iter().map(|l| split_customer(l)).collect::<std::io::Result<Vec<_>>>()?;
+    let basic_auth = args
+        .basic_auth
+        .as_deref()
+        .map(|b| b.split_once(':').ok_or_else(|| invalid("--basic-auth without USER:PASS form".to_owned())))
+        .transpose()?;
     let server = DevServer::start(DevServerOptions {
         listen: args.listen,
         token_lifetime: args.token_lifetime,
-        opaque_tokens: args.opaque,
+        token_format: if args.opaque { TokenFormat::Opaque } else { args.token_format },
+        opaque_tokens: false,
         lock_max_failures: args.lock_max_failures,
         lock_timeout: args.lock_timeout,
+        cron: !args.no_cron,
+        customer_lock_failures: args.customer_lock_failures,
+        customer_lock_duration: args.customer_lock_duration,
         stores,
         recaptcha_required: args.recaptcha_required,
         clock_offset_secs: args.clock_offset,
@@ -109,6 +141,7 @@ pub(crate) async fn start_from_args(args: &DevServerArgs) -> std::io::Result<Dev
     for (email, password) in customers {
         server.add_customer(email, password);
     }
+    server.set_basic_auth(basic_auth);
     Ok(server)
 }
 

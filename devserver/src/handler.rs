@@ -1,23 +1,27 @@
-//! One HTTP request: routing as Magento's REST router does it, the token, customers/me
-//! and revoke endpoints, and the injected faults.
+//! One HTTP request: the basic-auth front and the injected faults, then routing as
+//! Magento's REST router does it, the token, customers/me and revoke endpoints.
 
 use std::borrow::Cow;
 use std::io;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited, StreamBody};
 use hyper::body::{Bytes, Frame, Incoming};
-use hyper::header::{HeaderMap, HeaderName, ACCEPT, AUTHORIZATION, CONTENT_TYPE, LOCATION, RETRY_AFTER, USER_AGENT};
+use hyper::header::{
+    HeaderMap, HeaderName, ACCEPT, AUTHORIZATION, CONTENT_TYPE, LOCATION, RETRY_AFTER, USER_AGENT, WWW_AUTHENTICATE,
+};
 use hyper::{Method, Request, Response};
 use serde_json::{Map, Value};
 use tokio::net::TcpStream;
 
 use super::faults::{self, Fault};
+use super::front;
 use super::jwt::{self, Claims};
 use super::render::{body_kind, negotiate, parse_xml_body, BodyKind, Format, Node};
-use super::{format_datetime, Config, Customer, OpaqueToken, RequestRecord, Shared, StoreInfo};
+use super::{format_datetime, Config, Customer, Refusal, RequestRecord, Shared, StoreInfo, StoredToken, TokenFormat};
 
 pub(crate) const MSG_SIGN_IN: &str =
     "The account sign-in was incorrect or your account is disabled temporarily. Please wait and try again later.";
@@ -26,6 +30,7 @@ const MSG_NOT_AUTHORIZED: &str = "The consumer isn't authorized to access %resou
 const MSG_REQUIRED: &str = "\"%fieldName\" is required. Enter and try again.";
 const MSG_INPUT_EXCEPTIONS: &str = "One or more input exceptions have occurred.";
 const MSG_RECAPTCHA: &str = "ReCaptcha validation failed, please try again";
+const MSG_UNCONFIRMED: &str = "This account isn't confirmed. Verify and try again.";
 const MSG_DECODING: &str = "Decoding error.";
 const MSG_METHOD: &str = "Request method is invalid.";
 
@@ -54,11 +59,24 @@ struct Reply {
     body: Bytes,
     retry_after: Option<String>,
     location: Option<String>,
+    www_authenticate: Option<&'static str>,
 }
 
 impl Reply {
     fn new(status: u16, content_type: impl Into<Cow<'static, str>>, body: impl Into<Bytes>) -> Reply {
-        Reply { status, content_type: content_type.into(), body: body.into(), retry_after: None, location: None }
+        Reply {
+            status,
+            content_type: content_type.into(),
+            body: body.into(),
+            retry_after: None,
+            location: None,
+            www_authenticate: None,
+        }
+    }
+
+    /// The htpasswd front's challenge: the web server answers, not Magento.
+    fn front_refusal() -> Reply {
+        Reply { www_authenticate: Some(front::CHALLENGE), ..Reply::new(401, "text/html", front::PAGE) }
     }
 
     fn node(format: Format, status: u16, node: &Node) -> Reply {
@@ -76,6 +94,9 @@ impl Reply {
         }
         if let Some(value) = &self.location {
             builder = builder.header(LOCATION, value);
+        }
+        if let Some(value) = self.www_authenticate {
+            builder = builder.header(WWW_AUTHENTICATE, value);
         }
         builder.body(full(self.body)).unwrap_or_else(|_| {
             // An impossible status or header value in a test's fault: say so loudly.
@@ -172,7 +193,7 @@ pub(crate) async fn handle(
     let credential = |name: &str| json.as_ref().and_then(|v| v.get(name)).and_then(Value::as_str).map(str::to_owned);
     let (username, password) = (credential("username"), credential("password"));
 
-    let (index, fault) = {
+    let (index, fault, front_refused) = {
         let mut st = shared.lock();
         let index = st.records.len();
         if is_token {
@@ -192,8 +213,11 @@ pub(crate) async fn handle(
             status: 0,
             at: SystemTime::now(),
         });
-        let fault = if is_token { st.faults.pop_front().or_else(|| st.sticky.clone()) } else { None };
-        (index, fault)
+        // The front answers before anything behind it: a queued fault waits for a request
+        // that gets through.
+        let front_refused = st.front.as_deref().is_some_and(|pass| !front::admits(authorization.as_deref(), pass));
+        let fault = if is_token && !front_refused { st.faults.pop_front().or_else(|| st.sticky.clone()) } else { None };
+        (index, fault, front_refused)
     };
 
     let request = |json| Req {
@@ -207,6 +231,7 @@ pub(crate) async fn handle(
     };
     let reply = match (body, fault) {
         (Err(too_large), _) => too_large,
+        (Ok(_), _) if front_refused => Reply::front_refusal(),
         (Ok(_), None) => process(&shared, request(json)),
         (Ok(_), Some(Fault::Delay(delay))) => {
             let mut stopping = shared.shutdown.subscribe();
@@ -316,8 +341,8 @@ fn process(shared: &Shared, req: Req<'_>) -> Reply {
     let cfg = &shared.cfg;
     match route(cfg, req.path) {
         Some((Endpoint::Token, store)) if req.method == Method::POST => token(shared, store, format, req),
-        Some((Endpoint::Me, _)) if req.method == Method::GET => me(shared, format, req.authorization),
-        Some((Endpoint::Revoke, _)) if req.method == Method::POST => revoke(shared, format, &req),
+        Some((Endpoint::Me, store)) if req.method == Method::GET => me(shared, store, format, req.authorization),
+        Some((Endpoint::Revoke, store)) if req.method == Method::POST => revoke(shared, store, format, &req),
         _ => Reply::message(format, 404, MSG_NO_ROUTE),
     }
 }
@@ -357,7 +382,8 @@ fn unauthorized(format: Format) -> Reply {
 }
 
 fn token(shared: &Shared, store: &StoreInfo, format: Format, req: Req<'_>) -> Reply {
-    if shared.cfg.recaptcha_required {
+    // Magento_ReCaptchaWebapiRest validates before the service sees the credentials.
+    if shared.recaptcha.load(Ordering::Relaxed) {
         return Reply::message(format, 400, MSG_RECAPTCHA);
     }
     let params = match decode_body(req.content_type, req.body, req.json) {
@@ -381,35 +407,48 @@ fn token(shared: &Shared, store: &StoreInfo, format: Format, req: Req<'_>) -> Re
         (Some(_), None) => return Reply::node(format, 400, &required("password")),
     };
     match login(shared, store, username, password) {
-        Some(token) => Reply::node(format, 200, &Node::Str(token)),
-        None => Reply::message(format, 401, MSG_SIGN_IN),
+        Ok(token) => Reply::node(format, 200, &Node::Str(token)),
+        Err(Refusal::SignIn) => Reply::message(format, 401, MSG_SIGN_IN),
+        Err(Refusal::Unconfirmed) => Reply::message(format, 401, MSG_UNCONFIRMED),
     }
 }
 
-/// The throttle check, the password check and the minting, as CustomerTokenService does.
-fn login(shared: &Shared, store: &StoreInfo, username: &str, password: &str) -> Option<String> {
+/// CustomerTokenService::createCustomerAccessToken: the throttle check (refusals not
+/// counted), the customer's own checks (an unknown email, a lock, a wrong password and a
+/// pending confirmation all count as a throttle failure), then the reset and the minting.
+fn login(shared: &Shared, store: &StoreInfo, username: &str, password: &str) -> Result<String, Refusal> {
     let cfg = &shared.cfg;
     let key = username.to_lowercase();
     let now = Instant::now();
     let mut st = shared.lock();
     if st.throttle.is_locked(&key, now) {
-        return None;
+        return Err(Refusal::SignIn);
     }
-    let id = st.lookup(&store.website, &key).filter(|c| c.password == password).map(|c| c.id);
-    let Some(uid) = id else {
-        st.throttle.record_failure(&key, now);
-        return None;
+    let verdict = match st.lookup_mut(&store.website, &key) {
+        Some(customer) => customer.authenticate(password, cfg.customer_lock, now),
+        None => Err(Refusal::SignIn),
+    };
+    let uid = match verdict {
+        Ok(uid) => uid,
+        Err(refusal) => {
+            st.throttle.record_failure(&key, now);
+            return Err(refusal);
+        }
     };
     st.throttle.reset(&key);
     let iat = cfg.unix_now();
     let exp = iat + cfg.token_lifetime_secs;
-    if cfg.opaque_tokens {
-        let token = jwt::opaque_token();
-        st.opaque.insert(token.clone(), OpaqueToken { uid, iat, exp });
-        return Some(token);
-    }
-    drop(st);
-    Some(shared.signer.mint(Claims { uid, iat, exp }))
+    let token = match cfg.token_format {
+        TokenFormat::Jwt => {
+            // Signing needs no state: do it outside the lock.
+            drop(st);
+            return Ok(shared.signer.mint(Claims { uid, iat, exp }));
+        }
+        TokenFormat::Opaque => jwt::opaque_token(),
+        TokenFormat::Encrypted => jwt::encrypted_token(),
+    };
+    st.stored.insert(token.clone(), StoredToken { uid, iat, exp, revoked: false });
+    Ok(token)
 }
 
 /// Magento's TokenUserContext: `Bearer` (any case), one space, the token.
@@ -418,15 +457,19 @@ fn bearer(authorization: Option<&str>) -> Option<&str> {
     (kind.eq_ignore_ascii_case("bearer") && !token.contains(' ')).then_some(token)
 }
 
-/// The customer id a token authenticates right now, if any.
+/// The customer id a token authenticates right now, if any, whatever the URL's store.
 pub(crate) fn authenticate(shared: &Shared, token: &str) -> Option<u64> {
-    let claims = if token.contains('.') { Some(shared.signer.verify(token)?) } else { None };
+    // Verified before taking the lock: HMAC is the costly part.
+    let claims = match shared.cfg.token_format {
+        TokenFormat::Jwt => Some(shared.signer.verify(token)?),
+        TokenFormat::Opaque | TokenFormat::Encrypted => None,
+    };
     let now = shared.cfg.unix_now();
     let st = shared.lock();
     let (uid, iat, exp) = match claims {
         Some(c) => (c.uid, c.iat, c.exp),
         None => {
-            let t = st.opaque.get(token)?;
+            let t = st.stored.get(token).filter(|t| !t.revoked)?;
             (t.uid, t.iat, t.exp)
         }
     };
@@ -440,31 +483,39 @@ pub(crate) fn authenticate(shared: &Shared, token: &str) -> Option<u64> {
     Some(uid)
 }
 
-fn me(shared: &Shared, format: Format, authorization: Option<&str>) -> Reply {
+/// Magento_Customer's CustomerAuthorization plugin on the `self` resource (website-scoped
+/// accounts): the token's customer must belong to the website of the URL's store. `all` is
+/// the admin store, of no customer's website, so `/rest/all/` always fails.
+fn self_allowed(store: &StoreInfo, customer: &Customer) -> bool {
+    !store.all && store.website == customer.website
+}
+
+fn me(shared: &Shared, store: &StoreInfo, format: Format, authorization: Option<&str>) -> Reply {
     let Some(uid) = bearer(authorization).and_then(|t| authenticate(shared, t)) else {
         return unauthorized(format);
     };
     let node = {
         let st = shared.lock();
         match st.customers.get(&uid) {
-            Some(c) => customer_node(c),
-            None => return unauthorized(format),
+            Some(c) if self_allowed(store, c) => customer_node(c),
+            _ => return unauthorized(format),
         }
     };
     Reply::node(format, 200, &node)
 }
 
-fn revoke(shared: &Shared, format: Format, req: &Req<'_>) -> Reply {
+fn revoke(shared: &Shared, store: &StoreInfo, format: Format, req: &Req<'_>) -> Reply {
     let Some(uid) = bearer(req.authorization).and_then(|t| authenticate(shared, t)) else {
         return unauthorized(format);
     };
+    if !shared.lock().customers.get(&uid).is_some_and(|c| self_allowed(store, c)) {
+        return unauthorized(format);
+    }
     if let Err(message) = decode_body(req.content_type, req.body, None) {
         return Reply::message(format, 400, &message);
     }
     let now = shared.cfg.unix_now();
-    if let Some(c) = shared.lock().customers.get_mut(&uid) {
-        c.revoked_at = Some(now);
-    }
+    shared.lock().revoke_customer(uid, now, shared.cfg.token_format);
     Reply::node(format, 200, &Node::Bool(true))
 }
 

@@ -4,6 +4,9 @@
 //! The layout is reproduced byte for byte (claim order included) because the daemon
 //! decodes the middle part to learn `exp`, and tests compare against real tokens.
 //! The key is random per server, just as a client can never know a store's key.
+//!
+//! Also the two shapes whose content a client cannot read, which the server keeps in a table
+//! instead: opaque tokens (Magento without the JWT module) and encrypted JWTs (JWE).
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -92,6 +95,25 @@ pub(crate) fn opaque_token() -> String {
     (0..32).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect()
 }
 
+/// base64url of `{"kid":"1","alg":"A256KW","enc":"A128GCM"}`: AES key wrap of the content
+/// key, content encrypted with `webapi/jwtauth/jwe_alg`'s default A128GCM.
+pub(crate) const JWE_HEADER_B64: &str = "eyJraWQiOiIxIiwiYWxnIjoiQTI1NktXIiwiZW5jIjoiQTEyOEdDTSJ9";
+
+/// An encrypted JWT in JWE compact form: header, wrapped key (24 bytes), IV (12), ciphertext
+/// (the claims' length) and tag (16), all base64url. Random bytes stand in for the
+/// cryptography: only the store can decrypt, so nothing but the header means anything.
+pub(crate) fn encrypted_token() -> String {
+    let mut rng = rand::thread_rng();
+    let mut out = String::with_capacity(200);
+    out.push_str(JWE_HEADER_B64);
+    for len in [24, 12, 56, 16] {
+        let bytes: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+        out.push('.');
+        URL_SAFE_NO_PAD.encode_string(bytes, &mut out);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,6 +146,17 @@ mod tests {
         assert_eq!(s.verify(&t[..t.len() - 2]), None);
         assert_eq!(s.verify("a.b"), None);
         assert_eq!(s.verify(&format!("{t}.x")), None);
+    }
+
+    #[test]
+    fn encrypted_shape() {
+        assert_eq!(URL_SAFE_NO_PAD.decode(JWE_HEADER_B64).unwrap(), br#"{"kid":"1","alg":"A256KW","enc":"A128GCM"}"#);
+        let t = encrypted_token();
+        let parts: Vec<&str> = t.split('.').collect();
+        assert_eq!(parts.len(), 5);
+        let lens: Vec<usize> = parts[1..].iter().map(|p| URL_SAFE_NO_PAD.decode(p).unwrap().len()).collect();
+        assert_eq!(lens, [24, 12, 56, 16]);
+        assert_ne!(t, encrypted_token());
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! A development server that answers the Magento 2.4 customer-token API the way a real
 //! Magento does (see shared/magento-api.md): the token, customers/me and revoke
-//! endpoints, store codes, every error body, the brute-force throttle, JWT or opaque
-//! tokens, plus injectable faults of the things that sit in front of a real store.
+//! endpoints, store codes, every error body, the brute-force throttle (with or without
+//! its cleanup cron), the customer's own lock, unconfirmed accounts, reCAPTCHA, JWT,
+//! opaque or encrypted tokens and their revocation, plus what sits in front of a real
+//! store: an htpasswd front and injectable faults.
 //!
 //! It backs the `demo` command, the end-to-end tests, the Python tests and the
 //! benchmarks, so it is built for speed as well: one task per connection, keep-alive,
@@ -9,9 +11,11 @@
 
 mod cli;
 mod faults;
+mod front;
 mod handler;
 mod io;
 mod jwt;
+mod lockout;
 mod render;
 #[cfg(test)]
 mod tests;
@@ -19,6 +23,7 @@ mod throttle;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -33,7 +38,22 @@ pub use cli::{run_cli, DevServerArgs};
 pub use faults::Fault;
 
 use jwt::Signer;
+use lockout::{Lockout, LockoutPolicy};
 use throttle::Throttle;
+
+/// What the token endpoint issues.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum TokenFormat {
+    /// Magento 2.4.4+'s default: a compact JWS (HS256) whose claims a client can read.
+    #[default]
+    Jwt,
+    /// The JWT module disabled: 32 characters of `[0-9a-z]`.
+    Opaque,
+    /// An encrypted JWT (JWE compact, five dot-separated base64url parts): `webapi/jwtauth/jwt_alg`
+    /// set to a JWE algorithm. The claims cannot be read, so the expiry is not known to a client;
+    /// revoked by the second like a JWS.
+    Encrypted,
+}
 
 /// How the server behaves; the defaults are Magento's defaults.
 #[derive(Clone, Debug)]
@@ -41,20 +61,33 @@ pub struct DevServerOptions {
     /// Where to listen; port 0 picks a free one.
     pub listen: SocketAddr,
     /// JWT `exp - iat` (Magento's `webapi/jwtauth/customer_expiration`), also the
-    /// lifetime of opaque tokens.
+    /// lifetime of opaque and encrypted tokens.
     pub token_lifetime: Duration,
-    /// Issue 32-character `[0-9a-z]` opaque tokens instead of JWTs.
+    /// What the token endpoint issues.
+    pub token_format: TokenFormat,
+    /// Kept for existing callers: `true` issues opaque tokens when `token_format` is left at
+    /// [`TokenFormat::Jwt`] (prefer `token_format: TokenFormat::Opaque`).
     pub opaque_tokens: bool,
     /// `oauth/authentication_lock/max_failures_count`.
     pub lock_max_failures: u32,
     /// `oauth/authentication_lock/timeout`.
     pub lock_timeout: Duration,
+    /// Whether the store's cron runs `outdated_authentication_failures_cleanup`: with it (the
+    /// default) an expired throttle row is as good as gone; without it (common on staging)
+    /// the row keeps its count, the next failure adds to it and locks again at once, and
+    /// only a successful token login deletes it.
+    pub cron: bool,
+    /// `customer/password/lockout_failures`: wrong passwords of an existing customer before
+    /// the customer's own lock (0 disables it).
+    pub customer_lock_failures: u32,
+    /// `customer/password/lockout_threshold`: how long that lock lasts (0 disables it).
+    pub customer_lock_duration: Duration,
     /// (store code, website code). `all` is always accepted and means the default
     /// website; the default store (for `/rest/V1/...`) is `default` if listed, else the
     /// first entry.
     pub stores: Vec<(String, String)>,
     /// The token endpoint answers the 400 reCAPTCHA error, as a store with reCAPTCHA for
-    /// customer login enabled does.
+    /// customer login enabled does (switchable later with [`DevServer::set_recaptcha`]).
     pub recaptcha_required: bool,
     /// Added to `iat`/`exp` and to the clock tokens are checked against: a Magento whose
     /// clock is off.
@@ -82,9 +115,13 @@ impl Default for DevServerOptions {
         DevServerOptions {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             token_lifetime: Duration::from_secs(3600),
+            token_format: TokenFormat::Jwt,
             opaque_tokens: false,
             lock_max_failures: 6,
             lock_timeout: Duration::from_secs(1800),
+            cron: true,
+            customer_lock_failures: 10,
+            customer_lock_duration: Duration::from_secs(600),
             stores: vec![("default".to_owned(), "base".to_owned())],
             recaptcha_required: false,
             clock_offset_secs: 0,
@@ -116,13 +153,15 @@ pub struct RequestRecord {
 #[derive(Clone, Debug)]
 pub(crate) struct StoreInfo {
     pub(crate) website: String,
+    /// `/rest/all/`: the admin store, which belongs to no customer's website.
+    pub(crate) all: bool,
 }
 
 /// Fixed at start.
 pub(crate) struct Config {
     pub(crate) token_lifetime_secs: i64,
-    pub(crate) opaque_tokens: bool,
-    pub(crate) recaptcha_required: bool,
+    pub(crate) token_format: TokenFormat,
+    pub(crate) customer_lock: LockoutPolicy,
     pub(crate) clock_offset_secs: i64,
     pub(crate) stores: HashMap<String, StoreInfo>,
     pub(crate) default_store: StoreInfo,
@@ -149,14 +188,49 @@ pub(crate) struct Customer {
     pub(crate) store_id: u32,
     pub(crate) website_id: u32,
     pub(crate) created_at: i64,
-    /// Tokens with `iat <=` this are dead (revoke-customer-token).
+    /// JWS and JWE tokens with `iat <=` this are dead (the JWT module's revocation table).
     pub(crate) revoked_at: Option<i64>,
+    /// How often its tokens were revoked, by the endpoint or [`DevServer::revoke`].
+    pub(crate) revocations: usize,
+    /// Cleared by [`DevServer::set_confirmed`]: the email confirmation is still pending.
+    pub(crate) confirmed: bool,
+    pub(crate) lockout: Lockout,
 }
 
-pub(crate) struct OpaqueToken {
+/// Why `AccountManagement::authenticate` refused a known customer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Locked or wrong password: the generic sign-in message.
+    SignIn,
+    /// Right password, email not confirmed: its own message.
+    Unconfirmed,
+}
+
+impl Customer {
+    /// `AccountManagement::authenticate`: the customer's lock, then the password (a wrong one
+    /// counts towards the lock), then the confirmation.
+    pub(crate) fn authenticate(&mut self, password: &str, policy: LockoutPolicy, now: Instant) -> Result<u64, Refusal> {
+        if self.lockout.is_locked(now) {
+            return Err(Refusal::SignIn);
+        }
+        if self.password != password {
+            self.lockout.record_failure(policy, now);
+            return Err(Refusal::SignIn);
+        }
+        if !self.confirmed {
+            return Err(Refusal::Unconfirmed);
+        }
+        Ok(self.id)
+    }
+}
+
+/// An opaque or encrypted token: nothing in it can be read back, so the server keeps it.
+pub(crate) struct StoredToken {
     pub(crate) uid: u64,
     pub(crate) iat: i64,
     pub(crate) exp: i64,
+    /// Its `oauth_token` row was deleted by a revocation (opaque tokens only).
+    pub(crate) revoked: bool,
 }
 
 pub(crate) struct State {
@@ -171,14 +245,36 @@ pub(crate) struct State {
     pub(crate) records: Vec<RequestRecord>,
     pub(crate) faults: VecDeque<Fault>,
     pub(crate) sticky: Option<Fault>,
-    pub(crate) opaque: HashMap<String, OpaqueToken>,
+    pub(crate) stored: HashMap<String, StoredToken>,
+    /// `user:password` the basic-auth front asks for, while set.
+    pub(crate) front: Option<Vec<u8>>,
 }
 
 impl State {
     /// A customer of `website` by lower-cased email.
-    pub(crate) fn lookup(&self, website: &str, email_lower: &str) -> Option<&Customer> {
+    pub(crate) fn lookup_mut(&mut self, website: &str, email_lower: &str) -> Option<&mut Customer> {
         let id = self.index.get(website)?.get(email_lower)?;
-        self.customers.get(id)
+        self.customers.get_mut(id)
+    }
+
+    /// `revokeFor` a customer: the JWT module stores a cut-off second (`time()`), the
+    /// opaque-token module deletes the customer's `oauth_token` rows (a later login in the
+    /// same second lives).
+    pub(crate) fn revoke_customer(&mut self, uid: u64, now: i64, format: TokenFormat) {
+        let Some(c) = self.customers.get_mut(&uid) else {
+            return;
+        };
+        c.revocations += 1;
+        match format {
+            TokenFormat::Opaque => self.stored.values_mut().filter(|t| t.uid == uid).for_each(|t| t.revoked = true),
+            TokenFormat::Jwt | TokenFormat::Encrypted => c.revoked_at = Some(now),
+        }
+    }
+
+    /// Every customer with this email, in any website.
+    fn customers_by_email(&mut self, email: &str) -> impl Iterator<Item = &mut Customer> {
+        let ids = self.ids_by_email(email);
+        self.customers.values_mut().filter(move |c| ids.contains(&c.id))
     }
 
     /// Ids of every customer with this email, in any website.
@@ -191,6 +287,8 @@ impl State {
 pub(crate) struct Shared {
     pub(crate) cfg: Config,
     pub(crate) signer: Signer,
+    /// Switchable at run time, read without the lock.
+    pub(crate) recaptcha: AtomicBool,
     state: Mutex<State>,
     /// Turns true once the server stops: hung and delayed requests give up, connections close.
     pub(crate) shutdown: watch::Sender<bool>,
@@ -225,16 +323,18 @@ impl DevServer {
         let shared = Arc::new(Shared {
             cfg: build_config(&opts),
             signer: Signer::random(),
+            recaptcha: AtomicBool::new(opts.recaptcha_required),
             state: Mutex::new(State {
                 next_id: 1,
                 customers: HashMap::new(),
                 index: HashMap::new(),
-                throttle: Throttle::new(opts.lock_max_failures, opts.lock_timeout),
+                throttle: Throttle::new(opts.lock_max_failures, opts.lock_timeout, opts.cron),
                 attempts: HashMap::new(),
                 records: Vec::new(),
                 faults: VecDeque::new(),
                 sticky: None,
-                opaque: HashMap::new(),
+                stored: HashMap::new(),
+                front: None,
             }),
             shutdown,
         });
@@ -288,6 +388,9 @@ impl DevServer {
                 website_id,
                 created_at: cfg.unix_now(),
                 revoked_at: None,
+                revocations: 0,
+                confirmed: true,
+                lockout: Lockout::default(),
             },
         );
         st.index.entry(website.to_owned()).or_default().insert(key, id);
@@ -295,12 +398,45 @@ impl DevServer {
 
     /// Changes the password of every customer with this email (any website).
     pub fn set_password(&self, email: &str, password: &str) {
-        let mut st = self.shared.lock();
-        for id in st.ids_by_email(email) {
-            if let Some(c) = st.customers.get_mut(&id) {
-                c.password = password.to_owned();
-            }
-        }
+        self.shared.lock().customers_by_email(email).for_each(|c| c.password = password.to_owned());
+    }
+
+    /// Marks every customer with this email confirmed or not. An unconfirmed customer's login
+    /// with the right password gets 401 `This account isn't confirmed. Verify and try again.`
+    /// (`EmailNotConfirmedException`), and the token endpoint counts it as a failure in its
+    /// throttle like any other; a wrong password still gets the generic 401.
+    pub fn set_confirmed(&self, email: &str, confirmed: bool) {
+        self.shared.lock().customers_by_email(email).for_each(|c| c.confirmed = confirmed);
+    }
+
+    /// Whether the customer's own lock (`customer/password/lockout_failures` wrong passwords,
+    /// Magento_Customer's Authentication) holds now for a customer with this email.
+    pub fn customer_locked(&self, email: &str) -> bool {
+        let now = Instant::now();
+        self.shared.lock().customers_by_email(email).any(|c| c.lockout.is_locked(now))
+    }
+
+    /// What a storefront login does to the customer's own lock (the only thing that resets
+    /// it: token logins do not): unlocks and clears the failure count.
+    pub fn unlock_customer(&self, email: &str) {
+        self.shared.lock().customers_by_email(email).for_each(|c| c.lockout.unlock());
+    }
+
+    /// Turns the reCAPTCHA requirement for customer login on or off, as the store's "Enable
+    /// for Customer Login" setting does: while on, every token request gets 400 `ReCaptcha
+    /// validation failed, please try again` before its credentials are read, counted nowhere.
+    pub fn set_recaptcha(&self, required: bool) {
+        self.shared.recaptcha.store(required, Ordering::Relaxed);
+    }
+
+    /// Puts an htpasswd front (nginx `auth_basic`) before the whole store, or removes it.
+    /// While set, every request on any path without `Authorization: Basic` with these
+    /// credentials gets the web server's HTML 401 with `WWW-Authenticate: Basic
+    /// realm="Staging"`: Magento never sees it, its throttle and locks count nothing, and no
+    /// queued fault is used up. customers/me, whose `Authorization` carries the Bearer token,
+    /// gets that 401 too, as behind a real front.
+    pub fn set_basic_auth(&self, credentials: Option<(&str, &str)>) {
+        self.shared.lock().front = credentials.map(|(user, password)| front::credentials(user, password));
     }
 
     /// Deletes every customer with this email; their tokens die with them.
@@ -316,16 +452,23 @@ impl DevServer {
         }
     }
 
-    /// Like revoke-customer-token for every customer with this email: every token with
-    /// `iat <= now` dies (so a login within the same second too).
+    /// Like revoke-customer-token (or an admin's "Force Sign-In") for every customer with this
+    /// email. JWS and JWE tokens: the JWT module's cut-off is `time()` in Magento's clock, so
+    /// every token with `iat` at or before this second dies, one minted later in the same
+    /// second too, one minted in a later second lives. Opaque tokens: the existing rows are
+    /// deleted, so only the tokens minted before this call die.
     pub fn revoke(&self, email: &str) {
-        let now = self.shared.cfg.unix_now();
+        let (now, format) = (self.shared.cfg.unix_now(), self.shared.cfg.token_format);
         let mut st = self.shared.lock();
         for id in st.ids_by_email(email) {
-            if let Some(c) = st.customers.get_mut(&id) {
-                c.revoked_at = Some(now);
-            }
+            st.revoke_customer(id, now, format);
         }
+    }
+
+    /// How often the tokens of the customers with this email were revoked (endpoint and
+    /// [`DevServer::revoke`]).
+    pub fn revocations(&self, email: &str) -> usize {
+        self.shared.lock().customers_by_email(email).map(|c| c.revocations).sum()
     }
 
     /// Queues a fault that answers exactly one following token request (FIFO).
@@ -343,7 +486,8 @@ impl DevServer {
         self.shared.lock().records.clone()
     }
 
-    /// Token requests whose body named this username (faulted ones included).
+    /// Token requests whose body named this username (faulted ones and ones the basic-auth
+    /// front refused included: this counts what was sent, not what Magento counted).
     pub fn login_attempts(&self, username: &str) -> usize {
         let st = self.shared.lock();
         st.attempts.get(&username.to_lowercase()).copied().unwrap_or(0)
@@ -355,10 +499,25 @@ impl DevServer {
         st.throttle.is_locked(&username.to_lowercase(), Instant::now())
     }
 
-    /// The throttle's current failure count (0 after expiry or a successful login).
+    /// The brute-force count Magento would read now: 0 once the row has expired (with or
+    /// without cron) or after a successful login.
     pub fn failures(&self, username: &str) -> u32 {
         let st = self.shared.lock();
         st.throttle.failures(&username.to_lowercase(), Instant::now())
+    }
+
+    /// The count stored in the username's `oauth_token_request_log` row whatever its expiry:
+    /// what a store without cron keeps and adds the next failure to. With cron an expired
+    /// row is deleted, so this is 0 then; a successful login deletes it either way.
+    pub fn failure_count(&self, username: &str) -> u32 {
+        let st = self.shared.lock();
+        st.throttle.stored(&username.to_lowercase(), Instant::now())
+    }
+
+    /// The highest count this username's brute-force row ever reached since the server
+    /// started (resets and expiries do not lower it).
+    pub fn max_failure_count(&self, username: &str) -> u32 {
+        self.shared.lock().throttle.peak(&username.to_lowercase())
     }
 
     /// The email this token authenticates now; `None` where customers/me would answer 401.
@@ -371,10 +530,9 @@ impl DevServer {
     /// Whether this server minted the token, whole and unaltered, whether or not it has
     /// expired or was revoked since: tells a token cut short or spliced from a real one.
     pub fn issued(&self, token: &str) -> bool {
-        if token.contains('.') {
-            self.shared.signer.verify(token).is_some()
-        } else {
-            self.shared.lock().opaque.contains_key(token)
+        match self.shared.cfg.token_format {
+            TokenFormat::Jwt => self.shared.signer.verify(token).is_some(),
+            TokenFormat::Opaque | TokenFormat::Encrypted => self.shared.lock().stored.contains_key(token),
         }
     }
 
@@ -413,16 +571,23 @@ fn build_config(opts: &DevServerOptions) -> Config {
     for (i, (code, website)) in stores_list.iter().enumerate() {
         let next_website_id = websites.len() as u32 + 1;
         websites.entry(website.clone()).or_insert_with(|| (next_website_id, i as u32 + 1, code.clone()));
-        stores.insert(code.clone(), StoreInfo { website: website.clone() });
+        stores.insert(code.clone(), StoreInfo { website: website.clone(), all: false });
     }
     let default_store =
-        stores.get("default").cloned().unwrap_or_else(|| StoreInfo { website: stores_list[0].1.clone() });
+        stores.get("default").cloned().unwrap_or_else(|| StoreInfo { website: stores_list[0].1.clone(), all: false });
+    let token_format = match opts.token_format {
+        TokenFormat::Jwt if opts.opaque_tokens => TokenFormat::Opaque,
+        other => other,
+    };
     Config {
         token_lifetime_secs: opts.token_lifetime.as_secs() as i64,
-        opaque_tokens: opts.opaque_tokens,
-        recaptcha_required: opts.recaptcha_required,
+        token_format,
+        customer_lock: LockoutPolicy {
+            max_failures: opts.customer_lock_failures,
+            duration: opts.customer_lock_duration,
+        },
         clock_offset_secs: opts.clock_offset_secs,
-        all_store: default_store.clone(),
+        all_store: StoreInfo { all: true, ..default_store.clone() },
         default_store,
         stores,
         websites,

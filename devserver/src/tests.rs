@@ -75,8 +75,38 @@ async fn token(s: &DevServer, user: &str, pass: &str) -> String {
 }
 
 async fn me(s: &DevServer, token: &str) -> Answer {
-    send(client().get(format!("{}{PATH_ME}", s.base_url())).header("accept", "application/json").bearer_auth(token))
-        .await
+    me_at(s, PATH_ME, token).await
+}
+
+async fn me_at(s: &DevServer, path: &str, token: &str) -> Answer {
+    send(client().get(format!("{}{path}", s.base_url())).header("accept", "application/json").bearer_auth(token)).await
+}
+
+async fn revoke_at(s: &DevServer, path: &str, token: &str) -> Answer {
+    send(client().post(format!("{}{path}", s.base_url())).header("accept", "application/json").bearer_auth(token)).await
+}
+
+/// Polls until `done` holds, at most `limit`: lock expiries are real time.
+async fn wait_until(limit: Duration, what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits (at most two seconds) for the Unix second to turn over; returns the new second.
+async fn next_second() -> i64 {
+    let start = unix_now();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let now = unix_now();
+        if now != start {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "the clock did not move");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }
 
 fn unauthorized_body() -> Value {
@@ -254,7 +284,7 @@ async fn stores_and_routes() {
     let a = login_at(&s, "/rest/de/V1/integration/customer/token", "hans@example.de", "geheim").await;
     assert_eq!(a.status, 200);
     let t = a.json().as_str().unwrap().to_owned();
-    let v = me(&s, &t).await.json();
+    let v = me_at(&s, "/rest/de/V1/customers/me", &t).await.json();
     assert_eq!(v["website_id"], 2);
     assert_eq!(v["store_id"], 3);
     assert_eq!(
@@ -434,6 +464,30 @@ async fn recaptcha_required() {
     assert_eq!((a.status, a.json()), (400, json!({"message": "ReCaptcha validation failed, please try again"})));
     assert_eq!(s.login_attempts("alice@example.com"), 1);
     assert_eq!(s.failures("alice@example.com"), 0);
+    s.set_recaptcha(false);
+    assert_eq!(login(&s, "alice@example.com", "secret-a").await.status, 200);
+}
+
+/// Magento_ReCaptchaWebapiRest follows the store's "Enable for Customer Login" setting, which
+/// an admin may flip at any time: 400 before the credentials are read, counted nowhere.
+#[tokio::test]
+async fn recaptcha_switches_at_run_time() {
+    let s = server(DevServerOptions::default()).await;
+    assert_eq!(login(&s, "alice@example.com", "secret-a").await.status, 200);
+    s.set_recaptcha(true);
+    let recaptcha = json!({"message": "ReCaptcha validation failed, please try again"});
+    for password in ["secret-a", "wrong"] {
+        let a = login(&s, "alice@example.com", password).await;
+        assert_eq!((a.status, a.json()), (400, recaptcha.clone()));
+    }
+    // Before the body is even decoded.
+    let a = post_raw(&s, Some("application/json"), "{not json").await;
+    assert_eq!((a.status, a.json()), (400, recaptcha));
+    assert_eq!(s.failures("alice@example.com"), 0);
+    assert_eq!(s.max_failure_count("alice@example.com"), 0);
+    s.set_recaptcha(false);
+    assert_eq!(login(&s, "alice@example.com", "wrong").await.status, 401);
+    assert_eq!(s.failures("alice@example.com"), 1);
 }
 
 #[tokio::test]
@@ -484,6 +538,8 @@ async fn throttle_locks_at_six_and_unlocks() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(s.failures("alice@example.com"), 0);
+    assert_eq!(s.failure_count("alice@example.com"), 0, "with cron the expired row is gone");
+    assert_eq!(s.max_failure_count("alice@example.com"), 6);
     assert_eq!(login(&s, "alice@example.com", "secret-a").await.status, 200);
     // After expiry the count restarts at 1.
     assert_eq!(login(&s, "alice@example.com", "bad").await.status, 401);
@@ -501,6 +557,321 @@ async fn unknown_user_is_throttled_too() {
     assert!(s.is_locked("ghost@example.com"));
     s.add_customer("ghost@example.com", "x");
     assert_eq!(login(&s, "ghost@example.com", "x").await.status, 401);
+}
+
+#[test]
+fn defaults_are_magentos() {
+    let o = DevServerOptions::default();
+    assert_eq!((o.lock_max_failures, o.lock_timeout), (6, Duration::from_secs(1800)));
+    assert!(o.cron);
+    assert_eq!((o.customer_lock_failures, o.customer_lock_duration), (10, Duration::from_secs(600)));
+    assert_eq!(o.token_format, TokenFormat::Jwt);
+    assert!(!o.opaque_tokens && !o.recaptcha_required);
+}
+
+/// A store whose cron never runs `outdated_authentication_failures_cleanup`: the expired row
+/// keeps its count, the next failure adds to it (and locks again at once once the count is
+/// at the maximum); only a successful token login deletes the row.
+#[tokio::test]
+async fn no_cron_keeps_the_count_after_expiry() {
+    let s = server(DevServerOptions { cron: false, lock_timeout: Duration::from_secs(1), ..Default::default() }).await;
+    let alice = "alice@example.com";
+    for _ in 0..2 {
+        assert_eq!(login(&s, alice, "bad").await.status, 401);
+    }
+    wait_until(Duration::from_secs(3), "the row to expire", || s.failures(alice) == 0).await;
+    assert_eq!(s.failure_count(alice), 2, "the expired row keeps its count");
+    assert!(!s.is_locked(alice));
+    assert_eq!(login(&s, alice, "bad").await.status, 401);
+    assert_eq!((s.failures(alice), s.failure_count(alice)), (3, 3), "added to the old count");
+    for _ in 0..3 {
+        assert_eq!(login(&s, alice, "bad").await.status, 401);
+    }
+    assert!(s.is_locked(alice));
+    let a = login(&s, alice, "secret-a").await;
+    assert_eq!((a.status, a.json()), (401, json!({"message": SIGN_IN})));
+    assert_eq!(s.failure_count(alice), 6, "refusals while locked are not counted");
+    wait_until(Duration::from_secs(3), "the lock to expire", || !s.is_locked(alice)).await;
+    assert_eq!((s.failures(alice), s.failure_count(alice)), (0, 6));
+    // One more failure: 7 >= 6 with a fresh expiry, locked at once.
+    assert_eq!(login(&s, alice, "bad").await.status, 401);
+    assert!(s.is_locked(alice));
+    assert_eq!(login(&s, alice, "secret-a").await.status, 401);
+    assert_eq!(s.max_failure_count(alice), 7);
+    wait_until(Duration::from_secs(3), "the lock to expire", || !s.is_locked(alice)).await;
+    // Only a successful login deletes the row.
+    assert_eq!(login(&s, alice, "secret-a").await.status, 200);
+    assert_eq!(s.failure_count(alice), 0);
+    assert_eq!(login(&s, alice, "bad").await.status, 401);
+    assert_eq!(s.failure_count(alice), 1);
+    assert_eq!(s.max_failure_count(alice), 7, "the peak stays");
+}
+
+/// Magento_Customer's own lock (`lockout_failures` wrong passwords lock for `lockout_threshold`):
+/// while it holds even the right password gets the generic 401, which the token endpoint's
+/// throttle counts too. A token login does not reset its count, a storefront login does.
+#[tokio::test]
+async fn customer_lock_refuses_the_right_password_and_counts() {
+    let s = DevServer::start(DevServerOptions {
+        customer_lock_failures: 3,
+        customer_lock_duration: Duration::from_secs(1),
+        lock_max_failures: 100,
+        stores: vec![("default".into(), "base".into()), ("de".into(), "german".into())],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let alice = "alice@example.com";
+    s.add_customer(alice, "secret-a");
+    // Unknown emails, and alice looked up in another website, are no customer of this one.
+    for _ in 0..4 {
+        assert_eq!(login(&s, "ghost@example.com", "x").await.status, 401);
+        assert_eq!(login_at(&s, "/rest/de/V1/integration/customer/token", alice, "bad").await.status, 401);
+    }
+    assert!(!s.customer_locked(alice));
+    assert_eq!(login(&s, alice, "secret-a").await.status, 200);
+    for _ in 0..3 {
+        assert_eq!(login(&s, alice, "bad").await.status, 401);
+    }
+    assert!(s.customer_locked(alice));
+    let a = login(&s, alice, "secret-a").await;
+    assert_eq!((a.status, a.json()), (401, json!({"message": SIGN_IN})));
+    assert_eq!(s.failures(alice), 4, "the locked customer's login counts in the brute-force row");
+    wait_until(Duration::from_secs(3), "the customer lock to expire", || !s.customer_locked(alice)).await;
+    assert_eq!(login(&s, alice, "secret-a").await.status, 200);
+    // The first failure after an expired lock starts the count over...
+    for _ in 0..2 {
+        assert_eq!(login(&s, alice, "bad").await.status, 401);
+    }
+    assert!(!s.customer_locked(alice));
+    // ...and a token login does not reset it: one more failure is the third.
+    assert_eq!(login(&s, alice, "secret-a").await.status, 200);
+    assert_eq!(login(&s, alice, "bad").await.status, 401);
+    assert!(s.customer_locked(alice), "a token login must not reset the customer's count");
+    assert_eq!(login(&s, alice, "secret-a").await.status, 401);
+    // A storefront login unlocks and clears the count.
+    s.unlock_customer("ALICE@example.com");
+    assert!(!s.customer_locked(alice));
+    assert_eq!(login(&s, alice, "secret-a").await.status, 200);
+    for _ in 0..2 {
+        assert_eq!(login(&s, alice, "bad").await.status, 401);
+    }
+    assert!(!s.customer_locked(alice));
+}
+
+/// `EmailNotConfirmedException`: the right password of an unconfirmed account gets its own
+/// 401, which CustomerTokenService counts in the throttle like any failure (the customer's
+/// own lock is not touched: the password was right).
+#[tokio::test]
+async fn unconfirmed_account_gets_its_own_401_and_counts() {
+    let s = server(DevServerOptions { lock_timeout: Duration::from_secs(1), ..Default::default() }).await;
+    let alice = "alice@example.com";
+    s.set_confirmed("ALICE@example.com", false);
+    let unconfirmed = json!({"message": "This account isn't confirmed. Verify and try again."});
+    for i in 1..=5 {
+        let a = login(&s, alice, "secret-a").await;
+        assert_eq!((a.status, a.json()), (401, unconfirmed.clone()));
+        assert_eq!(s.failures(alice), i);
+    }
+    // A wrong password gets the generic 401, and the sixth failure locks.
+    let a = login(&s, alice, "wrong").await;
+    assert_eq!((a.status, a.json()), (401, json!({"message": SIGN_IN})));
+    assert!(s.is_locked(alice));
+    assert!(!s.customer_locked(alice));
+    // Throttled: refused before the account is looked at.
+    let a = login(&s, alice, "secret-a").await;
+    assert_eq!((a.status, a.json()), (401, json!({"message": SIGN_IN})));
+    s.set_confirmed(alice, true);
+    wait_until(Duration::from_secs(3), "the lock to expire", || !s.is_locked(alice)).await;
+    assert_eq!(login(&s, alice, "secret-a").await.status, 200);
+    assert_eq!(s.failures(alice), 0);
+}
+
+/// An htpasswd front (staging): the web server's HTML 401 with a Basic challenge for every
+/// request without its credentials, before Magento: nothing counted, no fault used up.
+#[tokio::test]
+async fn basic_auth_front_answers_before_magento() {
+    let s = server(DevServerOptions::default()).await;
+    let alice = "alice@example.com";
+    let t = token(&s, alice, "secret-a").await;
+    s.set_basic_auth(Some(("stage", "p:w")));
+    s.push_fault(Fault::status(503));
+    let is_front = |a: &Answer| {
+        assert_eq!(a.status, 401);
+        assert_eq!(a.headers.get("www-authenticate").unwrap(), "Basic realm=\"Staging\"");
+        assert!(a.content_type.starts_with("text/html"), "{}", a.content_type);
+        assert!(String::from_utf8_lossy(&a.body).contains("401 Authorization Required"));
+    };
+    is_front(&login(&s, alice, "secret-a").await);
+    is_front(&login(&s, alice, "wrong").await);
+    // customers/me carries its Bearer token in the one Authorization header.
+    is_front(&me(&s, &t).await);
+    is_front(&send(client().get(format!("{}/customer/account", s.base_url()))).await);
+    let through = |user: &str, pass: &str, password: &str| {
+        client()
+            .post(format!("{}{PATH_TOKEN}", s.base_url()))
+            .basic_auth(user, Some(pass))
+            .header("content-type", "application/json")
+            .body(json!({"username": alice, "password": password}).to_string())
+    };
+    is_front(&send(through("stage", "pw", "secret-a")).await);
+    assert_eq!((s.failures(alice), s.max_failure_count(alice)), (0, 0));
+    // Through the front: Magento answers, and the queued fault was kept for it.
+    assert_eq!(send(through("stage", "p:w", "secret-a")).await.status, 503);
+    let a = send(through("stage", "p:w", "secret-a")).await;
+    assert_eq!(a.status, 200);
+    assert!(s.check_token(a.json().as_str().unwrap()).is_some());
+    let a = send(through("stage", "p:w", "wrong")).await;
+    assert_eq!((a.status, a.json()), (401, json!({"message": SIGN_IN})));
+    assert!(a.headers.get("www-authenticate").is_none());
+    assert_eq!(s.failures(alice), 1);
+    let statuses: Vec<u16> = s.requests().iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [200, 401, 401, 401, 401, 401, 503, 200, 401]);
+    s.set_basic_auth(None);
+    assert_eq!(me(&s, &t).await.status, 200);
+}
+
+/// The JWT module's revocation stores `time()` as its cut-off: every token with `iat` at or
+/// before that second dies, one minted in the same second after the revocation too; one
+/// minted in a later second lives. Through the endpoint and through `revoke` alike.
+#[tokio::test]
+async fn revocation_cuts_off_by_the_second() {
+    let s = server(DevServerOptions::default()).await;
+    let alice = "alice@example.com";
+    let mut endpoint_revocations = 0;
+    let mut same_second_seen = false;
+    // Right after the second turns over, a revocation and a login fit in one second; the
+    // clock may still turn in between on a loaded machine, hence a few tries.
+    for _ in 0..4 {
+        next_second().await;
+        let t = token(&s, alice, "secret-a").await;
+        let second = next_second().await;
+        assert_eq!(revoke_at(&s, PATH_REVOKE, &t).await.status, 200);
+        endpoint_revocations += 1;
+        let same = token(&s, alice, "secret-a").await;
+        assert_eq!(me(&s, &t).await.status, 401);
+        if claims(&same)["iat"].as_i64() == Some(second) {
+            assert_eq!(me(&s, &same).await.status, 401, "minted in the revocation's second: dead");
+            assert_eq!(s.check_token(&same), None);
+            same_second_seen = true;
+            break;
+        }
+    }
+    assert!(same_second_seen, "never revoked and logged in within one second");
+    assert_eq!(s.revocations(alice), endpoint_revocations);
+    let after = next_second().await;
+    let later = token(&s, alice, "secret-a").await;
+    assert!(claims(&later)["iat"].as_i64().unwrap() >= after);
+    assert_eq!(me(&s, &later).await.status, 200, "minted in a later second: alive");
+    // The admin side: same cut-off.
+    let second = next_second().await;
+    s.revoke(alice);
+    let same = token(&s, alice, "secret-a").await;
+    assert_eq!(me(&s, &later).await.status, 401);
+    if claims(&same)["iat"].as_i64() == Some(second) {
+        assert_eq!(s.check_token(&same), None);
+    }
+    next_second().await;
+    let fresh = token(&s, alice, "secret-a").await;
+    assert_eq!(s.check_token(&fresh).as_deref(), Some(alice));
+    assert_eq!(s.revocations(alice), endpoint_revocations + 1);
+    // A dead token cannot revoke anything.
+    assert_eq!(revoke_at(&s, PATH_REVOKE, &later).await.status, 401);
+    assert_eq!(s.revocations(alice), endpoint_revocations + 1);
+}
+
+/// Without the JWT module, revocation deletes the customer's `oauth_token` rows: the tokens
+/// minted before it die, a login right after it (even in the same second) lives.
+#[tokio::test]
+async fn opaque_revocation_deletes_existing_tokens() {
+    let s = server(DevServerOptions { token_format: TokenFormat::Opaque, ..Default::default() }).await;
+    s.add_customer("bob@example.com", "secret-b");
+    let t1 = token(&s, "alice@example.com", "secret-a").await;
+    let t2 = token(&s, "alice@example.com", "secret-a").await;
+    let tb = token(&s, "bob@example.com", "secret-b").await;
+    assert_eq!(revoke_at(&s, PATH_REVOKE, &t1).await.status, 200);
+    assert_eq!(me(&s, &t1).await.status, 401);
+    assert_eq!(me(&s, &t2).await.status, 401);
+    assert_eq!(me(&s, &tb).await.status, 200);
+    let fresh = token(&s, "alice@example.com", "secret-a").await;
+    assert_eq!(me(&s, &fresh).await.status, 200, "no cut-off second for opaque tokens");
+    assert!(s.issued(&t1), "revoked, but minted here");
+    s.revoke("alice@example.com");
+    assert_eq!(me(&s, &fresh).await.status, 401);
+    assert_eq!(s.revocations("alice@example.com"), 2);
+}
+
+/// Magento_Customer's CustomerAuthorization on the `self` resource: a valid token gets the
+/// not-authorized 401 through `/rest/all/` and through a store of another website than the
+/// customer's, on customers/me and revoke-customer-token alike (which then revokes nothing).
+#[tokio::test]
+async fn customers_me_refuses_all_and_other_websites() {
+    let s = DevServer::start(DevServerOptions {
+        stores: vec![("default".into(), "base".into()), ("en".into(), "base".into()), ("de".into(), "german".into())],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    s.add_customer("alice@example.com", "secret-a");
+    s.add_customer_in_website("hans@example.de", "geheim", "german");
+    let alice = token(&s, "alice@example.com", "secret-a").await;
+    let a = login_at(&s, "/rest/de/V1/integration/customer/token", "hans@example.de", "geheim").await;
+    let hans = a.json().as_str().unwrap().to_owned();
+    for path in ["/rest/V1/customers/me", "/rest/default/V1/customers/me", "/rest/en/V1/customers/me"] {
+        assert_eq!(me_at(&s, path, &alice).await.status, 200, "{path}");
+        assert_eq!(me_at(&s, path, &hans).await.json(), unauthorized_body(), "{path}");
+    }
+    for path in ["/rest/all/V1/customers/me", "/rest/de/V1/customers/me"] {
+        let a = me_at(&s, path, &alice).await;
+        assert_eq!((a.status, a.json()), (401, unauthorized_body()), "{path}");
+    }
+    assert_eq!(me_at(&s, "/rest/de/V1/customers/me", &hans).await.status, 200);
+    assert_eq!(me_at(&s, "/rest/all/V1/customers/me", &hans).await.status, 401);
+    for path in [
+        "/rest/all/V1/integration/customer/revoke-customer-token",
+        "/rest/de/V1/integration/customer/revoke-customer-token",
+    ] {
+        let a = revoke_at(&s, path, &alice).await;
+        assert_eq!((a.status, a.json()), (401, unauthorized_body()), "{path}");
+    }
+    assert_eq!(s.revocations("alice@example.com"), 0);
+    assert_eq!(me(&s, &alice).await.status, 200);
+    assert_eq!(revoke_at(&s, "/rest/en/V1/integration/customer/revoke-customer-token", &alice).await.status, 200);
+    assert_eq!(me(&s, &alice).await.status, 401);
+}
+
+/// Encrypted JWTs (JWE compact, five parts): a client reads the header but not the claims;
+/// the store accepts the token until its lifetime ends and revokes it by the second.
+#[tokio::test]
+async fn encrypted_tokens_hide_their_claims_and_live_their_lifetime() {
+    let s = server(DevServerOptions {
+        token_format: TokenFormat::Encrypted,
+        token_lifetime: Duration::from_secs(3),
+        ..Default::default()
+    })
+    .await;
+    let t = token(&s, "alice@example.com", "secret-a").await;
+    let parts: Vec<&str> = t.split('.').collect();
+    assert_eq!(parts.len(), 5);
+    assert!(t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.'));
+    let header: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[0]).unwrap()).unwrap();
+    assert!(header["alg"].is_string() && header["enc"].is_string() && header["kid"].is_string(), "{header}");
+    for part in &parts[1..] {
+        let bytes = URL_SAFE_NO_PAD.decode(part).unwrap();
+        assert!(serde_json::from_slice::<Value>(&bytes).is_err(), "claims must not be readable");
+    }
+    assert_ne!(t, token(&s, "alice@example.com", "secret-a").await);
+    assert_eq!(me(&s, &t).await.json()["email"], "alice@example.com");
+    assert!(s.issued(&t));
+    assert!(!s.issued(&t[..t.len() - 1]));
+    s.revoke("alice@example.com");
+    assert_eq!(me(&s, &t).await.status, 401);
+    next_second().await;
+    let fresh = token(&s, "alice@example.com", "secret-a").await;
+    assert_eq!(me(&s, &fresh).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(4100)).await;
+    assert_eq!(me(&s, &fresh).await.status, 401, "dead at the end of its lifetime");
+    assert!(s.issued(&fresh));
 }
 
 #[tokio::test]
@@ -844,6 +1215,59 @@ async fn cli_args_and_customers_file() {
     std::fs::remove_dir_all(&dir).unwrap();
 
     let bad = Cli::try_parse_from(["devserver", "--customer", "no-colon"]).unwrap();
+    assert!(cli::start_from_args(&bad.args).await.is_err());
+}
+
+#[tokio::test]
+async fn cli_flags_of_store_variants() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: DevServerArgs,
+    }
+    let cli = Cli::try_parse_from([
+        "devserver",
+        "--customer",
+        "a@example.com:pa",
+        "--no-cron",
+        "--lock-timeout",
+        "1ms",
+        "--customer-lock-failures",
+        "2",
+        "--customer-lock-duration",
+        "1h",
+        "--basic-auth",
+        "stage:p:w",
+        "--token-format",
+        "encrypted",
+    ])
+    .unwrap();
+    let s = cli::start_from_args(&cli.args).await.unwrap();
+    assert_eq!(login(&s, "a@example.com", "pa").await.status, 401, "the front");
+    let through = |password: &str| {
+        client()
+            .post(format!("{}{PATH_TOKEN}", s.base_url()))
+            .basic_auth("stage", Some("p:w"))
+            .header("content-type", "application/json")
+            .body(json!({"username": "a@example.com", "password": password}).to_string())
+    };
+    let a = send(through("pa")).await;
+    assert_eq!(a.json().as_str().unwrap().split('.').count(), 5, "encrypted");
+    assert_eq!(send(through("bad")).await.status, 401);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!((s.failures("a@example.com"), s.failure_count("a@example.com")), (0, 1), "no cron");
+    assert_eq!(send(through("bad")).await.status, 401);
+    assert_eq!(s.failure_count("a@example.com"), 2);
+    assert!(s.customer_locked("a@example.com"));
+    s.shutdown().await;
+
+    let opaque = Cli::try_parse_from(["devserver", "--customer", "a@example.com:pa", "--opaque"]).unwrap();
+    let s = cli::start_from_args(&opaque.args).await.unwrap();
+    assert_eq!(token(&s, "a@example.com", "pa").await.len(), 32);
+    assert!(Cli::try_parse_from(["devserver", "--opaque", "--token-format", "jwt"]).is_err());
+    assert!(Cli::try_parse_from(["devserver", "--token-format", "jwe"]).is_err());
+    let bad = Cli::try_parse_from(["devserver", "--basic-auth", "no-colon"]).unwrap();
     assert!(cli::start_from_args(&bad.args).await.is_err());
 }
 
