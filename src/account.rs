@@ -87,27 +87,34 @@ impl Account {
         }
     }
 
-    /// The lockout policy ([`AuthState::wait`]) for sending `password` now.
-    pub fn wait(&self, password: &Secret, r: &RefreshSettings) -> AuthWait {
+    /// The lockout policy ([`AuthState::wait`]) for sending `password` at `now`.
+    pub fn wait(&self, password: &Secret, now: SystemTime, r: &RefreshSettings) -> AuthWait {
         let state = self.state();
-        state.auth.wait(state.same_password(password), r)
+        state.auth.wait(state.same_password(password), now, r)
     }
 
-    /// Where the account stands for the password refused last: the wait a worker shows while
-    /// nothing changes.
-    pub fn standing(&self, r: &RefreshSettings) -> AuthWait {
-        self.state().auth.wait(true, r)
+    /// Where the account stands at `now` for the password refused last: the wait a worker
+    /// shows while nothing changes.
+    pub fn standing(&self, now: SystemTime, r: &RefreshSettings) -> AuthWait {
+        self.state().auth.wait(true, now, r)
     }
 
-    /// The password refused last, when a change of password would end the wait now in force:
-    /// the one a waiting worker compares the password source with.
-    pub fn refused_password(&self, r: &RefreshSettings) -> Option<Secret> {
+    /// The password refused last, when a change of password would end the wait in force at
+    /// `now` sooner: the one a waiting worker compares the password source with.
+    pub fn refused_password(&self, now: SystemTime, r: &RefreshSettings) -> Option<Secret> {
         let state = self.state();
-        match state.auth.wait(true, r) {
-            AuthWait::Clear => None,
-            _ if state.auth.near_lock(r) => None,
-            _ => state.refused.clone(),
+        let same = state.auth.wait(true, now, r);
+        let changed = state.auth.wait(false, now, r);
+        if same == AuthWait::Clear || same == changed {
+            return None;
         }
+        state.refused.clone()
+    }
+
+    /// Forgets every recorded failure: an operator reset Magento's count and said so
+    /// (`forget-failures`).
+    pub fn forget(&self) {
+        *self.state() = State::default();
     }
 
     /// A 401 for `password` at `now`; returns what is now known (for the ledger).
@@ -169,15 +176,15 @@ mod tests {
         let account = Account::default();
         let (wrong, fixed) = (Secret::new("wrong".into()), Secret::new("fixed".into()));
         let t0 = from_unix(1_800_000_000);
-        assert_eq!(account.wait(&wrong, &r), AuthWait::Clear);
-        assert_eq!(account.refused_password(&r), None);
+        assert_eq!(account.wait(&wrong, t0, &r), AuthWait::Clear);
+        assert_eq!(account.refused_password(t0, &r), None);
         account.record_failure(&wrong, t0, &r);
-        assert_eq!(account.wait(&wrong, &r), AuthWait::Backoff(t0 + Duration::from_secs(60)));
-        assert_eq!(account.wait(&fixed, &r), AuthWait::Clear, "a new password is tried at once");
-        assert_eq!(account.refused_password(&r), Some(wrong.clone()));
+        assert_eq!(account.wait(&wrong, t0, &r), AuthWait::Backoff(t0 + Duration::from_secs(60)));
+        assert_eq!(account.wait(&fixed, t0, &r), AuthWait::Clear, "a new password is tried at once");
+        assert_eq!(account.refused_password(t0, &r), Some(wrong.clone()));
         account.record_success();
         assert_eq!(account.auth(), AuthState::default());
-        assert_eq!(account.refused_password(&r), None);
+        assert_eq!(account.refused_password(t0, &r), None);
     }
 
     #[test]
@@ -188,14 +195,16 @@ mod tests {
         let recorded = AuthState { in_a_row: 3, chain: 3, last_failure: Some(t0) };
         let now = Secret::new("now".into());
         account.restore(recorded.clone(), Some(now.clone()));
-        assert_eq!(account.wait(&now, &r), AuthWait::Paused(t0 + r.auth_failure_pause));
-        assert_eq!(account.wait(&Secret::new("other".into()), &r), AuthWait::Clear);
+        // Three 401s of four allowed: the same password never again (only a success clears
+        // Magento's count), another one once.
+        assert_eq!(account.wait(&now, t0, &r), AuthWait::HeldBack);
+        assert_eq!(account.wait(&Secret::new("other".into()), t0, &r), AuthWait::Clear);
         // An older record changes nothing; unknown password counts as the refused one.
         account.restore(AuthState { last_failure: Some(t0 - Duration::from_secs(1)), ..recorded.clone() }, None);
-        assert_eq!(account.refused_password(&r), Some(now));
+        assert_eq!(account.refused_password(t0, &r), Some(now));
         let unknown = Account::default();
         unknown.restore(recorded, None);
-        assert!(matches!(unknown.wait(&Secret::new("any".into()), &r), AuthWait::Paused(_)));
-        assert_eq!(unknown.refused_password(&r), None, "nothing to compare a change with");
+        assert_eq!(unknown.wait(&Secret::new("any".into()), t0, &r), AuthWait::HeldBack);
+        assert_eq!(unknown.refused_password(t0, &r), None, "nothing to compare a change with");
     }
 }

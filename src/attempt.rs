@@ -16,7 +16,7 @@ use crate::account::Account;
 use crate::clock::Clock;
 use crate::config::{CustomerConfig, PasswordError, RefreshSettings};
 use crate::magento::{LoginError, Magento, Outcome};
-use crate::schedule::AuthState;
+use crate::schedule::{AuthState, AuthWait};
 use crate::secret::Secret;
 use crate::sink;
 use crate::token::{self, Expiry};
@@ -36,11 +36,12 @@ pub struct Obtained {
 pub enum NoToken {
     /// The password source could not be read: nothing was sent.
     Password(PasswordError),
-    /// The lockout policy holds this login back until `until`: nothing was sent.
+    /// The lockout policy holds this login back: nothing was sent.
     HeldBack {
-        until: SystemTime,
-        /// Magento's count is near its lock: no password at all may be sent before `until`.
-        near_lock: bool,
+        /// What the policy says: until when, or held back until something changes.
+        wait: AuthWait,
+        /// Another password could be tried now (this one was refused).
+        password_bound: bool,
         auth: AuthState,
     },
     /// The login was sent and failed (a 401 is already booked in the account and the ledger).
@@ -78,9 +79,11 @@ pub async fn attempt<M: Magento>(a: Attempt<'_, M>, stop: &CancellationToken) ->
         _ = stop.cancelled() => return Err(NoToken::Stopped),
         turn = a.account.turn.lock() => turn,
     };
-    if let Some(until) = a.account.wait(&password, a.refresh).until().filter(|t| *t > a.clock.now()) {
-        let auth = a.account.auth();
-        return Err(NoToken::HeldBack { until, near_lock: auth.near_lock(a.refresh), auth });
+    let now = a.clock.now();
+    let wait = a.account.wait(&password, now, a.refresh);
+    if wait == AuthWait::HeldBack || wait.until().is_some_and(|t| t > now) {
+        let password_bound = a.account.refused_password(now, a.refresh).is_some();
+        return Err(NoToken::HeldBack { wait, password_bound, auth: a.account.auth() });
     }
     let permit = tokio::select! {
         biased;

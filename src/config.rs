@@ -249,6 +249,20 @@ pub struct RefreshSettings {
     /// The store's `oauth/authentication_lock/timeout`.
     #[serde(deserialize_with = "duration")]
     pub lockout_window: Duration,
+    /// What clears Magento's failure count for a username.
+    pub lockout_reset: LockoutReset,
+}
+
+/// What clears Magento's failure count for a username (`refresh.lockout_reset`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LockoutReset {
+    /// Only a successful login: safe on a store whose cron does not run, where an expired
+    /// count keeps counting.
+    #[default]
+    Success,
+    /// Also Magento's cron, `lockout_window` after the last failure: for stores whose cron runs.
+    Window,
 }
 
 impl Default for RefreshSettings {
@@ -267,6 +281,7 @@ impl Default for RefreshSettings {
             auth_failure_delays: vec![m(1), m(5)],
             lockout_threshold: MAGENTO_LOCK_FAILURES,
             lockout_window: m(30),
+            lockout_reset: LockoutReset::Success,
         }
     }
 }
@@ -574,7 +589,7 @@ fn check_refresh(v: &mut Validator, r: &RefreshSettings) {
             ),
         );
     }
-    if r.auth_failure_pause <= r.lockout_window {
+    if r.lockout_reset == LockoutReset::Window && r.auth_failure_pause <= r.lockout_window {
         v.problem(
             "refresh.auth_failure_pause",
             format!(
@@ -1009,6 +1024,7 @@ refresh:
   max_backoff: 5s
   max_auth_failures: 6
   auth_failure_pause: 10m
+  lockout_reset: window
 admin:
   listen: nowhere
 log:

@@ -360,19 +360,24 @@ impl Pass<'_> {
             let result = tokio::time::timeout_at(self.deadline.into(), attempt::attempt(attempt, &never))
                 .await
                 .unwrap_or_else(|_| Err(NoToken::Login { error: timed_out_error(), took: Duration::ZERO }));
-            let error = match result {
-                Ok(obtained) => return self.write(customer, obtained),
-                Err(NoToken::Password(e)) => return Err(e.into()),
-                Err(NoToken::HeldBack { until, auth, .. }) => {
-                    return Err(OnceFailure::HeldBack {
+            let error =
+                match result {
+                    Ok(obtained) => return self.write(customer, obtained),
+                    Err(NoToken::Password(e)) => return Err(e.into()),
+                    Err(NoToken::HeldBack { wait, auth, .. }) => return Err(OnceFailure::HeldBack {
                         in_a_row: auth.in_a_row,
                         last: auth.last_failure.map(sink::rfc3339).unwrap_or_default(),
-                        next: sink::rfc3339(until),
-                    })
-                }
-                Err(NoToken::Stopped) => timed_out_error(),
-                Err(NoToken::Login { error, .. }) => error,
-            };
+                        next: wait.until().map_or_else(
+                            || {
+                                "the password changes, or an operator resets Magento's count and runs forget-failures"
+                                    .to_owned()
+                            },
+                            sink::rfc3339,
+                        ),
+                    }),
+                    Err(NoToken::Stopped) => timed_out_error(),
+                    Err(NoToken::Login { error, .. }) => error,
+                };
             if error.outcome == Outcome::AuthFailure {
                 return Err(error.into());
             }

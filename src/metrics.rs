@@ -35,7 +35,7 @@ enum Value {
 }
 
 /// Every per-customer family, in the order of their names (the order of the exposition).
-const FAMILIES: [Family; 9] = [
+const FAMILIES: [Family; 10] = [
     Family {
         name: "magento_token_clock_skew_seconds",
         help: "Magento's clock minus ours, from the last JWT's iat, when more than a minute apart (else 0).",
@@ -53,6 +53,12 @@ const FAMILIES: [Family; 9] = [
         help: "Unix time the token on disk expires (0: none).",
         kind: MetricType::GAUGE,
         value: Value::One(|e, _| e.expires_at.map_or(0.0, unix)),
+    },
+    Family {
+        name: "magento_token_held_back",
+        help: "1 while the lockout budget holds every login back: no time helps; fix the password, or reset Magento's count and run forget-failures.",
+        kind: MetricType::GAUGE,
+        value: Value::One(|e, _| f64::from(u8::from(e.held_back))),
     },
     Family {
         name: "magento_token_last_success_timestamp_seconds",
@@ -529,6 +535,10 @@ mod tests {
             "magento_token_paused",
             "1 while the customer is paused after repeated 401s (its password is probably wrong).",
         );
+        let held_back = int_gauge(
+            "magento_token_held_back",
+            "1 while the lockout budget holds every login back: no time helps; fix the password, or reset Magento's count and run forget-failures.",
+        );
         let skew = int_gauge(
             "magento_token_clock_skew_seconds",
             "Magento's clock minus ours, from the last JWT's iat, when more than a minute apart (else 0).",
@@ -550,11 +560,12 @@ mod tests {
                 failures.with_label_values(&[name]).set(i64::from(e.consecutive_failures));
                 valid.with_label_values(&[name]).set(i64::from(e.valid(now)));
                 paused.with_label_values(&[name]).set(i64::from(e.paused));
+                held_back.with_label_values(&[name]).set(i64::from(e.held_back));
                 skew.with_label_values(&[name]).set(e.clock_skew);
                 password_errors.with_label_values(&[name]).inc_by(e.password_errors);
             }
         });
-        let collectors: [Box<dyn Collector>; 9] = [
+        let collectors: [Box<dyn Collector>; 10] = [
             Box::new(refresh_total),
             Box::new(expiry),
             Box::new(last_success),
@@ -562,6 +573,7 @@ mod tests {
             Box::new(failures),
             Box::new(valid),
             Box::new(paused),
+            Box::new(held_back),
             Box::new(skew),
             Box::new(password_errors),
         ];
@@ -624,7 +636,7 @@ mod tests {
         let mut text = String::new();
         for (i, piece) in m.text().enumerate() {
             text.push_str(&piece);
-            m.board().remove(&format!("c{:05}", 2999 - i * 37));
+            m.board().remove(&format!("c{:05}", 2999 - (i * 37) % 3000));
             m.board().add(&format!("new{i:03}"));
         }
         let mut seen = std::collections::HashSet::new();

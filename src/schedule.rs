@@ -5,7 +5,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use crate::config::RefreshSettings;
+use crate::config::{LockoutReset, RefreshSettings};
 
 /// Never plan two logins of one customer closer than this after a success, whatever the token's
 /// lifetime: a store that hands out tokens with a few seconds of life must not turn the daemon
@@ -54,16 +54,18 @@ pub fn backoff(failures: u32, r: &RefreshSettings, retry_after: Option<Duration>
 /// What the daemon knows of one username's failed logins: the basis of the lockout budget, and
 /// with [`AuthState::wait`] the one lockout policy every login goes through.
 ///
-/// Magento counts failed logins per username; each failure pushes the lock expiry to
-/// `now + lockout_window`, and the count starts over only after a success or once that expiry
-/// has passed. At `lockout_threshold` failures the username is locked, and then even the right
-/// password is refused. Magento's 401 never says which, so the daemon keeps its own count and
-/// stays below the threshold.
+/// Magento counts failed logins per username; at `lockout_threshold` the username is locked,
+/// and then even the right password is refused with the same 401. Its count is cleared by a
+/// successful login, and otherwise only by its cron job, some time after `lockout_window` has
+/// passed since the last failure: a store whose cron does not run keeps counting for ever. So
+/// with `lockout_reset: success` (the default) the daemon believes no count ever expires, and
+/// with `window` that it expires `lockout_window` (and a thirtieth of it) after the last failure.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AuthState {
     /// 401s in a row with the password Magento refused last (another password starts again).
     pub in_a_row: u32,
-    /// Failures Magento is believed to count now (ours only; it may count others' too).
+    /// Failures Magento is believed to count (ours only; it may count others' too), as of the
+    /// last one.
     pub chain: u32,
     pub last_failure: Option<SystemTime>,
 }
@@ -75,32 +77,38 @@ pub enum AuthWait {
     Clear,
     /// Waiting the short delay after a 401 (about 1 minute, then 5).
     Backoff(SystemTime),
-    /// `max_auth_failures` reached (or Magento's count is near its lock): wait out the pause,
-    /// or until the password changes.
+    /// `max_auth_failures` reached: wait out the pause (stores whose count expires).
     Paused(SystemTime),
+    /// No time will help: Magento's count only goes after a success, and another failure
+    /// would bring it too near the lock. Held back until the password changes (when a change
+    /// could still be tried) or an operator clears the count.
+    HeldBack,
 }
 
 impl AuthWait {
+    /// When the wait ends by itself; `None` for `Clear` and `HeldBack`.
     pub fn until(self) -> Option<SystemTime> {
         match self {
-            AuthWait::Clear => None,
+            AuthWait::Clear | AuthWait::HeldBack => None,
             AuthWait::Backoff(t) | AuthWait::Paused(t) => Some(t),
         }
     }
 }
 
+/// The most Magento's count may reach through the daemon: two below its lock, so the app or a
+/// person using the same account still has a try, and a failure of someone else's does not lock.
+pub fn lockout_ceiling(r: &RefreshSettings) -> u32 {
+    r.lockout_threshold.saturating_sub(2)
+}
+
 impl AuthState {
     /// A 401 at `now`. `same_password`: the password sent was the one refused last (a new one
-    /// starts `in_a_row` again; Magento's count does not care which password failed, so `chain`
-    /// goes on).
+    /// starts `in_a_row` again; Magento's count does not care which password failed).
     pub fn record_failure(&mut self, now: SystemTime, same_password: bool, r: &RefreshSettings) {
-        if self.chain_expired(now, r) {
-            self.chain = 0;
-        }
+        self.chain = self.counted(now, r) + 1;
         if !same_password {
             self.in_a_row = 0;
         }
-        self.chain += 1;
         self.in_a_row += 1;
         self.last_failure = Some(now);
     }
@@ -109,45 +117,64 @@ impl AuthState {
         *self = AuthState::default();
     }
 
-    fn chain_expired(&self, now: SystemTime, r: &RefreshSettings) -> bool {
-        self.last_failure.is_none_or(|last| now >= last + r.lockout_window)
+    /// When Magento's count is believed gone without a success: never with `lockout_reset:
+    /// success`; with `window`, `lockout_window` after the last failure plus a thirtieth of it,
+    /// for the cron job's minute and the time a 401 takes to reach us.
+    pub fn resets_at(&self, r: &RefreshSettings) -> Option<SystemTime> {
+        match r.lockout_reset {
+            LockoutReset::Success => None,
+            LockoutReset::Window => self.last_failure.map(|last| last + r.lockout_window + r.lockout_window / 30),
+        }
     }
 
-    /// Whether another failure could leave no margin before Magento's lock: then no password
-    /// is sent until the pause is over, and a change of password cannot shorten the wait.
-    pub fn near_lock(&self, r: &RefreshSettings) -> bool {
-        self.last_failure.is_some() && self.chain + 2 >= r.lockout_threshold
-    }
-
-    /// Failures Magento still counts at `now`.
+    /// Failures Magento is believed to count at `now`.
     pub fn counted(&self, now: SystemTime, r: &RefreshSettings) -> u32 {
-        if self.chain_expired(now, r) {
-            0
-        } else {
-            self.chain
+        match self.resets_at(r) {
+            Some(at) if now >= at => 0,
+            _ => self.chain,
         }
     }
 
-    /// The lockout policy: when a login may be sent. `same_password`: the password to send is
-    /// the one Magento refused last (or which it was is unknown, as after a restart).
+    /// The lockout policy: whether (or when) a login may be sent at `now`. `same_password`: the
+    /// password to send is the one Magento refused last (or which it was is unknown, as after a
+    /// restart).
     ///
-    /// After the n-th 401 in a row with one password: wait `auth_failure_delays[n-1]` (the last
-    /// repeats), and after `max_auth_failures` wait `auth_failure_pause`, which outlasts
-    /// Magento's window so its count starts over. A password not refused yet is tried at once.
-    /// Whatever the password, a login that could be the last failure before Magento's lock is
-    /// never sent: one failure of margin is kept for the app or a person using the same account.
-    pub fn wait(&self, same_password: bool, r: &RefreshSettings) -> AuthWait {
+    /// - Magento's count never goes above [`lockout_ceiling`] through the daemon, and the same
+    ///   password leaves one try of that budget to a changed password: a fixed Secret is tried
+    ///   even after a long run with a wrong one.
+    /// - After the n-th 401 in a row with one password: wait `auth_failure_delays[n-1]` (the
+    ///   last repeats). After `max_auth_failures`: with `lockout_reset: window`, pause
+    ///   `auth_failure_pause` (and until the count has expired), then try again; with `success`,
+    ///   no time helps, so that password is never sent again.
+    /// - A password not refused yet is tried at once, within the budget.
+    pub fn wait(&self, same_password: bool, now: SystemTime, r: &RefreshSettings) -> AuthWait {
         let Some(last) = self.last_failure else { return AuthWait::Clear };
-        if self.near_lock(r) || (same_password && self.in_a_row >= r.max_auth_failures) {
-            return AuthWait::Paused(last + r.auth_failure_pause);
-        }
-        match self.in_a_row {
-            _ if !same_password => AuthWait::Clear,
-            0 => AuthWait::Clear,
-            n => {
-                let i = (n as usize - 1).min(r.auth_failure_delays.len().saturating_sub(1));
-                AuthWait::Backoff(last + r.auth_failure_delays.get(i).copied().unwrap_or(r.auth_failure_pause))
+        // The budget: a failure now must leave Magento's count at or below the ceiling, with
+        // one try to spare for a changed password.
+        let reserve = u32::from(same_password);
+        let budget_back_at = if self.counted(now, r) + 1 + reserve > lockout_ceiling(r) {
+            match self.resets_at(r) {
+                Some(at) => Some(at),
+                None => return AuthWait::HeldBack,
             }
+        } else {
+            None
+        };
+        // The password: short delays, then the pause, or never again where only a success
+        // clears Magento's count.
+        let password_wait = if !same_password || self.in_a_row == 0 {
+            AuthWait::Clear
+        } else if self.in_a_row < r.max_auth_failures {
+            let i = (self.in_a_row as usize - 1).min(r.auth_failure_delays.len().saturating_sub(1));
+            AuthWait::Backoff(last + r.auth_failure_delays.get(i).copied().unwrap_or(r.auth_failure_pause))
+        } else if r.lockout_reset == LockoutReset::Success {
+            return AuthWait::HeldBack;
+        } else {
+            AuthWait::Paused(last + r.auth_failure_pause)
+        };
+        match (budget_back_at, password_wait.until()) {
+            (Some(at), until) if until.is_none_or(|t| t < at) => AuthWait::Paused(at),
+            _ => password_wait,
         }
     }
 }
@@ -238,60 +265,70 @@ mod tests {
         assert_eq!(backoff(4, &r, Some(s(1)), 1.0), s(8));
     }
 
-    #[test]
-    fn a_wrong_password_waits_one_minute_then_five_then_pauses() {
-        let r = settings();
-        let t0 = from_unix(1_000_000);
-        let mut a = AuthState::default();
-        assert_eq!(a.wait(true, &r), AuthWait::Clear);
-        a.record_failure(t0, true, &r);
-        assert_eq!(a.wait(true, &r), AuthWait::Backoff(t0 + Duration::from_secs(60)));
-        let t1 = t0 + Duration::from_secs(60);
-        a.record_failure(t1, true, &r);
-        assert_eq!(a.wait(true, &r), AuthWait::Backoff(t1 + Duration::from_secs(300)));
-        let t2 = t1 + Duration::from_secs(300);
-        a.record_failure(t2, true, &r);
-        assert_eq!(a.wait(true, &r), AuthWait::Paused(t2 + Duration::from_secs(31 * 60)));
+    fn window() -> RefreshSettings {
+        RefreshSettings { lockout_reset: LockoutReset::Window, ..settings() }
     }
 
     #[test]
-    fn after_the_pause_magentos_count_has_expired() {
+    fn a_wrong_password_waits_one_minute_then_five_then_is_held_back_for_good() {
         let r = settings();
+        let t0 = from_unix(1_000_000);
+        let mut a = AuthState::default();
+        assert_eq!(a.wait(true, t0, &r), AuthWait::Clear);
+        a.record_failure(t0, true, &r);
+        assert_eq!(a.wait(true, t0, &r), AuthWait::Backoff(t0 + Duration::from_secs(60)));
+        let t1 = t0 + Duration::from_secs(60);
+        a.record_failure(t1, true, &r);
+        assert_eq!(a.wait(true, t1, &r), AuthWait::Backoff(t1 + Duration::from_secs(300)));
+        let t2 = t1 + Duration::from_secs(300);
+        a.record_failure(t2, true, &r);
+        // Only a success clears Magento's count: no time helps the same password.
+        let a_year_later = t2 + Duration::from_secs(366 * 24 * 3600);
+        assert_eq!(a.wait(true, a_year_later, &r), AuthWait::HeldBack);
+        assert_eq!(a.counted(a_year_later, &r), 3);
+        // One try is kept for a changed password; after it, nothing at all.
+        assert_eq!(a.wait(false, a_year_later, &r), AuthWait::Clear);
+        a.record_failure(a_year_later, false, &r);
+        assert_eq!(a.chain, lockout_ceiling(&r));
+        assert_eq!(a.wait(false, a_year_later, &r), AuthWait::HeldBack);
+        assert_eq!(a.wait(true, a_year_later, &r), AuthWait::HeldBack);
+    }
+
+    #[test]
+    fn where_cron_runs_the_pause_outlasts_magentos_window() {
+        let r = window();
         let mut a = AuthState::default();
         let mut now = from_unix(1_000_000);
         for _ in 0..3 {
             a.record_failure(now, true, &r);
-            now = a.wait(true, &r).until().unwrap();
+            now = a.wait(true, now, &r).until().unwrap();
         }
-        assert_eq!(a.counted(now, &r), 0);
+        assert_eq!(now, a.last_failure.unwrap() + r.auth_failure_pause);
+        assert_eq!(a.counted(now, &r), 0, "the count has expired by the end of the pause");
         a.record_failure(now, true, &r);
-        assert_eq!(a.chain, 1);
-        assert_eq!(a.in_a_row, 4);
-        assert!(matches!(a.wait(true, &r), AuthWait::Paused(_)));
+        assert_eq!((a.chain, a.in_a_row), (1, 4));
+        assert!(matches!(a.wait(true, now, &r), AuthWait::Paused(_)));
     }
 
     #[test]
     fn a_new_password_is_tried_at_once_but_never_into_the_lock() {
-        let r = settings();
-        let mut a = AuthState::default();
-        let mut now = from_unix(1_000_000);
-        // Four wrong passwords in a row, each replaced right after its 401.
-        for expected_chain in 1..=4 {
-            a.record_failure(now, false, &r);
-            assert_eq!(a.chain, expected_chain);
-            assert_eq!(a.in_a_row, 1, "a new password starts again");
-            assert!(matches!(a.wait(true, &r), AuthWait::Backoff(_) | AuthWait::Paused(_)));
-            if expected_chain < 4 {
-                assert_eq!(a.wait(false, &r), AuthWait::Clear, "after {expected_chain} failures");
-                assert!(!a.near_lock(&r));
+        for r in [settings(), window()] {
+            let mut a = AuthState::default();
+            let mut now = from_unix(1_000_000);
+            // Wrong passwords in a row, each replaced right after its 401.
+            for expected_chain in 1..=4 {
+                assert_eq!(a.wait(false, now, &r), AuthWait::Clear, "before failure {expected_chain}");
+                a.record_failure(now, false, &r);
+                assert_eq!(a.chain, expected_chain);
+                assert_eq!(a.in_a_row, 1, "a new password starts again");
+                now += Duration::from_secs(10);
             }
-            now += Duration::from_secs(10);
+            // Four counted: a fifth would leave Magento one failure from its lock at six.
+            match r.lockout_reset {
+                LockoutReset::Success => assert_eq!(a.wait(false, now, &r), AuthWait::HeldBack),
+                LockoutReset::Window => assert_eq!(a.wait(false, now, &r), AuthWait::Paused(a.resets_at(&r).unwrap())),
+            }
         }
-        // Four failures counted: a fifth would leave no margin before Magento's lock at six.
-        let last = now - Duration::from_secs(10);
-        assert!(a.near_lock(&r));
-        assert_eq!(a.wait(false, &r), AuthWait::Paused(last + r.auth_failure_pause));
-        assert_eq!(a.wait(true, &r), AuthWait::Paused(last + r.auth_failure_pause));
     }
 
     #[test]
@@ -301,38 +338,65 @@ mod tests {
         a.record_failure(from_unix(1), true, &r);
         a.record_success();
         assert_eq!(a, AuthState::default());
-        assert_eq!(a.wait(true, &r), AuthWait::Clear);
+        assert_eq!(a.wait(true, from_unix(2), &r), AuthWait::Clear);
     }
 
-    /// The promise to Magento, checked over a long simulated run: whatever the password does,
-    /// no 30-minute window sees more than `max_auth_failures` failures with one password, and
-    /// Magento's count never reaches its lock.
+    /// The promise to Magento, over many random runs: whatever the password does and whenever
+    /// the daemon is let to try, Magento's count never passes the ceiling: without cron (every
+    /// failure counts until a success) under `success`, with cron under `window`.
     #[test]
-    fn a_day_of_wrong_passwords_never_locks() {
-        let r = settings();
+    fn no_run_of_wrong_passwords_passes_the_ceiling() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for r in [settings(), window()] {
+            for _ in 0..200 {
+                let mut a = AuthState::default();
+                let mut now = from_unix(1_000_000);
+                let (mut magento, mut expires) = (0u32, now);
+                let mut same = true;
+                for _ in 0..300 {
+                    now += Duration::from_secs(rng.gen_range(0..3600));
+                    if rng.gen_bool(0.2) {
+                        same = false;
+                    }
+                    if r.lockout_reset == LockoutReset::Window && now >= expires {
+                        magento = 0; // the store's cron deleted the expired row
+                    }
+                    let wait = a.wait(same, now, &r);
+                    if wait == AuthWait::Clear || wait.until().is_some_and(|t| t <= now) {
+                        magento += 1;
+                        expires = now + r.lockout_window;
+                        assert!(
+                            magento <= lockout_ceiling(&r),
+                            "{:?}: Magento's count reached {magento}",
+                            r.lockout_reset
+                        );
+                        a.record_failure(now, same, &r);
+                        same = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Where cron runs, over a day: no 30-minute window sees more than `max_auth_failures`
+    /// failures with one password, and a paused customer tries once per pause.
+    #[test]
+    fn a_day_of_wrong_passwords_where_cron_runs() {
+        let r = window();
         let mut a = AuthState::default();
         let mut now = from_unix(1_000_000);
         let end = now + Duration::from_secs(24 * 3600);
         let mut attempts = Vec::new();
-        let mut magento_count = 0u32;
-        let mut magento_expiry = now;
         while now < end {
-            if now >= magento_expiry {
-                magento_count = 0;
-            }
-            assert!(magento_count < r.lockout_threshold, "Magento would lock at {now:?}");
             attempts.push(now);
-            magento_count += 1;
-            magento_expiry = now + r.lockout_window;
             a.record_failure(now, true, &r);
-            now = a.wait(true, &r).until().unwrap();
+            now = a.wait(true, now, &r).until().unwrap();
         }
         for (i, t) in attempts.iter().enumerate() {
             let in_window = attempts[i..].iter().take_while(|u| **u < *t + r.lockout_window).count();
             assert!(in_window <= r.max_auth_failures as usize, "{in_window} attempts within 30 minutes");
         }
-        // Three attempts in the first 6 minutes, then one per pause: a paused customer retries
-        // its password once every 31 minutes until it changes.
         assert_eq!(attempts.len(), 3 + (24 * 60 - 6 - 1) / 31);
         for pair in attempts[2..].windows(2) {
             assert_eq!(pair[1].duration_since(pair[0]).unwrap(), r.auth_failure_pause);

@@ -36,6 +36,9 @@ pub enum State {
     /// `max_auth_failures` 401s in a row: paused until `auth_failure_pause` has passed or the
     /// password changes.
     Paused,
+    /// The lockout budget allows no login until the password changes or an operator clears the
+    /// count (`forget-failures`): no time will help.
+    HeldBack,
 }
 
 /// Everything known of one customer: what `/status` shows and every per-customer metric.
@@ -59,6 +62,8 @@ pub(crate) struct Entry {
     /// `magento_token_paused`: set with the plan, so it stays up while a paused customer's
     /// state moves on to `refreshing`.
     pub(crate) paused: bool,
+    /// `magento_token_held_back`, likewise.
+    pub(crate) held_back: bool,
     /// Boxed: most customers never have one.
     last_error: Option<Box<ErrorNote>>,
 }
@@ -75,6 +80,7 @@ impl Entry {
             consecutive_failures: 0,
             state: State::Starting,
             paused: false,
+            held_back: false,
             last_error: None,
         }
     }
@@ -257,6 +263,7 @@ impl Reporter {
             e.state = state;
             e.next_refresh_at = at;
             e.paused = state == State::Paused;
+            e.held_back = state == State::HeldBack;
         });
     }
 

@@ -124,20 +124,20 @@ impl<M: Magento> Worker<M> {
                 );
             }
             let mut next = Box::pin(self.start(adopt)).await;
-            if let Some(t) = self.account.standing(&self.shared.refresh).until() {
-                next = next.max(t);
-            }
             loop {
-                let state = match self.account.standing(&self.shared.refresh) {
-                    AuthWait::Paused(_) => State::Paused,
-                    AuthWait::Backoff(_) => State::AuthBackoff,
-                    AuthWait::Clear if self.transient > 0 || self.pending.is_some() => State::Retrying,
-                    AuthWait::Clear => State::Fresh,
+                // The plan, held to what the lockout policy allows for the password refused
+                // last (a changed password wakes the wait: the policy may allow it sooner).
+                let (state, planned) = match self.account.standing(self.now(), &self.shared.refresh) {
+                    AuthWait::HeldBack => (State::HeldBack, None),
+                    AuthWait::Paused(t) => (State::Paused, Some(next.max(t))),
+                    AuthWait::Backoff(t) => (State::AuthBackoff, Some(next.max(t))),
+                    AuthWait::Clear if self.transient > 0 || self.pending.is_some() => (State::Retrying, Some(next)),
+                    AuthWait::Clear => (State::Fresh, Some(next)),
                 };
-                self.report.planned(state, Some(next));
-                match self.wait_until(next).await {
+                self.report.planned(state, planned);
+                match self.wait_until(planned).await {
                     Woken::Stopped => break,
-                    // Tried at once unless Magento's count is near its lock (the policy says).
+                    // Tried at once if the policy allows it.
                     Woken::PasswordChanged => info!("the password changed since its last 401"),
                     Woken::Due => {}
                 }
@@ -213,25 +213,33 @@ impl<M: Magento> Worker<M> {
         }
     }
 
-    /// Waits until `at`; while a 401 of the password in use is what holds the customer back,
-    /// also watches the password source.
-    async fn wait_until(&self, at: SystemTime) -> Woken {
+    /// Waits until `at` (`None`: until something changes); while a 401 of the password in use
+    /// is what holds the customer back, also watches the password source.
+    async fn wait_until(&self, at: Option<SystemTime>) -> Woken {
         loop {
             // A stop asked while this worker was busy ends it here, before any new login.
             if self.stop.is_cancelled() {
                 return Woken::Stopped;
             }
-            let refused = self.account.refused_password(&self.shared.refresh);
+            let refused = self.account.refused_password(self.now(), &self.shared.refresh);
             if let (Some(refused), Ok(now)) = (&refused, self.customer.password.read()) {
                 if *refused != now {
                     return Woken::PasswordChanged;
                 }
             }
-            let left = self.shared.clock.until(at);
-            if left.is_zero() {
+            let left = at.map(|at| self.shared.clock.until(at));
+            if left.is_some_and(|left| left.is_zero()) {
                 return Woken::Due;
             }
-            let nap = if refused.is_some() { left.min(PASSWORD_POLL) } else { left };
+            let nap = match (left, refused.is_some()) {
+                (Some(left), true) => left.min(PASSWORD_POLL),
+                (Some(left), false) => left,
+                (None, true) => PASSWORD_POLL,
+                (None, false) => {
+                    self.stop.cancelled().await;
+                    return Woken::Stopped;
+                }
+            };
             tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => return Woken::Stopped,
@@ -264,15 +272,14 @@ impl<M: Magento> Worker<M> {
                 error!(error = %e, retry_in = %humantime::format_duration(round(wait)), "cannot read the password");
                 Some(now + wait)
             }
-            Err(NoToken::HeldBack { until, near_lock, .. }) => {
-                let message = if near_lock {
-                    "Magento's failure count for this username is near its lock: no login is sent until it expires"
-                } else {
-                    "this password was refused for this username not long ago (before a reload or restart): not sent again until the wait after that 401 is over"
-                };
-                warn!(retry_at = %sink::rfc3339(until), "{message}");
-                self.report.problem("held_back", message, self.now());
-                Some(until)
+            Err(NoToken::HeldBack { wait, password_bound, auth }) => {
+                let message = held_back_message(wait, password_bound, &self.customer.name);
+                match wait.until() {
+                    Some(until) => warn!(retry_at = %sink::rfc3339(until), failures = auth.chain, "{message}"),
+                    None => error!(failures = auth.chain, "{message}"),
+                }
+                self.report.problem("held_back", &message, self.now());
+                Some(self.now())
             }
             Err(NoToken::Login { error, took }) => Some(self.failed(error, took)),
         }
@@ -341,7 +348,14 @@ impl<M: Magento> Worker<M> {
         let duration_ms = took.as_millis() as u64;
         if e.outcome == Outcome::AuthFailure {
             let auth = self.account.auth();
-            let wait = self.account.standing(&r);
+            let wait = self.account.standing(now, &r);
+            if wait == AuthWait::HeldBack {
+                let password_bound = self.account.refused_password(now, &r).is_some();
+                let message = held_back_message(wait, password_bound, &self.customer.name);
+                error!(result = "auth_failure", error = %e.message, failures = auth.chain, duration_ms, "login refused: {message}");
+                self.report.problem("held_back", &message, now);
+                return now;
+            }
             let next = wait.until().unwrap_or(now);
             let retry_in = humantime::format_duration(round(next.duration_since(now).unwrap_or_default()));
             if let AuthWait::Paused(_) = wait {
@@ -368,6 +382,19 @@ impl<M: Magento> Worker<M> {
             "login failed"
         );
         now + wait
+    }
+}
+
+/// What `/status` and the log say of a login the lockout policy holds back, and what to do.
+fn held_back_message(wait: AuthWait, password_bound: bool, customer: &str) -> String {
+    match wait {
+        AuthWait::HeldBack if password_bound => format!(
+            "Magento refused this password and only a successful login clears its failure count: it is not sent again; fix the password (a changed password is tried at once) or, after resetting the customer's failures in Magento, run `magento-token-sidecar forget-failures --config FILE {customer}`"
+        ),
+        AuthWait::HeldBack => format!(
+            "the lockout budget is spent: Magento counts as many failed logins for this username as the daemon may cause, and only a successful login clears them; reset the customer's failures in Magento (and fix the password), then run `magento-token-sidecar forget-failures --config FILE {customer}`"
+        ),
+        _ => "this password was refused for this username not long ago (before a reload or restart): not sent again until the wait after that 401 is over".to_owned(),
     }
 }
 

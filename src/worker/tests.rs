@@ -174,23 +174,53 @@ async fn a_day_of_refreshes_always_leaves_a_token_magento_accepts() {
     run.stop().await;
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_wrong_password_for_a_day_never_nears_the_lock_and_a_fix_is_tried_at_once() {
+/// A day with a wrong password, then the Secret fixed, under both lockout rules.
+/// Returns the logins of the day, the state at its end, and the worker with its directory.
+async fn a_wrong_password_for_a_day(
+    lockout_reset: &str,
+) -> (Vec<(SystemTime, bool)>, crate::status::State, Run, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let password = dir.path().join("password");
     std::fs::write(&password, "wrong\n").unwrap();
-    let config = config(dir.path(), "");
-    let r = config.refresh.clone();
+    let config = config(dir.path(), &format!("  lockout_reset: {lockout_reset}\n"));
     let clock = Clock::tokio(SystemTime::now());
     let run = start(&config, Scripted::new(clock, "right"), clock);
-
     tokio::time::sleep(24 * HOUR).await;
     let logins = run.magento.logins();
+    let state = run.board.snapshot(run.clock.now())[0].state;
     assert!(logins.iter().all(|(_, ok)| !*ok));
+    assert!(crate::sink::read_ledger(&run.path, "alice@example.com").is_some(), "the 401s are in the ledger");
+
+    // The Secret is fixed: tried within the password poll, whatever the wait.
+    std::fs::write(&password, "right\n").unwrap();
+    let fixed_at = run.clock.now();
+    tokio::time::sleep(PASSWORD_POLL + Duration::from_secs(1)).await;
+    let (at, ok) = *run.magento.logins().last().unwrap();
+    assert!(ok, "the fixed password was not tried");
+    assert!(at.duration_since(fixed_at).unwrap() <= PASSWORD_POLL);
+    assert!(run.magento.accepts(&run.token().unwrap()));
+    assert!(crate::sink::read_ledger(&run.path, "alice@example.com").is_none(), "a success clears the ledger");
+    (logins, state, run, dir)
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_cron_a_wrong_password_is_sent_three_times_in_a_day_and_a_fix_at_once() {
+    let (logins, state, run, _dir) = a_wrong_password_for_a_day("success").await;
+    // At 0, 1 and 6 minutes; then no time helps: held back until the password changes. A store
+    // without cron counts all three for ever, two below its lock.
+    let gaps: Vec<u64> = logins.windows(2).map(|w| w[1].0.duration_since(w[0].0).unwrap().as_secs()).collect();
+    assert_eq!(gaps, [60, 300], "{} logins in a day", logins.len());
+    assert_eq!(state, crate::status::State::HeldBack);
+    run.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn where_cron_runs_a_wrong_password_is_tried_once_per_pause_and_a_fix_at_once() {
+    let (logins, state, run, _dir) = a_wrong_password_for_a_day("window").await;
+    let r = crate::config::RefreshSettings::default();
     // Magento's count (cleared 30 minutes after the last failure by its cron) never comes
     // within two of its lock at six.
-    let mut count = 0;
-    let mut expires = logins[0].0;
+    let (mut count, mut expires) = (0, logins[0].0);
     for (at, _) in &logins {
         if *at >= expires {
             count = 0;
@@ -201,19 +231,7 @@ async fn a_wrong_password_for_a_day_never_nears_the_lock_and_a_fix_is_tried_at_o
     }
     // At 0, 1 and 6 minutes, then once per 31-minute pause.
     assert_eq!(logins.len(), 3 + (24 * 60 - 6) / 31, "{} logins in a day", logins.len());
-    let status = &run.board.snapshot(run.clock.now())[0];
-    assert_eq!(status.state, crate::status::State::Paused);
-    assert!(crate::sink::read_ledger(&run.path, "alice@example.com").is_some(), "the 401s are in the ledger");
-
-    // The Secret is fixed: tried within the password poll, not after the pause.
-    std::fs::write(&password, "right\n").unwrap();
-    let fixed_at = run.clock.now();
-    tokio::time::sleep(PASSWORD_POLL + Duration::from_secs(1)).await;
-    let (at, ok) = *run.magento.logins().last().unwrap();
-    assert!(ok, "the fixed password was not tried");
-    assert!(at.duration_since(fixed_at).unwrap() <= PASSWORD_POLL);
-    assert!(run.magento.accepts(&run.token().unwrap()));
-    assert!(crate::sink::read_ledger(&run.path, "alice@example.com").is_none(), "a success clears the ledger");
+    assert_eq!(state, crate::status::State::Paused);
     run.stop().await;
 }
 
