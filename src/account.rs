@@ -126,6 +126,16 @@ impl Account {
         state.auth.clone()
     }
 
+    /// The password just refused will be refused whatever the timing (an unconfirmed account).
+    pub fn refused_for_good(&self) {
+        self.state().auth.final_refusal = true;
+    }
+
+    /// The customer's configuration changed (a reload): a refusal for good may no longer hold.
+    pub fn configuration_changed(&self) {
+        self.state().auth.final_refusal = false;
+    }
+
     /// A successful login: Magento's count for the username is gone.
     pub fn record_success(&self) {
         *self.state() = State::default();
@@ -192,7 +202,7 @@ mod tests {
         let r = RefreshSettings::default();
         let account = Account::default();
         let t0 = from_unix(1_800_000_000);
-        let recorded = AuthState { in_a_row: 3, chain: 3, last_failure: Some(t0) };
+        let recorded = AuthState { in_a_row: 3, chain: 3, last_failure: Some(t0), final_refusal: false };
         let now = Secret::new("now".into());
         account.restore(recorded.clone(), Some(now.clone()));
         // Three 401s of four allowed: the same password never again (only a success clears

@@ -110,6 +110,9 @@ pub async fn attempt<M: Magento>(a: Attempt<'_, M>, stop: &CancellationToken) ->
         Err(error) => {
             if error.outcome == Outcome::AuthFailure {
                 let auth = a.account.record_failure(&password, a.clock.now(), a.refresh);
+                if error.final_for_password {
+                    a.account.refused_for_good();
+                }
                 // Rare and small: written in place rather than on the blocking pool.
                 if let Err(e) = sink::write_ledger(&a.customer.path, &a.customer.username, &auth) {
                     warn!(customer = %a.customer.name, error = %e, "cannot record the 401 beside the token file: a restart would forget it");

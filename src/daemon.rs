@@ -137,6 +137,7 @@ impl Supervisor {
         self.log_format = new.log.format;
         for (customer, adopt) in plan.restart {
             info!(customer = %customer.name, "customer changed: restarting it");
+            self.accounts.of(&customer).configuration_changed();
             self.spawn(customer, adopt);
         }
         for customer in plan.add {
@@ -378,7 +379,8 @@ impl Pass<'_> {
                     Err(NoToken::Stopped) => timed_out_error(),
                     Err(NoToken::Login { error, .. }) => error,
                 };
-            if error.outcome == Outcome::AuthFailure {
+            // Neither a 401 nor a reCAPTCHA requirement changes within one pass.
+            if matches!(error.outcome, Outcome::AuthFailure | Outcome::Blocked) {
                 return Err(error.into());
             }
             failures += 1;

@@ -26,7 +26,7 @@ use std::fmt;
 use std::hash::BuildHasher;
 use std::time::{Duration, SystemTime};
 
-use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE, LOCATION, RETRY_AFTER};
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE, LOCATION, RETRY_AFTER, WWW_AUTHENTICATE};
 use reqwest::{Response, StatusCode};
 use serde::Serialize;
 use zeroize::Zeroizing;
@@ -53,7 +53,8 @@ pub enum Outcome {
     Success,
     /// 401: wrong password, unknown username or locked account.
     AuthFailure,
-    /// Any other HTTP status, redirects included.
+    /// Any other HTTP status, redirects included, and a 401 that is not Magento's (an htpasswd
+    /// front or a WAF: the login never reached Magento).
     HttpError,
     /// Connect, reset, timeout.
     NetworkError,
@@ -61,21 +62,26 @@ pub enum Outcome {
     InvalidResponse,
     /// The token could not be written to its file.
     WriteError,
+    /// Refused before the credentials were checked (reCAPTCHA): nothing counted, nothing a
+    /// retry can change until the store's settings do.
+    Blocked,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 6] = [
+    pub const ALL: [Outcome; 7] = [
         Outcome::Success,
         Outcome::AuthFailure,
         Outcome::HttpError,
         Outcome::NetworkError,
         Outcome::InvalidResponse,
         Outcome::WriteError,
+        Outcome::Blocked,
     ];
 
     /// [`Outcome::ALL`] in the order of their `result` label values, as a scrape lists them.
-    pub const SORTED: [Outcome; 6] = [
+    pub const SORTED: [Outcome; 7] = [
         Outcome::AuthFailure,
+        Outcome::Blocked,
         Outcome::HttpError,
         Outcome::InvalidResponse,
         Outcome::NetworkError,
@@ -96,6 +102,7 @@ impl Outcome {
             Outcome::NetworkError => "network_error",
             Outcome::InvalidResponse => "invalid_response",
             Outcome::WriteError => "write_error",
+            Outcome::Blocked => "blocked",
         }
     }
 }
@@ -107,6 +114,9 @@ pub struct LoginError {
     pub message: String,
     /// What a `Retry-After` header asked for.
     pub retry_after: Option<Duration>,
+    /// A 401 Magento gives whatever the timing, as long as the account stays as it is (an
+    /// unconfirmed account): the same password is not sent again.
+    pub final_for_password: bool,
 }
 
 impl fmt::Display for LoginError {
@@ -119,7 +129,7 @@ impl std::error::Error for LoginError {}
 
 impl LoginError {
     pub fn new(outcome: Outcome, message: impl Into<String>) -> LoginError {
-        LoginError { outcome, message: message.into(), retry_after: None }
+        LoginError { outcome, message: message.into(), retry_after: None, final_for_password: false }
     }
 
     /// The last safety net before logs and `/status`: an exact copy of `secret` masked, control
@@ -400,8 +410,11 @@ async fn error_answer(response: Response, secret: &Secret) -> LoginError {
             || "untyped".to_owned(),
             |v| showable(v, false, MAX_SHOWN_SHORT, &pieces).unwrap_or_else(|| "(type not shown)".to_owned()),
         );
+    let challenged = headers.contains_key(WWW_AUTHENTICATE);
     let body = read_body(response, false).await.unwrap_or_default();
-    let detail = match fill_message(&body) {
+    let filled = fill_message(&body);
+    let magento_said = filled.as_ref().map(|f| f.template_head.clone());
+    let detail = match filled {
         Some(filled) => showable(&filled.text, filled.cut, MAX_SHOWN, &pieces).unwrap_or_else(|| {
             format!(
                 "(the answer's message is not shown: it repeats part of the request; the answer was {} bytes)",
@@ -410,16 +423,52 @@ async fn error_answer(response: Response, secret: &Secret) -> LoginError {
         }),
         None => format!("a {kind} answer, not Magento's JSON (a proxy, CDN or maintenance page?)"),
     };
-    let hint = match status.as_u16() {
-        401 => " (a wrong password, an unknown username or a locked account: Magento does not say which)",
-        404 => " (check base_url and store_code: an unknown store code also answers this)",
-        400 if detail.contains("ReCaptcha") => {
-            " (the store requires reCAPTCHA for customer logins through the web API, which a daemon cannot solve: turn it off for the web API in the store's reCAPTCHA settings)"
-        }
-        _ => "",
+    let class = classify(status, challenged, magento_said.as_deref());
+    let hint = match class {
+        Class::NotMagentos => " (a 401 that is not Magento's: an htpasswd front or a WAF answered, so the login never reached Magento and nothing was counted; let the daemon through it, e.g. by allowing its address)",
+        Class::Unconfirmed => " (the account's email address is not confirmed: confirm it, in the email Magento sent or in the admin; the same password is not sent again until the password or the configuration changes, since every try counts towards Magento's lock)",
+        Class::WrongPassword => " (a wrong password, an unknown username or a locked account: Magento does not say which)",
+        Class::ReCaptcha => " (the store requires reCAPTCHA for customer logins, which a daemon cannot solve; nothing was counted. Remedies: turn off reCAPTCHA for Customer Login on the website the daemon logs into, disable the module Magento_ReCaptchaWebapiRest, or authenticate as an integration, which is exempt)",
+        Class::Other if status == StatusCode::NOT_FOUND => " (check base_url and store_code: an unknown store code also answers this)",
+        Class::Other => "",
     };
-    let outcome = if status == StatusCode::UNAUTHORIZED { Outcome::AuthFailure } else { Outcome::HttpError };
-    LoginError { outcome, message: format!("HTTP {status}: {detail}{hint}"), retry_after }
+    let outcome = match class {
+        Class::WrongPassword | Class::Unconfirmed => Outcome::AuthFailure,
+        Class::ReCaptcha => Outcome::Blocked,
+        Class::NotMagentos | Class::Other => Outcome::HttpError,
+    };
+    LoginError {
+        outcome,
+        message: format!("HTTP {status}: {detail}{hint}"),
+        retry_after,
+        final_for_password: class == Class::Unconfirmed,
+    }
+}
+
+/// What an error answer means for the login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    /// Magento's 401: a wrong password, an unknown username or a lock (it never says which).
+    WrongPassword,
+    /// Magento's own 401 for an account whose email is not confirmed.
+    Unconfirmed,
+    /// A 401 with an HTML body or a `WWW-Authenticate` challenge: a front, not Magento.
+    NotMagentos,
+    /// Magento's 400 for a login without a reCAPTCHA answer: refused before the credentials.
+    ReCaptcha,
+    Other,
+}
+
+/// Sorts an error answer by its status, what its headers say (a `WWW-Authenticate` challenge)
+/// and Magento's message, if the body held one (as Magento's JSON, before placeholders).
+fn classify(status: StatusCode, challenged: bool, magento: Option<&str>) -> Class {
+    match (status.as_u16(), magento) {
+        (401, Some(m)) if !challenged && m.contains("isn't confirmed") => Class::Unconfirmed,
+        (401, Some(_)) if !challenged => Class::WrongPassword,
+        (401, _) => Class::NotMagentos,
+        (400, Some(m)) if m.contains("ReCaptcha") || m.contains("reCAPTCHA") => Class::ReCaptcha,
+        _ => Class::Other,
+    }
 }
 
 /// Where a redirect points, as far as it can be shown: scheme, host and port, then the path if
@@ -497,6 +546,9 @@ struct Filled {
     text: String,
     /// The message went on beyond `text`.
     cut: bool,
+    /// The start of Magento's message before its placeholders are filled: what it means, for
+    /// [`classify`] (never shown).
+    template_head: String,
 }
 
 fn fill_message(body: &[u8]) -> Option<Filled> {
@@ -504,7 +556,8 @@ fn fill_message(body: &[u8]) -> Option<Filled> {
     let template = value.get("message")?.as_str()?;
     let mut out = Bounded::new(MAX_SHOWN);
     fill(template, &Placeholders::new(value.get("parameters")), &mut out);
-    Some(Filled { text: out.text, cut: out.cut })
+    let template_head = template.chars().take(MAX_SHOWN_SHORT).collect();
+    Some(Filled { text: out.text, cut: out.cut, template_head })
 }
 
 /// Fills the placeholders of `template` into `out` in one pass, as Magento's renderer does

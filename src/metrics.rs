@@ -481,7 +481,7 @@ mod tests {
                 e.clock_skew = [0, -300, 75, 0][i];
                 e.password_errors = i as u64 * 2;
                 for o in Outcome::ALL {
-                    e.refreshes[o.index()] = (o.index() * 7 + i) as u64;
+                    e.refreshes[o.index()] = (o.index() * 7 + i) as u32;
                 }
             });
         }
@@ -552,7 +552,7 @@ mod tests {
             for (name, e) in board.iter() {
                 let name: &str = name;
                 for o in Outcome::ALL {
-                    refresh_total.with_label_values(&[name, o.as_str()]).inc_by(e.refreshes[o.index()]);
+                    refresh_total.with_label_values(&[name, o.as_str()]).inc_by(u64::from(e.refreshes[o.index()]));
                 }
                 expiry.with_label_values(&[name]).set(e.expires_at.map_or(0.0, unix));
                 last_success.with_label_values(&[name]).set(e.last_success_at.map_or(0.0, unix));

@@ -68,6 +68,9 @@ pub struct AuthState {
     /// last one.
     pub chain: u32,
     pub last_failure: Option<SystemTime>,
+    /// Magento refuses the password refused last whatever the timing, as long as the account
+    /// stays as it is (unconfirmed): it is not sent again.
+    pub final_refusal: bool,
 }
 
 /// Where a customer stands after its 401s.
@@ -108,6 +111,7 @@ impl AuthState {
         self.chain = self.counted(now, r) + 1;
         if !same_password {
             self.in_a_row = 0;
+            self.final_refusal = false;
         }
         self.in_a_row += 1;
         self.last_failure = Some(now);
@@ -164,6 +168,8 @@ impl AuthState {
         // clears Magento's count.
         let password_wait = if !same_password || self.in_a_row == 0 {
             AuthWait::Clear
+        } else if self.final_refusal {
+            return AuthWait::HeldBack;
         } else if self.in_a_row < r.max_auth_failures {
             let i = (self.in_a_row as usize - 1).min(r.auth_failure_delays.len().saturating_sub(1));
             AuthWait::Backoff(last + r.auth_failure_delays.get(i).copied().unwrap_or(r.auth_failure_pause))

@@ -186,6 +186,7 @@ pub fn read_ledger(token_path: &Path, username: &str) -> Option<AuthState> {
         in_a_row: ledger.in_a_row,
         chain: ledger.chain,
         last_failure: Some(crate::token::from_unix(ledger.last_failure)),
+        final_refusal: false,
     })
 }
 
@@ -289,6 +290,7 @@ mod tests {
             in_a_row: 2,
             chain: 3,
             last_failure: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
+            final_refusal: false,
         };
         write_ledger(&path, "a@x", &auth).unwrap();
         assert_eq!(ledger_path(&path), dir.path().join(".alice.auth"));

@@ -50,8 +50,9 @@ pub(crate) struct Entry {
     pub(crate) last_success_at: Option<SystemTime>,
     /// `magento_token_next_refresh_timestamp_seconds`.
     pub(crate) next_refresh_at: Option<SystemTime>,
-    /// `magento_token_refresh_total`, indexed by [`Outcome::index`].
-    pub(crate) refreshes: [u64; Outcome::ALL.len()],
+    /// `magento_token_refresh_total`, indexed by [`Outcome::index`] (u32: a login a minute for
+    /// eight thousand years).
+    pub(crate) refreshes: [u32; Outcome::ALL.len()],
     /// `magento_token_password_errors_total`.
     pub(crate) password_errors: u64,
     /// `magento_token_clock_skew_seconds`.

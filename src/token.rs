@@ -92,6 +92,8 @@ pub struct Expiry {
     /// `Some(seconds)` (Magento's clock minus ours) when the JWT's `iat` showed clock skew.
     pub skew: Option<i64>,
     pub is_jwt: bool,
+    /// An encrypted JWT (JWE: five parts), whose claims cannot be read: its expiry is assumed.
+    pub encrypted: bool,
 }
 
 /// The expiry of a token obtained by a request that started at `started`: the JWT's `exp`, or,
@@ -108,6 +110,7 @@ pub fn expiry(token: &Secret, started: SystemTime, default_lifetime: Duration) -
             lifetime: default_lifetime,
             skew: None,
             is_jwt: false,
+            encrypted: token.expose().split('.').count() == 5,
         });
     };
     // In i128, where no pair of i64 claims can overflow.
@@ -129,7 +132,7 @@ pub fn expiry(token: &Secret, started: SystemTime, default_lifetime: Duration) -
     // Everything now fits: the life is at most MAX_LIFETIME, so exp_local is near start.
     let lifetime = Duration::from_secs(life as u64);
     let skew = skew.map(|s| s.clamp(i64::MIN.into(), i64::MAX.into()) as i64);
-    Ok(Expiry { expires_at: from_unix(exp_local as i64), lifetime, skew, is_jwt: true })
+    Ok(Expiry { expires_at: from_unix(exp_local as i64), lifetime, skew, is_jwt: true, encrypted: false })
 }
 
 pub fn unix(t: SystemTime) -> i64 {
@@ -196,7 +199,13 @@ pub(crate) mod tests {
         let opaque = Secret::new("q1w2e3r4t5y6u7i8o9p0a1s2d3f4g5h6".into());
         let e = expiry(&opaque, start, Duration::from_secs(7200)).unwrap();
         assert_eq!(e.expires_at, from_unix(1_700_007_200));
-        assert!(!e.is_jwt);
+        assert!(!e.is_jwt && !e.encrypted);
+
+        // A JWE's claims are encrypted: its life is the configured one.
+        let jwe = Secret::new("eyJhbGciOiJBMjU2S1cifQ.a2V5.aXY.Y2lwaGVy.dGFn".into());
+        let e = expiry(&jwe, start, Duration::from_secs(3600)).unwrap();
+        assert_eq!(e.expires_at, from_unix(1_700_003_600));
+        assert!(!e.is_jwt && e.encrypted);
     }
 
     #[test]

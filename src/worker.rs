@@ -77,6 +77,7 @@ pub struct Worker<M = Client> {
     transient: u32,
     /// A token that could not be written yet: written on the next try without a new login.
     pending: Option<Obtained>,
+    /// A warning about the token's expiry (clock skew, an encrypted token) was logged: once.
     warned_skew: bool,
 }
 
@@ -302,6 +303,13 @@ impl<M: Magento> Worker<M> {
         match written {
             Ok(()) => {
                 self.transient = 0;
+                if obtained.expiry.encrypted && !self.warned_skew {
+                    self.warned_skew = true;
+                    warn!(
+                        default_lifetime = %humantime::format_duration(self.shared.refresh.default_lifetime),
+                        "an encrypted token (JWE, five parts): its expiry cannot be read, so refresh.default_lifetime is assumed; it must not exceed the store's token lifetime (webapi/jwtauth/customer_expiration)"
+                    );
+                }
                 if let (Some(skew), false) = (obtained.expiry.skew, self.warned_skew) {
                     self.warned_skew = true;
                     warn!(
@@ -373,7 +381,12 @@ impl<M: Magento> Worker<M> {
             return next;
         }
         self.transient += 1;
-        let wait = schedule::backoff(self.transient, &r, e.retry_after, rand::thread_rng().gen());
+        let wait = match e.outcome {
+            // Nothing a retry can change until the store's settings do: no more than once per
+            // max_backoff.
+            Outcome::Blocked => r.max_backoff,
+            _ => schedule::backoff(self.transient, &r, e.retry_after, rand::thread_rng().gen()),
+        };
         warn!(
             result = e.outcome.as_str(),
             error = %e.message,

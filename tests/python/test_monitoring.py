@@ -32,7 +32,7 @@ DASHBOARD = ROOT / "charts" / "magento-token-sidecar" / "files" / "dashboard.jso
 ALERT_TESTS = ROOT / "monitoring" / "alerts.test.yaml"
 
 # The daemon's metrics as the contract lists them: name -> (type, labels).
-REFRESH_RESULTS = {"success", "auth_failure", "http_error", "network_error", "invalid_response", "write_error"}
+REFRESH_RESULTS = {"success", "auth_failure", "http_error", "network_error", "invalid_response", "write_error", "blocked"}
 RELOAD_RESULTS = {"success", "failure"}
 CONTRACT_METRICS = {
     "magento_token_refresh_total": ("counter", {"customer", "result"}),
