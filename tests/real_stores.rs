@@ -1,0 +1,124 @@
+//! Answers that are not a wrong password, as real stores give them: reCAPTCHA on customer login,
+//! an htpasswd front or WAF answering 401, an unconfirmed account, encrypted tokens. Each is
+//! named, and none is taken for a wrong password or retried faster than it can change.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use magento_devserver::{DevServerOptions, TokenFormat};
+
+const SEC: Duration = Duration::from_secs(1);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recaptcha_is_blocked_retried_once_per_max_backoff_and_never_counted() {
+    let w = World::with_customers(&[ALICE]).await;
+    w.server.set_recaptcha(true);
+    // max_backoff is the scaled minute here (config_text sets min 100ms, max 1s).
+    w.write_config(&w.config_text(&[(ALICE.0, ALICE.1)], "", ""));
+    let mut d = w.start();
+    let start = Instant::now();
+    wait_for(10 * SEC, "the first blocked login", || async { (w.server.login_attempts(ALICE.1) >= 1).then_some(()) })
+        .await;
+    tokio::time::sleep(6 * SEC).await;
+    let attempts = w.server.login_attempts(ALICE.1);
+    let elapsed = start.elapsed().as_secs_f64();
+    // Never more often than max_backoff (1 s): at most one per second of the run, plus the first.
+    assert!(attempts as f64 <= elapsed + 1.0, "{attempts} tries in {elapsed:.1} s");
+    assert!(attempts >= 3, "{attempts} tries in {elapsed:.1} s: still retried");
+    assert_eq!(w.server.failures(ALICE.1), 0, "reCAPTCHA refusals are not counted");
+    let blocked = d.metric(&refreshes("alice", "blocked")).await.unwrap();
+    assert!(blocked >= 3.0, "{blocked}");
+    assert_eq!(d.metric(&refreshes("alice", "auth_failure")).await, Some(0.0));
+    let status = d.status_of("alice").await;
+    assert_eq!(status["last_error"]["class"], "blocked", "{status}");
+    let message = status["last_error"]["message"].as_str().unwrap();
+    for remedy in ["Customer Login", "Magento_ReCaptchaWebapiRest", "integration"] {
+        assert!(message.contains(remedy), "the message names {remedy}: {message}");
+    }
+    eprintln!("reCAPTCHA: {attempts} tries in {elapsed:.1} s with max_backoff 1 s (one per scaled minute)");
+
+    w.server.set_recaptcha(false);
+    let token = w.wait_token("alice", None, 5 * SEC).await;
+    assert_eq!(w.server.check_token(&token).as_deref(), Some(ALICE.1));
+    assert_eq!(d.stop().await.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_from_an_htpasswd_front_is_no_wrong_password() {
+    let w = World::with_customers(&[ALICE]).await;
+    w.server.set_basic_auth(Some(("staging", "letmein")));
+    w.write_config(&w.config_text(&[(ALICE.0, ALICE.1)], "", ""));
+    let mut d = w.start();
+    wait_for(10 * SEC, "three refused logins", || async { (w.server.login_attempts(ALICE.1) >= 3).then_some(()) })
+        .await;
+    d.wait_metric(&refreshes("alice", "auth_failure"), 0.0, SEC).await;
+    let status = d.status_of("alice").await;
+    assert_eq!(status["last_error"]["class"], "http_error", "{status}");
+    assert!(status["last_error"]["message"].as_str().unwrap().contains("htpasswd front or a WAF"), "{status}");
+    assert_ne!(status["state"], "held_back");
+    assert_eq!(w.server.failures(ALICE.1), 0);
+
+    w.server.set_basic_auth(None);
+    let token = w.wait_token("alice", None, 5 * SEC).await;
+    assert_eq!(w.server.check_token(&token).as_deref(), Some(ALICE.1));
+    assert_eq!(d.stop().await.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unconfirmed_account_gets_one_try_until_its_configuration_changes() {
+    let w = World::with_customers(&[ALICE]).await;
+    w.server.set_confirmed(ALICE.1, false);
+    // Short waits: only the refusal for good keeps the same password from being sent again.
+    let refresh =
+        "  auth_failure_delays: [100ms]\n  lockout_reset: window\n  lockout_window: 1s\n  auth_failure_pause: 1100ms\n";
+    w.write_config(&w.config_text(&[(ALICE.0, ALICE.1)], refresh, ""));
+    let mut d = w.start();
+    wait_for(10 * SEC, "the first try", || async { (w.server.login_attempts(ALICE.1) >= 1).then_some(()) }).await;
+    tokio::time::sleep(4 * SEC).await;
+    assert_eq!(w.server.login_attempts(ALICE.1), 1, "one try for an unconfirmed account");
+    let status = d.status_of("alice").await;
+    assert_eq!(status["state"], "held_back", "{status}");
+    assert_eq!(status["last_error"]["class"], "held_back", "{status}");
+    assert!(d.logs().contains("is not confirmed: confirm it"), "the log says to confirm the account");
+    eprintln!("unconfirmed account: 1 try in 4 s of held-back time");
+
+    // Confirmed in Magento; the operator changes the configuration (here: the store code).
+    w.server.set_confirmed(ALICE.1, true);
+    w.write_config(&w.config_text(&[(ALICE.0, ALICE.1)], refresh, "    store_code: default\n"));
+    d.signal("HUP");
+    let token = w.wait_token("alice", None, 5 * SEC).await;
+    assert_eq!(w.server.check_token(&token).as_deref(), Some(ALICE.1));
+    assert_eq!(w.server.login_attempts(ALICE.1), 2);
+    assert_eq!(d.stop().await.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_tokens_live_the_configured_lifetime() {
+    let w = World::new(DevServerOptions {
+        token_format: TokenFormat::Encrypted,
+        token_lifetime: 4 * SEC,
+        ..Default::default()
+    })
+    .await;
+    w.server.add_customer(ALICE.1, ALICE.2);
+    w.set_password("alice", ALICE.2);
+    let refresh = "  default_lifetime: 4s\n  before_expiry: 2s\n  jitter: 100ms\n";
+    w.write_config(&w.config_text(&[(ALICE.0, ALICE.1)], refresh, "").replace("  dir:", "  format: json\n  dir:"));
+    let mut d = w.start();
+    let first = w.wait_token("alice", None, 10 * SEC).await;
+    let json: serde_json::Value = serde_json::from_str(&first).unwrap();
+    let token = json["token"].as_str().unwrap().to_owned();
+    assert_eq!(token.split('.').count(), 5, "a JWE");
+    let obtained = humantime::parse_rfc3339(json["obtained_at"].as_str().unwrap()).unwrap();
+    let expires = humantime::parse_rfc3339(json["expires_at"].as_str().unwrap()).unwrap();
+    assert_eq!(expires.duration_since(obtained).unwrap(), 4 * SEC, "default_lifetime from the request");
+    // Refreshed before the store's lifetime ends: every token on disk stays accepted.
+    let second = w.wait_token("alice", Some(&first), 6 * SEC).await;
+    let token2: serde_json::Value = serde_json::from_str(&second).unwrap();
+    assert_eq!(w.server.check_token(token2["token"].as_str().unwrap()).as_deref(), Some(ALICE.1));
+    let logs = d.logs();
+    assert_eq!(logs.matches("an encrypted token (JWE").count(), 1, "warned once");
+    assert_eq!(d.stop().await.code(), Some(0));
+}
