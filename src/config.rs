@@ -251,6 +251,10 @@ pub struct RefreshSettings {
     pub lockout_window: Duration,
     /// What clears Magento's failure count for a username.
     pub lockout_reset: LockoutReset,
+    /// How often the token on disk is checked with `GET customers/me` (a revoked token is
+    /// replaced at once); zero turns checks off.
+    #[serde(deserialize_with = "duration")]
+    pub validate_every: Duration,
 }
 
 /// What clears Magento's failure count for a username (`refresh.lockout_reset`).
@@ -282,6 +286,7 @@ impl Default for RefreshSettings {
             lockout_threshold: MAGENTO_LOCK_FAILURES,
             lockout_window: m(30),
             lockout_reset: LockoutReset::Success,
+            validate_every: m(10),
         }
     }
 }

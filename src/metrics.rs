@@ -16,7 +16,7 @@ use prometheus::proto::{self, LabelPair, Metric, MetricFamily, MetricType};
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
 use crate::magento::Outcome;
-use crate::status::{Board, Entry};
+use crate::status::{Board, Check, Entry};
 
 /// A per-customer family: every configured customer has its series, written from its
 /// [`Board`] entry whenever `/metrics` is scraped.
@@ -32,10 +32,12 @@ enum Value {
     One(fn(&Entry, SystemTime) -> f64),
     /// One series per [`Outcome`], labelled `customer` and `result`.
     PerOutcome,
+    /// One series per [`Check`], labelled `customer` and `result`.
+    PerCheck,
 }
 
 /// Every per-customer family, in the order of their names (the order of the exposition).
-const FAMILIES: [Family; 10] = [
+const FAMILIES: [Family; 11] = [
     Family {
         name: "magento_token_clock_skew_seconds",
         help: "Magento's clock minus ours, from the last JWT's iat, when more than a minute apart (else 0).",
@@ -96,13 +98,19 @@ const FAMILIES: [Family; 10] = [
         kind: MetricType::GAUGE,
         value: Value::One(|e, now| f64::from(u8::from(e.valid(now)))),
     },
+    Family {
+        name: "magento_token_validations_total",
+        help: "Checks of the token on disk (GET customers/me) by result: valid, revoked (replaced at once), error (kept).",
+        kind: MetricType::COUNTER,
+        value: Value::PerCheck,
+    },
 ];
 
 impl Family {
     fn label_names(&self) -> &'static [&'static str] {
         match self.value {
             Value::One(_) => &["customer"],
-            Value::PerOutcome => &["customer", "result"],
+            Value::PerOutcome | Value::PerCheck => &["customer", "result"],
         }
     }
 
@@ -113,7 +121,12 @@ impl Family {
             Value::One(value) => f(None, value(e, now)),
             Value::PerOutcome => {
                 for outcome in Outcome::SORTED {
-                    f(Some(outcome.as_str()), e.refreshes[outcome.index()] as f64);
+                    f(Some(outcome.as_str()), f64::from(e.refreshes[outcome.index()]));
+                }
+            }
+            Value::PerCheck => {
+                for check in Check::ALL {
+                    f(Some(check.as_str()), f64::from(e.checks[check.index()]));
                 }
             }
         }
@@ -126,7 +139,7 @@ impl Family {
         mf.set_help(self.help.into());
         mf.set_field_type(self.kind);
         let metrics = mf.mut_metric();
-        metrics.reserve(board.len() * if matches!(self.value, Value::PerOutcome) { Outcome::ALL.len() } else { 1 });
+        metrics.reserve(board.len() * Outcome::ALL.len());
         for (customer, e) in board {
             self.series(e, now, |result, value| {
                 let mut labels = vec![label_pair("customer", customer)];
@@ -548,6 +561,14 @@ mod tests {
             customer,
         )
         .unwrap();
+        let validations = IntCounterVec::new(
+            Opts::new(
+                "magento_token_validations_total",
+                "Checks of the token on disk (GET customers/me) by result: valid, revoked (replaced at once), error (kept).",
+            ),
+            &["customer", "result"],
+        )
+        .unwrap();
         m.board().with(|board| {
             for (name, e) in board.iter() {
                 let name: &str = name;
@@ -563,9 +584,12 @@ mod tests {
                 held_back.with_label_values(&[name]).set(i64::from(e.held_back));
                 skew.with_label_values(&[name]).set(e.clock_skew);
                 password_errors.with_label_values(&[name]).inc_by(e.password_errors);
+                for c in Check::ALL {
+                    validations.with_label_values(&[name, c.as_str()]).inc_by(u64::from(e.checks[c.index()]));
+                }
             }
         });
-        let collectors: [Box<dyn Collector>; 10] = [
+        let collectors: [Box<dyn Collector>; 11] = [
             Box::new(refresh_total),
             Box::new(expiry),
             Box::new(last_success),
@@ -576,6 +600,7 @@ mod tests {
             Box::new(held_back),
             Box::new(skew),
             Box::new(password_errors),
+            Box::new(validations),
         ];
         for c in collectors {
             old.register(c).unwrap();

@@ -41,6 +41,39 @@ pub enum State {
     HeldBack,
 }
 
+/// The outcome of one check of the token on disk (`GET customers/me`), the `result` label of
+/// `magento_token_validations_total`: a closed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// Magento accepted the token for this customer.
+    Valid,
+    /// Magento refused it (revoked, or the customer deactivated): replaced at once.
+    Revoked,
+    /// No answer either way (network, HTTP status): the token is kept.
+    Error,
+}
+
+impl Check {
+    /// In the order of their label values, as a scrape lists them.
+    pub const ALL: [Check; 3] = [Check::Error, Check::Revoked, Check::Valid];
+
+    pub const fn index(self) -> usize {
+        match self {
+            Check::Error => 0,
+            Check::Revoked => 1,
+            Check::Valid => 2,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Check::Valid => "valid",
+            Check::Revoked => "revoked",
+            Check::Error => "error",
+        }
+    }
+}
+
 /// Everything known of one customer: what `/status` shows and every per-customer metric.
 #[derive(Debug, Clone)]
 pub(crate) struct Entry {
@@ -53,6 +86,8 @@ pub(crate) struct Entry {
     /// `magento_token_refresh_total`, indexed by [`Outcome::index`] (u32: a login a minute for
     /// eight thousand years).
     pub(crate) refreshes: [u32; Outcome::ALL.len()],
+    /// `magento_token_validations_total`, indexed by [`Check::index`].
+    pub(crate) checks: [u32; Check::ALL.len()],
     /// `magento_token_password_errors_total`.
     pub(crate) password_errors: u64,
     /// `magento_token_clock_skew_seconds`.
@@ -76,6 +111,7 @@ impl Entry {
             last_success_at: None,
             next_refresh_at: None,
             refreshes: [0; Outcome::ALL.len()],
+            checks: [0; Check::ALL.len()],
             password_errors: 0,
             clock_skew: 0,
             consecutive_failures: 0,
@@ -295,6 +331,11 @@ impl Reporter {
             e.consecutive_failures
         })
         .unwrap_or(1)
+    }
+
+    /// A check of the token on disk.
+    pub fn checked(&self, check: Check) {
+        self.update(|e| e.checks[check.index()] += 1);
     }
 
     /// A problem that is not a login (an unreadable password source): shown in `/status`.

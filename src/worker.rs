@@ -34,7 +34,7 @@ use crate::config::{CustomerConfig, Format, RefreshSettings};
 use crate::magento::{Client, LoginError, Magento, Outcome};
 use crate::schedule::{self, AuthWait};
 use crate::sink;
-use crate::status::{Reporter, State};
+use crate::status::{Check, Reporter, State};
 use crate::token;
 
 /// How often the password source is re-read while waiting after a 401: a Secret rotated by
@@ -79,7 +79,31 @@ pub struct Worker<M = Client> {
     pending: Option<Obtained>,
     /// A warning about the token's expiry (clock skew, an encrypted token) was logged: once.
     warned_skew: bool,
+    /// When the token on disk was last known good (written, adopted or checked); `None` while
+    /// there is none to check.
+    checked_at: Option<SystemTime>,
+    checks: Checks,
 }
+
+/// Where the checks of the token on disk (`refresh.validate_every`) stand.
+#[derive(Default)]
+struct Checks {
+    /// Stopped: the customer's store code can never validate a token.
+    off: bool,
+    /// The token on disk was minted right after a revocation: check it again soon.
+    recheck: bool,
+    /// Brand-new tokens Magento refused in a row.
+    fresh_refusals: u8,
+}
+
+/// Brand-new tokens refused in a row before the store code is taken for one that can never
+/// validate (`/rest/all/`, another website's store): the checks stop rather than turn into a
+/// login loop.
+const MAX_FRESH_REFUSALS: u8 = 3;
+
+/// How long after a refused check the next login waits: Magento revokes every token minted up
+/// to the second of the revocation, so one minted within that second would die too.
+const AFTER_REVOCATION: Duration = Duration::from_millis(1100);
 
 /// Why a wait ended.
 enum Woken {
@@ -96,7 +120,18 @@ impl<M: Magento> Worker<M> {
         report: Reporter,
         stop: CancellationToken,
     ) -> Worker<M> {
-        Worker { customer, shared, report, stop, account, transient: 0, pending: None, warned_skew: false }
+        Worker {
+            customer,
+            shared,
+            report,
+            stop,
+            account,
+            transient: 0,
+            pending: None,
+            warned_skew: false,
+            checked_at: None,
+            checks: Checks::default(),
+        }
     }
 
     fn now(&self) -> SystemTime {
@@ -136,11 +171,22 @@ impl<M: Magento> Worker<M> {
                     AuthWait::Clear => (State::Fresh, Some(next)),
                 };
                 self.report.planned(state, planned);
-                match self.wait_until(planned).await {
+                let check_at = if state == State::Fresh { self.check_at() } else { None };
+                let wake = match (planned, check_at) {
+                    (Some(p), Some(c)) if c < p => Some(c),
+                    _ => planned,
+                };
+                match self.wait_until(wake).await {
                     Woken::Stopped => break,
                     // Tried at once if the policy allows it.
                     Woken::PasswordChanged => info!("the password changed since its last 401"),
                     Woken::Due => {}
+                }
+                if wake != planned && planned.is_some_and(|p| self.now() < p) {
+                    if let Some(login_at) = Box::pin(self.check()).await {
+                        next = login_at;
+                    }
+                    continue;
                 }
                 next = match self.pending.take() {
                     Some(obtained) if obtained.expiry.expires_at > self.now() + self.shared.refresh.before_expiry => {
@@ -201,6 +247,7 @@ impl<M: Magento> Worker<M> {
                     token = %found.token.fingerprint(),
                     "adopted the token on disk: Magento still accepts it"
                 );
+                self.checked_at = Some(now);
                 next
             }
             Ok(_) => {
@@ -210,6 +257,77 @@ impl<M: Magento> Worker<M> {
             Err(e) => {
                 info!(error = %e, "the token on disk was not accepted: logging in");
                 now
+            }
+        }
+    }
+
+    /// When the token on disk is next checked, if it is.
+    fn check_at(&self) -> Option<SystemTime> {
+        let every = self.shared.refresh.validate_every;
+        if every.is_zero() || self.checks.off {
+            return None;
+        }
+        let after = if self.checks.recheck { AFTER_REVOCATION } else { every };
+        self.checked_at.map(|at| at + after)
+    }
+
+    /// Checks the token on disk with `GET customers/me`; returns when to log in when Magento
+    /// refuses it. A check never counts as a failed login, and one that gets no answer keeps
+    /// the token.
+    async fn check(&mut self) -> Option<SystemTime> {
+        let Some(found) = sink::read_existing(&self.customer.path) else {
+            self.checked_at = None;
+            return None;
+        };
+        let answer = {
+            let _permit = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => return None,
+                permit = self.shared.logins.acquire() => permit,
+            };
+            self.shared.magento.whoami(&self.customer.me_url(), &found.token).await
+        };
+        let now = self.now();
+        match answer {
+            Ok(email) if email.eq_ignore_ascii_case(&self.customer.username) => {
+                self.report.checked(Check::Valid);
+                self.checked_at = Some(now);
+                self.checks.recheck = false;
+                self.checks.fresh_refusals = 0;
+                debug!(token = %found.token.fingerprint(), "Magento still accepts the token on disk");
+                None
+            }
+            Err(e) if e.outcome != Outcome::AuthFailure => {
+                self.report.checked(Check::Error);
+                self.checked_at = Some(now);
+                info!(error = %e, "the token on disk could not be checked: kept");
+                None
+            }
+            refused => {
+                self.report.checked(Check::Revoked);
+                if self.checks.recheck {
+                    self.checks.fresh_refusals += 1;
+                    if self.checks.fresh_refusals >= MAX_FRESH_REFUSALS {
+                        self.checks = Checks { off: true, ..Checks::default() };
+                        warn!(
+                            url = %self.customer.me_url(),
+                            "Magento refuses every token as soon as it is minted when asked through this store code (a store of another website, or `all`): checks of the token stop for this customer; set its store_code to one of its own website's stores"
+                        );
+                        return None;
+                    }
+                }
+                let why = match refused {
+                    Ok(_) => "it belongs to another customer".to_owned(),
+                    Err(e) => e.message,
+                };
+                warn!(
+                    token = %found.token.fingerprint(),
+                    error = %why,
+                    "Magento no longer accepts the token on disk (revoked: a logout, Force Sign-In, a deactivated customer): logging in again"
+                );
+                self.checks.recheck = true;
+                self.checked_at = None;
+                Some(now + AFTER_REVOCATION)
             }
         }
     }
@@ -303,6 +421,7 @@ impl<M: Magento> Worker<M> {
         match written {
             Ok(()) => {
                 self.transient = 0;
+                self.checked_at = Some(now);
                 if obtained.expiry.encrypted && !self.warned_skew {
                     self.warned_skew = true;
                     warn!(

@@ -31,21 +31,47 @@ struct Store {
     lifetime: Duration,
     /// (when, accepted) of every login.
     logins: Vec<(SystemTime, bool)>,
+    /// Tokens minted at or before this second are revoked.
+    revoked_up_to: Option<i64>,
+    /// customers/me refuses every token (asked through `/rest/all/`).
+    refuse_checks: bool,
+    checks: usize,
 }
 
 impl Scripted {
     fn new(clock: Clock, password: &str) -> Scripted {
-        Scripted(Arc::new(Mutex::new(Store { clock, password: password.into(), lifetime: HOUR, logins: Vec::new() })))
+        Scripted(Arc::new(Mutex::new(Store {
+            clock,
+            password: password.into(),
+            lifetime: HOUR,
+            logins: Vec::new(),
+            revoked_up_to: None,
+            refuse_checks: false,
+            checks: 0,
+        })))
     }
 
     fn logins(&self) -> Vec<(SystemTime, bool)> {
         self.0.lock().unwrap().logins.clone()
     }
 
-    /// Whether Magento accepts `token` now: its `exp` is ahead.
+    /// Whether Magento accepts `token` now: its `exp` is ahead and it was not revoked.
     fn accepts(&self, token: &str) -> bool {
-        let now = crate::token::unix(self.0.lock().unwrap().clock.now());
-        crate::token::jwt_times(token).is_some_and(|t| t.exp > now)
+        self.0.lock().unwrap().accepts(token)
+    }
+
+    /// Every token of the customer minted up to this second dies (a logout elsewhere).
+    fn revoke(&self) {
+        let mut store = self.0.lock().unwrap();
+        store.revoked_up_to = Some(crate::token::unix(store.clock.now()));
+    }
+}
+
+impl Store {
+    fn accepts(&self, token: &str) -> bool {
+        let now = crate::token::unix(self.clock.now());
+        crate::token::jwt_times(token)
+            .is_some_and(|t| t.exp > now && self.revoked_up_to.is_none_or(|cut| t.iat.is_some_and(|iat| iat > cut)))
     }
 }
 
@@ -81,9 +107,16 @@ impl Magento for Scripted {
     fn whoami(
         &self,
         _url: &str,
-        _token: &Secret,
+        token: &Secret,
     ) -> impl std::future::Future<Output = Result<String, LoginError>> + Send {
-        std::future::ready(Err(LoginError::new(Outcome::AuthFailure, "HTTP 401 Unauthorized")))
+        let mut store = self.0.lock().unwrap();
+        store.checks += 1;
+        let answer = if !store.refuse_checks && store.accepts(token.expose()) {
+            Ok("alice@example.com".to_owned())
+        } else {
+            Err(LoginError::new(Outcome::AuthFailure, "HTTP 401 Unauthorized: The consumer isn't authorized"))
+        };
+        std::future::ready(answer)
     }
 }
 
@@ -232,6 +265,51 @@ async fn where_cron_runs_a_wrong_password_is_tried_once_per_pause_and_a_fix_at_o
     // At 0, 1 and 6 minutes, then once per 31-minute pause.
     assert_eq!(logins.len(), 3 + (24 * 60 - 6) / 31, "{} logins in a day", logins.len());
     assert_eq!(state, crate::status::State::Paused);
+    run.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_revoked_token_is_replaced_within_validate_every() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("password"), "right\n").unwrap();
+    let config = config(dir.path(), "");
+    let clock = Clock::tokio(SystemTime::now());
+    let run = start(&config, Scripted::new(clock, "right"), clock);
+    tokio::time::sleep(5 * HOUR).await;
+    // A logout elsewhere (a PWA storefront's revokeCustomerToken): every token dies at once.
+    run.magento.revoke();
+    let revoked_at = run.clock.now();
+    assert!(!run.magento.accepts(&run.token().unwrap()));
+    let mut replaced = None;
+    for _ in 0..(11 * 60) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if run.magento.accepts(&run.token().unwrap()) {
+            replaced = Some(run.clock.now().duration_since(revoked_at).unwrap());
+            break;
+        }
+    }
+    let replaced = replaced.expect("the revoked token was not replaced");
+    // Seen at the next check (every 10 minutes), replaced 1.1 s later.
+    assert!(replaced <= 10 * MINUTE + Duration::from_secs(3), "replaced after {replaced:?}");
+    assert_eq!(run.board.snapshot(run.clock.now())[0].state, crate::status::State::Fresh);
+    run.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_store_code_that_never_validates_costs_a_few_logins_then_no_more_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("password"), "right\n").unwrap();
+    let config = config(dir.path(), "");
+    let clock = Clock::tokio(SystemTime::now());
+    let magento = Scripted::new(clock, "right");
+    magento.0.lock().unwrap().refuse_checks = true;
+    let run = start(&config, magento, clock);
+    tokio::time::sleep(24 * HOUR).await;
+    let logins = run.magento.logins().len();
+    // A day of planned refreshes (33) and the refused checks' few logins: never a loop.
+    assert!(logins <= 33 + MAX_FRESH_REFUSALS as usize + 1, "{logins} logins in a day");
+    let checks = run.magento.0.lock().unwrap().checks;
+    assert_eq!(checks, 1 + MAX_FRESH_REFUSALS as usize, "the checks stop");
     run.stop().await;
 }
 
