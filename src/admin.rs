@@ -6,6 +6,7 @@
 //! | `GET /readyz`  | 200 `ready` when every customer has an unexpired token on disk; else 503 and the names that have none (startup and readiness probes) |
 //! | `GET /status`  | 200 JSON for people: per customer its state, expiry, last success, next refresh, failures in a row and last error; never a token or a password |
 //! | `GET /metrics` | Prometheus text format                                                       |
+//! | `POST /refresh/<name>` | for an app that got a 401: the customer's worker checks the token on disk now and, if Magento refuses it, logs in (under the lockout policy) and writes a new one, then answers 200 `{"name","replaced","expires_at"}`; 404 for an unknown name; 503 with the reason when no valid token can be had now. One check per customer per 10 s, shared by the asks that come meanwhile |
 //!
 //! The port may face anyone who can reach it, so a connection costs little and never lasts:
 //!
@@ -30,10 +31,11 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
+use axum::extract::Path;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -48,7 +50,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::metrics::Metrics;
-use crate::status::CustomerStatus;
+use crate::sink::rfc3339;
+use crate::status::{Answer, CustomerStatus};
 
 #[derive(Clone)]
 pub struct Admin {
@@ -62,6 +65,7 @@ pub fn router(admin: Admin) -> Router {
         .route("/readyz", get(readyz))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
+        .route("/refresh/{name}", post(refresh))
         .with_state(admin)
 }
 
@@ -300,6 +304,37 @@ async fn status(State(admin): State<Admin>) -> Json<StatusBody> {
         version: env!("CARGO_PKG_VERSION"),
         customers: admin.metrics.board().snapshot(SystemTime::now()),
     })
+}
+
+/// How long `POST /refresh` waits for the worker's answer: under [`STALL_TIMEOUT`], so the
+/// connection outlives the wait. A worker still busy by then answers the next ask (within
+/// 10 s) from what it found.
+const ANSWER_WITHIN: Duration = Duration::from_secs(9);
+
+#[derive(Serialize)]
+struct Refreshed {
+    name: String,
+    replaced: bool,
+    expires_at: String,
+}
+
+async fn refresh(State(admin): State<Admin>, Path(name): Path<String>) -> Response {
+    let unavailable = |why: String| (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
+    let Some(asker) = admin.metrics.board().asker(&name) else {
+        return (StatusCode::NOT_FOUND, format!("no customer named {name:?}")).into_response();
+    };
+    let (ask, answer) = tokio::sync::oneshot::channel();
+    if asker.send(ask).await.is_err() {
+        return unavailable("the customer's worker is not running (a reload in progress?): ask again".into());
+    }
+    match tokio::time::timeout(ANSWER_WITHIN, answer).await {
+        Ok(Ok(Answer::Token { replaced, expires_at })) => {
+            Json(Refreshed { name, replaced, expires_at: rfc3339(expires_at) }).into_response()
+        }
+        Ok(Ok(Answer::Unavailable(why))) => unavailable(why),
+        Ok(Err(_)) => unavailable("the customer's worker stopped: ask again".into()),
+        Err(_) => unavailable("still checking the token with Magento: ask again in a few seconds".into()),
+    }
 }
 
 /// Written piece by piece as it is sent (see [`Metrics::text`]): with thousands of customers

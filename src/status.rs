@@ -8,11 +8,12 @@
 //! Prometheus children. It depends on no other module of the daemon but the class of a login
 //! ([`Outcome`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
 
 use prometheus::{Histogram, HistogramOpts};
 
@@ -170,6 +171,21 @@ pub struct Board {
     entries: Arc<Mutex<BTreeMap<Box<str>, Entry>>>,
     /// `magento_token_refresh_duration_seconds`: the one record that is not per customer.
     login_times: Histogram,
+    /// Where `POST /refresh/<name>` reaches each running worker.
+    askers: Arc<Mutex<HashMap<Box<str>, mpsc::Sender<Ask>>>>,
+}
+
+/// An app's request (`POST /refresh/<name>`) to check the token on disk now and replace it if
+/// Magento refuses it; the worker answers when done.
+pub type Ask = oneshot::Sender<Answer>;
+
+/// What a worker answers a [`Ask`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// A token Magento accepts is on disk; `replaced`: a new one was written for this request.
+    Token { replaced: bool, expires_at: SystemTime },
+    /// No valid token can be had now, and why (the lockout budget, Magento down).
+    Unavailable(String),
 }
 
 impl Default for Board {
@@ -185,7 +201,7 @@ impl Board {
                 .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
         )
         .expect("a valid histogram");
-        Board { entries: Arc::new(Mutex::new(BTreeMap::new())), login_times }
+        Board { entries: Arc::new(Mutex::new(BTreeMap::new())), login_times, askers: Arc::default() }
     }
 
     /// The histogram of login request times, for the metrics registry.
@@ -223,6 +239,12 @@ impl Board {
     /// Takes `name` off the board: gone from `/status`, `/readyz` and every metric.
     pub fn remove(&self, name: &str) {
         self.with(|m| m.remove(name));
+        self.askers.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+    }
+
+    /// Where to send an [`Ask`] for `name`; `None` for an unknown customer.
+    pub fn asker(&self, name: &str) -> Option<mpsc::Sender<Ask>> {
+        self.askers.lock().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
     }
 
     pub fn names(&self) -> Vec<String> {
@@ -283,6 +305,19 @@ impl Reporter {
     /// Magento's clock minus ours, from the last JWT (0 when within tolerance).
     pub fn clock_skew(&self, seconds: i64) {
         self.update(|e| e.clock_skew = seconds);
+    }
+
+    /// The asks of `POST /refresh/<name>` for this customer, from now on to this receiver (a
+    /// worker restarted by a reload takes them over).
+    pub fn listen(&self) -> mpsc::Receiver<Ask> {
+        let (sender, receiver) = mpsc::channel(16);
+        self.board.askers.lock().unwrap_or_else(|e| e.into_inner()).insert(self.name.as_str().into(), sender);
+        receiver
+    }
+
+    /// The expiry of the token on disk, and the last error's message, as the board has them.
+    pub fn known(&self) -> (Option<SystemTime>, Option<String>) {
+        self.update(|e| (e.expires_at, e.last_error.as_ref().map(|n| n.message.to_string()))).unwrap_or_default()
     }
 
     pub fn state(&self, state: State) {

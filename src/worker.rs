@@ -34,7 +34,7 @@ use crate::config::{CustomerConfig, Format, RefreshSettings};
 use crate::magento::{Client, LoginError, Magento, Outcome};
 use crate::schedule::{self, AuthWait};
 use crate::sink;
-use crate::status::{Check, Reporter, State};
+use crate::status::{Answer, Ask, Check, Reporter, State};
 use crate::token;
 
 /// How often the password source is re-read while waiting after a 401: a Secret rotated by
@@ -83,6 +83,25 @@ pub struct Worker<M = Client> {
     /// there is none to check.
     checked_at: Option<SystemTime>,
     checks: Checks,
+    /// `POST /refresh/<name>` for this customer.
+    asks: tokio::sync::mpsc::Receiver<Ask>,
+    /// The last answer to an ask, and when it was made: shared by asks within [`ASK_EVERY`].
+    answered: Option<Box<(tokio::time::Instant, Answer)>>,
+}
+
+/// At most one check of the token on disk per customer per this long for `POST /refresh`:
+/// an app calling it in a loop costs one `GET customers/me` per period.
+pub const ASK_EVERY: Duration = Duration::from_secs(10);
+
+/// What a check of the token on disk found.
+enum Checked {
+    Valid,
+    /// Magento refused it: replace it, after the second of the revocation.
+    Refused,
+    /// No answer either way (network, an HTTP status): kept.
+    NoAnswer(String),
+    /// No token on disk to check.
+    Nothing,
 }
 
 /// Where the checks of the token on disk (`refresh.validate_every`) stand.
@@ -110,6 +129,8 @@ enum Woken {
     Due,
     PasswordChanged,
     Stopped,
+    /// An app asked for a check now (`POST /refresh/<name>`).
+    Asked(Ask),
 }
 
 impl<M: Magento> Worker<M> {
@@ -120,6 +141,7 @@ impl<M: Magento> Worker<M> {
         report: Reporter,
         stop: CancellationToken,
     ) -> Worker<M> {
+        let asks = report.listen();
         Worker {
             customer,
             shared,
@@ -131,6 +153,8 @@ impl<M: Magento> Worker<M> {
             warned_skew: false,
             checked_at: None,
             checks: Checks::default(),
+            asks,
+            answered: None,
         }
     }
 
@@ -180,11 +204,17 @@ impl<M: Magento> Worker<M> {
                     Woken::Stopped => break,
                     // Tried at once if the policy allows it.
                     Woken::PasswordChanged => info!("the password changed since its last 401"),
+                    Woken::Asked(ask) => {
+                        if let Some(plan) = Box::pin(self.answer(ask)).await {
+                            next = plan;
+                        }
+                        continue;
+                    }
                     Woken::Due => {}
                 }
                 if wake != planned && planned.is_some_and(|p| self.now() < p) {
-                    if let Some(login_at) = Box::pin(self.check()).await {
-                        next = login_at;
+                    if let Checked::Refused = Box::pin(self.check()).await {
+                        next = self.now() + AFTER_REVOCATION;
                     }
                     continue;
                 }
@@ -271,18 +301,17 @@ impl<M: Magento> Worker<M> {
         self.checked_at.map(|at| at + after)
     }
 
-    /// Checks the token on disk with `GET customers/me`; returns when to log in when Magento
-    /// refuses it. A check never counts as a failed login, and one that gets no answer keeps
-    /// the token.
-    async fn check(&mut self) -> Option<SystemTime> {
+    /// Checks the token on disk with `GET customers/me`. A check never counts as a failed
+    /// login, and one that gets no answer keeps the token.
+    async fn check(&mut self) -> Checked {
         let Some(found) = sink::read_existing(&self.customer.path) else {
             self.checked_at = None;
-            return None;
+            return Checked::Nothing;
         };
         let answer = {
             let _permit = tokio::select! {
                 biased;
-                _ = self.stop.cancelled() => return None,
+                _ = self.stop.cancelled() => return Checked::NoAnswer("stopping".into()),
                 permit = self.shared.logins.acquire() => permit,
             };
             self.shared.magento.whoami(&self.customer.me_url(), &found.token).await
@@ -295,13 +324,13 @@ impl<M: Magento> Worker<M> {
                 self.checks.recheck = false;
                 self.checks.fresh_refusals = 0;
                 debug!(token = %found.token.fingerprint(), "Magento still accepts the token on disk");
-                None
+                Checked::Valid
             }
             Err(e) if e.outcome != Outcome::AuthFailure => {
                 self.report.checked(Check::Error);
                 self.checked_at = Some(now);
                 info!(error = %e, "the token on disk could not be checked: kept");
-                None
+                Checked::NoAnswer(e.to_string())
             }
             refused => {
                 self.report.checked(Check::Revoked);
@@ -313,7 +342,10 @@ impl<M: Magento> Worker<M> {
                             url = %self.customer.me_url(),
                             "Magento refuses every token as soon as it is minted when asked through this store code (a store of another website, or `all`): checks of the token stop for this customer; set its store_code to one of its own website's stores"
                         );
-                        return None;
+                        return Checked::NoAnswer(
+                            "Magento refuses every token through this customer's store code: it cannot be checked"
+                                .into(),
+                        );
                     }
                 }
                 let why = match refused {
@@ -327,14 +359,58 @@ impl<M: Magento> Worker<M> {
                 );
                 self.checks.recheck = true;
                 self.checked_at = None;
-                Some(now + AFTER_REVOCATION)
+                Checked::Refused
             }
+        }
+    }
+
+    /// Answers an app's ask (`POST /refresh/<name>`): checks the token on disk now and, when
+    /// Magento refuses it, logs in (under the lockout policy, as every login) and writes the new
+    /// one before answering. Asks within [`ASK_EVERY`] of the last check share its answer, and
+    /// so do those that came in meanwhile. Returns a new plan when it logged in.
+    async fn answer(&mut self, ask: Ask) -> Option<SystemTime> {
+        let mut plan = None;
+        let answer = match self.answered.as_deref() {
+            Some((at, answer)) if at.elapsed() < ASK_EVERY => answer.clone(),
+            _ => {
+                let answer = match self.check().await {
+                    Checked::Valid => self.token_answer(false),
+                    Checked::NoAnswer(why) => {
+                        Answer::Unavailable(format!("the token on disk could not be checked: {why}"))
+                    }
+                    Checked::Refused | Checked::Nothing => {
+                        // After the second of the revocation, or a token minted in it dies too.
+                        tokio::time::sleep(AFTER_REVOCATION).await;
+                        plan = self.refresh().await;
+                        if self.checked_at.is_some() {
+                            self.token_answer(true)
+                        } else {
+                            let why = self.report.known().1.unwrap_or_else(|| "no token could be had".into());
+                            Answer::Unavailable(why)
+                        }
+                    }
+                };
+                self.answered = Some(Box::new((tokio::time::Instant::now(), answer.clone())));
+                answer
+            }
+        };
+        let _ = ask.send(answer.clone());
+        while let Ok(waiting) = self.asks.try_recv() {
+            let _ = waiting.send(answer.clone());
+        }
+        plan
+    }
+
+    fn token_answer(&self, replaced: bool) -> Answer {
+        match self.report.known().0 {
+            Some(expires_at) => Answer::Token { replaced, expires_at },
+            None => Answer::Unavailable("no valid token on disk".into()),
         }
     }
 
     /// Waits until `at` (`None`: until something changes); while a 401 of the password in use
     /// is what holds the customer back, also watches the password source.
-    async fn wait_until(&self, at: Option<SystemTime>) -> Woken {
+    async fn wait_until(&mut self, at: Option<SystemTime>) -> Woken {
         loop {
             // A stop asked while this worker was busy ends it here, before any new login.
             if self.stop.is_cancelled() {
@@ -351,18 +427,22 @@ impl<M: Magento> Worker<M> {
                 return Woken::Due;
             }
             let nap = match (left, refused.is_some()) {
-                (Some(left), true) => left.min(PASSWORD_POLL),
-                (Some(left), false) => left,
-                (None, true) => PASSWORD_POLL,
-                (None, false) => {
-                    self.stop.cancelled().await;
-                    return Woken::Stopped;
+                (Some(left), true) => Some(left.min(PASSWORD_POLL)),
+                (Some(left), false) => Some(left),
+                (None, true) => Some(PASSWORD_POLL),
+                (None, false) => None,
+            };
+            let sleep = async {
+                match nap {
+                    Some(nap) => tokio::time::sleep(nap).await,
+                    None => std::future::pending().await,
                 }
             };
             tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => return Woken::Stopped,
-                _ = tokio::time::sleep(nap) => {}
+                Some(ask) = self.asks.recv() => return Woken::Asked(ask),
+                _ = sleep => {}
             }
         }
     }

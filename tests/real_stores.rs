@@ -122,3 +122,106 @@ async fn encrypted_tokens_live_the_configured_lifetime() {
     assert_eq!(logs.matches("an encrypted token (JWE").count(), 1, "warned once");
     assert_eq!(d.stop().await.code(), Some(0));
 }
+
+fn me_requests(w: &World) -> usize {
+    w.server.requests().iter().filter(|r| r.path.ends_with("/V1/customers/me")).count()
+}
+
+async fn post(d: &Daemon, route: &str) -> (u16, String) {
+    let response = reqwest::Client::new().post(d.url(route)).timeout(20 * SEC).send().await.unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_is_replaced_by_the_next_check() {
+    let w = World::with_customers(&[ALICE]).await;
+    w.write_config(&w.config_text(&[(ALICE.0, ALICE.1)], "  validate_every: 2s\n", ""));
+    let mut d = w.start();
+    let first = w.wait_token("alice", None, 10 * SEC).await;
+    // Any client's logout kills every token of the customer at once.
+    w.server.revoke(ALICE.1);
+    let revoked = Instant::now();
+    assert_eq!(w.server.check_token(&first), None);
+    let second = w.wait_token("alice", Some(&first), 10 * SEC).await;
+    let took = revoked.elapsed();
+    assert_eq!(w.server.check_token(&second).as_deref(), Some(ALICE.1), "the new token works");
+    // The next check (2 s) sees it; the login waits 1.1 s past the second of the revocation.
+    assert!(took <= 6 * SEC, "replaced {took:?} after the revocation");
+    assert!(d.metric("magento_token_validations_total{customer=\"alice\",result=\"revoked\"}").await >= Some(1.0));
+    assert_eq!(d.metric(&refreshes("alice", "auth_failure")).await, Some(0.0), "a check is no failed login");
+    eprintln!("revocation to a working token on disk, through validation every 2 s: {took:?}");
+    assert_eq!(d.stop().await.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_refresh_replaces_a_revoked_token_before_answering() {
+    let w = World::with_customers(&[ALICE]).await;
+    w.write_config(&w.config_text(&[(ALICE.0, ALICE.1)], "  validate_every: 0s\n", ""));
+    let mut d = w.start();
+    let first = w.wait_token("alice", None, 10 * SEC).await;
+    assert_eq!(me_requests(&w), 0, "validate_every: 0s checks nothing");
+
+    // A token Magento accepts: not replaced.
+    let (status, body) = post(&d, "/refresh/alice").await;
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((json["name"].as_str(), json["replaced"].as_bool()), (Some("alice"), Some(false)), "{body}");
+    assert!(json["expires_at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(w.read_token("alice").as_deref(), Some(first.as_str()));
+
+    // The app got a 401: the token was revoked. The answer comes once the new one is written.
+    tokio::time::sleep(10 * SEC).await; // past the 10 s the last check's answer is shared for
+    w.server.revoke(ALICE.1);
+    let asked = Instant::now();
+    let (status, body) = post(&d, "/refresh/alice").await;
+    let took = asked.elapsed();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""replaced":true"#), "{body}");
+    let second = w.read_token("alice").unwrap();
+    assert_ne!(second, first);
+    assert_eq!(w.server.check_token(&second).as_deref(), Some(ALICE.1));
+    eprintln!("revocation to a working token on disk, through POST /refresh: {took:?}");
+
+    // An app asking in a loop costs one check per 10 s.
+    let checks = me_requests(&w);
+    for _ in 0..20 {
+        let (status, _) = post(&d, "/refresh/alice").await;
+        assert_eq!(status, 200);
+    }
+    assert_eq!(me_requests(&w), checks, "answered from the last check");
+    assert_eq!(post(&d, "/refresh/nobody").await.0, 404);
+    assert_eq!(d.stop().await.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_refresh_never_bypasses_the_lockout_budget() {
+    let w = World::with_customers(&[ALICE]).await;
+    w.set_password("alice", "not-the-password");
+    let refresh = "  validate_every: 0s\n  auth_failure_delays: [100ms]\n";
+    w.write_config(&w.config_text(&[(ALICE.0, ALICE.1)], refresh, ""));
+    let mut d = w.start();
+    wait_for(10 * SEC, "three 401s", || async { (w.server.login_attempts(ALICE.1) == 3).then_some(()) }).await;
+    d.wait_metric(&series("magento_token_held_back", "alice"), 1.0, 5 * SEC).await;
+    let (status, body) = post(&d, "/refresh/alice").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("fix the password"), "{body}");
+    assert_eq!(w.server.login_attempts(ALICE.1), 3, "no login sent for the ask");
+    assert_eq!(d.stop().await.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_code_that_cannot_validate_is_said_once_and_never_loops() {
+    let w = World::with_customers(&[ALICE]).await;
+    let refresh = "  validate_every: 1s\n";
+    w.write_config(&w.config_text(&[(ALICE.0, ALICE.1)], refresh, "    store_code: all\n"));
+    let mut d = w.start();
+    w.wait_token("alice", None, 10 * SEC).await;
+    tokio::time::sleep(12 * SEC).await;
+    let logins = w.server.login_attempts(ALICE.1);
+    assert!(logins <= 5, "{logins} logins: a loop");
+    let logs = d.logs();
+    assert_eq!(logs.matches("checks of the token stop for this customer").count(), 1, "said once");
+    let token = w.read_token("alice").unwrap();
+    assert_eq!(w.server.check_token(&token).as_deref(), Some(ALICE.1), "the token itself is good");
+    assert_eq!(d.stop().await.code(), Some(0));
+}
