@@ -4,14 +4,22 @@
 //! any content, so no other user can read it at any moment), syncing it, renaming it over the
 //! old one and syncing the directory. A reader sees the old token or the new one, never a mix
 //! or an empty file, and a token is durable before it is reported written.
+//!
+//! Every local file is read without blocking and up to a limit ([`read_regular`]): a FIFO, a
+//! device or a file of a gigabyte where a password, a token or a ledger is expected is refused,
+//! not waited on or read whole. The token file and the ledger are never read through a symbolic
+//! link (anyone who can write to the directory could plant one); writes replace a link by a
+//! rename, never write through it.
 
 use std::fs::{File, Permissions};
-use std::io::{self, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::time::SystemTime;
 
+use rustix::fs::{Mode, OFlags};
 use serde::{Deserialize, Serialize};
+use tracing::warn;
 use zeroize::Zeroizing;
 
 use crate::config::Format;
@@ -64,8 +72,102 @@ pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t.clamp(std::time::UNIX_EPOCH, last)).to_string()
 }
 
+/// The most read of a token file: a token is at most 8 KiB, the json format adds little.
+pub const MAX_TOKEN_FILE: usize = 64 * 1024;
+/// The most read of a 401 ledger: a username and three numbers.
+pub const MAX_LEDGER_FILE: usize = 4 * 1024;
+
+/// Why a local file was not read. Shown after the file's path: `/x/y is a FIFO, not a regular file`.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("cannot be read: {0}")]
+    Io(#[from] io::Error),
+    #[error("is a symbolic link, not followed")]
+    Symlink,
+    #[error("is {0}, not a regular file")]
+    NotRegular(&'static str),
+    #[error("is larger than {}, the most it may hold", size(*.0))]
+    TooLarge(usize),
+}
+
+impl ReadError {
+    /// There is no file at the path (not worth a warning where a file is optional).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, ReadError::Io(e) if e.kind() == io::ErrorKind::NotFound)
+    }
+}
+
+/// `4 KiB`, `64 KiB`, `4 MiB`, or bytes.
+fn size(n: usize) -> String {
+    match n {
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{} MiB", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{} KiB", n >> 10),
+        n => format!("{n} bytes"),
+    }
+}
+
+/// What a file is, when it is not a regular file.
+fn kind(t: std::fs::FileType) -> &'static str {
+    if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else {
+        "a special file"
+    }
+}
+
+/// Reads the regular file at `path`, at most `limit` bytes, without ever blocking: it is opened
+/// with `O_NONBLOCK` (a FIFO would otherwise wait for a writer forever, and with it the whole
+/// runtime) and refused unless the opened file is a regular one; a file larger than `limit` (or
+/// one that grows past it while read) is refused. With `follow_links` false, a symbolic link at
+/// `path` is refused (`O_NOFOLLOW`). Returns the content and the opened file's metadata.
+///
+/// The buffer is allocated once, never grown (no copy of a secret is left in freed memory), and
+/// wiped on release.
+pub fn read_regular(
+    path: &Path,
+    limit: usize,
+    follow_links: bool,
+) -> Result<(Zeroizing<Vec<u8>>, std::fs::Metadata), ReadError> {
+    let mut flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY;
+    if !follow_links {
+        flags |= OFlags::NOFOLLOW;
+    }
+    let fd = rustix::fs::open(path, flags, Mode::empty()).map_err(|e| match e {
+        rustix::io::Errno::LOOP if !follow_links => ReadError::Symlink,
+        e => ReadError::Io(e.into()),
+    })?;
+    let file = File::from(fd);
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(ReadError::NotRegular(kind(meta.file_type())));
+    }
+    if meta.len() > limit as u64 {
+        return Err(ReadError::TooLarge(limit));
+    }
+    let mut bytes = Zeroizing::new(Vec::with_capacity(limit + 1));
+    file.take(limit as u64 + 1).read_to_end(&mut bytes)?;
+    if bytes.len() > limit {
+        return Err(ReadError::TooLarge(limit));
+    }
+    Ok((bytes, meta))
+}
+
 /// Replaces `path` with `content` atomically, with file mode `mode` whatever the umask.
 /// With `sync_dir` false the caller syncs the directory itself (one sync for a batch).
+///
+/// The temporary file is created with `O_CREAT | O_EXCL` (tempfile's `create_new`), so nothing
+/// planted under its name is opened, and the rename replaces whatever is at `path` (a symbolic
+/// link or a FIFO included) without writing through it.
 pub fn write_atomic(path: &Path, mode: u32, content: &[u8], sync_dir: bool) -> io::Result<()> {
     let dir = parent(path);
     let name = path
@@ -90,7 +192,9 @@ pub fn write_atomic(path: &Path, mode: u32, content: &[u8], sync_dir: bool) -> i
 }
 
 pub fn sync_directory(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+    // O_DIRECTORY: whatever else may be found at the path (a FIFO) is refused, never waited on.
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    File::from(rustix::fs::open(dir, flags, Mode::empty())?).sync_all()
 }
 
 fn parent(path: &Path) -> &Path {
@@ -135,19 +239,23 @@ pub struct OnDisk {
 }
 
 /// Reads the token in `path`, in either format (the format may have changed since it was
-/// written). `None` when there is no file or it holds no token of the accepted form.
+/// written). `None` when there is no file or it holds no token of the accepted form. A symbolic
+/// link, a FIFO, a device or a file over [`MAX_TOKEN_FILE`] at `path` is no token either, with
+/// a warning: it is not what this daemon writes.
 pub fn read_existing(path: &Path) -> Option<OnDisk> {
     #[derive(Deserialize)]
     struct JsonFile {
         token: String,
         expires_at: Option<String>,
     }
-    let file = File::open(path).ok()?;
-    let meta = file.metadata().ok()?;
-    if !meta.is_file() || meta.len() > 64 * 1024 {
-        return None;
-    }
-    let bytes = Zeroizing::new(std::fs::read(path).ok()?);
+    let (bytes, meta) = match read_regular(path, MAX_TOKEN_FILE, false) {
+        Ok(read) => read,
+        Err(e) if e.is_not_found() => return None,
+        Err(e) => {
+            warn!("{} {e}: taken as no token (a login writes a new file in its place)", path.display());
+            return None;
+        }
+    };
     let (token, expires_at, format) = match serde_json::from_slice::<JsonFile>(&bytes) {
         Ok(json) => {
             (Secret::new(json.token), json.expires_at.and_then(|t| humantime::parse_rfc3339(&t).ok()), Format::Json)
@@ -178,9 +286,18 @@ pub fn ledger_path(token_path: &Path) -> std::path::PathBuf {
 }
 
 /// What the ledger beside this token file records of `username`'s 401s, if anything (another
-/// username's ledger is ignored).
+/// username's ledger is ignored). Like the token file, a ledger that is a symbolic link, not a
+/// regular file, or larger than [`MAX_LEDGER_FILE`] is ignored, with a warning.
 pub fn read_ledger(token_path: &Path, username: &str) -> Option<AuthState> {
-    let bytes = std::fs::read(ledger_path(token_path)).ok()?;
+    let path = ledger_path(token_path);
+    let bytes = match read_regular(&path, MAX_LEDGER_FILE, false) {
+        Ok((bytes, _)) => bytes,
+        Err(e) if e.is_not_found() => return None,
+        Err(e) => {
+            warn!("{} {e}: ignored as a record of earlier 401s", path.display());
+            return None;
+        }
+    };
     let ledger: AuthLedger = serde_json::from_slice(&bytes).ok()?;
     (ledger.username == username).then(|| AuthState {
         in_a_row: ledger.in_a_row,
@@ -303,6 +420,54 @@ mod tests {
 
     fn mode_of(path: &Path) -> u32 {
         std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn only_regular_files_within_the_limit_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"1234").unwrap();
+        assert_eq!(&read_regular(&file, 4, false).unwrap().0[..], b"1234");
+        let e = read_regular(&file, 3, false).unwrap_err();
+        assert_eq!(e.to_string(), "is larger than 3 bytes, the most it may hold");
+        // A FIFO: refused at once, never waited on.
+        let fifo = dir.path().join("fifo");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        assert_eq!(read_regular(&fifo, 4, true).unwrap_err().to_string(), "is a FIFO, not a regular file");
+        // A device: refused, never read whole.
+        let e = read_regular(Path::new("/dev/zero"), 4096, true).unwrap_err();
+        assert_eq!(e.to_string(), "is a character device, not a regular file");
+        assert_eq!(read_regular(dir.path(), 4, true).unwrap_err().to_string(), "is a directory, not a regular file");
+        // A symbolic link: followed only when asked.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert_eq!(&read_regular(&link, 4, true).unwrap().0[..], b"1234");
+        assert!(matches!(read_regular(&link, 4, false), Err(ReadError::Symlink)));
+        assert!(read_regular(&dir.path().join("none"), 4, false).unwrap_err().is_not_found());
+        // A file that grows past its limit: the bytes read stop there.
+        let big = dir.path().join("big");
+        std::fs::File::create(&big).unwrap().set_len(1 << 30).unwrap();
+        assert_eq!(
+            read_regular(&big, 4096, true).unwrap_err().to_string(),
+            "is larger than 4 KiB, the most it may hold"
+        );
+    }
+
+    #[test]
+    fn a_symlink_at_the_token_path_is_no_token_and_a_write_replaces_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        std::fs::write(&target, b"abc.def").unwrap();
+        let path = dir.path().join("alice");
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        assert!(read_existing(&path).is_none());
+        write_atomic(&path, 0o600, b"new.token", true).unwrap();
+        assert!(std::fs::symlink_metadata(&path).unwrap().is_file());
+        assert_eq!(std::fs::read(&path).unwrap(), b"new.token");
+        assert_eq!(std::fs::read(&target).unwrap(), b"abc.def", "the link's target is unchanged");
+        // The same for a ledger.
+        std::os::unix::fs::symlink("/dev/zero", ledger_path(&path)).unwrap();
+        assert_eq!(read_ledger(&path, "a@x"), None);
     }
 
     #[test]
