@@ -13,7 +13,7 @@
 
 use std::fs::{File, Permissions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::SystemTime;
 
@@ -236,6 +236,17 @@ pub struct OnDisk {
     /// The format it was written in, and its mode: a reload may have changed either.
     pub format: Format,
     pub mode: u32,
+    /// The file's owner.
+    pub uid: u32,
+}
+
+impl OnDisk {
+    /// Whether only this process's user (or root) could have written the file: owned by the
+    /// effective user, writable by no one else. In a directory others can write to, anything
+    /// else may have been put there by someone else.
+    pub fn ours(&self) -> bool {
+        self.uid == rustix::process::geteuid().as_raw() && self.mode & 0o022 == 0
+    }
 }
 
 /// Reads the token in `path`, in either format (the format may have changed since it was
@@ -264,7 +275,7 @@ pub fn read_existing(path: &Path) -> Option<OnDisk> {
     };
     crate::token::check_form(token.expose()).ok()?;
     let mode = meta.permissions().mode() & 0o777;
-    Some(OnDisk { token, expires_at, modified: meta.modified().ok()?, format, mode })
+    Some(OnDisk { token, expires_at, modified: meta.modified().ok()?, format, mode, uid: meta.uid() })
 }
 
 /// The record of a customer's recent 401s, kept beside its token file as `.<file>.auth`, so a

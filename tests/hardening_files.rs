@@ -9,10 +9,10 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
 use magento_token_sidecar::devserver::DevServerOptions;
@@ -95,6 +95,17 @@ async fn wait_regular(path: &Path, limit: Duration) -> String {
         regular.then(|| std::fs::read_to_string(path).ok().filter(|t| !t.is_empty())).flatten()
     })
     .await
+}
+
+/// A well-formed JWT the dev server never issued, with these claims.
+fn foreign_jwt(iat: SystemTime, exp: SystemTime) -> String {
+    use base64::engine::{general_purpose::URL_SAFE_NO_PAD, Engine};
+    let unix = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
+    let claims = URL_SAFE_NO_PAD
+        .encode(serde_json::json!({"uid": 1, "utypid": 3, "iat": unix(iat), "exp": unix(exp)}).to_string());
+    let signature = URL_SAFE_NO_PAD.encode([0x5a; 32]);
+    format!("{header}.{claims}.{signature}")
 }
 
 async fn healthz_ok(d: &Daemon) {
@@ -309,5 +320,82 @@ async fn a_symlink_at_the_token_path_is_not_followed() {
     let logs = d.logs();
     assert!(logs.contains(&format!("{} is a symbolic link", link.display())), "{logs}");
     d.assert_secrets_hidden(&secrets(&[ALICE.2, &planted, &written])).await;
+    assert_eq!(d.stop().await.code(), Some(0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Readiness
+
+/// Clears the immutable flag it set, whatever happens in the test.
+struct Immutable(Vec<PathBuf>);
+
+impl Immutable {
+    /// `chattr +i` on each path; `None` where the filesystem or the user cannot.
+    fn set(paths: &[PathBuf]) -> Option<Immutable> {
+        let mut set = Immutable(Vec::new());
+        for p in paths {
+            let ok = Command::new("chattr").arg("+i").arg(p).stderr(Stdio::null()).status().ok()?.success();
+            if !ok {
+                return None;
+            }
+            set.0.push(p.clone());
+        }
+        Some(set)
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = Command::new("chattr").arg("-i").arg(p).status();
+        }
+    }
+}
+
+/// Token files the daemon neither wrote nor saw Magento accept, where every write fails (the
+/// files immutable, as another user's file in a sticky directory is to a daemon that is not
+/// root): `/readyz` stays 503 and `magento_token_valid` 0. alice's file holds a well-formed
+/// token with a future `exp` that Magento refuses; bob's, another user's, holds one due for a
+/// refresh (never shown to Magento).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_counts_only_tokens_validated_or_written() {
+    let w = World::with_customers(&[ALICE, BOB]).await;
+    let now = SystemTime::now();
+    let alice = foreign_jwt(now, now + Duration::from_secs(3600));
+    let bob = foreign_jwt(now, now + Duration::from_secs(600));
+    w.seed_token("alice", &alice);
+    w.seed_token("bob", &bob);
+    let (alice_path, bob_path) = (w.token_path("alice"), w.token_path("bob"));
+    // Another user's file (where the tests may chown: as root).
+    let chowned = Command::new("chown").arg("65534:65534").arg(&bob_path).status().is_ok_and(|s| s.success());
+    let Some(_immutable) = Immutable::set(&[alice_path.clone(), bob_path.clone()]) else {
+        eprintln!(
+            "readiness: cannot make a file immutable here (chattr +i needs root and ext4, xfs or btrfs): skipped"
+        );
+        return;
+    };
+    // before_expiry 15m (the default): alice's token (1 h left) is checked with customers/me,
+    // bob's (10 min left) is due at once.
+    w.write_config(&w.config_text(&[(ALICE.0, ALICE.1), (BOB.0, BOB.1)], "", ""));
+    let mut d = start_limited(&w.config_path(), &w.dir.path().join("daemon.log"), w.admin_port);
+    for name in ["alice", "bob"] {
+        metric_at_least(&d, &refreshes(name, "write_error"), 1.0, 15 * SEC).await;
+    }
+    assert!(d.logs().contains("Operation not permitted"), "{}", d.logs());
+    let mut names = vec!["alice"];
+    if chowned {
+        assert_eq!(std::fs::metadata(&bob_path).unwrap().uid(), 65534);
+        names.push("bob");
+    } else {
+        eprintln!("readiness: cannot chown here: only alice's case is checked");
+    }
+    let (status, body) = d.get("/readyz").await.unwrap();
+    assert_eq!(status, 503, "ready with tokens nobody validated and every write failing: {body}");
+    for name in &names {
+        assert!(body.contains(name), "{body}");
+        assert_eq!(d.metric(&series("magento_token_valid", name)).await, Some(0.0), "{name}");
+    }
+    assert_eq!(std::fs::read_to_string(&alice_path).unwrap(), alice);
+    d.assert_secrets_hidden(&secrets(&[ALICE.2, BOB.2, &alice, &bob])).await;
     assert_eq!(d.stop().await.code(), Some(0));
 }
