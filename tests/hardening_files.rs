@@ -23,6 +23,8 @@ const SEC: Duration = Duration::from_secs(1);
 const ADDRESS_SPACE_KIB: u64 = 1024 * 1024;
 /// The most resident memory a daemon may reach in these tests: it idles at a few MiB.
 const PEAK_RSS_KIB: u64 = 64 * 1024;
+/// The name of the lock file in the output directory.
+const LOCK_FILE: &str = ".magento-token-sidecar.lock";
 
 fn secrets(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
@@ -398,4 +400,117 @@ async fn readiness_counts_only_tokens_validated_or_written() {
     assert_eq!(std::fs::read_to_string(&alice_path).unwrap(), alice);
     d.assert_secrets_hidden(&secrets(&[ALICE.2, BOB.2, &alice, &bob])).await;
     assert_eq!(d.stop().await.code(), Some(0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. One daemon per directory
+
+fn lock_holder_message(w: &World, pid: u32) -> String {
+    format!("{} is in use by magento-token-sidecar pid {pid} on host", w.tokens().display())
+}
+
+/// A second daemon (and a `once`) on a directory in use exits 1 before touching anything,
+/// naming the first one's pid; the first keeps its token fresh; once it stops, a new one
+/// starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_on_one_directory_exits_naming_the_first() {
+    let w = World::new(DevServerOptions { token_lifetime: 6 * SEC, ..Default::default() }).await;
+    w.server.add_customer(ALICE.1, ALICE.2);
+    w.set_password("alice", ALICE.2);
+    let text = w.config_text(&[(ALICE.0, ALICE.1)], "  before_expiry: 5s\n  jitter: 0s\n", "");
+    w.write_config(&text);
+    let mut first = start_limited(&w.config_path(), &w.dir.path().join("first.log"), w.admin_port);
+    first.wait_ready(15 * SEC).await;
+
+    // The second one in another pod: its own admin port, the same directory. A file shaped
+    // like the first one's temporary file, in the middle of a write, must survive its start.
+    let in_flight = w.token_path(".alice.Zq7Xw2.tmp");
+    std::fs::write(&in_flight, "").unwrap();
+    let second_port = free_port();
+    let second_config = w.dir.path().join("second.yaml");
+    std::fs::write(&second_config, text.replace(&format!(":{}\n", w.admin_port), &format!(":{second_port}\n")))
+        .unwrap();
+    let mut second = start_limited(&second_config, &w.dir.path().join("second.log"), second_port);
+    let code = second.wait_exit(15 * SEC).await.code();
+    assert_eq!(code, Some(1), "{}", second.logs());
+    let expect = lock_holder_message(&w, first.pid());
+    assert!(second.logs().contains(&expect), "{}", second.logs());
+    assert!(second.logs().contains("two daemons must not share an output directory"), "{}", second.logs());
+    assert!(in_flight.exists(), "the second daemon swept the first one's temporary file");
+    std::fs::remove_file(&in_flight).unwrap();
+    let lock = std::fs::read_to_string(w.token_path(LOCK_FILE)).unwrap();
+    assert!(lock.starts_with(&format!("pid {}\nhost ", first.pid())), "{lock}");
+
+    let (code, _, err) =
+        run_bounded(w.dir.path(), &["once", "--config", second_config.to_str().unwrap()], 20 * SEC).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(&expect), "{err}");
+
+    // The first goes on refreshing.
+    let token = w.read_token("alice").unwrap();
+    let successes = first.metric(&refreshes("alice", "success")).await.unwrap();
+    metric_at_least(&first, &refreshes("alice", "success"), successes + 1.0, 20 * SEC).await;
+    let fresh = w.wait_token("alice", Some(&token), 5 * SEC).await;
+    assert_eq!(w.server.check_token(&fresh).as_deref(), Some(ALICE.1));
+    assert_eq!(first.stop().await.code(), Some(0));
+    assert!(!w.token_path(LOCK_FILE).exists(), "a clean stop removes the lock file");
+
+    // Free again.
+    let mut third = start_limited(&second_config, &w.dir.path().join("third.log"), second_port);
+    third.wait_ready(15 * SEC).await;
+    assert_eq!(third.stop().await.code(), Some(0));
+    let logs = format!("{}{}{}", first.logs(), second.logs(), third.logs());
+    assert_hidden("the logs", &logs, &secrets(&[ALICE.2, &token, &fresh]));
+}
+
+/// A reload that moves output.dir to a directory another daemon holds is refused (the old
+/// configuration keeps running); one to a free directory takes it, and lets the old one go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_into_a_directory_in_use_is_refused() {
+    let w = World::with_customers(&[ALICE, BOB]).await;
+    let text = w.config_text(&[(ALICE.0, ALICE.1)], "", "");
+    w.write_config(&text);
+    let mut d = start_limited(&w.config_path(), &w.dir.path().join("daemon.log"), w.admin_port);
+    d.wait_ready(15 * SEC).await;
+
+    // Another daemon holds `taken`.
+    let taken = w.dir.path().join("taken");
+    std::fs::create_dir(&taken).unwrap();
+    let other_port = free_port();
+    let other_config = w.dir.path().join("other.yaml");
+    let in_dir = |dir: &Path, text: &str| {
+        text.replace(&format!("dir: {}\n", w.tokens().display()), &format!("dir: {}\n", dir.display()))
+    };
+    std::fs::write(
+        &other_config,
+        in_dir(&taken, &w.config_text(&[(BOB.0, BOB.1)], "", ""))
+            .replace(&format!(":{}\n", w.admin_port), &format!(":{other_port}\n")),
+    )
+    .unwrap();
+    let mut other = start_limited(&other_config, &w.dir.path().join("other.log"), other_port);
+    other.wait_ready(15 * SEC).await;
+
+    w.write_config(&in_dir(&taken, &text));
+    d.signal("HUP");
+    d.wait_metric("magento_token_config_reloads_total{result=\"failure\"}", 1.0, 10 * SEC).await;
+    let expect = format!("{} is in use by magento-token-sidecar pid {} on host", taken.display(), other.pid());
+    assert!(d.logs().contains(&expect), "{}", d.logs());
+    assert!(!taken.join("alice").exists(), "alice is not written where the other daemon works");
+    assert!(std::fs::read_to_string(w.token_path(LOCK_FILE)).unwrap().contains(&d.pid().to_string()));
+    healthz_ok(&d).await;
+
+    let free = w.dir.path().join("free");
+    std::fs::create_dir(&free).unwrap();
+    w.write_config(&in_dir(&free, &text));
+    d.signal("HUP");
+    d.wait_metric("magento_token_config_reloads_total{result=\"success\"}", 1.0, 10 * SEC).await;
+    let token = wait_for(10 * SEC, "alice's token in the new directory", || async {
+        std::fs::read_to_string(free.join("alice")).ok().filter(|t| !t.is_empty())
+    })
+    .await;
+    assert!(std::fs::read_to_string(free.join(LOCK_FILE)).unwrap().contains(&d.pid().to_string()));
+    assert!(!w.token_path(LOCK_FILE).exists(), "the old directory is let go");
+    assert_eq!(d.stop().await.code(), Some(0));
+    assert_eq!(other.stop().await.code(), Some(0));
+    assert_hidden("the logs", &d.logs(), &secrets(&[ALICE.2, &token]));
 }
