@@ -4,7 +4,7 @@
 # sidecar.securityContext). Build from the repository root:
 #   docker build -t registry.example.com/magento-token-sidecar:0.1.0 .
 
-# The toolchain the project is tested with (the locked dependencies need 1.88 or later).
+# The toolchain the project is tested with (1.89 or later: File::try_lock).
 ARG RUST_VERSION=1.95
 
 FROM rust:${RUST_VERSION}-bookworm AS build

@@ -17,9 +17,8 @@ use reqwest::Url;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
-use zeroize::Zeroizing;
-
 use crate::secret::Secret;
+use crate::sink::{self, ReadError};
 
 /// Magento locks a username after this many failed logins (`oauth/authentication_lock/max_failures_count`).
 pub const MAGENTO_LOCK_FAILURES: u32 = 6;
@@ -359,10 +358,18 @@ pub enum PasswordSource {
     Env(String),
 }
 
+/// The most a password file may hold: a password and a newline, with room to spare.
+pub const MAX_PASSWORD_FILE: usize = 4 * 1024;
+/// The most read of `magento.ca_file`: a bundle of every public root is about 200 KiB.
+const MAX_CA_FILE: usize = 4 * 1024 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum PasswordError {
     #[error("password_file {path}: {source}")]
     File { path: PathBuf, source: std::io::Error },
+    /// Not a regular file, or too large: `is a FIFO, not a regular file`.
+    #[error("password_file {path} {why}")]
+    Refused { path: PathBuf, why: ReadError },
     #[error("password_file {0}: the file is empty")]
     EmptyFile(PathBuf),
     #[error("password_file {0}: not UTF-8 text")]
@@ -376,12 +383,18 @@ pub enum PasswordError {
 impl PasswordSource {
     /// Reads the password afresh: a mounted Secret may have been rotated since the last login.
     /// One trailing newline is stripped, nothing else.
+    ///
+    /// A password file is opened without blocking and must be a regular file of at most
+    /// [`MAX_PASSWORD_FILE`] bytes: a FIFO would stop the daemon waiting for a writer, and a
+    /// device or a huge file would be read whole into memory (and sent). Symbolic links are
+    /// followed: Kubernetes mounts a Secret's keys as links through `..data`.
     pub fn read(&self) -> Result<Secret, PasswordError> {
         match self {
             PasswordSource::File(path) => {
-                let bytes = Zeroizing::new(
-                    std::fs::read(path).map_err(|source| PasswordError::File { path: path.clone(), source })?,
-                );
+                let (bytes, _) = sink::read_regular(path, MAX_PASSWORD_FILE, true).map_err(|e| match e {
+                    ReadError::Io(source) => PasswordError::File { path: path.clone(), source },
+                    why => PasswordError::Refused { path: path.clone(), why },
+                })?;
                 let text = std::str::from_utf8(&bytes).map_err(|_| PasswordError::NotText(path.clone()))?;
                 let text = text.strip_suffix('\n').unwrap_or(text);
                 if text.is_empty() {
@@ -771,6 +784,7 @@ fn password_problem(e: &PasswordError) -> String {
     match e {
         PasswordError::File { source, .. } if source.kind() == std::io::ErrorKind::NotFound => "no such file".into(),
         PasswordError::File { path, source } => format!("cannot read {}: {source}", path.display()),
+        PasswordError::Refused { path, why } => format!("{} {why}", path.display()),
         PasswordError::EmptyFile(path) => format!("{} is empty", path.display()),
         PasswordError::NotText(path) => format!("{} is not UTF-8 text", path.display()),
         PasswordError::EnvMissing(var) => format!("environment variable {var} is not set"),
@@ -858,10 +872,11 @@ impl Validator {
     }
 
     fn ca_file(&mut self, path: &str, file: &Path) {
-        match std::fs::read(file) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => self.problem(path, "no such file".into()),
-            Err(e) => self.problem(path, format!("cannot read {}: {e}", file.display())),
-            Ok(pem) => {
+        match sink::read_regular(file, MAX_CA_FILE, true) {
+            Err(e) if e.is_not_found() => self.problem(path, "no such file".into()),
+            Err(ReadError::Io(e)) => self.problem(path, format!("cannot read {}: {e}", file.display())),
+            Err(why) => self.problem(path, format!("{} {why}", file.display())),
+            Ok((pem, _)) => {
                 if reqwest::Certificate::from_pem_bundle(&pem).map(|c| c.is_empty()).unwrap_or(true) {
                     self.problem(path, format!("{} holds no PEM certificate", file.display()));
                 }
@@ -1150,6 +1165,17 @@ customers:
             assert_eq!(PasswordSource::File(file.clone()).read().unwrap().expose(), expect);
         }
         std::fs::write(&file, "\n").unwrap();
-        assert!(matches!(PasswordSource::File(file).read(), Err(PasswordError::EmptyFile(_))));
+        assert!(matches!(PasswordSource::File(file.clone()).read(), Err(PasswordError::EmptyFile(_))));
+        // Up to 4 KiB, through symbolic links (Kubernetes' `..data`).
+        std::fs::write(&file, "x".repeat(MAX_PASSWORD_FILE)).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert_eq!(PasswordSource::File(link).read().unwrap().expose().len(), MAX_PASSWORD_FILE);
+        std::fs::write(&file, "x".repeat(MAX_PASSWORD_FILE + 1)).unwrap();
+        let e = PasswordSource::File(file.clone()).read().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("password_file {} is larger than 4 KiB, the most it may hold", file.display())
+        );
     }
 }

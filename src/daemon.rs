@@ -205,10 +205,13 @@ impl SameAs for Shared {
     }
 }
 
-/// The daemon: runs the workers until a shutdown signal, reloading on SIGHUP.
+/// The daemon: runs the workers until a shutdown signal, reloading on SIGHUP. `lock` is the
+/// lock on `config.output.dir`, taken before anything touched it; a reload that moves the
+/// output directory takes the new one's lock first, and lets the old one go once it switched.
 pub async fn run(
     config_path: &Path,
     config: Config,
+    mut lock: sink::DirLock,
     metrics: Arc<Metrics>,
     logging: &Logging,
     mut signals: impl Stream<Item = Signal> + Unpin,
@@ -221,7 +224,7 @@ pub async fn run(
                 info!(signal = name, "stopping: letting logins and writes in flight finish");
                 break;
             }
-            Signal::Reload => match reload(config_path, &mut supervisor).await {
+            Signal::Reload => match reload(config_path, &mut supervisor, &mut lock).await {
                 Ok(level) => {
                     logging.set_level(&level);
                     metrics.reload(true);
@@ -238,13 +241,23 @@ pub async fn run(
     Ok(())
 }
 
-async fn reload(path: &Path, supervisor: &mut Supervisor) -> Result<String, String> {
+async fn reload(path: &Path, supervisor: &mut Supervisor, lock: &mut sink::DirLock) -> Result<String, String> {
     let new = config::load(path, Checks::Environment).map_err(|e| e.to_string())?;
     if new.admin_listen != supervisor.admin_listen || new.log.format != supervisor.log_format {
         info!("admin.listen and log.format take effect at the next start");
     }
+    // A new output directory is locked before any worker touches it; one held by another
+    // daemon refuses the reload.
+    let new_lock = match lock.covers(&new.output.dir) {
+        true => None,
+        false => Some(sink::DirLock::acquire(&new.output.dir).map_err(|e| e.to_string())?),
+    };
     let level = new.log.level.clone();
     supervisor.apply(new).await.map_err(|e| e.to_string())?;
+    if let Some(new_lock) = new_lock {
+        // The workers of the old directory are stopped: it is let go.
+        *lock = new_lock;
+    }
     info!(customers = supervisor.workers.len(), "configuration reloaded");
     Ok(level)
 }

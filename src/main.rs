@@ -16,7 +16,7 @@ use magento_token_sidecar::logging::{self, Logging};
 use magento_token_sidecar::metrics::Metrics;
 use magento_token_sidecar::signals;
 use magento_token_sidecar::status::Board;
-use magento_token_sidecar::{admin, daemon};
+use magento_token_sidecar::{admin, daemon, sink};
 
 const BAD_CONFIG: u8 = 2;
 const FAILED: u8 = 1;
@@ -180,6 +180,8 @@ async fn serve(config_path: &Path, config: Config, admin_listener: Option<TcpLis
             return FAILED;
         }
     };
+    // Before anything touches the output directory (or the admin port): one daemon per directory.
+    let Some(lock) = lock_output_dir(&config) else { return FAILED };
     let metrics = Arc::new(Metrics::new(Board::new()));
     let listener = match (admin_listener, config.admin_listen) {
         (Some(l), _) => Some(l),
@@ -201,7 +203,7 @@ async fn serve(config_path: &Path, config: Config, admin_listener: Option<TcpLis
         let admin = admin::Admin { metrics: metrics.clone() };
         tokio::spawn(admin::serve(listener, admin, admin_stop.clone().cancelled_owned()))
     });
-    let result = daemon::run(config_path, config, metrics, logging, signals).await;
+    let result = daemon::run(config_path, config, lock, metrics, logging, signals).await;
     admin_stop.cancel();
     if let Some(task) = admin_task {
         let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
@@ -216,7 +218,22 @@ async fn serve(config_path: &Path, config: Config, admin_listener: Option<TcpLis
     }
 }
 
+/// The lock on the output directory (see [`sink::DirLock`]), or `None` once the reason it
+/// cannot be had is logged and printed.
+fn lock_output_dir(config: &Config) -> Option<sink::DirLock> {
+    match sink::DirLock::acquire(&config.output.dir) {
+        Ok(lock) => Some(lock),
+        Err(e) => {
+            error!(error = %e, "cannot start");
+            eprintln!("{e}");
+            None
+        }
+    }
+}
+
 async fn once(config: Config, timeout: Duration) -> u8 {
+    // Held until the pass is over.
+    let Some(_lock) = lock_output_dir(&config) else { return FAILED };
     let results = match daemon::once(&config, timeout).await {
         Ok(results) => results,
         Err(e) => {

@@ -4,14 +4,22 @@
 //! any content, so no other user can read it at any moment), syncing it, renaming it over the
 //! old one and syncing the directory. A reader sees the old token or the new one, never a mix
 //! or an empty file, and a token is durable before it is reported written.
+//!
+//! Every local file is read without blocking and up to a limit ([`read_regular`]): a FIFO, a
+//! device or a file of a gigabyte where a password, a token or a ledger is expected is refused,
+//! not waited on or read whole. The token file and the ledger are never read through a symbolic
+//! link (anyone who can write to the directory could plant one); writes replace a link by a
+//! rename, never write through it. [`DirLock`] keeps a second daemon out of the directory.
 
 use std::fs::{File, Permissions};
-use std::io::{self, Write};
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
+use rustix::fs::{Mode, OFlags};
 use serde::{Deserialize, Serialize};
+use tracing::warn;
 use zeroize::Zeroizing;
 
 use crate::config::Format;
@@ -64,8 +72,102 @@ pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t.clamp(std::time::UNIX_EPOCH, last)).to_string()
 }
 
+/// The most read of a token file: a token is at most 8 KiB, the json format adds little.
+pub const MAX_TOKEN_FILE: usize = 64 * 1024;
+/// The most read of a 401 ledger: a username and three numbers.
+pub const MAX_LEDGER_FILE: usize = 4 * 1024;
+
+/// Why a local file was not read. Shown after the file's path: `/x/y is a FIFO, not a regular file`.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("cannot be read: {0}")]
+    Io(#[from] io::Error),
+    #[error("is a symbolic link, not followed")]
+    Symlink,
+    #[error("is {0}, not a regular file")]
+    NotRegular(&'static str),
+    #[error("is larger than {}, the most it may hold", size(*.0))]
+    TooLarge(usize),
+}
+
+impl ReadError {
+    /// There is no file at the path (not worth a warning where a file is optional).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, ReadError::Io(e) if e.kind() == io::ErrorKind::NotFound)
+    }
+}
+
+/// `4 KiB`, `64 KiB`, `4 MiB`, or bytes.
+fn size(n: usize) -> String {
+    match n {
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{} MiB", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{} KiB", n >> 10),
+        n => format!("{n} bytes"),
+    }
+}
+
+/// What a file is, when it is not a regular file.
+fn kind(t: std::fs::FileType) -> &'static str {
+    if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else {
+        "a special file"
+    }
+}
+
+/// Reads the regular file at `path`, at most `limit` bytes, without ever blocking: it is opened
+/// with `O_NONBLOCK` (a FIFO would otherwise wait for a writer forever, and with it the whole
+/// runtime) and refused unless the opened file is a regular one; a file larger than `limit` (or
+/// one that grows past it while read) is refused. With `follow_links` false, a symbolic link at
+/// `path` is refused (`O_NOFOLLOW`). Returns the content and the opened file's metadata.
+///
+/// The buffer is allocated once, never grown (no copy of a secret is left in freed memory), and
+/// wiped on release.
+pub fn read_regular(
+    path: &Path,
+    limit: usize,
+    follow_links: bool,
+) -> Result<(Zeroizing<Vec<u8>>, std::fs::Metadata), ReadError> {
+    let mut flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY;
+    if !follow_links {
+        flags |= OFlags::NOFOLLOW;
+    }
+    let fd = rustix::fs::open(path, flags, Mode::empty()).map_err(|e| match e {
+        rustix::io::Errno::LOOP if !follow_links => ReadError::Symlink,
+        e => ReadError::Io(e.into()),
+    })?;
+    let file = File::from(fd);
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(ReadError::NotRegular(kind(meta.file_type())));
+    }
+    if meta.len() > limit as u64 {
+        return Err(ReadError::TooLarge(limit));
+    }
+    let mut bytes = Zeroizing::new(Vec::with_capacity(limit + 1));
+    file.take(limit as u64 + 1).read_to_end(&mut bytes)?;
+    if bytes.len() > limit {
+        return Err(ReadError::TooLarge(limit));
+    }
+    Ok((bytes, meta))
+}
+
 /// Replaces `path` with `content` atomically, with file mode `mode` whatever the umask.
 /// With `sync_dir` false the caller syncs the directory itself (one sync for a batch).
+///
+/// The temporary file is created with `O_CREAT | O_EXCL` (tempfile's `create_new`), so nothing
+/// planted under its name is opened, and the rename replaces whatever is at `path` (a symbolic
+/// link or a FIFO included) without writing through it.
 pub fn write_atomic(path: &Path, mode: u32, content: &[u8], sync_dir: bool) -> io::Result<()> {
     let dir = parent(path);
     let name = path
@@ -90,7 +192,9 @@ pub fn write_atomic(path: &Path, mode: u32, content: &[u8], sync_dir: bool) -> i
 }
 
 pub fn sync_directory(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+    // O_DIRECTORY: whatever else may be found at the path (a FIFO) is refused, never waited on.
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    File::from(rustix::fs::open(dir, flags, Mode::empty())?).sync_all()
 }
 
 fn parent(path: &Path) -> &Path {
@@ -132,22 +236,37 @@ pub struct OnDisk {
     /// The format it was written in, and its mode: a reload may have changed either.
     pub format: Format,
     pub mode: u32,
+    /// The file's owner.
+    pub uid: u32,
+}
+
+impl OnDisk {
+    /// Whether only this process's user (or root) could have written the file: owned by the
+    /// effective user, writable by no one else. In a directory others can write to, anything
+    /// else may have been put there by someone else.
+    pub fn ours(&self) -> bool {
+        self.uid == rustix::process::geteuid().as_raw() && self.mode & 0o022 == 0
+    }
 }
 
 /// Reads the token in `path`, in either format (the format may have changed since it was
-/// written). `None` when there is no file or it holds no token of the accepted form.
+/// written). `None` when there is no file or it holds no token of the accepted form. A symbolic
+/// link, a FIFO, a device or a file over [`MAX_TOKEN_FILE`] at `path` is no token either, with
+/// a warning: it is not what this daemon writes.
 pub fn read_existing(path: &Path) -> Option<OnDisk> {
     #[derive(Deserialize)]
     struct JsonFile {
         token: String,
         expires_at: Option<String>,
     }
-    let file = File::open(path).ok()?;
-    let meta = file.metadata().ok()?;
-    if !meta.is_file() || meta.len() > 64 * 1024 {
-        return None;
-    }
-    let bytes = Zeroizing::new(std::fs::read(path).ok()?);
+    let (bytes, meta) = match read_regular(path, MAX_TOKEN_FILE, false) {
+        Ok(read) => read,
+        Err(e) if e.is_not_found() => return None,
+        Err(e) => {
+            warn!("{} {e}: taken as no token (a login writes a new file in its place)", path.display());
+            return None;
+        }
+    };
     let (token, expires_at, format) = match serde_json::from_slice::<JsonFile>(&bytes) {
         Ok(json) => {
             (Secret::new(json.token), json.expires_at.and_then(|t| humantime::parse_rfc3339(&t).ok()), Format::Json)
@@ -156,7 +275,7 @@ pub fn read_existing(path: &Path) -> Option<OnDisk> {
     };
     crate::token::check_form(token.expose()).ok()?;
     let mode = meta.permissions().mode() & 0o777;
-    Some(OnDisk { token, expires_at, modified: meta.modified().ok()?, format, mode })
+    Some(OnDisk { token, expires_at, modified: meta.modified().ok()?, format, mode, uid: meta.uid() })
 }
 
 /// The record of a customer's recent 401s, kept beside its token file as `.<file>.auth`, so a
@@ -178,9 +297,18 @@ pub fn ledger_path(token_path: &Path) -> std::path::PathBuf {
 }
 
 /// What the ledger beside this token file records of `username`'s 401s, if anything (another
-/// username's ledger is ignored).
+/// username's ledger is ignored). Like the token file, a ledger that is a symbolic link, not a
+/// regular file, or larger than [`MAX_LEDGER_FILE`] is ignored, with a warning.
 pub fn read_ledger(token_path: &Path, username: &str) -> Option<AuthState> {
-    let bytes = std::fs::read(ledger_path(token_path)).ok()?;
+    let path = ledger_path(token_path);
+    let bytes = match read_regular(&path, MAX_LEDGER_FILE, false) {
+        Ok((bytes, _)) => bytes,
+        Err(e) if e.is_not_found() => return None,
+        Err(e) => {
+            warn!("{} {e}: ignored as a record of earlier 401s", path.display());
+            return None;
+        }
+    };
     let ledger: AuthLedger = serde_json::from_slice(&bytes).ok()?;
     (ledger.username == username).then(|| AuthState {
         in_a_row: ledger.in_a_row,
@@ -204,6 +332,126 @@ pub fn write_ledger(token_path: &Path, username: &str, auth: &AuthState) -> io::
 
 pub fn remove_ledger(token_path: &Path) {
     let _ = std::fs::remove_file(ledger_path(token_path));
+}
+
+/// The lock file in the output directory (a name starting with `.`: never a token file).
+pub const LOCK_FILE: &str = ".magento-token-sidecar.lock";
+
+/// An exclusive lock on an output directory, held for the life of `run` (across reloads that
+/// keep the directory) and of `once`: a second daemon on the same directory would sweep the
+/// first one's temporary files mid-write and race it for every file. It is an `flock` on
+/// [`LOCK_FILE`], which records the holder's pid and host name; the kernel releases it when the
+/// process ends, however it ends. A clean release also removes the file.
+#[derive(Debug)]
+pub struct DirLock {
+    /// The lock lives as long as this descriptor.
+    _file: File,
+    path: PathBuf,
+    /// The lock file's and the directory's (device, inode).
+    file_id: (u64, u64),
+    dir_id: (u64, u64),
+}
+
+/// Why a directory could not be locked.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("{} is in use by magento-token-sidecar {holder}; two daemons must not share an output directory", dir.display())]
+    Held { dir: PathBuf, holder: String },
+    #[error("cannot lock the output directory with {}: {source}", path.display())]
+    Failed { path: PathBuf, source: io::Error },
+}
+
+fn id(meta: &std::fs::Metadata) -> (u64, u64) {
+    (meta.dev(), meta.ino())
+}
+
+impl DirLock {
+    /// Takes the lock on `dir`, or says who holds it. Never waits.
+    pub fn acquire(dir: &Path) -> Result<DirLock, LockError> {
+        let path = dir.join(LOCK_FILE);
+        let failed = |source: io::Error| LockError::Failed { path: path.clone(), source };
+        // A holder that stops removes the file while still holding it: a lock taken on a file
+        // already removed is taken again on the one now at the path.
+        for _ in 0..8 {
+            // Held through a read-only descriptor (flock needs no more): a descriptor open for
+            // writing would keep the filesystem from being remounted read-only. Mode 0600, as
+            // every file here: nothing in the directory is readable by others.
+            let flags = OFlags::RDONLY | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+            let fd = rustix::fs::open(&path, flags | OFlags::NOCTTY, Mode::from_raw_mode(0o600))
+                .map_err(|e| failed(e.into()))?;
+            let file = File::from(fd);
+            let meta = file.metadata().map_err(failed)?;
+            if !meta.is_file() {
+                return Err(failed(io::Error::other(format!("it is {}, not a regular file", kind(meta.file_type())))));
+            }
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(LockError::Held { dir: dir.to_path_buf(), holder: holder(&file) })
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(failed(e)),
+            }
+            if !std::fs::symlink_metadata(&path).is_ok_and(|now| id(&now) == id(&meta)) {
+                continue;
+            }
+            // Only to name the holder to a daemon turned away: the lock holds without it (on a
+            // full disk, say).
+            if let Err(e) = record_holder(&path, id(&meta)) {
+                warn!(error = %e, "cannot record this process in {}: a second daemon will not be told which one holds the directory", path.display());
+            }
+            let dir_id = std::fs::metadata(dir).map(|m| id(&m)).map_err(failed)?;
+            return Ok(DirLock { _file: file, path, file_id: id(&meta), dir_id });
+        }
+        Err(failed(io::Error::other("the lock file keeps being replaced")))
+    }
+
+    /// Whether this lock is on `dir` (the same directory, whatever path names it).
+    pub fn covers(&self, dir: &Path) -> bool {
+        std::fs::metadata(dir).is_ok_and(|m| id(&m) == self.dir_id)
+    }
+}
+
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        // Removed while still locked (the descriptor closes after this), and only if it is still
+        // this lock's file.
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| id(&m) == self.file_id) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Writes this process's pid and host name into the lock file `path` (the file `file_id`, just
+/// locked), through a descriptor closed at once.
+fn record_holder(path: &Path, file_id: (u64, u64)) -> io::Result<()> {
+    let flags = OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY;
+    let file = File::from(rustix::fs::open(path, flags, Mode::empty())?);
+    if id(&file.metadata()?) != file_id {
+        return Err(io::Error::other("the lock file was replaced"));
+    }
+    file.set_len(0)?;
+    file.write_all_at(format!("pid {}\nhost {}\n", std::process::id(), host_name()).as_bytes(), 0)
+}
+
+/// `pid 1234 on host x`, from the holder's lock file (read through the descriptor the failed
+/// attempt opened); its text is shown printable and short, whoever wrote it.
+fn holder(file: &File) -> String {
+    let mut buf = [0u8; 256];
+    let n = file.read_at(&mut buf, 0).unwrap_or(0);
+    let text = String::from_utf8_lossy(&buf[..n]);
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|v| v.trim().chars().filter(|c| c.is_ascii_graphic()).take(64).collect::<String>())
+    };
+    match (field("pid "), field("host ")) {
+        (Some(pid), Some(host)) if !pid.is_empty() => format!("pid {pid} on host {host}"),
+        _ => "(its lock file does not say which process yet)".into(),
+    }
+}
+
+fn host_name() -> String {
+    rustix::system::uname().nodename().to_string_lossy().into_owned()
 }
 
 #[cfg(test)]
@@ -305,6 +553,85 @@ mod tests {
 
     fn mode_of(path: &Path) -> u32 {
         std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn only_regular_files_within_the_limit_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"1234").unwrap();
+        assert_eq!(&read_regular(&file, 4, false).unwrap().0[..], b"1234");
+        let e = read_regular(&file, 3, false).unwrap_err();
+        assert_eq!(e.to_string(), "is larger than 3 bytes, the most it may hold");
+        // A FIFO: refused at once, never waited on.
+        let fifo = dir.path().join("fifo");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        assert_eq!(read_regular(&fifo, 4, true).unwrap_err().to_string(), "is a FIFO, not a regular file");
+        // A device: refused, never read whole.
+        let e = read_regular(Path::new("/dev/zero"), 4096, true).unwrap_err();
+        assert_eq!(e.to_string(), "is a character device, not a regular file");
+        assert_eq!(read_regular(dir.path(), 4, true).unwrap_err().to_string(), "is a directory, not a regular file");
+        // A symbolic link: followed only when asked.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert_eq!(&read_regular(&link, 4, true).unwrap().0[..], b"1234");
+        assert!(matches!(read_regular(&link, 4, false), Err(ReadError::Symlink)));
+        assert!(read_regular(&dir.path().join("none"), 4, false).unwrap_err().is_not_found());
+        // A file that grows past its limit: the bytes read stop there.
+        let big = dir.path().join("big");
+        std::fs::File::create(&big).unwrap().set_len(1 << 30).unwrap();
+        assert_eq!(
+            read_regular(&big, 4096, true).unwrap_err().to_string(),
+            "is larger than 4 KiB, the most it may hold"
+        );
+    }
+
+    #[test]
+    fn a_symlink_at_the_token_path_is_no_token_and_a_write_replaces_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        std::fs::write(&target, b"abc.def").unwrap();
+        let path = dir.path().join("alice");
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        assert!(read_existing(&path).is_none());
+        write_atomic(&path, 0o600, b"new.token", true).unwrap();
+        assert!(std::fs::symlink_metadata(&path).unwrap().is_file());
+        assert_eq!(std::fs::read(&path).unwrap(), b"new.token");
+        assert_eq!(std::fs::read(&target).unwrap(), b"abc.def", "the link's target is unchanged");
+        // The same for a ledger.
+        std::os::unix::fs::symlink("/dev/zero", ledger_path(&path)).unwrap();
+        assert_eq!(read_ledger(&path, "a@x"), None);
+    }
+
+    #[test]
+    fn one_lock_per_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = DirLock::acquire(dir.path()).unwrap();
+        let content = std::fs::read_to_string(dir.path().join(LOCK_FILE)).unwrap();
+        assert_eq!(content, format!("pid {}\nhost {}\n", std::process::id(), host_name()));
+        assert_eq!(mode_of(&dir.path().join(LOCK_FILE)), 0o600);
+        assert!(lock.covers(dir.path()) && lock.covers(&dir.path().join(".")));
+        // flock conflicts between two descriptors, even in one process.
+        let e = DirLock::acquire(dir.path()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{} is in use by magento-token-sidecar pid {} on host {}; two daemons must not share an output directory",
+                dir.path().display(),
+                std::process::id(),
+                host_name()
+            )
+        );
+        drop(lock);
+        assert!(!dir.path().join(LOCK_FILE).exists(), "a clean release removes the file");
+        let again = DirLock::acquire(dir.path()).unwrap();
+        assert!(!again.covers(Path::new("/")));
+        // A lock file left by a killed holder is taken over; a symbolic link there is not.
+        drop(again);
+        std::fs::write(dir.path().join(LOCK_FILE), "pid 1\nhost gone\n").unwrap();
+        drop(DirLock::acquire(dir.path()).unwrap());
+        std::os::unix::fs::symlink("/dev/null", dir.path().join(LOCK_FILE)).unwrap();
+        assert!(matches!(DirLock::acquire(dir.path()), Err(LockError::Failed { .. })));
     }
 
     #[test]

@@ -248,9 +248,13 @@ impl<M: Magento> Worker<M> {
         if expires_at <= now {
             return now;
         }
-        // The file is on disk and unexpired whatever happens next: the app can use it.
-        self.report.token_on_disk(expires_at);
+        // What the file says is reported (ready, valid) only once Magento accepted the token, or
+        // when the file is one only this daemon's user could have written: anyone who can write
+        // to the directory could have put any token there. A token Magento refused never is.
         if !adopt || schedule::is_due(now, expires_at, r.before_expiry) {
+            if found.ours() {
+                self.report.token_on_disk(expires_at);
+            }
             return now;
         }
         let permit = tokio::select! {
@@ -262,6 +266,7 @@ impl<M: Magento> Worker<M> {
         drop(permit);
         match answer {
             Ok(email) if email.eq_ignore_ascii_case(&self.customer.username) => {
+                self.report.token_on_disk(expires_at);
                 let next = schedule::next_refresh(now, expires_at, read.lifetime, r, rand::thread_rng().gen());
                 if found.format != self.shared.format || found.mode != self.shared.mode {
                     // A reload changed output.format or output.mode: the same token, rewritten.
@@ -285,6 +290,11 @@ impl<M: Magento> Worker<M> {
                 now
             }
             Err(e) => {
+                // Magento could not say (down, an error page): the file still counts until its
+                // expiry if it is this daemon's own.
+                if e.outcome != Outcome::AuthFailure && found.ours() {
+                    self.report.token_on_disk(expires_at);
+                }
                 info!(error = %e, "the token on disk was not accepted: logging in");
                 now
             }

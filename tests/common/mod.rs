@@ -124,12 +124,13 @@ impl World {
         .await
     }
 
-    /// Names in the token directory other than the given token files.
+    /// Names in the token directory other than the given token files (and the lock file of a
+    /// daemon running there).
     pub fn stray_files(&self, expected: &[&str]) -> Vec<String> {
         std::fs::read_dir(self.tokens())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .filter(|n| !expected.contains(&n.as_str()))
+            .filter(|n| !expected.contains(&n.as_str()) && n != magento_token_sidecar::sink::LOCK_FILE)
             .collect()
     }
 }
