@@ -47,6 +47,16 @@ enum Command {
     /// Validate the config, that every password source is readable and the output directory
     /// writable; no network.
     Check(ConfigArg),
+    /// After resetting a customer's failed logins in Magento: make the daemon forget its own
+    /// count, so a customer held back by the lockout budget is tried again (within 2 s, no
+    /// restart).
+    ForgetFailures {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The customers (their `name` in the configuration).
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
     /// Start a built-in Magento-compatible server on loopback and the daemon against it.
     Demo,
     /// Run only the built-in Magento-compatible server (tests and benchmarks).
@@ -101,6 +111,7 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::ForgetFailures { config: arg, names } => forget_failures(&arg.config, &names),
         Command::Check(arg) => match load(&arg.config) {
             Ok(config) => {
                 for warning in config.warnings() {
@@ -153,6 +164,38 @@ fn raise_open_file_limit() {
             }
         }
     }
+}
+
+/// `forget-failures`: marks each named customer's ledger as forgotten; the running daemon takes
+/// it within its password poll.
+fn forget_failures(path: &Path, names: &[String]) -> u8 {
+    // The file alone: an unreadable password (the usual reason for this command) is no reason
+    // to refuse.
+    let config = match config::load(path, Checks::Static) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{e}");
+            return BAD_CONFIG;
+        }
+    };
+    let mut code = 0;
+    for name in names {
+        let Some(customer) = config.customers.iter().find(|c| &c.name == name) else {
+            eprintln!("{}: no customer named {name:?}", path.display());
+            code = BAD_CONFIG;
+            continue;
+        };
+        match sink::forget_ledger(&customer.path, &customer.username) {
+            Ok(()) => println!(
+                "{name}: the daemon's count of failed logins is forgotten; a running daemon tries again within 2 s (first make sure Magento's own count is gone: the username's row in oauth_token_request_log deleted, or cleared by the store's cron)"
+            ),
+            Err(e) => {
+                eprintln!("{name}: cannot write {}: {e}", sink::ledger_path(&customer.path).display());
+                code = FAILED;
+            }
+        }
+    }
+    code
 }
 
 /// Loads and fully checks the configuration; on failure prints every problem.

@@ -289,6 +289,10 @@ struct AuthLedger {
     chain: u32,
     /// Unix seconds of the last 401.
     last_failure: i64,
+    /// An operator reset Magento's count and told the daemon to forget its own
+    /// (`forget-failures`): the counts above no longer hold.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    forgotten: bool,
 }
 
 pub fn ledger_path(token_path: &Path) -> std::path::PathBuf {
@@ -300,6 +304,29 @@ pub fn ledger_path(token_path: &Path) -> std::path::PathBuf {
 /// username's ledger is ignored). Like the token file, a ledger that is a symbolic link, not a
 /// regular file, or larger than [`MAX_LEDGER_FILE`] is ignored, with a warning.
 pub fn read_ledger(token_path: &Path, username: &str) -> Option<AuthState> {
+    read_ledger_file(token_path, username).filter(|l| !l.forgotten).map(|ledger| AuthState {
+        in_a_row: ledger.in_a_row,
+        chain: ledger.chain,
+        last_failure: Some(crate::token::from_unix(ledger.last_failure)),
+        final_refusal: false,
+    })
+}
+
+/// Whether an operator told the daemon to forget `username`'s failures (`forget-failures`).
+pub fn ledger_forgotten(token_path: &Path, username: &str) -> bool {
+    read_ledger_file(token_path, username).is_some_and(|l| l.forgotten)
+}
+
+/// Records that an operator reset Magento's failure count for `username` and the daemon's is to
+/// be forgotten too: a running daemon takes it within its password poll, a new one never sees
+/// the old counts.
+pub fn forget_ledger(token_path: &Path, username: &str) -> io::Result<()> {
+    let ledger = AuthLedger { username: username.to_owned(), in_a_row: 0, chain: 0, last_failure: 0, forgotten: true };
+    let bytes = serde_json::to_vec(&ledger).expect("a ledger always serializes");
+    write_atomic(&ledger_path(token_path), 0o600, &bytes, true)
+}
+
+fn read_ledger_file(token_path: &Path, username: &str) -> Option<AuthLedger> {
     let path = ledger_path(token_path);
     let bytes = match read_regular(&path, MAX_LEDGER_FILE, false) {
         Ok((bytes, _)) => bytes,
@@ -310,12 +337,7 @@ pub fn read_ledger(token_path: &Path, username: &str) -> Option<AuthState> {
         }
     };
     let ledger: AuthLedger = serde_json::from_slice(&bytes).ok()?;
-    (ledger.username == username).then(|| AuthState {
-        in_a_row: ledger.in_a_row,
-        chain: ledger.chain,
-        last_failure: Some(crate::token::from_unix(ledger.last_failure)),
-        final_refusal: false,
-    })
+    (ledger.username == username).then_some(ledger)
 }
 
 /// Records `auth` (after a 401: its last failure is set) as `username`'s ledger.
@@ -325,6 +347,7 @@ pub fn write_ledger(token_path: &Path, username: &str, auth: &AuthState) -> io::
         in_a_row: auth.in_a_row,
         chain: auth.chain,
         last_failure: auth.last_failure.map_or(0, crate::token::unix),
+        forgotten: false,
     };
     let bytes = serde_json::to_vec(&ledger).expect("a ledger always serializes");
     write_atomic(&ledger_path(token_path), 0o600, &bytes, true)

@@ -131,6 +131,8 @@ enum Woken {
     Stopped,
     /// An app asked for a check now (`POST /refresh/<name>`).
     Asked(Ask),
+    /// An operator reset Magento's count and ran `forget-failures`.
+    Forgotten,
 }
 
 impl<M: Magento> Worker<M> {
@@ -204,6 +206,11 @@ impl<M: Magento> Worker<M> {
                     Woken::Stopped => break,
                     // Tried at once if the policy allows it.
                     Woken::PasswordChanged => info!("the password changed since its last 401"),
+                    Woken::Forgotten => {
+                        warn!("an operator cleared this customer's failed logins (forget-failures): trying again");
+                        next = self.now();
+                        continue;
+                    }
                     Woken::Asked(ask) => {
                         if let Some(plan) = Box::pin(self.answer(ask)).await {
                             next = plan;
@@ -426,6 +433,12 @@ impl<M: Magento> Worker<M> {
             if self.stop.is_cancelled() {
                 return Woken::Stopped;
             }
+            let standing = self.account.standing(self.now(), &self.shared.refresh);
+            if standing != AuthWait::Clear && sink::ledger_forgotten(&self.customer.path, &self.customer.username) {
+                self.account.forget();
+                sink::remove_ledger(&self.customer.path);
+                return Woken::Forgotten;
+            }
             let refused = self.account.refused_password(self.now(), &self.shared.refresh);
             if let (Some(refused), Ok(now)) = (&refused, self.customer.password.read()) {
                 if *refused != now {
@@ -436,7 +449,10 @@ impl<M: Magento> Worker<M> {
             if left.is_some_and(|left| left.is_zero()) {
                 return Woken::Due;
             }
-            let nap = match (left, refused.is_some()) {
+            // While a 401 holds the customer back, the password source and the ledger are
+            // watched: a fixed Secret, or an operator's forget-failures.
+            let watch = refused.is_some() || standing != AuthWait::Clear;
+            let nap = match (left, watch) {
                 (Some(left), true) => Some(left.min(PASSWORD_POLL)),
                 (Some(left), false) => Some(left),
                 (None, true) => Some(PASSWORD_POLL),

@@ -120,3 +120,33 @@ async fn three_replicas_sharing_a_wrong_password_stay_clear_of_the_lock() {
         assert_eq!(d.stop().await.code(), Some(0));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_failures_lets_a_held_back_customer_try_again_without_a_restart() {
+    let w = World::new(no_cron()).await;
+    w.server.add_customer(ALICE.1, ALICE.2);
+    w.set_password("alice", "first-typo");
+    w.write_config(&w.config_text(&[(ALICE.0, ALICE.1)], SCALED, ""));
+    let mut d = w.start();
+    wait_for(10 * SEC, "three 401s", || async { (w.server.login_attempts(ALICE.1) == 3).then_some(()) }).await;
+    std::fs::write(w.secret_path("alice"), "second-typo\n").unwrap();
+    d.wait_metric(&refreshes("alice", "auth_failure"), 4.0, 10 * SEC).await;
+    d.wait_metric(&series("magento_token_held_back", "alice"), 1.0, 5 * SEC).await;
+    // The operator resets Magento's count (here: the dev server's row) and fixes the password,
+    // then tells the daemon.
+    w.server.reset_failures(ALICE.1);
+    std::fs::write(w.secret_path("alice"), format!("{}\n", ALICE.2)).unwrap();
+    tokio::time::sleep(3 * SEC).await;
+    assert_eq!(w.server.login_attempts(ALICE.1), 4, "held back until told");
+    let config = w.config_path();
+    let (code, out, err) = run_to_end(&["forget-failures", "--config", config.to_str().unwrap(), "alice"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("alice: the daemon's count of failed logins is forgotten"), "{out}");
+    let token = w.wait_token("alice", None, 10 * SEC).await;
+    assert_eq!(w.server.check_token(&token).as_deref(), Some(ALICE.1));
+    assert!(d.logs().contains("forget-failures"));
+    let (code, _, err) = run_to_end(&["forget-failures", "--config", config.to_str().unwrap(), "nobody"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("no customer named \"nobody\""), "{err}");
+    assert_eq!(d.stop().await.code(), Some(0));
+}

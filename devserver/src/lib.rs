@@ -514,6 +514,12 @@ impl DevServer {
         st.throttle.stored(&username.to_lowercase(), Instant::now())
     }
 
+    /// Deletes the username's `oauth_token_request_log` row, as an operator does by hand (or
+    /// the cron job) to lift the lock: the count starts again at 0.
+    pub fn reset_failures(&self, username: &str) {
+        self.shared.lock().throttle.reset(&username.to_lowercase());
+    }
+
     /// The highest count this username's brute-force row ever reached since the server
     /// started (resets and expiries do not lower it).
     pub fn max_failure_count(&self, username: &str) -> u32 {

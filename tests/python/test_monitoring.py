@@ -34,6 +34,7 @@ ALERT_TESTS = ROOT / "monitoring" / "alerts.test.yaml"
 # The daemon's metrics as the contract lists them: name -> (type, labels).
 REFRESH_RESULTS = {"success", "auth_failure", "http_error", "network_error", "invalid_response", "write_error", "blocked"}
 RELOAD_RESULTS = {"success", "failure"}
+VALIDATION_RESULTS = {"valid", "revoked", "error"}
 CONTRACT_METRICS = {
     "magento_token_refresh_total": ("counter", {"customer", "result"}),
     "magento_token_refresh_duration_seconds": ("histogram", set()),
@@ -45,14 +46,21 @@ CONTRACT_METRICS = {
     "magento_token_config_reloads_total": ("counter", {"result"}),
     "magento_token_build_info": ("gauge", {"version"}),
 }
-# Exported by the daemon beyond the contract's table; MagentoTokenPasswordUnreadable uses it.
+# Exported by the daemon beyond the contract's table: MagentoTokenPasswordUnreadable uses the
+# password errors, MagentoTokenLockoutBudgetSpent (and the exclusions of MagentoTokenRefreshFailing
+# and MagentoTokenCredentialsRejected) the held-back gauge, MagentoTokenRevokedRepeatedly the
+# checks of the token on disk; the dashboard shows them all.
 EXTRA_METRICS = {
     "magento_token_password_errors_total": ("counter", {"customer"}),
+    "magento_token_paused": ("gauge", {"customer"}),
+    "magento_token_held_back": ("gauge", {"customer"}),
+    "magento_token_validations_total": ("counter", {"customer", "result"}),
 }
 DAEMON_METRICS = CONTRACT_METRICS | EXTRA_METRICS
 RESULT_VALUES = {
     "magento_token_refresh_total": REFRESH_RESULTS,
     "magento_token_config_reloads_total": RELOAD_RESULTS,
+    "magento_token_validations_total": VALIDATION_RESULTS,
 }
 # The standard process collector's metrics (Linux).
 PROCESS_METRICS = {
@@ -249,7 +257,8 @@ def test_the_dashboard_covers_what_operators_look_at():
     for name in ["magento_token_expiry_timestamp_seconds", "magento_token_refresh_total",
                  "magento_token_refresh_duration_seconds_bucket", "magento_token_consecutive_failures",
                  "magento_token_valid", "magento_token_next_refresh_timestamp_seconds",
-                 "magento_token_config_reloads_total", "process_resident_memory_bytes",
+                 "magento_token_config_reloads_total", "magento_token_held_back",
+                 "magento_token_validations_total", "process_resident_memory_bytes",
                  "process_cpu_seconds_total"]:
         assert name in used, f"no dashboard panel shows {name}"
 
@@ -510,7 +519,8 @@ def test_end_to_end_metrics_and_prometheus(stack):
     assert lint.returncode == 0, f"promtool check metrics:\n{lint.stdout}{lint.stderr}"
 
     # Every metric, with its type and labels; per-customer series exist for every customer and
-    # every result; both reload results exist (MagentoTokenConfigReloadFailed relies on it).
+    # every result (refresh and validation); both reload results exist (MagentoTokenConfigReloadFailed
+    # relies on it).
     types, samples = parse_exposition(text)
     for name, (kind, labels) in DAEMON_METRICS.items():
         assert types.get(name) == kind, f"{name}: TYPE {types.get(name)!r}, contract says {kind}"
@@ -522,9 +532,10 @@ def test_end_to_end_metrics_and_prometheus(stack):
     for name, (kind, labels) in DAEMON_METRICS.items():
         if "customer" in labels:
             assert {s["customer"] for s in samples[name]} == customers, f"{name}: not one series per customer"
-    pairs = {(s["customer"], s["result"]) for s in samples["magento_token_refresh_total"]}
-    assert pairs == {(c, r) for c in customers for r in REFRESH_RESULTS}, \
-        f"magento_token_refresh_total series: {sorted(pairs)}"
+    for name, results in RESULT_VALUES.items():
+        if "customer" in DAEMON_METRICS[name][1]:
+            pairs = {(s["customer"], s["result"]) for s in samples[name]}
+            assert pairs == {(c, r) for c in customers for r in results}, f"{name} series: {sorted(pairs)}"
     assert {s["result"] for s in samples["magento_token_config_reloads_total"]} == RELOAD_RESULTS
     assert samples["magento_token_build_info"] and all(s["version"] for s in samples["magento_token_build_info"])
 
