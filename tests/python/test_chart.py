@@ -229,6 +229,17 @@ def test_notes_tell_how_to_check_tokens_and_metrics():
         assert expected in notes, expected
 
 
+def test_notes_say_what_replicas_cost_magentos_lock():
+    notes = lambda values: render_raw(values)["magento-token-sidecar/templates/NOTES.txt"]
+    assert "replicas each run a sidecar" not in notes({})
+    three = notes({"deployment": {"replicaCount": 3}})
+    assert "3 x (3 + 1) = 12 failures (it locks at 6)" in three, three
+    assert "WARNING: that is more than 4" in three
+    two = notes({"deployment": {"replicaCount": 2}, "refresh": {"max_auth_failures": 1}})
+    assert "2 x (1 + 1) = 4 failures" in two, two
+    assert "WARNING: that is more than" not in two
+
+
 # ------------------------------------------------------------------------------------------------
 # Sidecar layout
 
