@@ -91,7 +91,9 @@ async fn wrong_passwords_never_lock_the_account_over_a_long_run() {
     w.set_password("alice", "alice-wrong-1");
     w.set_password("alice-renamed", "alice-wrong-1");
     w.set_password("carol", "carol-wrong-0");
-    let refresh = "  max_auth_failures: 3\n  auth_failure_delays: [200ms, 500ms]\n  lockout_window: 2s\n  auth_failure_pause: 2500ms\n";
+    // A store whose cron runs (the dev server's default): the pause lets alice's password be
+    // tried again once Magento's window has passed (tests/lockout.rs has the store without).
+    let refresh = "  max_auth_failures: 3\n  auth_failure_delays: [200ms, 500ms]\n  lockout_window: 2s\n  auth_failure_pause: 2500ms\n  lockout_reset: window\n";
     let text = trace_config(&w, &[(ALICE.0, ALICE.1), (carol.0, carol.1)], refresh, "");
     w.write_config(&text);
     let mut d = w.start();
