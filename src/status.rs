@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{oneshot, Notify};
 
 use prometheus::{Histogram, HistogramOpts};
 
@@ -172,12 +172,38 @@ pub struct Board {
     /// `magento_token_refresh_duration_seconds`: the one record that is not per customer.
     login_times: Histogram,
     /// Where `POST /refresh/<name>` reaches each running worker.
-    askers: Arc<Mutex<HashMap<Box<str>, mpsc::Sender<Ask>>>>,
+    askers: Arc<Mutex<HashMap<Box<str>, Arc<Mailbox>>>>,
 }
 
 /// An app's request (`POST /refresh/<name>`) to check the token on disk now and replace it if
 /// Magento refuses it; the worker answers when done.
 pub type Ask = oneshot::Sender<Answer>;
+
+/// Where a worker's asks wait for it: a list and a bell, about a hundred bytes a customer
+/// (a channel would cost a kilobyte and more, for every customer of an idle daemon).
+#[derive(Default)]
+pub struct Mailbox {
+    asks: Mutex<Vec<Ask>>,
+    bell: Notify,
+}
+
+impl Mailbox {
+    /// Leaves an ask for the worker and wakes it.
+    pub fn post(&self, ask: Ask) {
+        self.asks.lock().unwrap_or_else(|e| e.into_inner()).push(ask);
+        self.bell.notify_one();
+    }
+
+    /// Waits until an ask is left (returns at once if one is waiting).
+    pub async fn rung(&self) {
+        self.bell.notified().await;
+    }
+
+    /// Every ask left so far.
+    pub fn take(&self) -> Vec<Ask> {
+        std::mem::take(&mut *self.asks.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
 
 /// What a worker answers a [`Ask`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -242,8 +268,8 @@ impl Board {
         self.askers.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
     }
 
-    /// Where to send an [`Ask`] for `name`; `None` for an unknown customer.
-    pub fn asker(&self, name: &str) -> Option<mpsc::Sender<Ask>> {
+    /// Where to leave an [`Ask`] for `name`; `None` for an unknown customer.
+    pub fn asker(&self, name: &str) -> Option<Arc<Mailbox>> {
         self.askers.lock().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
     }
 
@@ -307,12 +333,11 @@ impl Reporter {
         self.update(|e| e.clock_skew = seconds);
     }
 
-    /// The asks of `POST /refresh/<name>` for this customer, from now on to this receiver (a
-    /// worker restarted by a reload takes them over).
-    pub fn listen(&self) -> mpsc::Receiver<Ask> {
-        let (sender, receiver) = mpsc::channel(16);
-        self.board.askers.lock().unwrap_or_else(|e| e.into_inner()).insert(self.name.as_str().into(), sender);
-        receiver
+    /// The mailbox of `POST /refresh/<name>` for this customer (a worker restarted by a reload
+    /// takes over its predecessor's).
+    pub fn listen(&self) -> Arc<Mailbox> {
+        let mut askers = self.board.askers.lock().unwrap_or_else(|e| e.into_inner());
+        askers.entry(self.name.as_str().into()).or_default().clone()
     }
 
     /// The expiry of the token on disk, and the last error's message, as the board has them.

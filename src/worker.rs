@@ -34,7 +34,7 @@ use crate::config::{CustomerConfig, Format, RefreshSettings};
 use crate::magento::{Client, LoginError, Magento, Outcome};
 use crate::schedule::{self, AuthWait};
 use crate::sink;
-use crate::status::{Answer, Ask, Check, Reporter, State};
+use crate::status::{Answer, Ask, Check, Mailbox, Reporter, State};
 use crate::token;
 
 /// How often the password source is re-read while waiting after a 401: a Secret rotated by
@@ -84,7 +84,7 @@ pub struct Worker<M = Client> {
     checked_at: Option<SystemTime>,
     checks: Checks,
     /// `POST /refresh/<name>` for this customer.
-    asks: tokio::sync::mpsc::Receiver<Ask>,
+    asks: Arc<Mailbox>,
     /// The last answer to an ask, and when it was made: shared by asks within [`ASK_EVERY`].
     answered: Option<Box<(tokio::time::Instant, Answer)>>,
 }
@@ -130,7 +130,7 @@ enum Woken {
     PasswordChanged,
     Stopped,
     /// An app asked for a check now (`POST /refresh/<name>`).
-    Asked(Ask),
+    Asked(Vec<Ask>),
     /// An operator reset Magento's count and ran `forget-failures`.
     Forgotten,
 }
@@ -211,8 +211,8 @@ impl<M: Magento> Worker<M> {
                         next = self.now();
                         continue;
                     }
-                    Woken::Asked(ask) => {
-                        if let Some(plan) = Box::pin(self.answer(ask)).await {
+                    Woken::Asked(asks) => {
+                        if let Some(plan) = Box::pin(self.answer(asks)).await {
                             next = plan;
                         }
                         continue;
@@ -385,7 +385,7 @@ impl<M: Magento> Worker<M> {
     /// Magento refuses it, logs in (under the lockout policy, as every login) and writes the new
     /// one before answering. Asks within [`ASK_EVERY`] of the last check share its answer, and
     /// so do those that came in meanwhile. Returns a new plan when it logged in.
-    async fn answer(&mut self, ask: Ask) -> Option<SystemTime> {
+    async fn answer(&mut self, asks: Vec<Ask>) -> Option<SystemTime> {
         let mut plan = None;
         let answer = match self.answered.as_deref() {
             Some((at, answer)) if at.elapsed() < ASK_EVERY => answer.clone(),
@@ -411,9 +411,8 @@ impl<M: Magento> Worker<M> {
                 answer
             }
         };
-        let _ = ask.send(answer.clone());
-        while let Ok(waiting) = self.asks.try_recv() {
-            let _ = waiting.send(answer.clone());
+        for ask in asks.into_iter().chain(self.asks.take()) {
+            let _ = ask.send(answer.clone());
         }
         plan
     }
@@ -467,7 +466,12 @@ impl<M: Magento> Worker<M> {
             tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => return Woken::Stopped,
-                Some(ask) = self.asks.recv() => return Woken::Asked(ask),
+                _ = self.asks.rung() => {
+                    let asks = self.asks.take();
+                    if !asks.is_empty() {
+                        return Woken::Asked(asks);
+                    }
+                }
                 _ = sleep => {}
             }
         }
