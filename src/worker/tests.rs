@@ -164,6 +164,18 @@ fn start(config: &Config, magento: Scripted, clock: Clock) -> Run {
     Run { magento, board, stop, task, clock, path: customer.path.clone() }
 }
 
+/// Alice's worker on paused time, her password file holding `password`, against a store whose
+/// password is "right", set up further by `store`. The directory lives as long as it is held.
+fn alice(password: &str, extra_refresh: &str, store: impl FnOnce(&mut Store)) -> (Run, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("password"), format!("{password}\n")).unwrap();
+    let config = config(dir.path(), extra_refresh);
+    let clock = Clock::tokio(SystemTime::now());
+    let magento = Scripted::new(clock, "right");
+    store(&mut magento.0.lock().unwrap());
+    (start(&config, magento, clock), dir)
+}
+
 impl Run {
     async fn stop(self) {
         self.stop.cancel();
@@ -177,11 +189,7 @@ impl Run {
 
 #[tokio::test(start_paused = true)]
 async fn a_day_of_refreshes_always_leaves_a_token_magento_accepts() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("password"), "right\n").unwrap();
-    let config = config(dir.path(), "");
-    let clock = Clock::tokio(SystemTime::now());
-    let run = start(&config, Scripted::new(clock, "right"), clock);
+    let (run, _dir) = alice("right", "", |_| {});
 
     // Checked every 10 s of the day, from the first second on.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -212,12 +220,8 @@ async fn a_day_of_refreshes_always_leaves_a_token_magento_accepts() {
 async fn a_wrong_password_for_a_day(
     lockout_reset: &str,
 ) -> (Vec<(SystemTime, bool)>, crate::status::State, Run, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
+    let (run, dir) = alice("wrong", &format!("  lockout_reset: {lockout_reset}\n"), |_| {});
     let password = dir.path().join("password");
-    std::fs::write(&password, "wrong\n").unwrap();
-    let config = config(dir.path(), &format!("  lockout_reset: {lockout_reset}\n"));
-    let clock = Clock::tokio(SystemTime::now());
-    let run = start(&config, Scripted::new(clock, "right"), clock);
     tokio::time::sleep(24 * HOUR).await;
     let logins = run.magento.logins();
     let state = run.board.snapshot(run.clock.now())[0].state;
@@ -270,11 +274,7 @@ async fn where_cron_runs_a_wrong_password_is_tried_once_per_pause_and_a_fix_at_o
 
 #[tokio::test(start_paused = true)]
 async fn a_revoked_token_is_replaced_within_validate_every() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("password"), "right\n").unwrap();
-    let config = config(dir.path(), "");
-    let clock = Clock::tokio(SystemTime::now());
-    let run = start(&config, Scripted::new(clock, "right"), clock);
+    let (run, _dir) = alice("right", "", |_| {});
     tokio::time::sleep(5 * HOUR).await;
     // A logout elsewhere (a PWA storefront's revokeCustomerToken): every token dies at once.
     run.magento.revoke();
@@ -297,13 +297,7 @@ async fn a_revoked_token_is_replaced_within_validate_every() {
 
 #[tokio::test(start_paused = true)]
 async fn a_store_code_that_never_validates_costs_a_few_logins_then_no_more_checks() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("password"), "right\n").unwrap();
-    let config = config(dir.path(), "");
-    let clock = Clock::tokio(SystemTime::now());
-    let magento = Scripted::new(clock, "right");
-    magento.0.lock().unwrap().refuse_checks = true;
-    let run = start(&config, magento, clock);
+    let (run, _dir) = alice("right", "", |store| store.refuse_checks = true);
     tokio::time::sleep(24 * HOUR).await;
     let logins = run.magento.logins().len();
     // A day of planned refreshes (33) and the refused checks' few logins: never a loop.
