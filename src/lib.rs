@@ -10,6 +10,7 @@
 //! | [`schedule`] | pure decisions: when to refresh, how long to back off, the lockout policy       |
 //! | [`account`]  | one lockout budget per username, shared by every worker that logs in with it    |
 //! | [`magento`]  | the HTTP client: the login request and the class of every outcome                |
+//! | [`shown`]    | what of a server's answer may be shown: bounded, escaped, never the password     |
 //! | [`token`]    | the accepted token form, and its expiry (JWT `exp`, clock skew, opaque tokens)   |
 //! | [`attempt`]  | one login under the lockout policy: the only path a password is sent by          |
 //! | [`sink`]     | atomic, durable token files; reading back what an earlier run left               |
@@ -37,6 +38,7 @@ pub mod magento;
 pub mod metrics;
 pub mod schedule;
 pub mod secret;
+pub mod shown;
 pub mod signals;
 pub mod sink;
 pub mod status;
