@@ -776,6 +776,23 @@ customers:
         assert!(problems("  exec: [\"/no/such/program\"]\n", Checks::Static).is_empty());
     }
 
+    #[test]
+    fn the_example_section_is_valid_once_uncommented() {
+        let example = include_str!("../config/example.yaml");
+        let start = example.find("\n# notify:\n").expect("a notify section") + 1;
+        let section: String = example[start..]
+            .lines()
+            .take_while(|l| l.starts_with('#'))
+            .map(|l| format!("{}\n", l.strip_prefix("# ").unwrap_or(l)))
+            .collect();
+        let text = format!("{MINIMAL}{section}");
+        let s = config::parse(&text, Checks::Static).unwrap().notify.unwrap();
+        assert_eq!(s.exec.unwrap(), ["/usr/local/bin/reload-app", "--quiet"]);
+        assert_eq!(s.webhook.unwrap().as_str(), "http://127.0.0.1:8080/rotated");
+        assert_eq!(s.signal.unwrap(), SignalTarget { process: "nginx".into(), signal: "HUP" });
+        assert_eq!(s.timeout, DEFAULT_TIMEOUT);
+    }
+
     fn note(secs: u64) -> Note {
         Note { file: "/t/alice".into(), expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(secs) }
     }
