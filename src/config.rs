@@ -38,6 +38,8 @@ struct RawConfig {
     #[serde(default)]
     log: RawLog,
     customers: Vec<RawCustomer>,
+    #[serde(default)]
+    notify: Option<crate::notify::RawNotify>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -212,6 +214,8 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     pub log: LogSettings,
     pub customers: Vec<CustomerConfig>,
+    /// `None` without a `notify` section.
+    pub notify: Option<crate::notify::NotifySettings>,
 }
 
 /// What the shared HTTP client is built from: a change here means a new client.
@@ -290,7 +294,7 @@ impl Default for RefreshSettings {
     }
 }
 
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     Dur::deserialize(d).map(|d| d.0)
 }
 
@@ -558,6 +562,7 @@ fn validate(raw: RawConfig, checks: Checks) -> Result<Config, Vec<Problem>> {
     let admin_listen = check_admin(&mut v, &raw.admin.listen);
     check_log(&mut v, &raw.log.level);
     let customers = check_customers(&mut v, &raw, base_url, checks);
+    let notify = raw.notify.as_ref().and_then(|n| crate::notify::check(n, checks, &mut v.problems));
     if !v.problems.is_empty() {
         return Err(v.problems);
     }
@@ -568,6 +573,7 @@ fn validate(raw: RawConfig, checks: Checks) -> Result<Config, Vec<Problem>> {
         admin_listen,
         log: LogSettings { format: raw.log.format, level: raw.log.level },
         customers,
+        notify,
     })
 }
 

@@ -187,6 +187,7 @@ fn shared_for(config: &Config, running: Option<&Supervisor>) -> Result<Shared, C
         mode: config.output.mode,
         logins,
         clock: Clock::System,
+        notify: crate::notify::Notifier::for_config(config.notify.as_ref(), running.map(|s| &s.shared.notify)),
     })
 }
 

@@ -16,6 +16,7 @@
 //! | [`sink`]     | atomic, durable token files; reading back what an earlier run left               |
 //! | [`worker`]   | one customer's loop, tying the above together                                    |
 //! | [`status`]   | what the workers report: the board behind `/status` and `/readyz`               |
+//! | [`notify`]   | telling the app of a new token: a command, a webhook, a signal (`notify:`)       |
 //! | [`metrics`]  | every Prometheus metric, in an owned registry                                    |
 //! | [`daemon`]   | the supervisor (a task per customer, reloads, graceful stop) and `once`          |
 //! | [`admin`]    | `/healthz`, `/readyz`, `/status`, `/metrics`                                     |
@@ -36,6 +37,7 @@ pub mod demo;
 pub mod logging;
 pub mod magento;
 pub mod metrics;
+pub mod notify;
 pub mod schedule;
 pub mod secret;
 pub mod shown;

@@ -277,6 +277,9 @@ fn lock_output_dir(config: &Config) -> Option<sink::DirLock> {
 async fn once(config: Config, timeout: Duration) -> u8 {
     // Held until the pass is over.
     let Some(_lock) = lock_output_dir(&config) else { return FAILED };
+    if config.notify.is_some() {
+        info!("notify is not used by once: the app, started after it (an init container) or apart from it, reads the files it wrote");
+    }
     let results = match daemon::once(&config, timeout).await {
         Ok(results) => results,
         Err(e) => {

@@ -16,7 +16,7 @@ use prometheus::proto::{self, LabelPair, Metric, MetricFamily, MetricType};
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
 use crate::magento::Outcome;
-use crate::status::{Board, Check, Entry};
+use crate::status::{Board, Check, Entry, Notified};
 
 /// A per-customer family: every configured customer has its series, written from its
 /// [`Board`] entry whenever `/metrics` is scraped.
@@ -34,10 +34,12 @@ enum Value {
     PerOutcome,
     /// One series per [`Check`], labelled `customer` and `result`.
     PerCheck,
+    /// One series per [`Notified`], labelled `customer` and `result`.
+    PerNotified,
 }
 
 /// Every per-customer family, in the order of their names (the order of the exposition).
-const FAMILIES: [Family; 11] = [
+const FAMILIES: [Family; 12] = [
     Family {
         name: "magento_token_clock_skew_seconds",
         help: "Magento's clock minus ours, from the last JWT's iat, when more than a minute apart (else 0).",
@@ -75,6 +77,12 @@ const FAMILIES: [Family; 11] = [
         value: Value::One(|e, _| e.next_refresh_at.map_or(0.0, unix)),
     },
     Family {
+        name: "magento_token_notify_total",
+        help: "Notifications of a new token (notify) by result: success, failure (an action failed twice).",
+        kind: MetricType::COUNTER,
+        value: Value::PerNotified,
+    },
+    Family {
         name: "magento_token_password_errors_total",
         help: "Password sources that could not be read before a login.",
         kind: MetricType::COUNTER,
@@ -110,7 +118,7 @@ impl Family {
     fn label_names(&self) -> &'static [&'static str] {
         match self.value {
             Value::One(_) => &["customer"],
-            Value::PerOutcome | Value::PerCheck => &["customer", "result"],
+            Value::PerOutcome | Value::PerCheck | Value::PerNotified => &["customer", "result"],
         }
     }
 
@@ -127,6 +135,11 @@ impl Family {
             Value::PerCheck => {
                 for check in Check::ALL {
                     f(Some(check.as_str()), f64::from(e.checks[check.index()]));
+                }
+            }
+            Value::PerNotified => {
+                for n in Notified::ALL {
+                    f(Some(n.as_str()), f64::from(e.notifies[n.index()]));
                 }
             }
         }
@@ -425,6 +438,10 @@ mod tests {
             let series = format!("magento_token_refresh_total{{customer=\"alice\",result=\"{}\"}}", outcome.as_str());
             assert_eq!(value(&text, &series).as_deref(), Some("0"), "{series}");
         }
+        for result in ["success", "failure"] {
+            let series = format!("magento_token_notify_total{{customer=\"alice\",result=\"{result}\"}}");
+            assert_eq!(value(&text, &series).as_deref(), Some("0"), "{series}");
+        }
         for name in [
             "magento_token_expiry_timestamp_seconds",
             "magento_token_last_success_timestamp_seconds",
@@ -496,6 +513,7 @@ mod tests {
                 for o in Outcome::ALL {
                     e.refreshes[o.index()] = (o.index() * 7 + i) as u32;
                 }
+                e.notifies = [i as u32, 3 * i as u32 + 1];
             });
         }
         m.board().update("alice", |e| e.refreshes[Outcome::HttpError.index()] += 1);
@@ -569,6 +587,14 @@ mod tests {
             &["customer", "result"],
         )
         .unwrap();
+        let notify_total = IntCounterVec::new(
+            Opts::new(
+                "magento_token_notify_total",
+                "Notifications of a new token (notify) by result: success, failure (an action failed twice).",
+            ),
+            &["customer", "result"],
+        )
+        .unwrap();
         m.board().with(|board| {
             for (name, e) in board.iter() {
                 let name: &str = name;
@@ -587,9 +613,12 @@ mod tests {
                 for c in Check::ALL {
                     validations.with_label_values(&[name, c.as_str()]).inc_by(u64::from(e.checks[c.index()]));
                 }
+                for n in Notified::ALL {
+                    notify_total.with_label_values(&[name, n.as_str()]).inc_by(u64::from(e.notifies[n.index()]));
+                }
             }
         });
-        let collectors: [Box<dyn Collector>; 11] = [
+        let collectors: [Box<dyn Collector>; 12] = [
             Box::new(refresh_total),
             Box::new(expiry),
             Box::new(last_success),
@@ -601,6 +630,7 @@ mod tests {
             Box::new(skew),
             Box::new(password_errors),
             Box::new(validations),
+            Box::new(notify_total),
         ];
         for c in collectors {
             old.register(c).unwrap();
@@ -617,6 +647,10 @@ mod tests {
             .collect();
         assert_eq!(ours, expected);
         assert!(expected.contains("magento_token_clock_skew_seconds{customer=\"bob\"} -300\n"), "{expected}");
+        assert!(
+            expected.contains("magento_token_notify_total{customer=\"carol-2\",result=\"success\"} 7\n"),
+            "{expected}"
+        );
     }
 
     #[test]

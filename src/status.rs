@@ -75,6 +75,35 @@ impl Check {
     }
 }
 
+/// The outcome of one notification of a new token (`notify`), the `result` label of
+/// `magento_token_notify_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notified {
+    /// Every action succeeded, at the first try or the second.
+    Success,
+    /// An action failed twice.
+    Failure,
+}
+
+impl Notified {
+    /// In the order of their label values, as a scrape lists them.
+    pub const ALL: [Notified; 2] = [Notified::Failure, Notified::Success];
+
+    pub const fn index(self) -> usize {
+        match self {
+            Notified::Failure => 0,
+            Notified::Success => 1,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Notified::Success => "success",
+            Notified::Failure => "failure",
+        }
+    }
+}
+
 /// Everything known of one customer: what `/status` shows and every per-customer metric.
 #[derive(Debug, Clone)]
 pub(crate) struct Entry {
@@ -89,6 +118,8 @@ pub(crate) struct Entry {
     pub(crate) refreshes: [u32; Outcome::ALL.len()],
     /// `magento_token_validations_total`, indexed by [`Check::index`].
     pub(crate) checks: [u32; Check::ALL.len()],
+    /// `magento_token_notify_total`, indexed by [`Notified::index`].
+    pub(crate) notifies: [u32; Notified::ALL.len()],
     /// `magento_token_password_errors_total`.
     pub(crate) password_errors: u64,
     /// `magento_token_clock_skew_seconds`.
@@ -113,6 +144,7 @@ impl Entry {
             next_refresh_at: None,
             refreshes: [0; Outcome::ALL.len()],
             checks: [0; Check::ALL.len()],
+            notifies: [0; Notified::ALL.len()],
             password_errors: 0,
             clock_skew: 0,
             consecutive_failures: 0,
@@ -321,6 +353,17 @@ impl Reporter {
 
     fn update<R>(&self, f: impl FnOnce(&mut Entry) -> R) -> Option<R> {
         self.board.update(&self.name, f)
+    }
+
+    /// The customer's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A notification of a new token is over (`notify`).
+    pub fn notified(&self, success: bool) {
+        let result = if success { Notified::Success } else { Notified::Failure };
+        self.update(|e| e.notifies[result.index()] += 1);
     }
 
     /// The password source could not be read before a login (no login sent).

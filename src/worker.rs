@@ -50,6 +50,8 @@ pub struct Shared<M = Client> {
     /// Bounds logins in flight over all customers.
     pub logins: Arc<Semaphore>,
     pub clock: Clock,
+    /// Tells the app of every new token written (`notify`).
+    pub notify: Arc<crate::notify::Notifier>,
 }
 
 impl<M: Clone> Clone for Shared<M> {
@@ -61,6 +63,7 @@ impl<M: Clone> Clone for Shared<M> {
             mode: self.mode,
             logins: self.logins.clone(),
             clock: self.clock,
+            notify: self.notify.clone(),
         }
     }
 }
@@ -547,6 +550,7 @@ impl<M: Magento> Worker<M> {
                     );
                 }
                 self.report.success(now, obtained.expiry.expires_at, took);
+                self.shared.notify.written(&self.report, &self.customer.path, obtained.expiry.expires_at);
                 self.report.clock_skew(obtained.expiry.skew.unwrap_or(0));
                 let next = schedule::next_refresh(
                     now,

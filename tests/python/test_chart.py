@@ -334,7 +334,7 @@ def test_config_has_the_contract_keys_only(values):
     v = load_values(values)
     objs = rendered_set(values)
     cfg = config_of(objs)
-    assert set(cfg) == CONFIG_KEYS
+    assert set(cfg) == CONFIG_KEYS | ({"notify"} if v.get("notify") else set())
     assert set(cfg["magento"]) <= MAGENTO_KEYS
     assert "" not in cfg["magento"].values(), "empty strings are dropped, not passed as paths"
     assert cfg["output"]["mode"] == "0640" and isinstance(cfg["output"]["mode"], str)
@@ -362,10 +362,32 @@ def test_config_passes_values_through():
         "store_code": "de",
         "file": "bob-de.token",
     }
+    assert cfg["notify"] == {
+        "signal": {"process": "storefront-api", "signal": "HUP"},
+        "webhook": "http://127.0.0.1:8080/token-rotated",
+        "timeout": "5s",
+    }
     cfg = config_of(rendered_set("existing-secret"))
     assert cfg["admin"]["listen"] == "0.0.0.0:9200"
     assert cfg["output"]["dir"] == "/run/tokens"
     assert cfg["magento"]["ca_file"] == "/etc/magento-ca/ca.pem"
+
+
+def test_notify_is_written_only_when_set_and_signals_need_a_shared_namespace():
+    defaults = rendered_set("defaults")
+    assert "notify" not in config_of(defaults)
+    assert "shareProcessNamespace" not in pod_spec(defaults)
+    classic = rendered_set("classic")
+    spec = pod_spec(classic)
+    assert spec["shareProcessNamespace"] is True
+    # The same uid as the daemon: a process may signal only its own user's processes.
+    daemon = by_name(spec["containers"], "token-sidecar")
+    app = by_name(spec["containers"], "storefront-api")
+    assert app["securityContext"]["runAsUser"] == daemon["securityContext"]["runAsUser"] == DAEMON_UID
+    cfg = config_of(render({"notify": {"exec": ["/hooks/reload", "--all"], "timeout": "3s"}}))
+    assert cfg["notify"] == {"exec": ["/hooks/reload", "--all"], "timeout": "3s"}
+    # The timeout alone is no notification.
+    assert "notify" not in config_of(render({"notify": {"timeout": "3s"}}))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -687,6 +709,11 @@ def test_schema_lists_only_real_values():
         ({"metrics": {"serviceMonitor": {"enabled": 1}}}, "/metrics/serviceMonitor/enabled"),
         ({"replicaCount": 2}, "replicaCount"),
         ({"app": {"env": {"A": "b"}}}, "/app/env"),
+        ({"notify": {"exec": "/hooks/reload"}}, "/notify/exec"),
+        ({"notify": {"webhook": "127.0.0.1:8080/x"}}, "/notify/webhook"),
+        ({"notify": {"signal": {"name": "nginx"}}}, "/notify/signal"),
+        ({"notify": {"shell": True}}, "/notify"),
+        ({"shareProcessNamespace": "true"}, "/shareProcessNamespace"),
     ],
 )
 def test_schema_rejects_wrong_types(values, where):

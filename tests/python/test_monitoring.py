@@ -35,6 +35,7 @@ ALERT_TESTS = ROOT / "monitoring" / "alerts.test.yaml"
 REFRESH_RESULTS = {"success", "auth_failure", "http_error", "network_error", "invalid_response", "write_error", "blocked"}
 RELOAD_RESULTS = {"success", "failure"}
 VALIDATION_RESULTS = {"valid", "revoked", "error"}
+NOTIFY_RESULTS = {"success", "failure"}
 CONTRACT_METRICS = {
     "magento_token_refresh_total": ("counter", {"customer", "result"}),
     "magento_token_refresh_duration_seconds": ("histogram", set()),
@@ -45,6 +46,7 @@ CONTRACT_METRICS = {
     "magento_token_valid": ("gauge", {"customer"}),
     "magento_token_config_reloads_total": ("counter", {"result"}),
     "magento_token_build_info": ("gauge", {"version"}),
+    "magento_token_notify_total": ("counter", {"customer", "result"}),
 }
 # Exported by the daemon beyond the contract's table: MagentoTokenPasswordUnreadable uses the
 # password errors, MagentoTokenLockoutBudgetSpent (and the exclusions of MagentoTokenRefreshFailing
@@ -61,6 +63,7 @@ RESULT_VALUES = {
     "magento_token_refresh_total": REFRESH_RESULTS,
     "magento_token_config_reloads_total": RELOAD_RESULTS,
     "magento_token_validations_total": VALIDATION_RESULTS,
+    "magento_token_notify_total": NOTIFY_RESULTS,
 }
 # The standard process collector's metrics (Linux).
 PROCESS_METRICS = {
@@ -258,7 +261,8 @@ def test_the_dashboard_covers_what_operators_look_at():
                  "magento_token_refresh_duration_seconds_bucket", "magento_token_consecutive_failures",
                  "magento_token_valid", "magento_token_next_refresh_timestamp_seconds",
                  "magento_token_config_reloads_total", "magento_token_held_back",
-                 "magento_token_validations_total", "process_resident_memory_bytes",
+                 "magento_token_validations_total", "magento_token_notify_total",
+                 "process_resident_memory_bytes",
                  "process_cpu_seconds_total"]:
         assert name in used, f"no dashboard panel shows {name}"
 

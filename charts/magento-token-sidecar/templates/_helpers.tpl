@@ -151,6 +151,15 @@ daemon re-reads the file before each login).
   "admin" (dict "listen" (printf "%s:%v" .Values.admin.bindAddress .Values.admin.port))
   "log" .Values.log
   "customers" $customers }}
+{{- $n := .Values.notify | default dict }}
+{{- $notify := dict }}
+{{- with $n.exec }}{{ $_ := set $notify "exec" . }}{{ end }}
+{{- with $n.webhook }}{{ $_ := set $notify "webhook" . }}{{ end }}
+{{- with $n.signal }}{{ $_ := set $notify "signal" . }}{{ end }}
+{{- if $notify }}
+{{- with $n.timeout }}{{ $_ := set $notify "timeout" . }}{{ end }}
+{{- $_ := set $cfg "notify" $notify }}
+{{- end }}
 {{- toYaml $cfg }}
 {{- end }}
 

@@ -1,0 +1,881 @@
+//! Telling the app that a new token is on disk (`notify:`): a command, a webhook, a signal.
+//!
+//! A worker that wrote a new token calls [`Notifier::written`], which only notes it and
+//! returns: the notification runs in a task of its own, so nothing it does (a slow command, a
+//! webhook that does not answer) ever delays a refresh.
+//!
+//! - **Coalescing**: a customer has at most one notification under way. It starts
+//!   [`SETTLE`] after the first write and tells of the latest token then; writes that come
+//!   while it waits are folded into it, and writes that come while it runs make exactly one
+//!   more (after its own settle delay), again with the latest token. A customer with nothing to
+//!   tell costs nothing: the pending set holds only customers with a notification under way.
+//! - **Bounded**: at most [`MAX_RUNNING`] notifications run at once over all customers.
+//! - **Failures**: each action (command, webhook, signal) is bounded by `notify.timeout`; one
+//!   that fails (non-zero exit, timeout, an answer other than 2xx, no connection, no such
+//!   process) is logged with the customer and why, and tried once more after [`RETRY_DELAY`].
+//!   The notification then counts once in `magento_token_notify_total`: `success` when every
+//!   action succeeded (at the first or the second try), else `failure`.
+//! - **Never the token**: the command gets the customer, the file and the expiry in its
+//!   environment, which holds nothing else but `PATH` (the daemon's own environment may hold
+//!   passwords, `password_env`); the webhook gets them as JSON.
+//!
+//! `once` notifies no one: it runs before the app (an init container) or apart from it (a
+//! CronJob), and the app reads the files when it starts.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use reqwest::Url;
+use rustix::process::{Pid, Signal};
+use serde::Deserialize;
+use tokio::sync::Semaphore;
+use tracing::{info, warn};
+
+use crate::config::{is_loopback, Checks, Problem};
+use crate::sink::rfc3339;
+use crate::status::Reporter;
+
+/// How long after a new token its notification starts: writes within this time (a reload's
+/// new login right after a refresh) make one notification, of the latest token.
+pub const SETTLE: Duration = Duration::from_secs(1);
+/// How long after a failed action it is tried again (once).
+pub const RETRY_DELAY: Duration = Duration::from_secs(2);
+/// Notifications running at once, over all customers.
+pub const MAX_RUNNING: usize = 4;
+/// `notify.timeout`'s default.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The signals `notify.signal.signal` may name: those an app may handle (KILL and STOP cannot
+/// be, and the others mean a crash).
+pub const SIGNALS: [(&str, Signal); 9] = [
+    ("HUP", Signal::HUP),
+    ("INT", Signal::INT),
+    ("QUIT", Signal::QUIT),
+    ("TERM", Signal::TERM),
+    ("USR1", Signal::USR1),
+    ("USR2", Signal::USR2),
+    ("WINCH", Signal::WINCH),
+    ("ALRM", Signal::ALARM),
+    ("CONT", Signal::CONT),
+];
+/// `PATH` for the command when the daemon has none.
+const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+// ---------------------------------------------------------------------------------------------
+// Configuration
+
+/// `notify`, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawNotify {
+    #[serde(default)]
+    exec: Option<Vec<String>>,
+    #[serde(default)]
+    webhook: Option<String>,
+    #[serde(default)]
+    signal: Option<RawSignal>,
+    #[serde(default = "default_timeout", deserialize_with = "crate::config::duration")]
+    timeout: Duration,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSignal {
+    process: String,
+    #[serde(default = "default_signal")]
+    signal: String,
+}
+
+fn default_timeout() -> Duration {
+    DEFAULT_TIMEOUT
+}
+
+fn default_signal() -> String {
+    "HUP".into()
+}
+
+/// `notify`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NotifySettings {
+    /// The program and its arguments; no shell.
+    pub exec: Option<Vec<String>>,
+    /// POSTed `{"customer","file","expires_at"}`: https, or http to loopback.
+    pub webhook: Option<Url>,
+    pub signal: Option<SignalTarget>,
+    /// For each action (and each of its two tries).
+    pub timeout: Duration,
+}
+
+/// `notify.signal`: which processes, and what to send them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignalTarget {
+    /// Matched against `/proc/<pid>/comm` and the base name of each process's `argv[0]`.
+    pub process: String,
+    /// One of [`SIGNALS`], without `SIG`.
+    pub signal: &'static str,
+}
+
+/// The signal a name means (`HUP`, `SIGHUP`, `hup`), if it is one of [`SIGNALS`].
+pub fn signal_named(name: &str) -> Option<(&'static str, Signal)> {
+    let upper = name.trim().to_ascii_uppercase();
+    let bare = upper.strip_prefix("SIG").unwrap_or(&upper);
+    SIGNALS.iter().find(|(n, _)| *n == bare).copied()
+}
+
+/// Checks `notify` and reports every problem into `problems`, each with its key path; the
+/// settings when there was none.
+pub(crate) fn check(raw: &RawNotify, checks: Checks, problems: &mut Vec<Problem>) -> Option<NotifySettings> {
+    let before = problems.len();
+    let mut problem = |path: &str, message: String| problems.push(Problem { path: path.into(), message });
+    if raw.exec.is_none() && raw.webhook.is_none() && raw.signal.is_none() {
+        problem("notify", "give at least one of exec, webhook and signal".into());
+    }
+    if let Some(argv) = &raw.exec {
+        match argv.first() {
+            None => problem(
+                "notify.exec",
+                "must not be empty: the program and its arguments, like [\"/usr/local/bin/reload-app\", \"--quiet\"] (no shell unless you name one)".into(),
+            ),
+            Some(program) if program.is_empty() => problem("notify.exec[0]", "must not be empty".into()),
+            Some(program) => {
+                if checks == Checks::Environment {
+                    if let Err(why) = find_program(program) {
+                        problem("notify.exec[0]", why);
+                    }
+                }
+            }
+        }
+        for (i, arg) in argv.iter().enumerate() {
+            if arg.contains('\0') {
+                problem(&format!("notify.exec[{i}]"), "must not contain a NUL character".into());
+            }
+        }
+    }
+    let webhook = raw.webhook.as_deref().and_then(|text| match webhook_url(text) {
+        Ok(url) => Some(url),
+        Err(why) => {
+            problem("notify.webhook", why);
+            None
+        }
+    });
+    let signal = raw.signal.as_ref().and_then(|s| {
+        let process = s.process.trim();
+        if process.is_empty() {
+            problem("notify.signal.process", "must not be empty".into());
+        } else if process.contains('/') || process.contains('\0') {
+            problem(
+                "notify.signal.process",
+                format!("{process:?} must be a process name without '/' (its /proc/<pid>/comm, or the base name of its argv[0])"),
+            );
+        }
+        let names: Vec<&str> = SIGNALS.iter().map(|(n, _)| *n).collect();
+        match signal_named(&s.signal) {
+            Some((name, _)) => Some(SignalTarget { process: process.to_owned(), signal: name }),
+            None => {
+                problem("notify.signal.signal", format!("{:?} is not one of {}", s.signal, names.join(", ")));
+                None
+            }
+        }
+    });
+    if raw.timeout.is_zero() {
+        problem("notify.timeout", "must be longer than 0s".into());
+    }
+    (problems.len() == before).then(|| NotifySettings { exec: raw.exec.clone(), webhook, signal, timeout: raw.timeout })
+}
+
+/// The webhook's URL: https, or plain http to loopback. Messages never repeat the URL: its
+/// query may hold the receiver's secret.
+fn webhook_url(text: &str) -> Result<Url, String> {
+    let url = Url::parse(text.trim())
+        .map_err(|e| format!("not a URL ({e}); write e.g. \"http://127.0.0.1:8080/rotated\""))?;
+    match url.scheme() {
+        "https" => {}
+        "http" if is_loopback(&url) => {}
+        "http" => {
+            return Err(
+                "plain http to a non-loopback host: use https (plain http only goes to localhost, 127.0.0.0/8 or ::1)"
+                    .into(),
+            )
+        }
+        other => return Err(format!("scheme {other:?} is not supported: use https (or http to loopback)")),
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("has no host".into());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not carry credentials".into());
+    }
+    Ok(url)
+}
+
+/// Where `program` is: a path (with a '/'), or found in `PATH` as the command will look it up;
+/// it must be an executable file.
+fn find_program(program: &str) -> Result<PathBuf, String> {
+    let executable = |path: &Path| {
+        std::fs::metadata(path).is_ok_and(|m| m.is_file())
+            && rustix::fs::access(path, rustix::fs::Access::EXEC_OK).is_ok()
+    };
+    if program.contains('/') {
+        let path = Path::new(program);
+        return match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(format!("{program}: no such file")),
+            Err(e) => Err(format!("{program}: {e}")),
+            Ok(m) if !m.is_file() => Err(format!("{program} is not a file")),
+            Ok(_) if !executable(path) => Err(format!("{program} is not executable by this user")),
+            Ok(_) => Ok(path.to_path_buf()),
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into());
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| executable(candidate))
+        .ok_or_else(|| format!("{program:?} is not found in PATH ({})", path.to_string_lossy()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The notifier
+
+/// What a notification tells: which file, and when its token expires.
+#[derive(Debug, Clone, PartialEq)]
+struct Note {
+    file: PathBuf,
+    expires_at: SystemTime,
+}
+
+/// The customers with a notification under way, and the latest token each has to tell of.
+#[derive(Debug, Default)]
+struct Pending(HashMap<Box<str>, Slot>);
+
+#[derive(Debug)]
+struct Slot {
+    note: Note,
+    /// A token was written since the notification under way took its note.
+    again: bool,
+}
+
+impl Pending {
+    /// A new token for `name`: true when a notification must be started (none under way).
+    fn wrote(&mut self, name: &str, note: Note) -> bool {
+        match self.0.get_mut(name) {
+            Some(slot) => {
+                slot.note = note;
+                slot.again = true;
+                false
+            }
+            None => {
+                self.0.insert(name.into(), Slot { note, again: false });
+                true
+            }
+        }
+    }
+
+    /// The latest token, as the notification starts: later writes call for another one.
+    fn take(&mut self, name: &str) -> Option<Note> {
+        let slot = self.0.get_mut(name)?;
+        slot.again = false;
+        Some(slot.note.clone())
+    }
+
+    /// A notification is over: true when tokens were written meanwhile (notify again), else
+    /// the customer leaves the set.
+    fn done(&mut self, name: &str) -> bool {
+        match self.0.get(name) {
+            Some(slot) if slot.again => true,
+            _ => {
+                self.0.remove(name);
+                false
+            }
+        }
+    }
+}
+
+/// The settings in effect and what is built from them (the webhook's client).
+struct Prepared {
+    settings: NotifySettings,
+    /// `None` without a webhook; the error when the client could not be built.
+    client: Option<Result<reqwest::Client, String>>,
+}
+
+impl Prepared {
+    fn new(settings: NotifySettings) -> Prepared {
+        let client = settings.webhook.as_ref().map(|url| {
+            let mut builder = reqwest::Client::builder()
+                .user_agent(crate::magento::USER_AGENT)
+                .connect_timeout(settings.timeout)
+                // A redirect could lead plain http off loopback.
+                .redirect(reqwest::redirect::Policy::none());
+            if is_loopback(url) {
+                builder = builder.no_proxy();
+            }
+            builder.build().map_err(|e| format!("cannot build the HTTP client: {e}"))
+        });
+        Prepared { settings, client }
+    }
+
+    /// The configured actions.
+    fn actions(&self) -> Vec<Action<'_>> {
+        let s = &self.settings;
+        let mut actions = Vec::with_capacity(3);
+        actions.extend(s.exec.as_deref().map(Action::Exec));
+        actions.extend(s.webhook.as_ref().map(Action::Webhook));
+        actions.extend(s.signal.as_ref().map(Action::Signal));
+        actions
+    }
+
+    /// One try of one action.
+    async fn run(&self, action: Action<'_>, customer: &str, note: &Note) -> Result<(), String> {
+        let timeout = self.settings.timeout;
+        match action {
+            Action::Exec(argv) => run_command(argv, customer, note, timeout).await,
+            Action::Webhook(url) => {
+                let client = match &self.client {
+                    Some(Ok(client)) => client,
+                    Some(Err(e)) => return Err(e.clone()),
+                    None => return Err("no client".into()),
+                };
+                post(client, url, customer, note, timeout).await
+            }
+            Action::Signal(target) => {
+                let target = target.clone();
+                tokio::task::spawn_blocking(move || signal_processes(Path::new("/proc"), &target))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("the signal task failed: {e}")))
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Action<'a> {
+    Exec(&'a [String]),
+    Webhook(&'a Url),
+    Signal(&'a SignalTarget),
+}
+
+impl Action<'_> {
+    fn kind(self) -> &'static str {
+        match self {
+            Action::Exec(_) => "exec",
+            Action::Webhook(_) => "webhook",
+            Action::Signal(_) => "signal",
+        }
+    }
+}
+
+/// Tells the app of new tokens: one per process, kept across reloads (a reload swaps its
+/// settings without restarting any worker).
+pub struct Notifier {
+    state: Mutex<State>,
+    running: Semaphore,
+}
+
+#[derive(Default)]
+struct State {
+    /// `None`: no `notify` section.
+    current: Option<Arc<Prepared>>,
+    pending: Pending,
+}
+
+impl Default for Notifier {
+    fn default() -> Self {
+        Notifier { state: Mutex::default(), running: Semaphore::new(MAX_RUNNING) }
+    }
+}
+
+impl Notifier {
+    /// The notifier of a configuration: the running one (`running`) with the new settings, or
+    /// a new one. Notifications under way finish with the settings they started with.
+    pub fn for_config(settings: Option<&NotifySettings>, running: Option<&Arc<Notifier>>) -> Arc<Notifier> {
+        let notifier = running.cloned().unwrap_or_default();
+        let mut state = notifier.lock();
+        if state.current.as_ref().map(|p| &p.settings) != settings {
+            state.current = settings.map(|s| Arc::new(Prepared::new(s.clone())));
+        }
+        drop(state);
+        notifier
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new token for `report`'s customer is in `file`: the app will be told, in a task of
+    /// its own. Returns at once.
+    pub fn written(self: &Arc<Self>, report: &Reporter, file: &Path, expires_at: SystemTime) {
+        let start = {
+            let mut state = self.lock();
+            if state.current.is_none() {
+                return;
+            }
+            state.pending.wrote(report.name(), Note { file: file.to_path_buf(), expires_at })
+        };
+        if start {
+            tokio::spawn(self.clone().notify(report.clone()));
+        }
+    }
+
+    /// One customer's notifications, until no new token is left to tell of.
+    async fn notify(self: Arc<Self>, report: Reporter) {
+        let customer = report.name();
+        loop {
+            tokio::time::sleep(SETTLE).await;
+            let (note, current) = {
+                let mut state = self.lock();
+                (state.pending.take(customer), state.current.clone())
+            };
+            // Settings removed by a reload meanwhile: no one to tell.
+            if let (Some(note), Some(prepared)) = (note, current) {
+                let ok = self.deliver(&prepared, customer, &note).await;
+                report.notified(ok);
+            }
+            if !self.lock().pending.done(customer) {
+                break;
+            }
+        }
+    }
+
+    /// Every action, each tried again once if it failed; whether all succeeded.
+    async fn deliver(&self, prepared: &Prepared, customer: &str, note: &Note) -> bool {
+        let started = Instant::now();
+        let mut actions = prepared.actions();
+        for attempt in 1..=2 {
+            let failed: Vec<(Action<'_>, String)> = {
+                let _slot = self.running.acquire().await.expect("the semaphore is never closed");
+                let tries = actions.iter().map(|a| prepared.run(*a, customer, note));
+                let results = futures::future::join_all(tries).await;
+                actions.iter().zip(results).filter_map(|(a, r)| r.err().map(|e| (*a, e))).collect()
+            };
+            if failed.is_empty() {
+                info!(
+                    customer,
+                    file = %note.file.display(),
+                    expires_at = %rfc3339(note.expires_at),
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "notified the app of the new token"
+                );
+                return true;
+            }
+            for (action, why) in &failed {
+                if attempt == 1 {
+                    warn!(customer, notify = action.kind(), error = %why, retry_in = %humantime::format_duration(RETRY_DELAY), "notification failed: trying again");
+                } else {
+                    warn!(customer, notify = action.kind(), error = %why, "notification failed again: the app was not told of the new token");
+                }
+            }
+            actions = failed.into_iter().map(|(a, _)| a).collect();
+            if attempt == 1 {
+                tokio::time::sleep(RETRY_DELAY).await;
+            }
+        }
+        false
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The actions
+
+/// Runs the command with the customer, file and expiry in an environment of its own (and
+/// `PATH`), in a process group of its own: a timeout kills the group, the command's children
+/// with it. The command's output goes where the daemon's does.
+async fn run_command(argv: &[String], customer: &str, note: &Note, timeout: Duration) -> Result<(), String> {
+    let program = &argv[0];
+    let mut command = tokio::process::Command::new(program);
+    command
+        .args(&argv[1..])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into()))
+        .env("MAGENTO_TOKEN_CUSTOMER", customer)
+        .env("MAGENTO_TOKEN_FILE", &note.file)
+        .env("MAGENTO_TOKEN_EXPIRES_AT", rfc3339(note.expires_at))
+        .stdin(Stdio::null())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = command.spawn().map_err(|e| format!("cannot start {program}: {e}"))?;
+    // Armed until the command has ended: a timeout, or the daemon stopping, kills the group.
+    let mut group = Group(child.id().and_then(|id| Pid::from_raw(id as i32)));
+    match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(Ok(status)) => {
+            group.0 = None;
+            if status.success() {
+                Ok(())
+            } else {
+                Err(exit_message(program, status))
+            }
+        }
+        Ok(Err(e)) => Err(format!("cannot wait for {program}: {e}")),
+        Err(_) => {
+            drop(group);
+            let _ = child.kill().await;
+            Err(format!("{program} still running after {}: killed", humantime::format_duration(timeout)))
+        }
+    }
+}
+
+/// A command's process group, killed when dropped while armed.
+struct Group(Option<Pid>);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = rustix::process::kill_process_group(pid, Signal::KILL);
+        }
+    }
+}
+
+fn exit_message(program: &str, status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("{program} exited with status {code}"),
+        (None, Some(signal)) => format!("{program} was killed by signal {signal}"),
+        _ => format!("{program} ended: {status}"),
+    }
+}
+
+/// POSTs `{"customer","file","expires_at"}`; any 2xx answer is a success.
+async fn post(
+    client: &reqwest::Client,
+    url: &Url,
+    customer: &str,
+    note: &Note,
+    timeout: Duration,
+) -> Result<(), String> {
+    let body = serde_json::json!({
+        "customer": customer,
+        "file": note.file.to_string_lossy(),
+        "expires_at": rfc3339(note.expires_at),
+    });
+    let response = client
+        .post(url.clone())
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body.to_string())
+        .timeout(timeout)
+        .send()
+        .await
+        .map_err(|e| request_error(e, timeout))?;
+    match response.status() {
+        status if status.is_success() => Ok(()),
+        status => Err(format!("the webhook answered HTTP {}", status.as_u16())),
+    }
+}
+
+/// What went wrong with a request, its causes included, without the URL (its query may hold
+/// the receiver's secret).
+fn request_error(e: reqwest::Error, timeout: Duration) -> String {
+    let e = e.without_url();
+    let what = if e.is_timeout() {
+        format!("no answer within {}", humantime::format_duration(timeout))
+    } else if e.is_connect() {
+        "cannot connect to the webhook".to_owned()
+    } else {
+        "the webhook request failed".to_owned()
+    };
+    let mut message = format!("{what}: {e}");
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
+/// Sends the signal to the processes named `target.process` (see [`find_processes`]).
+fn signal_processes(proc: &Path, target: &SignalTarget) -> Result<(), String> {
+    let name = &target.process;
+    let signal = signal_named(target.signal).map(|(_, s)| s).expect("validated");
+    let missing = || {
+        format!(
+            "no process named {name:?} (the app's container must share the pod's process namespace: shareProcessNamespace: true)"
+        )
+    };
+    let pids = find_processes(proc, name, std::process::id());
+    let mut sent = 0;
+    for pid in pids {
+        let Some(p) = Pid::from_raw(pid) else { continue };
+        match rustix::process::kill_process(p, signal) {
+            Ok(()) => sent += 1,
+            // Gone since it was found.
+            Err(rustix::io::Errno::SRCH) => {}
+            Err(rustix::io::Errno::PERM) => {
+                return Err(format!(
+                    "not permitted to send SIG{} to process {pid} named {name:?}: it runs as another user (run the sidecar as the app's user)",
+                    target.signal
+                ))
+            }
+            Err(e) => return Err(format!("cannot send SIG{} to process {pid} named {name:?}: {e}", target.signal)),
+        }
+    }
+    if sent == 0 {
+        return Err(missing());
+    }
+    Ok(())
+}
+
+/// The processes under `proc` (`/proc`) named `name`, by `comm` or by the base name of
+/// `argv[0]`, other than `own`, and of them only those whose parent is not named so too: an
+/// app's main process, not the workers it forked (nginx, gunicorn, php-fpm reload through
+/// their master).
+fn find_processes(proc: &Path, name: &str, own: u32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir(proc) else { return Vec::new() };
+    let mut named: HashMap<i32, i32> = HashMap::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        if pid as u32 == own {
+            continue;
+        }
+        let dir = entry.path();
+        if is_named(&dir, name) {
+            named.insert(pid, parent_of(&dir).unwrap_or(0));
+        }
+    }
+    let mut pids: Vec<i32> = named.iter().filter(|(_, ppid)| !named.contains_key(ppid)).map(|(pid, _)| *pid).collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// The start of a small `/proc` file (its first 4 KiB).
+fn read_start(path: &Path) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    if let Ok(file) = std::fs::File::open(path) {
+        let _ = file.take(4096).read_to_end(&mut bytes);
+    }
+    bytes
+}
+
+fn is_named(dir: &Path, name: &str) -> bool {
+    let comm = read_start(&dir.join("comm"));
+    if comm.strip_suffix(b"\n").unwrap_or(&comm) == name.as_bytes() {
+        return true;
+    }
+    let cmdline = read_start(&dir.join("cmdline"));
+    let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+    let base = argv0.rsplit(|b| *b == b'/').next().unwrap_or_default();
+    !base.is_empty() && base == name.as_bytes()
+}
+
+/// The parent's pid, from `stat` (after the command name, which may hold anything).
+fn parent_of(dir: &Path) -> Option<i32> {
+    let stat = String::from_utf8(read_start(&dir.join("stat"))).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{self, Checks};
+
+    const MINIMAL: &str = "
+magento:
+  base_url: https://shop.example.com
+output:
+  dir: /tmp
+customers:
+  - name: alice
+    username: alice@example.com
+    password_env: ALICE_PASSWORD
+";
+
+    fn problems(notify: &str, checks: Checks) -> Vec<String> {
+        match config::parse(&format!("{MINIMAL}notify:\n{notify}"), checks) {
+            Ok(_) => Vec::new(),
+            Err(p) => p.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    fn settings(notify: &str) -> NotifySettings {
+        config::parse(&format!("{MINIMAL}notify:\n{notify}"), Checks::Static).unwrap().notify.unwrap()
+    }
+
+    #[test]
+    fn no_section_no_notifications() {
+        assert_eq!(config::parse(MINIMAL, Checks::Static).unwrap().notify, None);
+    }
+
+    #[test]
+    fn the_contracts_example_is_valid_with_its_defaults() {
+        let s = settings(
+            "  exec: [\"/bin/sh\", \"-c\", \"kill -HUP 1\"]\n  webhook: http://127.0.0.1:8080/rotated\n  signal: {process: nginx, signal: HUP}\n",
+        );
+        assert_eq!(s.exec.as_deref(), Some(&["/bin/sh".to_owned(), "-c".into(), "kill -HUP 1".into()][..]));
+        assert_eq!(s.webhook.as_ref().map(Url::as_str), Some("http://127.0.0.1:8080/rotated"));
+        assert_eq!(s.signal, Some(SignalTarget { process: "nginx".into(), signal: "HUP" }));
+        assert_eq!(s.timeout, Duration::from_secs(10));
+        // The signal defaults to HUP; its name may carry SIG and any case.
+        assert_eq!(settings("  signal: {process: php-fpm}\n").signal.unwrap().signal, "HUP");
+        assert_eq!(settings("  signal: {process: app, signal: sigusr1}\n").signal.unwrap().signal, "USR1");
+        assert_eq!(
+            settings("  webhook: https://hooks.example.com/x?key=1\n  timeout: 2s\n").timeout,
+            Duration::from_secs(2)
+        );
+    }
+
+    #[test]
+    fn every_problem_has_its_key_path() {
+        let p = problems(
+            "  exec: []\n  webhook: http://example.com/hook?key=s3cr3t\n  signal: {process: \"a/b\", signal: KILL}\n  timeout: 0s\n",
+            Checks::Static,
+        );
+        let expected = [
+            "notify.exec: must not be empty",
+            "notify.webhook: plain http to a non-loopback host",
+            "notify.signal.process: \"a/b\" must be a process name without '/'",
+            "notify.signal.signal: \"KILL\" is not one of HUP, INT, QUIT, TERM, USR1, USR2, WINCH, ALRM, CONT",
+            "notify.timeout: must be longer than 0s",
+        ];
+        for e in expected {
+            assert!(p.iter().any(|l| l.starts_with(e)), "missing {e:?} in {p:#?}");
+        }
+        assert_eq!(p.len(), expected.len(), "{p:#?}");
+        assert!(!p.concat().contains("s3cr3t"), "{p:?}");
+        assert_eq!(problems("  {}\n", Checks::Static), ["notify: give at least one of exec, webhook and signal"]);
+        assert_eq!(problems("  exec: [\"\"]\n", Checks::Static), ["notify.exec[0]: must not be empty"]);
+        let p = problems("  webhook: ftp://127.0.0.1/x\n", Checks::Static);
+        assert_eq!(p, ["notify.webhook: scheme \"ftp\" is not supported: use https (or http to loopback)"]);
+        assert_eq!(
+            problems("  webhook: https://u:p@example.com/\n", Checks::Static),
+            ["notify.webhook: must not carry credentials"]
+        );
+        assert!(problems("  webhook: not a url\n", Checks::Static)[0].starts_with("notify.webhook: not a URL"));
+        let p = problems("  signal: {signal: HUP}\n", Checks::Static);
+        assert!(p[0].contains("missing field `process`"), "{p:?}");
+        let p = problems("  exec: [a]\n  shell: true\n", Checks::Static);
+        assert!(p[0].contains("unknown field `shell`"), "{p:?}");
+        for ok in ["http://localhost:1/x", "http://[::1]/x", "http://127.0.0.2/x", "https://example.com/x"] {
+            assert!(problems(&format!("  webhook: {ok}\n"), Checks::Static).is_empty(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn the_program_is_checked_where_the_daemon_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_executable = dir.path().join("plain");
+        std::fs::write(&not_executable, "").unwrap();
+        let env = |program: &str| {
+            let mut p = problems(&format!("  exec: [\"{program}\"]\n"), Checks::Environment);
+            p.retain(|p| p.starts_with("notify"));
+            p
+        };
+        assert_eq!(env("/no/such/program"), ["notify.exec[0]: /no/such/program: no such file"]);
+        assert_eq!(
+            env(&dir.path().display().to_string()),
+            [format!("notify.exec[0]: {} is not a file", dir.path().display())]
+        );
+        assert_eq!(
+            env(&not_executable.display().to_string()),
+            [format!("notify.exec[0]: {} is not executable by this user", not_executable.display())]
+        );
+        assert!(env("no-such-program-n0t1fy")[0]
+            .starts_with("notify.exec[0]: \"no-such-program-n0t1fy\" is not found in PATH"));
+        assert!(env("sh").is_empty());
+        assert!(env("/bin/sh").is_empty());
+        // Static checks (unit tests, forget-failures) do not look.
+        assert!(problems("  exec: [\"/no/such/program\"]\n", Checks::Static).is_empty());
+    }
+
+    #[test]
+    fn the_example_section_is_valid_once_uncommented() {
+        let example = include_str!("../config/example.yaml");
+        let start = example.find("\n# notify:\n").expect("a notify section") + 1;
+        let section: String = example[start..]
+            .lines()
+            .take_while(|l| l.starts_with('#'))
+            .map(|l| format!("{}\n", l.strip_prefix("# ").unwrap_or(l)))
+            .collect();
+        let text = format!("{MINIMAL}{section}");
+        let s = config::parse(&text, Checks::Static).unwrap().notify.unwrap();
+        assert_eq!(s.exec.unwrap(), ["/usr/local/bin/reload-app", "--quiet"]);
+        assert_eq!(s.webhook.unwrap().as_str(), "http://127.0.0.1:8080/rotated");
+        assert_eq!(s.signal.unwrap(), SignalTarget { process: "nginx".into(), signal: "HUP" });
+        assert_eq!(s.timeout, DEFAULT_TIMEOUT);
+    }
+
+    fn note(secs: u64) -> Note {
+        Note { file: "/t/alice".into(), expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(secs) }
+    }
+
+    #[test]
+    fn writes_close_together_make_one_notification_and_one_more_while_it_runs() {
+        let mut p = Pending::default();
+        // The first write starts a notification; the next ones before it takes its note fold in.
+        assert!(p.wrote("alice", note(1)));
+        assert!(!p.wrote("alice", note(2)));
+        assert!(p.wrote("bob", note(7)));
+        assert_eq!(p.take("alice"), Some(note(2)));
+        // Nothing written while it ran: done, and alice leaves the set.
+        assert!(!p.done("alice"));
+        assert!(!p.0.contains_key("alice"));
+        // Two writes while the next one runs: one more, with the latest.
+        assert!(p.wrote("alice", note(3)));
+        assert_eq!(p.take("alice"), Some(note(3)));
+        assert!(!p.wrote("alice", note(4)));
+        assert!(!p.wrote("alice", note(5)));
+        assert!(p.done("alice"));
+        assert_eq!(p.take("alice"), Some(note(5)));
+        assert!(!p.done("alice"));
+        assert_eq!(p.take("alice"), None);
+        assert_eq!(p.0.len(), 1, "only bob, whose notification is under way");
+    }
+
+    /// A fake `/proc`: (pid, comm, argv, ppid).
+    fn fake_proc(processes: &[(i32, &str, &[&str], i32)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (pid, comm, argv, ppid) in processes {
+            let p = dir.path().join(pid.to_string());
+            std::fs::create_dir(&p).unwrap();
+            std::fs::write(p.join("comm"), format!("{comm}\n")).unwrap();
+            let cmdline: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
+            std::fs::write(p.join("cmdline"), cmdline).unwrap();
+            std::fs::write(p.join("stat"), format!("{pid} ({comm}) S {ppid} {pid} {pid} 0 -1")).unwrap();
+        }
+        std::fs::create_dir(dir.path().join("self")).unwrap();
+        std::fs::write(dir.path().join("uptime"), "1 1").unwrap();
+        dir
+    }
+
+    #[test]
+    fn processes_are_found_by_name_and_only_their_main_process() {
+        let proc = fake_proc(&[
+            (1, "pause", &["/pause"], 0),
+            (10, "nginx", &["nginx: master process /usr/sbin/nginx"], 1),
+            (11, "nginx", &["nginx: worker process"], 10),
+            (12, "nginx", &["nginx: worker process"], 10),
+            // Named by argv[0] only: comm is cut at 15 bytes.
+            (20, "my-long-applica", &["/srv/bin/my-long-application", "--port", "80"], 1),
+            // A name with a ')' and spaces in comm does not confuse the parent's pid.
+            (30, "odd) name", &["x"], 20),
+            (40, "sidecar", &["/magento-token-sidecar", "run"], 1),
+            // Not named so: a word of its arguments, or a prefix.
+            (50, "python3", &["python3", "nginx"], 1),
+            (51, "nginx-exporter", &["nginx-exporter"], 1),
+        ]);
+        assert_eq!(find_processes(proc.path(), "nginx", 40), [10]);
+        assert_eq!(find_processes(proc.path(), "my-long-application", 40), [20]);
+        assert_eq!(find_processes(proc.path(), "odd) name", 40), [30]);
+        assert_eq!(parent_of(&proc.path().join("30")), Some(20));
+        // Never the daemon itself.
+        assert_eq!(find_processes(proc.path(), "magento-token-sidecar", 40), Vec::<i32>::new());
+        assert_eq!(find_processes(proc.path(), "absent", 40), Vec::<i32>::new());
+        assert_eq!(find_processes(Path::new("/no/such/proc"), "nginx", 1), Vec::<i32>::new());
+    }
+
+    #[test]
+    fn a_missing_process_says_what_the_pod_needs() {
+        let proc = fake_proc(&[(10, "nginx", &["nginx"], 1)]);
+        let target = SignalTarget { process: "app".into(), signal: "HUP" };
+        let e = signal_processes(proc.path(), &target).unwrap_err();
+        assert_eq!(e, "no process named \"app\" (the app's container must share the pod's process namespace: shareProcessNamespace: true)");
+    }
+
+    #[test]
+    fn signal_names_are_the_catchable_ones() {
+        assert_eq!(signal_named("HUP").map(|s| s.1), Some(Signal::HUP));
+        assert_eq!(signal_named(" SigTerm ").map(|s| s.0), Some("TERM"));
+        for bad in ["KILL", "STOP", "SEGV", "", "SIG", "1"] {
+            assert!(signal_named(bad).is_none(), "{bad}");
+        }
+    }
+}
