@@ -161,8 +161,7 @@ const OUTAGE: Duration = Duration::from_secs(4);
 /// Allowance for a busy machine on the few upper bounds (recovery, longest gap), measured
 /// between requests the dev server received: the daemon's timer firing late and its next
 /// request waiting for a CPU, which on a loaded 2-core runner can add up to a second or more.
-/// Still well under what a backoff that ignores max_backoff reaches (the 3600 s Retry-After
-/// below; doubling from 100 ms passes 3 s within the outage).
+/// A Retry-After that is not capped (3600 s below) still fails by far.
 const SLACK: Duration = Duration::from_secs(2);
 
 fn secs(d: Duration) -> String {
