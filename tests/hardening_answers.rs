@@ -174,12 +174,19 @@ async fn a_reflected_password_is_never_shown_in_any_encoding() {
     d.assert_secrets_hidden(&hidden).await;
     assert_eq!(d.stop().await.code(), Some(0));
 
-    // once prints its failures on stderr.
+    // once prints its failures on stderr. One attempt: a backoff (10 s) longer than once's
+    // deadline (5 s) ends the pass at the first failure, however long the machine takes to
+    // send it (a 50 ms deadline reported a timeout instead when the request took longer).
     std::fs::remove_file(w.token_path("sekret")).unwrap();
     w.server.push_fault(faults[0].clone());
+    let one_try = std::fs::read_to_string(w.config_path())
+        .unwrap()
+        .replace("  min_backoff: 100ms\n  max_backoff: 1s\n", "  min_backoff: 10s\n  max_backoff: 10s\n");
+    assert!(one_try.contains("min_backoff: 10s"));
+    w.write_config(&one_try);
     let config = w.config_path().display().to_string();
     let (code, out, err) =
-        tokio::task::spawn_blocking(move || run_to_end(&["once", "--config", &config, "--timeout", "50ms"]))
+        tokio::task::spawn_blocking(move || run_to_end(&["once", "--config", &config, "--timeout", "5s"]))
             .await
             .unwrap();
     assert_eq!(code, 1, "{err}");
