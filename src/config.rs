@@ -1227,6 +1227,8 @@ customers:
         assert_eq!(example.customers.len(), 2);
         assert_eq!(example.customers[0].token_url(), "https://shop.de/rest/de/V1/integration/customer/token");
         assert_eq!(example.customers[0].path, PathBuf::from("/var/run/magento-tokens/alice.token"));
+        assert_eq!((example.customers[0].format, example.customers[1].format), (Format::Env, Format::Raw));
+        assert_eq!(example.output.index, Some(PathBuf::from("/var/run/magento-tokens/tokens.json")));
         assert_eq!(example.customers[1].password, PasswordSource::Env("ERP_PASSWORD".into()));
         let demo =
             include_str!("../config/demo.yaml").replace("{base_url}", "http://127.0.0.1:1").replace("{dir}", "/tmp");
