@@ -415,7 +415,7 @@ async fn a_reader_never_sees_a_partial_index_while_tokens_rotate() {
 }
 
 /// An index that cannot be written (a directory in its place) is logged with its path and
-/// retried; the token files are not held up; once it can be, it is written.
+/// retried; the token files are not held up; once it can be, it is written. `once` fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_index_that_cannot_be_written_is_logged_and_retried() {
     let w = world(&[ALICE, BOB], DevServerOptions::default()).await;
@@ -424,6 +424,12 @@ async fn an_index_that_cannot_be_written_is_logged_and_retried() {
     let blocked = w.token_path("tokens.json");
     std::fs::create_dir(&blocked).unwrap();
     std::fs::write(blocked.join("x"), "").unwrap();
+    // `once`: the token files are written, the pass fails (exit 1) naming the index.
+    let (code, _, err) = once_async(&w.config_path()).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&format!("cannot write the index {}", blocked.display())), "{err}");
+    assert!(w.read_token("alice").is_some() && w.read_token("bob").is_some());
+
     let mut d = w.start();
     d.wait_ready(15 * SEC).await;
     wait_for(10 * SEC, "the index's error", || async {
@@ -499,5 +505,41 @@ async fn a_restart_keeps_every_token_in_the_index_while_magento_does_not_answer(
     .await;
     d.wait_ready(5 * SEC).await;
     assert_eq!(read_index(&w, "tokens.json").unwrap(), before);
+    assert_eq!(d.stop().await.code(), Some(0));
+}
+
+/// A token that expires with no successor (Magento refuses logins past `before_expiry`) leaves
+/// the index at its expiry, as `/readyz` stops counting it; the next token brings it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_that_expires_without_a_successor_leaves_the_index() {
+    let opts = DevServerOptions { token_lifetime: 8 * SEC, ..Default::default() };
+    let w = world(&[ALICE, BOB], opts).await;
+    let entries = [entry(&w, ALICE, ""), entry(&w, BOB, "")];
+    let text = config(&w, "  index: tokens.json\n", "  before_expiry: 4s\n  jitter: 1s\n", &entries);
+    w.write_config(&text);
+    let mut d = w.start();
+    d.wait_ready(15 * SEC).await;
+    let both = [Who { c: ALICE, file: "alice", format: "raw" }, Who { c: BOB, file: "bob", format: "raw" }];
+    wait_index_matches(&w, "tokens.json", &both, 10 * SEC).await;
+    // Every login from now on gets a 503.
+    w.server.set_fault(Some(magento_devserver::Fault::status(503)));
+    let alice = w.read_token("alice").unwrap();
+    let expires = from_unix(jwt_times(&alice).unwrap().exp);
+    wait_for(20 * SEC, "alice to leave the index", || async {
+        read_index(&w, "tokens.json").filter(|i| !i.contains_key("alice"))
+    })
+    .await;
+    assert!(SystemTime::now() >= expires, "alice left the index before her token expired");
+    wait_for(20 * SEC, "an empty index", || async { read_index(&w, "tokens.json").filter(|i| i.is_empty()) }).await;
+    assert_eq!(w.read_token("alice").as_deref(), Some(alice.as_str()), "her file stays as it was");
+    let (status, body) = d.get("/readyz").await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    // Magento is back: a new token, and alice is back in the index.
+    w.server.set_fault(None);
+    wait_for(15 * SEC, "new tokens", || async {
+        both.iter().all(|who| w.read_token(who.file).is_some_and(|t| w.server.check_token(&t).is_some())).then_some(())
+    })
+    .await;
+    wait_index_matches(&w, "tokens.json", &both, 10 * SEC).await;
     assert_eq!(d.stop().await.code(), Some(0));
 }
