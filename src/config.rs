@@ -68,6 +68,9 @@ struct RawOutput {
     mode: Mode,
     #[serde(default)]
     format: Format,
+    /// A file name in `dir`: every customer's token and expiry in one JSON file.
+    #[serde(default)]
+    index: Option<String>,
 }
 
 fn default_mode() -> Mode {
@@ -125,6 +128,9 @@ struct RawCustomer {
     base_url: Option<String>,
     #[serde(default)]
     file: Option<String>,
+    /// Overrides `output.format` for this customer's file.
+    #[serde(default)]
+    format: Option<Format>,
 }
 
 const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -195,6 +201,11 @@ pub enum Format {
     Raw,
     /// `{"customer":..,"token":..,"obtained_at":..,"expires_at":..}`
     Json,
+    /// `Authorization: Bearer <token>`, no newline: a ready-made HTTP header line.
+    Header,
+    /// `MAGENTO_TOKEN=<token>` and `MAGENTO_TOKEN_EXPIRES_AT=<RFC 3339>`, each line ending in a
+    /// newline: for `source` (sh) and `docker --env-file`.
+    Env,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -307,6 +318,8 @@ pub struct OutputSettings {
     pub dir: PathBuf,
     pub mode: u32,
     pub format: Format,
+    /// `<dir>/<output.index>`: every customer's token and expiry in one JSON file.
+    pub index: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -326,6 +339,8 @@ pub struct CustomerConfig {
     pub store_code: Option<String>,
     /// `<output.dir>/<file or name>`.
     pub path: PathBuf,
+    /// The format of its file: its own `format`, else `output.format`.
+    pub format: Format,
 }
 
 impl CustomerConfig {
@@ -562,6 +577,7 @@ fn validate(raw: RawConfig, checks: Checks) -> Result<Config, Vec<Problem>> {
     let admin_listen = check_admin(&mut v, &raw.admin.listen);
     check_log(&mut v, &raw.log.level);
     let customers = check_customers(&mut v, &raw, base_url, checks);
+    check_index(&mut v, &raw);
     let notify = raw.notify.as_ref().and_then(|n| crate::notify::check(n, checks, &mut v.problems));
     if !v.problems.is_empty() {
         return Err(v.problems);
@@ -569,7 +585,12 @@ fn validate(raw: RawConfig, checks: Checks) -> Result<Config, Vec<Problem>> {
     Ok(Config {
         magento: MagentoSettings { timeout: raw.magento.timeout.0, ca_file: raw.magento.ca_file },
         refresh: raw.refresh,
-        output: OutputSettings { dir: raw.output.dir, mode: raw.output.mode.0, format: raw.output.format },
+        output: OutputSettings {
+            index: raw.output.index.as_ref().map(|name| raw.output.dir.join(name)),
+            dir: raw.output.dir,
+            mode: raw.output.mode.0,
+            format: raw.output.format,
+        },
         admin_listen,
         log: LogSettings { format: raw.log.format, level: raw.log.level },
         customers,
@@ -746,10 +767,28 @@ fn check_customers(v: &mut Validator, raw: &RawConfig, base_url: Option<Url>, ch
                 base_url,
                 store_code: c.store_code.clone().or_else(|| raw.magento.store_code.clone()),
                 path: raw.output.dir.join(&file),
+                format: c.format.unwrap_or(raw.output.format),
             });
         }
     }
     customers
+}
+
+/// `output.index`: a plain file name in `output.dir`, like a customer's `file`, and none of
+/// theirs.
+fn check_index(v: &mut Validator, raw: &RawConfig) {
+    let Some(index) = &raw.output.index else { return };
+    if let Err(why) = check_file_name(index) {
+        v.problem("output.index", why);
+        return;
+    }
+    let taken = raw.customers.iter().position(|c| c.file.as_deref().unwrap_or(&c.name) == index);
+    if let Some(i) = taken {
+        v.problem(
+            "output.index",
+            format!("{index:?} is customers[{i}]'s token file too: give the index a name no customer's file has"),
+        );
+    }
 }
 
 /// A customer's password source: exactly one of `password_file` and `password_env`, readable
@@ -1145,11 +1184,57 @@ customers:
     }
 
     #[test]
+    fn a_customers_own_format_overrides_the_global_one() {
+        let yaml = MINIMAL.replace("  dir: /tmp", "  dir: /tmp\n  format: env").replace(
+            "    password_env: ALICE_PASSWORD",
+            "    password_env: ALICE_PASSWORD\n  - name: bob\n    username: b\n    password_env: B\n    format: header\n  - name: carol\n    username: c\n    password_env: C\n    format: json",
+        );
+        let c = parse(&yaml, Checks::Static).unwrap();
+        assert_eq!(c.output.format, Format::Env);
+        let formats: Vec<Format> = c.customers.iter().map(|c| c.format).collect();
+        assert_eq!(formats, [Format::Env, Format::Header, Format::Json]);
+        // Without either: raw.
+        assert_eq!(parse(MINIMAL, Checks::Static).unwrap().customers[0].format, Format::Raw);
+        // An unknown format names the key and the formats there are.
+        let p = problems(&MINIMAL.replace("    password_env: ALICE_PASSWORD", "    password_env: A\n    format: yaml"));
+        assert!(p[0].starts_with("customers[0].format: unknown variant `yaml`"), "{p:?}");
+        assert!(p[0].contains("`raw`, `json`, `header`, `env`"), "{p:?}");
+        let p = problems(&MINIMAL.replace("  dir: /tmp", "  dir: /tmp\n  format: Header"));
+        assert!(p[0].starts_with("output.format: unknown variant `Header`"), "{p:?}");
+    }
+
+    #[test]
+    fn the_index_is_a_plain_file_name_no_customer_writes() {
+        let with_index = |name: &str| MINIMAL.replace("  dir: /tmp", &format!("  dir: /tmp\n  index: {name:?}"));
+        assert_eq!(parse(MINIMAL, Checks::Static).unwrap().output.index, None);
+        let c = parse(&with_index("tokens.json"), Checks::Static).unwrap();
+        assert_eq!(c.output.index, Some(PathBuf::from("/tmp/tokens.json")));
+        for (bad, why) in [
+            ("", "output.index: must not be empty"),
+            ("../tokens.json", "output.index: \"../tokens.json\" must be a plain file name inside output.dir"),
+            ("/etc/tokens.json", "output.index: \"/etc/tokens.json\" must be a plain file name"),
+            (".tokens.json", "output.index: \".tokens.json\" must not start with '.'"),
+            ("alice", "output.index: \"alice\" is customers[0]'s token file too"),
+        ] {
+            let p = problems(&with_index(bad));
+            assert_eq!(p.len(), 1, "{bad:?}: {p:?}");
+            assert!(p[0].starts_with(why), "{bad:?}: {p:?}");
+        }
+        // A customer's own `file` is what it writes; its name then is free.
+        let yaml = with_index("alice.token").replace("ALICE_PASSWORD", "ALICE_PASSWORD\n    file: alice.token");
+        assert!(problems(&yaml)[0].starts_with("output.index: \"alice.token\" is customers[0]'s token file too"));
+        let yaml = with_index("alice").replace("ALICE_PASSWORD", "ALICE_PASSWORD\n    file: alice.token");
+        assert_eq!(parse(&yaml, Checks::Static).unwrap().output.index, Some(PathBuf::from("/tmp/alice")));
+    }
+
+    #[test]
     fn the_shipped_examples_are_valid() {
         let example = parse(include_str!("../config/example.yaml"), Checks::Static).unwrap();
         assert_eq!(example.customers.len(), 2);
         assert_eq!(example.customers[0].token_url(), "https://shop.de/rest/de/V1/integration/customer/token");
         assert_eq!(example.customers[0].path, PathBuf::from("/var/run/magento-tokens/alice.token"));
+        assert_eq!((example.customers[0].format, example.customers[1].format), (Format::Env, Format::Raw));
+        assert_eq!(example.output.index, Some(PathBuf::from("/var/run/magento-tokens/tokens.json")));
         assert_eq!(example.customers[1].password, PasswordSource::Env("ERP_PASSWORD".into()));
         let demo =
             include_str!("../config/demo.yaml").replace("{base_url}", "http://127.0.0.1:1").replace("{dir}", "/tmp");

@@ -16,7 +16,10 @@ use tracing::{error, info, warn};
 use crate::account::Accounts;
 use crate::attempt::{self, Attempt, NoToken, Obtained};
 use crate::clock::Clock;
-use crate::config::{self, Checks, Config, CustomerConfig, LogFormat, MagentoSettings, PasswordError};
+use crate::config::{
+    self, Checks, Config, CustomerConfig, LogFormat, MagentoSettings, OutputSettings, PasswordError, RefreshSettings,
+};
+use crate::index::{self, IndexWriter};
 use crate::logging::Logging;
 use crate::magento::{Client, ClientError, LoginError, Outcome};
 use crate::metrics::Metrics;
@@ -49,6 +52,8 @@ pub struct Supervisor {
     /// One lockout budget per username, handed to the workers.
     accounts: Accounts,
     workers: BTreeMap<String, Running>,
+    /// Keeps `output.index` up to date, when there is one.
+    index: Option<IndexWriter>,
 }
 
 /// What a reload does to the customers: worked out from the running and the wanted settings
@@ -65,7 +70,8 @@ pub struct Plan {
 }
 
 /// The reload plan. `everyone`: what all workers share changed (client, refresh settings,
-/// format, mode), so every running customer that stays restarts.
+/// mode), so every running customer that stays restarts. A format is a customer's own setting
+/// (its `format`, else `output.format`): a change restarts only the customers it changes.
 pub fn plan<'a>(
     running: impl IntoIterator<Item = &'a CustomerConfig>,
     wanted: Vec<CustomerConfig>,
@@ -89,7 +95,7 @@ pub fn plan<'a>(
 
 impl Supervisor {
     /// Starts a worker for every configured customer.
-    pub fn start(config: Config, board: Board) -> Result<Supervisor, ClientError> {
+    pub async fn start(config: Config, board: Board) -> Result<Supervisor, ClientError> {
         let shared = shared_for(&config, None)?;
         let mut supervisor = Supervisor {
             magento: config.magento,
@@ -99,11 +105,34 @@ impl Supervisor {
             board,
             accounts: Accounts::new(),
             workers: BTreeMap::new(),
+            index: None,
         };
         for customer in config.customers {
             supervisor.spawn(customer, true);
         }
+        supervisor.update_index(&config.output, &config.refresh).await;
         Ok(supervisor)
+    }
+
+    /// Starts, retargets or stops the index writer after the customers changed.
+    async fn update_index(&mut self, output: &OutputSettings, refresh: &RefreshSettings) {
+        let target = output.index.clone().map(|path| index::Target {
+            path,
+            mode: output.mode,
+            default_lifetime: refresh.default_lifetime,
+            customers: self.workers.values().map(|r| r.customer.clone()).collect(),
+        });
+        match (&self.index, target) {
+            (Some(writer), Some(target)) => writer.retarget(target),
+            (None, Some(target)) => self.index = Some(IndexWriter::start(target, self.board.clone())),
+            (Some(_), None) => {
+                if let Some(writer) = self.index.take() {
+                    writer.stop().await;
+                }
+                info!("output.index removed: the index file is no longer written (it stays)");
+            }
+            (None, None) => {}
+        }
     }
 
     fn spawn(&mut self, customer: CustomerConfig, adopt: bool) {
@@ -145,12 +174,17 @@ impl Supervisor {
             self.spawn(customer, true);
         }
         self.accounts.prune();
+        self.update_index(&new.output, &new.refresh).await;
         Ok(())
     }
 
     /// Stops every worker: waits end at once, logins and writes in flight get [`STOP_GRACE`].
+    /// The index then gets what they wrote last.
     pub async fn stop(self) {
         join_all(self.workers.into_values().collect()).await;
+        if let Some(writer) = self.index {
+            writer.stop().await;
+        }
     }
 }
 
@@ -183,7 +217,6 @@ fn shared_for(config: &Config, running: Option<&Supervisor>) -> Result<Shared, C
     Ok(Shared {
         magento: client,
         refresh: Arc::new(config.refresh.clone()),
-        format: config.output.format,
         mode: config.output.mode,
         logins,
         clock: Clock::System,
@@ -200,7 +233,6 @@ impl SameAs for Shared {
     fn same_as(&self, other: &Shared) -> bool {
         self.magento.same_as(&other.magento)
             && self.refresh == other.refresh
-            && self.format == other.format
             && self.mode == other.mode
             && Arc::ptr_eq(&self.logins, &other.logins)
     }
@@ -218,7 +250,7 @@ pub async fn run(
     mut signals: impl Stream<Item = Signal> + Unpin,
 ) -> Result<(), ClientError> {
     info!(customers = config.customers.len(), version = env!("CARGO_PKG_VERSION"), "starting");
-    let mut supervisor = Supervisor::start(config, metrics.board().clone())?;
+    let mut supervisor = Supervisor::start(config, metrics.board().clone()).await?;
     while let Some(signal) = signals.next().await {
         match signal {
             Signal::Shutdown(name) => {
@@ -324,6 +356,23 @@ pub async fn once(config: &Config, timeout: Duration) -> Result<Vec<OnceResult>,
     while let Some((i, result)) = done.next().await {
         results[i] = Some(result);
     }
+    drop(done);
+    if let Some(path) = &config.output.index {
+        let written = results
+            .iter()
+            .flatten()
+            .filter_map(|r| Some((r.customer.as_str(), r.path.as_path(), *r.outcome.as_ref().ok()?)));
+        if let Err(e) = index::write_once(path, config.output.mode, written) {
+            // The tokens are in their files; the app that reads the index has none of them.
+            error!(error = %e, "cannot write the index {}", path.display());
+            for r in results.iter_mut().flatten() {
+                if r.outcome.is_ok() {
+                    let message = format!("cannot write the index {}: {e}", path.display());
+                    r.outcome = Err(LoginError::new(Outcome::WriteError, message).into());
+                }
+            }
+        }
+    }
     // One directory sync for the whole batch.
     if let Err(e) = sink::sync_directory(&config.output.dir) {
         for r in results.iter_mut().flatten() {
@@ -411,7 +460,7 @@ impl Pass<'_> {
     fn write(&self, customer: &CustomerConfig, obtained: Obtained) -> Result<SystemTime, OnceFailure> {
         let output = &self.config.output;
         let expires_at = obtained.expiry.expires_at;
-        let content = sink::render(output.format, &customer.name, &obtained.token, obtained.obtained_at, expires_at);
+        let content = sink::render(customer.format, &customer.name, &obtained.token, obtained.obtained_at, expires_at);
         sink::write_atomic(&customer.path, output.mode, &content, false).map_err(|e| {
             LoginError::new(Outcome::WriteError, format!("cannot write {}: {e}", customer.path.display()))
         })?;
@@ -454,17 +503,26 @@ mod tests {
                 customer("b", "    file: b.token\n"),
                 // Another store: the token on disk may belong to another website.
                 customer("c", "    store_code: de\n"),
+                // Another format: the same login, its token rewritten in the new format.
+                customer("d", "    format: env\n"),
                 customer("e", ""),
             ]
             .concat(),
         );
         let plan = plan(&running, wanted.clone(), false);
-        assert_eq!(names(&plan), (vec!["d"], vec![("b", true), ("c", false)], vec!["e"]));
+        assert_eq!(names(&plan), (vec![], vec![("b", true), ("c", false), ("d", true)], vec!["e"]));
         assert_eq!(plan.restart[0].0.path, std::path::Path::new("/tmp/b.token"));
         // Shared settings changed: every customer that stays restarts, adopting its token
         // where its own login did not change.
         let plan = super::plan(&running, wanted, true);
-        assert_eq!(names(&plan), (vec!["d"], vec![("a", true), ("b", true), ("c", false)], vec!["e"]));
+        assert_eq!(names(&plan), (vec![], vec![("a", true), ("b", true), ("c", false), ("d", true)], vec!["e"]));
+        // output.format changes the customers without a format of their own, and only them.
+        let two = [customer("a", ""), customer("b", "    format: raw\n")].concat();
+        let json = format!(
+            "magento:\n  base_url: http://127.0.0.1:1\noutput:\n  dir: /tmp\n  format: json\ncustomers:\n{two}"
+        );
+        let json = config::parse(&json, Checks::Static).unwrap().customers;
+        assert_eq!(names(&super::plan(&customers(&two), json, false)), (vec![], vec![("a", true)], vec![]));
         // Nothing changed: nothing to do.
         assert_eq!(super::plan(&running, running.clone(), false), Plan::default());
     }

@@ -14,6 +14,7 @@
 //! | [`token`]    | the accepted token form, and its expiry (JWT `exp`, clock skew, opaque tokens)   |
 //! | [`attempt`]  | one login under the lockout policy: the only path a password is sent by          |
 //! | [`sink`]     | atomic, durable token files; reading back what an earlier run left               |
+//! | [`index`]    | `output.index`: every customer's token in one file, rebuilt when any changes    |
 //! | [`worker`]   | one customer's loop, tying the above together                                    |
 //! | [`status`]   | what the workers report: the board behind `/status` and `/readyz`               |
 //! | [`notify`]   | telling the app of a new token: a command, a webhook, a signal (`notify:`)       |
@@ -34,6 +35,7 @@ pub mod config;
 pub mod daemon;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod index;
 pub mod logging;
 pub mod magento;
 pub mod metrics;

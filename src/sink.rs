@@ -36,7 +36,25 @@ fn tmp_prefix(file_name: &str) -> String {
     format!(".{file_name}.")
 }
 
-/// The bytes of a token file in the configured format.
+/// What a `header` file holds before the token.
+pub const HEADER_PREFIX: &str = "Authorization: Bearer ";
+/// The names of the two lines of an `env` file.
+pub const ENV_TOKEN: &str = "MAGENTO_TOKEN";
+pub const ENV_EXPIRES_AT: &str = "MAGENTO_TOKEN_EXPIRES_AT";
+
+/// The bytes of a token file in the configured format:
+///
+/// - `raw`: the token alone, no newline;
+/// - `json`: `{"customer":..,"token":..,"obtained_at":..,"expires_at":..}`, no newline;
+/// - `header`: `Authorization: Bearer <token>`, no newline (an HTTP header line, for `curl -H
+///   @file` or a proxy's header file);
+/// - `env`: `MAGENTO_TOKEN=<token>` and `MAGENTO_TOKEN_EXPIRES_AT=<RFC 3339>`, each line ending in
+///   a newline, as a text file does (`source` in sh, `docker --env-file`, systemd's
+///   `EnvironmentFile` all read it). No quotes: docker and systemd would keep them as part of the
+///   value, and a token's characters (RFC 6750 `b64token`) and the time need none in sh.
+///
+/// Every buffer is allocated at its final size, so no copy of the token is left in memory freed
+/// by growing it.
 pub fn render(
     format: Format,
     customer: &str,
@@ -44,8 +62,21 @@ pub fn render(
     obtained_at: SystemTime,
     expires_at: SystemTime,
 ) -> Zeroizing<Vec<u8>> {
+    let token = token.expose();
+    let concat = |parts: &[&str]| {
+        let mut bytes = Zeroizing::new(Vec::with_capacity(parts.iter().map(|p| p.len()).sum()));
+        for part in parts {
+            bytes.extend_from_slice(part.as_bytes());
+        }
+        bytes
+    };
     match format {
-        Format::Raw => Zeroizing::new(token.expose().as_bytes().to_vec()),
+        Format::Raw => concat(&[token]),
+        Format::Header => concat(&[HEADER_PREFIX, token]),
+        Format::Env => {
+            let expires_at = rfc3339(expires_at);
+            concat(&[ENV_TOKEN, "=", token, "\n", ENV_EXPIRES_AT, "=", &expires_at, "\n"])
+        }
         Format::Json => {
             #[derive(Serialize)]
             struct JsonFile<'a> {
@@ -54,13 +85,14 @@ pub fn render(
                 obtained_at: String,
                 expires_at: String,
             }
-            let file = JsonFile {
-                customer,
-                token: token.expose(),
-                obtained_at: rfc3339(obtained_at),
-                expires_at: rfc3339(expires_at),
-            };
-            Zeroizing::new(serde_json::to_vec(&file).expect("strings always serialize"))
+            let file = JsonFile { customer, token, obtained_at: rfc3339(obtained_at), expires_at: rfc3339(expires_at) };
+            // Room for the keys and quotes around what varies: a customer's name and a token
+            // need no escaping (their characters are restricted), so this is never outgrown.
+            let mut bytes = Zeroizing::new(Vec::with_capacity(
+                96 + customer.len() + token.len() + file.obtained_at.len() + file.expires_at.len(),
+            ));
+            serde_json::to_writer(&mut *bytes, &file).expect("strings always serialize");
+            bytes
         }
     }
 }
@@ -228,7 +260,7 @@ pub fn remove_stale_temporaries(path: &Path) -> usize {
 #[derive(Debug)]
 pub struct OnDisk {
     pub token: Secret,
-    /// The expiry recorded in a `json` file.
+    /// The expiry recorded in a `json` or `env` file.
     pub expires_at: Option<SystemTime>,
     /// When the file was written: with an opaque token in a `raw` file, the best guess of when it
     /// was obtained.
@@ -249,16 +281,11 @@ impl OnDisk {
     }
 }
 
-/// Reads the token in `path`, in either format (the format may have changed since it was
+/// Reads the token in `path`, in any format (the format may have changed since it was
 /// written). `None` when there is no file or it holds no token of the accepted form. A symbolic
 /// link, a FIFO, a device or a file over [`MAX_TOKEN_FILE`] at `path` is no token either, with
 /// a warning: it is not what this daemon writes.
 pub fn read_existing(path: &Path) -> Option<OnDisk> {
-    #[derive(Deserialize)]
-    struct JsonFile {
-        token: String,
-        expires_at: Option<String>,
-    }
     let (bytes, meta) = match read_regular(path, MAX_TOKEN_FILE, false) {
         Ok(read) => read,
         Err(e) if e.is_not_found() => return None,
@@ -267,15 +294,38 @@ pub fn read_existing(path: &Path) -> Option<OnDisk> {
             return None;
         }
     };
-    let (token, expires_at, format) = match serde_json::from_slice::<JsonFile>(&bytes) {
-        Ok(json) => {
-            (Secret::new(json.token), json.expires_at.and_then(|t| humantime::parse_rfc3339(&t).ok()), Format::Json)
-        }
-        Err(_) => (Secret::new(std::str::from_utf8(&bytes).ok()?.to_owned()), None, Format::Raw),
-    };
+    let (token, expires_at, format) = parse_token_file(&bytes)?;
     crate::token::check_form(token.expose()).ok()?;
     let mode = meta.permissions().mode() & 0o777;
     Some(OnDisk { token, expires_at, modified: meta.modified().ok()?, format, mode, uid: meta.uid() })
+}
+
+/// The token in a file's bytes, the expiry it records (`json`, `env`) and its format, told by
+/// its shape: a JSON object, the header's prefix, the two lines of `env`, else the token alone.
+/// The token's form is not checked here.
+fn parse_token_file(bytes: &[u8]) -> Option<(Secret, Option<SystemTime>, Format)> {
+    #[derive(Deserialize)]
+    struct JsonFile {
+        token: String,
+        expires_at: Option<String>,
+    }
+    let time = |t: &str| humantime::parse_rfc3339(t).ok();
+    if let Ok(json) = serde_json::from_slice::<JsonFile>(bytes) {
+        let expires_at = json.expires_at.as_deref().and_then(time);
+        return Some((Secret::new(json.token), expires_at, Format::Json));
+    }
+    let text = std::str::from_utf8(bytes).ok()?;
+    if let Some(token) = text.strip_prefix(HEADER_PREFIX) {
+        return Some((Secret::new(token.to_owned()), None, Format::Header));
+    }
+    let env = || {
+        let mut lines = text.strip_suffix('\n').unwrap_or(text).split('\n');
+        let token = lines.next()?.strip_prefix(ENV_TOKEN)?.strip_prefix('=')?;
+        let expires_at = lines.next()?.strip_prefix(ENV_EXPIRES_AT)?.strip_prefix('=')?;
+        lines.next().is_none().then(|| (Secret::new(token.to_owned()), time(expires_at), Format::Env))
+    };
+    // (A lone token may start like an env file: `MAGENTO_TOKEN=` is a b64token too.)
+    Some(env().unwrap_or_else(|| (Secret::new(text.to_owned()), None, Format::Raw)))
 }
 
 /// The record of a customer's recent 401s, kept beside its token file as `.<file>.auth`, so a
@@ -658,24 +708,73 @@ mod tests {
     }
 
     #[test]
-    fn reads_back_either_format() {
+    fn header_is_the_header_line_without_a_newline() {
+        let t = Secret::new("abc.def".into());
+        let now = SystemTime::UNIX_EPOCH;
+        assert_eq!(&render(Format::Header, "alice", &t, now, now)[..], b"Authorization: Bearer abc.def");
+    }
+
+    #[test]
+    fn env_is_two_lines_each_ending_in_a_newline() {
+        let t = Secret::new("abc.def~+/-_=".into());
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_860_000);
+        let bytes = render(Format::Env, "alice", &t, at, at + Duration::from_secs(3600));
+        assert_eq!(
+            std::str::from_utf8(&bytes).unwrap(),
+            "MAGENTO_TOKEN=abc.def~+/-_=\nMAGENTO_TOKEN_EXPIRES_AT=2026-11-28T11:00:00Z\n"
+        );
+    }
+
+    #[test]
+    fn every_buffer_is_allocated_at_its_final_size() {
+        // A buffer that grew would have left a copy of the token in freed memory.
+        let t = Secret::new("x".repeat(crate::token::MAX_TOKEN_LEN));
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_799);
+        let name = "n".repeat(64);
+        for format in [Format::Raw, Format::Json, Format::Header, Format::Env] {
+            let bytes = render(format, &name, &t, at, at);
+            assert!(bytes.capacity() < bytes.len() + 64, "{format:?}: {} for {}", bytes.capacity(), bytes.len());
+        }
+    }
+
+    #[test]
+    fn reads_back_every_format() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("alice");
         assert!(read_existing(&path).is_none());
-        std::fs::write(&path, b"abc.def").unwrap();
-        let found = read_existing(&path).unwrap();
-        assert_eq!(found.token.expose(), "abc.def");
-        assert_eq!(found.expires_at, None);
         let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_860_000);
-        std::fs::write(
-            &path,
-            &*render(Format::Json, "alice", &Secret::new("t0k".into()), at, at + Duration::from_secs(60)),
-        )
-        .unwrap();
+        let expires = at + Duration::from_secs(60);
+        let token = Secret::new("eyJ0.eyJl-_.c2ln+/~==".into());
+        for (format, recorded) in
+            [(Format::Raw, None), (Format::Json, Some(expires)), (Format::Header, None), (Format::Env, Some(expires))]
+        {
+            std::fs::write(&path, &*render(format, "alice", &token, at, expires)).unwrap();
+            let found = read_existing(&path).unwrap();
+            assert_eq!(found.token.expose(), token.expose(), "{format:?}");
+            assert_eq!(found.expires_at, recorded, "{format:?}");
+            assert_eq!(found.format, format);
+        }
+        // An env file whose last newline was lost (edited by hand) is still one.
+        std::fs::write(&path, "MAGENTO_TOKEN=t0k\nMAGENTO_TOKEN_EXPIRES_AT=2026-11-28T10:01:00Z").unwrap();
         let found = read_existing(&path).unwrap();
-        assert_eq!(found.token.expose(), "t0k");
-        assert_eq!(found.expires_at, Some(at + Duration::from_secs(60)));
-        std::fs::write(&path, b"not a token\n").unwrap();
-        assert!(read_existing(&path).is_none());
+        assert_eq!((found.token.expose(), found.expires_at, found.format), ("t0k", Some(expires), Format::Env));
+        // A lone token that happens to start like an env line is a raw token.
+        std::fs::write(&path, "MAGENTO_TOKEN=").unwrap();
+        assert_eq!(read_existing(&path).unwrap().format, Format::Raw);
+        // Anything else is no token.
+        for bad in [
+            "not a token\n",
+            "abc.def\n",
+            "Authorization: Bearer abc def",
+            "Authorization: Bearer ",
+            "Authorization: Bearer abc\n",
+            "MAGENTO_TOKEN=abc\nMAGENTO_TOKEN_EXPIRES_AT=2026-11-28T10:01:00Z\nMORE=1\n",
+            "MAGENTO_TOKEN=\nMAGENTO_TOKEN_EXPIRES_AT=2026-11-28T10:01:00Z\n",
+            "MAGENTO_TOKEN=a b\nMAGENTO_TOKEN_EXPIRES_AT=2026-11-28T10:01:00Z\n",
+            r#"{"token":"a b"}"#,
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            assert!(read_existing(&path).is_none(), "{bad:?}");
+        }
     }
 }

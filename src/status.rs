@@ -205,6 +205,9 @@ pub struct Board {
     login_times: Histogram,
     /// Where `POST /refresh/<name>` reaches each running worker.
     askers: Arc<Mutex<HashMap<Box<str>, Arc<Mailbox>>>>,
+    /// Rung whenever a customer's token on disk may have changed (written, adopted, the
+    /// customer removed): what the index file ([`crate::index`]) waits on.
+    tokens_changed: Arc<Notify>,
 }
 
 /// An app's request (`POST /refresh/<name>`) to check the token on disk now and replace it if
@@ -259,7 +262,12 @@ impl Board {
                 .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
         )
         .expect("a valid histogram");
-        Board { entries: Arc::new(Mutex::new(BTreeMap::new())), login_times, askers: Arc::default() }
+        Board {
+            entries: Arc::new(Mutex::new(BTreeMap::new())),
+            login_times,
+            askers: Arc::default(),
+            tokens_changed: Arc::default(),
+        }
     }
 
     /// The histogram of login request times, for the metrics registry.
@@ -298,6 +306,20 @@ impl Board {
     pub fn remove(&self, name: &str) {
         self.with(|m| m.remove(name));
         self.askers.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+        self.tokens_changed.notify_one();
+    }
+
+    /// Returns once a customer's token on disk may have changed since the last call returned
+    /// (at once if one did meanwhile): a token written or adopted, a customer removed. Changes
+    /// while no one waits are kept as one.
+    pub fn tokens_changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.tokens_changed.notified()
+    }
+
+    /// Every customer on the board: the expiry of its token on disk, if one is known, and
+    /// whether it is still starting (its token on disk not looked at yet).
+    pub fn expiries(&self) -> Vec<(String, Option<SystemTime>, bool)> {
+        self.with(|m| m.iter().map(|(n, e)| (n.to_string(), e.expires_at, e.state == State::Starting)).collect())
     }
 
     /// Where to leave an [`Ask`] for `name`; `None` for an unknown customer.
@@ -396,6 +418,7 @@ impl Reporter {
     /// valid is worked out whenever someone asks, from its expiry.
     pub fn token_on_disk(&self, expires_at: SystemTime) {
         self.update(|e| e.expires_at = Some(expires_at));
+        self.board.tokens_changed.notify_one();
     }
 
     pub fn planned(&self, state: State, at: Option<SystemTime>) {
@@ -416,6 +439,7 @@ impl Reporter {
             e.last_success_at = Some(at);
             e.consecutive_failures = 0;
         });
+        self.board.tokens_changed.notify_one();
     }
 
     /// A failed attempt; returns the failures in a row since the last success.
@@ -457,6 +481,34 @@ mod tests {
     fn an_entry_stays_small() {
         // The board holds one of these per customer, for the life of the daemon.
         assert!(std::mem::size_of::<Entry>() <= 128, "{}", std::mem::size_of::<Entry>());
+    }
+
+    #[test]
+    fn a_token_written_adopted_or_removed_rings_the_index_once() {
+        use futures::FutureExt;
+        let board = Board::new();
+        let rung = |b: &Board| b.tokens_changed().now_or_never().is_some();
+        let r = Reporter::new("alice", board.clone());
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        assert!(!rung(&board));
+        // Nothing about the token on disk: no ring.
+        r.failure(Outcome::HttpError, "503", t0, None);
+        r.planned(State::Retrying, Some(t0));
+        r.state(State::Refreshing);
+        r.checked(Check::Valid);
+        assert!(!rung(&board));
+        // Changes while no one waits are kept as one.
+        r.success(t0, t0 + Duration::from_secs(3600), None);
+        r.success(t0, t0 + Duration::from_secs(3601), None);
+        assert!(rung(&board));
+        assert!(!rung(&board));
+        r.token_on_disk(t0 + Duration::from_secs(60));
+        assert!(rung(&board));
+        assert_eq!(board.expiries(), [("alice".to_string(), Some(t0 + Duration::from_secs(60)), false)]);
+        Reporter::new("bob", board.clone());
+        assert_eq!(board.expiries()[1], ("bob".to_string(), None, true));
+        board.remove("alice");
+        assert!(rung(&board));
     }
 
     #[test]

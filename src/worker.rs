@@ -30,7 +30,7 @@ use tracing::{debug, error, info, warn, Instrument};
 use crate::account::Account;
 use crate::attempt::{self, Attempt, NoToken, Obtained};
 use crate::clock::Clock;
-use crate::config::{CustomerConfig, Format, RefreshSettings};
+use crate::config::{CustomerConfig, RefreshSettings};
 use crate::magento::{Client, LoginError, Magento, Outcome};
 use crate::schedule::{self, AuthWait};
 use crate::sink;
@@ -45,7 +45,6 @@ pub const PASSWORD_POLL: Duration = Duration::from_secs(2);
 pub struct Shared<M = Client> {
     pub magento: M,
     pub refresh: Arc<RefreshSettings>,
-    pub format: Format,
     pub mode: u32,
     /// Bounds logins in flight over all customers.
     pub logins: Arc<Semaphore>,
@@ -59,7 +58,6 @@ impl<M: Clone> Clone for Shared<M> {
         Shared {
             magento: self.magento.clone(),
             refresh: self.refresh.clone(),
-            format: self.format,
             mode: self.mode,
             logins: self.logins.clone(),
             clock: self.clock,
@@ -278,10 +276,16 @@ impl<M: Magento> Worker<M> {
             Ok(email) if email.eq_ignore_ascii_case(&self.customer.username) => {
                 self.report.token_on_disk(expires_at);
                 let next = schedule::next_refresh(now, expires_at, read.lifetime, r, rand::thread_rng().gen());
-                if found.format != self.shared.format || found.mode != self.shared.mode {
-                    // A reload changed output.format or output.mode: the same token, rewritten.
-                    let content =
-                        sink::render(self.shared.format, &self.customer.name, &found.token, found.modified, expires_at);
+                if found.format != self.customer.format || found.mode != self.shared.mode {
+                    // A reload changed the customer's format (its own or output.format) or
+                    // output.mode: the same token, rewritten.
+                    let content = sink::render(
+                        self.customer.format,
+                        &self.customer.name,
+                        &found.token,
+                        found.modified,
+                        expires_at,
+                    );
                     if let Err(e) = write_file(&self.customer.path, self.shared.mode, content).await {
                         warn!(error = %e, "cannot rewrite the token file in the new format or mode: logging in");
                         return now;
@@ -522,7 +526,7 @@ impl<M: Magento> Worker<M> {
     async fn write(&mut self, obtained: Obtained, fresh: bool) -> SystemTime {
         let took = fresh.then_some(obtained.took);
         let content = sink::render(
-            self.shared.format,
+            self.customer.format,
             &self.customer.name,
             &obtained.token,
             obtained.obtained_at,

@@ -145,7 +145,6 @@ fn start(config: &Config, magento: Scripted, clock: Clock) -> Run {
     let shared = Shared {
         magento: magento.clone(),
         refresh: Arc::new(config.refresh.clone()),
-        format: config.output.format,
         mode: config.output.mode,
         logins: Arc::new(Semaphore::new(1)),
         clock,
@@ -323,7 +322,6 @@ fn an_idle_customer_task_stays_small() {
     let shared = Shared {
         magento: Client::new(&MagentoSettings { timeout: Duration::from_secs(1), ca_file: None }).unwrap(),
         refresh: Arc::new(config.refresh.clone()),
-        format: config.output.format,
         mode: 0o600,
         logins: Arc::new(Semaphore::new(1)),
         clock: Clock::System,
