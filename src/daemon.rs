@@ -411,7 +411,8 @@ impl Pass<'_> {
         let output = &self.config.output;
         let expires_at = obtained.expiry.expires_at;
         let content = sink::render(output.format, &customer.name, &obtained.token, obtained.obtained_at, expires_at);
-        sink::write_atomic(&customer.path, output.mode, &content, false).map_err(|e| {
+        let perms = sink::Perms { mode: output.mode, owner: customer.owner };
+        sink::write_atomic(&customer.path, perms, &content, false).map_err(|e| {
             LoginError::new(Outcome::WriteError, format!("cannot write {}: {e}", customer.path.display()))
         })?;
         Ok(expires_at)
