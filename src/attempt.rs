@@ -114,7 +114,7 @@ pub async fn attempt<M: Magento>(a: Attempt<'_, M>, stop: &CancellationToken) ->
                     a.account.refused_for_good();
                 }
                 // Rare and small: written in place rather than on the blocking pool.
-                if let Err(e) = sink::write_ledger(&a.customer.path, &a.customer.username, &auth) {
+                if let Err(e) = sink::write_ledger(&a.customer.path, a.customer.owner, &a.customer.username, &auth) {
                     warn!(customer = %a.customer.name, error = %e, "cannot record the 401 beside the token file: a restart would forget it");
                 }
             }

@@ -18,7 +18,7 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
 use crate::secret::Secret;
-use crate::sink::{self, ReadError};
+use crate::sink::{self, Owner, Perms, ReadError};
 
 /// Magento locks a username after this many failed logins (`oauth/authentication_lock/max_failures_count`).
 pub const MAGENTO_LOCK_FAILURES: u32 = 6;
@@ -71,6 +71,11 @@ struct RawOutput {
     /// A file name in `dir`: every customer's token and expiry in one JSON file.
     #[serde(default)]
     index: Option<String>,
+    /// Owner and group of every file written; absent: the daemon's own.
+    #[serde(default)]
+    uid: Option<u32>,
+    #[serde(default)]
+    gid: Option<u32>,
 }
 
 fn default_mode() -> Mode {
@@ -320,6 +325,15 @@ pub struct OutputSettings {
     pub format: Format,
     /// `<dir>/<output.index>`: every customer's token and expiry in one JSON file.
     pub index: Option<PathBuf>,
+    /// `output.uid` and `output.gid`.
+    pub owner: Owner,
+}
+
+impl OutputSettings {
+    /// What every file written in `dir` gets before any content: `mode`, and the owner.
+    pub fn perms(&self) -> Perms {
+        Perms { mode: self.mode, owner: self.owner }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -341,6 +355,8 @@ pub struct CustomerConfig {
     pub path: PathBuf,
     /// The format of its file: its own `format`, else `output.format`.
     pub format: Format,
+    /// `output.uid` and `output.gid`: given to the token file and the ledger beside it.
+    pub owner: Owner,
 }
 
 impl CustomerConfig {
@@ -587,6 +603,7 @@ fn validate(raw: RawConfig, checks: Checks) -> Result<Config, Vec<Problem>> {
         refresh: raw.refresh,
         output: OutputSettings {
             index: raw.output.index.as_ref().map(|name| raw.output.dir.join(name)),
+            owner: owner_of(&raw.output),
             dir: raw.output.dir,
             mode: raw.output.mode.0,
             format: raw.output.format,
@@ -654,14 +671,17 @@ fn check_refresh(v: &mut Validator, r: &RefreshSettings) {
     }
 }
 
-/// `output`: the directory (writable, with `Checks::Environment`) and a mode no one else can write.
+/// `output`: the directory (writable, with `Checks::Environment`), a mode no one else can write,
+/// and an owner this process may give files to.
 fn check_output(v: &mut Validator, o: &RawOutput, checks: Checks) {
     let dir = &o.dir;
+    let before = v.problems.len();
     if dir.as_os_str().is_empty() {
         v.problem("output.dir", "must not be empty".into());
     } else if checks == Checks::Environment {
         v.writable_dir("output.dir", dir);
     }
+    let dir_ok = v.problems.len() == before;
 
     let mode = o.mode.0;
     if mode & 0o022 != 0 {
@@ -672,6 +692,114 @@ fn check_output(v: &mut Validator, o: &RawOutput, checks: Checks) {
             ),
         );
     }
+
+    for (key, id) in [("output.uid", o.uid), ("output.gid", o.gid)] {
+        if id == Some(u32::MAX) {
+            v.problem(key, format!("{}: not an id (chown reads it as \"leave unchanged\")", u32::MAX));
+        }
+    }
+    let owner = owner_of(o);
+    if checks == Checks::Environment && owner.is_set() && v.problems.len() == before {
+        let refused = ownership_problems(owner, &Credentials::current());
+        let none = refused.is_empty();
+        v.problems.extend(refused);
+        // The credentials allow it: a file given that owner for real, as every write does it
+        // (a user namespace or a file system may still refuse).
+        if none && dir_ok {
+            if let Err(e) = probe_owner(dir, Perms { mode, owner }) {
+                let (key, id) = match owner.uid {
+                    Some(uid) => ("output.uid", uid),
+                    None => ("output.gid", owner.gid.unwrap_or_default()),
+                };
+                v.problem(key, format!("{id}: a test file in {} could not be given to {owner}: {e}", dir.display()));
+            }
+        }
+    }
+}
+
+fn owner_of(o: &RawOutput) -> Owner {
+    Owner { uid: o.uid, gid: o.gid }
+}
+
+/// What this process may do about the owner of the files it creates.
+#[derive(Debug, Clone)]
+struct Credentials {
+    /// Effective user and group, and the supplementary groups.
+    uid: u32,
+    gid: u32,
+    groups: Vec<u32>,
+    /// Effective capabilities CAP_CHOWN and CAP_FOWNER.
+    chown: bool,
+    fowner: bool,
+}
+
+impl Credentials {
+    fn current() -> Credentials {
+        use rustix::thread::CapabilitySet;
+        let uid = rustix::process::geteuid().as_raw();
+        // Unknown capabilities (no capget): root is taken to have them, and the probe decides.
+        let caps = rustix::thread::capabilities(None).map(|c| c.effective).ok();
+        let has = |cap: CapabilitySet| caps.map_or(uid == 0, |c| c.contains(cap));
+        Credentials {
+            uid,
+            gid: rustix::process::getegid().as_raw(),
+            groups: rustix::process::getgroups().unwrap_or_default().iter().map(|g| g.as_raw()).collect(),
+            chown: has(CapabilitySet::CHOWN),
+            fowner: has(CapabilitySet::FOWNER),
+        }
+    }
+}
+
+/// Whether a process with `c` may create files owned by `owner`, by the kernel's rules: a file
+/// goes to another user only with CAP_CHOWN (root has it; being root without it is not
+/// enough), and its mode is then set (after the owner, so no one else can open it in between)
+/// only with CAP_FOWNER; its own file goes to a group without privilege only if the process is
+/// a member of that group (its group, or a supplementary one: in Kubernetes the pod's
+/// `fsGroup` and `supplementalGroups`), else with CAP_CHOWN.
+fn ownership_problems(owner: Owner, c: &Credentials) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let mut refuse = |path: &str, message: String| problems.push(Problem { path: path.into(), message });
+    if let Some(uid) = owner.uid.filter(|uid| *uid != c.uid) {
+        if !c.chown {
+            refuse(
+                "output.uid",
+                format!(
+                    "{uid}: this process (uid {}) may not give files away; run as root or with CAP_CHOWN and CAP_FOWNER, or drop output.uid",
+                    c.uid
+                ),
+            );
+        } else if !c.fowner {
+            refuse(
+                "output.uid",
+                format!(
+                    "{uid}: this process (uid {}) has CAP_CHOWN but not CAP_FOWNER, which it needs to set the mode of a file it gave away; add CAP_FOWNER, or drop output.uid",
+                    c.uid
+                ),
+            );
+        }
+    }
+    if let Some(gid) = owner.gid.filter(|gid| *gid != c.gid && !c.groups.contains(gid)) {
+        if !c.chown {
+            refuse(
+                "output.gid",
+                format!(
+                    "{gid}: this process (uid {}) is not a member of group {gid} and may not give files to it; run it in that group (in Kubernetes: the pod's fsGroup or supplementalGroups), as root or with CAP_CHOWN, or drop output.gid",
+                    c.uid
+                ),
+            );
+        }
+    }
+    problems
+}
+
+/// Writes a test file in `dir` with `perms`, as every token file is written, and removes it.
+fn probe_owner(dir: &Path, perms: Perms) -> std::io::Result<()> {
+    let path = dir.join(format!(".magento-token-sidecar.check-{:08x}", rand::random::<u32>()));
+    sink::write_atomic(&path, perms, b"", false)?;
+    // (It was given the owner: that was the question. A directory that lets a file be made but
+    // not removed is no reason to refuse the owner.)
+    let _ = std::fs::remove_file(&path);
+    Ok(())
 }
 
 /// `admin.listen`: an address, or `""` for none.
@@ -768,6 +896,7 @@ fn check_customers(v: &mut Validator, raw: &RawConfig, base_url: Option<Url>, ch
                 store_code: c.store_code.clone().or_else(|| raw.magento.store_code.clone()),
                 path: raw.output.dir.join(&file),
                 format: c.format.unwrap_or(raw.output.format),
+                owner: owner_of(&raw.output),
             });
         }
     }
@@ -937,7 +1066,9 @@ impl Validator {
             Err(e) => self.problem(path, format!("{}: {e}", dir.display())),
             Ok(m) if !m.is_dir() => self.problem(path, format!("{} is not a directory", dir.display())),
             Ok(_) => {
-                if let Err(e) = tempfile::Builder::new().prefix(".write-check.").tempfile_in(dir) {
+                // A file without a name where the file system allows it (O_TMPFILE): no app
+                // watching the directory sees it, nor a file of another owner.
+                if let Err(e) = tempfile::tempfile_in(dir) {
                     self.problem(path, format!("{} is not writable: {e}", dir.display()));
                 }
             }
@@ -1062,6 +1193,92 @@ customers:
         assert_eq!(w.len(), 1, "{w:?}");
         assert!(w[0].starts_with("output.dir: ") && w[0].contains("(mode 1777)"), "{w:?}");
         assert!(w[0].contains("another user can plant files or symbolic links there"), "{w:?}");
+    }
+
+    fn with_output(lines: &str) -> String {
+        MINIMAL.replace("  dir: /tmp", &format!("  dir: /tmp\n{lines}"))
+    }
+
+    #[test]
+    fn the_owner_reaches_every_file_written() {
+        let c = parse(MINIMAL, Checks::Static).unwrap();
+        assert_eq!(c.output.owner, Owner::default());
+        let c = parse(&with_output("  mode: \"0640\"\n  uid: 1000\n  gid: 2000"), Checks::Static).unwrap();
+        let owner = Owner { uid: Some(1000), gid: Some(2000) };
+        assert_eq!(c.output.owner, owner);
+        assert_eq!(c.output.perms(), Perms { mode: 0o640, owner });
+        assert_eq!(c.customers[0].owner, owner, "the customer's token file and ledger");
+        let c = parse(&with_output("  gid: 0"), Checks::Static).unwrap();
+        assert_eq!(c.output.owner, Owner { uid: None, gid: Some(0) });
+    }
+
+    #[test]
+    fn an_owner_is_a_number_that_names_an_id() {
+        for (lines, key) in [
+            ("  uid: -1", "output.uid: "),
+            ("  uid: \"1000\"", "output.uid: "),
+            ("  gid: 1.5", "output.gid: "),
+            ("  gid: 4294967296", "output.gid: "),
+        ] {
+            let p = problems(&with_output(lines));
+            assert_eq!(p.len(), 1, "{lines}: {p:?}");
+            assert!(p[0].starts_with(key), "{lines}: {p:?}");
+        }
+        let p = problems(&with_output("  uid: 4294967295\n  gid: 4294967295"));
+        assert_eq!(
+            p,
+            [
+                "output.uid: 4294967295: not an id (chown reads it as \"leave unchanged\")",
+                "output.gid: 4294967295: not an id (chown reads it as \"leave unchanged\")"
+            ]
+        );
+    }
+
+    #[test]
+    fn giving_files_away_follows_the_kernels_rules() {
+        let nobody = Credentials { uid: 65534, gid: 65534, groups: vec![2000], chown: false, fowner: false };
+        let owner = |uid: Option<u32>, gid: Option<u32>| Owner { uid, gid };
+        let refused = |owner: Owner, c: &Credentials| -> Vec<String> {
+            ownership_problems(owner, c).iter().map(|p| p.to_string()).collect()
+        };
+        // Its own ids, and a supplementary group: no privilege needed.
+        assert!(refused(owner(Some(65534), Some(65534)), &nobody).is_empty());
+        assert!(refused(owner(None, Some(2000)), &nobody).is_empty());
+        assert_eq!(
+            refused(owner(Some(1000), Some(3000)), &nobody),
+            [
+                "output.uid: 1000: this process (uid 65534) may not give files away; run as root or with CAP_CHOWN and CAP_FOWNER, or drop output.uid",
+                "output.gid: 3000: this process (uid 65534) is not a member of group 3000 and may not give files to it; run it in that group (in Kubernetes: the pod's fsGroup or supplementalGroups), as root or with CAP_CHOWN, or drop output.gid",
+            ]
+        );
+        // Root with every capability dropped but CHOWN: any group, but no other user.
+        let chown_only = Credentials { uid: 0, gid: 0, groups: vec![], chown: true, fowner: false };
+        assert!(refused(owner(None, Some(3000)), &chown_only).is_empty());
+        assert_eq!(
+            refused(owner(Some(1000), None), &chown_only),
+            ["output.uid: 1000: this process (uid 0) has CAP_CHOWN but not CAP_FOWNER, which it needs to set the mode of a file it gave away; add CAP_FOWNER, or drop output.uid"]
+        );
+        // Root without CAP_CHOWN is refused like anyone; with both, anything goes.
+        let root_without = Credentials { chown: false, fowner: true, ..chown_only.clone() };
+        assert_eq!(refused(owner(Some(1000), Some(3000)), &root_without).len(), 2);
+        assert!(refused(owner(Some(0), Some(0)), &root_without).is_empty(), "root's own ids");
+        let root = Credentials { chown: true, fowner: true, ..chown_only };
+        assert!(refused(owner(Some(1000), Some(3000)), &root).is_empty());
+    }
+
+    #[test]
+    fn check_gives_a_test_file_the_owner_and_removes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (uid, gid) = match rustix::process::geteuid().is_root() {
+            true => (4321, 8765),
+            false => (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw()),
+        };
+        let yaml = format!(
+            "magento:\n  base_url: https://x\noutput:\n  dir: {}\n  uid: {uid}\n  gid: {gid}\ncustomers:\n  - name: a\n    username: a\n    password_env: PATH\n",
+            dir.path().display()
+        );
+        parse(&yaml, Checks::Environment).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing left in the directory");
     }
 
     #[test]

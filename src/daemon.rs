@@ -118,7 +118,7 @@ impl Supervisor {
     async fn update_index(&mut self, output: &OutputSettings, refresh: &RefreshSettings) {
         let target = output.index.clone().map(|path| index::Target {
             path,
-            mode: output.mode,
+            perms: output.perms(),
             default_lifetime: refresh.default_lifetime,
             customers: self.workers.values().map(|r| r.customer.clone()).collect(),
         });
@@ -362,7 +362,7 @@ pub async fn once(config: &Config, timeout: Duration) -> Result<Vec<OnceResult>,
             .iter()
             .flatten()
             .filter_map(|r| Some((r.customer.as_str(), r.path.as_path(), *r.outcome.as_ref().ok()?)));
-        if let Err(e) = index::write_once(path, config.output.mode, written) {
+        if let Err(e) = index::write_once(path, config.output.perms(), written) {
             // The tokens are in their files; the app that reads the index has none of them.
             error!(error = %e, "cannot write the index {}", path.display());
             for r in results.iter_mut().flatten() {
@@ -461,7 +461,8 @@ impl Pass<'_> {
         let output = &self.config.output;
         let expires_at = obtained.expiry.expires_at;
         let content = sink::render(customer.format, &customer.name, &obtained.token, obtained.obtained_at, expires_at);
-        sink::write_atomic(&customer.path, output.mode, &content, false).map_err(|e| {
+        let perms = sink::Perms { mode: output.mode, owner: customer.owner };
+        sink::write_atomic(&customer.path, perms, &content, false).map_err(|e| {
             LoginError::new(Outcome::WriteError, format!("cannot write {}: {e}", customer.path.display()))
         })?;
         Ok(expires_at)

@@ -83,8 +83,8 @@ pub fn render(entries: &[Entry<'_>]) -> Zeroizing<Vec<u8>> {
 pub struct Target {
     /// `<output.dir>/<output.index>`.
     pub path: PathBuf,
-    /// `output.mode`, as the token files.
-    pub mode: u32,
+    /// `output.mode` and the owner, as the token files.
+    pub perms: sink::Perms,
     /// `refresh.default_lifetime`: the expiry of an opaque token in a file not yet looked at.
     pub default_lifetime: Duration,
     /// The running customers.
@@ -226,7 +226,7 @@ fn write(target: &Target, board: &Board) -> std::io::Result<(usize, Option<Syste
         entries.push(Entry { name: &customer.name, token: found.token, expires_at });
     }
     let first_expiry = entries.iter().map(|e| e.expires_at).min();
-    sink::write_atomic(&target.path, target.mode, &render(&entries), true)?;
+    sink::write_atomic(&target.path, target.perms, &render(&entries), true)?;
     Ok((entries.len(), first_expiry))
 }
 
@@ -234,7 +234,7 @@ fn write(target: &Target, board: &Board) -> std::io::Result<(usize, Option<Syste
 /// files just written), written without a directory sync (the pass syncs once for all).
 pub fn write_once<'a>(
     path: &std::path::Path,
-    mode: u32,
+    perms: sink::Perms,
     written: impl IntoIterator<Item = (&'a str, &'a std::path::Path, SystemTime)>,
 ) -> std::io::Result<()> {
     let mut entries = Vec::new();
@@ -245,7 +245,7 @@ pub fn write_once<'a>(
     }
     entries.sort_by(|a, b| a.name.cmp(b.name));
     sink::remove_stale_temporaries(path);
-    sink::write_atomic(path, mode, &render(&entries), false)
+    sink::write_atomic(path, perms, &render(&entries), false)
 }
 
 #[cfg(test)]

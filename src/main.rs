@@ -185,7 +185,7 @@ fn forget_failures(path: &Path, names: &[String]) -> u8 {
             code = BAD_CONFIG;
             continue;
         };
-        match sink::forget_ledger(&customer.path, &customer.username) {
+        match sink::forget_ledger(&customer.path, customer.owner, &customer.username) {
             Ok(()) => println!(
                 "{name}: the daemon's count of failed logins is forgotten; a running daemon tries again within 2 s (first make sure Magento's own count is gone: the username's row in oauth_token_request_log deleted, or cleared by the store's cron)"
             ),

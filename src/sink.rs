@@ -1,9 +1,10 @@
 //! Token files: atomic replacement, and reading back what a previous run left.
 //!
-//! A file is replaced by writing a temporary file in the same directory (its mode set before
-//! any content, so no other user can read it at any moment), syncing it, renaming it over the
-//! old one and syncing the directory. A reader sees the old token or the new one, never a mix
-//! or an empty file, and a token is durable before it is reported written.
+//! A file is replaced by writing a temporary file in the same directory (its owner and mode set
+//! before any content, and before it has a name: no other user can read it at any moment, and
+//! no one sees it with another owner), syncing it, renaming it over the old one and syncing the
+//! directory. A reader sees the old token or the new one, never a mix or an empty file, and a
+//! token is durable before it is reported written.
 //!
 //! Every local file is read without blocking and up to a limit ([`read_regular`]): a FIFO, a
 //! device or a file of a gigabyte where a password, a token or a ledger is expected is refused,
@@ -13,11 +14,13 @@
 
 use std::fs::{File, Permissions};
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use rustix::fs::{Mode, OFlags};
+use rustix::fs::{AtFlags, Gid, Mode, OFlags, Uid, CWD};
+use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 use zeroize::Zeroizing;
@@ -194,39 +197,159 @@ pub fn read_regular(
     Ok((bytes, meta))
 }
 
-/// Replaces `path` with `content` atomically, with file mode `mode` whatever the umask.
+/// The owner and group of every file written (`output.uid`, `output.gid`); `None` leaves the
+/// one a new file gets (the daemon's user; its group, or the directory's if set-group-ID).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+impl Owner {
+    pub fn is_set(&self) -> bool {
+        self.uid.is_some() || self.gid.is_some()
+    }
+
+    /// Whether a file owned by `uid`:`gid` has this owner (what is not configured matches).
+    pub fn holds(&self, uid: u32, gid: u32) -> bool {
+        self.uid.is_none_or(|u| u == uid) && self.gid.is_none_or(|g| g == gid)
+    }
+}
+
+/// `uid 1000 and gid 2000`, `uid 1000`, `gid 2000`, `its creator`.
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.uid, self.gid) {
+            (Some(u), Some(g)) => write!(f, "uid {u} and gid {g}"),
+            (Some(u), None) => write!(f, "uid {u}"),
+            (None, Some(g)) => write!(f, "gid {g}"),
+            (None, None) => f.write_str("its creator"),
+        }
+    }
+}
+
+/// What a file gets before any content is written: its mode (whatever the umask) and owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Perms {
+    pub mode: u32,
+    pub owner: Owner,
+}
+
+impl Perms {
+    /// The daemon's own file (the 401 ledger): mode 0600, with the configured owner.
+    pub fn private(owner: Owner) -> Perms {
+        Perms { mode: 0o600, owner }
+    }
+}
+
+/// Replaces `path` with `content` atomically, with `perms` set before any content is written.
 /// With `sync_dir` false the caller syncs the directory itself (one sync for a batch).
 ///
-/// The temporary file is created with `O_CREAT | O_EXCL` (tempfile's `create_new`), so nothing
-/// planted under its name is opened, and the rename replaces whatever is at `path` (a symbolic
-/// link or a FIFO included) without writing through it.
-pub fn write_atomic(path: &Path, mode: u32, content: &[u8], sync_dir: bool) -> io::Result<()> {
-    let dir = parent(path);
+/// The temporary file is made without a name (`O_TMPFILE`): it gets its owner, its mode and
+/// its content, is synced, and only then is linked into the directory as `.<file>.<random>.tmp`
+/// and renamed over `path`. Whoever lists or watches the directory never sees a file with
+/// another owner, another mode or part of its content, even for an instant. The owner comes
+/// before the mode: while the file is still the daemon's, mode 0600 lets no one else open it.
+///
+/// Where the file system has no `O_TMPFILE` (or `/proc` is not mounted to link the file
+/// through), the temporary file is created by name with `O_CREAT | O_EXCL` and mode 0600, and
+/// given its owner and mode at once: for the instant between, it is an empty file only the
+/// daemon's user can open. Either way nothing planted under the temporary name is opened, and
+/// the rename replaces whatever is at `path` (a symbolic link or a FIFO included) without
+/// writing through it.
+pub fn write_atomic(path: &Path, perms: Perms, content: &[u8], sync_dir: bool) -> io::Result<()> {
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the token path has no file name"))?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&tmp_prefix(name))
-        .rand_bytes(TMP_RANDOM)
-        .suffix(TMP_SUFFIX)
-        .tempfile_in(dir)?;
-    // fchmod, not the mode argument of open(2): the umask cannot narrow or widen it.
-    tmp.as_file().set_permissions(Permissions::from_mode(mode))?;
-    tmp.write_all(content)?;
-    tmp.as_file().sync_all()?;
-    // On failure the temporary file is dropped, which deletes it.
-    tmp.persist(path).map_err(|e| e.error)?;
+    let dir = open_directory(parent(path))?;
+    let tmp = temporary(&dir, name, perms, content)?;
+    if let Err(e) = rustix::fs::renameat(&dir, &tmp, &dir, name) {
+        let _ = rustix::fs::unlinkat(&dir, &tmp, AtFlags::empty());
+        return Err(e.into());
+    }
     if sync_dir {
-        sync_directory(dir)?;
+        dir.sync_all()?;
     }
     Ok(())
 }
 
-pub fn sync_directory(dir: &Path) -> io::Result<()> {
+/// A temporary file for `name` in `dir`, with its owner, mode and content, synced: its name.
+fn temporary(dir: &File, name: &str, perms: Perms, content: &[u8]) -> io::Result<String> {
+    let flags = OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC;
+    match rustix::fs::openat(dir, ".", flags, Mode::from_raw_mode(0o600)) {
+        Ok(fd) => {
+            let mut file = File::from(fd);
+            fill(&mut file, perms, content)?;
+            // linkat(2) names an O_TMPFILE file through /proc (AT_EMPTY_PATH would need
+            // CAP_DAC_READ_SEARCH).
+            let proc_path = format!("/proc/self/fd/{}", file.as_raw_fd());
+            for _ in 0..8 {
+                let tmp = tmp_name(name);
+                match rustix::fs::linkat(CWD, proc_path.as_str(), dir, tmp.as_str(), AtFlags::SYMLINK_FOLLOW) {
+                    Ok(()) => return Ok(tmp),
+                    Err(Errno::EXIST) => continue,
+                    // No /proc (or the directory is gone: then the named way fails alike).
+                    Err(Errno::NOENT) => return named_temporary(dir, name, perms, content),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(io::Error::other("no free name for a temporary file"))
+        }
+        // No O_TMPFILE on this file system (or kernel).
+        Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => named_temporary(dir, name, perms, content),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A temporary file made by name: see [`write_atomic`]. Removed again on failure.
+fn named_temporary(dir: &File, name: &str, perms: Perms, content: &[u8]) -> io::Result<String> {
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    for _ in 0..8 {
+        let tmp = tmp_name(name);
+        let fd = match rustix::fs::openat(dir, tmp.as_str(), flags, Mode::from_raw_mode(0o600)) {
+            Ok(fd) => fd,
+            Err(Errno::EXIST) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        return match fill(&mut File::from(fd), perms, content) {
+            Ok(()) => Ok(tmp),
+            Err(e) => {
+                let _ = rustix::fs::unlinkat(dir, tmp.as_str(), AtFlags::empty());
+                Err(e)
+            }
+        };
+    }
+    Err(io::Error::other("no free name for a temporary file"))
+}
+
+/// Gives a new file its owner, then its mode (fchmod, not the mode argument of open(2): the
+/// umask cannot narrow or widen it), then its content, and syncs it.
+fn fill(file: &mut File, perms: Perms, content: &[u8]) -> io::Result<()> {
+    if perms.owner.is_set() {
+        rustix::fs::fchown(&*file, perms.owner.uid.map(Uid::from_raw), perms.owner.gid.map(Gid::from_raw))?;
+    }
+    file.set_permissions(Permissions::from_mode(perms.mode))?;
+    file.write_all(content)?;
+    file.sync_all()
+}
+
+/// `.<name>.<random>.tmp`
+fn tmp_name(name: &str) -> String {
+    use rand::Rng;
+    let random: String =
+        rand::thread_rng().sample_iter(&rand::distributions::Alphanumeric).take(TMP_RANDOM).map(char::from).collect();
+    format!("{}{random}{TMP_SUFFIX}", tmp_prefix(name))
+}
+
+fn open_directory(dir: &Path) -> io::Result<File> {
     // O_DIRECTORY: whatever else may be found at the path (a FIFO) is refused, never waited on.
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
-    File::from(rustix::fs::open(dir, flags, Mode::empty())?).sync_all()
+    Ok(File::from(rustix::fs::open(dir, flags, Mode::empty())?))
+}
+
+pub fn sync_directory(dir: &Path) -> io::Result<()> {
+    open_directory(dir)?.sync_all()
 }
 
 fn parent(path: &Path) -> &Path {
@@ -268,8 +391,9 @@ pub struct OnDisk {
     /// The format it was written in, and its mode: a reload may have changed either.
     pub format: Format,
     pub mode: u32,
-    /// The file's owner.
+    /// The file's owner and group.
     pub uid: u32,
+    pub gid: u32,
 }
 
 impl OnDisk {
@@ -297,7 +421,7 @@ pub fn read_existing(path: &Path) -> Option<OnDisk> {
     let (token, expires_at, format) = parse_token_file(&bytes)?;
     crate::token::check_form(token.expose()).ok()?;
     let mode = meta.permissions().mode() & 0o777;
-    Some(OnDisk { token, expires_at, modified: meta.modified().ok()?, format, mode, uid: meta.uid() })
+    Some(OnDisk { token, expires_at, modified: meta.modified().ok()?, format, mode, uid: meta.uid(), gid: meta.gid() })
 }
 
 /// The token in a file's bytes, the expiry it records (`json`, `env`) and its format, told by
@@ -370,10 +494,10 @@ pub fn ledger_forgotten(token_path: &Path, username: &str) -> bool {
 /// Records that an operator reset Magento's failure count for `username` and the daemon's is to
 /// be forgotten too: a running daemon takes it within its password poll, a new one never sees
 /// the old counts.
-pub fn forget_ledger(token_path: &Path, username: &str) -> io::Result<()> {
+pub fn forget_ledger(token_path: &Path, owner: Owner, username: &str) -> io::Result<()> {
     let ledger = AuthLedger { username: username.to_owned(), in_a_row: 0, chain: 0, last_failure: 0, forgotten: true };
     let bytes = serde_json::to_vec(&ledger).expect("a ledger always serializes");
-    write_atomic(&ledger_path(token_path), 0o600, &bytes, true)
+    write_atomic(&ledger_path(token_path), Perms::private(owner), &bytes, true)
 }
 
 fn read_ledger_file(token_path: &Path, username: &str) -> Option<AuthLedger> {
@@ -390,8 +514,9 @@ fn read_ledger_file(token_path: &Path, username: &str) -> Option<AuthLedger> {
     (ledger.username == username).then_some(ledger)
 }
 
-/// Records `auth` (after a 401: its last failure is set) as `username`'s ledger.
-pub fn write_ledger(token_path: &Path, username: &str, auth: &AuthState) -> io::Result<()> {
+/// Records `auth` (after a 401: its last failure is set) as `username`'s ledger, a file of
+/// `owner` (the token file's).
+pub fn write_ledger(token_path: &Path, owner: Owner, username: &str, auth: &AuthState) -> io::Result<()> {
     let ledger = AuthLedger {
         username: username.to_owned(),
         in_a_row: auth.in_a_row,
@@ -400,7 +525,7 @@ pub fn write_ledger(token_path: &Path, username: &str, auth: &AuthState) -> io::
         forgotten: false,
     };
     let bytes = serde_json::to_vec(&ledger).expect("a ledger always serializes");
-    write_atomic(&ledger_path(token_path), 0o600, &bytes, true)
+    write_atomic(&ledger_path(token_path), Perms::private(owner), &bytes, true)
 }
 
 pub fn remove_ledger(token_path: &Path) {
@@ -563,7 +688,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("alice");
         for mode in [0o600, 0o640, 0o444] {
-            write_atomic(&path, mode, b"token-1", true).unwrap();
+            write_atomic(&path, only_mode(mode), b"token-1", true).unwrap();
             let meta = std::fs::metadata(&path).unwrap();
             assert_eq!(meta.permissions().mode() & 0o777, mode);
             assert_eq!(std::fs::read(&path).unwrap(), b"token-1");
@@ -571,16 +696,109 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
+    fn only_mode(mode: u32) -> Perms {
+        Perms { mode, owner: Owner::default() }
+    }
+
+    fn owner_and_mode(path: &Path) -> (u32, u32, u32) {
+        let meta = std::fs::symlink_metadata(path).unwrap();
+        (meta.uid(), meta.gid(), meta.permissions().mode() & 0o777)
+    }
+
+    /// An owner this process may give files to: a stranger as root, else its own ids.
+    fn given_owner() -> (u32, u32) {
+        match rustix::process::geteuid().is_root() {
+            true => (4321, 8765),
+            false => (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw()),
+        }
+    }
+
+    #[test]
+    fn writes_with_the_configured_owner_by_either_way_of_making_the_temporary() {
+        let (uid, gid) = given_owner();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alice");
+        let perms = Perms { mode: 0o640, owner: Owner { uid: Some(uid), gid: Some(gid) } };
+        write_atomic(&path, perms, b"token-1", true).unwrap();
+        assert_eq!(owner_and_mode(&path), (uid, gid, 0o640));
+        assert_eq!(std::fs::read(&path).unwrap(), b"token-1");
+        // The group alone: the owner stays the creator.
+        let group_only = Perms { mode: 0o600, owner: Owner { uid: None, gid: Some(gid) } };
+        write_atomic(&path, group_only, b"token-2", true).unwrap();
+        assert_eq!(owner_and_mode(&path), (rustix::process::geteuid().as_raw(), gid, 0o600));
+        // The way taken where the file system has no O_TMPFILE.
+        let open = open_directory(dir.path()).unwrap();
+        let tmp = named_temporary(&open, "bob", perms, b"token-3").unwrap();
+        assert!(tmp.starts_with(".bob.") && tmp.ends_with(".tmp"), "{tmp}");
+        assert_eq!(owner_and_mode(&dir.path().join(&tmp)), (uid, gid, 0o640));
+        assert_eq!(std::fs::read(dir.path().join(&tmp)).unwrap(), b"token-3");
+        std::fs::remove_file(dir.path().join(tmp)).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary left");
+    }
+
+    /// A chown the kernel refuses at run time (no CAP_CHOWN: dropped here for this thread
+    /// alone) fails the write: the old file stays, no temporary is left, by either way.
+    #[test]
+    fn a_refused_chown_fails_the_write_and_keeps_the_old_file() {
+        std::thread::spawn(|| {
+            use rustix::thread::{capabilities, set_capabilities, CapabilitySet};
+            let mut caps = capabilities(None).unwrap();
+            caps.effective.remove(CapabilitySet::CHOWN);
+            set_capabilities(None, caps).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("alice");
+            write_atomic(&path, only_mode(0o600), b"old", true).unwrap();
+            let stranger = rustix::process::geteuid().as_raw().wrapping_add(4321);
+            let perms = Perms { mode: 0o600, owner: Owner { uid: Some(stranger), gid: None } };
+            let e = write_atomic(&path, perms, b"new", true).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(Errno::PERM.raw_os_error()), "{e}");
+            assert_eq!(std::fs::read(&path).unwrap(), b"old");
+            let open = open_directory(dir.path()).unwrap();
+            assert_eq!(named_temporary(&open, "alice", perms, b"new").unwrap_err().raw_os_error(), e.raw_os_error());
+            let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+            assert_eq!(names, ["alice"], "no temporary left");
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn the_ledger_gets_the_configured_owner() {
+        let (uid, gid) = given_owner();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alice");
+        let auth =
+            AuthState { in_a_row: 1, chain: 1, last_failure: Some(SystemTime::UNIX_EPOCH), final_refusal: false };
+        let owner = Owner { uid: Some(uid), gid: Some(gid) };
+        write_ledger(&path, owner, "a@x", &auth).unwrap();
+        assert_eq!(owner_and_mode(&ledger_path(&path)), (uid, gid, 0o600));
+        forget_ledger(&path, owner, "a@x").unwrap();
+        assert_eq!(owner_and_mode(&ledger_path(&path)), (uid, gid, 0o600));
+    }
+
+    #[test]
+    fn an_owner_holds_what_it_names() {
+        let none = Owner::default();
+        assert!(!none.is_set() && none.holds(1, 2));
+        let both = Owner { uid: Some(1), gid: Some(2) };
+        assert!(both.holds(1, 2) && !both.holds(1, 3) && !both.holds(0, 2));
+        let group = Owner { uid: None, gid: Some(2) };
+        assert!(group.is_set() && group.holds(7, 2) && !group.holds(7, 3));
+        assert_eq!(both.to_string(), "uid 1 and gid 2");
+        assert_eq!(group.to_string(), "gid 2");
+        assert_eq!(Owner { uid: Some(1), gid: None }.to_string(), "uid 1");
+    }
+
     #[test]
     fn a_failed_write_keeps_the_old_file_and_no_temporary() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("alice");
-        write_atomic(&path, 0o600, b"old", true).unwrap();
+        write_atomic(&path, only_mode(0o600), b"old", true).unwrap();
         // The target replaced by a directory: rename fails.
         let blocked = dir.path().join("bob");
         std::fs::create_dir(&blocked).unwrap();
         std::fs::write(blocked.join("x"), b"").unwrap();
-        assert!(write_atomic(&blocked, 0o600, b"new", true).is_err());
+        assert!(write_atomic(&blocked, only_mode(0o600), b"new", true).is_err());
         assert_eq!(std::fs::read(&path).unwrap(), b"old");
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 2, "{names:?}");
@@ -613,7 +831,7 @@ mod tests {
             last_failure: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
             final_refusal: false,
         };
-        write_ledger(&path, "a@x", &auth).unwrap();
+        write_ledger(&path, Owner::default(), "a@x", &auth).unwrap();
         assert_eq!(ledger_path(&path), dir.path().join(".alice.auth"));
         assert_eq!(mode_of(&ledger_path(&path)), 0o600);
         assert_eq!(read_ledger(&path, "a@x"), Some(auth));
@@ -667,7 +885,7 @@ mod tests {
         let path = dir.path().join("alice");
         std::os::unix::fs::symlink(&target, &path).unwrap();
         assert!(read_existing(&path).is_none());
-        write_atomic(&path, 0o600, b"new.token", true).unwrap();
+        write_atomic(&path, only_mode(0o600), b"new.token", true).unwrap();
         assert!(std::fs::symlink_metadata(&path).unwrap().is_file());
         assert_eq!(std::fs::read(&path).unwrap(), b"new.token");
         assert_eq!(std::fs::read(&target).unwrap(), b"abc.def", "the link's target is unchanged");

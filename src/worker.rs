@@ -165,6 +165,11 @@ impl<M: Magento> Worker<M> {
         self.shared.clock.now()
     }
 
+    /// What this customer's token file gets before its content: the mode and the owner.
+    fn perms(&self) -> sink::Perms {
+        sink::Perms { mode: self.shared.mode, owner: self.customer.owner }
+    }
+
     /// Runs until the stop token is cancelled. `adopt`: the token on disk may be kept when
     /// Magento still accepts it for this username.
     ///
@@ -276,9 +281,12 @@ impl<M: Magento> Worker<M> {
             Ok(email) if email.eq_ignore_ascii_case(&self.customer.username) => {
                 self.report.token_on_disk(expires_at);
                 let next = schedule::next_refresh(now, expires_at, read.lifetime, r, rand::thread_rng().gen());
-                if found.format != self.customer.format || found.mode != self.shared.mode {
-                    // A reload changed the customer's format (its own or output.format) or
-                    // output.mode: the same token, rewritten.
+                if found.format != self.customer.format
+                    || found.mode != self.shared.mode
+                    || !self.customer.owner.holds(found.uid, found.gid)
+                {
+                    // A reload changed the customer's format (its own or output.format),
+                    // output.mode or the owner: the same token, rewritten.
                     let content = sink::render(
                         self.customer.format,
                         &self.customer.name,
@@ -286,8 +294,8 @@ impl<M: Magento> Worker<M> {
                         found.modified,
                         expires_at,
                     );
-                    if let Err(e) = write_file(&self.customer.path, self.shared.mode, content).await {
-                        warn!(error = %e, "cannot rewrite the token file in the new format or mode: logging in");
+                    if let Err(e) = write_file(&self.customer.path, self.perms(), content).await {
+                        warn!(error = %e, "cannot rewrite the token file in the new format, mode or owner: logging in");
                         return now;
                     }
                 }
@@ -532,7 +540,7 @@ impl<M: Magento> Worker<M> {
             obtained.obtained_at,
             obtained.expiry.expires_at,
         );
-        let written = write_file(&self.customer.path, self.shared.mode, content).await;
+        let written = write_file(&self.customer.path, self.perms(), content).await;
         let now = self.now();
         let r = &self.shared.refresh;
         match written {
@@ -650,9 +658,13 @@ fn held_back_message(wait: AuthWait, password_bound: bool, customer: &str) -> St
 
 /// Writes a token file off the async threads (fsync blocks). A blocking task runs to its end
 /// even if this future is dropped, so a write once started is never cut short.
-async fn write_file(path: &std::path::Path, mode: u32, content: zeroize::Zeroizing<Vec<u8>>) -> std::io::Result<()> {
+async fn write_file(
+    path: &std::path::Path,
+    perms: sink::Perms,
+    content: zeroize::Zeroizing<Vec<u8>>,
+) -> std::io::Result<()> {
     let path = path.to_path_buf();
-    tokio::task::spawn_blocking(move || sink::write_atomic(&path, mode, &content, true))
+    tokio::task::spawn_blocking(move || sink::write_atomic(&path, perms, &content, true))
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(format!("the write task failed: {e}"))))
 }

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import os
 import pathlib
 import re
 import shutil
@@ -504,6 +505,43 @@ def test_app_reads_tokens_as_another_user():
     assert spec["securityContext"]["fsGroup"] == DAEMON_UID
 
 
+def test_token_files_group_is_the_pods_fsgroup_unless_set():
+    """output.gid comes from podSecurityContext.fsGroup unless set; output.uid only when set,
+    and only for a daemon that may give files away."""
+    objs = rendered_set("defaults")
+    output = config_of(objs)["output"]
+    assert output["gid"] == pod_spec(objs)["securityContext"]["fsGroup"] == DAEMON_UID
+    assert "uid" not in output
+    # Another fsGroup takes the files' group with it; an explicit gid wins, 0 included.
+    assert config_of(render({"podSecurityContext": {"fsGroup": 2000}}))["output"]["gid"] == 2000
+    assert config_of(render({"output": {"gid": 0}}))["output"]["gid"] == 0
+    assert config_of(render({"output": {"gid": 3000}, "podSecurityContext": {"fsGroup": 2000}}))["output"]["gid"] == 3000
+    # No fsGroup and no gid: the daemon's own group.
+    assert "gid" not in config_of(render({"podSecurityContext": {"fsGroup": None}}))["output"]
+    # Large ids stay integers (Helm reads numbers as floats).
+    objs = render({"output": {"gid": 4294967294}})
+    assert config_of(objs)["output"]["gid"] == 4294967294
+    assert re.search(r"^\s+gid: 4294967294$", config_map(objs)["data"]["config.yaml"], re.M)
+    # Another owner needs a daemon running as root with CHOWN and FOWNER.
+    root = {
+        "podSecurityContext": {"runAsNonRoot": False},
+        "sidecar": {"securityContext": {"runAsNonRoot": False, "runAsUser": 0,
+                                        "capabilities": {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]}}},
+        "output": {"uid": 1000},
+    }
+    assert config_of(render(root))["output"] == {
+        "dir": "/var/run/magento-tokens", "mode": "0640", "format": "raw", "uid": 1000, "gid": DAEMON_UID,
+    }
+    msg = render_error({"output": {"uid": 1000}})
+    assert "output.uid" in msg and "65532" in msg and "CHOWN" in msg, msg
+    without_caps = copy.deepcopy(root)
+    without_caps["sidecar"]["securityContext"]["capabilities"] = {"drop": ["ALL"], "add": ["CHOWN"]}
+    msg = render_error(without_caps)
+    assert "output.uid" in msg and "FOWNER" in msg, msg
+    # The daemon's own uid needs nothing.
+    assert config_of(render({"output": {"uid": DAEMON_UID}}))["output"]["uid"] == DAEMON_UID
+
+
 # ------------------------------------------------------------------------------------------------
 # Labels and the helm test pod
 
@@ -695,6 +733,9 @@ def test_schema_lists_only_real_values():
         ({"nativeSidecar": "yes"}, "/nativeSidecar"),
         ({"output": {"mode": 640}}, "/output/mode"),
         ({"output": {"mode": "rw-r-----"}}, "/output/mode"),
+        ({"output": {"uid": "1000"}}, "/output/uid"),
+        ({"output": {"gid": -1}}, "/output/gid"),
+        ({"output": {"gid": 4294967295}}, "/output/gid"),
         ({"admin": {"port": "9102"}}, "/admin/port"),
         ({"admin": {"port": 70000}}, "/admin/port"),
         ({"refresh": {"before_expiry": 900}}, "/refresh/before_expiry"),
@@ -850,6 +891,10 @@ def materialize(config: dict, secret_files: dict[str, str], tmp: pathlib.Path) -
     for c in cfg["customers"]:
         assert c["password_file"].startswith(SECRET_DIR + "/")
         c["password_file"] = str(secrets / c["password_file"][len(SECRET_DIR) + 1:])
+    # The pod's fsGroup as the files' group: the daemon is a member of it in the pod; here only
+    # root may give files to it, so another user runs with its own group.
+    if "gid" in cfg["output"] and os.geteuid() != 0 and cfg["output"]["gid"] not in os.getgroups():
+        cfg["output"]["gid"] = os.getegid()
     if "ca_file" in cfg["magento"]:
         bundle = pathlib.Path("/etc/ssl/certs/ca-certificates.crt")
         if not bundle.exists():
@@ -916,9 +961,11 @@ def test_binary_once_writes_every_token_from_the_rendered_config(values, binary,
     expected = sorted(c.get("file", c["name"]) for c in cfg["customers"])
     assert sorted(p.name for p in tokens.iterdir()) == expected
     mode = int(cfg["output"]["mode"], 8)
+    gid = yaml.safe_load(path.read_text())["output"]["gid"]
     for c in cfg["customers"]:
         f = tokens / c.get("file", c["name"])
         assert stat.S_IMODE(f.stat().st_mode) == mode
+        assert f.stat().st_gid == gid, "the token file's group is the pod's fsGroup"
         body = f.read_text()
         if cfg["output"]["format"] == "json":
             doc = json.loads(body)

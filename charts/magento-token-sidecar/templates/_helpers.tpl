@@ -120,6 +120,43 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
+{{/*
+The daemon's `output`: the token directory, mode and format, and the files' owner. The group is
+`output.gid`, else the pod's `fsGroup` (the daemon is a member of it: no privilege needed, and
+the app reads the tokens through it); the owner only when `output.uid` is set, which needs a
+daemon that may give files away: refused here for a non-root one or without CHOWN and FOWNER.
+Ids go out as integers (Helm reads numbers as floats: 4294967294 would become 4.294967294e+09).
+*/}}
+{{- define "magento-token-sidecar.output" -}}
+{{- $out := dict "dir" .Values.tokens.mountPath "mode" .Values.output.mode "format" .Values.output.format }}
+{{- $uid := .Values.output.uid }}
+{{- if not (kindIs "invalid" $uid) }}
+{{- $sc := .Values.sidecar.securityContext | default dict }}
+{{- $runAs := $sc.runAsUser }}
+{{- $nonRoot := or (and (kindIs "invalid" $runAs) $sc.runAsNonRoot) (and (not (kindIs "invalid" $runAs)) (ne (int64 $runAs) 0)) }}
+{{- if and $nonRoot (or (kindIs "invalid" $runAs) (ne (int64 $runAs) (int64 $uid))) }}
+{{- fail (printf "output.uid: %d: the daemon runs as a non-root user (sidecar.securityContext.runAsUser %v) and may not give files away; run it as root (runAsUser: 0, runAsNonRoot: false) with capabilities add [CHOWN, FOWNER], or drop output.uid (output.gid with mode \"0640\" lets the app read the tokens)" (int64 $uid) (default "unset" $runAs)) }}
+{{- end }}
+{{- if not $nonRoot }}
+{{- $caps := $sc.capabilities | default dict }}
+{{- $dropped := has "ALL" ($caps.drop | default list) }}
+{{- $added := $caps.add | default list }}
+{{- if and $dropped (not (and (has "CHOWN" $added) (has "FOWNER" $added))) }}
+{{- fail (printf "output.uid: %d: the daemon needs the CHOWN and FOWNER capabilities to give files away; add them to sidecar.securityContext.capabilities.add" (int64 $uid)) }}
+{{- end }}
+{{- end }}
+{{- $_ := set $out "uid" (int64 $uid) }}
+{{- end }}
+{{- $gid := .Values.output.gid }}
+{{- if kindIs "invalid" $gid }}
+{{- $gid = (.Values.podSecurityContext | default dict).fsGroup }}
+{{- end }}
+{{- if not (kindIs "invalid" $gid) }}
+{{- $_ := set $out "gid" (int64 $gid) }}
+{{- end }}
+{{- toYaml $out }}
+{{- end }}
+
 {{/* A copy of a map without its null and "" entries (the daemon takes absent keys as defaults). */}}
 {{- define "magento-token-sidecar.compact" -}}
 {{- $out := dict }}
@@ -147,7 +184,7 @@ daemon re-reads the file before each login).
 {{- $cfg := dict
   "magento" (include "magento-token-sidecar.compact" .Values.magento | fromYaml)
   "refresh" (include "magento-token-sidecar.compact" .Values.refresh | fromYaml)
-  "output" (dict "dir" .Values.tokens.mountPath "mode" .Values.output.mode "format" .Values.output.format)
+  "output" (include "magento-token-sidecar.output" . | fromYaml)
   "admin" (dict "listen" (printf "%s:%v" .Values.admin.bindAddress .Values.admin.port))
   "log" .Values.log
   "customers" $customers }}
