@@ -1046,3 +1046,12 @@ def test_binary_run_answers_the_probes_the_chart_sets(binary, devserver, tmp_pat
             proc.wait(timeout=5)
             raise
     assert rc == 0, log.read_text()
+
+
+def test_every_token_format_and_the_index_reach_the_daemons_config():
+    for fmt in ("raw", "json", "header", "env"):
+        assert config_of(render({"output": {"format": fmt}}))["output"]["format"] == fmt
+    out = config_of(render({"output": {"index": "tokens.json"}}))["output"]
+    assert out["index"] == "tokens.json"
+    assert "index" not in config_of(render())["output"]
+    assert "/output/index" in render_error({"output": {"index": "../escape"}})

@@ -129,6 +129,9 @@ Ids go out as integers (Helm reads numbers as floats: 4294967294 would become 4.
 */}}
 {{- define "magento-token-sidecar.output" -}}
 {{- $out := dict "dir" .Values.tokens.mountPath "mode" .Values.output.mode "format" .Values.output.format }}
+{{- if .Values.output.index }}
+{{- $_ := set $out "index" .Values.output.index }}
+{{- end }}
 {{- $uid := .Values.output.uid }}
 {{- if not (kindIs "invalid" $uid) }}
 {{- $sc := .Values.sidecar.securityContext | default dict }}
