@@ -7,18 +7,13 @@
 
 use std::time::{Duration, SystemTime};
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub enum Clock {
     /// `SystemTime::now()`.
+    #[default]
     System,
     /// `origin` plus the time tokio's clock has moved since `since`.
     Tokio { origin: SystemTime, since: tokio::time::Instant },
-}
-
-impl Default for Clock {
-    fn default() -> Self {
-        Clock::System
-    }
 }
 
 impl Clock {
