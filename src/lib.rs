@@ -20,7 +20,7 @@
 //! | [`notify`]   | telling the app of a new token: a command, a webhook, a signal (`notify:`)       |
 //! | [`metrics`]  | every Prometheus metric, in an owned registry                                    |
 //! | [`daemon`]   | the supervisor (a task per customer, reloads, graceful stop) and `once`          |
-//! | [`admin`]    | `/healthz`, `/readyz`, `/status`, `/metrics`                                     |
+//! | [`admin`]    | `/healthz`, `/readyz`, `/status`, `/metrics`, `POST /refresh/<name>`             |
 //! | [`signals`]  | SIGTERM/SIGINT/SIGHUP as one typed stream                                        |
 //! | [`logging`]  | JSON or text logs, level changeable on reload                                    |
 //! | [`secret`]   | the type that keeps passwords and tokens out of logs                             |
