@@ -75,6 +75,11 @@ pub struct DevServerArgs {
     /// Seconds added to the server's clock (iat, exp and expiry checks).
     #[arg(long, value_name = "SECONDS", default_value_t = 0, allow_hyphen_values = true)]
     pub clock_offset: i64,
+
+    /// How long every token request waits before it is answered, e.g. 20ms (a store whose
+    /// PHP takes its time); other connections are served meanwhile.
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub login_latency: Duration,
 }
 
 fn invalid(message: String) -> std::io::Error {
@@ -136,6 +141,7 @@ pub(crate) async fn start_from_args(args: &DevServerArgs) -> std::io::Result<Dev
         recaptcha_required: args.recaptcha_required,
         clock_offset_secs: args.clock_offset,
         tls: None,
+        login_latency: args.login_latency,
     })
     .await?;
     for (email, password) in customers {

@@ -220,6 +220,17 @@ pub(crate) async fn handle(
         (index, fault, front_refused)
     };
 
+    // The store's own time per login, before anything is answered; each request sleeps on
+    // its own task, so other connections are served meanwhile.
+    let latency = shared.cfg.login_latency;
+    if is_token && !latency.is_zero() {
+        let mut stopping = shared.shutdown.subscribe();
+        tokio::select! {
+            _ = tokio::time::sleep(latency) => {}
+            _ = super::stopped(&mut stopping) => return Err(io::Error::other("server stopping")),
+        }
+    }
+
     let request = |json| Req {
         method: &parts.method,
         path,

@@ -95,6 +95,9 @@ pub struct DevServerOptions {
     /// Serve https with this certificate instead of plain http (tests of the daemon's TLS
     /// handling: a test CA, `magento.ca_file`, proxies with CONNECT).
     pub tls: Option<TlsIdentity>,
+    /// How long every token request (successful or not) waits before it is answered: a store
+    /// whose PHP takes its time. Each request sleeps on its own; other connections go on.
+    pub login_latency: Duration,
 }
 
 /// A certificate chain (leaf first) and its private key, both PEM.
@@ -126,6 +129,7 @@ impl Default for DevServerOptions {
             recaptcha_required: false,
             clock_offset_secs: 0,
             tls: None,
+            login_latency: Duration::ZERO,
         }
     }
 }
@@ -163,6 +167,7 @@ pub(crate) struct Config {
     pub(crate) token_format: TokenFormat,
     pub(crate) customer_lock: LockoutPolicy,
     pub(crate) clock_offset_secs: i64,
+    pub(crate) login_latency: Duration,
     pub(crate) stores: HashMap<String, StoreInfo>,
     pub(crate) default_store: StoreInfo,
     pub(crate) all_store: StoreInfo,
@@ -593,6 +598,7 @@ fn build_config(opts: &DevServerOptions) -> Config {
             duration: opts.customer_lock_duration,
         },
         clock_offset_secs: opts.clock_offset_secs,
+        login_latency: opts.login_latency,
         all_store: StoreInfo { all: true, ..default_store.clone() },
         default_store,
         stores,

@@ -1351,3 +1351,49 @@ async fn bench_10k_logins() {
     println!("10000 logins in {elapsed:?} ({:.0}/s)", 10_000.0 / elapsed.as_secs_f64());
     assert_eq!(s.login_attempts("alice@example.com"), 10_000);
 }
+
+#[tokio::test]
+async fn login_latency_delays_every_token_answer() {
+    let latency = Duration::from_millis(300);
+    let s = server(DevServerOptions { login_latency: latency, ..Default::default() }).await;
+    let started = Instant::now();
+    let t = token(&s, "alice@example.com", "secret-a").await;
+    assert!(started.elapsed() >= latency, "a successful login took {:?}", started.elapsed());
+    let started = Instant::now();
+    let a = login(&s, "alice@example.com", "wrong").await;
+    assert_eq!(a.status, 401);
+    assert!(started.elapsed() >= latency, "a refused login took {:?}", started.elapsed());
+    // Not a token request: no latency (bounded generously, the machine is busy).
+    let a = tokio::time::timeout(Duration::from_secs(10), me(&s, &t)).await.expect("customers/me answered");
+    assert_eq!(a.status, 200);
+}
+
+#[tokio::test]
+async fn login_latency_does_not_serialize_connections() {
+    const N: u32 = 8;
+    let latency = Duration::from_millis(400);
+    let s = server(DevServerOptions { login_latency: latency, ..Default::default() }).await;
+    let started = Instant::now();
+    // Each login on its own client, so on its own connection.
+    let logins = (0..N).map(|_| login(&s, "alice@example.com", "secret-a"));
+    let answers = tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(logins))
+        .await
+        .expect("logins answered");
+    let elapsed = started.elapsed();
+    assert!(answers.iter().all(|a| a.status == 200));
+    assert!(elapsed >= latency, "{N} logins took {elapsed:?}");
+    // Serialized they would take N x 400 ms = 3.2 s; concurrent, about 400 ms.
+    assert!(elapsed < latency * N / 2, "{N} concurrent logins took {elapsed:?}");
+}
+
+#[test]
+fn login_latency_flag_parses() {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: crate::cli::DevServerArgs,
+    }
+    use clap::Parser as _;
+    assert_eq!(Cli::parse_from(["devserver"]).args.login_latency, Duration::ZERO);
+    assert_eq!(Cli::parse_from(["devserver", "--login-latency", "20ms"]).args.login_latency, Duration::from_millis(20));
+}
