@@ -20,6 +20,9 @@ pub struct Usage {
     pub sys: Duration,
     /// The largest RSS of the child or of any descendant it waited for (not their sum).
     pub max_rss_kib: u64,
+    /// Context switches, voluntary and involuntary (`ru_nvcsw + ru_nivcsw`), of the child and
+    /// of the descendants it waited for.
+    pub switches: u64,
     /// The exit status, `None` when a signal ended it.
     pub code: Option<i32>,
 }
@@ -66,7 +69,7 @@ pub fn run(cmd: &Command, log: &std::fs::File, limit: Duration) -> io::Result<Us
     }
     let text = std::fs::read_to_string(result.path())?;
     let v: Vec<i64> = text.split_whitespace().filter_map(|f| f.parse().ok()).collect();
-    let [wall, user, sys, rss, code] = v[..] else {
+    let [wall, user, sys, rss, switches, code] = v[..] else {
         return Err(io::Error::other(format!("the launcher wrote {text:?}")));
     };
     let ns = |n: i64| Duration::from_nanos(n as u64);
@@ -75,6 +78,7 @@ pub fn run(cmd: &Command, log: &std::fs::File, limit: Duration) -> io::Result<Us
         user: ns(user),
         sys: ns(sys),
         max_rss_kib: rss as u64,
+        switches: switches as u64,
         code: (code >= 0).then_some(code as i32),
     })
 }
@@ -83,7 +87,7 @@ pub fn run(cmd: &Command, log: &std::fs::File, limit: Duration) -> io::Result<Us
 pub const LAUNCH: &str = "--launch";
 
 /// Launcher mode: `--launch RESULT_FILE LIMIT_MS PROGRAM ARGS...` runs the program (stdio
-/// inherited), then writes `wall_ns user_ns sys_ns max_rss_kib exit_code` into RESULT_FILE
+/// inherited), then writes `wall_ns user_ns sys_ns max_rss_kib switches exit_code` into RESULT_FILE
 /// (`-1` for a child ended by a signal).
 pub fn launcher(args: &[String]) -> io::Result<()> {
     let [result, limit, program, rest @ ..] = args else {
@@ -96,11 +100,12 @@ pub fn launcher(args: &[String]) -> io::Result<()> {
     std::fs::write(
         result,
         format!(
-            "{} {} {} {} {}",
+            "{} {} {} {} {} {}",
             u.wall.as_nanos(),
             u.user.as_nanos(),
             u.sys.as_nanos(),
             u.max_rss_kib,
+            u.switches,
             u.code.unwrap_or(-1)
         ),
     )
@@ -144,6 +149,7 @@ pub fn wait(child: Child, start: Instant, limit: Duration) -> io::Result<Usage> 
         user: timeval(usage.ru_utime),
         sys: timeval(usage.ru_stime),
         max_rss_kib: usage.ru_maxrss as u64,
+        switches: (usage.ru_nvcsw + usage.ru_nivcsw) as u64,
         code,
     })
 }
