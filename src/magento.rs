@@ -327,27 +327,31 @@ fn network_error(e: reqwest::Error) -> LoginError {
     } else {
         "connection failed"
     };
-    // reqwest's own message is terse; the causes below it say what really happened.
-    let mut message = format!("{what}: {e}");
-    let mut source = std::error::Error::source(&e);
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    // A cause may quote the peer (names in its certificate): bounded and escaped like any
-    // server text.
-    if let Some((cut, _)) = message.char_indices().nth(2 * MAX_SHOWN) {
-        message.truncate(cut);
-        message.push('…');
-    }
-    let mut message = escape_controls(&message).into_owned();
+    let mut message = with_causes(what, &e);
     if message.contains("certificate") {
         message.push_str(
             " (the server's TLS certificate was not accepted: check the host name in base_url; a certificate from a private CA needs that CA's PEM in magento.ca_file)",
         );
     }
     LoginError::new(Outcome::NetworkError, message)
+}
+
+/// `what: error: cause: cause…`, bounded and escaped. reqwest's own message is terse; the causes
+/// below it say what really happened. A cause may quote the peer (names in its certificate), so
+/// it is treated like any server text.
+pub(crate) fn with_causes(what: &str, e: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = format!("{what}: {e}");
+    let mut source = e.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    if let Some((cut, _)) = message.char_indices().nth(2 * MAX_SHOWN) {
+        message.truncate(cut);
+        message.push('…');
+    }
+    escape_controls(&message).into_owned()
 }
 
 /// Reads the body up to [`MAX_BODY`]. With `strict`, a longer body is an `invalid_response`;

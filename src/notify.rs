@@ -572,14 +572,7 @@ fn request_error(e: reqwest::Error, timeout: Duration) -> String {
     } else {
         "the webhook request failed".to_owned()
     };
-    let mut message = format!("{what}: {e}");
-    let mut source = std::error::Error::source(&e);
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
+    crate::magento::with_causes(&what, &e)
 }
 
 /// Sends the signal to the processes named `target.process` (see [`find_processes`]).
