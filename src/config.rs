@@ -7,6 +7,8 @@
 //! [`Config`] is the validated result the rest of the crate works with: every customer's
 //! effective URL, store code and file path are resolved here, once.
 
+pub mod notify;
+
 use std::collections::HashSet;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -39,7 +41,7 @@ struct RawConfig {
     log: RawLog,
     customers: Vec<RawCustomer>,
     #[serde(default)]
-    notify: Option<crate::notify::RawNotify>,
+    notify: Option<notify::RawNotify>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -198,20 +200,8 @@ impl<'de> Deserialize<'de> for Mode {
 // ---------------------------------------------------------------------------------------------
 // The validated configuration
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Format {
-    /// The token alone, no newline.
-    #[default]
-    Raw,
-    /// `{"customer":..,"token":..,"obtained_at":..,"expires_at":..}`
-    Json,
-    /// `Authorization: Bearer <token>`, no newline: a ready-made HTTP header line.
-    Header,
-    /// `MAGENTO_TOKEN=<token>` and `MAGENTO_TOKEN_EXPIRES_AT=<RFC 3339>`, each line ending in a
-    /// newline: for `source` (sh) and `docker --env-file`.
-    Env,
-}
+/// `output.format` and `customers[].format`: the token file's shape, which [`crate::sink`] owns.
+pub use crate::sink::Format;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -231,7 +221,7 @@ pub struct Config {
     pub log: LogSettings,
     pub customers: Vec<CustomerConfig>,
     /// `None` without a `notify` section.
-    pub notify: Option<crate::notify::NotifySettings>,
+    pub notify: Option<notify::NotifySettings>,
 }
 
 /// What the shared HTTP client is built from: a change here means a new client.
@@ -594,7 +584,7 @@ fn validate(raw: RawConfig, checks: Checks) -> Result<Config, Vec<Problem>> {
     check_log(&mut v, &raw.log.level);
     let customers = check_customers(&mut v, &raw, base_url, checks);
     check_index(&mut v, &raw);
-    let notify = raw.notify.as_ref().and_then(|n| crate::notify::check(n, checks, &mut v.problems));
+    let notify = raw.notify.as_ref().and_then(|n| notify::check(n, checks, &mut v.problems));
     if !v.problems.is_empty() {
         return Err(v.problems);
     }

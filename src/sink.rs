@@ -25,10 +25,24 @@ use serde::{Deserialize, Serialize};
 use tracing::warn;
 use zeroize::Zeroizing;
 
-use crate::config::Format;
 use crate::schedule::AuthState;
 use crate::secret::Secret;
 
+/// The shape of a token file (`output.format`, a customer's `format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// The token alone, no newline.
+    #[default]
+    Raw,
+    /// `{"customer":..,"token":..,"obtained_at":..,"expires_at":..}`
+    Json,
+    /// `Authorization: Bearer <token>`, no newline: a ready-made HTTP header line.
+    Header,
+    /// `MAGENTO_TOKEN=<token>` and `MAGENTO_TOKEN_EXPIRES_AT=<RFC 3339>`, each line ending in a
+    /// newline: for `source` (sh) and `docker --env-file`.
+    Env,
+}
 /// Temporary files are named `.<file>.<random>.tmp`; names starting with `.` are refused for
 /// token files, so these never collide with one.
 const TMP_SUFFIX: &str = ".tmp";
