@@ -79,7 +79,7 @@ pub struct Worker<M = Client> {
     /// A token that could not be written yet: written on the next try without a new login.
     pending: Option<Obtained>,
     /// A warning about the token's expiry (clock skew, an encrypted token) was logged: once.
-    warned_skew: bool,
+    warned_expiry: bool,
     /// When the token on disk was last known good (written, adopted or checked); `None` while
     /// there is none to check.
     checked_at: Option<SystemTime>,
@@ -153,7 +153,7 @@ impl<M: Magento> Worker<M> {
             account,
             transient: 0,
             pending: None,
-            warned_skew: false,
+            warned_expiry: false,
             checked_at: None,
             checks: Checks::default(),
             asks,
@@ -547,15 +547,15 @@ impl<M: Magento> Worker<M> {
             Ok(()) => {
                 self.transient = 0;
                 self.checked_at = Some(now);
-                if obtained.expiry.encrypted && !self.warned_skew {
-                    self.warned_skew = true;
+                if obtained.expiry.encrypted && !self.warned_expiry {
+                    self.warned_expiry = true;
                     warn!(
                         default_lifetime = %humantime::format_duration(self.shared.refresh.default_lifetime),
                         "an encrypted token (JWE, five parts): its expiry cannot be read, so refresh.default_lifetime is assumed; it must not exceed the store's token lifetime (webapi/jwtauth/customer_expiration)"
                     );
                 }
-                if let (Some(skew), false) = (obtained.expiry.skew, self.warned_skew) {
-                    self.warned_skew = true;
+                if let (Some(skew), false) = (obtained.expiry.skew, self.warned_expiry) {
+                    self.warned_expiry = true;
                     warn!(
                         skew_seconds = skew,
                         "Magento's clock and ours differ by more than a minute: counting the token's life from the request instead of its exp"

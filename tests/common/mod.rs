@@ -423,3 +423,20 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(&self.path).status();
     }
 }
+
+impl World {
+    /// Runs `once` on this world's configuration so that it stops at the first failure whatever
+    /// the machine's pace: backoffs of 10 s (past `--timeout 5s`), not a tight deadline that a
+    /// slow request would turn into a timeout. Returns (exit code, stdout, stderr).
+    pub async fn once_with_one_try(&self) -> (i32, String, String) {
+        let one_try = std::fs::read_to_string(self.config_path())
+            .unwrap()
+            .replace("  min_backoff: 100ms\n  max_backoff: 1s\n", "  min_backoff: 10s\n  max_backoff: 10s\n");
+        assert!(one_try.contains("min_backoff: 10s"));
+        self.write_config(&one_try);
+        let config = self.config_path().display().to_string();
+        tokio::task::spawn_blocking(move || run_to_end(&["once", "--config", &config, "--timeout", "5s"]))
+            .await
+            .unwrap()
+    }
+}
