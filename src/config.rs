@@ -7,6 +7,7 @@
 //! [`Config`] is the validated result the rest of the crate works with: every customer's
 //! effective URL, store code and file path are resolved here, once.
 
+pub mod kubernetes;
 pub mod notify;
 
 use std::collections::HashSet;
@@ -65,7 +66,11 @@ fn default_timeout() -> Dur {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawOutput {
-    dir: PathBuf,
+    /// Exactly one of `dir` and `kubernetes`.
+    #[serde(default)]
+    dir: Option<PathBuf>,
+    #[serde(default)]
+    kubernetes: Option<kubernetes::RawKubernetes>,
     #[serde(default = "default_mode")]
     mode: Mode,
     #[serde(default)]
@@ -310,7 +315,10 @@ fn durations<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error>
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutputSettings {
+    /// Empty with `output.kubernetes`.
     pub dir: PathBuf,
+    /// `output.kubernetes`: the tokens go to a Secret, written by the Lease holder alone.
+    pub kubernetes: Option<kubernetes::KubeSettings>,
     pub mode: u32,
     pub format: Format,
     /// `<dir>/<output.index>`: every customer's token and expiry in one JSON file.
@@ -579,11 +587,14 @@ fn validate(raw: RawConfig, checks: Checks) -> Result<Config, Vec<Problem>> {
     let mut v = Validator::default();
     let base_url = check_magento(&mut v, &raw.magento, checks);
     check_refresh(&mut v, &raw.refresh);
-    check_output(&mut v, &raw.output, checks);
+    let kubernetes = check_output(&mut v, &raw.output, checks);
     let admin_listen = check_admin(&mut v, &raw.admin.listen);
     check_log(&mut v, &raw.log.level);
     let customers = check_customers(&mut v, &raw, base_url, checks);
     check_index(&mut v, &raw);
+    if let Some(k) = &kubernetes {
+        check_secret_size(&mut v, k, &customers);
+    }
     let notify = raw.notify.as_ref().and_then(|n| notify::check(n, checks, &mut v.problems));
     if !v.problems.is_empty() {
         return Err(v.problems);
@@ -592,9 +603,10 @@ fn validate(raw: RawConfig, checks: Checks) -> Result<Config, Vec<Problem>> {
         magento: MagentoSettings { timeout: raw.magento.timeout.0, ca_file: raw.magento.ca_file },
         refresh: raw.refresh,
         output: OutputSettings {
-            index: raw.output.index.as_ref().map(|name| raw.output.dir.join(name)),
+            index: raw.output.index.as_ref().map(|name| output_dir(&raw.output).join(name)),
             owner: owner_of(&raw.output),
-            dir: raw.output.dir,
+            dir: output_dir(&raw.output),
+            kubernetes,
             mode: raw.output.mode.0,
             format: raw.output.format,
         },
@@ -663,8 +675,19 @@ fn check_refresh(v: &mut Validator, r: &RefreshSettings) {
 
 /// `output`: the directory (writable, with `Checks::Environment`), a mode no one else can write,
 /// and an owner this process may give files to.
-fn check_output(v: &mut Validator, o: &RawOutput, checks: Checks) {
-    let dir = &o.dir;
+fn check_output(v: &mut Validator, o: &RawOutput, checks: Checks) -> Option<kubernetes::KubeSettings> {
+    let dir = match (&o.dir, &o.kubernetes) {
+        (Some(dir), None) => dir,
+        (None, Some(k)) => return check_kubernetes_output(v, o, k),
+        (Some(_), Some(_)) => {
+            v.problem("output.kubernetes", "give exactly one of output.dir and output.kubernetes, not both".into());
+            return None;
+        }
+        (None, None) => {
+            v.problem("output.dir", "one of output.dir and output.kubernetes is required".into());
+            return None;
+        }
+    };
     let before = v.problems.len();
     if dir.as_os_str().is_empty() {
         v.problem("output.dir", "must not be empty".into());
@@ -704,6 +727,41 @@ fn check_output(v: &mut Validator, o: &RawOutput, checks: Checks) {
                 v.problem(key, format!("{id}: a test file in {} could not be given to {owner}: {e}", dir.display()));
             }
         }
+    }
+    None
+}
+
+/// `output.kubernetes`: a Secret has no owner, no file mode and no room for an index file:
+/// the app's volume decides the files' mode and owner.
+fn check_kubernetes_output(
+    v: &mut Validator,
+    o: &RawOutput,
+    k: &kubernetes::RawKubernetes,
+) -> Option<kubernetes::KubeSettings> {
+    for (key, set) in [("output.uid", o.uid.is_some()), ("output.gid", o.gid.is_some())] {
+        if set {
+            v.problem(key, "does not apply to output.kubernetes: the app's secret volume sets the files' owner (fsGroup) and mode (defaultMode)".into());
+        }
+    }
+    if o.index.is_some() {
+        v.problem("output.index", "is not written with output.kubernetes: each customer's token is a key of the Secret, and the mounted Secret is the directory".into());
+    }
+    kubernetes::check(k, &mut v.problems)
+}
+
+/// `output.dir`, or nothing with `output.kubernetes`.
+fn output_dir(o: &RawOutput) -> PathBuf {
+    o.dir.clone().unwrap_or_default()
+}
+
+/// Every customer's content, with a token of the size `check` assumes, in one Secret.
+fn check_secret_size(v: &mut Validator, k: &kubernetes::KubeSettings, customers: &[CustomerConfig]) {
+    let token = crate::secret::Secret::new("x".repeat(kubernetes::ASSUMED_TOKEN_BYTES));
+    let when = std::time::UNIX_EPOCH + Duration::from_secs(4_000_000_000);
+    let sizes: Vec<usize> =
+        customers.iter().map(|c| crate::sink::render(c.format, &c.name, &token, when, when).len()).collect();
+    if let Err(why) = kubernetes::check_size(&sizes, &k.secret) {
+        v.problem("customers", why);
     }
 }
 
@@ -869,7 +927,11 @@ fn check_customers(v: &mut Validator, raw: &RawConfig, base_url: Option<Url>, ch
         }
         let file = c.file.clone().unwrap_or_else(|| c.name.clone());
         if c.file.is_some() {
-            if let Err(why) = check_file_name(&file) {
+            let checked = match raw.output.kubernetes {
+                Some(_) => kubernetes::check_key(&file),
+                None => check_file_name(&file),
+            };
+            if let Err(why) = checked {
                 v.problem(&at("file"), why);
             }
         }
@@ -884,7 +946,8 @@ fn check_customers(v: &mut Validator, raw: &RawConfig, base_url: Option<Url>, ch
                 password,
                 base_url,
                 store_code: c.store_code.clone().or_else(|| raw.magento.store_code.clone()),
-                path: raw.output.dir.join(&file),
+                // With output.kubernetes: the Secret's key.
+                path: output_dir(&raw.output).join(&file),
                 format: c.format.unwrap_or(raw.output.format),
                 owner: owner_of(&raw.output),
             });
