@@ -9,6 +9,7 @@
 //! customer or its file, finds what its predecessor learnt.
 
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -63,6 +64,9 @@ struct State {
     /// The password Magento refused last; `None` with 401s recorded means unknown (restored
     /// from a ledger while the password could not be read), taken as the same one.
     refused: Option<Secret>,
+    /// A digest of the password Magento accepted last, in this process: a login with it needs
+    /// no booking beforehand (see [`Account::proven`]). Memory only.
+    accepted: Option<u64>,
 }
 
 impl State {
@@ -136,15 +140,38 @@ impl Account {
         self.state().auth.final_refusal = false;
     }
 
-    /// A successful login: Magento's count for the username is gone.
-    pub fn record_success(&self) {
-        *self.state() = State::default();
+    /// A successful login with `password`: Magento's count for the username is gone.
+    pub fn record_success(&self, password: &Secret) {
+        *self.state() = State { accepted: Some(digest(password)), ..State::default() };
+    }
+
+    /// Whether Magento accepted `password` for this username last (in this process), with no
+    /// 401 since: a login with it is expected to succeed.
+    pub fn proven(&self, password: &Secret) -> bool {
+        let state = self.state();
+        state.auth.last_failure.is_none() && state.accepted == Some(digest(password))
+    }
+
+    /// What would be known after a 401 for `password` at `now`, without recording it: what a
+    /// login is booked as before it is sent.
+    pub fn if_refused(&self, password: &Secret, now: SystemTime, r: &RefreshSettings) -> AuthState {
+        let state = self.state();
+        let mut auth = state.auth.clone();
+        auth.record_failure(now, state.same_password(password), r);
+        auth
     }
 
     /// What is known of the account's 401s.
     pub fn auth(&self) -> AuthState {
         self.state().auth.clone()
     }
+}
+
+/// A digest of a password, to compare with another in memory (never stored or shown).
+fn digest(password: &Secret) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    password.expose().hash(&mut h);
+    h.finish()
 }
 
 #[cfg(test)]
@@ -192,7 +219,7 @@ mod tests {
         assert_eq!(account.wait(&wrong, t0, &r), AuthWait::Backoff(t0 + Duration::from_secs(60)));
         assert_eq!(account.wait(&fixed, t0, &r), AuthWait::Clear, "a new password is tried at once");
         assert_eq!(account.refused_password(t0, &r), Some(wrong.clone()));
-        account.record_success();
+        account.record_success(&wrong);
         assert_eq!(account.auth(), AuthState::default());
         assert_eq!(account.refused_password(t0, &r), None);
     }

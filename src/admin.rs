@@ -296,12 +296,16 @@ async fn readyz(State(admin): State<Admin>) -> Response {
 #[derive(Serialize)]
 struct StatusBody {
     version: &'static str,
+    /// `output.kubernetes`: this replica, the Lease and its holder.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    leader: Option<crate::status::Leadership>,
     customers: Vec<CustomerStatus>,
 }
 
 async fn status(State(admin): State<Admin>) -> Json<StatusBody> {
     Json(StatusBody {
         version: env!("CARGO_PKG_VERSION"),
+        leader: admin.metrics.board().leadership(),
         customers: admin.metrics.board().snapshot(SystemTime::now()),
     })
 }
@@ -320,7 +324,17 @@ struct Refreshed {
 
 async fn refresh(State(admin): State<Admin>, Path(name): Path<String>) -> Response {
     let unavailable = |why: String| (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
-    let Some(asker) = admin.metrics.board().asker(&name) else {
+    let board = admin.metrics.board();
+    let Some(asker) = board.asker(&name) else {
+        // A standby (output.kubernetes) knows the customer but does not log in.
+        if let Some(l) = board.leadership().filter(|l| !l.leading && board.names().contains(&name)) {
+            let holder = l.holder.as_deref().unwrap_or("no replica (yet)");
+            let why = format!(
+                "this replica ({}) stands by: the holder of the Lease {}, {holder}, logs in and writes the Secret; ask it (through the Service)",
+                l.identity, l.lease
+            );
+            return unavailable(why);
+        }
         return (StatusCode::NOT_FOUND, format!("no customer named {name:?}")).into_response();
     };
     let (ask, answer) = tokio::sync::oneshot::channel();

@@ -3,8 +3,13 @@
 //! `run`'s workers and `once` both call [`attempt`]: read the password afresh, take the
 //! account's turn, ask the policy ([`crate::schedule::AuthState::wait`]) whether this password
 //! may be sent now, log in, work out the token's expiry, and book the outcome in the account and
-//! in the ledger beside the token file. Writing the token, reporting and planning the next try
-//! are the caller's.
+//! in the ledger of the [`Store`] (beside the token file, or in the Secret). Writing the token,
+//! reporting and planning the next try are the caller's.
+//!
+//! With a store several processes share (the Secret of `output.kubernetes`), a login with a
+//! password not proven in this process is booked as a 401 *before* it is sent, and unbooked
+//! after: the process that sends it may be killed before the answer is booked, and the next
+//! Lease holder must count that login all the same. A login that cannot be booked is not sent.
 
 use std::time::{Duration, SystemTime};
 
@@ -18,7 +23,7 @@ use crate::config::{CustomerConfig, PasswordError, RefreshSettings};
 use crate::magento::{LoginError, Magento, Outcome};
 use crate::schedule::{AuthState, AuthWait};
 use crate::secret::Secret;
-use crate::sink;
+use crate::store::Store;
 use crate::token::{self, Expiry};
 
 /// A token obtained and checked, not yet written.
@@ -59,12 +64,14 @@ pub struct Attempt<'a, M> {
     /// Bounds logins in flight over all customers.
     pub logins: &'a Semaphore,
     pub clock: Clock,
+    /// Where the ledger of 401s is kept.
+    pub store: &'a Store,
 }
 
-/// Takes `customer`'s recorded 401s (the ledger an earlier process left beside its token file)
-/// into its account. Returns what was recorded.
-pub fn restore_ledger(customer: &CustomerConfig, account: &Account) -> Option<AuthState> {
-    let recorded = sink::read_ledger(&customer.path, &customer.username)?;
+/// Takes `customer`'s recorded 401s (the ledger an earlier process left beside its token file,
+/// or in the Secret) into its account. Returns what was recorded.
+pub fn restore_ledger(store: &Store, customer: &CustomerConfig, account: &Account) -> Option<AuthState> {
+    let recorded = store.ledger(customer)?;
     account.restore(recorded.clone(), customer.password.read().ok());
     Some(recorded)
 }
@@ -85,9 +92,22 @@ pub async fn attempt<M: Magento>(a: Attempt<'_, M>, stop: &CancellationToken) ->
         let password_bound = a.account.refused_password(now, a.refresh).is_some();
         return Err(NoToken::HeldBack { wait, password_bound, auth: a.account.auth() });
     }
+    let booked = a.store.shared() && !a.account.proven(&password);
+    if booked {
+        let pessimistic = a.account.if_refused(&password, now, a.refresh);
+        if let Err(e) = a.store.record_failures(a.customer, &pessimistic).await {
+            let message = format!("not sent: the login could not be booked in the ledger first ({e})");
+            return Err(NoToken::Login { error: LoginError::new(Outcome::WriteError, message), took: Duration::ZERO });
+        }
+    }
     let permit = tokio::select! {
         biased;
-        _ = stop.cancelled() => return Err(NoToken::Stopped),
+        _ = stop.cancelled() => {
+            if booked {
+                unbook(&a).await;
+            }
+            return Err(NoToken::Stopped);
+        }
         permit = a.logins.acquire() => permit.expect("the login semaphore is never closed"),
     };
     let started = a.clock.now();
@@ -102,9 +122,9 @@ pub async fn attempt<M: Magento>(a: Attempt<'_, M>, stop: &CancellationToken) ->
     });
     match obtained {
         Ok(obtained) => {
-            a.account.record_success();
+            a.account.record_success(&password);
             // Always: another entry of this username may have cleared the account first.
-            sink::remove_ledger(&a.customer.path);
+            a.store.clear_failures(a.customer);
             Ok(obtained)
         }
         Err(error) => {
@@ -113,12 +133,25 @@ pub async fn attempt<M: Magento>(a: Attempt<'_, M>, stop: &CancellationToken) ->
                 if error.final_for_password {
                     a.account.refused_for_good();
                 }
-                // Rare and small: written in place rather than on the blocking pool.
-                if let Err(e) = sink::write_ledger(&a.customer.path, a.customer.owner, &a.customer.username, &auth) {
-                    warn!(customer = %a.customer.name, error = %e, "cannot record the 401 beside the token file: a restart would forget it");
+                if let Err(e) = a.store.record_failures(a.customer, &auth).await {
+                    warn!(customer = %a.customer.name, error = %e, "cannot record the 401 in the ledger: a restart would forget it");
                 }
+            } else if booked {
+                // Not a 401: the booking made before it was sent goes.
+                unbook(&a).await;
             }
             Err(NoToken::Login { error, took })
         }
+    }
+}
+
+/// Takes back the booking of a login that got no 401: the ledger goes back to what the account
+/// knows.
+async fn unbook<M>(a: &Attempt<'_, M>) {
+    let auth = a.account.auth();
+    if auth.last_failure.is_none() {
+        a.store.clear_failures(a.customer);
+    } else if let Err(e) = a.store.record_failures(a.customer, &auth).await {
+        warn!(customer = %a.customer.name, error = %e, "cannot take back the booking of a login in the ledger: it counts as a 401 until the next success");
     }
 }

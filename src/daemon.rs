@@ -16,6 +16,10 @@ use tracing::{error, info, warn};
 use crate::account::Accounts;
 use crate::attempt::{self, Attempt, NoToken, Obtained};
 use crate::clock::Clock;
+use crate::cluster::lease;
+use crate::cluster::secret::Times;
+use crate::cluster::secret::Tokens;
+use crate::cluster::Cluster;
 use crate::config::{
     self, Checks, Config, CustomerConfig, LogFormat, MagentoSettings, OutputSettings, PasswordError, RefreshSettings,
 };
@@ -27,6 +31,7 @@ use crate::schedule;
 use crate::signals::Signal;
 use crate::sink;
 use crate::status::{Board, Reporter};
+use crate::store::{Durable, Store};
 use crate::worker::{Shared, Worker};
 
 /// How long a stop waits for logins and writes in flight.
@@ -94,9 +99,14 @@ pub fn plan<'a>(
 }
 
 impl Supervisor {
-    /// Starts a worker for every configured customer.
+    /// Starts a worker for every configured customer, writing files.
     pub async fn start(config: Config, board: Board) -> Result<Supervisor, ClientError> {
-        let shared = shared_for(&config, None)?;
+        Supervisor::start_in(config, board, Store::Files).await
+    }
+
+    /// Starts a worker for every configured customer, writing to `store`.
+    pub async fn start_in(config: Config, board: Board, store: Store) -> Result<Supervisor, ClientError> {
+        let shared = shared_for(&config, None, store)?;
         let mut supervisor = Supervisor {
             magento: config.magento,
             shared,
@@ -148,7 +158,7 @@ impl Supervisor {
     /// Applies a new configuration: customers added start at once, removed ones stop (their
     /// files stay), changed ones restart, the others go on undisturbed.
     pub async fn apply(&mut self, new: Config) -> Result<(), ClientError> {
-        let shared = shared_for(&new, Some(self))?;
+        let shared = shared_for(&new, Some(self), self.shared.store.clone())?;
         let everyone = !shared.same_as(&self.shared);
         let plan = plan(self.workers.values().map(|r| &*r.customer), new.customers, everyone);
         // Stop the removed and the changed first, all together, so no two workers ever write
@@ -203,7 +213,7 @@ async fn join_all(workers: Vec<Running>) {
 
 /// What the workers share, reusing the running client and login slots when their settings
 /// did not change (the connection pool survives a reload).
-fn shared_for(config: &Config, running: Option<&Supervisor>) -> Result<Shared, ClientError> {
+fn shared_for(config: &Config, running: Option<&Supervisor>, store: Store) -> Result<Shared, ClientError> {
     let client = match running {
         Some(s) if s.magento == config.magento => s.shared.magento.clone(),
         _ => Client::new(&config.magento)?,
@@ -221,6 +231,7 @@ fn shared_for(config: &Config, running: Option<&Supervisor>) -> Result<Shared, C
         logins,
         clock: Clock::System,
         notify: crate::notify::Notifier::for_config(config.notify.as_ref(), running.map(|s| &s.shared.notify)),
+        store,
     })
 }
 
@@ -295,6 +306,190 @@ async fn reload(path: &Path, supervisor: &mut Supervisor, lock: &mut sink::DirLo
     Ok(level)
 }
 
+/// `run` with `output.kubernetes`: one replica of a Deployment. It stands by, reading the
+/// Secret for `/readyz` and `/status`, until it holds the Lease; then it runs the workers as
+/// with files, writing the Secret, until it stops or no longer holds the Lease.
+pub async fn run_central(
+    config_path: &Path,
+    mut config: Config,
+    metrics: Arc<Metrics>,
+    logging: &Logging,
+    mut signals: impl Stream<Item = Signal> + Unpin,
+) -> Result<(), String> {
+    let k = config.output.kubernetes.clone().ok_or("output.kubernetes is not set")?;
+    let board = metrics.board().clone();
+    let cluster = Cluster::connect(&k, board.clone()).await?;
+    info!(
+        customers = config.customers.len(),
+        version = env!("CARGO_PKG_VERSION"),
+        identity = %cluster.identity,
+        secret = %format!("{}/{}", cluster.namespace, k.secret),
+        lease = %format!("{}/{}", cluster.namespace, k.lease),
+        "starting: the replica that holds the Lease writes the Secret"
+    );
+    let stop = CancellationToken::new();
+    let (mut term, elector) = lease::spawn(cluster.clone(), stop.clone());
+    let tokens = Tokens::start(cluster.clone(), term.clone(), stop.clone());
+    let mut supervisor: Option<Supervisor> = None;
+    // When the Secret is next read: by a standby for readiness, by the holder to see an
+    // operator's forget-failures while a ledger is recorded.
+    let mut next_read = tokio::time::Instant::now();
+    stand_by(&config, &board, &tokens);
+    loop {
+        let leading = term.borrow().leading();
+        if leading && supervisor.is_none() {
+            // What the former holder wrote is read first: its tokens are adopted, its ledger
+            // of 401s kept.
+            match tokens.load().await {
+                Ok(()) => {
+                    let store = Store::Secret(tokens.clone());
+                    let started = Supervisor::start_in(config.clone(), board.clone(), store).await;
+                    supervisor = Some(started.map_err(|e| e.to_string())?);
+                    next_read = tokio::time::Instant::now() + k.lease_duration * 2;
+                }
+                Err(e) => warn!(error = %e, "holding the Lease, but cannot read the Secret: trying again"),
+            }
+        } else if !leading {
+            if let Some(running) = supervisor.take() {
+                running.stop().await;
+                stand_by(&config, &board, &tokens);
+            }
+        }
+        let mut wake = next_read;
+        if let Some(until) = term.borrow().leading_until {
+            wake = wake.min(until);
+        }
+        if leading && supervisor.is_none() {
+            wake = wake.min(tokio::time::Instant::now() + k.retry_period());
+        }
+        tokio::select! {
+            signal = signals.next() => match signal {
+                None | Some(Signal::Shutdown(_)) => {
+                    info!("stopping: letting logins and writes in flight finish");
+                    break;
+                }
+                Some(Signal::Reload) => {
+                    let reloaded = config::load(config_path, Checks::Environment).map_err(|e| e.to_string()).and_then(|new| {
+                        match new.output.kubernetes == config.output.kubernetes {
+                            true => Ok(new),
+                            false => Err("output.kubernetes changed: it takes effect at the next start".to_owned()),
+                        }
+                    });
+                    match reloaded {
+                        Ok(new) => {
+                            let level = new.log.level.clone();
+                            if let Some(running) = supervisor.as_mut() {
+                                if let Err(e) = running.apply(new.clone()).await {
+                                    metrics.reload(false);
+                                    error!(error = %e, "configuration reload failed: the running configuration stays");
+                                    continue;
+                                }
+                            }
+                            config = new;
+                            if supervisor.is_none() {
+                                stand_by(&config, &board, &tokens);
+                            }
+                            logging.set_level(&level);
+                            metrics.reload(true);
+                            info!(customers = config.customers.len(), "configuration reloaded");
+                        }
+                        Err(e) => {
+                            metrics.reload(false);
+                            error!(error = %e, "configuration reload failed: the running configuration stays");
+                        }
+                    }
+                }
+            },
+            _ = term.changed() => {}
+            _ = tokio::time::sleep_until(wake) => {
+                if tokio::time::Instant::now() >= next_read {
+                    match supervisor {
+                        None => {
+                            next_read = tokio::time::Instant::now() + k.lease_duration;
+                            match tokens.load().await {
+                                Ok(()) => stand_by(&config, &board, &tokens),
+                                Err(e) => warn!(error = %e, "cannot read the Secret: /readyz and /status show what was read last"),
+                            }
+                        }
+                        Some(_) => {
+                            next_read = tokio::time::Instant::now() + k.lease_duration * 2;
+                            if tokens.has_ledgers() {
+                                if let Err(e) = tokens.load().await {
+                                    warn!(error = %e, "cannot read the Secret");
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if let Some(running) = supervisor.take() {
+        running.stop().await;
+    }
+    stop.cancel();
+    let _ = elector.await;
+    info!("stopped");
+    Ok(())
+}
+
+/// A standby's board: every configured customer with the expiry of its token in the Secret, so
+/// `/readyz` is 200 on every replica when the Secret holds an unexpired token for each.
+fn stand_by(config: &Config, board: &Board, tokens: &Tokens) {
+    let expiries = tokens.expiries();
+    let wanted: std::collections::HashSet<&str> = config.customers.iter().map(|c| c.name.as_str()).collect();
+    for name in board.names() {
+        if !wanted.contains(name.as_str()) {
+            board.remove(&name);
+        }
+    }
+    for customer in &config.customers {
+        let report = Reporter::new(&customer.name, board.clone());
+        if let Some(expires_at) = expiries.get(crate::store::key(customer)) {
+            report.token_on_disk(*expires_at);
+        }
+        report.planned(crate::status::State::Standby, None);
+    }
+}
+
+/// `once` with `output.kubernetes`: takes the Lease (waiting for it until `timeout`), writes
+/// the Secret once under it, and gives it up.
+pub async fn once_central(config: &Config, timeout: Duration, board: Board) -> Result<Vec<OnceResult>, String> {
+    let k = config.output.kubernetes.clone().ok_or("output.kubernetes is not set")?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let cluster = Cluster::connect(&k, board).await?;
+    let stop = CancellationToken::new();
+    let (mut term, elector) = lease::spawn(cluster.clone(), stop.clone());
+    let tokens = Tokens::start(cluster.clone(), term.clone(), stop.clone());
+    let finish = |stop: CancellationToken, elector: JoinHandle<()>| async move {
+        stop.cancel();
+        let _ = elector.await;
+    };
+    while !term.borrow().leading() {
+        if tokio::time::timeout_at(deadline, term.changed()).await.is_err() {
+            let holder = term.borrow().holder.clone();
+            finish(stop, elector).await;
+            return Err(match holder {
+                Some(holder) => format!(
+                    "the Lease {}/{} is held by {holder}: it writes the Secret; not logging in",
+                    cluster.namespace, k.lease
+                ),
+                None => {
+                    format!("could not take the Lease {}/{} before the end of --timeout", cluster.namespace, k.lease)
+                }
+            });
+        }
+    }
+    if let Err(e) = tokens.load().await {
+        finish(stop, elector).await;
+        return Err(format!("cannot read the Secret {}/{}: {e}", cluster.namespace, k.secret));
+    }
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let results = once_in(config, left, &Store::Secret(tokens)).await.map_err(|e| e.to_string());
+    finish(stop, elector).await;
+    results
+}
+
 /// Why `once` wrote no token for a customer.
 #[derive(Debug, thiserror::Error)]
 pub enum OnceFailure {
@@ -338,11 +533,16 @@ pub struct OnceResult {
 /// inline, each `fsync`ed: on tmpfs a hand-off to a blocking thread cost more than the write
 /// (benches/RESULTS.md); on a slow disk a sync holds up the pass's other logins while it lasts.
 pub async fn once(config: &Config, timeout: Duration) -> Result<Vec<OnceResult>, ClientError> {
+    once_in(config, timeout, &Store::Files).await
+}
+
+/// [`once`], writing to `store`.
+pub async fn once_in(config: &Config, timeout: Duration, store: &Store) -> Result<Vec<OnceResult>, ClientError> {
     let client = Client::new(&config.magento)?;
     let logins = Semaphore::new(config.refresh.max_concurrent_logins);
     let accounts = Accounts::new();
     let deadline = Instant::now() + timeout;
-    let pass = Pass { client: &client, logins: &logins, accounts: &accounts, config, deadline };
+    let pass = Pass { client: &client, logins: &logins, accounts: &accounts, config, deadline, store };
     let mut results: Vec<Option<OnceResult>> = (0..config.customers.len()).map(|_| None).collect();
     let mut done = futures::stream::iter(config.customers.iter().enumerate())
         .map(|(i, customer)| {
@@ -374,7 +574,10 @@ pub async fn once(config: &Config, timeout: Duration) -> Result<Vec<OnceResult>,
         }
     }
     // One directory sync for the whole batch.
-    if let Err(e) = sink::sync_directory(&config.output.dir) {
+    if let Err(e) = match store {
+        Store::Files => sink::sync_directory(&config.output.dir),
+        Store::Secret(_) => Ok(()),
+    } {
         for r in results.iter_mut().flatten() {
             if r.outcome.is_ok() {
                 let message = format!("cannot sync {}: {e}", config.output.dir.display());
@@ -398,6 +601,7 @@ struct Pass<'a> {
     accounts: &'a Accounts,
     config: &'a Config,
     deadline: Instant,
+    store: &'a Store,
 }
 
 impl Pass<'_> {
@@ -406,7 +610,7 @@ impl Pass<'_> {
     async fn customer(&self, customer: &CustomerConfig) -> Result<SystemTime, OnceFailure> {
         let refresh = &self.config.refresh;
         let account = self.accounts.of(customer);
-        attempt::restore_ledger(customer, &account);
+        attempt::restore_ledger(self.store, customer, &account);
         // `once` is never stopped early: its bound is the deadline.
         let never = CancellationToken::new();
         let mut failures = 0;
@@ -418,6 +622,7 @@ impl Pass<'_> {
                 refresh,
                 logins: self.logins,
                 clock: Clock::System,
+                store: self.store,
             };
             // The deadline bounds the wait for the account's turn, a login slot and the request
             // too, not only the pauses between attempts. A write, once started, is left to finish.
@@ -426,7 +631,7 @@ impl Pass<'_> {
                 .unwrap_or_else(|_| Err(NoToken::Login { error: timed_out_error(), took: Duration::ZERO }));
             let error =
                 match result {
-                    Ok(obtained) => return self.write(customer, obtained),
+                    Ok(obtained) => return self.write(customer, obtained).await,
                     Err(NoToken::Password(e)) => return Err(e.into()),
                     Err(NoToken::HeldBack { wait, auth, .. }) => return Err(OnceFailure::HeldBack {
                         in_a_row: auth.in_a_row,
@@ -456,13 +661,15 @@ impl Pass<'_> {
         }
     }
 
-    /// Writes inline: the directory is synced once at the end of the pass.
-    fn write(&self, customer: &CustomerConfig, obtained: Obtained) -> Result<SystemTime, OnceFailure> {
+    /// Writes a file inline (the directory is synced once at the end of the pass), or joins the
+    /// Secret's next update.
+    async fn write(&self, customer: &CustomerConfig, obtained: Obtained) -> Result<SystemTime, OnceFailure> {
         let output = &self.config.output;
         let expires_at = obtained.expiry.expires_at;
         let content = sink::render(customer.format, &customer.name, &obtained.token, obtained.obtained_at, expires_at);
         let perms = sink::Perms { mode: output.mode, owner: customer.owner };
-        sink::write_atomic(&customer.path, perms, &content, false).map_err(|e| {
+        let times = Times { obtained_at: obtained.obtained_at, expires_at };
+        self.store.write(customer, perms, content, times, Durable::WithBatch).await.map_err(|e| {
             LoginError::new(Outcome::WriteError, format!("cannot write {}: {e}", customer.path.display()))
         })?;
         Ok(expires_at)

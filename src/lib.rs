@@ -14,6 +14,8 @@
 //! | [`token`]    | the accepted token form, and its expiry (JWT `exp`, clock skew, opaque tokens)   |
 //! | [`attempt`]  | one login under the lockout policy: the only path a password is sent by          |
 //! | [`sink`]     | atomic, durable token files; reading back what an earlier run left               |
+//! | [`cluster`]  | `output.kubernetes`: the Lease election and the Secret every replica reads       |
+//! | [`store`]    | where tokens and 401 ledgers go: files ([`sink`]) or the Secret ([`cluster`])    |
 //! | [`index`]    | `output.index`: every customer's token in one file, rebuilt when any changes    |
 //! | [`worker`]   | one customer's loop, tying the above together                                    |
 //! | [`status`]   | what the workers report: the board behind `/status` and `/readyz`               |
@@ -31,6 +33,7 @@ pub mod account;
 pub mod admin;
 pub mod attempt;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 #[cfg(feature = "demo")]
@@ -46,5 +49,6 @@ pub mod shown;
 pub mod signals;
 pub mod sink;
 pub mod status;
+pub mod store;
 pub mod token;
 pub mod worker;

@@ -16,7 +16,7 @@ use magento_token_sidecar::logging::{self, Logging};
 use magento_token_sidecar::metrics::Metrics;
 use magento_token_sidecar::signals;
 use magento_token_sidecar::status::Board;
-use magento_token_sidecar::{admin, daemon, sink};
+use magento_token_sidecar::{admin, cluster, daemon, sink};
 
 const BAD_CONFIG: u8 = 2;
 const FAILED: u8 = 1;
@@ -111,18 +111,26 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::ForgetFailures { config: arg, names } => forget_failures(&arg.config, &names),
+        Command::ForgetFailures { config: arg, names } => runtime.block_on(forget_failures(&arg.config, &names)),
         Command::Check(arg) => match load(&arg.config) {
             Ok(config) => {
                 for warning in config.warnings() {
                     eprintln!("warning: {warning}");
                 }
+                let to = match &config.output.kubernetes {
+                    Some(k) => format!(
+                        "tokens in the Secret {}{}, written by the holder of the Lease {}",
+                        k.namespace.as_ref().map(|ns| format!("{ns}/")).unwrap_or_default(),
+                        k.secret,
+                        k.lease
+                    ),
+                    None => format!("tokens in {}", config.output.dir.display()),
+                };
                 println!(
-                    "{}: ok ({} customer{}, tokens in {})",
+                    "{}: ok ({} customer{}, {to})",
                     arg.config.display(),
                     config.customers.len(),
                     if config.customers.len() == 1 { "" } else { "s" },
-                    config.output.dir.display()
                 );
                 0
             }
@@ -168,7 +176,7 @@ fn raise_open_file_limit() {
 
 /// `forget-failures`: marks each named customer's ledger as forgotten; the running daemon takes
 /// it within its password poll.
-fn forget_failures(path: &Path, names: &[String]) -> u8 {
+async fn forget_failures(path: &Path, names: &[String]) -> u8 {
     // The file alone: an unreadable password (the usual reason for this command) is no reason
     // to refuse.
     let config = match config::load(path, Checks::Static) {
@@ -179,12 +187,36 @@ fn forget_failures(path: &Path, names: &[String]) -> u8 {
         }
     };
     let mut code = 0;
+    let mut customers = Vec::new();
     for name in names {
-        let Some(customer) = config.customers.iter().find(|c| &c.name == name) else {
-            eprintln!("{}: no customer named {name:?}", path.display());
-            code = BAD_CONFIG;
-            continue;
+        match config.customers.iter().find(|c| &c.name == name) {
+            Some(customer) => customers.push(customer),
+            None => {
+                eprintln!("{}: no customer named {name:?}", path.display());
+                code = BAD_CONFIG;
+            }
+        }
+    }
+    if let Some(k) = &config.output.kubernetes {
+        return match cluster::secret::forget(k, &customers).await {
+            Ok(()) => {
+                for c in &customers {
+                    println!(
+                        "{}: the daemon's count of failed logins is forgotten in the Secret; the Lease holder tries again within {} (first make sure Magento's own count is gone: the username's row in oauth_token_request_log deleted, or cleared by the store's cron)",
+                        c.name,
+                        humantime::format_duration(k.lease_duration * 2)
+                    );
+                }
+                code
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                FAILED
+            }
         };
+    }
+    for customer in customers {
+        let name = &customer.name;
         match sink::forget_ledger(&customer.path, customer.owner, &customer.username) {
             Ok(()) => println!(
                 "{name}: the daemon's count of failed logins is forgotten; a running daemon tries again within 2 s (first make sure Magento's own count is gone: the username's row in oauth_token_request_log deleted, or cleared by the store's cron)"
@@ -224,7 +256,14 @@ async fn serve(config_path: &Path, config: Config, admin_listener: Option<TcpLis
         }
     };
     // Before anything touches the output directory (or the admin port): one daemon per directory.
-    let Some(lock) = lock_output_dir(&config) else { return FAILED };
+    // (With output.kubernetes the Lease decides who writes.)
+    let lock = match config.output.kubernetes {
+        Some(_) => None,
+        None => match lock_output_dir(&config) {
+            Some(lock) => Some(lock),
+            None => return FAILED,
+        },
+    };
     let metrics = Arc::new(Metrics::new(Board::new()));
     let listener = match (admin_listener, config.admin_listen) {
         (Some(l), _) => Some(l),
@@ -246,17 +285,23 @@ async fn serve(config_path: &Path, config: Config, admin_listener: Option<TcpLis
         let admin = admin::Admin { metrics: metrics.clone() };
         tokio::spawn(admin::serve(listener, admin, admin_stop.clone().cancelled_owned()))
     });
-    let result = daemon::run(config_path, config, lock, metrics, logging, signals).await;
+    let result = match lock {
+        Some(lock) => daemon::run(config_path, config, lock, metrics, logging, signals)
+            .await
+            .map_err(|e| (e.to_string(), BAD_CONFIG)),
+        // No API to talk to is the environment's fault, not the configuration's.
+        None => daemon::run_central(config_path, config, metrics, logging, signals).await.map_err(|e| (e, FAILED)),
+    };
     admin_stop.cancel();
     if let Some(task) = admin_task {
         let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
     }
     match result {
         Ok(()) => 0,
-        Err(e) => {
+        Err((e, code)) => {
             error!(error = %e, "cannot start");
             eprintln!("{e}");
-            BAD_CONFIG
+            code
         }
     }
 }
@@ -275,16 +320,27 @@ fn lock_output_dir(config: &Config) -> Option<sink::DirLock> {
 }
 
 async fn once(config: Config, timeout: Duration) -> u8 {
-    // Held until the pass is over.
-    let Some(_lock) = lock_output_dir(&config) else { return FAILED };
     if config.notify.is_some() {
         info!("notify is not used by once: the app, started after it (an init container) or apart from it, reads the files it wrote");
     }
-    let results = match daemon::once(&config, timeout).await {
-        Ok(results) => results,
-        Err(e) => {
-            eprintln!("{e}");
-            return BAD_CONFIG;
+    let results = if config.output.kubernetes.is_some() {
+        match daemon::once_central(&config, timeout, Board::new()).await {
+            Ok(results) => results,
+            Err(e) => {
+                error!(error = %e, "once: nothing written");
+                eprintln!("{e}");
+                return FAILED;
+            }
+        }
+    } else {
+        // Held until the pass is over.
+        let Some(_lock) = lock_output_dir(&config) else { return FAILED };
+        match daemon::once(&config, timeout).await {
+            Ok(results) => results,
+            Err(e) => {
+                eprintln!("{e}");
+                return BAD_CONFIG;
+            }
         }
     };
     let mut failed = 0;

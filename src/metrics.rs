@@ -253,6 +253,71 @@ impl Collector for CustomerCollector {
     }
 }
 
+/// `output.kubernetes`: `magento_token_leader` (always, 0 without a Lease) and
+/// `magento_token_kubernetes_requests_total` (a series per request outcome seen; none when the
+/// daemon writes files), read from the board.
+#[derive(Clone)]
+struct ClusterCollector {
+    board: Board,
+    descs: Vec<Desc>,
+}
+
+const LEADER: (&str, &str) = (
+    "magento_token_leader",
+    "1 while this replica holds the Lease (output.kubernetes) and writes the Secret; 0 otherwise.",
+);
+const API_REQUESTS: (&str, &str) = (
+    "magento_token_kubernetes_requests_total",
+    "Kubernetes API requests (output.kubernetes) by object, verb and result.",
+);
+
+impl ClusterCollector {
+    fn new(board: Board) -> ClusterCollector {
+        let desc = |(name, help): (&str, &str), labels: &[&str]| {
+            Desc::new(name.into(), help.into(), labels.iter().map(|l| l.to_string()).collect(), HashMap::new())
+                .expect("valid names and help")
+        };
+        ClusterCollector { board, descs: vec![desc(LEADER, &[]), desc(API_REQUESTS, &["resource", "verb", "result"])] }
+    }
+}
+
+impl Collector for ClusterCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let family = |(name, help): (&str, &str), kind| {
+            let mut mf = MetricFamily::default();
+            mf.set_name(name.into());
+            mf.set_help(help.into());
+            mf.set_field_type(kind);
+            mf
+        };
+        let mut leader = family(LEADER, MetricType::GAUGE);
+        let mut g = proto::Gauge::default();
+        g.set_value(if self.board.leadership().is_some_and(|l| l.leading) { 1.0 } else { 0.0 });
+        let mut m = Metric::default();
+        m.set_gauge(g);
+        leader.mut_metric().push(m);
+        let requests = self.board.api_requests();
+        if requests.is_empty() {
+            return vec![leader];
+        }
+        let mut api = family(API_REQUESTS, MetricType::COUNTER);
+        for ((resource, verb, result), n) in requests {
+            let labels =
+                vec![label_pair("resource", resource), label_pair("verb", verb), label_pair("result", result.as_str())];
+            let mut m = Metric::from_label(labels);
+            let mut c = proto::Counter::default();
+            c.set_value(n as f64);
+            m.set_counter(c);
+            api.mut_metric().push(m);
+        }
+        vec![leader, api]
+    }
+}
+
 /// Every metric of the process, in an owned registry, and the board the per-customer series
 /// are read from.
 pub struct Metrics {
@@ -283,7 +348,9 @@ impl Metrics {
                 .unwrap();
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         let process = || prometheus::process_collector::ProcessCollector::for_self();
-        let fixed: [Box<dyn Collector>; 4] = [
+        let cluster = ClusterCollector::new(m.board.clone());
+        let fixed: [Box<dyn Collector>; 5] = [
+            Box::new(cluster.clone()),
             Box::new(m.board.login_times().clone()),
             Box::new(m.reloads.clone()),
             Box::new(build_info.clone()),
@@ -292,7 +359,8 @@ impl Metrics {
         for c in fixed {
             m.fixed.register(c).expect("metric names are unique");
         }
-        let all: [Box<dyn Collector>; 5] = [
+        let all: [Box<dyn Collector>; 6] = [
+            Box::new(cluster),
             Box::new(CustomerCollector::new(m.board.clone())),
             Box::new(m.board.login_times().clone()),
             Box::new(m.reloads.clone()),

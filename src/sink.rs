@@ -432,7 +432,7 @@ pub fn read_existing(path: &Path) -> Option<OnDisk> {
             return None;
         }
     };
-    let (token, expires_at, format) = parse_token_file(&bytes)?;
+    let (token, expires_at, format) = parse_token_content(&bytes)?;
     crate::token::check_form(token.expose()).ok()?;
     let mode = meta.permissions().mode() & 0o777;
     Some(OnDisk { token, expires_at, modified: meta.modified().ok()?, format, mode, uid: meta.uid(), gid: meta.gid() })
@@ -441,7 +441,7 @@ pub fn read_existing(path: &Path) -> Option<OnDisk> {
 /// The token in a file's bytes, the expiry it records (`json`, `env`) and its format, told by
 /// its shape: a JSON object, the header's prefix, the two lines of `env`, else the token alone.
 /// The token's form is not checked here.
-fn parse_token_file(bytes: &[u8]) -> Option<(Secret, Option<SystemTime>, Format)> {
+pub fn parse_token_content(bytes: &[u8]) -> Option<(Secret, Option<SystemTime>, Format)> {
     #[derive(Deserialize)]
     struct JsonFile {
         token: String,

@@ -40,6 +40,9 @@ pub enum State {
     /// The lockout budget allows no login until the password changes or an operator clears the
     /// count (`forget-failures`): no time will help.
     HeldBack,
+    /// `output.kubernetes`: another replica holds the Lease and keeps this token fresh; what is
+    /// shown is what the Secret holds.
+    Standby,
 }
 
 /// The outcome of one check of the token on disk (`GET customers/me`), the `result` label of
@@ -208,6 +211,62 @@ pub struct Board {
     /// Rung whenever a customer's token on disk may have changed (written, adopted, the
     /// customer removed): what the index file ([`crate::index`]) waits on.
     tokens_changed: Arc<Notify>,
+    /// `output.kubernetes`: the Lease and the API requests.
+    cluster: Arc<Mutex<ClusterStatus>>,
+}
+
+/// `output.kubernetes`: who holds the Lease, as this replica last saw it (`/status`,
+/// `magento_token_leader`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Leadership {
+    /// This replica's identity in the Lease.
+    pub identity: String,
+    /// `<namespace>/<name>` of the Lease and of the Secret.
+    pub lease: String,
+    pub secret: String,
+    /// The holder last seen; `None` before the Lease was read, or when no one holds it.
+    pub holder: Option<String>,
+    /// Whether this replica holds it now (and may write).
+    pub leading: bool,
+}
+
+/// The outcome of one Kubernetes API request, the `result` label of
+/// `magento_token_kubernetes_requests_total`: a closed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ApiResult {
+    Success,
+    /// 409: the object changed since it was read (its resourceVersion).
+    Conflict,
+    NotFound,
+    AlreadyExists,
+    /// 401 or 403: the service account may not do this (RBAC).
+    Forbidden,
+    /// 429, 503, 504, or no answer: the API server is busy or away.
+    Unavailable,
+    Error,
+}
+
+impl ApiResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiResult::Success => "success",
+            ApiResult::Conflict => "conflict",
+            ApiResult::NotFound => "not_found",
+            ApiResult::AlreadyExists => "already_exists",
+            ApiResult::Forbidden => "forbidden",
+            ApiResult::Unavailable => "unavailable",
+            ApiResult::Error => "error",
+        }
+    }
+}
+
+/// One API request's labels: the object kind (`secret`, `lease`), the verb and the outcome.
+pub type ApiRequest = (&'static str, &'static str, ApiResult);
+
+#[derive(Debug, Default)]
+struct ClusterStatus {
+    leadership: Option<Leadership>,
+    requests: BTreeMap<ApiRequest, u64>,
 }
 
 /// An app's request (`POST /refresh/<name>`) to check the token on disk now and replace it if
@@ -267,7 +326,31 @@ impl Board {
             login_times,
             askers: Arc::default(),
             tokens_changed: Arc::default(),
+            cluster: Arc::default(),
         }
+    }
+
+    fn cluster(&self) -> std::sync::MutexGuard<'_, ClusterStatus> {
+        self.cluster.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `output.kubernetes`: who holds the Lease now.
+    pub fn set_leadership(&self, leadership: Leadership) {
+        self.cluster().leadership = Some(leadership);
+    }
+
+    pub fn leadership(&self) -> Option<Leadership> {
+        self.cluster().leadership.clone()
+    }
+
+    /// Counts one Kubernetes API request.
+    pub fn api_request(&self, request: ApiRequest) {
+        *self.cluster().requests.entry(request).or_default() += 1;
+    }
+
+    /// Every Kubernetes API request counted, by labels.
+    pub fn api_requests(&self) -> Vec<(ApiRequest, u64)> {
+        self.cluster().requests.iter().map(|(k, v)| (*k, *v)).collect()
     }
 
     /// The histogram of login request times, for the metrics registry.

@@ -30,11 +30,13 @@ use tracing::{debug, error, info, warn, Instrument};
 use crate::account::Account;
 use crate::attempt::{self, Attempt, NoToken, Obtained};
 use crate::clock::Clock;
+use crate::cluster::secret::Times;
 use crate::config::{CustomerConfig, RefreshSettings};
 use crate::magento::{Client, LoginError, Magento, Outcome};
 use crate::schedule::{self, AuthWait};
 use crate::sink;
 use crate::status::{Answer, Ask, Check, Mailbox, Reporter, State};
+use crate::store::{Durable, Store};
 use crate::token;
 
 /// How often the password source is re-read while waiting after a 401: a Secret rotated by
@@ -51,6 +53,8 @@ pub struct Shared<M = Client> {
     pub clock: Clock,
     /// Tells the app of every new token written (`notify`).
     pub notify: Arc<crate::notify::Notifier>,
+    /// Where the tokens and the records of 401s go: files, or the Secret.
+    pub store: Store,
 }
 
 impl<M: Clone> Clone for Shared<M> {
@@ -62,6 +66,7 @@ impl<M: Clone> Clone for Shared<M> {
             logins: self.logins.clone(),
             clock: self.clock,
             notify: self.notify.clone(),
+            store: self.store.clone(),
         }
     }
 }
@@ -180,11 +185,11 @@ impl<M: Magento> Worker<M> {
     pub fn run(mut self, adopt: bool) -> impl std::future::Future<Output = ()> {
         let span = tracing::info_span!("worker", customer = %self.customer.name);
         async move {
-            let removed = sink::remove_stale_temporaries(&self.customer.path);
+            let removed = self.shared.store.sweep(&self.customer);
             if removed > 0 {
                 info!(removed, "removed temporary files left by an earlier run");
             }
-            if let Some(recorded) = attempt::restore_ledger(&self.customer, &self.account) {
+            if let Some(recorded) = attempt::restore_ledger(&self.shared.store, &self.customer, &self.account) {
                 info!(
                     failures_in_a_row = recorded.in_a_row,
                     last_failure = %recorded.last_failure.map(sink::rfc3339).unwrap_or_default(),
@@ -250,7 +255,7 @@ impl<M: Magento> Worker<M> {
     /// Looks at the token an earlier run left; returns when to log in.
     async fn start(&mut self, adopt: bool) -> SystemTime {
         let now = self.now();
-        let Some(found) = sink::read_existing(&self.customer.path) else { return now };
+        let Some(found) = self.shared.store.found(&self.customer, self.shared.mode) else { return now };
         let r = &self.shared.refresh;
         // Read like an answer obtained when the file was written: a JWT from a Magento whose
         // clock is off then lives by its own `exp - iat`, not by that clock (a raw file records
@@ -294,7 +299,10 @@ impl<M: Magento> Worker<M> {
                         found.modified,
                         expires_at,
                     );
-                    if let Err(e) = write_file(&self.customer.path, self.perms(), content).await {
+                    let times = Times { obtained_at: found.modified, expires_at };
+                    if let Err(e) =
+                        self.shared.store.write(&self.customer, self.perms(), content, times, Durable::Now).await
+                    {
                         warn!(error = %e, "cannot rewrite the token file in the new format, mode or owner: logging in");
                         return now;
                     }
@@ -336,7 +344,7 @@ impl<M: Magento> Worker<M> {
     /// Checks the token on disk with `GET customers/me`. A check never counts as a failed
     /// login, and one that gets no answer keeps the token.
     async fn check(&mut self) -> Checked {
-        let Some(found) = sink::read_existing(&self.customer.path) else {
+        let Some(found) = self.shared.store.found(&self.customer, self.shared.mode) else {
             self.checked_at = None;
             return Checked::Nothing;
         };
@@ -448,9 +456,9 @@ impl<M: Magento> Worker<M> {
                 return Woken::Stopped;
             }
             let standing = self.account.standing(self.now(), &self.shared.refresh);
-            if standing != AuthWait::Clear && sink::ledger_forgotten(&self.customer.path, &self.customer.username) {
+            if standing != AuthWait::Clear && self.shared.store.forgotten(&self.customer) {
                 self.account.forget();
-                sink::remove_ledger(&self.customer.path);
+                self.shared.store.clear_failures(&self.customer);
                 return Woken::Forgotten;
             }
             let refused = self.account.refused_password(self.now(), &self.shared.refresh);
@@ -503,6 +511,7 @@ impl<M: Magento> Worker<M> {
             refresh: &self.shared.refresh,
             logins: &self.shared.logins,
             clock: self.shared.clock,
+            store: &self.shared.store,
         };
         match attempt::attempt(attempt, &self.stop).await {
             Ok(obtained) => Some(self.write(obtained, true).await),
@@ -540,7 +549,8 @@ impl<M: Magento> Worker<M> {
             obtained.obtained_at,
             obtained.expiry.expires_at,
         );
-        let written = write_file(&self.customer.path, self.perms(), content).await;
+        let times = Times { obtained_at: obtained.obtained_at, expires_at: obtained.expiry.expires_at };
+        let written = self.shared.store.write(&self.customer, self.perms(), content, times, Durable::Now).await;
         let now = self.now();
         let r = &self.shared.refresh;
         match written {
@@ -654,19 +664,6 @@ fn held_back_message(wait: AuthWait, password_bound: bool, customer: &str) -> St
         ),
         _ => "this password was refused for this username not long ago (before a reload or restart): not sent again until the wait after that 401 is over".to_owned(),
     }
-}
-
-/// Writes a token file off the async threads (fsync blocks). A blocking task runs to its end
-/// even if this future is dropped, so a write once started is never cut short.
-async fn write_file(
-    path: &std::path::Path,
-    perms: sink::Perms,
-    content: zeroize::Zeroizing<Vec<u8>>,
-) -> std::io::Result<()> {
-    let path = path.to_path_buf();
-    tokio::task::spawn_blocking(move || sink::write_atomic(&path, perms, &content, true))
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(format!("the write task failed: {e}"))))
 }
 
 /// Whole milliseconds, for durations shown to people.

@@ -149,6 +149,7 @@ fn start(config: &Config, magento: Scripted, clock: Clock) -> Run {
         logins: Arc::new(Semaphore::new(1)),
         clock,
         notify: Arc::default(),
+        store: crate::store::Store::Files,
     };
     let board = Board::new();
     let stop = CancellationToken::new();
@@ -326,6 +327,7 @@ fn an_idle_customer_task_stays_small() {
         logins: Arc::new(Semaphore::new(1)),
         clock: Clock::System,
         notify: Arc::default(),
+        store: crate::store::Store::Files,
     };
     let customer = Arc::new(config.customers[0].clone());
     let account = Accounts::new().of(&customer);

@@ -1,0 +1,385 @@
+//! The Secret every replica reads and only the Lease holder writes: one key per customer
+//! holding exactly what its file would, plus two annotations: when each token was obtained and
+//! expires, and the ledger of recent 401s per customer (so the lockout budget survives a
+//! failover).
+//!
+//! Writes are queued and sent together: the changes that arrive within [`SETTLE`] of the
+//! first share one update. Every update is conditional on the resourceVersion last read; on a
+//! conflict the Secret is read again and the changes are applied to what it holds now, where a
+//! token only ever replaces an older one.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::ByteString;
+use kube::api::PostParams;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{oneshot, watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::lease::Term;
+use super::{ApiError, Cluster};
+
+/// The annotation with each key's times: `{"<key>": {"obtained_at": "...", "expires_at": "..."}}`.
+pub const TIMES: &str = "magento-token-sidecar/times";
+/// The annotation with each key's record of recent 401s (never a password).
+pub const LEDGER: &str = "magento-token-sidecar/ledger";
+
+/// How long the first change waits for others to share its update.
+pub const SETTLE: Duration = Duration::from_millis(100);
+
+/// Conflicts in a row before a batch of changes is given up (the callers retry).
+const MAX_CONFLICTS: u32 = 5;
+
+/// When a token was obtained and when it expires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Times {
+    #[serde(with = "rfc3339")]
+    pub obtained_at: SystemTime,
+    #[serde(with = "rfc3339")]
+    pub expires_at: SystemTime,
+}
+
+/// A customer's recent 401s, as the file ledger records them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    pub username: String,
+    pub in_a_row: u32,
+    pub chain: u32,
+    /// Unix seconds of the last 401.
+    pub last_failure: i64,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forgotten: bool,
+}
+
+/// One change to the Secret.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// A new token for `key`: kept only if it expires after the one there.
+    Token { key: String, content: zeroize::Zeroizing<Vec<u8>>, times: Times },
+    /// `key`'s ledger: set, or removed (`None`).
+    Ledger { key: String, entry: Option<LedgerEntry> },
+}
+
+/// What the Secret holds, as last read or written.
+#[derive(Debug, Clone, Default)]
+pub struct Contents {
+    /// Whether it exists (else the first write creates it).
+    pub exists: bool,
+    /// Its metadata as read (resourceVersion, labels, other annotations), kept on writes.
+    meta: ObjectMeta,
+    pub data: BTreeMap<String, ByteString>,
+    pub times: BTreeMap<String, Times>,
+    pub ledgers: BTreeMap<String, LedgerEntry>,
+}
+
+impl Contents {
+    /// Reads a Secret, ignoring annotations it cannot parse (with a warning: someone edited
+    /// them by hand).
+    pub fn from_secret(secret: Secret) -> Contents {
+        let annotations = secret.metadata.annotations.clone().unwrap_or_default();
+        let parse = |name: &str| -> Option<&String> { annotations.get(name) };
+        let times = parse(TIMES)
+            .and_then(|text| serde_json::from_str(text).map_err(|e| warn!(annotation = TIMES, error = %e, "ignoring an annotation of the Secret that does not parse")).ok())
+            .unwrap_or_default();
+        let ledgers = parse(LEDGER)
+            .and_then(|text| serde_json::from_str(text).map_err(|e| warn!(annotation = LEDGER, error = %e, "ignoring an annotation of the Secret that does not parse")).ok())
+            .unwrap_or_default();
+        Contents { exists: true, meta: secret.metadata, data: secret.data.unwrap_or_default(), times, ledgers }
+    }
+
+    /// Applies one change; a token older than the one there is dropped.
+    pub fn apply(&mut self, change: &Change) {
+        match change {
+            Change::Token { key, content, times } => {
+                if self.times.get(key).is_some_and(|there| there.expires_at > times.expires_at) {
+                    debug!(key = %key, "the Secret holds a token that lives longer: kept");
+                    return;
+                }
+                self.data.insert(key.clone(), ByteString(content.to_vec()));
+                self.times.insert(key.clone(), *times);
+            }
+            Change::Ledger { key, entry: Some(entry) } => {
+                self.ledgers.insert(key.clone(), entry.clone());
+            }
+            Change::Ledger { key, entry: None } => {
+                self.ledgers.remove(key);
+            }
+        }
+    }
+
+    /// The Secret to send: the resourceVersion read travels with it (a conditional update).
+    pub fn to_secret(&self, name: &str) -> Secret {
+        let mut meta = self.meta.clone();
+        meta.name = Some(name.to_owned());
+        meta.managed_fields = None;
+        let annotations = meta.annotations.get_or_insert_with(BTreeMap::new);
+        annotations.insert(TIMES.into(), serde_json::to_string(&self.times).expect("times serialize"));
+        if self.ledgers.is_empty() {
+            annotations.remove(LEDGER);
+        } else {
+            annotations.insert(LEDGER.into(), serde_json::to_string(&self.ledgers).expect("ledgers serialize"));
+        }
+        let labels = meta.labels.get_or_insert_with(BTreeMap::new);
+        labels.entry("app.kubernetes.io/managed-by".into()).or_insert_with(|| "magento-token-sidecar".into());
+        Secret { metadata: meta, data: Some(self.data.clone()), type_: Some("Opaque".into()), ..Secret::default() }
+    }
+}
+
+type Queued = (Change, oneshot::Sender<Result<(), String>>);
+
+/// The Secret as this replica knows it, and the queue of changes to it.
+pub struct Tokens {
+    cluster: Cluster,
+    term: watch::Receiver<Term>,
+    contents: Mutex<Contents>,
+    queue: Mutex<Vec<Queued>>,
+    bell: Notify,
+}
+
+impl Tokens {
+    /// The Secret's keeper; its writer runs until `stop`.
+    pub fn start(cluster: Cluster, term: watch::Receiver<Term>, stop: CancellationToken) -> Arc<Tokens> {
+        let tokens = Arc::new(Tokens {
+            cluster,
+            term,
+            contents: Mutex::default(),
+            queue: Mutex::default(),
+            bell: Notify::new(),
+        });
+        tokio::spawn(tokens.clone().write_loop(stop));
+        tokens
+    }
+
+    fn contents(&self) -> MutexGuard<'_, Contents> {
+        self.contents.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads the Secret (absent: empty, created by the first write).
+    pub async fn load(&self) -> Result<(), ApiError> {
+        let k = &self.cluster.settings;
+        let read =
+            self.cluster.call("secret", "get", super::REQUEST_TIMEOUT, self.cluster.secrets.get(&k.secret)).await;
+        let contents = match read {
+            Ok(secret) => Contents::from_secret(secret),
+            Err(ApiError::NotFound(_)) => Contents::default(),
+            Err(e) => return Err(e),
+        };
+        *self.contents() = contents;
+        Ok(())
+    }
+
+    /// `key`'s content and times, if the Secret holds a token for it.
+    pub fn found(&self, key: &str) -> Option<(zeroize::Zeroizing<Vec<u8>>, Option<Times>)> {
+        let contents = self.contents();
+        let data = contents.data.get(key)?;
+        Some((zeroize::Zeroizing::new(data.0.clone()), contents.times.get(key).copied()))
+    }
+
+    pub fn ledger(&self, key: &str) -> Option<LedgerEntry> {
+        self.contents().ledgers.get(key).cloned()
+    }
+
+    /// Whether any ledger is recorded: the holder then reads the Secret now and then, to see
+    /// an operator's `forget-failures`.
+    pub fn has_ledgers(&self) -> bool {
+        !self.contents().ledgers.is_empty()
+    }
+
+    /// The expiry of every key's token.
+    pub fn expiries(&self) -> BTreeMap<String, SystemTime> {
+        self.contents().times.iter().map(|(k, t)| (k.clone(), t.expires_at)).collect()
+    }
+
+    /// Queues a change and waits until an update carried it (or failed).
+    pub async fn submit(&self, change: Change) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).push((change, tx));
+        self.bell.notify_one();
+        rx.await.unwrap_or_else(|_| Err("the Secret's writer stopped".into()))
+    }
+
+    async fn write_loop(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = self.bell.notified() => {}
+            }
+            tokio::time::sleep(SETTLE).await;
+            let batch = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()));
+            if batch.is_empty() {
+                continue;
+            }
+            let (changes, waiting): (Vec<Change>, Vec<_>) = batch.into_iter().unzip();
+            let result = self.write(&changes).await;
+            if let Err(e) = &result {
+                warn!(error = %e, changes = changes.len(), "cannot update the Secret");
+            }
+            for tx in waiting {
+                let _ = tx.send(result.clone());
+            }
+        }
+        for (_, tx) in std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner())) {
+            let _ = tx.send(Err("stopping".into()));
+        }
+    }
+
+    /// One update carrying `changes`, on what the Secret holds now; only while this replica
+    /// holds the Lease, and never after its deadline.
+    async fn write(&self, changes: &[Change]) -> Result<(), String> {
+        let k = &self.cluster.settings;
+        let secrets = &self.cluster.secrets;
+        for _ in 0..MAX_CONFLICTS {
+            let term = self.term.borrow().clone();
+            let Some(until) = term.leading_until.filter(|_| term.leading()) else {
+                return Err("this replica does not hold the Lease: another one writes the Secret".into());
+            };
+            let within = until.saturating_duration_since(tokio::time::Instant::now());
+            let (secret, exists) = {
+                let mut next = self.contents().clone();
+                for change in changes {
+                    next.apply(change);
+                }
+                (next.to_secret(&k.secret), next.exists)
+            };
+            let written = match exists {
+                true => {
+                    self.cluster
+                        .call("secret", "update", within, secrets.replace(&k.secret, &PostParams::default(), &secret))
+                        .await
+                }
+                false => {
+                    self.cluster.call("secret", "create", within, secrets.create(&PostParams::default(), &secret)).await
+                }
+            };
+            match written {
+                Ok(secret) => {
+                    *self.contents() = Contents::from_secret(secret);
+                    return Ok(());
+                }
+                Err(ApiError::Conflict(_) | ApiError::AlreadyExists(_)) => {
+                    // Someone else wrote it (an operator's forget-failures, a former holder's
+                    // late write): apply the changes to what it holds now.
+                    self.load().await.map_err(|e| format!("cannot read the Secret {}: {e}", k.secret))?;
+                }
+                Err(e) => return Err(format!("cannot write the Secret {}: {e}", k.secret)),
+            }
+        }
+        Err(format!("the Secret {} changed {MAX_CONFLICTS} times while being written", k.secret))
+    }
+}
+
+/// `forget-failures` with `output.kubernetes`: marks each customer's ledger in the Secret as
+/// forgotten (an update conditional on its resourceVersion, read again on a conflict). The
+/// Lease holder sees it at its next read of the Secret.
+pub async fn forget(
+    k: &crate::config::kubernetes::KubeSettings,
+    customers: &[&crate::config::CustomerConfig],
+) -> Result<(), String> {
+    let cluster = Cluster::connect(k, crate::status::Board::new()).await?;
+    let secrets = &cluster.secrets;
+    for _ in 0..MAX_CONFLICTS {
+        let read = cluster.call("secret", "get", super::REQUEST_TIMEOUT, secrets.get(&k.secret)).await;
+        let mut contents = match read {
+            Ok(secret) => Contents::from_secret(secret),
+            Err(ApiError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(format!("cannot read the Secret {}/{}: {e}", cluster.namespace, k.secret)),
+        };
+        for c in customers {
+            let entry =
+                LedgerEntry { username: c.username.clone(), in_a_row: 0, chain: 0, last_failure: 0, forgotten: true };
+            contents.apply(&Change::Ledger { key: crate::store::key(c).to_owned(), entry: Some(entry) });
+        }
+        let secret = contents.to_secret(&k.secret);
+        match cluster
+            .call(
+                "secret",
+                "update",
+                super::REQUEST_TIMEOUT,
+                secrets.replace(&k.secret, &PostParams::default(), &secret),
+            )
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(ApiError::Conflict(_)) => continue,
+            Err(e) => return Err(format!("cannot write the Secret {}/{}: {e}", cluster.namespace, k.secret)),
+        }
+    }
+    Err(format!("the Secret {}/{} changed {MAX_CONFLICTS} times while being written", cluster.namespace, k.secret))
+}
+
+mod rfc3339 {
+    use std::time::SystemTime;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&crate::sink::rfc3339(*t))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_rfc3339(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::from_unix;
+
+    fn token(key: &str, text: &str, expires: i64) -> Change {
+        Change::Token {
+            key: key.into(),
+            content: zeroize::Zeroizing::new(text.as_bytes().to_vec()),
+            times: Times { obtained_at: from_unix(expires - 3600), expires_at: from_unix(expires) },
+        }
+    }
+
+    #[test]
+    fn a_token_only_ever_replaces_an_older_one() {
+        let mut c = Contents::default();
+        c.apply(&token("alice", "new", 2_000_000_000));
+        c.apply(&token("alice", "older", 1_999_999_000));
+        assert_eq!(c.data["alice"].0, b"new");
+        c.apply(&token("alice", "newer", 2_000_000_100));
+        assert_eq!(c.data["alice"].0, b"newer");
+        assert_eq!(c.times["alice"].expires_at, from_unix(2_000_000_100));
+    }
+
+    #[test]
+    fn the_secret_round_trips_tokens_times_and_ledgers_and_keeps_foreign_metadata() {
+        let mut c = Contents::default();
+        c.meta.labels = Some([("team".to_string(), "shop".to_string())].into());
+        c.meta.resource_version = Some("42".into());
+        c.apply(&token("alice", "t1", 2_000_000_000));
+        let entry = LedgerEntry {
+            username: "bob@x".into(),
+            in_a_row: 2,
+            chain: 2,
+            last_failure: 1_999_000_000,
+            forgotten: false,
+        };
+        c.apply(&Change::Ledger { key: "bob".into(), entry: Some(entry.clone()) });
+        let secret = c.to_secret("magento-tokens");
+        assert_eq!(secret.metadata.name.as_deref(), Some("magento-tokens"));
+        assert_eq!(secret.metadata.resource_version.as_deref(), Some("42"), "a conditional update");
+        let annotations = secret.metadata.annotations.clone().unwrap();
+        assert_eq!(
+            annotations[TIMES],
+            r#"{"alice":{"obtained_at":"2033-05-18T02:33:20Z","expires_at":"2033-05-18T03:33:20Z"}}"#
+        );
+        assert!(!annotations[LEDGER].contains("password"));
+        let back = Contents::from_secret(secret);
+        assert_eq!(back.data["alice"].0, b"t1");
+        assert_eq!(back.ledgers["bob"], entry);
+        assert_eq!(back.meta.labels.as_ref().unwrap()["team"], "shop");
+        let mut cleared = back.clone();
+        cleared.apply(&Change::Ledger { key: "bob".into(), entry: None });
+        assert!(!cleared.to_secret("s").metadata.annotations.unwrap().contains_key(LEDGER));
+    }
+}

@@ -1,0 +1,163 @@
+//! Where a customer's token and its record of 401s are kept: files in `output.dir` ([`sink`]),
+//! or one Secret shared by the replicas of a Deployment (`output.kubernetes`, [`cluster`]).
+//! The workers, `once` and the lockout bookkeeping see only this.
+
+use std::io;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use zeroize::Zeroizing;
+
+use crate::cluster::secret::{Change, LedgerEntry, Times, Tokens};
+use crate::config::CustomerConfig;
+use crate::schedule::AuthState;
+use crate::sink::{self, OnDisk, Perms};
+
+#[derive(Clone)]
+pub enum Store {
+    /// A file per customer (`customer.path`), its ledger beside it.
+    Files,
+    /// A key per customer (`customer.path` is the key) in the Secret.
+    Secret(Arc<Tokens>),
+}
+
+/// How durable a file write must be before it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durable {
+    /// The file and its directory synced (a worker's write).
+    Now,
+    /// The file synced; the directory is synced once for the batch by the caller (`once`).
+    WithBatch,
+}
+
+impl Store {
+    /// Whether several processes share this store: a login is then booked before it is sent
+    /// (see [`crate::attempt`]), since the process that sent it may die before it could book
+    /// the answer, and the next one must not count on a budget that is spent.
+    pub fn shared(&self) -> bool {
+        matches!(self, Store::Secret(_))
+    }
+
+    /// The token an earlier run (or the former Lease holder) left for `customer`.
+    pub fn found(&self, customer: &CustomerConfig, mode: u32) -> Option<OnDisk> {
+        match self {
+            Store::Files => sink::read_existing(&customer.path),
+            Store::Secret(tokens) => {
+                let (content, times) = tokens.found(key(customer))?;
+                let (token, expires_at, format) = sink::parse_token_content(&content)?;
+                crate::token::check_form(token.expose()).ok()?;
+                Some(OnDisk {
+                    token,
+                    expires_at: times.map(|t| t.expires_at).or(expires_at),
+                    modified: times.map_or(SystemTime::UNIX_EPOCH, |t| t.obtained_at),
+                    format,
+                    // Only the Lease holder writes the Secret: it is this daemon's own, with the
+                    // mode of the configuration (the app's volume sets the files' own).
+                    mode,
+                    uid: rustix::process::geteuid().as_raw(),
+                    gid: rustix::process::getegid().as_raw(),
+                })
+            }
+        }
+    }
+
+    /// Writes `customer`'s token: `content` is what its file holds (rendered in its format).
+    pub async fn write(
+        &self,
+        customer: &CustomerConfig,
+        perms: Perms,
+        content: Zeroizing<Vec<u8>>,
+        times: Times,
+        durable: Durable,
+    ) -> io::Result<()> {
+        match self {
+            Store::Files if durable == Durable::WithBatch => sink::write_atomic(&customer.path, perms, &content, false),
+            Store::Files => {
+                // Off the async threads (fsync blocks). A blocking task runs to its end even if
+                // this future is dropped, so a write once started is never cut short.
+                let path = customer.path.clone();
+                tokio::task::spawn_blocking(move || sink::write_atomic(&path, perms, &content, true))
+                    .await
+                    .unwrap_or_else(|e| Err(io::Error::other(format!("the write task failed: {e}"))))
+            }
+            Store::Secret(tokens) => tokens
+                .submit(Change::Token { key: key(customer).to_owned(), content, times })
+                .await
+                .map_err(io::Error::other),
+        }
+    }
+
+    /// What is recorded of `customer`'s username's recent 401s (another username's record, or
+    /// one an operator told the daemon to forget, is nothing).
+    pub fn ledger(&self, customer: &CustomerConfig) -> Option<AuthState> {
+        match self {
+            Store::Files => sink::read_ledger(&customer.path, &customer.username),
+            Store::Secret(tokens) => {
+                let entry = tokens.ledger(key(customer)).filter(|e| e.username == customer.username && !e.forgotten)?;
+                Some(AuthState {
+                    in_a_row: entry.in_a_row,
+                    chain: entry.chain,
+                    last_failure: Some(crate::token::from_unix(entry.last_failure)),
+                    final_refusal: false,
+                })
+            }
+        }
+    }
+
+    /// Whether an operator told the daemon to forget `customer`'s failures (`forget-failures`).
+    pub fn forgotten(&self, customer: &CustomerConfig) -> bool {
+        match self {
+            Store::Files => sink::ledger_forgotten(&customer.path, &customer.username),
+            Store::Secret(tokens) => {
+                tokens.ledger(key(customer)).is_some_and(|e| e.username == customer.username && e.forgotten)
+            }
+        }
+    }
+
+    /// Records `auth` as `customer`'s recent 401s.
+    pub async fn record_failures(&self, customer: &CustomerConfig, auth: &AuthState) -> io::Result<()> {
+        match self {
+            // Rare and small: written in place rather than on the blocking pool.
+            Store::Files => sink::write_ledger(&customer.path, customer.owner, &customer.username, auth),
+            Store::Secret(tokens) => {
+                let entry = LedgerEntry {
+                    username: customer.username.clone(),
+                    in_a_row: auth.in_a_row,
+                    chain: auth.chain,
+                    last_failure: auth.last_failure.map_or(0, crate::token::unix),
+                    forgotten: false,
+                };
+                let change = Change::Ledger { key: key(customer).to_owned(), entry: Some(entry) };
+                tokens.submit(change).await.map_err(io::Error::other)
+            }
+        }
+    }
+
+    /// Forgets `customer`'s recorded 401s (after a success, or an operator's `forget-failures`
+    /// was taken). With the Secret it is sent with the next update, not waited for.
+    pub fn clear_failures(&self, customer: &CustomerConfig) {
+        match self {
+            Store::Files => sink::remove_ledger(&customer.path),
+            Store::Secret(tokens) => {
+                if tokens.ledger(key(customer)).is_some() {
+                    let tokens = tokens.clone();
+                    let change = Change::Ledger { key: key(customer).to_owned(), entry: None };
+                    tokio::spawn(async move { tokens.submit(change).await });
+                }
+            }
+        }
+    }
+
+    /// Removes what an interrupted earlier write left (files only); returns how many.
+    pub fn sweep(&self, customer: &CustomerConfig) -> usize {
+        match self {
+            Store::Files => sink::remove_stale_temporaries(&customer.path),
+            Store::Secret(_) => 0,
+        }
+    }
+}
+
+/// A customer's key in the Secret: its `file`, else its name (kept in `path`).
+pub fn key(customer: &CustomerConfig) -> &str {
+    customer.path.to_str().unwrap_or(&customer.name)
+}
