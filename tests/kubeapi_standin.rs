@@ -254,29 +254,34 @@ async fn unavailable_answers_503_and_nothing_changes_until_it_is_back() {
 }
 
 /// The fact the daemon's author needs: kube-rs 5's default client (`Client::try_from(config)`,
-/// `default_retry: true`) retries a 503 by itself, with exponential backoff from 5 ms (15 retries,
-/// doubling, jittered up to 3x: a call can hang for minutes in an outage), and the caller sees
-/// only the final answer.
+/// `default_retry: true`) retries a 503 by itself, writes included, with exponential backoff from
+/// 5 ms (15 retries, doubling, each wait jittered up to 3x its base: a call can hang for minutes in
+/// an outage), and the caller sees only the final answer: a write sent before an outage can land
+/// after it.
 #[tokio::test]
-async fn the_default_client_retries_503_by_itself() {
+async fn the_default_client_retries_503_by_itself_writes_included() {
     let api = KubeApi::start(KubeApi::role_for(NAME)).await;
     api.put_object("secrets", NS, json!({"metadata": {"name": NAME}, "stringData": {"alice": "t1"}}));
     let secrets: Api<Secret> = Api::default_namespaced(client(&api, true).await);
     api.set_unavailable(true);
-    let call = tokio::spawn(async move { secrets.get(NAME).await });
-    // Backoffs of at least 5, 10, 20, 40 ms...: a fifth try comes within a few seconds.
+    let call = tokio::spawn(async move {
+        let p = json!({"stringData": {"alice": "t2"}});
+        secrets.patch(NAME, &PatchParams::default(), &Patch::Merge(&p)).await
+    });
+    // Backoffs of at least 5, 10, 20, 40 ms: a fifth try comes well within 20 s.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while api.requests().len() < 5 {
         assert!(std::time::Instant::now() < deadline, "only {} tries in 20 s", api.requests().len());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(!call.is_finished(), "the caller saw an answer during the outage");
+    assert_eq!(api.secret_data(NS, NAME).unwrap()["alice"], b"t1");
     api.set_unavailable(false);
-    let got = tokio::time::timeout(Duration::from_secs(600), call).await.unwrap().unwrap().unwrap();
-    assert_eq!(got.metadata.name.as_deref(), Some(NAME));
+    tokio::time::timeout(Duration::from_secs(600), call).await.unwrap().unwrap().unwrap();
+    assert_eq!(api.secret_data(NS, NAME).unwrap()["alice"], b"t2");
     let seen = api.requests();
     assert!(seen.len() >= 6, "{seen:?}");
-    assert!(seen[..seen.len() - 1].iter().all(|s| s.status == 503 && s.verb == "get"));
+    assert!(seen[..seen.len() - 1].iter().all(|s| s.status == 503 && s.verb == "patch"));
     assert_eq!(seen.last().unwrap().status, 200);
 }
 

@@ -1,7 +1,8 @@
 //! A stand-in Kubernetes API server on loopback, for exactly the calls the daemon's
 //! `output.kubernetes` makes with kube-rs: get, create, update (PUT) and patch (merge or strategic
-//! merge) of Secrets and `coordination.k8s.io/v1` Leases in a namespace. No list semantics beyond a
-//! plain list, no watch. Each behaviour's doc comment names the Kubernetes documentation it follows:
+//! merge) of Secrets and `coordination.k8s.io/v1` Leases in a namespace. list and watch are only
+//! authorized (a 403 when the rules do not grant them; 405 when they do: not served), and kube-rs
+//! makes no discovery request for these calls (`/api`, `/apis`, `/version`: 404). Each behaviour's doc comment names the Kubernetes documentation it follows:
 //!
 //! - API concepts (resource versions, "Conflicts", concurrency control, the `Status` kind):
 //!   <https://kubernetes.io/docs/reference/using-api/api-concepts/>
@@ -44,7 +45,7 @@ pub struct Seen {
     /// get list watch create update patch delete deletecollection (or the HTTP method, lower case,
     /// for paths outside the two resources).
     pub verb: String,
-    /// "secrets", "leases", or the path for anything else (discovery, unknown paths).
+    /// "secrets", "leases", or the path for anything else (404 NotFound).
     pub resource: String,
     pub namespace: String,
     /// The name in the path; for a create, the name in the body.
@@ -342,26 +343,18 @@ fn serve(
         return Err(fail(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized".into()));
     }
     if resource.is_empty() {
-        return discovery(path);
+        let msg = format!("the server could not find the requested resource ({path})");
+        return Err(fail(StatusCode::NOT_FOUND, "NotFound", msg));
     }
     let kind = kind_of(resource);
     authorize(st, kind, verb, ns, name)?;
     let key = |n: &str| (resource.to_string(), ns.to_string(), n.to_string());
     match verb {
-        // Get: 200 with the object, or 404 NotFound (API concepts, "Efficient detection of changes"
-        // / the Status kind's reasons).
+        // Get: 200 with the object, or 404 NotFound (the Status kind's reasons:
+        // <https://kubernetes.io/docs/reference/kubernetes-api/common-definitions/status/>).
         "get" => {
             let n = name.unwrap();
             st.objects.get(&key(n)).cloned().map(|o| (StatusCode::OK, o)).ok_or_else(|| not_found(kind, n))
-        }
-        // A plain list, for completeness: the daemon never lists (its Role does not allow it).
-        "list" => {
-            let items: Vec<Value> =
-                st.objects.iter().filter(|((r, n, _), _)| r == resource && n == ns).map(|(_, o)| o.clone()).collect();
-            let rv = st.revision.to_string();
-            let list = json!({"kind": format!("{}List", kind.kind), "apiVersion": kind.api_version,
-                "metadata": {"resourceVersion": rv}, "items": items});
-            Ok((StatusCode::OK, list))
         }
         "create" => {
             let mut obj = parse_body(ctype, body)?;
@@ -406,7 +399,6 @@ fn serve(
             merge_patch(&mut obj, &patch);
             write_over(st, kind, key(n), obj)
         }
-        "watch" => Err(fail(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "the stand-in serves no watch".into())),
         _ => Err(fail(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", format!("the stand-in serves no {verb}"))),
     }
 }
@@ -616,28 +608,4 @@ fn normalize(kind: &Kind, name: &str, obj: &mut Value) -> Result<(), Failure> {
     o.insert("data".into(), Value::Object(data));
     o.entry("type").or_insert(json!("Opaque"));
     Ok(())
-}
-
-/// Discovery (<https://kubernetes.io/docs/concepts/overview/kubernetes-api/#discovery-api>): any
-/// authenticated user may read `/version`, `/api` and `/apis` (the `system:discovery` role).
-fn discovery(path: &str) -> Result<(StatusCode, Value), Failure> {
-    match path.trim_end_matches('/') {
-        "/version" => Ok((
-            StatusCode::OK,
-            json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-standin",
-            "platform": "linux/amd64"}),
-        )),
-        "/api" => Ok((
-            StatusCode::OK,
-            json!({"kind": "APIVersions", "versions": ["v1"],
-            "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}]}),
-        )),
-        "/apis" => Ok((
-            StatusCode::OK,
-            json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [
-            {"name": "coordination.k8s.io", "versions": [{"groupVersion": "coordination.k8s.io/v1", "version": "v1"}],
-             "preferredVersion": {"groupVersion": "coordination.k8s.io/v1", "version": "v1"}}]}),
-        )),
-        _ => Err(fail(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource".into())),
-    }
 }
