@@ -3,6 +3,8 @@
 Static checks (no daemon needed): promtool accepts the rules and their unit tests pass; every
 metric, label and `result` value the rules and the dashboard use is one the daemon exports (as the
 contract lists them, below); the dashboard's queries parse; every alert is documented and tested.
+Central mode's alerts and panels (the Lease holder, the Kubernetes API requests) are checked the
+same way, statically: the daemon below writes files and exports no API requests.
 
 End to end: the daemon runs against the dev server, its /metrics passes `promtool check metrics`
 and holds every metric the rules and the dashboard use; a real Prometheus server scrapes it with
@@ -59,11 +61,26 @@ EXTRA_METRICS = {
     "magento_token_validations_total": ("counter", {"customer", "result"}),
 }
 DAEMON_METRICS = CONTRACT_METRICS | EXTRA_METRICS
+# Central mode (output.kubernetes, issue 11): the Lease holder and the daemon's requests to the
+# Kubernetes API. Static checks know them; the end-to-end tests below run the daemon with
+# output.dir, where it makes no API request, so they do not expect them on /metrics.
+KUBERNETES_RESULTS = {"success", "conflict", "not_found", "already_exists", "forbidden", "unavailable", "error"}
+KUBERNETES_METRICS = {
+    "magento_token_leader": ("gauge", set()),
+    "magento_token_kubernetes_requests_total": ("counter", {"resource", "verb", "result"}),
+}
+LABEL_VALUES = {
+    "magento_token_kubernetes_requests_total": {
+        "resource": {"secret", "lease"},
+        "verb": {"get", "create", "update", "patch"},
+    },
+}
 RESULT_VALUES = {
     "magento_token_refresh_total": REFRESH_RESULTS,
     "magento_token_config_reloads_total": RELOAD_RESULTS,
     "magento_token_validations_total": VALIDATION_RESULTS,
     "magento_token_notify_total": NOTIFY_RESULTS,
+    "magento_token_kubernetes_requests_total": KUBERNETES_RESULTS,
 }
 # The standard process collector's metrics (Linux).
 PROCESS_METRICS = {
@@ -71,14 +88,17 @@ PROCESS_METRICS = {
     "process_virtual_memory_max_bytes", "process_resident_memory_bytes", "process_start_time_seconds",
     "process_threads",
 }
-# Labels every scraped series gets from its target.
-TARGET_LABELS = {"job", "instance"}
+# Labels every scraped series gets from its target. The chart's ServiceMonitor and PodMonitor add
+# `namespace` (and, in central mode, the release as `app_kubernetes_io_instance`, podTargetLabels):
+# the leader alerts group by them, so two releases' Leases are never summed together. Where a
+# scrape sets neither they are empty, and the alerts group by job alone.
+TARGET_LABELS = {"job", "instance", "namespace", "app_kubernetes_io_instance"}
 
 
 def sample_labels() -> dict:
     """Every sample name the daemon exposes (histograms expanded), with the labels it carries."""
     out = {}
-    for name, (kind, labels) in DAEMON_METRICS.items():
+    for name, (kind, labels) in (DAEMON_METRICS | KUBERNETES_METRICS).items():
         if kind == "histogram":
             out[name + "_bucket"] = labels | {"le"}
             out[name + "_sum"] = set(labels)
@@ -248,8 +268,14 @@ def test_queries_use_only_exported_metrics_and_labels(where, expr):
         allowed = KNOWN[name] if name else set().union(*(KNOWN[n] for n in names))
         for label, op, value in matchers:
             assert label in allowed | {"__name__"}, f"{where}: {name} has no label {label!r}"
-            if label == "result" and op in ("=", "!=") and name in RESULT_VALUES:
-                assert value in RESULT_VALUES[name], f"{where}: {name} has no result {value!r}"
+            allowed_values = {"result": RESULT_VALUES.get(name)} | LABEL_VALUES.get(name, {})
+            if allowed_values.get(label) is None:
+                continue
+            if op in ("=", "!="):
+                assert value in allowed_values[label], f"{where}: {name} has no {label} {value!r}"
+            elif re.fullmatch(r"[a-z_]+(\|[a-z_]+)*", value):  # a plain alternation, a|b|c
+                unknown = set(value.split("|")) - allowed_values[label]
+                assert not unknown, f"{where}: {name} has no {label} {sorted(unknown)}"
     all_labels = set().union(*(KNOWN[n] for n in names))
     missing = grouping_labels(expr) - all_labels
     assert not missing, f"{where}: groups by {sorted(missing)}, which {sorted(names)} do not carry"
@@ -265,6 +291,37 @@ def test_the_dashboard_covers_what_operators_look_at():
                  "process_resident_memory_bytes",
                  "process_cpu_seconds_total"]:
         assert name in used, f"no dashboard panel shows {name}"
+
+
+def central_only(expr: str) -> bool:
+    """A query of central mode's metrics alone: empty where the daemon writes files."""
+    names = metric_names(expr)
+    return bool(names) and names <= KUBERNETES_METRICS.keys()
+
+
+def test_central_mode_alerts_and_panels():
+    """Issue 11: an alert when no replica holds the Lease, when two do, and when the daemon's
+    API requests are refused (RBAC) or keep failing; panels of the holder per pod and of the
+    API requests by result."""
+    rules = {r["alert"]: r for r in load_rules()}
+    for name, metric in [("MagentoTokenNoLeader", "magento_token_leader"),
+                         ("MagentoTokenSplitLeader", "magento_token_leader"),
+                         ("MagentoTokenKubernetesApiErrors", "magento_token_kubernetes_requests_total")]:
+        assert name in rules, f"no alert {name}"
+        assert metric in metric_names(rules[name]["expr"]), name
+        assert rules[name]["labels"]["severity"] == "critical", name
+    # Grouped per installation (job, namespace, release), never summed across releases.
+    for name in ("MagentoTokenNoLeader", "MagentoTokenSplitLeader"):
+        assert {"job", "namespace", "app_kubernetes_io_instance"} <= grouping_labels(rules[name]["expr"]), name
+    panels = {p.get("title"): p for p in dashboard_panels(load_dashboard())}
+    leader = panels.get("Lease holder by pod")
+    assert leader and leader["type"] == "state-timeline", "no 'Lease holder by pod' panel"
+    assert metric_names(leader["targets"][0]["expr"]) == {"magento_token_leader"}
+    assert "{{instance}}" in leader["targets"][0]["legendFormat"]
+    api = panels.get("Kubernetes API requests by result")
+    assert api, "no 'Kubernetes API requests by result' panel"
+    expr = api["targets"][0]["expr"]
+    assert metric_names(expr) == {"magento_token_kubernetes_requests_total"} and "result" in grouping_labels(expr)
 
 
 def test_dashboard_shape():
@@ -537,14 +594,23 @@ def test_end_to_end_metrics_and_prometheus(stack):
         if "customer" in labels:
             assert {s["customer"] for s in samples[name]} == customers, f"{name}: not one series per customer"
     for name, results in RESULT_VALUES.items():
-        if "customer" in DAEMON_METRICS[name][1]:
+        if name in DAEMON_METRICS and "customer" in DAEMON_METRICS[name][1]:
             pairs = {(s["customer"], s["result"]) for s in samples[name]}
             assert pairs == {(c, r) for c in customers for r in results}, f"{name} series: {sorted(pairs)}"
     assert {s["result"] for s in samples["magento_token_config_reloads_total"]} == RELOAD_RESULTS
+    # Central mode's metrics, should this daemon export them too: their type and labels, and no
+    # Lease held by a daemon writing files (MagentoTokenNoLeader counts on that).
+    for name, (kind, labels) in KUBERNETES_METRICS.items():
+        if name in types:
+            assert types[name] == kind, f"{name}: TYPE {types[name]!r}, expected {kind}"
+            for series in samples.get(name, []):
+                assert set(series) == labels, f"{name} has labels {sorted(series)}, expected {sorted(labels)}"
+    assert not samples.get("magento_token_kubernetes_requests_total"), "requests to a Kubernetes API with output.dir"
     assert samples["magento_token_build_info"] and all(s["version"] for s in samples["magento_token_build_info"])
 
-    # What the rules and the dashboard query is really there (`up` comes from Prometheus).
-    exported = set(samples) | {"up"}
+    # What the rules and the dashboard query is really there (`up` comes from Prometheus), but
+    # central mode's metrics: this daemon writes files and talks to no Kubernetes API.
+    exported = set(samples) | {"up"} | KUBERNETES_METRICS.keys()
     for where, expr in used_exprs():
         missing = metric_names(expr) - exported
         assert not missing, f"{where} uses {sorted(missing)}, which /metrics does not have"
@@ -580,7 +646,7 @@ def test_end_to_end_metrics_and_prometheus(stack):
     # Every dashboard query runs on the real data and returns something.
     def dashboard_answers():
         empty = [(title, expr) for title, expr in dashboard_exprs(load_dashboard())
-                 if not stack.query(grafana_to_promql(expr))]
+                 if not central_only(expr) and not stack.query(grafana_to_promql(expr))]
         return not empty, empty
     wait_for("every dashboard query to return data", dashboard_answers, timeout=30,
              alive=[stack.daemon, stack.prometheus])

@@ -115,7 +115,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- fail (printf "customers[%d].password: required unless existingSecret names a Secret holding it (customer %q)" $i $c.name) }}
 {{- end }}
 {{- end }}
-{{- if and .Values.nativeSidecar (semverCompare "<1.29.0-0" .Capabilities.KubeVersion.Version) }}
+{{- if and .Values.nativeSidecar (not (include "magento-token-sidecar.isCentral" .)) (semverCompare "<1.29.0-0" .Capabilities.KubeVersion.Version) }}
 {{- fail (printf "nativeSidecar: native sidecar containers need Kubernetes 1.29 or later (this is %s); set nativeSidecar=false" .Capabilities.KubeVersion.Version) }}
 {{- end }}
 {{- end }}
@@ -128,6 +128,9 @@ daemon that may give files away: refused here for a non-root one or without CHOW
 Ids go out as integers (Helm reads numbers as floats: 4294967294 would become 4.294967294e+09).
 */}}
 {{- define "magento-token-sidecar.output" -}}
+{{- if include "magento-token-sidecar.isCentral" . }}
+{{- include "magento-token-sidecar.centralOutput" . }}
+{{- else }}
 {{- $out := dict "dir" .Values.tokens.mountPath "mode" .Values.output.mode "format" .Values.output.format }}
 {{- if .Values.output.index }}
 {{- $_ := set $out "index" .Values.output.index }}
@@ -158,6 +161,7 @@ Ids go out as integers (Helm reads numbers as floats: 4294967294 would become 4.
 {{- $_ := set $out "gid" (int64 $gid) }}
 {{- end }}
 {{- toYaml $out }}
+{{- end }}
 {{- end }}
 
 {{/* A copy of a map without its null and "" entries (the daemon takes absent keys as defaults). */}}
@@ -233,6 +237,11 @@ checksum/secret: {{ include "magento-token-sidecar.secretData" . | sha256sum }}
 
 {{- define "magento-token-sidecar.volumes" -}}
 {{ include "magento-token-sidecar.volume" . }}
+{{ include "magento-token-sidecar.configVolumes" . }}
+{{- end }}
+
+{{/* The config and password volumes alone (central mode has no token directory). */}}
+{{- define "magento-token-sidecar.configVolumes" -}}
 - name: magento-token-sidecar-config
   configMap:
     name: {{ include "magento-token-sidecar.configMapName" . }}
@@ -253,6 +262,11 @@ checksum/secret: {{ include "magento-token-sidecar.secretData" . | sha256sum }}
 {{- define "magento-token-sidecar.daemonMounts" -}}
 - name: magento-tokens
   mountPath: {{ .Values.tokens.mountPath }}
+{{ include "magento-token-sidecar.configMounts" . }}
+{{- end }}
+
+{{/* The daemon's mounts of its config and passwords, and sidecar.extraVolumeMounts. */}}
+{{- define "magento-token-sidecar.configMounts" -}}
 - name: magento-token-sidecar-config
   mountPath: {{ include "magento-token-sidecar.configDir" . }}
   readOnly: true
