@@ -306,8 +306,9 @@ impl Collector for ClusterCollector {
         }
         let mut api = family(API_REQUESTS, MetricType::COUNTER);
         for ((resource, verb, result), n) in requests {
+            // In the order of their names, as the text format lists them.
             let labels =
-                vec![label_pair("resource", resource), label_pair("verb", verb), label_pair("result", result.as_str())];
+                vec![label_pair("resource", resource), label_pair("result", result.as_str()), label_pair("verb", verb)];
             let mut m = Metric::from_label(labels);
             let mut c = proto::Counter::default();
             c.set_value(n as f64);

@@ -1,0 +1,359 @@
+//! Scale-out (`output.kubernetes`): several replicas of the real binary, as separate processes,
+//! against the dev server and a stand-in Kubernetes API on loopback (tests/kubeapi), through
+//! kube-rs as in a cluster. One holder of the Lease logs in and writes the Secret; a SIGKILL, an
+//! API outage or a wrong password across failovers never makes two writers, loses a token or
+//! takes Magento's count past the lockout budget.
+
+mod common;
+mod kubeapi;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::*;
+use kubeapi::KubeApi;
+use magento_devserver::DevServerOptions;
+
+const NS: &str = "shop";
+const SECRET: &str = "magento-tokens";
+const SEC: Duration = Duration::from_secs(1);
+
+/// The dev server, the stand-in API with the chart's Role, and the replicas' configuration.
+struct Deployment {
+    w: World,
+    api: KubeApi,
+    kubeconfig: PathBuf,
+}
+
+impl Deployment {
+    async fn new(opts: DevServerOptions, customers: &[(&str, &str, &str)]) -> Deployment {
+        let w = World::new(opts).await;
+        for (name, email, password) in customers {
+            w.server.add_customer(email, password);
+            w.set_password(name, password);
+        }
+        let api = KubeApi::start(KubeApi::role_for(SECRET)).await;
+        let kubeconfig = w.dir.path().join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig, NS);
+        Deployment { w, api, kubeconfig }
+    }
+
+    /// A configuration for `customers` writing the Secret, with `refresh` lines.
+    fn config(&self, customers: &[(&str, &str)], refresh: &str, admin_port: u16) -> String {
+        let mut y = format!(
+            "magento:\n  base_url: {}\n  timeout: 2s\nrefresh:\n  min_backoff: 100ms\n  max_backoff: 1s\n{refresh}output:\n  kubernetes:\n    secret: {SECRET}\n    lease_duration: 3s\nadmin:\n  listen: 127.0.0.1:{admin_port}\nlog:\n  format: json\n  level: debug\ncustomers:\n",
+            self.w.server.base_url(),
+        );
+        for (name, email) in customers {
+            y.push_str(&format!(
+                "  - name: {name}\n    username: {email}\n    password_file: {}\n",
+                self.w.secret_path(name).display()
+            ));
+        }
+        y
+    }
+
+    /// Starts replica `name` (its POD_NAME) of `run` on its own configuration file.
+    fn replica(&self, name: &str, customers: &[(&str, &str)], refresh: &str) -> Daemon {
+        let port = free_port();
+        let path = self.w.dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&path, self.config(customers, refresh, port)).unwrap();
+        let log = self.w.dir.path().join(format!("{name}.log"));
+        let kubeconfig = self.kubeconfig.clone();
+        let name = name.to_owned();
+        Daemon::spawn_with(&["run", "--config", path.to_str().unwrap()], &log, port, move |c| {
+            c.env("KUBECONFIG", kubeconfig).env("POD_NAME", name).env_remove("HOME");
+        })
+    }
+
+    fn holder(&self) -> Option<String> {
+        let lease = self.api.object("leases", NS, SECRET)?;
+        lease["spec"]["holderIdentity"].as_str().filter(|h| !h.is_empty()).map(str::to_owned)
+    }
+
+    fn token(&self, key: &str) -> Option<String> {
+        let data = self.api.secret_data(NS, SECRET)?;
+        data.get(key).map(|t| String::from_utf8(t.clone()).unwrap())
+    }
+
+    async fn wait_holder(&self, not: Option<&str>, limit: Duration) -> String {
+        wait_for(limit, "a holder of the Lease", || async { self.holder().filter(|h| Some(h.as_str()) != not) }).await
+    }
+
+    async fn wait_token(&self, key: &str, not: Option<&str>, limit: Duration) -> String {
+        wait_for(limit, &format!("{key}'s token in the Secret"), || async {
+            self.token(key).filter(|t| Some(t.as_str()) != not)
+        })
+        .await
+    }
+
+    /// Every verb the stand-in saw, with the object kind and name.
+    fn verbs(&self) -> BTreeSet<(String, String, Option<String>)> {
+        self.api.requests().into_iter().map(|r| (r.verb, r.resource, r.name)).collect()
+    }
+}
+
+fn count(logs: &str, message: &str) -> usize {
+    logs.matches(&format!("\"message\":\"{message}\"")).count()
+}
+
+/// Three replicas: one holds the Lease and makes every login (one per customer per refresh);
+/// the other two log in never, are ready from the Secret, show the holder and send POST
+/// /refresh to it; only get, create and update reach the API, on the two named objects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_log_each_customer_in_once_per_refresh() {
+    let opts = DevServerOptions { token_lifetime: 8 * SEC, ..Default::default() };
+    let d = Deployment::new(opts, &[ALICE, BOB]).await;
+    let customers = [(ALICE.0, ALICE.1), (BOB.0, BOB.1)];
+    let refresh = "  before_expiry: 4s\n  jitter: 500ms\n";
+    let mut replicas: Vec<Daemon> = ["r1", "r2", "r3"].iter().map(|n| d.replica(n, &customers, refresh)).collect();
+    let first = d.wait_token("alice", None, 20 * SEC).await;
+    d.wait_token("bob", None, 20 * SEC).await;
+    // Two refreshes of each customer (8 s tokens refreshed 4 s before their end).
+    d.wait_token("alice", Some(&first), 20 * SEC).await;
+    let second = d.token("alice").unwrap();
+    d.wait_token("alice", Some(&second), 20 * SEC).await;
+    let holder = d.holder().expect("a holder");
+    for r in &replicas {
+        r.wait_ready(15 * SEC).await;
+    }
+    // The holder wrote every token; the standbys logged in never.
+    let mut written = 0;
+    for (name, r) in ["r1", "r2", "r3"].iter().zip(&replicas) {
+        let logs = r.logs();
+        let leader = r.metric("magento_token_leader").await;
+        if *name == holder {
+            assert_eq!(leader, Some(1.0), "{name} holds the Lease");
+            written = count(&logs, "token written");
+        } else {
+            assert_eq!(leader, Some(0.0), "{name} stands by");
+            assert_eq!(count(&logs, "token written"), 0, "{name} wrote nothing:\n{logs}");
+            let status: serde_json::Value = serde_json::from_str(&r.get("/status").await.unwrap().1).unwrap();
+            assert_eq!(status["leader"]["holder"], holder.as_str());
+            assert_eq!(status["leader"]["leading"], false);
+            assert_eq!(status["customers"][0]["state"], "standby");
+            let asked = reqwest::Client::new().post(r.url("/refresh/alice")).send().await.unwrap();
+            assert_eq!(asked.status().as_u16(), 503);
+            assert!(asked.text().await.unwrap().contains(&holder), "a standby names the holder");
+        }
+    }
+    // One login per customer per refresh: every login the store saw wrote a token.
+    let logins = d.w.server.login_attempts(ALICE.1) + d.w.server.login_attempts(BOB.1);
+    assert!(logins >= 6, "three tokens of each customer at least: {logins}");
+    assert_eq!(logins, written, "every login the store received came from the holder and was written");
+    // Exactly the verbs of the Role, on the two named objects.
+    for (verb, resource, name) in d.verbs() {
+        assert!(["get", "create", "update"].contains(&verb.as_str()), "{verb} {resource}");
+        assert_eq!(name.as_deref(), Some(SECRET), "{verb} {resource}");
+    }
+    let secret = d.api.object("secrets", NS, SECRET).unwrap();
+    assert_eq!(secret["type"], "Opaque");
+    for r in &mut replicas {
+        assert_eq!(r.stop().await.code(), Some(0));
+    }
+    // A clean stop gives the Lease up.
+    assert_eq!(d.holder(), None);
+}
+
+/// SIGKILL of the holder: a standby takes the Lease within lease_duration plus a renew period,
+/// adopts the tokens in the Secret (no login for them) and writes the next refresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_from_a_killed_holder_without_logging_in_again() {
+    let opts = DevServerOptions { token_lifetime: 20 * SEC, ..Default::default() };
+    let d = Deployment::new(opts, &[ALICE]).await;
+    let customers = [(ALICE.0, ALICE.1)];
+    let refresh = "  before_expiry: 10s\n  jitter: 1s\n";
+    let mut replicas = vec![d.replica("r1", &customers, refresh), d.replica("r2", &customers, refresh)];
+    let first = d.wait_token("alice", None, 20 * SEC).await;
+    let holder = d.wait_holder(None, 10 * SEC).await;
+    let logins = d.w.server.login_attempts(ALICE.1);
+    let (i, j) = if holder == "r1" { (0, 1) } else { (1, 0) };
+    replicas[i].signal("KILL");
+    let killed = Instant::now();
+    let next = d.wait_holder(Some(&holder), 20 * SEC).await;
+    let took = killed.elapsed();
+    println!("the Lease went from {holder} to {next} {took:?} after the SIGKILL");
+    assert_eq!(next, if holder == "r1" { "r2" } else { "r1" });
+    // 3 s lease + 0.6 s renew period, with room for a busy machine.
+    assert!(took < 15 * SEC, "{took:?}");
+    replicas[j].wait_metric("magento_token_leader", 1.0, 10 * SEC).await;
+    // The token in the Secret was adopted: no login at the takeover.
+    wait_for(10 * SEC, "the adoption", || async {
+        replicas[j].logs().contains("adopted the token on disk").then_some(())
+    })
+    .await;
+    assert_eq!(d.w.server.login_attempts(ALICE.1), logins, "no login at the takeover");
+    // The next refresh is the new holder's.
+    let refreshed = d.wait_token("alice", Some(&first), 30 * SEC).await;
+    assert!(d.w.server.issued(&refreshed));
+    assert_eq!(count(&replicas[j].logs(), "token written"), 1);
+    assert_eq!(replicas[j].stop().await.code(), Some(0));
+}
+
+/// The API away for longer than the lease: the Secret keeps the last tokens, the holder stops
+/// writing before its Lease could be taken, no replica ever counts itself the holder beside
+/// another, and when the API is back one replica holds the Lease and refreshes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_outage_loses_no_token_and_never_makes_two_writers() {
+    let opts = DevServerOptions { token_lifetime: 30 * SEC, ..Default::default() };
+    let d = Deployment::new(opts, &[ALICE]).await;
+    let customers = [(ALICE.0, ALICE.1)];
+    let refresh = "  before_expiry: 15s\n  jitter: 1s\n";
+    let mut replicas = vec![d.replica("r1", &customers, refresh), d.replica("r2", &customers, refresh)];
+    let first = d.wait_token("alice", None, 20 * SEC).await;
+    d.wait_holder(None, 10 * SEC).await;
+    for r in &replicas {
+        r.wait_ready(15 * SEC).await;
+    }
+    d.api.set_unavailable(true);
+    let outage = Instant::now();
+    let mut both = 0;
+    // 8 s of outage (the lease is 3 s): both replicas are watched all along.
+    while outage.elapsed() < 8 * SEC {
+        let a = replicas[0].metric("magento_token_leader").await;
+        let b = replicas[1].metric("magento_token_leader").await;
+        if a == Some(1.0) && b == Some(1.0) {
+            both += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(both, 0, "two replicas held the Lease at once");
+    for r in &replicas {
+        assert_eq!(r.metric("magento_token_leader").await, Some(0.0), "no holder without the API");
+    }
+    assert_eq!(d.token("alice").as_deref(), Some(first.as_str()), "the Secret keeps the token");
+    d.api.set_unavailable(false);
+    // (The Lease still names the holder from before the outage: either replica may win it.)
+    let h = wait_for(20 * SEC, "a holder after the outage", || async {
+        for (i, r) in replicas.iter().enumerate() {
+            if r.metric("magento_token_leader").await == Some(1.0) {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await;
+    assert_eq!(replicas[1 - h].metric("magento_token_leader").await, Some(0.0));
+    assert_eq!(d.holder().as_deref(), Some(["r1", "r2"][h]));
+    let refreshed = d.wait_token("alice", Some(&first), 40 * SEC).await;
+    assert!(d.w.server.issued(&refreshed));
+    let metrics = replicas[h].get("/metrics").await.unwrap().1;
+    assert!(
+        metrics.contains(
+            "magento_token_kubernetes_requests_total{resource=\"lease\",result=\"unavailable\",verb=\"get\"}"
+        ),
+        "{metrics}"
+    );
+    for r in &mut replicas {
+        assert_eq!(r.stop().await.code(), Some(0));
+    }
+}
+
+/// A wrong password and three failovers (each holder killed after its 401): the ledger in the
+/// Secret travels with the Lease, so Magento never counts more than the budget of one
+/// replica (3 with lockout_reset success).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_across_failovers_keeps_within_the_budget() {
+    let d = Deployment::new(DevServerOptions::default(), &[ALICE]).await;
+    d.w.set_password(ALICE.0, "wrong-password");
+    let customers = [(ALICE.0, ALICE.1)];
+    let refresh = "  auth_failure_delays: [1s, 2s]\n";
+    let mut replicas: Vec<Option<Daemon>> =
+        ["r1", "r2", "r3", "r4"].iter().map(|n| Some(d.replica(n, &customers, refresh))).collect();
+    let names = ["r1", "r2", "r3", "r4"];
+    let mut holder = d.wait_holder(None, 20 * SEC).await;
+    for failover in 0..3 {
+        // The holder's next 401 (or its being held back), then it is killed.
+        let before = d.w.server.login_attempts(ALICE.1);
+        let _ = tokio::time::timeout(10 * SEC, async {
+            while d.w.server.login_attempts(ALICE.1) == before {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        let i = names.iter().position(|n| *n == holder).unwrap();
+        replicas[i].as_mut().unwrap().signal("KILL");
+        replicas[i] = None;
+        println!("failover {failover}: killed {holder} after {} logins", d.w.server.login_attempts(ALICE.1));
+        holder = d.wait_holder(Some(&holder), 20 * SEC).await;
+    }
+    // The last holder goes on to the end of the budget.
+    tokio::time::sleep(8 * SEC).await;
+    let peak = d.w.server.max_failure_count(ALICE.1);
+    println!("Magento's highest count for alice: {peak}");
+    assert!(peak <= 3, "Magento counted {peak} failures: over the budget");
+    assert!(!d.w.server.is_locked(ALICE.1));
+    let ledger = d.api.object("secrets", NS, SECRET).unwrap()["metadata"]["annotations"]
+        ["magento-token-sidecar/ledger"]
+        .as_str()
+        .map(str::to_owned)
+        .expect("the ledger is in the Secret");
+    assert!(ledger.contains("\"username\":\"alice@example.com\""), "{ledger}");
+    assert!(!ledger.contains("wrong-password"));
+    for r in replicas.iter_mut().flatten() {
+        assert_eq!(r.stop().await.code(), Some(0));
+    }
+}
+
+/// `once` takes the Lease, writes every customer's token into the Secret in one update, and
+/// gives the Lease up; while another replica holds it, `once` writes nothing and exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_writes_the_secret_under_the_lease() {
+    let d = Deployment::new(DevServerOptions::default(), &[ALICE, BOB]).await;
+    let customers = [(ALICE.0, ALICE.1), (BOB.0, BOB.1)];
+    let path = d.w.dir.path().join("once.yaml");
+    std::fs::write(&path, d.config(&customers, "", 0)).unwrap();
+    let run = |timeout: &str| {
+        let out = std::process::Command::new(BIN)
+            .args(["once", "--config", path.to_str().unwrap(), "--timeout", timeout])
+            .env("KUBECONFIG", &d.kubeconfig)
+            .env("POD_NAME", "cronjob")
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, logs) = tokio::task::block_in_place(|| run("30s"));
+    assert_eq!(code, Some(0), "{logs}");
+    for who in [ALICE, BOB] {
+        let token = d.token(who.0).expect("a token in the Secret");
+        assert_eq!(d.w.server.check_token(&token).as_deref(), Some(who.1));
+    }
+    // Two writes, whatever the number of customers: every login booked before it is sent
+    // (passwords not yet proven in this process), then every token with the bookings taken back.
+    let updates = d.api.requests().iter().filter(|r| r.resource == "secrets" && r.verb != "get").count();
+    assert_eq!(updates, 2, "the bookings share one write, the tokens another");
+    let annotations = &d.api.object("secrets", NS, SECRET).unwrap()["metadata"]["annotations"];
+    assert!(annotations.get("magento-token-sidecar/ledger").is_none(), "bookings taken back: {annotations}");
+    assert_eq!(d.holder(), None, "the Lease given up");
+    // A running replica holds the Lease: once waits for it until --timeout, then gives up.
+    let mut r = d.replica("r1", &customers, "");
+    d.wait_holder(None, 20 * SEC).await;
+    let (code, logs) = tokio::task::block_in_place(|| run("2s"));
+    assert_eq!(code, Some(1), "{logs}");
+    assert!(logs.contains("is held by r1"), "{logs}");
+    assert_eq!(r.stop().await.code(), Some(0));
+}
+
+/// The Role without update on the Lease: no replica can hold it, each says why in its log and
+/// in magento_token_kubernetes_requests_total{result="forbidden"}, and no login is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_missing_a_verb_is_reported_and_nothing_is_sent() {
+    let w = World::new(DevServerOptions::default()).await;
+    w.server.add_customer(ALICE.1, ALICE.2);
+    w.set_password(ALICE.0, ALICE.2);
+    let mut rules = KubeApi::role_for(SECRET);
+    rules.retain(|r| !(r.resource == "leases" && r.verbs.contains(&"create")));
+    let api = KubeApi::start(rules).await;
+    let d = Deployment { kubeconfig: w.dir.path().join("kubeconfig"), w, api };
+    d.api.write_kubeconfig(&d.kubeconfig, NS);
+    let mut r = d.replica("r1", &[(ALICE.0, ALICE.1)], "");
+    let forbidden = "magento_token_kubernetes_requests_total{resource=\"lease\",result=\"forbidden\",verb=\"create\"}";
+    wait_for(15 * SEC, "a forbidden create of the Lease", || async { r.metric(forbidden).await.filter(|n| *n >= 1.0) })
+        .await;
+    assert!(r.logs().contains("may not do this"), "{}", r.logs());
+    assert_eq!(d.w.server.login_attempts(ALICE.1), 0);
+    let (status, body) = r.get("/readyz").await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(r.stop().await.code(), Some(0));
+}
