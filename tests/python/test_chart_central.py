@@ -479,7 +479,6 @@ def test_central_value_set_passes_the_schema():
 # The real binary on what the chart renders
 
 
-@pytest.mark.xfail(strict=False, reason="daemon side in progress")
 @pytest.mark.parametrize("values", list(CENTRAL_SETS))
 def test_binary_check_accepts_the_rendered_central_config(values, binary, tmp_path):
     cfg = config_of(rendered(values))
