@@ -276,17 +276,7 @@ async fn a_wrong_password_across_failovers_keeps_within_the_budget() {
         replicas[i].as_mut().unwrap().signal("KILL");
         replicas[i] = None;
         println!("failover {failover}: killed {holder} after {} logins", d.w.server.login_attempts(ALICE.1));
-        let next = wait_for(20 * SEC, "the next holder", || async {
-            let next = d.holder().filter(|h| *h != holder);
-            if next.is_none() && replicas.iter().flatten().any(|r| r.logs().contains("\"level\":\"ERROR\"")) {
-                for r in replicas.iter().flatten() {
-                    eprintln!("{}", r.logs());
-                }
-            }
-            next
-        })
-        .await;
-        holder = next;
+        holder = d.wait_holder(Some(&holder), 20 * SEC).await;
     }
     // The last holder goes on to the end of the budget.
     tokio::time::sleep(8 * SEC).await;
