@@ -94,10 +94,13 @@ impl Elector {
         loop {
             let started = Instant::now();
             let term = self.tx.borrow().clone();
-            // A holder's attempt must end before its deadline; a standby's within a period.
+            // A holder's attempt must end before its deadline. A standby's may take longer than a
+            // period on a busy API server (a take-over that lands late is still conditional on
+            // the resourceVersion read): giving up sooner could keep every standby from ever
+            // taking over.
             let within = match term.leading_until {
                 Some(until) if until > started => until - started,
-                _ => k.retry_period(),
+                _ => k.lease_duration,
             };
             match self.attempt(started, within).await {
                 Ok(None) => self.publish(Term {
