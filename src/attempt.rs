@@ -110,6 +110,13 @@ pub async fn attempt<M: Magento>(a: Attempt<'_, M>, stop: &CancellationToken) ->
         }
         permit = a.logins.acquire() => permit.expect("the login semaphore is never closed"),
     };
+    if !a.store.may_log_in() {
+        // The Lease went while this login waited: the new holder logs in.
+        if booked {
+            unbook(&a).await;
+        }
+        return Err(NoToken::Stopped);
+    }
     let started = a.clock.now();
     let timer = tokio::time::Instant::now();
     let answer = a.magento.login(&a.customer.token_url(), &a.customer.username, &password).await;

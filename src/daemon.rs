@@ -54,8 +54,9 @@ pub struct Supervisor {
     admin_listen: Option<std::net::SocketAddr>,
     log_format: LogFormat,
     board: Board,
-    /// One lockout budget per username, handed to the workers.
-    accounts: Accounts,
+    /// One lockout budget per username, handed to the workers (kept across the terms of a
+    /// Lease holder: what it learnt of 401s it could not book stays known).
+    accounts: Arc<Accounts>,
     workers: BTreeMap<String, Running>,
     /// Keeps `output.index` up to date, when there is one.
     index: Option<IndexWriter>,
@@ -101,11 +102,16 @@ pub fn plan<'a>(
 impl Supervisor {
     /// Starts a worker for every configured customer, writing files.
     pub async fn start(config: Config, board: Board) -> Result<Supervisor, ClientError> {
-        Supervisor::start_in(config, board, Store::Files).await
+        Supervisor::start_in(config, board, Store::Files, Arc::default()).await
     }
 
     /// Starts a worker for every configured customer, writing to `store`.
-    pub async fn start_in(config: Config, board: Board, store: Store) -> Result<Supervisor, ClientError> {
+    pub async fn start_in(
+        config: Config,
+        board: Board,
+        store: Store,
+        accounts: Arc<Accounts>,
+    ) -> Result<Supervisor, ClientError> {
         let shared = shared_for(&config, None, store)?;
         let mut supervisor = Supervisor {
             magento: config.magento,
@@ -113,7 +119,7 @@ impl Supervisor {
             admin_listen: config.admin_listen,
             log_format: config.log.format,
             board,
-            accounts: Accounts::new(),
+            accounts,
             workers: BTreeMap::new(),
             index: None,
         };
@@ -318,7 +324,7 @@ pub async fn run_central(
 ) -> Result<(), String> {
     let k = config.output.kubernetes.clone().ok_or("output.kubernetes is not set")?;
     let board = metrics.board().clone();
-    let cluster = Cluster::connect(&k, board.clone()).await?;
+    let cluster = Cluster::connect(&k, board.clone(), None).await?;
     info!(
         customers = config.customers.len(),
         version = env!("CARGO_PKG_VERSION"),
@@ -331,6 +337,7 @@ pub async fn run_central(
     let (mut term, elector) = lease::spawn(cluster.clone(), stop.clone());
     let tokens = Tokens::start(cluster.clone(), term.clone(), stop.clone());
     let mut supervisor: Option<Supervisor> = None;
+    let accounts = Arc::new(Accounts::new());
     // When the Secret is next read: by a standby for readiness, by the holder to see an
     // operator's forget-failures while a ledger is recorded.
     let mut next_read = tokio::time::Instant::now();
@@ -343,8 +350,15 @@ pub async fn run_central(
             match tokens.load().await {
                 Ok(()) => {
                     let store = Store::Secret(tokens.clone());
-                    let started = Supervisor::start_in(config.clone(), board.clone(), store).await;
-                    supervisor = Some(started.map_err(|e| e.to_string())?);
+                    match Supervisor::start_in(config.clone(), board.clone(), store, accounts.clone()).await {
+                        Ok(started) => supervisor = Some(started),
+                        Err(e) => {
+                            // Given up at once, not a lease later.
+                            stop.cancel();
+                            let _ = elector.await;
+                            return Err(e.to_string());
+                        }
+                    }
                     next_read = tokio::time::Instant::now() + k.lease_duration * 2;
                 }
                 Err(e) => warn!(error = %e, "holding the Lease, but cannot read the Secret: trying again"),
@@ -400,7 +414,12 @@ pub async fn run_central(
                     }
                 }
             },
-            _ = term.changed() => {}
+            changed = term.changed() => {
+                if changed.is_err() {
+                    error!("the election stopped: stopping, so the pod restarts and another replica takes over");
+                    break;
+                }
+            }
             _ = tokio::time::sleep_until(wake) => {
                 if tokio::time::Instant::now() >= next_read {
                     match supervisor {
@@ -436,6 +455,8 @@ pub async fn run_central(
 /// A standby's board: every configured customer with the expiry of its token in the Secret, so
 /// `/readyz` is 200 on every replica when the Secret holds an unexpired token for each.
 fn stand_by(config: &Config, board: &Board, tokens: &Tokens) {
+    // No worker here answers POST /refresh: the admin server says who does.
+    board.close_askers();
     let expiries = tokens.expiries();
     let wanted: std::collections::HashSet<&str> = config.customers.iter().map(|c| c.name.as_str()).collect();
     for name in board.names() {
@@ -457,7 +478,7 @@ fn stand_by(config: &Config, board: &Board, tokens: &Tokens) {
 pub async fn once_central(config: &Config, timeout: Duration, board: Board) -> Result<Vec<OnceResult>, String> {
     let k = config.output.kubernetes.clone().ok_or("output.kubernetes is not set")?;
     let deadline = tokio::time::Instant::now() + timeout;
-    let cluster = Cluster::connect(&k, board).await?;
+    let cluster = Cluster::connect(&k, board, Some("once")).await?;
     let stop = CancellationToken::new();
     let (mut term, elector) = lease::spawn(cluster.clone(), stop.clone());
     let tokens = Tokens::start(cluster.clone(), term.clone(), stop.clone());
@@ -466,7 +487,7 @@ pub async fn once_central(config: &Config, timeout: Duration, board: Board) -> R
         let _ = elector.await;
     };
     while !term.borrow().leading() {
-        if tokio::time::timeout_at(deadline, term.changed()).await.is_err() {
+        if !matches!(tokio::time::timeout_at(deadline, term.changed()).await, Ok(Ok(()))) {
             let holder = term.borrow().holder.clone();
             finish(stop, elector).await;
             return Err(match holder {

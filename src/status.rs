@@ -410,6 +410,12 @@ impl Board {
         self.askers.lock().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
     }
 
+    /// Forgets every worker's mailbox: none runs here any more (a standby of
+    /// `output.kubernetes`).
+    pub fn close_askers(&self) {
+        self.askers.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
     pub fn names(&self) -> Vec<String> {
         self.with(|m| m.keys().map(|k| k.to_string()).collect())
     }

@@ -38,6 +38,15 @@ impl Store {
         matches!(self, Store::Secret(_))
     }
 
+    /// Whether this process may send a login now: always with files; with the Secret, only
+    /// while it holds the Lease.
+    pub fn may_log_in(&self) -> bool {
+        match self {
+            Store::Files => true,
+            Store::Secret(tokens) => tokens.leading(),
+        }
+    }
+
     /// The token an earlier run (or the former Lease holder) left for `customer`.
     pub fn found(&self, customer: &CustomerConfig, mode: u32) -> Option<OnDisk> {
         match self {
@@ -140,9 +149,7 @@ impl Store {
             Store::Files => sink::remove_ledger(&customer.path),
             Store::Secret(tokens) => {
                 if tokens.ledger(key(customer)).is_some() {
-                    let tokens = tokens.clone();
-                    let change = Change::Ledger { key: key(customer).to_owned(), entry: None };
-                    tokio::spawn(async move { tokens.submit(change).await });
+                    tokens.enqueue(Change::Ledger { key: key(customer).to_owned(), entry: None });
                 }
             }
         }

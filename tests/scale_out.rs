@@ -149,6 +149,13 @@ async fn three_replicas_log_each_customer_in_once_per_refresh() {
     }
     let secret = d.api.object("secrets", NS, SECRET).unwrap();
     assert_eq!(secret["type"], "Opaque");
+    // No password, token or API credential in any replica's logs, /status or /metrics.
+    let mut secrets: Vec<String> = [ALICE.2, BOB.2, kubeapi::TOKEN].iter().map(|s| s.to_string()).collect();
+    secrets.extend(["alice", "bob"].iter().filter_map(|k| d.token(k)));
+    secrets.extend([first, second]);
+    for r in &replicas {
+        r.assert_secrets_hidden(&secrets).await;
+    }
     for r in &mut replicas {
         assert_eq!(r.stop().await.code(), Some(0));
     }
@@ -355,5 +362,52 @@ async fn a_role_missing_a_verb_is_reported_and_nothing_is_sent() {
     assert_eq!(d.w.server.login_attempts(ALICE.1), 0);
     let (status, body) = r.get("/readyz").await.unwrap();
     assert_eq!(status, 503, "{body}");
+    assert_eq!(r.stop().await.code(), Some(0));
+}
+
+/// forget-failures with output.kubernetes: it marks the ledger in the Secret, and the holder,
+/// held back by a wrong password, tries again within two leases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_failures_reaches_the_holder_through_the_secret() {
+    let d = Deployment::new(DevServerOptions::default(), &[ALICE]).await;
+    d.w.set_password(ALICE.0, "wrong-password");
+    let customers = [(ALICE.0, ALICE.1)];
+    let refresh = "  auth_failure_delays: [200ms, 400ms]\n";
+    let mut r = d.replica("r1", &customers, refresh);
+    wait_for(20 * SEC, "the budget spent", || async { (d.w.server.login_attempts(ALICE.1) == 3).then_some(()) }).await;
+    r.wait_metric(&series("magento_token_held_back", ALICE.0), 1.0, 10 * SEC).await;
+    // The operator resets Magento's count, then tells the daemon.
+    d.w.server.reset_failures(ALICE.1);
+    let path = d.w.dir.path().join("r1.yaml");
+    let out = std::process::Command::new(BIN)
+        .args(["forget-failures", "--config", path.to_str().unwrap(), "alice"])
+        .env("KUBECONFIG", &d.kubeconfig)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("forgotten in the Secret"));
+    wait_for(20 * SEC, "a login after forget-failures", || async {
+        (d.w.server.login_attempts(ALICE.1) > 3).then_some(())
+    })
+    .await;
+    assert!(r.logs().contains("an operator cleared this customer's failed logins"));
+    assert_eq!(r.stop().await.code(), Some(0));
+}
+
+/// The Secret deleted under a running holder (a cleanup, `kubectl delete`): the next write
+/// creates it again instead of failing for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_secret_is_created_again_at_the_next_write() {
+    let opts = DevServerOptions { token_lifetime: 6 * SEC, ..Default::default() };
+    let d = Deployment::new(opts, &[ALICE]).await;
+    let refresh = "  before_expiry: 3s\n  jitter: 500ms\n";
+    let mut r = d.replica("r1", &[(ALICE.0, ALICE.1)], refresh);
+    let first = d.wait_token("alice", None, 20 * SEC).await;
+    d.api.delete_object("secrets", NS, SECRET);
+    let again = d.wait_token("alice", Some(&first), 20 * SEC).await;
+    assert_eq!(d.w.server.check_token(&again).as_deref(), Some(ALICE.1));
+    let creates =
+        d.api.requests().iter().filter(|q| q.resource == "secrets" && q.verb == "create" && q.status == 201).count();
+    assert_eq!(creates, 2, "created at the first write and again after the deletion");
     assert_eq!(r.stop().await.code(), Some(0));
 }

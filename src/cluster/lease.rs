@@ -229,7 +229,7 @@ impl Elector {
                 Ok(None)
             }
             // Another replica was quicker: it holds the Lease; the next round reads who.
-            Err(ApiError::Conflict(_) | ApiError::AlreadyExists(_)) => Ok(Some(self.tx.borrow().holder.clone())),
+            Err(ApiError::Conflict(_) | ApiError::AlreadyExists(_)) => Ok(Some(None)),
             Err(e) => Err(e),
         }
     }

@@ -64,7 +64,9 @@ pub enum ApiError {
 impl Cluster {
     /// Finds the API as every Kubernetes client does (`KUBECONFIG`, `~/.kube/config`, the
     /// in-cluster service account). Sends nothing.
-    pub async fn connect(settings: &KubeSettings, board: Board) -> Result<Cluster, String> {
+    /// `role`: `None` for `run` (the identity is the replica's), else a word that tells a
+    /// one-off process (`once`) from the replica of the same pod it may be run in.
+    pub async fn connect(settings: &KubeSettings, board: Board, role: Option<&str>) -> Result<Cluster, String> {
         let mut config = kube::Config::infer().await.map_err(|e| {
             format!("cannot find the Kubernetes API (KUBECONFIG, ~/.kube/config, the in-cluster service account): {e}")
         })?;
@@ -79,7 +81,10 @@ impl Cluster {
             leases: kube::Api::namespaced(client, &namespace),
             settings: settings.clone(),
             namespace,
-            identity: identity(),
+            identity: match role {
+                None => identity(),
+                Some(role) => format!("{}_{role}_{}", identity(), std::process::id()),
+            },
             board,
         };
         cluster.board.set_leadership(Leadership {

@@ -92,12 +92,13 @@ impl Contents {
         Contents { exists: true, meta: secret.metadata, data: secret.data.unwrap_or_default(), times, ledgers }
     }
 
-    /// Applies one change; a token older than the one there is dropped.
+    /// Applies one change; a token obtained before the one there is dropped (a former
+    /// holder's write that landed late).
     pub fn apply(&mut self, change: &Change) {
         match change {
             Change::Token { key, content, times } => {
-                if self.times.get(key).is_some_and(|there| there.expires_at > times.expires_at) {
-                    debug!(key = %key, "the Secret holds a token that lives longer: kept");
+                if self.times.get(key).is_some_and(|there| there.obtained_at > times.obtained_at) {
+                    debug!(key = %key, "the Secret holds a token obtained later: kept");
                     return;
                 }
                 self.data.insert(key.clone(), ByteString(content.to_vec()));
@@ -130,7 +131,9 @@ impl Contents {
     }
 }
 
-type Queued = (Change, oneshot::Sender<Result<(), String>>);
+/// A change and who waits for it (`None`: no one; it is queued again until an update carries
+/// it).
+type Queued = (Change, Option<oneshot::Sender<Result<(), String>>>);
 
 /// The Secret as this replica knows it, and the queue of changes to it.
 pub struct Tokens {
@@ -184,6 +187,11 @@ impl Tokens {
         self.contents().ledgers.get(key).cloned()
     }
 
+    /// Whether this replica holds the Lease now: the only one that may log in and write.
+    pub fn leading(&self) -> bool {
+        self.term.borrow().leading()
+    }
+
     /// Whether any ledger is recorded: the holder then reads the Secret now and then, to see
     /// an operator's `forget-failures`.
     pub fn has_ledgers(&self) -> bool {
@@ -198,9 +206,16 @@ impl Tokens {
     /// Queues a change and waits until an update carried it (or failed).
     pub async fn submit(&self, change: Change) -> Result<(), String> {
         let (tx, rx) = oneshot::channel();
-        self.queue.lock().unwrap_or_else(|e| e.into_inner()).push((change, tx));
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).push((change, Some(tx)));
         self.bell.notify_one();
         rx.await.unwrap_or_else(|_| Err("the Secret's writer stopped".into()))
+    }
+
+    /// Queues a change no one waits for: it goes with the next update, and again with the one
+    /// after if that fails.
+    pub fn enqueue(&self, change: Change) {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).push((change, None));
+        self.bell.notify_one();
     }
 
     async fn write_loop(self: Arc<Self>, stop: CancellationToken) {
@@ -214,17 +229,28 @@ impl Tokens {
             if batch.is_empty() {
                 continue;
             }
-            let (changes, waiting): (Vec<Change>, Vec<_>) = batch.into_iter().unzip();
+            let changes: Vec<Change> = batch.iter().map(|(c, _)| c.clone()).collect();
             let result = self.write(&changes).await;
             if let Err(e) = &result {
                 warn!(error = %e, changes = changes.len(), "cannot update the Secret");
             }
-            for tx in waiting {
-                let _ = tx.send(result.clone());
+            for (change, tx) in batch {
+                match tx {
+                    Some(tx) => {
+                        let _ = tx.send(result.clone());
+                    }
+                    // Sent with the next update.
+                    None if result.is_err() => {
+                        self.queue.lock().unwrap_or_else(|e| e.into_inner()).push((change, None))
+                    }
+                    None => {}
+                }
             }
         }
         for (_, tx) in std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner())) {
-            let _ = tx.send(Err("stopping".into()));
+            if let Some(tx) = tx {
+                let _ = tx.send(Err("stopping".into()));
+            }
         }
     }
 
@@ -261,9 +287,9 @@ impl Tokens {
                     *self.contents() = Contents::from_secret(secret);
                     return Ok(());
                 }
-                Err(ApiError::Conflict(_) | ApiError::AlreadyExists(_)) => {
-                    // Someone else wrote it (an operator's forget-failures, a former holder's
-                    // late write): apply the changes to what it holds now.
+                // Someone else wrote it (an operator's forget-failures, a former holder's late
+                // write), or deleted it: apply the changes to what it holds now (or create it).
+                Err(ApiError::Conflict(_) | ApiError::AlreadyExists(_) | ApiError::NotFound(_)) => {
                     self.load().await.map_err(|e| format!("cannot read the Secret {}: {e}", k.secret))?;
                 }
                 Err(e) => return Err(format!("cannot write the Secret {}: {e}", k.secret)),
@@ -280,7 +306,7 @@ pub async fn forget(
     k: &crate::config::kubernetes::KubeSettings,
     customers: &[&crate::config::CustomerConfig],
 ) -> Result<(), String> {
-    let cluster = Cluster::connect(k, crate::status::Board::new()).await?;
+    let cluster = Cluster::connect(k, crate::status::Board::new(), Some("forget-failures")).await?;
     let secrets = &cluster.secrets;
     for _ in 0..MAX_CONFLICTS {
         let read = cluster.call("secret", "get", super::REQUEST_TIMEOUT, secrets.get(&k.secret)).await;
@@ -345,7 +371,7 @@ mod tests {
         let mut c = Contents::default();
         c.apply(&token("alice", "new", 2_000_000_000));
         c.apply(&token("alice", "older", 1_999_999_000));
-        assert_eq!(c.data["alice"].0, b"new");
+        assert_eq!(c.data["alice"].0, b"new", "a late write of a token obtained earlier");
         c.apply(&token("alice", "newer", 2_000_000_100));
         assert_eq!(c.data["alice"].0, b"newer");
         assert_eq!(c.times["alice"].expires_at, from_unix(2_000_000_100));

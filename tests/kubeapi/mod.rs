@@ -197,6 +197,12 @@ impl KubeApi {
         store(&mut st, kind, key, obj, old.as_ref());
     }
 
+    /// Deletes an object as `kubectl delete` would (for tests of what follows a deletion).
+    pub fn delete_object(&self, resource: &str, namespace: &str, name: &str) {
+        let key = (resource.to_string(), namespace.to_string(), name.to_string());
+        self.state.lock().unwrap().objects.remove(&key);
+    }
+
     /// Every request received, in order.
     pub fn requests(&self) -> Vec<Seen> {
         self.state.lock().unwrap().seen.clone()
