@@ -189,15 +189,21 @@ def test_every_object_validates_strictly(values, kube):
     assert checked >= 4
 
 
-def test_kubernetes_validate_cli_on_the_rendered_stream(tmp_path):
-    """The same, through the tool's command line, on `helm template` output as a user has it."""
+def validate_with_cli(values: dict, tmp_path: pathlib.Path) -> None:
+    """kubernetes-validate's command line, strict, for every version of KUBE_VERSIONS, on the
+    `helm template` stream of `values` as a user has it."""
     manifest = tmp_path / "manifest.yaml"
-    manifest.write_text("\n---\n".join(t for p, t in sorted(render_raw(load_values("monitoring")).items()) if not p.endswith("NOTES.txt")))
+    manifest.write_text("\n---\n".join(t for p, t in sorted(render_raw(values).items()) if not p.endswith("NOTES.txt")))
     exe = pathlib.Path(sys.executable).parent / "kubernetes-validate"
     args = [str(exe), "--strict", "--quiet"] + [a for v in KUBE_VERSIONS for a in ("-k", v)] + [str(manifest)]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ERROR" not in proc.stdout, proc.stdout
+
+
+def test_kubernetes_validate_cli_on_the_rendered_stream(tmp_path):
+    """The same, through the tool's command line, on `helm template` output as a user has it."""
+    validate_with_cli(load_values("monitoring"), tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from test_chart import (
     load_values,
     one,
     pod_spec,
+    validate_with_cli,
     readme_examples,
     readme_text,
     render,
@@ -115,13 +116,7 @@ def test_central_objects_validate_strictly(values, kube):
 
 def test_central_manifest_passes_the_kubernetes_validate_cli(tmp_path):
     """The `helm template` stream as a user has it, through the tool's command line."""
-    manifest = tmp_path / "manifest.yaml"
-    manifest.write_text("\n---\n".join(t for p, t in sorted(render_raw(central_values("central")).items()) if not p.endswith("NOTES.txt")))
-    exe = pathlib.Path(sys.executable).parent / "kubernetes-validate"
-    args = [str(exe), "--strict", "--quiet"] + [a for v in KUBE_VERSIONS for a in ("-k", v)] + [str(manifest)]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "ERROR" not in proc.stdout, proc.stdout
+    validate_with_cli(central_values("central"), tmp_path)
 
 
 def test_central_renders_before_kubernetes_1_29():
