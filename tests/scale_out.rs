@@ -126,6 +126,11 @@ async fn three_replicas_log_each_customer_in_once_per_refresh() {
         if *name == holder {
             assert_eq!(leader, Some(1.0), "{name} holds the Lease");
             written = count(&logs, "token written");
+            // The holder answers POST /refresh itself: the token in the Secret is still good.
+            let asked = reqwest::Client::new().post(r.url("/refresh/alice")).send().await.unwrap();
+            assert_eq!(asked.status().as_u16(), 200);
+            let body: serde_json::Value = serde_json::from_str(&asked.text().await.unwrap()).unwrap();
+            assert_eq!(body["replaced"], false);
         } else {
             assert_eq!(leader, Some(0.0), "{name} stands by");
             assert_eq!(count(&logs, "token written"), 0, "{name} wrote nothing:\n{logs}");
@@ -190,6 +195,7 @@ async fn a_standby_takes_over_from_a_killed_holder_without_logging_in_again() {
         replicas[j].logs().contains("adopted the token on disk").then_some(())
     })
     .await;
+    println!("{next} adopted the token in the Secret {:?} after the SIGKILL", killed.elapsed());
     assert_eq!(d.w.server.login_attempts(ALICE.1), logins, "no login at the takeover");
     // The next refresh is the new holder's.
     let refreshed = d.wait_token("alice", Some(&first), 30 * SEC).await;
