@@ -119,13 +119,11 @@ async fn three_replicas_log_each_customer_in_once_per_refresh() {
         r.wait_ready(15 * SEC).await;
     }
     // The holder wrote every token; the standbys logged in never.
-    let mut written = 0;
     for (name, r) in ["r1", "r2", "r3"].iter().zip(&replicas) {
         let logs = r.logs();
         let leader = r.metric("magento_token_leader").await;
         if *name == holder {
             assert_eq!(leader, Some(1.0), "{name} holds the Lease");
-            written = count(&logs, "token written");
             // The holder answers POST /refresh itself: the token in the Secret is still good.
             let asked = reqwest::Client::new().post(r.url("/refresh/alice")).send().await.unwrap();
             assert_eq!(asked.status().as_u16(), 200);
@@ -143,10 +141,6 @@ async fn three_replicas_log_each_customer_in_once_per_refresh() {
             assert!(asked.text().await.unwrap().contains(&holder), "a standby names the holder");
         }
     }
-    // One login per customer per refresh: every login the store saw wrote a token.
-    let logins = d.w.server.login_attempts(ALICE.1) + d.w.server.login_attempts(BOB.1);
-    assert!(logins >= 6, "three tokens of each customer at least: {logins}");
-    assert_eq!(logins, written, "every login the store received came from the holder and was written");
     // Exactly the verbs of the Role, on the two named objects.
     for (verb, resource, name) in d.verbs() {
         assert!(["get", "create", "update"].contains(&verb.as_str()), "{verb} {resource}");
@@ -166,6 +160,15 @@ async fn three_replicas_log_each_customer_in_once_per_refresh() {
     }
     // A clean stop gives the Lease up.
     assert_eq!(d.holder(), None);
+    // One login per customer per refresh: every login the store saw was the holder's and wrote
+    // a token (counted once every write in flight finished).
+    let logins = d.w.server.login_attempts(ALICE.1) + d.w.server.login_attempts(BOB.1);
+    let written: usize = replicas.iter().map(|r| count(&r.logs(), "token written")).sum();
+    let h = ["r1", "r2", "r3"].iter().position(|n| *n == holder).unwrap();
+    assert!(logins >= 6, "three tokens of each customer at least: {logins}");
+    assert_eq!(logins, written, "every login the store received was written");
+    assert_eq!(count(&replicas[h].logs(), "token written"), written, "all by the holder");
+    println!("{logins} logins for 2 customers over 3 replicas, all {written} written by {holder}");
 }
 
 /// SIGKILL of the holder: a standby takes the Lease within lease_duration plus a renew period,
@@ -200,7 +203,12 @@ async fn a_standby_takes_over_from_a_killed_holder_without_logging_in_again() {
     // The next refresh is the new holder's.
     let refreshed = d.wait_token("alice", Some(&first), 30 * SEC).await;
     assert!(d.w.server.issued(&refreshed));
-    assert_eq!(count(&replicas[j].logs(), "token written"), 1);
+    // (Logged once the update is answered: a moment after the stand-in stored it.)
+    let written = wait_for(10 * SEC, "the write in the new holder's log", || async {
+        Some(count(&replicas[j].logs(), "token written")).filter(|n| *n > 0)
+    })
+    .await;
+    assert_eq!(written, 1);
     assert_eq!(replicas[j].stop().await.code(), Some(0));
 }
 
