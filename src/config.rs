@@ -1160,6 +1160,41 @@ customers:
     }
 
     #[test]
+    fn output_kubernetes_replaces_output_dir() {
+        let kube = MINIMAL.replace("  dir: /tmp\n", "  kubernetes:\n    secret: magento-tokens\n    namespace: shop\n");
+        let c = parse(&kube, Checks::Static).unwrap();
+        let k = c.output.kubernetes.as_ref().unwrap();
+        assert_eq!(
+            (k.secret.as_str(), k.lease.as_str(), k.namespace.as_deref()),
+            ("magento-tokens", "magento-tokens", Some("shop"))
+        );
+        assert_eq!(c.customers[0].path, PathBuf::from("alice"), "the Secret's key");
+        let both = MINIMAL.replace("  dir: /tmp\n", "  dir: /tmp\n  kubernetes:\n    secret: t\n");
+        assert_eq!(
+            problems(&both),
+            ["output.kubernetes: give exactly one of output.dir and output.kubernetes, not both"]
+        );
+        let neither = MINIMAL.replace("  dir: /tmp\n", "  mode: \"0600\"\n");
+        assert_eq!(problems(&neither), ["output.dir: one of output.dir and output.kubernetes is required"]);
+        let file_only = kube.replace("    namespace: shop\n", "  index: tokens.json\n  uid: 1000\n");
+        let p = problems(&file_only);
+        assert!(p[0].starts_with("output.uid: does not apply to output.kubernetes"), "{p:?}");
+        assert!(p[1].starts_with("output.index: is not written with output.kubernetes"), "{p:?}");
+        let bad_key = format!("{kube}    file: alice token\n");
+        assert!(problems(&bad_key)[0].starts_with("customers[0].file: \"alice token\" cannot be a key of the Secret"));
+        // 600 customers with json tokens of up to 2 KiB: more than 1 MiB.
+        let mut many = kube.clone();
+        for i in 0..600 {
+            many += &format!("  - name: c{i}\n    username: c{i}@x.com\n    password_env: PW\n    format: json\n");
+        }
+        let p = problems(&many);
+        assert!(
+            p[0].starts_with("customers: 601 customers' tokens would not fit in the Secret \"magento-tokens\""),
+            "{p:?}"
+        );
+    }
+
+    #[test]
     fn defaults_are_the_contracts() {
         let c = parse(MINIMAL, Checks::Static).unwrap();
         assert_eq!(c.magento.timeout, Duration::from_secs(10));
