@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use futures::stream::FuturesUnordered;
 use futures::{Stream, StreamExt};
 use rand::Rng;
 use tokio::sync::Semaphore;
@@ -344,19 +345,20 @@ pub async fn once(config: &Config, timeout: Duration) -> Result<Vec<OnceResult>,
     let deadline = Instant::now() + timeout;
     let pass = Pass { client: &client, logins: &logins, accounts: &accounts, config, deadline };
     let mut results: Vec<Option<OnceResult>> = (0..config.customers.len()).map(|_| None).collect();
-    let mut done = futures::stream::iter(config.customers.iter().enumerate())
-        .map(|(i, customer)| {
-            let pass = &pass;
-            async move {
-                let outcome = pass.customer(customer).await;
-                (i, OnceResult { customer: customer.name.clone(), path: customer.path.clone(), outcome })
-            }
-        })
-        .buffer_unordered(once_in_flight(config.refresh.max_concurrent_logins));
-    while let Some((i, result)) = done.next().await {
+    // `buffer_unordered` by hand: a closure mapping customers to futures would keep the pass
+    // from being `Send` (a limit of the compiler's proof), and the pass runs as a task.
+    let in_flight = once_in_flight(config.refresh.max_concurrent_logins);
+    let mut waiting = config.customers.iter().enumerate();
+    let mut running = FuturesUnordered::new();
+    loop {
+        while running.len() < in_flight {
+            let Some((i, customer)) = waiting.next() else { break };
+            running.push(pass.one(i, customer));
+        }
+        let Some((i, result)) = running.next().await else { break };
         results[i] = Some(result);
     }
-    drop(done);
+    drop(running);
     if let Some(path) = &config.output.index {
         let written = results
             .iter()
@@ -400,7 +402,14 @@ struct Pass<'a> {
     deadline: Instant,
 }
 
-impl Pass<'_> {
+impl<'a> Pass<'a> {
+    /// One customer, with its place in the configuration (a method, not a closure: the pass
+    /// must be `Send` to run as a task, and a closure's future trips up the compiler's proof).
+    async fn one(&self, i: usize, customer: &'a CustomerConfig) -> (usize, OnceResult) {
+        let outcome = self.customer(customer).await;
+        (i, OnceResult { customer: customer.name.clone(), path: customer.path.clone(), outcome })
+    }
+
     /// One customer: attempts (the same path as `run`'s workers) until a token is written, a
     /// 401, a held-back login or the deadline.
     async fn customer(&self, customer: &CustomerConfig) -> Result<SystemTime, OnceFailure> {
