@@ -8,7 +8,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -71,6 +71,27 @@ pub fn restore_ledger(customer: &CustomerConfig, account: &Account) -> Option<Au
 
 /// One attempt. Waits for the account's turn and a login slot, each given up for `stop`.
 pub async fn attempt<M: Magento>(a: Attempt<'_, M>, stop: &CancellationToken) -> Result<Obtained, NoToken> {
+    attempt_in_slot(a, None, stop).await
+}
+
+/// A login slot (of [`Attempt::logins`]) held by the caller or taken by the attempt itself:
+/// kept for its `Drop`, which frees the slot.
+#[allow(dead_code)]
+enum Slot<'a> {
+    Held(OwnedSemaphorePermit),
+    Taken(SemaphorePermit<'a>),
+}
+
+/// [`attempt`], in a login slot the caller may already hold (`slot`). A worker of `run` waits
+/// for its slot before it builds the attempt: with thousands of customers due at once (the
+/// start), the ones waiting hold a small wait each, not a whole login (benches/RESULTS.md).
+/// The slot is always taken before the account's turn by such callers, so two entries of one
+/// username cannot each hold what the other waits for.
+pub async fn attempt_in_slot<M: Magento>(
+    a: Attempt<'_, M>,
+    slot: Option<OwnedSemaphorePermit>,
+    stop: &CancellationToken,
+) -> Result<Obtained, NoToken> {
     let password = a.customer.password.read().map_err(NoToken::Password)?;
     // The account's turn: another entry of this username may be logging in, and its outcome
     // decides whether this login may be sent at all.
@@ -85,10 +106,13 @@ pub async fn attempt<M: Magento>(a: Attempt<'_, M>, stop: &CancellationToken) ->
         let password_bound = a.account.refused_password(now, a.refresh).is_some();
         return Err(NoToken::HeldBack { wait, password_bound, auth: a.account.auth() });
     }
-    let permit = tokio::select! {
-        biased;
-        _ = stop.cancelled() => return Err(NoToken::Stopped),
-        permit = a.logins.acquire() => permit.expect("the login semaphore is never closed"),
+    let permit = match slot {
+        Some(held) => Slot::Held(held),
+        None => tokio::select! {
+            biased;
+            _ = stop.cancelled() => return Err(NoToken::Stopped),
+            permit = a.logins.acquire() => Slot::Taken(permit.expect("the login semaphore is never closed")),
+        },
     };
     let started = a.clock.now();
     let timer = tokio::time::Instant::now();

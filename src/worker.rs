@@ -235,10 +235,19 @@ impl<M: Magento> Worker<M> {
                     Some(obtained) if obtained.expiry.expires_at > self.now() + self.shared.refresh.before_expiry => {
                         Box::pin(self.write(obtained, false)).await
                     }
-                    _ => match Box::pin(self.refresh()).await {
-                        Some(next) => next,
-                        None => break,
-                    },
+                    _ => {
+                        // The login slot first, in a small wait of its own: thousands of
+                        // customers due at once (the start) each hold this, not a whole login.
+                        let slot = tokio::select! {
+                            biased;
+                            _ = self.stop.cancelled() => break,
+                            slot = Box::pin(self.shared.logins.clone().acquire_owned()) => slot.ok(),
+                        };
+                        match Box::pin(self.refresh(slot)).await {
+                            Some(next) => next,
+                            None => break,
+                        }
+                    }
                 };
             }
             self.report.planned(State::Fresh, None);
@@ -413,7 +422,7 @@ impl<M: Magento> Worker<M> {
                     Checked::Refused | Checked::Nothing => {
                         // After the second of the revocation, or a token minted in it dies too.
                         tokio::time::sleep(AFTER_REVOCATION).await;
-                        plan = self.refresh().await;
+                        plan = self.refresh(None).await;
                         if self.checked_at.is_some() {
                             self.token_answer(true)
                         } else {
@@ -492,9 +501,9 @@ impl<M: Magento> Worker<M> {
         }
     }
 
-    /// One attempt and, with a token, its write; returns when to try next, `None` when stopped
-    /// before anything was sent.
-    async fn refresh(&mut self) -> Option<SystemTime> {
+    /// One attempt (in `slot`, a login slot already held, if any) and, with a token, its write;
+    /// returns when to try next, `None` when stopped before anything was sent.
+    async fn refresh(&mut self, slot: Option<tokio::sync::OwnedSemaphorePermit>) -> Option<SystemTime> {
         self.report.state(State::Refreshing);
         let attempt = Attempt {
             magento: &self.shared.magento,
@@ -504,7 +513,7 @@ impl<M: Magento> Worker<M> {
             logins: &self.shared.logins,
             clock: self.shared.clock,
         };
-        match attempt::attempt(attempt, &self.stop).await {
+        match attempt::attempt_in_slot(attempt, slot, &self.stop).await {
             Ok(obtained) => Some(self.write(obtained, true).await),
             Err(NoToken::Stopped) => None,
             Err(NoToken::Password(e)) => {
