@@ -59,6 +59,9 @@ pub struct Attempt<'a, M> {
     /// Bounds logins in flight over all customers.
     pub logins: &'a Semaphore,
     pub clock: Clock,
+    /// Whether a ledger may be beside the token file (to remove after a success): `false` only
+    /// when the caller knows there is none (`once` lists the directory it alone writes to).
+    pub ledger_on_disk: bool,
 }
 
 /// Takes `customer`'s recorded 401s (the ledger an earlier process left beside its token file)
@@ -127,8 +130,11 @@ pub async fn attempt_in_slot<M: Magento>(
     match obtained {
         Ok(obtained) => {
             a.account.record_success();
-            // Always: another entry of this username may have cleared the account first.
-            sink::remove_ledger(&a.customer.path);
+            // Whatever the account says: another entry of this username may have cleared it
+            // first, leaving this file's ledger behind.
+            if a.ledger_on_disk {
+                sink::remove_ledger(&a.customer.path);
+            }
             Ok(obtained)
         }
         Err(error) => {

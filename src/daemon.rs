@@ -336,14 +336,19 @@ pub struct OnceResult {
 /// Everything runs on the calling task: at most [`once_in_flight`] customers are under way at
 /// once (their logins limited further by `max_concurrent_logins`), the next one starting as
 /// soon as any finishes, so a customer that keeps failing holds up no one. Files are written
-/// inline, each `fsync`ed: on tmpfs a hand-off to a blocking thread cost more than the write
-/// (benches/RESULTS.md); on a slow disk a sync holds up the pass's other logins while it lasts.
+/// inline (on tmpfs a hand-off to a blocking thread cost more than the write, benches/RESULTS.md)
+/// into the output directory opened once, and none is synced on its own: one sync of the file
+/// system at the end makes the whole batch durable before any of it is reported written (the
+/// contract lets a batch share one sync; on a disk that is one sync instead of one per file).
 pub async fn once(config: &Config, timeout: Duration) -> Result<Vec<OnceResult>, ClientError> {
     let client = Client::new(&config.magento)?;
     let logins = Semaphore::new(config.refresh.max_concurrent_logins);
     let accounts = Accounts::new();
     let deadline = Instant::now() + timeout;
-    let pass = Pass { client: &client, logins: &logins, accounts: &accounts, config, deadline };
+    let dir = sink::open_dir(&config.output.dir).ok();
+    let ledgers = ledgers_in(&config.output.dir);
+    let pass =
+        Pass { client: &client, logins: &logins, accounts: &accounts, config, deadline, dir: dir.as_ref(), ledgers };
     let mut results: Vec<Option<OnceResult>> = (0..config.customers.len()).map(|_| None).collect();
     // `buffer_unordered` by hand: a closure mapping customers to futures would keep the pass
     // from being `Send` (a limit of the compiler's proof), and the pass runs as a task.
@@ -375,8 +380,12 @@ pub async fn once(config: &Config, timeout: Duration) -> Result<Vec<OnceResult>,
             }
         }
     }
-    // One directory sync for the whole batch.
-    if let Err(e) = sink::sync_directory(&config.output.dir) {
+    // One sync for the whole batch: every file and the directory.
+    let synced = match &dir {
+        Some(dir) => sink::sync_file_system(dir),
+        None => sink::sync_directory(&config.output.dir),
+    };
+    if let Err(e) = synced {
         for r in results.iter_mut().flatten() {
             if r.outcome.is_ok() {
                 let message = format!("cannot sync {}: {e}", config.output.dir.display());
@@ -393,6 +402,22 @@ fn once_in_flight(max_concurrent_logins: usize) -> usize {
     2 * max_concurrent_logins.max(1)
 }
 
+/// The names of the ledgers (`.<file>.auth`) in the output directory, `None` if it cannot be
+/// listed. `once` holds the directory's lock: no other daemon writes one while it runs, so a
+/// customer without one needs neither a read of its ledger nor a removal after its login (two
+/// system calls that fail, of the thirty a login costs).
+fn ledgers_in(dir: &Path) -> Option<std::collections::HashSet<std::ffi::OsString>> {
+    let entries = std::fs::read_dir(dir).ok()?;
+    let mut names = std::collections::HashSet::new();
+    for entry in entries {
+        let name = entry.ok()?.file_name();
+        if name.as_encoded_bytes().ends_with(b".auth") {
+            names.insert(name);
+        }
+    }
+    Some(names)
+}
+
 /// What every customer of one `once` pass shares.
 struct Pass<'a> {
     client: &'a Client,
@@ -400,6 +425,10 @@ struct Pass<'a> {
     accounts: &'a Accounts,
     config: &'a Config,
     deadline: Instant,
+    /// The output directory, opened once for every write (`None`: each write opens it).
+    dir: Option<&'a std::fs::File>,
+    /// The ledgers found in it at the start (`None`: unknown, any customer may have one).
+    ledgers: Option<std::collections::HashSet<std::ffi::OsString>>,
 }
 
 impl<'a> Pass<'a> {
@@ -415,7 +444,14 @@ impl<'a> Pass<'a> {
     async fn customer(&self, customer: &CustomerConfig) -> Result<SystemTime, OnceFailure> {
         let refresh = &self.config.refresh;
         let account = self.accounts.of(customer);
-        attempt::restore_ledger(customer, &account);
+        let ledger = sink::ledger_path(&customer.path);
+        let ledger_on_disk = match (&self.ledgers, ledger.file_name()) {
+            (Some(found), Some(name)) => found.contains(name),
+            _ => true,
+        };
+        if ledger_on_disk {
+            attempt::restore_ledger(customer, &account);
+        }
         // `once` is never stopped early: its bound is the deadline.
         let never = CancellationToken::new();
         let mut failures = 0;
@@ -427,6 +463,7 @@ impl<'a> Pass<'a> {
                 refresh,
                 logins: self.logins,
                 clock: Clock::System,
+                ledger_on_disk,
             };
             // The deadline bounds the wait for the account's turn, a login slot and the request
             // too, not only the pauses between attempts. A write, once started, is left to finish.
@@ -465,13 +502,18 @@ impl<'a> Pass<'a> {
         }
     }
 
-    /// Writes inline: the directory is synced once at the end of the pass.
+    /// Writes inline: the file system is synced once at the end of the pass.
     fn write(&self, customer: &CustomerConfig, obtained: Obtained) -> Result<SystemTime, OnceFailure> {
         let output = &self.config.output;
         let expires_at = obtained.expiry.expires_at;
         let content = sink::render(customer.format, &customer.name, &obtained.token, obtained.obtained_at, expires_at);
         let perms = sink::Perms { mode: output.mode, owner: customer.owner };
-        sink::write_atomic(&customer.path, perms, &content, false).map_err(|e| {
+        let name = customer.path.file_name().and_then(|n| n.to_str());
+        let written = match (self.dir, name) {
+            (Some(dir), Some(name)) => sink::write_atomic_at(dir, name, perms, &content, sink::Sync::Batch),
+            _ => sink::write_atomic(&customer.path, perms, &content, false),
+        };
+        written.map_err(|e| {
             LoginError::new(Outcome::WriteError, format!("cannot write {}: {e}", customer.path.display()))
         })?;
         Ok(expires_at)

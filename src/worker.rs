@@ -512,6 +512,7 @@ impl<M: Magento> Worker<M> {
             refresh: &self.shared.refresh,
             logins: &self.shared.logins,
             clock: self.shared.clock,
+            ledger_on_disk: true,
         };
         match attempt::attempt_in_slot(attempt, slot, &self.stop).await {
             Ok(obtained) => Some(self.write(obtained, true).await),
