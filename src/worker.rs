@@ -177,22 +177,26 @@ impl<M: Magento> Worker<M> {
     /// A plain function returning the future, not an `async fn`: an `async fn` would keep a
     /// second, dead copy of the worker beside the one moved into the block, in every idle task.
     /// The rare, large steps (start, login, write) are boxed for the same reason: the task keeps
-    /// only what an idle wait needs.
+    /// only what an idle wait needs. The same goes for the `worker` span that gives every log
+    /// line its customer: it is made for each step that may log, not held by the idle task
+    /// (a span costs about 370 bytes of the subscriber's memory while it lives).
     pub fn run(mut self, adopt: bool) -> impl std::future::Future<Output = ()> {
-        let span = tracing::info_span!("worker", customer = %self.customer.name);
         async move {
-            let removed = sink::remove_stale_temporaries(&self.customer.path);
-            if removed > 0 {
-                info!(removed, "removed temporary files left by an earlier run");
-            }
-            if let Some(recorded) = attempt::restore_ledger(&self.customer, &self.account) {
-                info!(
-                    failures_in_a_row = recorded.in_a_row,
-                    last_failure = %recorded.last_failure.map(sink::rfc3339).unwrap_or_default(),
-                    "remembering the 401s recorded before this start"
-                );
-            }
-            let mut next = Box::pin(self.start(adopt)).await;
+            let span = self.span();
+            span.in_scope(|| {
+                let removed = sink::remove_stale_temporaries(&self.customer.path);
+                if removed > 0 {
+                    info!(removed, "removed temporary files left by an earlier run");
+                }
+                if let Some(recorded) = attempt::restore_ledger(&self.customer, &self.account) {
+                    info!(
+                        failures_in_a_row = recorded.in_a_row,
+                        last_failure = %recorded.last_failure.map(sink::rfc3339).unwrap_or_default(),
+                        "remembering the 401s recorded before this start"
+                    );
+                }
+            });
+            let mut next = Box::pin(self.start(adopt).instrument(span)).await;
             loop {
                 // The plan, held to what the lockout policy allows for the password refused
                 // last (a changed password wakes the wait: the policy may allow it sooner).
@@ -212,14 +216,17 @@ impl<M: Magento> Worker<M> {
                 match self.wait_until(wake).await {
                     Woken::Stopped => break,
                     // Tried at once if the policy allows it.
-                    Woken::PasswordChanged => info!("the password changed since its last 401"),
+                    Woken::PasswordChanged => self.span().in_scope(|| info!("the password changed since its last 401")),
                     Woken::Forgotten => {
-                        warn!("an operator cleared this customer's failed logins (forget-failures): trying again");
+                        self.span().in_scope(|| {
+                            warn!("an operator cleared this customer's failed logins (forget-failures): trying again")
+                        });
                         next = self.now();
                         continue;
                     }
                     Woken::Asked(asks) => {
-                        if let Some(plan) = Box::pin(self.answer(asks)).await {
+                        let span = self.span();
+                        if let Some(plan) = Box::pin(self.answer(asks).instrument(span)).await {
                             next = plan;
                         }
                         continue;
@@ -227,14 +234,16 @@ impl<M: Magento> Worker<M> {
                     Woken::Due => {}
                 }
                 if wake != planned && planned.is_some_and(|p| self.now() < p) {
-                    if let Checked::Refused = Box::pin(self.check()).await {
+                    let span = self.span();
+                    if let Checked::Refused = Box::pin(self.check().instrument(span)).await {
                         next = self.now() + AFTER_REVOCATION;
                     }
                     continue;
                 }
                 next = match self.pending.take() {
                     Some(obtained) if obtained.expiry.expires_at > self.now() + self.shared.refresh.before_expiry => {
-                        Box::pin(self.write(*obtained, false)).await
+                        let span = self.span();
+                        Box::pin(self.write(*obtained, false).instrument(span)).await
                     }
                     _ => {
                         // The login slot first, in a small wait of its own: thousands of
@@ -244,7 +253,8 @@ impl<M: Magento> Worker<M> {
                             _ = self.stop.cancelled() => break,
                             slot = Box::pin(self.shared.logins.clone().acquire_owned()) => slot.ok(),
                         };
-                        match Box::pin(self.refresh(slot)).await {
+                        let span = self.span();
+                        match Box::pin(self.refresh(slot).instrument(span)).await {
                             Some(next) => next,
                             None => break,
                         }
@@ -252,9 +262,13 @@ impl<M: Magento> Worker<M> {
                 };
             }
             self.report.planned(State::Fresh, None);
-            debug!("stopped");
+            self.span().in_scope(|| debug!("stopped"));
         }
-        .instrument(span)
+    }
+
+    /// The span of this customer's log lines (`"span":{"customer":..,"name":"worker"}`).
+    fn span(&self) -> tracing::Span {
+        tracing::info_span!("worker", customer = %self.customer.name)
     }
 
     /// Looks at the token an earlier run left; returns when to log in.
@@ -458,7 +472,10 @@ impl<M: Magento> Worker<M> {
                 return Woken::Stopped;
             }
             let standing = self.account.standing(self.now(), &self.shared.refresh);
-            if standing != AuthWait::Clear && sink::ledger_forgotten(&self.customer.path, &self.customer.username) {
+            // Reading the ledger may warn (a FIFO in its place): in this customer's span.
+            let forgotten =
+                || self.span().in_scope(|| sink::ledger_forgotten(&self.customer.path, &self.customer.username));
+            if standing != AuthWait::Clear && forgotten() {
                 self.account.forget();
                 sink::remove_ledger(&self.customer.path);
                 return Woken::Forgotten;
