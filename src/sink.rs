@@ -204,7 +204,17 @@ pub fn read_regular(
         return Err(ReadError::TooLarge(limit));
     }
     let mut bytes = Zeroizing::new(Vec::with_capacity(limit + 1));
-    file.take(limit as u64 + 1).read_to_end(&mut bytes)?;
+    // A first read of as much as the file held when opened; a regular file that answers with
+    // exactly its size is read whole (no second read just to see its end: a password is read
+    // twice per login in `once`, and these are a tenth of its system calls). Anything else
+    // (shorter, or a file that grew) is read on to its end, up to the limit.
+    let size = meta.len() as usize;
+    bytes.resize(size + 1, 0);
+    let first = (&file).read(&mut bytes[..size + 1])?;
+    bytes.truncate(first);
+    if first != size || size == 0 {
+        (&file).take(limit as u64 + 1 - first as u64).read_to_end(&mut bytes)?;
+    }
     if bytes.len() > limit {
         return Err(ReadError::TooLarge(limit));
     }
@@ -912,6 +922,20 @@ mod tests {
 
     fn mode_of(path: &Path) -> u32 {
         std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn a_file_is_read_whole_whether_or_not_its_size_is_known() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pw");
+        for content in [&b"x"[..], b"pw-00001-Secret!", &[b'a'; 4096]] {
+            std::fs::write(&path, content).unwrap();
+            assert_eq!(&read_regular(&path, 4096, false).unwrap().0[..], content);
+        }
+        // A file whose size says 0 and that holds something (as /proc's do): read to its end.
+        let (status, _) = read_regular(Path::new("/proc/self/status"), 64 * 1024, true).unwrap();
+        assert!(status.starts_with(b"Name:"), "{}", String::from_utf8_lossy(&status));
+        assert!(status.ends_with(b"\n"));
     }
 
     #[test]
