@@ -349,7 +349,8 @@ pub async fn once(config: &Config, timeout: Duration) -> Result<Vec<OnceResult>,
     let ledgers = ledgers_in(&config.output.dir);
     let pass =
         Pass { client: &client, logins: &logins, accounts: &accounts, config, deadline, dir: dir.as_ref(), ledgers };
-    let mut results: Vec<Option<OnceResult>> = (0..config.customers.len()).map(|_| None).collect();
+    let mut outcomes: Vec<Option<Result<SystemTime, OnceFailure>>> =
+        (0..config.customers.len()).map(|_| None).collect();
     // `buffer_unordered` by hand: a closure mapping customers to futures would keep the pass
     // from being `Send` (a limit of the compiler's proof), and the pass runs as a task.
     let in_flight = once_in_flight(config.refresh.max_concurrent_logins);
@@ -360,10 +361,19 @@ pub async fn once(config: &Config, timeout: Duration) -> Result<Vec<OnceResult>,
             let Some((i, customer)) = waiting.next() else { break };
             running.push(pass.one(i, customer));
         }
-        let Some((i, result)) = running.next().await else { break };
-        results[i] = Some(result);
+        let Some((i, outcome)) = running.next().await else { break };
+        outcomes[i] = Some(outcome);
     }
     drop(running);
+    // The client and its connections (their buffers) go before the results are made, which
+    // then reuse that memory: `once`'s peak is at the end of the pass (benches/RESULTS.md).
+    drop(pass);
+    drop(client);
+    let mut results: Vec<Option<OnceResult>> = outcomes
+        .into_iter()
+        .zip(&config.customers)
+        .map(|(outcome, c)| Some(OnceResult { customer: c.name.clone(), path: c.path.clone(), outcome: outcome? }))
+        .collect();
     if let Some(path) = &config.output.index {
         let written = results
             .iter()
@@ -434,9 +444,8 @@ struct Pass<'a> {
 impl<'a> Pass<'a> {
     /// One customer, with its place in the configuration (a method, not a closure: the pass
     /// must be `Send` to run as a task, and a closure's future trips up the compiler's proof).
-    async fn one(&self, i: usize, customer: &'a CustomerConfig) -> (usize, OnceResult) {
-        let outcome = self.customer(customer).await;
-        (i, OnceResult { customer: customer.name.clone(), path: customer.path.clone(), outcome })
+    async fn one(&self, i: usize, customer: &'a CustomerConfig) -> (usize, Result<SystemTime, OnceFailure>) {
+        (i, self.customer(customer).await)
     }
 
     /// One customer: attempts (the same path as `run`'s workers) until a token is written, a
