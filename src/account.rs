@@ -196,7 +196,7 @@ mod tests {
         let mut renamed = c[0].clone();
         renamed.name = "a2".into();
         renamed.username = "a@X.com".into();
-        renamed.base_url = "http://127.0.0.3:1".parse().unwrap();
+        renamed.base_url = std::sync::Arc::new("http://127.0.0.3:1".parse().unwrap());
         let accounts = Accounts::new();
         let a = accounts.of(&c[0]);
         assert!(Arc::ptr_eq(&a, &accounts.of(&renamed)));

@@ -13,7 +13,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -66,6 +66,9 @@ pub struct Attempt<'a, M> {
     pub clock: Clock,
     /// Where the ledger of 401s is kept.
     pub store: &'a Store,
+    /// Whether a ledger may be recorded (to remove after a success): `false` only when the
+    /// caller knows there is none (`once` lists the directory it alone writes to).
+    pub ledger_on_disk: bool,
 }
 
 /// Takes `customer`'s recorded 401s (the ledger an earlier process left beside its token file,
@@ -78,6 +81,27 @@ pub fn restore_ledger(store: &Store, customer: &CustomerConfig, account: &Accoun
 
 /// One attempt. Waits for the account's turn and a login slot, each given up for `stop`.
 pub async fn attempt<M: Magento>(a: Attempt<'_, M>, stop: &CancellationToken) -> Result<Obtained, NoToken> {
+    attempt_in_slot(a, None, stop).await
+}
+
+/// A login slot (of [`Attempt::logins`]) held by the caller or taken by the attempt itself:
+/// kept for its `Drop`, which frees the slot.
+#[allow(dead_code)]
+enum Slot<'a> {
+    Held(OwnedSemaphorePermit),
+    Taken(SemaphorePermit<'a>),
+}
+
+/// [`attempt`], in a login slot the caller may already hold (`slot`). A worker of `run` waits
+/// for its slot before it builds the attempt: with thousands of customers due at once (the
+/// start), the ones waiting hold a small wait each, not a whole login (benches/RESULTS.md).
+/// The slot is always taken before the account's turn by such callers, so two entries of one
+/// username cannot each hold what the other waits for.
+pub async fn attempt_in_slot<M: Magento>(
+    a: Attempt<'_, M>,
+    slot: Option<OwnedSemaphorePermit>,
+    stop: &CancellationToken,
+) -> Result<Obtained, NoToken> {
     let password = a.customer.password.read().map_err(NoToken::Password)?;
     // The account's turn: another entry of this username may be logging in, and its outcome
     // decides whether this login may be sent at all.
@@ -100,15 +124,18 @@ pub async fn attempt<M: Magento>(a: Attempt<'_, M>, stop: &CancellationToken) ->
             return Err(NoToken::Login { error: LoginError::new(Outcome::WriteError, message), took: Duration::ZERO });
         }
     }
-    let permit = tokio::select! {
-        biased;
-        _ = stop.cancelled() => {
-            if booked {
-                unbook(&a).await;
+    let permit = match slot {
+        Some(held) => Slot::Held(held),
+        None => tokio::select! {
+            biased;
+            _ = stop.cancelled() => {
+                if booked {
+                    unbook(&a).await;
+                }
+                return Err(NoToken::Stopped);
             }
-            return Err(NoToken::Stopped);
-        }
-        permit = a.logins.acquire() => permit.expect("the login semaphore is never closed"),
+            permit = a.logins.acquire() => Slot::Taken(permit.expect("the login semaphore is never closed")),
+        },
     };
     if !a.store.may_log_in() {
         // The Lease went while this login waited: the new holder logs in.
@@ -130,8 +157,11 @@ pub async fn attempt<M: Magento>(a: Attempt<'_, M>, stop: &CancellationToken) ->
     match obtained {
         Ok(obtained) => {
             a.account.record_success(&password);
-            // Always: another entry of this username may have cleared the account first.
-            a.store.clear_failures(a.customer);
+            // Whatever the account says: another entry of this username may have cleared it
+            // first, leaving this customer's ledger behind.
+            if a.ledger_on_disk {
+                a.store.clear_failures(a.customer);
+            }
             Ok(obtained)
         }
         Err(error) => {

@@ -345,8 +345,9 @@ pub struct CustomerConfig {
     pub name: String,
     pub username: String,
     pub password: PasswordSource,
-    /// The base URL in effect for this customer (its own or `magento.base_url`).
-    pub base_url: Url,
+    /// The base URL in effect for this customer (its own or `magento.base_url`): one copy shared
+    /// by every customer that has no URL of its own (a `Url` is about 120 bytes).
+    pub base_url: std::sync::Arc<Url>,
     /// The store code in effect for this customer (its own or `magento.store_code`).
     pub store_code: Option<String>,
     /// `<output.dir>/<file or name>`.
@@ -882,13 +883,16 @@ fn check_log(v: &mut Validator, level: &str) {
 
 /// `customers`: each entry, and what no two of them may share (name, username, file).
 fn check_customers(v: &mut Validator, raw: &RawConfig, base_url: Option<Url>, checks: Checks) -> Vec<CustomerConfig> {
+    let base_url = base_url.map(std::sync::Arc::new);
     if raw.customers.is_empty() {
         v.problem("customers", "at least one customer is required".into());
     }
+    // Borrowed, and the list sized at once: a large configuration's validation allocates
+    // little beside what it keeps (`once`'s peak memory, benches/RESULTS.md).
     let mut names = HashSet::new();
     let mut usernames = std::collections::HashMap::new();
     let mut files = HashSet::new();
-    let mut customers = Vec::new();
+    let mut customers = Vec::with_capacity(raw.customers.len());
     for (i, c) in raw.customers.iter().enumerate() {
         let at = |key: &str| format!("customers[{i}].{key}");
         if !valid_name(&c.name) {
@@ -901,7 +905,7 @@ fn check_customers(v: &mut Validator, raw: &RawConfig, base_url: Option<Url>, ch
                     c.name
                 ),
             );
-        } else if !names.insert(c.name.clone()) {
+        } else if !names.insert(c.name.as_str()) {
             v.problem(&at("name"), format!("{:?} is used by another customer", c.name));
         }
         if c.username.trim().is_empty() {
@@ -919,7 +923,7 @@ fn check_customers(v: &mut Validator, raw: &RawConfig, base_url: Option<Url>, ch
         }
         let password = password_source(v, &at, c, checks);
         let url = match &c.base_url {
-            Some(text) => v.url(&at("base_url"), text, raw.magento.allow_insecure_http),
+            Some(text) => v.url(&at("base_url"), text, raw.magento.allow_insecure_http).map(std::sync::Arc::new),
             None => base_url.clone(),
         };
         if let Some(code) = &c.store_code {
@@ -936,8 +940,14 @@ fn check_customers(v: &mut Validator, raw: &RawConfig, base_url: Option<Url>, ch
             }
         }
         // (A duplicate name already says it; its default file name would only repeat it.)
-        if !files.insert(file.clone()) && (c.file.is_some() || names.len() == i + 1) {
+        // With output.kubernetes: the Secret's key.
+        let path = output_dir(&raw.output).join(&file);
+        let repeated = files.contains(&file);
+        if repeated && (c.file.is_some() || names.len() == i + 1) {
             v.problem(&at("file"), format!("{file:?} is written by another customer too"));
+        }
+        if !repeated {
+            files.insert(file);
         }
         if let (Some(password), Some(base_url)) = (password, url) {
             customers.push(CustomerConfig {
@@ -946,8 +956,7 @@ fn check_customers(v: &mut Validator, raw: &RawConfig, base_url: Option<Url>, ch
                 password,
                 base_url,
                 store_code: c.store_code.clone().or_else(|| raw.magento.store_code.clone()),
-                // With output.kubernetes: the Secret's key.
-                path: output_dir(&raw.output).join(&file),
+                path,
                 format: c.format.unwrap_or(raw.output.format),
                 owner: owner_of(&raw.output),
             });

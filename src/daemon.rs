@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use futures::stream::FuturesUnordered;
 use futures::{Stream, StreamExt};
 use rand::Rng;
 use tokio::sync::Semaphore;
@@ -551,8 +552,10 @@ pub struct OnceResult {
 /// Everything runs on the calling task: at most [`once_in_flight`] customers are under way at
 /// once (their logins limited further by `max_concurrent_logins`), the next one starting as
 /// soon as any finishes, so a customer that keeps failing holds up no one. Files are written
-/// inline, each `fsync`ed: on tmpfs a hand-off to a blocking thread cost more than the write
-/// (benches/RESULTS.md); on a slow disk a sync holds up the pass's other logins while it lasts.
+/// inline (on tmpfs a hand-off to a blocking thread cost more than the write, benches/RESULTS.md)
+/// into the output directory opened once, and none is synced on its own: one sync of the file
+/// system at the end makes the whole batch durable before any of it is reported written (the
+/// contract lets a batch share one sync; on a disk that is one sync instead of one per file).
 pub async fn once(config: &Config, timeout: Duration) -> Result<Vec<OnceResult>, ClientError> {
     once_in(config, timeout, &Store::Files).await
 }
@@ -563,21 +566,45 @@ pub async fn once_in(config: &Config, timeout: Duration, store: &Store) -> Resul
     let logins = Semaphore::new(config.refresh.max_concurrent_logins);
     let accounts = Accounts::new();
     let deadline = Instant::now() + timeout;
-    let pass = Pass { client: &client, logins: &logins, accounts: &accounts, config, deadline, store };
-    let mut results: Vec<Option<OnceResult>> = (0..config.customers.len()).map(|_| None).collect();
-    let mut done = futures::stream::iter(config.customers.iter().enumerate())
-        .map(|(i, customer)| {
-            let pass = &pass;
-            async move {
-                let outcome = pass.customer(customer).await;
-                (i, OnceResult { customer: customer.name.clone(), path: customer.path.clone(), outcome })
-            }
-        })
-        .buffer_unordered(once_in_flight(config.refresh.max_concurrent_logins));
-    while let Some((i, result)) = done.next().await {
-        results[i] = Some(result);
+    let (dir, ledgers) = match store {
+        Store::Files => (sink::open_dir(&config.output.dir).ok(), ledgers_in(&config.output.dir)),
+        Store::Secret(_) => (None, None),
+    };
+    let pass = Pass {
+        client: &client,
+        logins: &logins,
+        accounts: &accounts,
+        config,
+        deadline,
+        store,
+        dir: dir.as_ref(),
+        ledgers,
+    };
+    let mut outcomes: Vec<Option<Result<SystemTime, OnceFailure>>> =
+        (0..config.customers.len()).map(|_| None).collect();
+    // `buffer_unordered` by hand: a closure mapping customers to futures would keep the pass
+    // from being `Send` (a limit of the compiler's proof), and the pass runs as a task.
+    let in_flight = once_in_flight(config.refresh.max_concurrent_logins);
+    let mut waiting = config.customers.iter().enumerate();
+    let mut running = FuturesUnordered::new();
+    loop {
+        while running.len() < in_flight {
+            let Some((i, customer)) = waiting.next() else { break };
+            running.push(pass.one(i, customer));
+        }
+        let Some((i, outcome)) = running.next().await else { break };
+        outcomes[i] = Some(outcome);
     }
-    drop(done);
+    drop(running);
+    // The client and its connections (their buffers) go before the results are made, which
+    // then reuse that memory: `once`'s peak is at the end of the pass (benches/RESULTS.md).
+    drop(pass);
+    drop(client);
+    let mut results: Vec<Option<OnceResult>> = outcomes
+        .into_iter()
+        .zip(&config.customers)
+        .map(|(outcome, c)| Some(OnceResult { customer: c.name.clone(), path: c.path.clone(), outcome: outcome? }))
+        .collect();
     if let Some(path) = &config.output.index {
         let written = results
             .iter()
@@ -594,11 +621,14 @@ pub async fn once_in(config: &Config, timeout: Duration, store: &Store) -> Resul
             }
         }
     }
-    // One directory sync for the whole batch.
-    if let Err(e) = match store {
-        Store::Files => sink::sync_directory(&config.output.dir),
-        Store::Secret(_) => Ok(()),
-    } {
+    // One sync for the whole batch: every file and the directory (the Secret's writes are
+    // answered once stored).
+    let synced = match (store, &dir) {
+        (Store::Secret(_), _) => Ok(()),
+        (Store::Files, Some(dir)) => sink::sync_file_system(dir),
+        (Store::Files, None) => sink::sync_directory(&config.output.dir),
+    };
+    if let Err(e) = synced {
         for r in results.iter_mut().flatten() {
             if r.outcome.is_ok() {
                 let message = format!("cannot sync {}: {e}", config.output.dir.display());
@@ -615,6 +645,22 @@ fn once_in_flight(max_concurrent_logins: usize) -> usize {
     2 * max_concurrent_logins.max(1)
 }
 
+/// The names of the ledgers (`.<file>.auth`) in the output directory, `None` if it cannot be
+/// listed. `once` holds the directory's lock: no other daemon writes one while it runs, so a
+/// customer without one needs neither a read of its ledger nor a removal after its login (two
+/// system calls that fail, of the thirty a login costs).
+fn ledgers_in(dir: &Path) -> Option<std::collections::HashSet<std::ffi::OsString>> {
+    let entries = std::fs::read_dir(dir).ok()?;
+    let mut names = std::collections::HashSet::new();
+    for entry in entries {
+        let name = entry.ok()?.file_name();
+        if name.as_encoded_bytes().ends_with(b".auth") {
+            names.insert(name);
+        }
+    }
+    Some(names)
+}
+
 /// What every customer of one `once` pass shares.
 struct Pass<'a> {
     client: &'a Client,
@@ -623,15 +669,33 @@ struct Pass<'a> {
     config: &'a Config,
     deadline: Instant,
     store: &'a Store,
+    /// The output directory, opened once for every write (`None`: each write opens it, or
+    /// the tokens go to the Secret).
+    dir: Option<&'a std::fs::File>,
+    /// The ledgers found in it at the start (`None`: unknown, any customer may have one).
+    ledgers: Option<std::collections::HashSet<std::ffi::OsString>>,
 }
 
-impl Pass<'_> {
+impl<'a> Pass<'a> {
+    /// One customer, with its place in the configuration (a method, not a closure: the pass
+    /// must be `Send` to run as a task, and a closure's future trips up the compiler's proof).
+    async fn one(&self, i: usize, customer: &'a CustomerConfig) -> (usize, Result<SystemTime, OnceFailure>) {
+        (i, self.customer(customer).await)
+    }
+
     /// One customer: attempts (the same path as `run`'s workers) until a token is written, a
     /// 401, a held-back login or the deadline.
     async fn customer(&self, customer: &CustomerConfig) -> Result<SystemTime, OnceFailure> {
         let refresh = &self.config.refresh;
         let account = self.accounts.of(customer);
-        attempt::restore_ledger(self.store, customer, &account);
+        let ledger = sink::ledger_path(&customer.path);
+        let ledger_on_disk = match (&self.ledgers, ledger.file_name()) {
+            (Some(found), Some(name)) => found.contains(name),
+            _ => true,
+        };
+        if ledger_on_disk {
+            attempt::restore_ledger(self.store, customer, &account);
+        }
         // `once` is never stopped early: its bound is the deadline.
         let never = CancellationToken::new();
         let mut failures = 0;
@@ -644,6 +708,7 @@ impl Pass<'_> {
                 logins: self.logins,
                 clock: Clock::System,
                 store: self.store,
+                ledger_on_disk,
             };
             // The deadline bounds the wait for the account's turn, a login slot and the request
             // too, not only the pauses between attempts. A write, once started, is left to finish.
@@ -682,15 +747,24 @@ impl Pass<'_> {
         }
     }
 
-    /// Writes a file inline (the directory is synced once at the end of the pass), or joins the
-    /// Secret's next update.
+    /// Writes a file inline (the file system is synced once at the end of the pass), or joins
+    /// the Secret's next update.
     async fn write(&self, customer: &CustomerConfig, obtained: Obtained) -> Result<SystemTime, OnceFailure> {
         let output = &self.config.output;
         let expires_at = obtained.expiry.expires_at;
         let content = sink::render(customer.format, &customer.name, &obtained.token, obtained.obtained_at, expires_at);
         let perms = sink::Perms { mode: output.mode, owner: customer.owner };
-        let times = Times { obtained_at: obtained.obtained_at, expires_at };
-        self.store.write(customer, perms, content, times, Durable::WithBatch).await.map_err(|e| {
+        let name = customer.path.file_name().and_then(|n| n.to_str());
+        let written = match (self.store, self.dir, name) {
+            (Store::Files, Some(dir), Some(name)) => {
+                sink::write_atomic_at(dir, name, perms, &content, sink::Sync::Batch)
+            }
+            _ => {
+                let times = Times { obtained_at: obtained.obtained_at, expires_at };
+                self.store.write(customer, perms, content, times, Durable::WithBatch).await
+            }
+        };
+        written.map_err(|e| {
             LoginError::new(Outcome::WriteError, format!("cannot write {}: {e}", customer.path.display()))
         })?;
         Ok(expires_at)

@@ -181,58 +181,110 @@ impl Magento for Client {
     }
 }
 
+/// Built once per configuration, shared by every worker (a clone is a handle).
 #[derive(Clone, Debug)]
 pub struct Client {
-    /// Through the proxies of the environment, if any.
-    http: reqwest::Client,
-    /// Never through a proxy: for loopback addresses.
-    direct: reqwest::Client,
+    inner: std::sync::Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// One HTTP client per kind of URL, built the first time a URL of that kind is asked for:
+    /// through the environment's proxies or direct (loopback), and for `https` (with the CA
+    /// roots) or plain `http` (without: loading and parsing the system's roots is most of a
+    /// client's cost in CPU and memory, and a sidecar talking plain http to the store beside it
+    /// never needs them). See [`Kind`].
+    clients: [std::sync::OnceLock<reqwest::Client>; 4],
+    /// `magento.ca_file`'s certificates, read and checked when the client is made.
+    ca: Vec<reqwest::Certificate>,
     settings: MagentoSettings,
 }
 
-impl Client {
-    pub fn new(settings: &MagentoSettings) -> Result<Client, ClientError> {
-        Ok(Client {
-            http: Client::builder(settings)?.build()?,
-            direct: Client::builder(settings)?.no_proxy().build()?,
-            settings: settings.clone(),
-        })
+/// Which of the lazily built clients a URL goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Kind {
+    /// Loopback: never through a proxy.
+    direct: bool,
+    /// `https`: the CA roots are loaded.
+    tls: bool,
+}
+
+impl Kind {
+    fn of(url: &str) -> Kind {
+        match reqwest::Url::parse(url) {
+            Ok(u) => Kind { direct: crate::config::is_loopback(&u), tls: u.scheme() != "http" },
+            // reqwest refuses it in turn, with its own error.
+            Err(_) => Kind { direct: false, tls: true },
+        }
     }
 
-    fn builder(settings: &MagentoSettings) -> Result<reqwest::ClientBuilder, ClientError> {
+    fn index(self) -> usize {
+        usize::from(self.direct) * 2 + usize::from(self.tls)
+    }
+}
+
+impl Client {
+    /// Reads and checks `magento.ca_file`; the HTTP clients themselves are built on first use.
+    pub fn new(settings: &MagentoSettings) -> Result<Client, ClientError> {
+        let mut ca = Vec::new();
+        if let Some(path) = &settings.ca_file {
+            let ca_error = |message: String| ClientError::CaFile { path: path.display().to_string(), message };
+            let pem = std::fs::read(path).map_err(|e| ca_error(e.to_string()))?;
+            ca = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ca_error(e.to_string()))?;
+            if ca.is_empty() {
+                return Err(ca_error("holds no PEM certificate".into()));
+            }
+        }
+        let client = Client {
+            inner: std::sync::Arc::new(Inner { clients: Default::default(), ca, settings: settings.clone() }),
+        };
+        // A CA file's certificates are checked by building a client with them: that is known
+        // now, not at the first login (the client is kept for the first https URL). Without
+        // one, building cannot fail.
+        if !client.inner.ca.is_empty() {
+            let kind = Kind { direct: false, tls: true };
+            let built = client.build(kind)?;
+            let _ = client.inner.clients[kind.index()].set(built);
+        }
+        Ok(client)
+    }
+
+    fn build(&self, kind: Kind) -> Result<reqwest::Client, ClientError> {
+        let settings = &self.inner.settings;
         let mut builder = reqwest::Client::builder()
             .user_agent(USER_AGENT)
             .timeout(settings.timeout)
             .connect_timeout(settings.timeout)
             .redirect(reqwest::redirect::Policy::none())
             .pool_max_idle_per_host(16);
-        if let Some(path) = &settings.ca_file {
-            let ca_error = |message: String| ClientError::CaFile { path: path.display().to_string(), message };
-            let pem = std::fs::read(path).map_err(|e| ca_error(e.to_string()))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ca_error(e.to_string()))?;
-            if certs.is_empty() {
-                return Err(ca_error("holds no PEM certificate".into()));
-            }
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
+        if kind.direct {
+            builder = builder.no_proxy();
         }
-        Ok(builder)
+        if kind.tls {
+            for cert in &self.inner.ca {
+                builder = builder.add_root_certificate(cert.clone());
+            }
+        } else {
+            builder = builder.tls_built_in_root_certs(false);
+        }
+        Ok(builder.build()?)
     }
 
-    /// The client for `url`: direct for loopback, else through the environment's proxies.
-    fn for_url(&self, url: &str) -> &reqwest::Client {
-        let loopback = reqwest::Url::parse(url).is_ok_and(|u| crate::config::is_loopback(&u));
-        if loopback {
-            &self.direct
-        } else {
-            &self.http
+    /// The client for `url`: direct for loopback, else through the environment's proxies;
+    /// with the CA roots for `https` only.
+    fn for_url(&self, url: &str) -> Result<&reqwest::Client, LoginError> {
+        let kind = Kind::of(url);
+        let slot = &self.inner.clients[kind.index()];
+        if let Some(client) = slot.get() {
+            return Ok(client);
         }
+        let client = self.build(kind).map_err(|e| LoginError::new(Outcome::NetworkError, e.to_string()))?;
+        Ok(slot.get_or_init(|| client))
     }
 
     /// Whether `other` was built from the same settings (and so behaves the same).
     pub fn same_as(&self, other: &Client) -> bool {
-        self.settings == other.settings
+        self.inner.settings == other.inner.settings
     }
 
     /// `POST .../V1/integration/customer/token`: the token, checked for form, or why not.
@@ -249,7 +301,7 @@ impl Client {
         serde_json::to_writer(&mut *body, &Body { username, password: password.expose() })
             .expect("two strings always serialize");
         let request = self
-            .for_url(url)
+            .for_url(url)?
             .post(url)
             .header(ACCEPT, "application/json")
             .header(CONTENT_TYPE, "application/json")
@@ -270,7 +322,7 @@ impl Client {
     pub async fn whoami(&self, url: &str, token: &Secret) -> Result<String, LoginError> {
         let answer = async {
             let response = self
-                .for_url(url)
+                .for_url(url)?
                 .get(url)
                 .header(ACCEPT, "application/json")
                 .bearer_auth(token.expose())
@@ -478,6 +530,7 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::MagentoSettings;
     use reqwest::header::HeaderValue;
 
     #[test]
@@ -545,6 +598,43 @@ mod tests {
         let token = Secret::new("eyJhbGciOiJIUzI1NiJ9.eyJ1aWQiOjF9.c2lnbmF0dXJl".to_owned());
         let e = error_answer(answer(401, &json, r#"{"message":"token c2lnbmF0 rejected"}"#), &token).await;
         assert!(e.message.contains("is not shown"), "{}", e.message);
+    }
+
+    /// Which of the four clients has been built, as `[proxied plain, proxied https, direct plain,
+    /// direct https]`.
+    fn built(client: &Client) -> [bool; 4] {
+        std::array::from_fn(|i| client.inner.clients[i].get().is_some())
+    }
+
+    #[tokio::test]
+    async fn a_client_is_built_for_the_urls_used_and_plain_http_loads_no_roots() {
+        assert_eq!(Kind::of("http://127.0.0.1:8080/rest/V1/x"), Kind { direct: true, tls: false });
+        assert_eq!(Kind::of("https://localhost/rest/V1/x"), Kind { direct: true, tls: true });
+        assert_eq!(Kind::of("http://magento.shop.svc/rest/V1/x"), Kind { direct: false, tls: false });
+        assert_eq!(Kind::of("https://shop.example.com/rest/V1/x"), Kind { direct: false, tls: true });
+        let settings = MagentoSettings { timeout: Duration::from_secs(5), ca_file: None };
+        let client = Client::new(&settings).unwrap();
+        assert_eq!(built(&client), [false; 4], "nothing is built before a URL asks for it");
+        let server = magento_devserver::DevServer::start(Default::default()).await.unwrap();
+        server.add_customer("a@example.com", "pw");
+        let url = format!("{}/rest/V1/integration/customer/token", server.base_url());
+        let token = client.login(&url, "a@example.com", &Secret::new("pw".into())).await.unwrap();
+        assert!(!token.expose().is_empty());
+        assert_eq!(built(&client), [false, false, true, false], "loopback over plain http: direct, no roots");
+        // The clone every worker holds shares the built clients.
+        let clone = client.clone();
+        clone.login(&url, "a@example.com", &Secret::new("pw".into())).await.unwrap();
+        assert_eq!(built(&client), [false, false, true, false]);
+    }
+
+    #[test]
+    fn a_ca_file_is_checked_when_the_client_is_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("ca.pem");
+        std::fs::write(&pem, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").unwrap();
+        let settings = MagentoSettings { timeout: Duration::from_secs(5), ca_file: Some(pem) };
+        let e = Client::new(&settings).unwrap_err();
+        assert!(matches!(e, ClientError::Build(_) | ClientError::CaFile { .. }), "{e}");
     }
 
     #[test]

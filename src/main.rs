@@ -107,7 +107,11 @@ fn main() -> ExitCode {
             Ok(config) => {
                 logging::init(config.log.format, &config.log.level);
                 log_warnings(&config);
-                runtime.block_on(once(config, timeout))
+                // The pass runs as a task, not as `block_on`'s own future: waking `block_on`'s
+                // future always writes to the runtime's eventfd (it cannot tell the waker is on
+                // its own thread), while a task woken on the runtime's thread is only queued.
+                // Every login wakes the pass several times (benches/RESULTS.md).
+                runtime.block_on(async move { tokio::spawn(once(config, timeout)).await.unwrap_or(FAILED) })
             }
             Err(code) => code,
         },

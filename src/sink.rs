@@ -204,7 +204,17 @@ pub fn read_regular(
         return Err(ReadError::TooLarge(limit));
     }
     let mut bytes = Zeroizing::new(Vec::with_capacity(limit + 1));
-    file.take(limit as u64 + 1).read_to_end(&mut bytes)?;
+    // A first read of as much as the file held when opened; a regular file that answers with
+    // exactly its size is read whole (no second read just to see its end: a password is read
+    // twice per login in `once`, and these are a tenth of its system calls). Anything else
+    // (shorter, or a file that grew) is read on to its end, up to the limit.
+    let size = meta.len() as usize;
+    bytes.resize(size + 1, 0);
+    let first = (&file).read(&mut bytes[..size + 1])?;
+    bytes.truncate(first);
+    if first != size || size == 0 {
+        (&file).take(limit as u64 + 1 - first as u64).read_to_end(&mut bytes)?;
+    }
     if bytes.len() > limit {
         return Err(ReadError::TooLarge(limit));
     }
@@ -277,47 +287,95 @@ pub fn write_atomic(path: &Path, perms: Perms, content: &[u8], sync_dir: bool) -
         .and_then(|n| n.to_str())
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the token path has no file name"))?;
     let dir = open_directory(parent(path))?;
-    let tmp = temporary(&dir, name, perms, content)?;
-    if let Err(e) = rustix::fs::renameat(&dir, &tmp, &dir, name) {
-        let _ = rustix::fs::unlinkat(&dir, &tmp, AtFlags::empty());
+    let sync = if sync_dir { Sync::FileAndDirectory } else { Sync::File };
+    write_atomic_at(&dir, name, perms, content, sync)
+}
+
+/// What a write makes durable before it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sync {
+    /// The file and the directory: durable when it returns.
+    FileAndDirectory,
+    /// The file only: the caller syncs the directory once for a batch.
+    File,
+    /// Nothing: the caller makes a whole batch durable at once with [`sync_file_system`]
+    /// before it reports any of it written (`once`: on a disk, one sync instead of one per
+    /// file; the contract lets a batch share one).
+    Batch,
+}
+
+/// [`write_atomic`] of the file `name` in the opened directory `dir` (a caller writing many
+/// files in one directory opens it once).
+pub fn write_atomic_at(dir: &File, name: &str, perms: Perms, content: &[u8], sync: Sync) -> io::Result<()> {
+    let tmp = temporary(dir, name, perms, content, sync != Sync::Batch)?;
+    if let Err(e) = rustix::fs::renameat(dir, &tmp, dir, name) {
+        let _ = rustix::fs::unlinkat(dir, &tmp, AtFlags::empty());
         return Err(e.into());
     }
-    if sync_dir {
+    if sync == Sync::FileAndDirectory {
         dir.sync_all()?;
     }
     Ok(())
 }
 
-/// A temporary file for `name` in `dir`, with its owner, mode and content, synced: its name.
-fn temporary(dir: &File, name: &str, perms: Perms, content: &[u8]) -> io::Result<String> {
+/// The output directory, opened for [`write_atomic_at`].
+pub fn open_dir(dir: &Path) -> io::Result<File> {
+    open_directory(dir)
+}
+
+/// Makes everything written to the file system holding `dir` durable (syncfs(2)): the end of a
+/// batch written with [`Sync::Batch`]. An error means some write may not be.
+pub fn sync_file_system(dir: &File) -> io::Result<()> {
+    Ok(rustix::fs::syncfs(dir)?)
+}
+
+/// A temporary file for `name` in `dir`, with its owner, mode and content (synced with
+/// `sync_file`): its name.
+fn temporary(dir: &File, name: &str, perms: Perms, content: &[u8], sync_file: bool) -> io::Result<String> {
     let flags = OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC;
     match rustix::fs::openat(dir, ".", flags, Mode::from_raw_mode(0o600)) {
         Ok(fd) => {
             let mut file = File::from(fd);
-            fill(&mut file, perms, content)?;
-            // linkat(2) names an O_TMPFILE file through /proc (AT_EMPTY_PATH would need
-            // CAP_DAC_READ_SEARCH).
-            let proc_path = format!("/proc/self/fd/{}", file.as_raw_fd());
+            fill(&mut file, perms, content, sync_file)?;
             for _ in 0..8 {
                 let tmp = tmp_name(name);
-                match rustix::fs::linkat(CWD, proc_path.as_str(), dir, tmp.as_str(), AtFlags::SYMLINK_FOLLOW) {
+                match link_tmpfile(&file, dir, &tmp) {
                     Ok(()) => return Ok(tmp),
                     Err(Errno::EXIST) => continue,
                     // No /proc (or the directory is gone: then the named way fails alike).
-                    Err(Errno::NOENT) => return named_temporary(dir, name, perms, content),
+                    Err(Errno::NOENT) => return named_temporary(dir, name, perms, content, sync_file),
                     Err(e) => return Err(e.into()),
                 }
             }
             Err(io::Error::other("no free name for a temporary file"))
         }
         // No O_TMPFILE on this file system (or kernel).
-        Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => named_temporary(dir, name, perms, content),
+        Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => named_temporary(dir, name, perms, content, sync_file),
         Err(e) => Err(e.into()),
     }
 }
 
+/// Set once `linkat(AT_EMPTY_PATH)` was refused: the kernel (before 6.10) wants
+/// CAP_DAC_READ_SEARCH for it, so every later link goes through /proc at once.
+static NO_EMPTY_PATH_LINK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Names an `O_TMPFILE` file `tmp` in `dir`. `linkat(fd, "", AT_EMPTY_PATH)` where the kernel
+/// allows it to the file's opener (Linux 6.10 and later), else `linkat` of its /proc path,
+/// which costs a walk through /proc (a tenth of a write's CPU, measured in benches/RESULTS.md).
+fn link_tmpfile(file: &File, dir: &File, tmp: &str) -> rustix::io::Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    if !NO_EMPTY_PATH_LINK.load(Relaxed) {
+        match rustix::fs::linkat(file, "", dir, tmp, AtFlags::EMPTY_PATH) {
+            Err(Errno::PERM | Errno::NOENT | Errno::INVAL | Errno::ACCESS) => NO_EMPTY_PATH_LINK.store(true, Relaxed),
+            done => return done,
+        }
+    }
+    let proc_path = format!("/proc/self/fd/{}", file.as_raw_fd());
+    rustix::fs::linkat(CWD, proc_path.as_str(), dir, tmp, AtFlags::SYMLINK_FOLLOW)
+}
+
 /// A temporary file made by name: see [`write_atomic`]. Removed again on failure.
-fn named_temporary(dir: &File, name: &str, perms: Perms, content: &[u8]) -> io::Result<String> {
+fn named_temporary(dir: &File, name: &str, perms: Perms, content: &[u8], sync_file: bool) -> io::Result<String> {
     let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     for _ in 0..8 {
         let tmp = tmp_name(name);
@@ -326,7 +384,7 @@ fn named_temporary(dir: &File, name: &str, perms: Perms, content: &[u8]) -> io::
             Err(Errno::EXIST) => continue,
             Err(e) => return Err(e.into()),
         };
-        return match fill(&mut File::from(fd), perms, content) {
+        return match fill(&mut File::from(fd), perms, content, sync_file) {
             Ok(()) => Ok(tmp),
             Err(e) => {
                 let _ = rustix::fs::unlinkat(dir, tmp.as_str(), AtFlags::empty());
@@ -338,14 +396,17 @@ fn named_temporary(dir: &File, name: &str, perms: Perms, content: &[u8]) -> io::
 }
 
 /// Gives a new file its owner, then its mode (fchmod, not the mode argument of open(2): the
-/// umask cannot narrow or widen it), then its content, and syncs it.
-fn fill(file: &mut File, perms: Perms, content: &[u8]) -> io::Result<()> {
+/// umask cannot narrow or widen it), then its content, and syncs it (with `sync`).
+fn fill(file: &mut File, perms: Perms, content: &[u8], sync: bool) -> io::Result<()> {
     if perms.owner.is_set() {
         rustix::fs::fchown(&*file, perms.owner.uid.map(Uid::from_raw), perms.owner.gid.map(Gid::from_raw))?;
     }
     file.set_permissions(Permissions::from_mode(perms.mode))?;
     file.write_all(content)?;
-    file.sync_all()
+    if sync {
+        file.sync_all()?;
+    }
+    Ok(())
 }
 
 /// `.<name>.<random>.tmp`
@@ -742,7 +803,7 @@ mod tests {
         assert_eq!(owner_and_mode(&path), (rustix::process::geteuid().as_raw(), gid, 0o600));
         // The way taken where the file system has no O_TMPFILE.
         let open = open_directory(dir.path()).unwrap();
-        let tmp = named_temporary(&open, "bob", perms, b"token-3").unwrap();
+        let tmp = named_temporary(&open, "bob", perms, b"token-3", true).unwrap();
         assert!(tmp.starts_with(".bob.") && tmp.ends_with(".tmp"), "{tmp}");
         assert_eq!(owner_and_mode(&dir.path().join(&tmp)), (uid, gid, 0o640));
         assert_eq!(std::fs::read(dir.path().join(&tmp)).unwrap(), b"token-3");
@@ -768,7 +829,10 @@ mod tests {
             assert_eq!(e.raw_os_error(), Some(Errno::PERM.raw_os_error()), "{e}");
             assert_eq!(std::fs::read(&path).unwrap(), b"old");
             let open = open_directory(dir.path()).unwrap();
-            assert_eq!(named_temporary(&open, "alice", perms, b"new").unwrap_err().raw_os_error(), e.raw_os_error());
+            assert_eq!(
+                named_temporary(&open, "alice", perms, b"new", true).unwrap_err().raw_os_error(),
+                e.raw_os_error()
+            );
             let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
             assert_eq!(names, ["alice"], "no temporary left");
         })
@@ -858,6 +922,20 @@ mod tests {
 
     fn mode_of(path: &Path) -> u32 {
         std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn a_file_is_read_whole_whether_or_not_its_size_is_known() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pw");
+        for content in [&b"x"[..], b"pw-00001-Secret!", &[b'a'; 4096]] {
+            std::fs::write(&path, content).unwrap();
+            assert_eq!(&read_regular(&path, 4096, false).unwrap().0[..], content);
+        }
+        // A file whose size says 0 and that holds something (as /proc's do): read to its end.
+        let (status, _) = read_regular(Path::new("/proc/self/status"), 64 * 1024, true).unwrap();
+        assert!(status.starts_with(b"Name:"), "{}", String::from_utf8_lossy(&status));
+        assert!(status.ends_with(b"\n"));
     }
 
     #[test]

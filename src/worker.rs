@@ -82,7 +82,8 @@ pub struct Worker<M = Client> {
     /// Transient failures in a row, for the backoff.
     transient: u32,
     /// A token that could not be written yet: written on the next try without a new login.
-    pending: Option<Obtained>,
+    /// Boxed: rare, and 112 bytes every idle task would carry.
+    pending: Option<Box<Obtained>>,
     /// A warning about the token's expiry (clock skew, an encrypted token) was logged: once.
     warned_expiry: bool,
     /// When the token on disk was last known good (written, adopted or checked); `None` while
@@ -181,22 +182,28 @@ impl<M: Magento> Worker<M> {
     /// A plain function returning the future, not an `async fn`: an `async fn` would keep a
     /// second, dead copy of the worker beside the one moved into the block, in every idle task.
     /// The rare, large steps (start, login, write) are boxed for the same reason: the task keeps
-    /// only what an idle wait needs.
+    /// only what an idle wait needs. The same goes for the `worker` span that gives every log
+    /// line its customer: it is made for each step that may log, not held by the idle task
+    /// (a span costs about 370 bytes of the subscriber's memory while it lives).
+    // Not an `async fn`, as said above, even though the whole body is now the async block.
+    #[allow(clippy::manual_async_fn)]
     pub fn run(mut self, adopt: bool) -> impl std::future::Future<Output = ()> {
-        let span = tracing::info_span!("worker", customer = %self.customer.name);
         async move {
-            let removed = self.shared.store.sweep(&self.customer);
-            if removed > 0 {
-                info!(removed, "removed temporary files left by an earlier run");
-            }
-            if let Some(recorded) = attempt::restore_ledger(&self.shared.store, &self.customer, &self.account) {
-                info!(
-                    failures_in_a_row = recorded.in_a_row,
-                    last_failure = %recorded.last_failure.map(sink::rfc3339).unwrap_or_default(),
-                    "remembering the 401s recorded before this start"
-                );
-            }
-            let mut next = Box::pin(self.start(adopt)).await;
+            let span = self.span();
+            span.in_scope(|| {
+                let removed = self.shared.store.sweep(&self.customer);
+                if removed > 0 {
+                    info!(removed, "removed temporary files left by an earlier run");
+                }
+                if let Some(recorded) = attempt::restore_ledger(&self.shared.store, &self.customer, &self.account) {
+                    info!(
+                        failures_in_a_row = recorded.in_a_row,
+                        last_failure = %recorded.last_failure.map(sink::rfc3339).unwrap_or_default(),
+                        "remembering the 401s recorded before this start"
+                    );
+                }
+            });
+            let mut next = Box::pin(self.start(adopt).instrument(span)).await;
             loop {
                 // The plan, held to what the lockout policy allows for the password refused
                 // last (a changed password wakes the wait: the policy may allow it sooner).
@@ -216,14 +223,17 @@ impl<M: Magento> Worker<M> {
                 match self.wait_until(wake).await {
                     Woken::Stopped => break,
                     // Tried at once if the policy allows it.
-                    Woken::PasswordChanged => info!("the password changed since its last 401"),
+                    Woken::PasswordChanged => self.span().in_scope(|| info!("the password changed since its last 401")),
                     Woken::Forgotten => {
-                        warn!("an operator cleared this customer's failed logins (forget-failures): trying again");
+                        self.span().in_scope(|| {
+                            warn!("an operator cleared this customer's failed logins (forget-failures): trying again")
+                        });
                         next = self.now();
                         continue;
                     }
                     Woken::Asked(asks) => {
-                        if let Some(plan) = Box::pin(self.answer(asks)).await {
+                        let span = self.span();
+                        if let Some(plan) = Box::pin(self.answer(asks).instrument(span)).await {
                             next = plan;
                         }
                         continue;
@@ -231,25 +241,41 @@ impl<M: Magento> Worker<M> {
                     Woken::Due => {}
                 }
                 if wake != planned && planned.is_some_and(|p| self.now() < p) {
-                    if let Checked::Refused = Box::pin(self.check()).await {
+                    let span = self.span();
+                    if let Checked::Refused = Box::pin(self.check().instrument(span)).await {
                         next = self.now() + AFTER_REVOCATION;
                     }
                     continue;
                 }
                 next = match self.pending.take() {
                     Some(obtained) if obtained.expiry.expires_at > self.now() + self.shared.refresh.before_expiry => {
-                        Box::pin(self.write(obtained, false)).await
+                        let span = self.span();
+                        Box::pin(self.write(*obtained, false).instrument(span)).await
                     }
-                    _ => match Box::pin(self.refresh()).await {
-                        Some(next) => next,
-                        None => break,
-                    },
+                    _ => {
+                        // The login slot first, in a small wait of its own: thousands of
+                        // customers due at once (the start) each hold this, not a whole login.
+                        let slot = tokio::select! {
+                            biased;
+                            _ = self.stop.cancelled() => break,
+                            slot = Box::pin(self.shared.logins.clone().acquire_owned()) => slot.ok(),
+                        };
+                        let span = self.span();
+                        match Box::pin(self.refresh(slot).instrument(span)).await {
+                            Some(next) => next,
+                            None => break,
+                        }
+                    }
                 };
             }
             self.report.planned(State::Fresh, None);
-            debug!("stopped");
+            self.span().in_scope(|| debug!("stopped"));
         }
-        .instrument(span)
+    }
+
+    /// The span of this customer's log lines (`"span":{"customer":..,"name":"worker"}`).
+    fn span(&self) -> tracing::Span {
+        tracing::info_span!("worker", customer = %self.customer.name)
     }
 
     /// Looks at the token an earlier run left; returns when to log in.
@@ -421,7 +447,7 @@ impl<M: Magento> Worker<M> {
                     Checked::Refused | Checked::Nothing => {
                         // After the second of the revocation, or a token minted in it dies too.
                         tokio::time::sleep(AFTER_REVOCATION).await;
-                        plan = self.refresh().await;
+                        plan = self.refresh(None).await;
                         if self.checked_at.is_some() {
                             self.token_answer(true)
                         } else {
@@ -456,7 +482,9 @@ impl<M: Magento> Worker<M> {
                 return Woken::Stopped;
             }
             let standing = self.account.standing(self.now(), &self.shared.refresh);
-            if standing != AuthWait::Clear && self.shared.store.forgotten(&self.customer) {
+            // Reading the ledger may warn (a FIFO in its place): in this customer's span.
+            let forgotten = || self.span().in_scope(|| self.shared.store.forgotten(&self.customer));
+            if standing != AuthWait::Clear && forgotten() {
                 self.account.forget();
                 self.shared.store.clear_failures(&self.customer);
                 return Woken::Forgotten;
@@ -500,9 +528,9 @@ impl<M: Magento> Worker<M> {
         }
     }
 
-    /// One attempt and, with a token, its write; returns when to try next, `None` when stopped
-    /// before anything was sent.
-    async fn refresh(&mut self) -> Option<SystemTime> {
+    /// One attempt (in `slot`, a login slot already held, if any) and, with a token, its write;
+    /// returns when to try next, `None` when stopped before anything was sent.
+    async fn refresh(&mut self, slot: Option<tokio::sync::OwnedSemaphorePermit>) -> Option<SystemTime> {
         self.report.state(State::Refreshing);
         let attempt = Attempt {
             magento: &self.shared.magento,
@@ -512,8 +540,9 @@ impl<M: Magento> Worker<M> {
             logins: &self.shared.logins,
             clock: self.shared.clock,
             store: &self.shared.store,
+            ledger_on_disk: true,
         };
-        match attempt::attempt(attempt, &self.stop).await {
+        match attempt::attempt_in_slot(attempt, slot, &self.stop).await {
             Ok(obtained) => Some(self.write(obtained, true).await),
             Err(NoToken::Stopped) => None,
             Err(NoToken::Password(e)) => {
@@ -597,7 +626,7 @@ impl<M: Magento> Worker<M> {
                 self.transient += 1;
                 let wait = schedule::backoff(self.transient, r, None, rand::thread_rng().gen());
                 error!(result = "write_error", error = %message, retry_in = %humantime::format_duration(round(wait)), "token not written");
-                self.pending = Some(obtained);
+                self.pending = Some(Box::new(obtained));
                 now + wait
             }
         }

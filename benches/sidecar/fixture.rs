@@ -79,11 +79,23 @@ impl Fixture {
 
     /// A sidecar configuration for the first `n` customers writing into `out`.
     pub fn config(&self, n: usize, base_url: &str, out: &Path, admin: Option<SocketAddr>) -> io::Result<PathBuf> {
+        self.config_with(n, base_url, out, admin, "")
+    }
+
+    /// [`Fixture::config`] with more `refresh` settings (`refresh`: whole lines, indented by two).
+    pub fn config_with(
+        &self,
+        n: usize,
+        base_url: &str,
+        out: &Path,
+        admin: Option<SocketAddr>,
+        refresh: &str,
+    ) -> io::Result<PathBuf> {
         let path = self.root.path().join(format!("sidecar-{}.yaml", self.next_run()));
         let admin = admin.map_or(String::new(), |a| a.to_string());
         let mut text = format!(
             "magento:\n  base_url: \"{base_url}\"\n  timeout: 10s\n\
-             refresh:\n  max_concurrent_logins: 8\n\
+             refresh:\n  max_concurrent_logins: 8\n{refresh}\
              output:\n  dir: \"{}\"\n  mode: \"0600\"\n  format: raw\n\
              admin:\n  listen: \"{admin}\"\n\
              log:\n  format: json\n  level: info\n\

@@ -310,7 +310,9 @@ async fn a_store_code_that_never_validates_costs_a_few_logins_then_no_more_check
 
 /// Every configured customer holds one of these tasks for the life of the daemon: with
 /// 10,000 customers each byte is 10 KB of resident memory (benches/RESULTS.md). It was
-/// 2,968 bytes before `run` stopped being an `async fn` and the rare steps were boxed.
+/// 2,968 bytes before `run` stopped being an `async fn` and the rare steps were boxed; 904
+/// before a token waiting to be written again (`pending`, rare) was boxed and the client
+/// became one handle (issue 12: 752).
 #[test]
 fn an_idle_customer_task_stays_small() {
     let config = config::parse(
@@ -334,5 +336,5 @@ fn an_idle_customer_task_stays_small() {
     let worker = Worker::new(customer, account, shared, Reporter::new("a", Board::new()), CancellationToken::new());
     let task = worker.run(true);
     let size = std::mem::size_of_val(&task);
-    assert!(size <= 1024, "a customer's task is {size} bytes");
+    assert!(size <= 800, "a customer's task is {size} bytes");
 }
