@@ -48,6 +48,7 @@ from test_chart import (
     load_values,
     one,
     pod_spec,
+    validate_strictly,
     validate_with_cli,
     readme_examples,
     readme_text,
@@ -99,18 +100,7 @@ def test_central_lint_strict(values, kube):
 @pytest.mark.parametrize("kube", KUBE_VERSIONS)
 @pytest.mark.parametrize("values", list(CENTRAL_SETS))
 def test_central_objects_validate_strictly(values, kube):
-    objs = render(central_values(values), kube_version=kube)
-    checked = set()
-    for obj in objs:
-        if obj["apiVersion"].startswith(MONITORING_GROUP):
-            continue
-        try:
-            kv.validate(obj, kube, strict=True)
-        except kv.ValidationError as e:
-            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} ({values}, {kube}): {'.'.join(map(str, e.path))}: {e.message}")
-        except kv.SchemaNotFoundError as e:
-            pytest.fail(e.message)
-        checked.add(obj["kind"])
+    checked = set(validate_strictly(render(central_values(values), kube_version=kube), values, kube))
     assert {"Deployment", "PodDisruptionBudget", "Role", "RoleBinding", "ServiceAccount", "Service"} <= checked
 
 
