@@ -497,15 +497,7 @@ fn idle_daemons(sizes: &[usize], tools: &Tools, fx: &Fixture, server: &DevServer
         let config = fx.config(n, &server.base_url, &out, Some(admin))?;
         let (log, file) = fx.log_file(&format!("run-{n}"))?;
         let start = Instant::now();
-        let child = Command::new(&tools.sidecar)
-            .arg("run")
-            .arg("--config")
-            .arg(config)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file)
-            .spawn()?;
+        let child = spawn_run(tools, config, file)?;
         let child = Guard(Some(child));
         let limit = Duration::from_secs(30) + Duration::from_millis(5) * n as u32;
         let Some(_) = measure::wait_for_files(&out, n, limit) else {
@@ -602,15 +594,7 @@ fn first_token(tools: &Tools, fx: &Fixture, server: &DevServer) -> io::Result<Fi
         let (log, file) = fx.log_file("first")?;
         let watch = measure::DirWatch::new(&out)?;
         let start = Instant::now();
-        let child = Command::new(&tools.sidecar)
-            .arg("run")
-            .arg("--config")
-            .arg(&config)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file)
-            .spawn()?;
+        let child = spawn_run(tools, &config, file)?;
         let mut child = Guard(Some(child));
         let seen = watch.wait_for(&fixture::name(0), Duration::from_secs(10))?;
         let took = start.elapsed();
@@ -884,14 +868,13 @@ impl Validation {
     }
 }
 
-fn validation_cost(tools: &Tools, fx: &Fixture, server: &DevServer) -> io::Result<Validation> {
-    let n = VALIDATION_N;
-    let out = fx.out_dir("validate")?;
-    let admin = free_port()?;
-    let refresh = format!("  validate_every: {VALIDATE_EVERY}\n");
-    let config = fx.config_with(n, &server.base_url, &out, Some(admin), &refresh)?;
-    let (log, file) = fx.log_file("validate")?;
-    let child = Command::new(&tools.sidecar)
+/// `run` on `config`, its output (stdout and stderr) to `file`, without the caller's RUST_LOG.
+fn spawn_run(
+    tools: &Tools,
+    config: impl AsRef<std::ffi::OsStr>,
+    file: std::fs::File,
+) -> io::Result<std::process::Child> {
+    Command::new(&tools.sidecar)
         .arg("run")
         .arg("--config")
         .arg(config)
@@ -899,7 +882,17 @@ fn validation_cost(tools: &Tools, fx: &Fixture, server: &DevServer) -> io::Resul
         .stdin(Stdio::null())
         .stdout(file.try_clone()?)
         .stderr(file)
-        .spawn()?;
+        .spawn()
+}
+
+fn validation_cost(tools: &Tools, fx: &Fixture, server: &DevServer) -> io::Result<Validation> {
+    let n = VALIDATION_N;
+    let out = fx.out_dir("validate")?;
+    let admin = free_port()?;
+    let refresh = format!("  validate_every: {VALIDATE_EVERY}\n");
+    let config = fx.config_with(n, &server.base_url, &out, Some(admin), &refresh)?;
+    let (log, file) = fx.log_file("validate")?;
+    let child = spawn_run(tools, config, file)?;
     let mut child = Guard(Some(child));
     let limit = Duration::from_secs(30) + Duration::from_millis(5) * n as u32;
     if measure::wait_for_files(&out, n, limit).is_none() {
