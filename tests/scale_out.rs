@@ -179,7 +179,7 @@ async fn a_standby_takes_over_from_a_killed_holder_without_logging_in_again() {
     let d = Deployment::new(opts, &[ALICE]).await;
     let customers = [(ALICE.0, ALICE.1)];
     let refresh = "  before_expiry: 10s\n  jitter: 1s\n";
-    let mut replicas = vec![d.replica("r1", &customers, refresh), d.replica("r2", &customers, refresh)];
+    let mut replicas = [d.replica("r1", &customers, refresh), d.replica("r2", &customers, refresh)];
     let first = d.wait_token("alice", None, 20 * SEC).await;
     let holder = d.wait_holder(None, 10 * SEC).await;
     let logins = d.w.server.login_attempts(ALICE.1);
