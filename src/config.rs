@@ -1150,10 +1150,11 @@ pub fn is_loopback(url: &Url) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const MINIMAL: &str = "
+    /// The smallest valid configuration, for the tests of other modules too.
+    pub(crate) const MINIMAL: &str = "
 magento:
   base_url: https://shop.example.com
 output:

@@ -472,18 +472,8 @@ fn parent_of(dir: &Path) -> Option<i32> {
 mod tests {
     use super::*;
     use crate::config::notify::DEFAULT_TIMEOUT;
+    use crate::config::tests::MINIMAL;
     use crate::config::{self, Checks};
-
-    const MINIMAL: &str = "
-magento:
-  base_url: https://shop.example.com
-output:
-  dir: /tmp
-customers:
-  - name: alice
-    username: alice@example.com
-    password_env: ALICE_PASSWORD
-";
 
     fn problems(notify: &str, checks: Checks) -> Vec<String> {
         match config::parse(&format!("{MINIMAL}notify:\n{notify}"), checks) {
