@@ -30,6 +30,17 @@ fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
+/// Whether a test that needs root is skipped here (saying so): CI runs it as root.
+fn skipped_unless_root() -> bool {
+    if !is_root() {
+        eprintln!(
+            "ownership as root: skipped, this test runs as uid {} (CI runs it as root)",
+            rustix::process::geteuid().as_raw()
+        );
+    }
+    !is_root()
+}
+
 fn have_setpriv() -> bool {
     Command::new("setpriv").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
 }
@@ -120,11 +131,7 @@ fn owner_of(path: &Path) -> (u32, u32, u32) {
 /// rotate for several customers and one of them gets a 401.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_as_root_creates_every_file_with_the_configured_owner() {
-    if !is_root() {
-        eprintln!(
-            "ownership as root: skipped, this test runs as uid {} (CI runs it as root)",
-            rustix::process::geteuid().as_raw()
-        );
+    if skipped_unless_root() {
         return;
     }
     let w = World::new(DevServerOptions { token_lifetime: 6 * SEC, ..Default::default() }).await;
@@ -185,11 +192,7 @@ async fn run_as_root_creates_every_file_with_the_configured_owner() {
 /// get the configured owner; `check` accepts the keys and leaves nothing behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn once_and_check_as_root_give_files_the_configured_owner() {
-    if !is_root() {
-        eprintln!(
-            "ownership as root: skipped, this test runs as uid {} (CI runs it as root)",
-            rustix::process::geteuid().as_raw()
-        );
+    if skipped_unless_root() {
         return;
     }
     let w = World::with_customers(&[ALICE]).await;
@@ -365,11 +368,7 @@ async fn giving_files_away_needs_cap_chown_and_cap_fowner() {
 /// a new login.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_of_the_owner_rewrites_the_same_token() {
-    if !is_root() {
-        eprintln!(
-            "ownership as root: skipped, this test runs as uid {} (CI runs it as root)",
-            rustix::process::geteuid().as_raw()
-        );
+    if skipped_unless_root() {
         return;
     }
     let w = World::with_customers(&[ALICE]).await;
