@@ -50,7 +50,7 @@ pub struct Supervisor {
     /// What the shared client was built from: a reload that keeps them keeps the client and
     /// its connection pool.
     magento: MagentoSettings,
-    shared: Shared,
+    shared: Arc<Shared>,
     /// Settings read only at start, to say so when a reload changes them.
     admin_listen: Option<std::net::SocketAddr>,
     log_format: LogFormat,
@@ -113,7 +113,7 @@ impl Supervisor {
         store: Store,
         accounts: Arc<Accounts>,
     ) -> Result<Supervisor, ClientError> {
-        let shared = shared_for(&config, None, store)?;
+        let shared = Arc::new(shared_for(&config, None, store)?);
         let mut supervisor = Supervisor {
             magento: config.magento,
             shared,
@@ -167,6 +167,7 @@ impl Supervisor {
     pub async fn apply(&mut self, new: Config) -> Result<(), ClientError> {
         let shared = shared_for(&new, Some(self), self.shared.store.clone())?;
         let everyone = !shared.same_as(&self.shared);
+        let shared = Arc::new(shared);
         let plan = plan(self.workers.values().map(|r| &*r.customer), new.customers, everyone);
         // Stop the removed and the changed first, all together, so no two workers ever write
         // one file.
