@@ -12,7 +12,7 @@ mod common;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use common::*;
 use magento_devserver::DevServerOptions;
@@ -51,18 +51,7 @@ async fn run_bounded(dir: &Path, args: &[&str], limit: Duration) -> (Option<i32>
         .stderr(std::fs::File::create(&err_path).unwrap())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    let code = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status.code();
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let code = exit_within(&mut child, limit).await;
     let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
     (code, read(&out_path), read(&err_path))
 }

@@ -219,7 +219,7 @@ async fn once_and_check_as_root_give_files_the_configured_owner() {
 
 /// Runs the binary with `prefix` (a `setpriv` command line, or nothing) in front, for at most
 /// 20 s: (exit code, stdout + stderr).
-fn run_as(prefix: &[String], args: &[&str]) -> (Option<i32>, String) {
+async fn run_as(prefix: &[String], args: &[&str]) -> (Option<i32>, String) {
     let mut command = match prefix.split_first() {
         Some((program, rest)) => {
             let mut c = Command::new(program);
@@ -241,18 +241,7 @@ fn run_as(prefix: &[String], args: &[&str]) -> (Option<i32>, String) {
         .stderr(out.reopen().unwrap())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    let code = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status.code();
-        }
-        if start.elapsed() > 20 * SEC {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let code = exit_within(&mut child, 20 * SEC).await;
     (code, std::fs::read_to_string(out.path()).unwrap())
 }
 
@@ -297,26 +286,26 @@ async fn a_daemon_not_allowed_to_chown_says_so_naming_the_key() {
     let refused_gid = format!("output.gid: {other_gid}: this process (uid {uid}) is not a member of group {other_gid}");
 
     w.write_config(&with_output(&w, &text, &format!("  uid: {other_uid}\n")));
-    let (code, out) = run_as(&prefix, &["check", "--config", config]);
+    let (code, out) = run_as(&prefix, &["check", "--config", config]).await;
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains(&refused_uid), "{out}");
     assert!(!out.contains("output.gid"), "{out}");
 
     w.write_config(&with_output(&w, &text, &format!("  gid: {other_gid}\n")));
-    let (code, out) = run_as(&prefix, &["check", "--config", config]);
+    let (code, out) = run_as(&prefix, &["check", "--config", config]).await;
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains(&refused_gid), "{out}");
     assert!(out.contains("or drop output.gid"), "{out}");
 
     // Both at once: both named.
     w.write_config(&with_output(&w, &text, &format!("  uid: {other_uid}\n  gid: {other_gid}\n")));
-    let (code, out) = run_as(&prefix, &["check", "--config", config]);
+    let (code, out) = run_as(&prefix, &["check", "--config", config]).await;
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains(&refused_uid) && out.contains(&refused_gid), "{out}");
 
     // `run` and `once` refuse to start: no login, no file.
     for args in [vec!["run", "--config", config], vec!["once", "--config", config, "--timeout", "5s"]] {
-        let (code, out) = run_as(&prefix, &args);
+        let (code, out) = run_as(&prefix, &args).await;
         assert_eq!(code, Some(2), "{}: {out}", args[0]);
         assert!(out.contains(&refused_uid) && out.contains(&refused_gid), "{}: {out}", args[0]);
     }
@@ -325,10 +314,10 @@ async fn a_daemon_not_allowed_to_chown_says_so_naming_the_key() {
 
     // Its own group needs no privilege, and gets it on the file.
     w.write_config(&with_output(&w, &text, &format!("  gid: {gid}\n")));
-    let (code, out) = run_as(&prefix, &["check", "--config", config]);
+    let (code, out) = run_as(&prefix, &["check", "--config", config]).await;
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(std::fs::read_dir(w.tokens()).unwrap().count(), 0, "check leaves nothing in the directory");
-    let (code, out) = run_as(&prefix, &["once", "--config", config, "--timeout", "20s"]);
+    let (code, out) = run_as(&prefix, &["once", "--config", config, "--timeout", "20s"]).await;
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(owner_of(&w.token_path(ALICE.0)), (uid, gid, 0o600));
 }
@@ -350,7 +339,7 @@ async fn giving_files_away_needs_cap_chown_and_cap_fowner() {
     let config = config.to_str().unwrap();
     let only = |caps: &str| ["setpriv".to_string(), format!("--bounding-set=-all,{caps}"), "--inh-caps=-all".into()];
 
-    let (code, out) = run_as(&only("+chown"), &["check", "--config", config]);
+    let (code, out) = run_as(&only("+chown"), &["check", "--config", config]).await;
     assert_eq!(code, Some(2), "{out}");
     assert!(
         out.contains(&format!("output.uid: {UID}: this process (uid 0) has CAP_CHOWN but not CAP_FOWNER")),
@@ -358,7 +347,7 @@ async fn giving_files_away_needs_cap_chown_and_cap_fowner() {
     );
     assert!(!out.contains("output.gid"), "CAP_CHOWN is enough for the group: {out}");
 
-    let (code, out) = run_as(&only("+chown,+fowner"), &["once", "--config", config, "--timeout", "20s"]);
+    let (code, out) = run_as(&only("+chown,+fowner"), &["once", "--config", config, "--timeout", "20s"]).await;
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(owner_of(&w.token_path(ALICE.0)), (UID, GID, 0o640));
     assert!(w.stray_files(&["alice"]).is_empty(), "{:?}", w.stray_files(&["alice"]));

@@ -230,6 +230,23 @@ impl Drop for Daemon {
     }
 }
 
+/// Waits for `child` to end, for at most `limit` (then kills it): its exit code, `None` when it
+/// had to be killed or died of a signal.
+pub async fn exit_within(child: &mut Child, limit: Duration) -> Option<i32> {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Runs the binary to completion: (exit code, stdout, stderr).
 pub fn run_to_end(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(BIN)
