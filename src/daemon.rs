@@ -276,21 +276,27 @@ pub async fn run(
                 info!(signal = name, "stopping: letting logins and writes in flight finish");
                 break;
             }
-            Signal::Reload => match reload(config_path, &mut supervisor, &mut lock).await {
-                Ok(level) => {
-                    logging.set_level(&level);
-                    metrics.reload(true);
-                }
-                Err(e) => {
-                    metrics.reload(false);
-                    error!(error = %e, "configuration reload failed: the running configuration stays");
-                }
-            },
+            Signal::Reload => reloaded(reload(config_path, &mut supervisor, &mut lock).await, logging, &metrics),
         }
     }
     supervisor.stop().await;
     info!("stopped");
     Ok(())
+}
+
+/// What a reload's outcome changes, with files and with the Secret alike: the log level at
+/// once, the reload counter, and an error line when the old configuration stays.
+fn reloaded(result: Result<String, String>, logging: &Logging, metrics: &Metrics) {
+    match result {
+        Ok(level) => {
+            logging.set_level(&level);
+            metrics.reload(true);
+        }
+        Err(e) => {
+            metrics.reload(false);
+            error!(error = %e, "configuration reload failed: the running configuration stays");
+        }
+    }
 }
 
 async fn reload(path: &Path, supervisor: &mut Supervisor, lock: &mut sink::DirLock) -> Result<String, String> {
@@ -385,35 +391,11 @@ pub async fn run_central(
                     break;
                 }
                 Some(Signal::Reload) => {
-                    let reloaded = config::load(config_path, Checks::Environment).map_err(|e| e.to_string()).and_then(|new| {
-                        match new.output.kubernetes == config.output.kubernetes {
-                            true => Ok(new),
-                            false => Err("output.kubernetes changed: it takes effect at the next start".to_owned()),
-                        }
-                    });
-                    match reloaded {
-                        Ok(new) => {
-                            let level = new.log.level.clone();
-                            if let Some(running) = supervisor.as_mut() {
-                                if let Err(e) = running.apply(new.clone()).await {
-                                    metrics.reload(false);
-                                    error!(error = %e, "configuration reload failed: the running configuration stays");
-                                    continue;
-                                }
-                            }
-                            config = new;
-                            if supervisor.is_none() {
-                                stand_by(&config, &board, &tokens);
-                            }
-                            logging.set_level(&level);
-                            metrics.reload(true);
-                            info!(customers = config.customers.len(), "configuration reloaded");
-                        }
-                        Err(e) => {
-                            metrics.reload(false);
-                            error!(error = %e, "configuration reload failed: the running configuration stays");
-                        }
+                    let result = reload_central(config_path, &mut config, supervisor.as_mut()).await;
+                    if result.is_ok() && supervisor.is_none() {
+                        stand_by(&config, &board, &tokens);
                     }
+                    reloaded(result, logging, &metrics);
                 }
             },
             changed = term.changed() => {
@@ -452,6 +434,26 @@ pub async fn run_central(
     let _ = elector.await;
     info!("stopped");
     Ok(())
+}
+
+/// A reload with `output.kubernetes`: the holder's workers take the new configuration as with
+/// files; a standby keeps it for when it holds the Lease. `output.kubernetes` itself takes effect
+/// at the next start.
+async fn reload_central(
+    path: &Path,
+    config: &mut Config,
+    supervisor: Option<&mut Supervisor>,
+) -> Result<String, String> {
+    let new = config::load(path, Checks::Environment).map_err(|e| e.to_string())?;
+    if new.output.kubernetes != config.output.kubernetes {
+        return Err("output.kubernetes changed: it takes effect at the next start".to_owned());
+    }
+    if let Some(running) = supervisor {
+        running.apply(new.clone()).await.map_err(|e| e.to_string())?;
+    }
+    *config = new;
+    info!(customers = config.customers.len(), "configuration reloaded");
+    Ok(config.log.level.clone())
 }
 
 /// A standby's board: every configured customer with the expiry of its token in the Secret, so
