@@ -4,8 +4,9 @@
 # sidecar.securityContext). Build from the repository root:
 #   docker build -t registry.example.com/magento-token-sidecar:0.1.0 .
 
-# The toolchain the project is tested with (1.89 or later: File::try_lock).
-ARG RUST_VERSION=1.95
+# The toolchain the project is tested with (1.89 or later: File::try_lock), to the patch release:
+# link/hot-functions.txt names functions as this compiler does (build.rs; tests/hot_functions.rs).
+ARG RUST_VERSION=1.95.0
 
 FROM rust:${RUST_VERSION}-bookworm AS build
 WORKDIR /src
