@@ -69,6 +69,9 @@ pub struct Attempt<'a, M> {
     /// Whether a ledger may be recorded (to remove after a success): `false` only when the
     /// caller knows there is none (`once` lists the directory it alone writes to).
     pub ledger_on_disk: bool,
+    /// The password, read by the caller a moment ago (`once`'s first attempt: by the
+    /// configuration's check); `None`: read it now.
+    pub password: Option<Secret>,
 }
 
 /// Takes `customer`'s recorded 401s (the ledger an earlier process left beside its token file,
@@ -98,11 +101,14 @@ enum Slot<'a> {
 /// The slot is always taken before the account's turn by such callers, so two entries of one
 /// username cannot each hold what the other waits for.
 pub async fn attempt_in_slot<M: Magento>(
-    a: Attempt<'_, M>,
+    mut a: Attempt<'_, M>,
     slot: Option<OwnedSemaphorePermit>,
     stop: &CancellationToken,
 ) -> Result<Obtained, NoToken> {
-    let password = a.customer.password.read().map_err(NoToken::Password)?;
+    let password = match a.password.take() {
+        Some(password) => password,
+        None => a.customer.password.read().map_err(NoToken::Password)?,
+    };
     // The account's turn: another entry of this username may be logging in, and its outcome
     // decides whether this login may be sent at all.
     let _turn = tokio::select! {

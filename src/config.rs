@@ -507,16 +507,34 @@ pub enum Checks {
 
 /// Reads, parses and validates a configuration file.
 pub fn load(file: &Path, checks: Checks) -> Result<Config, ConfigError> {
+    load_keeping(file, checks, false).map(|(config, _)| config)
+}
+
+/// The passwords [`Checks::Environment`] read, one per customer in order: `once` logs every
+/// customer in right after its check, with the password just read instead of reading it again
+/// (a third of the system calls of a login; a retry reads it afresh).
+pub type ReadPasswords = Vec<Option<Secret>>;
+
+/// [`load`] with [`Checks::Environment`], keeping the passwords it read.
+pub fn load_with_passwords(file: &Path) -> Result<(Config, ReadPasswords), ConfigError> {
+    load_keeping(file, Checks::Environment, true)
+}
+
+fn load_keeping(file: &Path, checks: Checks, keep: bool) -> Result<(Config, ReadPasswords), ConfigError> {
     let fail = |message: String| ConfigError {
         file: file.to_path_buf(),
         problems: vec![Problem { path: String::new(), message }],
     };
     let text = std::fs::read_to_string(file).map_err(|e| fail(format!("cannot read the configuration file: {e}")))?;
-    parse(&text, checks).map_err(|problems| ConfigError { file: file.to_path_buf(), problems })
+    parse_keeping(&text, checks, keep).map_err(|problems| ConfigError { file: file.to_path_buf(), problems })
 }
 
 /// Parses and validates a configuration from YAML text.
 pub fn parse(text: &str, checks: Checks) -> Result<Config, Vec<Problem>> {
+    parse_keeping(text, checks, false).map(|(config, _)| config)
+}
+
+fn parse_keeping(text: &str, checks: Checks, keep: bool) -> Result<(Config, ReadPasswords), Vec<Problem>> {
     if let Some(line) = bare_number_mode(text) {
         return Err(vec![Problem {
             path: "output.mode".into(),
@@ -528,7 +546,7 @@ pub fn parse(text: &str, checks: Checks) -> Result<Config, Vec<Problem>> {
     // serde_yaml's message already starts with the key path and ends with line and column.
     let raw: RawConfig =
         serde_yaml::from_str(text).map_err(|e| vec![Problem { path: String::new(), message: e.to_string() }])?;
-    validate(raw, checks)
+    validate(raw, checks, keep)
 }
 
 impl Config {
@@ -584,8 +602,8 @@ fn valid_log_level(level: &str) -> bool {
         })
 }
 
-fn validate(raw: RawConfig, checks: Checks) -> Result<Config, Vec<Problem>> {
-    let mut v = Validator::default();
+fn validate(raw: RawConfig, checks: Checks, keep: bool) -> Result<(Config, ReadPasswords), Vec<Problem>> {
+    let mut v = Validator { kept: keep.then(Vec::new), ..Validator::default() };
     let base_url = check_magento(&mut v, &raw.magento, checks);
     check_refresh(&mut v, &raw.refresh);
     let kubernetes = check_output(&mut v, &raw.output, checks);
@@ -600,7 +618,7 @@ fn validate(raw: RawConfig, checks: Checks) -> Result<Config, Vec<Problem>> {
     if !v.problems.is_empty() {
         return Err(v.problems);
     }
-    Ok(Config {
+    let config = Config {
         magento: MagentoSettings { timeout: raw.magento.timeout.0, ca_file: raw.magento.ca_file },
         refresh: raw.refresh,
         output: OutputSettings {
@@ -615,7 +633,8 @@ fn validate(raw: RawConfig, checks: Checks) -> Result<Config, Vec<Problem>> {
         log: LogSettings { format: raw.log.format, level: raw.log.level },
         customers,
         notify,
-    })
+    };
+    Ok((config, v.kept.unwrap_or_default()))
 }
 
 /// `magento`: returns the base URL when it is good.
@@ -1006,10 +1025,15 @@ fn password_source(
             None
         }
     };
+    let mut read = None;
     if let (Some(source), Checks::Environment) = (&password, checks) {
-        if let Err(e) = source.read() {
-            v.problem(&at(source.key()), password_problem(&e));
+        match source.read() {
+            Ok(secret) => read = Some(secret),
+            Err(e) => v.problem(&at(source.key()), password_problem(&e)),
         }
+    }
+    if let Some(kept) = &mut v.kept {
+        kept.push(read);
     }
     password
 }
@@ -1055,6 +1079,8 @@ fn check_file_name(file: &str) -> Result<(), String> {
 #[derive(Default)]
 struct Validator {
     problems: Vec<Problem>,
+    /// The passwords read, when asked to keep them ([`load_with_passwords`]).
+    kept: Option<ReadPasswords>,
 }
 
 impl Validator {

@@ -22,13 +22,15 @@ use crate::cluster::secret::Times;
 use crate::cluster::secret::Tokens;
 use crate::cluster::Cluster;
 use crate::config::{
-    self, Checks, Config, CustomerConfig, LogFormat, MagentoSettings, OutputSettings, PasswordError, RefreshSettings,
+    self, Checks, Config, CustomerConfig, LogFormat, MagentoSettings, OutputSettings, PasswordError, ReadPasswords,
+    RefreshSettings,
 };
 use crate::index::{self, IndexWriter};
 use crate::logging::Logging;
 use crate::magento::{Client, ClientError, LoginError, Outcome};
 use crate::metrics::Metrics;
 use crate::schedule;
+use crate::secret::Secret;
 use crate::signals::Signal;
 use crate::sink;
 use crate::status::{Board, Reporter};
@@ -510,7 +512,8 @@ pub async fn once_central(config: &Config, timeout: Duration, board: Board) -> R
         return Err(format!("cannot read the Secret {}/{}: {e}", cluster.namespace, k.secret));
     }
     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-    let results = once_in(config, left, &Store::Secret(tokens)).await.map_err(|e| e.to_string());
+    // Every login reads its password: the wait for the Lease may have outlasted the check's.
+    let results = once_in(config, Vec::new(), left, &Store::Secret(tokens)).await.map_err(|e| e.to_string());
     finish(stop, elector).await;
     results
 }
@@ -559,12 +562,24 @@ pub struct OnceResult {
 /// into the output directory opened once, and none is synced on its own: one sync of the file
 /// system at the end makes the whole batch durable before any of it is reported written (the
 /// contract lets a batch share one sync; on a disk that is one sync instead of one per file).
-pub async fn once(config: &Config, timeout: Duration) -> Result<Vec<OnceResult>, ClientError> {
-    once_in(config, timeout, &Store::Files).await
+///
+/// `passwords` are those the configuration's check read ([`config::load_with_passwords`]): each
+/// customer's first login sends the one read then (empty: every login reads its own).
+pub async fn once(
+    config: &Config,
+    passwords: ReadPasswords,
+    timeout: Duration,
+) -> Result<Vec<OnceResult>, ClientError> {
+    once_in(config, passwords, timeout, &Store::Files).await
 }
 
 /// [`once`], writing to `store`.
-pub async fn once_in(config: &Config, timeout: Duration, store: &Store) -> Result<Vec<OnceResult>, ClientError> {
+pub async fn once_in(
+    config: &Config,
+    passwords: ReadPasswords,
+    timeout: Duration,
+    store: &Store,
+) -> Result<Vec<OnceResult>, ClientError> {
     let client = Client::new(&config.magento)?;
     let logins = Semaphore::new(config.refresh.max_concurrent_logins);
     let accounts = Accounts::new();
@@ -589,11 +604,12 @@ pub async fn once_in(config: &Config, timeout: Duration, store: &Store) -> Resul
     // from being `Send` (a limit of the compiler's proof), and the pass runs as a task.
     let in_flight = once_in_flight(config.refresh.max_concurrent_logins);
     let mut waiting = config.customers.iter().enumerate();
+    let mut passwords = passwords.into_iter();
     let mut running = FuturesUnordered::new();
     loop {
         while running.len() < in_flight {
             let Some((i, customer)) = waiting.next() else { break };
-            running.push(pass.one(i, customer));
+            running.push(pass.one(i, customer, passwords.next().flatten()));
         }
         let Some((i, outcome)) = running.next().await else { break };
         outcomes[i] = Some(outcome);
@@ -682,13 +698,23 @@ struct Pass<'a> {
 impl<'a> Pass<'a> {
     /// One customer, with its place in the configuration (a method, not a closure: the pass
     /// must be `Send` to run as a task, and a closure's future trips up the compiler's proof).
-    async fn one(&self, i: usize, customer: &'a CustomerConfig) -> (usize, Result<SystemTime, OnceFailure>) {
-        (i, self.customer(customer).await)
+    async fn one(
+        &self,
+        i: usize,
+        customer: &'a CustomerConfig,
+        password: Option<Secret>,
+    ) -> (usize, Result<SystemTime, OnceFailure>) {
+        (i, self.customer(customer, password).await)
     }
 
     /// One customer: attempts (the same path as `run`'s workers) until a token is written, a
-    /// 401, a held-back login or the deadline.
-    async fn customer(&self, customer: &CustomerConfig) -> Result<SystemTime, OnceFailure> {
+    /// 401, a held-back login or the deadline. The first sends `password` if given (read by the
+    /// check a moment ago); every other reads the password afresh.
+    async fn customer(
+        &self,
+        customer: &CustomerConfig,
+        mut password: Option<Secret>,
+    ) -> Result<SystemTime, OnceFailure> {
         let refresh = &self.config.refresh;
         let account = self.accounts.of(customer);
         let ledger = sink::ledger_path(&customer.path);
@@ -712,6 +738,7 @@ impl<'a> Pass<'a> {
                 clock: Clock::System,
                 store: self.store,
                 ledger_on_disk,
+                password: password.take(),
             };
             // The deadline bounds the wait for the account's turn, a login slot and the request
             // too, not only the pauses between attempts. A write, once started, is left to finish.
@@ -835,6 +862,40 @@ mod tests {
     use magento_devserver::{DevServer, DevServerOptions, Fault};
 
     #[tokio::test]
+    async fn once_sends_the_password_its_check_read_and_reads_it_again_for_a_retry() {
+        let server = DevServer::start(DevServerOptions::default()).await.unwrap();
+        server.add_customer("a@example.com", "checked");
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("a.password");
+        std::fs::write(&secret, "checked\n").unwrap();
+        let file = dir.path().join("config.yaml");
+        let text = format!(
+            "magento:\n  base_url: {}\nrefresh:\n  min_backoff: 100ms\noutput:\n  dir: {}\ncustomers:\n  - name: a\n    username: a@example.com\n    password_file: {}\n",
+            server.base_url(),
+            dir.path().display(),
+            secret.display()
+        );
+        std::fs::write(&file, text).unwrap();
+        let (config, passwords) = config::load_with_passwords(&file).unwrap();
+        let kept: Vec<Option<&str>> = passwords.iter().map(|p| p.as_ref().map(|p| p.expose())).collect();
+        assert_eq!(kept, [Some("checked")]);
+        // Rotated after the check: the first login still sends what the check read; a 503 makes
+        // a second, which reads the file again.
+        std::fs::write(&secret, "rotated").unwrap();
+        server.set_password("a@example.com", "rotated");
+        server.push_fault(Fault::Respond {
+            status: 503,
+            content_type: "text/html".into(),
+            body: b"busy".to_vec(),
+            retry_after: None,
+        });
+        let results = once(&config, passwords, Duration::from_secs(8)).await.unwrap();
+        assert!(results[0].outcome.is_ok(), "{:?}", results[0].outcome);
+        let sent: Vec<(u16, Option<String>)> = server.requests().into_iter().map(|r| (r.status, r.password)).collect();
+        assert_eq!(sent, [(503, Some("checked".into())), (200, Some("rotated".into()))]);
+    }
+
+    #[tokio::test]
     async fn once_answers_in_order_and_a_stuck_login_holds_up_no_one_else() {
         let server = DevServer::start(DevServerOptions::default()).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -863,7 +924,7 @@ mod tests {
         // fsyncs one after the other when the machine and its disk are busy. Were the others
         // held up behind the stuck one, they would miss any deadline.
         server.push_fault(Fault::Hang);
-        let results = once(&config, Duration::from_secs(8)).await.unwrap();
+        let results = once(&config, Vec::new(), Duration::from_secs(8)).await.unwrap();
         let names: Vec<&str> = results.iter().map(|r| r.customer.as_str()).collect();
         let configured: Vec<&str> = config.customers.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, configured);

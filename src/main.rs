@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use magento_token_sidecar::config::{self, Checks, Config};
+use magento_token_sidecar::config::{self, Checks, Config, ConfigError, ReadPasswords};
 use magento_token_sidecar::logging::{self, Logging};
 use magento_token_sidecar::metrics::Metrics;
 use magento_token_sidecar::signals;
@@ -103,15 +103,15 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Once { config: arg, timeout } => match load(&arg.config) {
-            Ok(config) => {
+        Command::Once { config: arg, timeout } => match loaded(config::load_with_passwords(&arg.config)) {
+            Ok((config, passwords)) => {
                 logging::init(config.log.format, &config.log.level);
                 log_warnings(&config);
                 // The pass runs as a task, not as `block_on`'s own future: waking `block_on`'s
                 // future always writes to the runtime's eventfd (it cannot tell the waker is on
                 // its own thread), while a task woken on the runtime's thread is only queued.
                 // Every login wakes the pass several times (benches/RESULTS.md).
-                runtime.block_on(async move { tokio::spawn(once(config, timeout)).await.unwrap_or(FAILED) })
+                runtime.block_on(async move { tokio::spawn(once(config, passwords, timeout)).await.unwrap_or(FAILED) })
             }
             Err(code) => code,
         },
@@ -236,7 +236,12 @@ async fn forget_failures(path: &Path, names: &[String]) -> u8 {
 
 /// Loads and fully checks the configuration; on failure prints every problem.
 fn load(path: &Path) -> Result<Config, u8> {
-    config::load(path, Checks::Environment).map_err(|e| {
+    loaded(config::load(path, Checks::Environment))
+}
+
+/// A configuration loaded, or every problem printed.
+fn loaded<T>(result: Result<T, ConfigError>) -> Result<T, u8> {
+    result.map_err(|e| {
         eprintln!("{e}");
         BAD_CONFIG
     })
@@ -323,7 +328,7 @@ fn lock_output_dir(config: &Config) -> Option<sink::DirLock> {
     }
 }
 
-async fn once(config: Config, timeout: Duration) -> u8 {
+async fn once(config: Config, passwords: ReadPasswords, timeout: Duration) -> u8 {
     if config.notify.is_some() {
         info!("notify is not used by once: the app, started after it (an init container) or apart from it, reads the files it wrote");
     }
@@ -339,7 +344,7 @@ async fn once(config: Config, timeout: Duration) -> u8 {
     } else {
         // Held until the pass is over.
         let Some(_lock) = lock_output_dir(&config) else { return FAILED };
-        match daemon::once(&config, timeout).await {
+        match daemon::once(&config, passwords, timeout).await {
             Ok(results) => results,
             Err(e) => {
                 eprintln!("{e}");

@@ -542,6 +542,7 @@ impl<M: Magento> Worker<M> {
             clock: self.shared.clock,
             store: &self.shared.store,
             ledger_on_disk: true,
+            password: None,
         };
         match attempt::attempt_in_slot(attempt, slot, &self.stop).await {
             Ok(obtained) => Some(self.write(obtained, true).await),
