@@ -2,10 +2,9 @@
 //!
 //! A file is replaced by writing a temporary file in the same directory (its owner and mode set
 //! before any content, and before it has a name: no other user can read it at any moment, and
-//! no one sees it with another owner), syncing it, renaming it over the old one (linking it in
-//! at its name where there is none yet) and syncing the directory. A reader sees the old token
-//! or the new one, never a mix or an empty file, and a token is durable before it is reported
-//! written.
+//! no one sees it with another owner), syncing it, renaming it over the old one and syncing the
+//! directory. A reader sees the old token or the new one, never a mix or an empty file, and a
+//! token is durable before it is reported written.
 //!
 //! Every local file is read without blocking and up to a limit ([`read_regular`]): a FIFO, a
 //! device or a file of a gigabyte where a password, a token or a ledger is expected is refused,
@@ -271,12 +270,10 @@ impl Perms {
 /// With `sync_dir` false the caller syncs the directory itself (one sync for a batch).
 ///
 /// The temporary file is made without a name (`O_TMPFILE`): it gets its owner, its mode and
-/// its content, is synced, and only then is linked into the directory: as `path` itself when
-/// nothing has that name yet (the first write, and every write of `once` into a new directory:
-/// one step instead of two), else as `.<file>.<random>.tmp`, renamed over `path`. Whoever lists
-/// or watches the directory never sees a file with another owner, another mode or part of its
-/// content, even for an instant. The owner comes before the mode: while the file is still the
-/// daemon's, mode 0600 lets no one else open it.
+/// its content, is synced, and only then is linked into the directory as `.<file>.<random>.tmp`
+/// and renamed over `path`. Whoever lists or watches the directory never sees a file with
+/// another owner, another mode or part of its content, even for an instant. The owner comes
+/// before the mode: while the file is still the daemon's, mode 0600 lets no one else open it.
 ///
 /// Where the file system has no `O_TMPFILE` (or `/proc` is not mounted to link the file
 /// through), the temporary file is created by name with `O_CREAT | O_EXCL` and mode 0600, and
@@ -310,11 +307,10 @@ pub enum Sync {
 /// [`write_atomic`] of the file `name` in the opened directory `dir` (a caller writing many
 /// files in one directory opens it once).
 pub fn write_atomic_at(dir: &File, name: &str, perms: Perms, content: &[u8], sync: Sync) -> io::Result<()> {
-    if let Placed::Beside(tmp) = place(dir, name, perms, content, sync != Sync::Batch)? {
-        if let Err(e) = rustix::fs::renameat(dir, &tmp, dir, name) {
-            let _ = rustix::fs::unlinkat(dir, &tmp, AtFlags::empty());
-            return Err(e.into());
-        }
+    let tmp = temporary(dir, name, perms, content, sync != Sync::Batch)?;
+    if let Err(e) = rustix::fs::renameat(dir, &tmp, dir, name) {
+        let _ = rustix::fs::unlinkat(dir, &tmp, AtFlags::empty());
+        return Err(e.into());
     }
     if sync == Sync::FileAndDirectory {
         dir.sync_all()?;
@@ -333,45 +329,28 @@ pub fn sync_file_system(dir: &File) -> io::Result<()> {
     Ok(rustix::fs::syncfs(dir)?)
 }
 
-/// Where [`place`] put the new file.
-enum Placed {
-    /// At its name: nothing had it.
-    AtName,
-    /// Beside it, under this temporary name, to be renamed over it.
-    Beside(String),
-}
-
-/// A new file for `name` in `dir`, with its owner, mode and content (synced with `sync_file`),
-/// linked in at `name` if nothing has that name, else beside it.
-fn place(dir: &File, name: &str, perms: Perms, content: &[u8], sync_file: bool) -> io::Result<Placed> {
+/// A temporary file for `name` in `dir`, with its owner, mode and content (synced with
+/// `sync_file`): its name.
+fn temporary(dir: &File, name: &str, perms: Perms, content: &[u8], sync_file: bool) -> io::Result<String> {
     let flags = OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC;
-    let named = || named_temporary(dir, name, perms, content, sync_file).map(Placed::Beside);
     match rustix::fs::openat(dir, ".", flags, Mode::from_raw_mode(0o600)) {
         Ok(fd) => {
             let mut file = File::from(fd);
             fill(&mut file, perms, content, sync_file)?;
-            // `linkat` never replaces: a name already taken (a token, a link, anything) is
-            // replaced by the rename instead.
-            match link_tmpfile(&file, dir, name) {
-                Ok(()) => return Ok(Placed::AtName),
-                Err(Errno::EXIST) => {}
-                // No /proc (or the directory is gone: then the named way fails alike).
-                Err(Errno::NOENT) => return named(),
-                Err(e) => return Err(e.into()),
-            }
             for _ in 0..8 {
                 let tmp = tmp_name(name);
                 match link_tmpfile(&file, dir, &tmp) {
-                    Ok(()) => return Ok(Placed::Beside(tmp)),
+                    Ok(()) => return Ok(tmp),
                     Err(Errno::EXIST) => continue,
-                    Err(Errno::NOENT) => return named(),
+                    // No /proc (or the directory is gone: then the named way fails alike).
+                    Err(Errno::NOENT) => return named_temporary(dir, name, perms, content, sync_file),
                     Err(e) => return Err(e.into()),
                 }
             }
             Err(io::Error::other("no free name for a temporary file"))
         }
         // No O_TMPFILE on this file system (or kernel).
-        Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => named(),
+        Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => named_temporary(dir, name, perms, content, sync_file),
         Err(e) => Err(e.into()),
     }
 }
