@@ -771,6 +771,29 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
+    /// The contract's rename over the old file, for the first write too: an app waiting for
+    /// `IN_MOVED_TO` (`inotifywait -e moved_to`) sees every token arrive, and never a file
+    /// created at the token's name.
+    #[test]
+    fn every_token_arrives_by_a_rename_the_first_too() {
+        use rustix::fs::inotify;
+        let dir = tempfile::tempdir().unwrap();
+        let watch = inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC).unwrap();
+        inotify::add_watch(&watch, dir.path(), inotify::WatchFlags::MOVED_TO | inotify::WatchFlags::CREATE).unwrap();
+        let path = dir.path().join("alice");
+        write_atomic(&path, only_mode(0o600), b"token-1", true).unwrap();
+        write_atomic(&path, only_mode(0o600), b"token-2", true).unwrap();
+        let mut buf = [std::mem::MaybeUninit::uninit(); 4096];
+        let mut events = inotify::Reader::new(&watch, &mut buf);
+        let mut at_name = Vec::new();
+        while let Ok(event) = events.next() {
+            if event.file_name().is_some_and(|n| n.to_bytes() == b"alice") {
+                at_name.push(event.events());
+            }
+        }
+        assert_eq!(at_name, [inotify::ReadFlags::MOVED_TO, inotify::ReadFlags::MOVED_TO]);
+    }
+
     fn only_mode(mode: u32) -> Perms {
         Perms { mode, owner: Owner::default() }
     }
