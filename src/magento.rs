@@ -21,7 +21,7 @@ use std::fmt;
 use std::time::{Duration, SystemTime};
 
 use reqwest::header::{HeaderMap, ACCEPT, CONTENT_TYPE, LOCATION, RETRY_AFTER, WWW_AUTHENTICATE};
-use reqwest::{Response, StatusCode};
+use reqwest::{Response, StatusCode, Url};
 use serde::Serialize;
 use zeroize::Zeroizing;
 
@@ -152,20 +152,20 @@ pub trait Magento: Send + Sync + 'static {
     /// `POST .../V1/integration/customer/token`: the token, checked for form, or why not.
     fn login(
         &self,
-        url: &str,
+        url: &Url,
         username: &str,
         password: &Secret,
     ) -> impl std::future::Future<Output = Result<Secret, LoginError>> + Send;
 
     /// `GET .../V1/customers/me` with the token: the email of the customer it belongs to.
-    fn whoami(&self, url: &str, token: &Secret)
+    fn whoami(&self, url: &Url, token: &Secret)
         -> impl std::future::Future<Output = Result<String, LoginError>> + Send;
 }
 
 impl Magento for Client {
     fn login(
         &self,
-        url: &str,
+        url: &Url,
         username: &str,
         password: &Secret,
     ) -> impl std::future::Future<Output = Result<Secret, LoginError>> + Send {
@@ -174,7 +174,7 @@ impl Magento for Client {
 
     fn whoami(
         &self,
-        url: &str,
+        url: &Url,
         token: &Secret,
     ) -> impl std::future::Future<Output = Result<String, LoginError>> + Send {
         Client::whoami(self, url, token)
@@ -210,12 +210,8 @@ struct Kind {
 }
 
 impl Kind {
-    fn of(url: &str) -> Kind {
-        match reqwest::Url::parse(url) {
-            Ok(u) => Kind { direct: crate::config::is_loopback(&u), tls: u.scheme() != "http" },
-            // reqwest refuses it in turn, with its own error.
-            Err(_) => Kind { direct: false, tls: true },
-        }
+    fn of(url: &Url) -> Kind {
+        Kind { direct: crate::config::is_loopback(url), tls: url.scheme() != "http" }
     }
 
     fn index(self) -> usize {
@@ -272,7 +268,7 @@ impl Client {
 
     /// The client for `url`: direct for loopback, else through the environment's proxies;
     /// with the CA roots for `https` only.
-    fn for_url(&self, url: &str) -> Result<&reqwest::Client, LoginError> {
+    fn for_url(&self, url: &Url) -> Result<&reqwest::Client, LoginError> {
         let kind = Kind::of(url);
         let slot = &self.inner.clients[kind.index()];
         if let Some(client) = slot.get() {
@@ -288,7 +284,7 @@ impl Client {
     }
 
     /// `POST .../V1/integration/customer/token`: the token, checked for form, or why not.
-    pub async fn login(&self, url: &str, username: &str, password: &Secret) -> Result<Secret, LoginError> {
+    pub async fn login(&self, url: &Url, username: &str, password: &Secret) -> Result<Secret, LoginError> {
         #[derive(Serialize)]
         struct Body<'a> {
             username: &'a str,
@@ -302,7 +298,8 @@ impl Client {
             .expect("two strings always serialize");
         let request = self
             .for_url(url)?
-            .post(url)
+            // A `Url`, not its text: reqwest would parse the text again.
+            .post(url.clone())
             .header(ACCEPT, "application/json")
             .header(CONTENT_TYPE, "application/json")
             // The buffer itself, not a copy: wiped when the HTTP stack lets go of it.
@@ -319,11 +316,11 @@ impl Client {
     }
 
     /// `GET .../V1/customers/me` with the token: the email of the customer it belongs to.
-    pub async fn whoami(&self, url: &str, token: &Secret) -> Result<String, LoginError> {
+    pub async fn whoami(&self, url: &Url, token: &Secret) -> Result<String, LoginError> {
         let answer = async {
             let response = self
                 .for_url(url)?
-                .get(url)
+                .get(url.clone())
                 .header(ACCEPT, "application/json")
                 .bearer_auth(token.expose())
                 .send()
@@ -608,16 +605,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_is_built_for_the_urls_used_and_plain_http_loads_no_roots() {
-        assert_eq!(Kind::of("http://127.0.0.1:8080/rest/V1/x"), Kind { direct: true, tls: false });
-        assert_eq!(Kind::of("https://localhost/rest/V1/x"), Kind { direct: true, tls: true });
-        assert_eq!(Kind::of("http://magento.shop.svc/rest/V1/x"), Kind { direct: false, tls: false });
-        assert_eq!(Kind::of("https://shop.example.com/rest/V1/x"), Kind { direct: false, tls: true });
+        let kind = |url: &str| Kind::of(&Url::parse(url).unwrap());
+        assert_eq!(kind("http://127.0.0.1:8080/rest/V1/x"), Kind { direct: true, tls: false });
+        assert_eq!(kind("https://localhost/rest/V1/x"), Kind { direct: true, tls: true });
+        assert_eq!(kind("http://magento.shop.svc/rest/V1/x"), Kind { direct: false, tls: false });
+        assert_eq!(kind("https://shop.example.com/rest/V1/x"), Kind { direct: false, tls: true });
         let settings = MagentoSettings { timeout: Duration::from_secs(5), ca_file: None };
         let client = Client::new(&settings).unwrap();
         assert_eq!(built(&client), [false; 4], "nothing is built before a URL asks for it");
         let server = magento_devserver::DevServer::start(Default::default()).await.unwrap();
         server.add_customer("a@example.com", "pw");
-        let url = format!("{}/rest/V1/integration/customer/token", server.base_url());
+        let url = Url::parse(&format!("{}/rest/V1/integration/customer/token", server.base_url())).unwrap();
         let token = client.login(&url, "a@example.com", &Secret::new("pw".into())).await.unwrap();
         assert!(!token.expose().is_empty());
         assert_eq!(built(&client), [false, false, true, false], "loopback over plain http: direct, no roots");

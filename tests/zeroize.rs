@@ -69,7 +69,7 @@ fn passwords_are_wiped_after_use() {
     let mut line = String::new();
     std::io::BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let base = line.trim().strip_prefix("listening on ").unwrap().to_owned();
-    let url = format!("{base}/rest/V1/integration/customer/token");
+    let url = reqwest::Url::parse(&format!("{base}/rest/V1/integration/customer/token")).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("password");
     std::fs::write(&file, CANARY_LINE).unwrap();

@@ -87,7 +87,7 @@ fn jwt(iat: i64, exp: i64) -> String {
 impl Magento for Scripted {
     fn login(
         &self,
-        _url: &str,
+        _url: &reqwest::Url,
         _username: &str,
         password: &Secret,
     ) -> impl std::future::Future<Output = Result<Secret, LoginError>> + Send {
@@ -106,7 +106,7 @@ impl Magento for Scripted {
 
     fn whoami(
         &self,
-        _url: &str,
+        _url: &reqwest::Url,
         token: &Secret,
     ) -> impl std::future::Future<Output = Result<String, LoginError>> + Send {
         let mut store = self.0.lock().unwrap();
