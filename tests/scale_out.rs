@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::*;
-use kubeapi::KubeApi;
+use kubeapi::{KubeApi, Rule};
 use magento_devserver::DevServerOptions;
 
 const NS: &str = "shop";
@@ -28,12 +28,17 @@ struct Deployment {
 
 impl Deployment {
     async fn new(opts: DevServerOptions, customers: &[(&str, &str, &str)]) -> Deployment {
+        Deployment::with_role(opts, customers, KubeApi::role_for(SECRET)).await
+    }
+
+    /// [`Deployment::new`] whose service account has the Role `rules` instead of the chart's.
+    async fn with_role(opts: DevServerOptions, customers: &[(&str, &str, &str)], rules: Vec<Rule>) -> Deployment {
         let w = World::new(opts).await;
         for (name, email, password) in customers {
             w.server.add_customer(email, password);
             w.set_password(name, password);
         }
-        let api = KubeApi::start(KubeApi::role_for(SECRET)).await;
+        let api = KubeApi::start(rules).await;
         let kubeconfig = w.dir.path().join("kubeconfig");
         api.write_kubeconfig(&kubeconfig, NS);
         Deployment { w, api, kubeconfig }
@@ -360,14 +365,9 @@ async fn once_writes_the_secret_under_the_lease() {
 /// in magento_token_kubernetes_requests_total{result="forbidden"}, and no login is sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_role_missing_a_verb_is_reported_and_nothing_is_sent() {
-    let w = World::new(DevServerOptions::default()).await;
-    w.server.add_customer(ALICE.1, ALICE.2);
-    w.set_password(ALICE.0, ALICE.2);
     let mut rules = KubeApi::role_for(SECRET);
     rules.retain(|r| !(r.resource == "leases" && r.verbs.contains(&"create")));
-    let api = KubeApi::start(rules).await;
-    let d = Deployment { kubeconfig: w.dir.path().join("kubeconfig"), w, api };
-    d.api.write_kubeconfig(&d.kubeconfig, NS);
+    let d = Deployment::with_role(DevServerOptions::default(), &[ALICE], rules).await;
     let mut r = d.replica("r1", &[(ALICE.0, ALICE.1)], "");
     let forbidden = "magento_token_kubernetes_requests_total{resource=\"lease\",result=\"forbidden\",verb=\"create\"}";
     wait_for(15 * SEC, "a forbidden create of the Lease", || async { r.metric(forbidden).await.filter(|n| *n >= 1.0) })
