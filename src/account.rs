@@ -229,7 +229,7 @@ mod tests {
         let r = RefreshSettings::default();
         let account = Account::default();
         let t0 = from_unix(1_800_000_000);
-        let recorded = AuthState { in_a_row: 3, chain: 3, last_failure: Some(t0), final_refusal: false };
+        let recorded = AuthState { in_a_row: 3, chain: 3, last_failure: Some(t0), ..AuthState::default() };
         let now = Secret::new("now".into());
         account.restore(recorded.clone(), Some(now.clone()));
         // Three 401s of four allowed: the same password never again (only a success clears

@@ -20,6 +20,7 @@ use tracing::warn;
 use crate::account::Account;
 use crate::clock::Clock;
 use crate::config::{CustomerConfig, PasswordError, RefreshSettings};
+use crate::ledger::Recorded;
 use crate::magento::{LoginError, Magento, Outcome};
 use crate::schedule::{AuthState, AuthWait};
 use crate::secret::Secret;
@@ -75,9 +76,16 @@ pub struct Attempt<'a, M> {
 }
 
 /// Takes `customer`'s recorded 401s (the ledger an earlier process left beside its token file,
-/// or in the Secret) into its account. Returns what was recorded.
-pub fn restore_ledger(store: &Store, customer: &CustomerConfig, account: &Account) -> Option<AuthState> {
-    let recorded = store.ledger(customer)?;
+/// or in the Secret), judged at `now`, into its account. Returns what was taken: a ledger that
+/// cannot be read is taken as the lockout budget spent (its `unreadable` says why).
+pub fn restore_ledger(
+    store: &Store,
+    customer: &CustomerConfig,
+    account: &Account,
+    now: SystemTime,
+    r: &RefreshSettings,
+) -> Option<AuthState> {
+    let Recorded::Failures(recorded) = store.ledger(customer, now, r) else { return None };
     account.restore(recorded.clone(), customer.password.read().ok());
     Some(recorded)
 }

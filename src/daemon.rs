@@ -29,7 +29,7 @@ use crate::index::{self, IndexWriter};
 use crate::logging::Logging;
 use crate::magento::{Client, ClientError, LoginError, Outcome};
 use crate::metrics::Metrics;
-use crate::schedule;
+use crate::schedule::{self, AuthState};
 use crate::secret::Secret;
 use crate::signals::Signal;
 use crate::sink;
@@ -528,6 +528,9 @@ pub enum OnceFailure {
     /// Earlier 401s are recorded for this customer: trying again now could lock the account.
     #[error("not trying: Magento refused this customer {in_a_row} time(s) in a row, last at {last}; to keep clear of its lock the next try waits until {next}")]
     HeldBack { in_a_row: u32, last: String, next: String },
+    /// The record of earlier 401s cannot be read: taken as the lockout budget spent.
+    #[error("not trying: the record of this customer's earlier 401s cannot be read ({0}): counted as the lockout budget spent; check Magento's failure count for this username (reset it if needed), then run forget-failures for this customer")]
+    UnreadableLedger(String),
 }
 
 impl OnceFailure {
@@ -536,7 +539,7 @@ impl OnceFailure {
         match self {
             OnceFailure::Password(_) => "password_error",
             OnceFailure::Login(e) => e.outcome.as_str(),
-            OnceFailure::HeldBack { .. } => "held_back",
+            OnceFailure::HeldBack { .. } | OnceFailure::UnreadableLedger(_) => "held_back",
         }
     }
 }
@@ -723,7 +726,7 @@ impl<'a> Pass<'a> {
             _ => true,
         };
         if ledger_on_disk {
-            attempt::restore_ledger(self.store, customer, &account);
+            attempt::restore_ledger(self.store, customer, &account, SystemTime::now(), refresh);
         }
         // `once` is never stopped early: its bound is the deadline.
         let never = CancellationToken::new();
@@ -749,6 +752,9 @@ impl<'a> Pass<'a> {
                 match result {
                     Ok(obtained) => return self.write(customer, obtained).await,
                     Err(NoToken::Password(e)) => return Err(e.into()),
+                    Err(NoToken::HeldBack { auth: AuthState { unreadable: Some(why), .. }, .. }) => {
+                        return Err(OnceFailure::UnreadableLedger(why))
+                    }
                     Err(NoToken::HeldBack { wait, auth, .. }) => return Err(OnceFailure::HeldBack {
                         in_a_row: auth.in_a_row,
                         last: auth.last_failure.map(sink::rfc3339).unwrap_or_default(),

@@ -13,6 +13,7 @@
 //! | [`shown`]    | what of a server's answer may be shown: bounded, escaped, never the password     |
 //! | [`token`]    | the accepted token form, and its expiry (JWT `exp`, clock skew, opaque tokens)   |
 //! | [`attempt`]  | one login under the lockout policy: the only path a password is sent by          |
+//! | [`ledger`]   | the record of recent 401s that outlives the process, judged before it is believed|
 //! | [`sink`]     | atomic, durable token files; reading back what an earlier run left               |
 //! | [`cluster`]  | `output.kubernetes`: the Lease election and the Secret every replica reads       |
 //! | [`store`]    | where tokens and 401 ledgers go: files ([`sink`]) or the Secret ([`cluster`])    |
@@ -39,6 +40,7 @@ pub mod daemon;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod index;
+pub mod ledger;
 pub mod logging;
 pub mod magento;
 pub mod metrics;

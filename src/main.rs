@@ -12,11 +12,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use magento_token_sidecar::config::{self, Checks, Config, ConfigError, ReadPasswords};
+use magento_token_sidecar::ledger::Forget;
 use magento_token_sidecar::logging::{self, Logging};
 use magento_token_sidecar::metrics::Metrics;
 use magento_token_sidecar::signals;
 use magento_token_sidecar::status::Board;
-use magento_token_sidecar::{admin, cluster, daemon, sink};
+use magento_token_sidecar::{admin, cluster, daemon, sink, store};
 
 const BAD_CONFIG: u8 = 2;
 const FAILED: u8 = 1;
@@ -201,32 +202,46 @@ async fn forget_failures(path: &Path, names: &[String]) -> u8 {
             }
         }
     }
-    if let Some(k) = &config.output.kubernetes {
-        return match cluster::secret::forget(k, &customers).await {
-            Ok(()) => {
-                for c in &customers {
-                    println!(
-                        "{}: the daemon's count of failed logins is forgotten in the Secret; the Lease holder tries again within {} (first make sure Magento's own count is gone: the username's row in oauth_token_request_log deleted, or cleared by the store's cron)",
-                        c.name,
-                        humantime::format_duration(k.lease_duration * 2)
-                    );
-                }
-                code
+    let (verdicts, retry_within) = match &config.output.kubernetes {
+        Some(k) => match cluster::secret::forget(k, &customers).await {
+            Ok(verdicts) => {
+                (verdicts.into_iter().map(Ok).collect::<Vec<std::io::Result<Forget>>>(), k.lease_duration * 2)
             }
             Err(e) => {
                 eprintln!("{e}");
-                FAILED
+                return FAILED;
             }
-        };
-    }
-    for customer in customers {
+        },
+        None => (customers.iter().map(|c| store::Store::forget_failures(c)).collect(), Duration::from_secs(2)),
+    };
+    let within = humantime::format_duration(retry_within);
+    let magento = "first make sure Magento's own count is gone: the username's row in oauth_token_request_log deleted, or cleared by the store's cron";
+    for (customer, verdict) in customers.iter().zip(verdicts) {
         let name = &customer.name;
-        match sink::forget_ledger(&customer.path, customer.owner, &customer.username) {
-            Ok(()) => println!(
-                "{name}: the daemon's count of failed logins is forgotten; a running daemon tries again within 2 s (first make sure Magento's own count is gone: the username's row in oauth_token_request_log deleted, or cleared by the store's cron)"
-            ),
+        let place = match &config.output.kubernetes {
+            Some(k) => format!("the Secret {}'s ledger entry {:?}", k.secret, store::key(customer)),
+            None => sink::ledger_path(&customer.path).display().to_string(),
+        };
+        match verdict {
+            Ok(Forget::Forget { unreadable }) => {
+                let replaced = if unreadable { " (it replaced a record that could not be read)" } else { "" };
+                println!("{name}: the daemon's count of failed logins is forgotten{replaced}; a running daemon tries again within {within} ({magento})");
+            }
+            Ok(Forget::Already) => {
+                println!("{name}: already forgotten; a running daemon tries again within {within}")
+            }
+            Ok(Forget::Nothing) => {
+                eprintln!(
+                    "{name}: no failed login of this customer's username is recorded in {place}: nothing to forget"
+                );
+                code = FAILED;
+            }
+            Ok(Forget::Another) => {
+                eprintln!("{name}: {place} records another username's failed logins, not this customer's (its username changed, or another customer writes the same file): left alone, since forgetting it would reset that username's lockout budget");
+                code = FAILED;
+            }
             Err(e) => {
-                eprintln!("{name}: cannot write {}: {e}", sink::ledger_path(&customer.path).display());
+                eprintln!("{name}: cannot write {place}: {e}");
                 code = FAILED;
             }
         }

@@ -71,6 +71,10 @@ pub struct AuthState {
     /// Magento refuses the password refused last whatever the timing, as long as the account
     /// stays as it is (unconfirmed): it is not sent again.
     pub final_refusal: bool,
+    /// Why these counts are the worst case rather than what was recorded: the record of
+    /// earlier 401s could not be read ([`AuthState::spent`]). Said wherever the customer is
+    /// shown held back; gone with the next login's outcome.
+    pub unreadable: Option<String>,
 }
 
 /// Where a customer stands after its 401s.
@@ -105,16 +109,30 @@ pub fn lockout_ceiling(r: &RefreshSettings) -> u32 {
 }
 
 impl AuthState {
+    /// The worst a record of 401s could have said, for one that cannot be read (`why`): the
+    /// lockout budget spent by failures just now. Nothing is sent until an operator says the
+    /// count is gone (`forget-failures`), or, where Magento's count expires, until it has.
+    pub fn spent(now: SystemTime, r: &RefreshSettings, why: String) -> AuthState {
+        AuthState {
+            in_a_row: r.max_auth_failures.max(1),
+            chain: lockout_ceiling(r),
+            last_failure: Some(now),
+            final_refusal: false,
+            unreadable: Some(why),
+        }
+    }
+
     /// A 401 at `now`. `same_password`: the password sent was the one refused last (a new one
     /// starts `in_a_row` again; Magento's count does not care which password failed).
     pub fn record_failure(&mut self, now: SystemTime, same_password: bool, r: &RefreshSettings) {
-        self.chain = self.counted(now, r) + 1;
+        self.chain = self.counted(now, r).saturating_add(1);
         if !same_password {
             self.in_a_row = 0;
             self.final_refusal = false;
         }
-        self.in_a_row += 1;
+        self.in_a_row = self.in_a_row.saturating_add(1);
         self.last_failure = Some(now);
+        self.unreadable = None;
     }
 
     pub fn record_success(&mut self) {
@@ -127,7 +145,7 @@ impl AuthState {
     pub fn resets_at(&self, r: &RefreshSettings) -> Option<SystemTime> {
         match r.lockout_reset {
             LockoutReset::Success => None,
-            LockoutReset::Window => self.last_failure.map(|last| last + r.lockout_window + r.lockout_window / 30),
+            LockoutReset::Window => self.last_failure.map(|last| later(last, r.lockout_window + r.lockout_window / 30)),
         }
     }
 
@@ -156,7 +174,7 @@ impl AuthState {
         // The budget: a failure now must leave Magento's count at or below the ceiling, with
         // one try to spare for a changed password.
         let reserve = u32::from(same_password);
-        let budget_back_at = if self.counted(now, r) + 1 + reserve > lockout_ceiling(r) {
+        let budget_back_at = if self.counted(now, r).saturating_add(1 + reserve) > lockout_ceiling(r) {
             match self.resets_at(r) {
                 Some(at) => Some(at),
                 None => return AuthWait::HeldBack,
@@ -172,17 +190,29 @@ impl AuthState {
             return AuthWait::HeldBack;
         } else if self.in_a_row < r.max_auth_failures {
             let i = (self.in_a_row as usize - 1).min(r.auth_failure_delays.len().saturating_sub(1));
-            AuthWait::Backoff(last + r.auth_failure_delays.get(i).copied().unwrap_or(r.auth_failure_pause))
+            AuthWait::Backoff(later(last, r.auth_failure_delays.get(i).copied().unwrap_or(r.auth_failure_pause)))
         } else if r.lockout_reset == LockoutReset::Success {
             return AuthWait::HeldBack;
         } else {
-            AuthWait::Paused(last + r.auth_failure_pause)
+            AuthWait::Paused(later(last, r.auth_failure_pause))
         };
         match (budget_back_at, password_wait.until()) {
             (Some(at), until) if until.is_none_or(|t| t < at) => AuthWait::Paused(at),
             _ => password_wait,
         }
     }
+}
+
+/// `t + d`, or the farthest time the system can hold: a wait computed from a stored time or a
+/// server's value never overflows (a panic would end the daemon on every start).
+pub fn later(t: SystemTime, d: Duration) -> SystemTime {
+    t.checked_add(d).unwrap_or_else(|| far_future(t))
+}
+
+/// A time so far ahead that no wait ends before it, that still leaves room for sums.
+fn far_future(t: SystemTime) -> SystemTime {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 86_400);
+    std::iter::successors(Some(CENTURY), |d| d.checked_div(2)).find_map(|d| t.checked_add(d)).unwrap_or(t)
 }
 
 #[cfg(test)]

@@ -341,10 +341,18 @@ fn base64_forms(secret: &[u8]) -> Vec<Zeroizing<String>> {
 }
 
 /// `text` as received, and decoded the ways a server reflects its input, twice over: JSON
-/// string escapes, percent-encoding (with `+` as itself, and as a space), HTML entities, base64.
+/// string escapes, percent-encoding (with `+` as itself, and as a space), HTML entities, base64,
+/// hexadecimal, and reversed.
 fn decodings(text: &str) -> Vec<Zeroizing<String>> {
-    let decoders: [fn(&str) -> String; 5] =
-        [json_unescape, |s| percent_decode(s, false), |s| percent_decode(s, true), html_unescape, base64_decode];
+    let decoders: [fn(&str) -> String; 7] = [
+        json_unescape,
+        |s| percent_decode(s, false),
+        |s| percent_decode(s, true),
+        html_unescape,
+        base64_decode,
+        hex_decode,
+        |s| s.chars().rev().collect(),
+    ];
     let mut all = vec![Zeroizing::new(text.to_owned())];
     let mut start = 0;
     for _ in 0..2 {
@@ -482,6 +490,38 @@ fn base64_decode(text: &str) -> String {
                 zeroize::Zeroize::zeroize(&mut bytes);
             }
             Err(_) => out.push_str(run),
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Every run of at least 8 hexadecimal digits (either case; `\x` and `0x` before a pair are
+/// dropped first) decoded, as read from its first digit and from its second; the rest left as
+/// it is.
+fn hex_decode(text: &str) -> String {
+    let text = Zeroizing::new(text.replace("\\x", "").replace("0x", ""));
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text.as_str();
+    while let Some(start) = rest.find(|c: char| c.is_ascii_hexdigit()) {
+        out.push_str(&rest[..start]);
+        let run = &rest[start..];
+        let len = run.find(|c: char| !c.is_ascii_hexdigit()).unwrap_or(run.len());
+        let (run, after) = run.split_at(len);
+        rest = after;
+        if len < 8 {
+            out.push_str(run);
+            continue;
+        }
+        for from in [0, 1] {
+            let digits = &run.as_bytes()[from..];
+            let mut bytes = Zeroizing::new(Vec::with_capacity(digits.len() / 2));
+            for pair in digits.chunks_exact(2) {
+                let pair = std::str::from_utf8(pair).expect("hex digits are ASCII");
+                bytes.push(u8::from_str_radix(pair, 16).expect("two hex digits"));
+            }
+            out.push_str(&String::from_utf8_lossy(&bytes));
+            out.push(' ');
         }
     }
     out.push_str(rest);
@@ -630,6 +670,14 @@ pub(crate) mod tests {
             format!("body: {}", b64(&body)),
             format!("x{}", url_b64(&format!("ab{PW}"))),
             format!("{}...", &b64(&format!("{PW}{PW}"))[4..]),
+            // Hexadecimal, either case, from either digit, with or without `\x`; reversed.
+            format!("bytes: {}", PW.bytes().map(|b| format!("{b:02x}")).collect::<String>()),
+            format!("BYTES={}", PW.bytes().map(|b| format!("{b:02X}")).collect::<String>()),
+            format!("x{}", PW.bytes().map(|b| format!("{b:02x}")).collect::<String>()),
+            format!("a{}", PW.bytes().map(|b| format!("{b:02x}")).collect::<String>()),
+            PW.bytes().map(|b| format!("\\x{b:02x}")).collect(),
+            format!("reversed: {}", PW.chars().rev().collect::<String>()),
+            b64(&PW.chars().rev().collect::<String>()),
             // Twice over: JSON escapes, percent-encoded.
             json_escaped(PW).bytes().map(|b| format!("%{b:02X}")).collect(),
             // Pieces: 4 characters of it anywhere, as they are or decoded.

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tracing::warn;
 use zeroize::Zeroizing;
 
-use crate::schedule::AuthState;
+use crate::ledger;
 use crate::secret::Secret;
 
 /// The shape of a token file (`output.format`, a customer's `format`).
@@ -527,79 +527,32 @@ pub fn parse_token_content(bytes: &[u8]) -> Option<(Secret, Option<SystemTime>, 
     Some(env().unwrap_or_else(|| (Secret::new(text.to_owned()), None, Format::Raw)))
 }
 
-/// The record of a customer's recent 401s, kept beside its token file as `.<file>.auth`, so a
-/// restarted process (a crash loop, an init container's `once` retried by the kubelet, a worker
-/// restarted by a reload) does not forget them and walk into Magento's lock. Removed after a
-/// success. It holds counts and a time, never a password.
-#[derive(Serialize, Deserialize)]
-struct AuthLedger {
-    username: String,
-    in_a_row: u32,
-    chain: u32,
-    /// Unix seconds of the last 401.
-    last_failure: i64,
-    /// An operator reset Magento's count and told the daemon to forget its own
-    /// (`forget-failures`): the counts above no longer hold.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    forgotten: bool,
-}
-
 pub fn ledger_path(token_path: &Path) -> std::path::PathBuf {
     let name = token_path.file_name().and_then(|n| n.to_str()).unwrap_or("token");
     parent(token_path).join(format!(".{name}.auth"))
 }
 
-/// What the ledger beside this token file records of `username`'s 401s, if anything (another
-/// username's ledger is ignored). Like the token file, a ledger that is a symbolic link, not a
-/// regular file, or larger than [`MAX_LEDGER_FILE`] is ignored, with a warning.
-pub fn read_ledger(token_path: &Path, username: &str) -> Option<AuthState> {
-    read_ledger_file(token_path, username).filter(|l| !l.forgotten).map(|ledger| AuthState {
-        in_a_row: ledger.in_a_row,
-        chain: ledger.chain,
-        last_failure: Some(crate::token::from_unix(ledger.last_failure)),
-        final_refusal: false,
-    })
-}
-
-/// Whether an operator told the daemon to forget `username`'s failures (`forget-failures`).
-pub fn ledger_forgotten(token_path: &Path, username: &str) -> bool {
-    read_ledger_file(token_path, username).is_some_and(|l| l.forgotten)
-}
-
-/// Records that an operator reset Magento's failure count for `username` and the daemon's is to
-/// be forgotten too: a running daemon takes it within its password poll, a new one never sees
-/// the old counts.
-pub fn forget_ledger(token_path: &Path, owner: Owner, username: &str) -> io::Result<()> {
-    let ledger = AuthLedger { username: username.to_owned(), in_a_row: 0, chain: 0, last_failure: 0, forgotten: true };
-    let bytes = serde_json::to_vec(&ledger).expect("a ledger always serializes");
-    write_atomic(&ledger_path(token_path), Perms::private(owner), &bytes, true)
-}
-
-fn read_ledger_file(token_path: &Path, username: &str) -> Option<AuthLedger> {
+/// The ledger beside this token file ([`crate::ledger`]), as read: `None` when there is none.
+/// Like the token file, a ledger that is a symbolic link or not a regular file is not one of
+/// ours: ignored, with a warning (the next write replaces it). One that is ours but cannot be
+/// read (too large, not a record) is returned as such, to count as the worst case.
+pub fn read_ledger(token_path: &Path) -> Option<ledger::Read> {
     let path = ledger_path(token_path);
-    let bytes = match read_regular(&path, MAX_LEDGER_FILE, false) {
-        Ok((bytes, _)) => bytes,
-        Err(e) if e.is_not_found() => return None,
+    match read_regular(&path, MAX_LEDGER_FILE, false) {
+        Ok((bytes, _)) => Some(ledger::parse(&bytes)),
+        Err(e) if e.is_not_found() => None,
+        Err(e @ ReadError::TooLarge(_)) => Some(Err(format!("it {e}"))),
         Err(e) => {
             warn!("{} {e}: ignored as a record of earlier 401s", path.display());
-            return None;
+            None
         }
-    };
-    let ledger: AuthLedger = serde_json::from_slice(&bytes).ok()?;
-    (ledger.username == username).then_some(ledger)
+    }
 }
 
-/// Records `auth` (after a 401: its last failure is set) as `username`'s ledger, a file of
-/// `owner` (the token file's).
-pub fn write_ledger(token_path: &Path, owner: Owner, username: &str, auth: &AuthState) -> io::Result<()> {
-    let ledger = AuthLedger {
-        username: username.to_owned(),
-        in_a_row: auth.in_a_row,
-        chain: auth.chain,
-        last_failure: auth.last_failure.map_or(0, crate::token::unix),
-        forgotten: false,
-    };
-    let bytes = serde_json::to_vec(&ledger).expect("a ledger always serializes");
+/// Records `record` as the ledger beside this token file, a file of `owner` (the token
+/// file's).
+pub fn write_ledger(token_path: &Path, owner: Owner, record: &ledger::Record) -> io::Result<()> {
+    let bytes = serde_json::to_vec(record).expect("a ledger always serializes");
     write_atomic(&ledger_path(token_path), Perms::private(owner), &bytes, true)
 }
 
@@ -868,12 +821,12 @@ mod tests {
         let (uid, gid) = given_owner();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("alice");
-        let auth =
-            AuthState { in_a_row: 1, chain: 1, last_failure: Some(SystemTime::UNIX_EPOCH), final_refusal: false };
+        let record =
+            ledger::Record { username: "a@x".into(), in_a_row: 1, chain: 1, last_failure: 1, forgotten: false };
         let owner = Owner { uid: Some(uid), gid: Some(gid) };
-        write_ledger(&path, owner, "a@x", &auth).unwrap();
+        write_ledger(&path, owner, &record).unwrap();
         assert_eq!(owner_and_mode(&ledger_path(&path)), (uid, gid, 0o600));
-        forget_ledger(&path, owner, "a@x").unwrap();
+        write_ledger(&path, owner, &ledger::Record::forgotten("a@x")).unwrap();
         assert_eq!(owner_and_mode(&ledger_path(&path)), (uid, gid, 0o600));
     }
 
@@ -925,22 +878,26 @@ mod tests {
     fn the_auth_ledger_round_trips_per_username() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("alice");
-        assert_eq!(read_ledger(&path, "a@x"), None);
-        let auth = AuthState {
+        assert_eq!(read_ledger(&path), None);
+        let record = ledger::Record {
+            username: "a@x".into(),
             in_a_row: 2,
             chain: 3,
-            last_failure: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
-            final_refusal: false,
+            last_failure: 1_700_000_000,
+            forgotten: false,
         };
-        write_ledger(&path, Owner::default(), "a@x", &auth).unwrap();
+        write_ledger(&path, Owner::default(), &record).unwrap();
         assert_eq!(ledger_path(&path), dir.path().join(".alice.auth"));
         assert_eq!(mode_of(&ledger_path(&path)), 0o600);
-        assert_eq!(read_ledger(&path, "a@x"), Some(auth));
-        assert_eq!(read_ledger(&path, "b@x"), None);
+        assert_eq!(read_ledger(&path), Some(Ok(record)));
         // The stale-temporary sweep leaves it alone.
         assert_eq!(remove_stale_temporaries(&path), 0);
         remove_ledger(&path);
-        assert_eq!(read_ledger(&path, "a@x"), None);
+        assert_eq!(read_ledger(&path), None);
+        // Ours but unreadable: returned as such, to count as the worst case.
+        std::fs::write(ledger_path(&path), vec![b' '; MAX_LEDGER_FILE + 1]).unwrap();
+        let why = read_ledger(&path).unwrap().unwrap_err();
+        assert!(why.contains("larger than 4 KiB"), "{why}");
     }
 
     fn mode_of(path: &Path) -> u32 {
@@ -1012,7 +969,7 @@ mod tests {
         assert!(!dir.path().join("nowhere").exists());
         // The same for a ledger.
         std::os::unix::fs::symlink("/dev/zero", ledger_path(&path)).unwrap();
-        assert_eq!(read_ledger(&path, "a@x"), None);
+        assert_eq!(read_ledger(&path), None);
     }
 
     #[test]

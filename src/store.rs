@@ -8,8 +8,9 @@ use std::time::SystemTime;
 
 use zeroize::Zeroizing;
 
-use crate::cluster::secret::{Change, LedgerEntry, Times, Tokens};
-use crate::config::CustomerConfig;
+use crate::cluster::secret::{Change, Times, Tokens};
+use crate::config::{CustomerConfig, RefreshSettings};
+use crate::ledger::{self, Record, Recorded};
 use crate::schedule::AuthState;
 use crate::sink::{self, OnDisk, Perms};
 
@@ -96,50 +97,57 @@ impl Store {
         }
     }
 
-    /// What is recorded of `customer`'s username's recent 401s (another username's record, or
-    /// one an operator told the daemon to forget, is nothing).
-    pub fn ledger(&self, customer: &CustomerConfig) -> Option<AuthState> {
+    /// The ledger stored for `customer`, as read (`None`: there is none).
+    fn read_ledger(&self, customer: &CustomerConfig) -> Option<ledger::Read> {
         match self {
-            Store::Files => sink::read_ledger(&customer.path, &customer.username),
-            Store::Secret(tokens) => {
-                let entry = tokens.ledger(key(customer)).filter(|e| e.username == customer.username && !e.forgotten)?;
-                Some(AuthState {
-                    in_a_row: entry.in_a_row,
-                    chain: entry.chain,
-                    last_failure: Some(crate::token::from_unix(entry.last_failure)),
-                    final_refusal: false,
-                })
-            }
+            Store::Files => sink::read_ledger(&customer.path),
+            Store::Secret(tokens) => tokens.ledger(key(customer)),
+        }
+    }
+
+    /// Where `customer`'s ledger is, for a reason shown about it.
+    fn ledger_place(&self, customer: &CustomerConfig) -> String {
+        match self {
+            Store::Files => sink::ledger_path(&customer.path).display().to_string(),
+            Store::Secret(_) => format!("the Secret's ledger entry {:?}", key(customer)),
+        }
+    }
+
+    /// What is recorded of `customer`'s username's recent 401s, judged at `now`
+    /// ([`ledger::judge`]: clamped, and the worst case where it cannot be read).
+    pub fn ledger(&self, customer: &CustomerConfig, now: SystemTime, r: &RefreshSettings) -> Recorded {
+        match self.read_ledger(customer) {
+            None => Recorded::Nothing,
+            Some(read) => ledger::judge(read, &customer.username, &self.ledger_place(customer), now, r),
         }
     }
 
     /// Whether an operator told the daemon to forget `customer`'s failures (`forget-failures`).
     pub fn forgotten(&self, customer: &CustomerConfig) -> bool {
-        match self {
-            Store::Files => sink::ledger_forgotten(&customer.path, &customer.username),
-            Store::Secret(tokens) => {
-                tokens.ledger(key(customer)).is_some_and(|e| e.username == customer.username && e.forgotten)
-            }
-        }
+        matches!(self.read_ledger(customer), Some(Ok(record)) if record.forgotten && record.is_of(&customer.username))
     }
 
     /// Records `auth` as `customer`'s recent 401s.
     pub async fn record_failures(&self, customer: &CustomerConfig, auth: &AuthState) -> io::Result<()> {
+        let record = Record::of(&customer.username, auth);
         match self {
             // Rare and small: written in place rather than on the blocking pool.
-            Store::Files => sink::write_ledger(&customer.path, customer.owner, &customer.username, auth),
+            Store::Files => sink::write_ledger(&customer.path, customer.owner, &record),
             Store::Secret(tokens) => {
-                let entry = LedgerEntry {
-                    username: customer.username.clone(),
-                    in_a_row: auth.in_a_row,
-                    chain: auth.chain,
-                    last_failure: auth.last_failure.map_or(0, crate::token::unix),
-                    forgotten: false,
-                };
-                let change = Change::Ledger { key: key(customer).to_owned(), entry: Some(entry) };
+                let change = Change::Ledger { key: key(customer).to_owned(), entry: Some(record) };
                 tokens.submit(change).await.map_err(io::Error::other)
             }
         }
+    }
+
+    /// `forget-failures` for `customer` in a directory of token files: marks its ledger as
+    /// forgotten where [`ledger::forget`] says so. (The Secret's is [`crate::cluster::secret::forget`].)
+    pub fn forget_failures(customer: &CustomerConfig) -> io::Result<ledger::Forget> {
+        let verdict = ledger::forget(sink::read_ledger(&customer.path), &customer.username);
+        if let ledger::Forget::Forget { .. } = verdict {
+            sink::write_ledger(&customer.path, customer.owner, &Record::forgotten(&customer.username))?;
+        }
+        Ok(verdict)
     }
 
     /// Forgets `customer`'s recorded 401s (after a success, or an operator's `forget-failures`

@@ -33,7 +33,7 @@ use crate::clock::Clock;
 use crate::cluster::secret::Times;
 use crate::config::{CustomerConfig, RefreshSettings};
 use crate::magento::{Client, LoginError, Magento, Outcome};
-use crate::schedule::{self, AuthWait};
+use crate::schedule::{self, AuthState, AuthWait};
 use crate::sink;
 use crate::status::{Answer, Ask, Check, Mailbox, Reporter, State};
 use crate::store::{Durable, Store};
@@ -196,12 +196,18 @@ impl<M: Magento> Worker<M> {
                 if removed > 0 {
                     info!(removed, "removed temporary files left by an earlier run");
                 }
-                if let Some(recorded) = attempt::restore_ledger(&self.shared.store, &self.customer, &self.account) {
-                    info!(
+                let (store, refresh) = (&self.shared.store, &self.shared.refresh);
+                match attempt::restore_ledger(store, &self.customer, &self.account, self.now(), refresh) {
+                    Some(AuthState { unreadable: Some(why), .. }) => error!(
+                        ledger = %why,
+                        "the record of this customer's earlier 401s cannot be read: counted as the lockout budget spent, so nothing is sent that could lock the account"
+                    ),
+                    Some(recorded) => info!(
                         failures_in_a_row = recorded.in_a_row,
                         last_failure = %recorded.last_failure.map(sink::rfc3339).unwrap_or_default(),
                         "remembering the 401s recorded before this start"
-                    );
+                    ),
+                    None => {}
                 }
             });
             let mut next = Box::pin(self.start(adopt).instrument(span)).await;
@@ -557,7 +563,7 @@ impl<M: Magento> Worker<M> {
                 Some(now + wait)
             }
             Err(NoToken::HeldBack { wait, password_bound, auth }) => {
-                let message = held_back_message(wait, password_bound, &self.customer.name);
+                let message = held_back_message(wait, password_bound, &auth, &self.customer.name);
                 match wait.until() {
                     Some(until) => warn!(retry_at = %sink::rfc3339(until), failures = auth.chain, "{message}"),
                     None => error!(failures = auth.chain, "{message}"),
@@ -645,7 +651,7 @@ impl<M: Magento> Worker<M> {
             let wait = self.account.standing(now, &r);
             if wait == AuthWait::HeldBack {
                 let password_bound = self.account.refused_password(now, &r).is_some();
-                let message = held_back_message(wait, password_bound, &self.customer.name);
+                let message = held_back_message(wait, password_bound, &auth, &self.customer.name);
                 error!(result = "auth_failure", error = %e.message, failures = auth.chain, duration_ms, "login refused: {message}");
                 self.report.problem("held_back", &message, now);
                 return now;
@@ -684,16 +690,35 @@ impl<M: Magento> Worker<M> {
     }
 }
 
-/// What `/status` and the log say of a login the lockout policy holds back, and what to do.
-fn held_back_message(wait: AuthWait, password_bound: bool, customer: &str) -> String {
+/// What `/status` and the log say of a login the lockout policy holds back, why, and what to
+/// do: the cause (a ledger that cannot be read, an unconfirmed account) stays in the message
+/// whatever the wait.
+fn held_back_message(wait: AuthWait, password_bound: bool, auth: &AuthState, customer: &str) -> String {
+    let forget = format!("run `magento-token-sidecar forget-failures --config FILE {customer}`");
+    let until = match wait.until() {
+        Some(t) => format!("before {}", sink::rfc3339(t)),
+        None => "until an operator clears the count".to_owned(),
+    };
+    if let Some(why) = &auth.unreadable {
+        return format!(
+            "the record of this customer's earlier 401s cannot be read ({why}): counted as the lockout budget spent, so no login is sent {until}; check Magento's failure count for this username (reset it if needed), then {forget}"
+        );
+    }
     match wait {
+        AuthWait::HeldBack if auth.final_refusal && password_bound => "Magento refuses this password because the account's email address is not confirmed: it is not sent again until the password or the configuration changes, since every try counts towards Magento's lock; confirm the account (in the email Magento sent, or in the admin), then change the configuration or reload".to_owned(),
         AuthWait::HeldBack if password_bound => format!(
-            "Magento refused this password and only a successful login clears its failure count: it is not sent again; fix the password (a changed password is tried at once) or, after resetting the customer's failures in Magento, run `magento-token-sidecar forget-failures --config FILE {customer}`"
+            "Magento refused this password and only a successful login clears its failure count: it is not sent again; fix the password (a changed password is tried at once) or, after resetting the customer's failures in Magento, {forget}"
         ),
         AuthWait::HeldBack => format!(
-            "the lockout budget is spent: Magento counts as many failed logins for this username as the daemon may cause, and only a successful login clears them; reset the customer's failures in Magento (and fix the password), then run `magento-token-sidecar forget-failures --config FILE {customer}`"
+            "the lockout budget is spent: Magento counts as many failed logins for this username as the daemon may cause, and only a successful login clears them; reset the customer's failures in Magento (and fix the password), then {forget}"
         ),
-        _ => "this password was refused for this username not long ago (before a reload or restart): not sent again until the wait after that 401 is over".to_owned(),
+        _ if password_bound => format!(
+            "Magento refused this password for this username{last}: not sent again {until}, to keep clear of its lock (a changed password is tried at once)",
+            last = auth.last_failure.map(|t| format!(" at {}", sink::rfc3339(t))).unwrap_or_default(),
+        ),
+        _ => format!(
+            "Magento counts as many recent failed logins for this username as the daemon may cause: no login is sent {until}, when its count is believed to have expired"
+        ),
     }
 }
 

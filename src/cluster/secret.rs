@@ -23,11 +23,16 @@ use tracing::{debug, warn};
 
 use super::lease::Term;
 use super::{ApiError, Cluster};
+use crate::ledger::{self, Record};
 
 /// The annotation with each key's times: `{"<key>": {"obtained_at": "...", "expires_at": "..."}}`.
 pub const TIMES: &str = "magento-token-sidecar/times";
 /// The annotation with each key's record of recent 401s (never a password).
 pub const LEDGER: &str = "magento-token-sidecar/ledger";
+/// A ledger annotation found that was not a JSON object at all, kept as it was: while it is
+/// there, every key without an entry of its own counts as unreadable (its record may have been
+/// in it). An operator removes it once the customers' counts are known to be gone.
+pub const LEDGER_UNREADABLE: &str = "magento-token-sidecar/ledger-unreadable";
 
 /// How long the first change waits for others to share its update.
 pub const SETTLE: Duration = Duration::from_millis(100);
@@ -44,16 +49,39 @@ pub struct Times {
     pub expires_at: SystemTime,
 }
 
-/// A customer's recent 401s, as the file ledger records them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LedgerEntry {
-    pub username: String,
-    pub in_a_row: u32,
-    pub chain: u32,
-    /// Unix seconds of the last 401.
-    pub last_failure: i64,
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub forgotten: bool,
+/// A key's entry in the ledger annotation as found: a record, or a value that is not one. A
+/// damaged entry is kept as it is (written back unchanged) and counts as the worst case for its
+/// key's customer alone ([`crate::ledger`]); every other entry is read as usual.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Entry {
+    Record(Record),
+    Damaged(serde_json::Value),
+}
+
+impl Entry {
+    fn read(value: serde_json::Value) -> Entry {
+        match serde_json::from_value(value.clone()) {
+            Ok(record) => Entry::Record(record),
+            Err(_) => Entry::Damaged(value),
+        }
+    }
+
+    fn to_value(&self) -> serde_json::Value {
+        match self {
+            Entry::Record(record) => serde_json::to_value(record).expect("a record serializes"),
+            Entry::Damaged(value) => value.clone(),
+        }
+    }
+
+    /// The record, or why the entry is not one.
+    pub fn record(&self) -> ledger::Read {
+        match self {
+            Entry::Record(record) => Ok(record.clone()),
+            Entry::Damaged(value) => {
+                serde_json::from_value::<Record>(value.clone()).map_err(|e| format!("not a record of 401s ({e})"))
+            }
+        }
+    }
 }
 
 /// One change to the Secret.
@@ -62,7 +90,7 @@ pub enum Change {
     /// A new token for `key`: kept only if it expires after the one there.
     Token { key: String, content: zeroize::Zeroizing<Vec<u8>>, times: Times },
     /// `key`'s ledger: set, or removed (`None`).
-    Ledger { key: String, entry: Option<LedgerEntry> },
+    Ledger { key: String, entry: Option<Record> },
 }
 
 /// What the Secret holds, as last read or written.
@@ -74,7 +102,9 @@ pub struct Contents {
     meta: ObjectMeta,
     pub data: BTreeMap<String, ByteString>,
     pub times: BTreeMap<String, Times>,
-    pub ledgers: BTreeMap<String, LedgerEntry>,
+    pub ledgers: BTreeMap<String, Entry>,
+    /// A ledger annotation that did not parse at all ([`LEDGER_UNREADABLE`]).
+    pub unreadable_ledgers: Option<String>,
 }
 
 impl Contents {
@@ -86,10 +116,31 @@ impl Contents {
         let times = parse(TIMES)
             .and_then(|text| serde_json::from_str(text).map_err(|e| warn!(annotation = TIMES, error = %e, "ignoring an annotation of the Secret that does not parse")).ok())
             .unwrap_or_default();
-        let ledgers = parse(LEDGER)
-            .and_then(|text| serde_json::from_str(text).map_err(|e| warn!(annotation = LEDGER, error = %e, "ignoring an annotation of the Secret that does not parse")).ok())
-            .unwrap_or_default();
-        Contents { exists: true, meta: secret.metadata, data: secret.data.unwrap_or_default(), times, ledgers }
+        // Entry by entry: one damaged entry costs its own customer's budget, no one else's.
+        let mut unreadable_ledgers = parse(LEDGER_UNREADABLE).cloned();
+        let ledgers = match parse(LEDGER).map(|text| serde_json::from_str::<BTreeMap<String, serde_json::Value>>(text))
+        {
+            None => BTreeMap::new(),
+            Some(Ok(entries)) => entries.into_iter().map(|(key, value)| (key, Entry::read(value))).collect(),
+            Some(Err(e)) => {
+                warn!(annotation = LEDGER, error = %e, "the Secret's ledger annotation does not parse: every customer without an entry counts as having spent its lockout budget");
+                unreadable_ledgers = parse(LEDGER).cloned();
+                BTreeMap::new()
+            }
+        };
+        let (meta, data) = (secret.metadata, secret.data.unwrap_or_default());
+        Contents { exists: true, meta, data, times, ledgers, unreadable_ledgers }
+    }
+
+    /// `key`'s ledger entry as read, if there is one (or may have been).
+    pub fn ledger(&self, key: &str) -> Option<ledger::Read> {
+        match (self.ledgers.get(key), &self.unreadable_ledgers) {
+            (Some(entry), _) => Some(entry.record()),
+            (None, Some(_)) => {
+                Some(Err(format!("the annotation {LEDGER} did not parse (kept as {LEDGER_UNREADABLE})")))
+            }
+            (None, None) => None,
+        }
     }
 
     /// Applies one change; a token obtained before the one there is dropped (a former
@@ -105,7 +156,7 @@ impl Contents {
                 self.times.insert(key.clone(), *times);
             }
             Change::Ledger { key, entry: Some(entry) } => {
-                self.ledgers.insert(key.clone(), entry.clone());
+                self.ledgers.insert(key.clone(), Entry::Record(entry.clone()));
             }
             Change::Ledger { key, entry: None } => {
                 self.ledgers.remove(key);
@@ -123,8 +174,14 @@ impl Contents {
         if self.ledgers.is_empty() {
             annotations.remove(LEDGER);
         } else {
-            annotations.insert(LEDGER.into(), serde_json::to_string(&self.ledgers).expect("ledgers serialize"));
+            let entries: BTreeMap<&String, serde_json::Value> =
+                self.ledgers.iter().map(|(key, entry)| (key, entry.to_value())).collect();
+            annotations.insert(LEDGER.into(), serde_json::to_string(&entries).expect("ledgers serialize"));
         }
+        match &self.unreadable_ledgers {
+            Some(text) => annotations.insert(LEDGER_UNREADABLE.into(), text.clone()),
+            None => annotations.remove(LEDGER_UNREADABLE),
+        };
         let labels = meta.labels.get_or_insert_with(BTreeMap::new);
         labels.entry("app.kubernetes.io/managed-by".into()).or_insert_with(|| "magento-token-sidecar".into());
         Secret { metadata: meta, data: Some(self.data.clone()), type_: Some("Opaque".into()), ..Secret::default() }
@@ -183,8 +240,10 @@ impl Tokens {
         Some((zeroize::Zeroizing::new(data.0.clone()), contents.times.get(key).copied()))
     }
 
-    pub fn ledger(&self, key: &str) -> Option<LedgerEntry> {
-        self.contents().ledgers.get(key).cloned()
+    /// `key`'s ledger entry as read, if there is one (or may have been: see
+    /// [`LEDGER_UNREADABLE`]).
+    pub fn ledger(&self, key: &str) -> Option<ledger::Read> {
+        self.contents().ledger(key)
     }
 
     /// Whether this replica holds the Lease now: the only one that may log in and write.
@@ -195,7 +254,8 @@ impl Tokens {
     /// Whether any ledger is recorded: the holder then reads the Secret now and then, to see
     /// an operator's `forget-failures`.
     pub fn has_ledgers(&self) -> bool {
-        !self.contents().ledgers.is_empty()
+        let contents = self.contents();
+        !contents.ledgers.is_empty() || contents.unreadable_ledgers.is_some()
     }
 
     /// The expiry of every key's token.
@@ -300,25 +360,37 @@ impl Tokens {
 }
 
 /// `forget-failures` with `output.kubernetes`: marks each customer's ledger in the Secret as
-/// forgotten (an update conditional on its resourceVersion, read again on a conflict). The
-/// Lease holder sees it at its next read of the Secret.
+/// forgotten where [`ledger::forget`] says so (an update conditional on its resourceVersion, read
+/// again on a conflict), and says for each what was done. The Lease holder sees it at its next
+/// read of the Secret. A Secret that does not exist is an error: nothing can be forgotten there.
 pub async fn forget(
     k: &crate::config::kubernetes::KubeSettings,
     customers: &[&crate::config::CustomerConfig],
-) -> Result<(), String> {
+) -> Result<Vec<ledger::Forget>, String> {
     let cluster = Cluster::connect(k, crate::status::Board::new(), Some("forget-failures")).await?;
     let secrets = &cluster.secrets;
+    let name = format!("{}/{}", cluster.namespace, k.secret);
     for _ in 0..MAX_CONFLICTS {
         let read = cluster.call("secret", "get", super::REQUEST_TIMEOUT, secrets.get(&k.secret)).await;
         let mut contents = match read {
             Ok(secret) => Contents::from_secret(secret),
-            Err(ApiError::NotFound(_)) => return Ok(()),
-            Err(e) => return Err(format!("cannot read the Secret {}/{}: {e}", cluster.namespace, k.secret)),
+            Err(ApiError::NotFound(_)) => {
+                return Err(format!(
+                    "the Secret {name} does not exist: nothing is recorded there, nothing was forgotten (check output.kubernetes.namespace and secret, and the kubeconfig's context)"
+                ))
+            }
+            Err(e) => return Err(format!("cannot read the Secret {name}: {e}")),
         };
-        for c in customers {
-            let entry =
-                LedgerEntry { username: c.username.clone(), in_a_row: 0, chain: 0, last_failure: 0, forgotten: true };
-            contents.apply(&Change::Ledger { key: crate::store::key(c).to_owned(), entry: Some(entry) });
+        let verdicts: Vec<ledger::Forget> =
+            customers.iter().map(|c| ledger::forget(contents.ledger(crate::store::key(c)), &c.username)).collect();
+        for (c, verdict) in customers.iter().zip(&verdicts) {
+            if let ledger::Forget::Forget { .. } = verdict {
+                let entry = Some(Record::forgotten(&c.username));
+                contents.apply(&Change::Ledger { key: crate::store::key(c).to_owned(), entry });
+            }
+        }
+        if !verdicts.iter().any(|v| matches!(v, ledger::Forget::Forget { .. })) {
+            return Ok(verdicts);
         }
         let secret = contents.to_secret(&k.secret);
         match cluster
@@ -330,12 +402,12 @@ pub async fn forget(
             )
             .await
         {
-            Ok(_) => return Ok(()),
+            Ok(_) => return Ok(verdicts),
             Err(ApiError::Conflict(_)) => continue,
-            Err(e) => return Err(format!("cannot write the Secret {}/{}: {e}", cluster.namespace, k.secret)),
+            Err(e) => return Err(format!("cannot write the Secret {name}: {e}")),
         }
     }
-    Err(format!("the Secret {}/{} changed {MAX_CONFLICTS} times while being written", cluster.namespace, k.secret))
+    Err(format!("the Secret {name} changed {MAX_CONFLICTS} times while being written"))
 }
 
 mod rfc3339 {
@@ -383,13 +455,8 @@ mod tests {
         c.meta.labels = Some([("team".to_string(), "shop".to_string())].into());
         c.meta.resource_version = Some("42".into());
         c.apply(&token("alice", "t1", 2_000_000_000));
-        let entry = LedgerEntry {
-            username: "bob@x".into(),
-            in_a_row: 2,
-            chain: 2,
-            last_failure: 1_999_000_000,
-            forgotten: false,
-        };
+        let entry =
+            Record { username: "bob@x".into(), in_a_row: 2, chain: 2, last_failure: 1_999_000_000, forgotten: false };
         c.apply(&Change::Ledger { key: "bob".into(), entry: Some(entry.clone()) });
         let secret = c.to_secret("magento-tokens");
         assert_eq!(secret.metadata.name.as_deref(), Some("magento-tokens"));
@@ -402,10 +469,46 @@ mod tests {
         assert!(!annotations[LEDGER].contains("password"));
         let back = Contents::from_secret(secret);
         assert_eq!(back.data["alice"].0, b"t1");
-        assert_eq!(back.ledgers["bob"], entry);
+        assert_eq!(back.ledger("bob"), Some(Ok(entry)));
         assert_eq!(back.meta.labels.as_ref().unwrap()["team"], "shop");
         let mut cleared = back.clone();
         cleared.apply(&Change::Ledger { key: "bob".into(), entry: None });
         assert!(!cleared.to_secret("s").metadata.annotations.unwrap().contains_key(LEDGER));
+    }
+
+    fn with_ledger(annotation: &str) -> Contents {
+        let mut meta = ObjectMeta::default();
+        meta.annotations = Some([(LEDGER.to_string(), annotation.to_string())].into());
+        Contents::from_secret(Secret { metadata: meta, ..Secret::default() })
+    }
+
+    #[test]
+    fn a_damaged_ledger_entry_is_its_keys_alone_and_is_kept_as_it_was() {
+        let good = r#"{"username":"alice@x","in_a_row":3,"chain":3,"last_failure":1999000000}"#;
+        let c = with_ledger(&format!(r#"{{"alice":{good},"nobody":{{"chain":"many"}},"bob":[1]}}"#));
+        assert!(matches!(c.ledger("alice"), Some(Ok(r)) if r.chain == 3), "the good entry is read");
+        assert!(c.ledger("bob").unwrap().is_err(), "bob's entry is damaged");
+        assert_eq!(c.ledger("carol"), None, "no entry, no record");
+        // Written back: the damaged entries as they were, the good one, and a change.
+        let mut c = c;
+        c.apply(&Change::Ledger { key: "carol".into(), entry: Some(Record::forgotten("carol@x")) });
+        let back = Contents::from_secret(c.to_secret("s"));
+        assert_eq!(back.ledgers["nobody"], Entry::Damaged(serde_json::json!({"chain": "many"})));
+        assert!(back.ledger("bob").unwrap().is_err());
+        assert!(matches!(back.ledger("alice"), Some(Ok(r)) if r.chain == 3));
+    }
+
+    #[test]
+    fn a_ledger_annotation_that_does_not_parse_is_kept_and_counts_for_every_key_without_an_entry() {
+        let c = with_ledger("{not json");
+        assert!(c.ledger("alice").unwrap().is_err());
+        let mut c = c;
+        c.apply(&Change::Ledger { key: "bob".into(), entry: Some(Record::forgotten("bob@x")) });
+        let secret = c.to_secret("s");
+        let annotations = secret.metadata.annotations.clone().unwrap();
+        assert_eq!(annotations[LEDGER_UNREADABLE], "{not json");
+        let back = Contents::from_secret(secret);
+        assert!(back.ledger("alice").unwrap().is_err(), "still unknown after a write");
+        assert!(matches!(back.ledger("bob"), Some(Ok(r)) if r.forgotten), "an entry of its own is read");
     }
 }
