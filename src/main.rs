@@ -225,7 +225,8 @@ async fn forget_failures(path: &Path, names: &[String]) -> u8 {
         match verdict {
             Ok(Forget::Forget { unreadable }) => {
                 let replaced = if unreadable { " (it replaced a record that could not be read)" } else { "" };
-                println!("{name}: the daemon's count of failed logins is forgotten{replaced}; a running daemon tries again within {within} ({magento})");
+                let there = if config.output.kubernetes.is_some() { " in the Secret" } else { "" };
+                println!("{name}: the daemon's count of failed logins is forgotten{there}{replaced}; a running daemon tries again within {within} ({magento})");
             }
             Ok(Forget::Already) => {
                 println!("{name}: already forgotten; a running daemon tries again within {within}")

@@ -198,10 +198,13 @@ impl<M: Magento> Worker<M> {
                 }
                 let (store, refresh) = (&self.shared.store, &self.shared.refresh);
                 match attempt::restore_ledger(store, &self.customer, &self.account, self.now(), refresh) {
-                    Some(AuthState { unreadable: Some(why), .. }) => error!(
-                        ledger = %why,
-                        "the record of this customer's earlier 401s cannot be read: counted as the lockout budget spent, so nothing is sent that could lock the account"
-                    ),
+                    Some(auth @ AuthState { unreadable: Some(_), .. }) => {
+                        let now = self.now();
+                        let wait = self.account.standing(now, refresh);
+                        let message = held_back_message(wait, false, &auth, &self.customer.name);
+                        error!("{message}");
+                        self.report.problem("held_back", &message, now);
+                    }
                     Some(recorded) => info!(
                         failures_in_a_row = recorded.in_a_row,
                         last_failure = %recorded.last_failure.map(sink::rfc3339).unwrap_or_default(),

@@ -81,6 +81,9 @@ async fn an_unconfirmed_account_gets_one_try_until_its_configuration_changes() {
     let status = d.status_of("alice").await;
     assert_eq!(status["state"], "held_back", "{status}");
     assert_eq!(status["last_error"]["class"], "held_back", "{status}");
+    // Held back, the reason stays: not a wrong password.
+    let said = status["last_error"]["message"].as_str().unwrap_or_default();
+    assert!(said.contains("not confirmed") && !said.contains("fix the password"), "{status}");
     assert!(d.logs().contains("is not confirmed: confirm it"), "the log says to confirm the account");
     eprintln!("unconfirmed account: 1 try in 4 s of held-back time");
 

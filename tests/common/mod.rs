@@ -354,6 +354,13 @@ impl World {
 
     /// Logs in straight to the dev server, as an earlier run of the daemon would have.
     pub async fn login_directly(&self, email: &str, password: &str) -> String {
+        let (status, body) = self.login_answer(email, password).await;
+        assert_eq!(status, 200);
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    /// Sends a login straight to the dev server; its status and body.
+    pub async fn login_answer(&self, email: &str, password: &str) -> (u16, Vec<u8>) {
         let url = format!("{}/rest/V1/integration/customer/token", self.server.base_url());
         let response = reqwest::Client::builder()
             .no_proxy()
@@ -365,8 +372,7 @@ impl World {
             .send()
             .await
             .unwrap();
-        assert_eq!(response.status(), 200);
-        serde_json::from_slice(&response.bytes().await.unwrap()).unwrap()
+        (response.status().as_u16(), response.bytes().await.unwrap().to_vec())
     }
 
     /// Puts a token file in place as the daemon writes it (mode 0600, the token alone).
