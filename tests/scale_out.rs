@@ -425,3 +425,60 @@ async fn a_deleted_secret_is_created_again_at_the_next_write() {
     assert_eq!(creates, 2, "created at the first write and again after the deletion");
     assert_eq!(r.stop().await.code(), Some(0));
 }
+
+/// A damaged entry in the Secret's ledger annotation, for a key no customer uses, made the
+/// holder ignore the whole annotation: after a restart it sent a wrong password three times more
+/// and Magento's count went from 3 to 6. Now only a damaged entry's own customer counts it, and
+/// the entry is written back as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_ledger_entry_in_the_secret_costs_no_other_customer_its_budget() {
+    let d = Deployment::new(DevServerOptions::default(), &[ALICE, BOB]).await;
+    d.w.set_password(ALICE.0, "wrong-password");
+    let customers = [(ALICE.0, ALICE.1), (BOB.0, BOB.1)];
+    let refresh = "  auth_failure_delays: [200ms, 400ms]\n";
+    let mut r = d.replica("r1", &customers, refresh);
+    r.wait_metric(&series("magento_token_held_back", ALICE.0), 1.0, 20 * SEC).await;
+    let bob = d.wait_token("bob", None, 10 * SEC).await;
+    assert_eq!(r.stop().await.code(), Some(0));
+    assert_eq!(d.w.server.login_attempts(ALICE.1), 3);
+
+    // Someone edits the annotation by hand.
+    let mut secret = d.api.object("secrets", NS, SECRET).unwrap();
+    let annotation = &mut secret["metadata"]["annotations"]["magento-token-sidecar/ledger"];
+    let mut ledger: serde_json::Value = serde_json::from_str(annotation.as_str().unwrap()).unwrap();
+    ledger["nobody"] = serde_json::json!({"chain": "many"});
+    *annotation = serde_json::Value::String(ledger.to_string());
+    d.api.put_object("secrets", NS, secret);
+
+    let mut r = d.replica("r2", &customers, refresh);
+    r.wait_metric(&series("magento_token_held_back", ALICE.0), 1.0, 20 * SEC).await;
+    tokio::time::sleep(5 * SEC).await;
+    let peak = d.w.server.max_failure_count(ALICE.1);
+    println!("a damaged entry beside alice's: Magento's highest count {peak}");
+    assert_eq!(peak, 3, "Magento's count after the restart");
+    assert_eq!(d.w.server.login_attempts(ALICE.1), 3);
+    assert_eq!(d.token("bob").as_deref(), Some(bob.as_str()), "bob's token is still good and kept");
+    let annotations = &d.api.object("secrets", NS, SECRET).unwrap()["metadata"]["annotations"];
+    let ledger = annotations["magento-token-sidecar/ledger"].as_str().unwrap_or_default();
+    assert!(ledger.contains(r#""nobody":{"chain":"many"}"#), "{ledger}");
+    assert_eq!(r.stop().await.code(), Some(0));
+}
+
+/// forget-failures against a Secret that does not exist (a wrong namespace) said "forgotten in
+/// the Secret" and exited 0 though nothing was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_failures_without_the_secret_says_nothing_was_forgotten() {
+    let d = Deployment::new(DevServerOptions::default(), &[ALICE]).await;
+    let path = d.w.dir.path().join("r1.yaml");
+    std::fs::write(&path, d.config(&[(ALICE.0, ALICE.1)], "", free_port())).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["forget-failures", "--config", path.to_str().unwrap(), "alice"])
+        .env("KUBECONFIG", &d.kubeconfig)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stderr.contains(&format!("the Secret {NS}/{SECRET} does not exist")), "{stderr}");
+    assert!(!stdout.contains("forgotten"), "{stdout}");
+    assert!(d.api.object("secrets", NS, SECRET).is_none(), "nothing created");
+}
