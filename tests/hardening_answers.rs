@@ -142,6 +142,8 @@ async fn a_reflected_password_is_never_shown_in_any_encoding() {
         .collect();
     let html = SEKRET.2.replace('"', "&quot;").replace('\\', "&#92;");
     let base64 = base64::engine::general_purpose::STANDARD.encode(body.as_bytes());
+    let hex: String = SEKRET.2.bytes().map(|b| format!("{b:02X}")).collect();
+    let reversed: String = SEKRET.2.chars().rev().collect();
     let faults = [
         Fault::json(400, json!({ "message": format!("Cannot process the request body {body}") })),
         Fault::json(500, json!({ "message": format!("Decoding failed near \"password\":\"{unicode}\"") })),
@@ -152,6 +154,8 @@ async fn a_reflected_password_is_never_shown_in_any_encoding() {
             json!({ "message": format!("upstream refused /login?password={}", percent_encoded(SEKRET.2)) }),
         ),
         Fault::json(500, json!({ "message": format!("request body (base64): {base64}") })),
+        Fault::json(400, json!({ "message": format!("bad password bytes: {hex}") })),
+        Fault::json(400, json!({ "message": format!("password reversed: {reversed}") })),
     ];
     let statuses = ["HTTP 400 Bad Request", "HTTP 500 Internal Server Error", "HTTP 503", "HTTP 502"];
     for fault in &faults {
@@ -171,6 +175,7 @@ async fn a_reflected_password_is_never_shown_in_any_encoding() {
     let mut hidden = pieces(SEKRET.2);
     hidden.push(base64);
     hidden.push(token);
+    hidden.extend([hex.clone(), hex.to_lowercase(), reversed.clone()]);
     d.assert_secrets_hidden(&hidden).await;
     assert_eq!(d.stop().await.code(), Some(0));
 

@@ -340,3 +340,25 @@ fn an_idle_customer_task_stays_small() {
     let size = std::mem::size_of_val(&task);
     assert!(size <= 720, "a customer's task is {size} bytes");
 }
+
+#[test]
+fn a_hold_back_message_names_its_cause_and_never_guesses_one() {
+    use crate::schedule::{AuthState, AuthWait};
+    let r = RefreshSettings::default();
+    let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let mut auth = AuthState::default();
+    auth.record_failure(t, true, &r);
+    // A 401 moments ago, in this very process: no reload or restart to speak of.
+    let wait = auth.wait(true, t, &r);
+    let said = super::held_back_message(wait, true, &auth, "alice");
+    assert!(!said.contains("reload or restart"), "{said}");
+    assert!(said.contains("at 2027-01-15T08:00:00Z") && said.contains("before 2027-01-15T08:01:00Z"), "{said}");
+    // An unconfirmed account keeps its reason once held back.
+    auth.final_refusal = true;
+    let said = super::held_back_message(AuthWait::HeldBack, true, &auth, "alice");
+    assert!(said.contains("not confirmed") && !said.contains("fix the password"), "{said}");
+    // A ledger that could not be read says so, and what to do.
+    let spent = AuthState::spent(t, &r, "/tokens/.alice.auth: not a record of 401s".into());
+    let said = super::held_back_message(spent.wait(true, t, &r), false, &spent, "alice");
+    assert!(said.contains("/tokens/.alice.auth: not a record of 401s") && said.contains("forget-failures"), "{said}");
+}
