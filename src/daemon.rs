@@ -554,7 +554,7 @@ pub struct OnceResult {
 
 /// Logs every customer in once and writes the files, retrying transient failures until
 /// `timeout` has passed. A 401 is never retried, and a customer whose recorded 401s (see
-/// [`sink::read_ledger`]) call for a wait is not tried at all: an init container restarted by
+/// [`ledger::read_ledger`]) call for a wait is not tried at all: an init container restarted by
 /// the kubelet must not walk into Magento's lock. Returns one result per customer, in the
 /// configured order.
 ///
@@ -720,7 +720,7 @@ impl<'a> Pass<'a> {
     ) -> Result<SystemTime, OnceFailure> {
         let refresh = &self.config.refresh;
         let account = self.accounts.of(customer);
-        let ledger = sink::ledger_path(&customer.path);
+        let ledger = crate::ledger::ledger_path(&customer.path);
         let ledger_on_disk = match (&self.ledgers, ledger.file_name()) {
             (Some(found), Some(name)) => found.contains(name),
             _ => true,

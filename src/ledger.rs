@@ -1,8 +1,9 @@
 //! The record of a username's recent 401s that outlives the process: the heart of the lockout
 //! promise across restarts, crash loops, `once` retried by the kubelet and Lease failovers.
 //!
-//! One [`Record`] shape serves both stores: the file `.<file>.auth` beside a token file, and one
-//! entry per key of the Secret's ledger annotation. It holds counts and a time, never a password.
+//! One [`Record`] shape serves both stores: the file `.<file>.auth` beside a token file (read and
+//! written here, through [`sink`]), and one entry per key of the Secret's ledger annotation
+//! ([`crate::cluster::secret`]). It holds counts and a time, never a password.
 //!
 //! A record is written by this daemon, but read from places others can write to (a directory
 //! others may write, an annotation anyone with `update` on the Secret may edit), so what is read
@@ -13,12 +14,16 @@
 //!   budget spent, just now ([`AuthState::spent`]), with the reason kept for `/status`. Never as
 //!   zero: a damaged record must not hand Magento a fresh budget.
 
+use std::io;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use tracing::warn;
 
 use crate::config::RefreshSettings;
 use crate::schedule::AuthState;
+use crate::sink::{self, Owner, Perms, ReadError};
 
 /// A username's recent 401s, as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,6 +145,46 @@ pub fn forget(found: Option<Read>, username: &str) -> Forget {
         Some(Ok(record)) if record.chain == 0 && record.in_a_row == 0 => Forget::Nothing,
         Some(Ok(_)) => Forget::Forget { unreadable: false },
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ledger beside a token file
+
+/// The most read of a ledger file: a username and three numbers.
+pub const MAX_LEDGER_FILE: usize = 4 * 1024;
+
+/// `.<file>.auth` beside the token file (a name starting with `.`: never a token file).
+pub fn ledger_path(token_path: &Path) -> PathBuf {
+    let name = token_path.file_name().and_then(|n| n.to_str()).unwrap_or("token");
+    token_path.with_file_name(format!(".{name}.auth"))
+}
+
+/// The ledger beside this token file, as read: `None` when there is none. Like the token file,
+/// a ledger that is a symbolic link or not a regular file is not one of ours: ignored, with a
+/// warning (the next write replaces it). One that is ours but cannot be read (too large, not a
+/// record) is returned as such, to count as the worst case.
+pub fn read_ledger(token_path: &Path) -> Option<Read> {
+    let path = ledger_path(token_path);
+    match sink::read_regular(&path, MAX_LEDGER_FILE, false) {
+        Ok((bytes, _)) => Some(parse(&bytes)),
+        Err(e) if e.is_not_found() => None,
+        Err(e @ ReadError::TooLarge(_)) => Some(Err(format!("it {e}"))),
+        Err(e) => {
+            warn!("{} {e}: ignored as a record of earlier 401s", path.display());
+            None
+        }
+    }
+}
+
+/// Records `record` as the ledger beside this token file, a file of `owner` (the token
+/// file's), mode 0600.
+pub fn write_ledger(token_path: &Path, owner: Owner, record: &Record) -> io::Result<()> {
+    let bytes = serde_json::to_vec(record).expect("a ledger always serializes");
+    sink::write_atomic(&ledger_path(token_path), Perms::private(owner), &bytes, true)
+}
+
+pub fn remove_ledger(token_path: &Path) {
+    let _ = std::fs::remove_file(ledger_path(token_path));
 }
 
 #[cfg(test)]
@@ -269,5 +314,30 @@ mod tests {
         assert_eq!(failures(text(std::str::from_utf8(&bytes).unwrap())), auth);
         let bytes = serde_json::to_vec(&Record::forgotten("alice@example.com")).unwrap();
         assert_eq!(text(std::str::from_utf8(&bytes).unwrap()), Recorded::Forgotten);
+    }
+
+    #[test]
+    fn the_ledger_file_round_trips_and_one_that_cannot_be_read_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alice");
+        assert_eq!(read_ledger(&path), None);
+        let record =
+            Record { username: "a@x".into(), in_a_row: 2, chain: 3, last_failure: 1_700_000_000, forgotten: false };
+        write_ledger(&path, Owner::default(), &record).unwrap();
+        assert_eq!(ledger_path(&path), dir.path().join(".alice.auth"));
+        let mode =
+            std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(ledger_path(&path)).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(read_ledger(&path), Some(Ok(record)));
+        // The stale-temporary sweep leaves it alone.
+        assert_eq!(sink::remove_stale_temporaries(&path), 0);
+        remove_ledger(&path);
+        assert_eq!(read_ledger(&path), None);
+        // Ours but unreadable: returned as such, to count as the worst case.
+        std::fs::write(ledger_path(&path), vec![b' '; MAX_LEDGER_FILE + 1]).unwrap();
+        let why = read_ledger(&path).unwrap().unwrap_err();
+        assert!(why.contains("larger than 4 KiB"), "{why}");
+        std::fs::write(ledger_path(&path), b"{").unwrap();
+        assert!(read_ledger(&path).unwrap().unwrap_err().starts_with("not a record of 401s"));
     }
 }

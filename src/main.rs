@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use magento_token_sidecar::config::{self, Checks, Config, ConfigError, ReadPasswords};
-use magento_token_sidecar::ledger::Forget;
+use magento_token_sidecar::ledger::{self, Forget};
 use magento_token_sidecar::logging::{self, Logging};
 use magento_token_sidecar::metrics::Metrics;
 use magento_token_sidecar::signals;
@@ -220,7 +220,7 @@ async fn forget_failures(path: &Path, names: &[String]) -> u8 {
         let name = &customer.name;
         let place = match &config.output.kubernetes {
             Some(k) => format!("the Secret {}'s ledger entry {:?}", k.secret, store::key(customer)),
-            None => sink::ledger_path(&customer.path).display().to_string(),
+            None => ledger::ledger_path(&customer.path).display().to_string(),
         };
         match verdict {
             Ok(Forget::Forget { unreadable }) => {

@@ -25,7 +25,6 @@ use serde::{Deserialize, Serialize};
 use tracing::warn;
 use zeroize::Zeroizing;
 
-use crate::ledger;
 use crate::secret::Secret;
 
 /// The shape of a token file (`output.format`, a customer's `format`).
@@ -123,8 +122,6 @@ pub fn rfc3339(t: SystemTime) -> String {
 
 /// The most read of a token file: a token is at most 8 KiB, the json format adds little.
 pub const MAX_TOKEN_FILE: usize = 64 * 1024;
-/// The most read of a 401 ledger: a username and three numbers.
-pub const MAX_LEDGER_FILE: usize = 4 * 1024;
 
 /// Why a local file was not read. Shown after the file's path: `/x/y is a FIFO, not a regular file`.
 #[derive(Debug, thiserror::Error)]
@@ -527,39 +524,6 @@ pub fn parse_token_content(bytes: &[u8]) -> Option<(Secret, Option<SystemTime>, 
     Some(env().unwrap_or_else(|| (Secret::new(text.to_owned()), None, Format::Raw)))
 }
 
-pub fn ledger_path(token_path: &Path) -> std::path::PathBuf {
-    let name = token_path.file_name().and_then(|n| n.to_str()).unwrap_or("token");
-    parent(token_path).join(format!(".{name}.auth"))
-}
-
-/// The ledger beside this token file ([`crate::ledger`]), as read: `None` when there is none.
-/// Like the token file, a ledger that is a symbolic link or not a regular file is not one of
-/// ours: ignored, with a warning (the next write replaces it). One that is ours but cannot be
-/// read (too large, not a record) is returned as such, to count as the worst case.
-pub fn read_ledger(token_path: &Path) -> Option<ledger::Read> {
-    let path = ledger_path(token_path);
-    match read_regular(&path, MAX_LEDGER_FILE, false) {
-        Ok((bytes, _)) => Some(ledger::parse(&bytes)),
-        Err(e) if e.is_not_found() => None,
-        Err(e @ ReadError::TooLarge(_)) => Some(Err(format!("it {e}"))),
-        Err(e) => {
-            warn!("{} {e}: ignored as a record of earlier 401s", path.display());
-            None
-        }
-    }
-}
-
-/// Records `record` as the ledger beside this token file, a file of `owner` (the token
-/// file's).
-pub fn write_ledger(token_path: &Path, owner: Owner, record: &ledger::Record) -> io::Result<()> {
-    let bytes = serde_json::to_vec(record).expect("a ledger always serializes");
-    write_atomic(&ledger_path(token_path), Perms::private(owner), &bytes, true)
-}
-
-pub fn remove_ledger(token_path: &Path) {
-    let _ = std::fs::remove_file(ledger_path(token_path));
-}
-
 /// The lock file in the output directory (a name starting with `.`: never a token file).
 pub const LOCK_FILE: &str = ".magento-token-sidecar.lock";
 
@@ -822,12 +786,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("alice");
         let record =
-            ledger::Record { username: "a@x".into(), in_a_row: 1, chain: 1, last_failure: 1, forgotten: false };
+            crate::ledger::Record { username: "a@x".into(), in_a_row: 1, chain: 1, last_failure: 1, forgotten: false };
         let owner = Owner { uid: Some(uid), gid: Some(gid) };
-        write_ledger(&path, owner, &record).unwrap();
-        assert_eq!(owner_and_mode(&ledger_path(&path)), (uid, gid, 0o600));
-        write_ledger(&path, owner, &ledger::Record::forgotten("a@x")).unwrap();
-        assert_eq!(owner_and_mode(&ledger_path(&path)), (uid, gid, 0o600));
+        crate::ledger::write_ledger(&path, owner, &record).unwrap();
+        assert_eq!(owner_and_mode(&crate::ledger::ledger_path(&path)), (uid, gid, 0o600));
+        crate::ledger::write_ledger(&path, owner, &crate::ledger::Record::forgotten("a@x")).unwrap();
+        assert_eq!(owner_and_mode(&crate::ledger::ledger_path(&path)), (uid, gid, 0o600));
     }
 
     #[test]
@@ -872,32 +836,6 @@ mod tests {
             std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         left.sort();
         assert_eq!(left, [".alice..tmp", ".alice.x.k2Lm3N.tmp", ".bob.x1Yz9Q.tmp", "alice", "alice.tmp"]);
-    }
-
-    #[test]
-    fn the_auth_ledger_round_trips_per_username() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("alice");
-        assert_eq!(read_ledger(&path), None);
-        let record = ledger::Record {
-            username: "a@x".into(),
-            in_a_row: 2,
-            chain: 3,
-            last_failure: 1_700_000_000,
-            forgotten: false,
-        };
-        write_ledger(&path, Owner::default(), &record).unwrap();
-        assert_eq!(ledger_path(&path), dir.path().join(".alice.auth"));
-        assert_eq!(mode_of(&ledger_path(&path)), 0o600);
-        assert_eq!(read_ledger(&path), Some(Ok(record)));
-        // The stale-temporary sweep leaves it alone.
-        assert_eq!(remove_stale_temporaries(&path), 0);
-        remove_ledger(&path);
-        assert_eq!(read_ledger(&path), None);
-        // Ours but unreadable: returned as such, to count as the worst case.
-        std::fs::write(ledger_path(&path), vec![b' '; MAX_LEDGER_FILE + 1]).unwrap();
-        let why = read_ledger(&path).unwrap().unwrap_err();
-        assert!(why.contains("larger than 4 KiB"), "{why}");
     }
 
     fn mode_of(path: &Path) -> u32 {
@@ -968,8 +906,8 @@ mod tests {
         assert!(std::fs::symlink_metadata(&dangling).unwrap().is_file());
         assert!(!dir.path().join("nowhere").exists());
         // The same for a ledger.
-        std::os::unix::fs::symlink("/dev/zero", ledger_path(&path)).unwrap();
-        assert_eq!(read_ledger(&path), None);
+        std::os::unix::fs::symlink("/dev/zero", crate::ledger::ledger_path(&path)).unwrap();
+        assert_eq!(crate::ledger::read_ledger(&path), None);
     }
 
     #[test]

@@ -100,7 +100,7 @@ impl Store {
     /// The ledger stored for `customer`, as read (`None`: there is none).
     fn read_ledger(&self, customer: &CustomerConfig) -> Option<ledger::Read> {
         match self {
-            Store::Files => sink::read_ledger(&customer.path),
+            Store::Files => ledger::read_ledger(&customer.path),
             Store::Secret(tokens) => tokens.ledger(key(customer)),
         }
     }
@@ -108,7 +108,7 @@ impl Store {
     /// Where `customer`'s ledger is, for a reason shown about it.
     fn ledger_place(&self, customer: &CustomerConfig) -> String {
         match self {
-            Store::Files => sink::ledger_path(&customer.path).display().to_string(),
+            Store::Files => ledger::ledger_path(&customer.path).display().to_string(),
             Store::Secret(_) => format!("the Secret's ledger entry {:?}", key(customer)),
         }
     }
@@ -132,7 +132,7 @@ impl Store {
         let record = Record::of(&customer.username, auth);
         match self {
             // Rare and small: written in place rather than on the blocking pool.
-            Store::Files => sink::write_ledger(&customer.path, customer.owner, &record),
+            Store::Files => ledger::write_ledger(&customer.path, customer.owner, &record),
             Store::Secret(tokens) => {
                 let change = Change::Ledger { key: key(customer).to_owned(), entry: Some(record) };
                 tokens.submit(change).await.map_err(io::Error::other)
@@ -143,9 +143,9 @@ impl Store {
     /// `forget-failures` for `customer` in a directory of token files: marks its ledger as
     /// forgotten where [`ledger::forget`] says so. (The Secret's is [`crate::cluster::secret::forget`].)
     pub fn forget_failures(customer: &CustomerConfig) -> io::Result<ledger::Forget> {
-        let verdict = ledger::forget(sink::read_ledger(&customer.path), &customer.username);
+        let verdict = ledger::forget(ledger::read_ledger(&customer.path), &customer.username);
         if let ledger::Forget::Forget { .. } = verdict {
-            sink::write_ledger(&customer.path, customer.owner, &Record::forgotten(&customer.username))?;
+            ledger::write_ledger(&customer.path, customer.owner, &Record::forgotten(&customer.username))?;
         }
         Ok(verdict)
     }
@@ -154,7 +154,7 @@ impl Store {
     /// was taken). With the Secret it is sent with the next update, not waited for.
     pub fn clear_failures(&self, customer: &CustomerConfig) {
         match self {
-            Store::Files => sink::remove_ledger(&customer.path),
+            Store::Files => ledger::remove_ledger(&customer.path),
             Store::Secret(tokens) => {
                 if tokens.ledger(key(customer)).is_some() {
                     tokens.enqueue(Change::Ledger { key: key(customer).to_owned(), entry: None });

@@ -227,7 +227,7 @@ async fn a_wrong_password_for_a_day(
     let logins = run.magento.logins();
     let state = run.board.snapshot(run.clock.now())[0].state;
     assert!(logins.iter().all(|(_, ok)| !*ok));
-    assert!(crate::sink::read_ledger(&run.path).is_some(), "the 401s are in the ledger");
+    assert!(crate::ledger::read_ledger(&run.path).is_some(), "the 401s are in the ledger");
 
     // The Secret is fixed: tried within the password poll, whatever the wait.
     std::fs::write(&password, "right\n").unwrap();
@@ -237,7 +237,7 @@ async fn a_wrong_password_for_a_day(
     assert!(ok, "the fixed password was not tried");
     assert!(at.duration_since(fixed_at).unwrap() <= PASSWORD_POLL);
     assert!(run.magento.accepts(&run.token().unwrap()));
-    assert!(crate::sink::read_ledger(&run.path).is_none(), "a success clears the ledger");
+    assert!(crate::ledger::read_ledger(&run.path).is_none(), "a success clears the ledger");
     (logins, state, run, dir)
 }
 
