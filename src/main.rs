@@ -203,7 +203,12 @@ async fn forget_failures(path: &Path, names: &[String]) -> u8 {
         }
     }
     let (verdicts, retry_within) = match &config.output.kubernetes {
-        Some(k) => match cluster::secret::forget(k, &customers).await {
+        Some(k) => match cluster::secret::forget(
+            k,
+            &customers.iter().map(|c| (store::key(c), c.username.as_str())).collect::<Vec<_>>(),
+        )
+        .await
+        {
             Ok(verdicts) => {
                 (verdicts.into_iter().map(Ok).collect::<Vec<std::io::Result<Forget>>>(), k.lease_duration * 2)
             }

@@ -359,13 +359,13 @@ impl Tokens {
     }
 }
 
-/// `forget-failures` with `output.kubernetes`: marks each customer's ledger in the Secret as
-/// forgotten where [`ledger::forget`] says so (an update conditional on its resourceVersion, read
+/// `forget-failures` with `output.kubernetes`: marks the ledger of each customer (its key in the
+/// Secret, and its username) as forgotten where [`ledger::forget`] says so (an update conditional on its resourceVersion, read
 /// again on a conflict), and says for each what was done. The Lease holder sees it at its next
 /// read of the Secret. A Secret that does not exist is an error: nothing can be forgotten there.
 pub async fn forget(
     k: &crate::config::kubernetes::KubeSettings,
-    customers: &[&crate::config::CustomerConfig],
+    customers: &[(&str, &str)],
 ) -> Result<Vec<ledger::Forget>, String> {
     let cluster = Cluster::connect(k, crate::status::Board::new(), Some("forget-failures")).await?;
     let secrets = &cluster.secrets;
@@ -382,11 +382,11 @@ pub async fn forget(
             Err(e) => return Err(format!("cannot read the Secret {name}: {e}")),
         };
         let verdicts: Vec<ledger::Forget> =
-            customers.iter().map(|c| ledger::forget(contents.ledger(crate::store::key(c)), &c.username)).collect();
-        for (c, verdict) in customers.iter().zip(&verdicts) {
+            customers.iter().map(|(key, username)| ledger::forget(contents.ledger(key), username)).collect();
+        for ((key, username), verdict) in customers.iter().zip(&verdicts) {
             if let ledger::Forget::Forget { .. } = verdict {
-                let entry = Some(Record::forgotten(&c.username));
-                contents.apply(&Change::Ledger { key: crate::store::key(c).to_owned(), entry });
+                let entry = Some(Record::forgotten(username));
+                contents.apply(&Change::Ledger { key: (*key).to_owned(), entry });
             }
         }
         if !verdicts.iter().any(|v| matches!(v, ledger::Forget::Forget { .. })) {
