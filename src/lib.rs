@@ -54,3 +54,75 @@ pub mod status;
 pub mod store;
 pub mod token;
 pub mod worker;
+
+/// The modules above form a graph without cycles: each one's `crate::` imports (outside its
+/// tests) never lead back to it, at any length, so any module can be read, tested and moved
+/// with what it imports alone.
+#[cfg(test)]
+mod module_graph {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::path::Path;
+
+    /// Every top-level module and the modules it imports, from the source text.
+    fn graph() -> BTreeMap<String, BTreeSet<String>> {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut stack = vec![src.clone()];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    stack.push(path);
+                    continue;
+                }
+                let rel = path.strip_prefix(&src).unwrap();
+                let top = rel.iter().next().unwrap().to_str().unwrap().trim_end_matches(".rs").to_owned();
+                if path.extension().is_none_or(|e| e != "rs") || ["main", "lib"].contains(&top.as_str()) {
+                    continue;
+                }
+                if path.file_name().is_some_and(|n| n == "tests.rs") {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).unwrap();
+                let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+                let deps = graph.entry(top.clone()).or_default();
+                for line in code.lines().map(|l| l.split("//").next().unwrap_or_default()) {
+                    for (i, _) in line.match_indices("crate::") {
+                        let rest = &line[i + "crate::".len()..];
+                        let names: Vec<&str> = match rest.strip_prefix('{') {
+                            Some(group) => group.split('}').next().unwrap_or_default().split(',').collect(),
+                            None => vec![rest],
+                        };
+                        for name in names {
+                            let name: String =
+                                name.trim().chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+                            if !name.is_empty() && name != top {
+                                deps.insert(name);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        graph
+    }
+
+    #[test]
+    fn no_module_imports_one_that_imports_it_back() {
+        let graph = graph();
+        assert!(graph.len() > 20, "the modules were found: {:?}", graph.keys());
+        // Depth-first from each module: a path back to it is a cycle.
+        for start in graph.keys() {
+            let mut seen = BTreeSet::new();
+            let mut paths = vec![vec![start.clone()]];
+            while let Some(path) = paths.pop() {
+                for next in graph.get(path.last().unwrap()).into_iter().flatten() {
+                    assert!(next != start, "import cycle: {} -> {start}", path.join(" -> "));
+                    if graph.contains_key(next) && seen.insert(next.clone()) {
+                        paths.push([path.clone(), vec![next.clone()]].concat());
+                    }
+                }
+            }
+        }
+    }
+}
