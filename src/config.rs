@@ -511,7 +511,17 @@ pub enum Checks {
 // ---------------------------------------------------------------------------------------------
 // Loading
 
+/// The most read of a configuration file: a customer takes three lines (some 150 bytes), so
+/// this is room for over 25,000.
+pub const MAX_CONFIG_FILE: usize = 4 * 1024 * 1024;
+
 /// Reads, parses and validates a configuration file.
+///
+/// The file is read as a password file is ([`sink::read_regular`]): without blocking, a regular
+/// file of at most [`MAX_CONFIG_FILE`] bytes. A FIFO swapped in before a SIGHUP would otherwise
+/// stop the whole daemon (`/healthz` and SIGTERM included) waiting for a writer, and a device
+/// would be read until memory runs out. Symbolic links are followed: a ConfigMap's keys are
+/// mounted as links through `..data`.
 pub fn load(file: &Path, checks: Checks) -> Result<Config, ConfigError> {
     load_keeping(file, checks, false).map(|(config, _)| config)
 }
@@ -531,8 +541,11 @@ fn load_keeping(file: &Path, checks: Checks, keep: bool) -> Result<(Config, Read
         file: file.to_path_buf(),
         problems: vec![Problem { path: String::new(), message }],
     };
-    let text = std::fs::read_to_string(file).map_err(|e| fail(format!("cannot read the configuration file: {e}")))?;
-    parse_keeping(&text, checks, keep).map_err(|problems| ConfigError { file: file.to_path_buf(), problems })
+    let (bytes, _) =
+        sink::read_regular(file, MAX_CONFIG_FILE, true).map_err(|e| fail(format!("the configuration file {e}")))?;
+    let text =
+        std::str::from_utf8(&bytes).map_err(|e| fail(format!("the configuration file is not UTF-8 text ({e})")))?;
+    parse_keeping(text, checks, keep).map_err(|problems| ConfigError { file: file.to_path_buf(), problems })
 }
 
 /// Parses and validates a configuration from YAML text.
