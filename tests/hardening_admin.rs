@@ -5,7 +5,10 @@
 //!   under a low open-file limit the logins go on;
 //! - settings that make token files writable by others are refused, an output directory others
 //!   can write to is warned about (item 8);
-//! - the running daemon can never dump core, whatever limit it was started with (item 11).
+//! - the running daemon can never dump core, whatever limit it was started with (item 11);
+//!
+//! and of issue 19, item 8: token modes others can read are warned about, and a mode that is
+//! not four octal digits or lets no one read is refused.
 
 mod common;
 
@@ -352,4 +355,54 @@ async fn the_daemon_never_leaves_a_core_dump() {
     let cores: Vec<String> =
         listing(&dir).difference(&before).filter(|n| n.starts_with(prefix.as_str())).cloned().collect();
     assert!(cores.is_empty(), "core files left in {}: {cores:?}", dir.display());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 19, item 8. Token modes others can read, and modes that are no mode
+
+/// `check` and `run` on `mode` (written quoted): (exit code, stderr of `check`).
+async fn check_mode(w: &World, good: &str, mode: &str) -> (i32, String) {
+    w.write_config(&good.replace("  dir:", &format!("  mode: \"{mode}\"\n  dir:")));
+    let config = w.config_path().to_str().unwrap().to_owned();
+    let (code, _, err) =
+        tokio::task::spawn_blocking(move || run_to_end(&["check", "--config", &config])).await.unwrap();
+    (code, err)
+}
+
+/// `"0644"` and `"0604"` are warned about by `check` (exit 0) and by a WARN line at start;
+/// `"0000"`, `"0200"` (no one could read the token) and anything but four octal digits
+/// (`"+0600"`, `"600"`, `"0o600"`, `"00600"`, `" 0600"`) are refused, naming `output.mode`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_modes_others_can_read_are_warned_about_and_non_modes_refused() {
+    let w = World::with_customers(&[ALICE]).await;
+    let good = w.config_text(&[(ALICE.0, ALICE.1)], "", "");
+    for mode in ["0644", "0604"] {
+        let (code, err) = check_mode(&w, &good, mode).await;
+        assert_eq!(code, 0, "a warning, not a refusal: {mode}: {err}");
+        let expect = format!("warning: output.mode: \"{mode}\" makes every token file readable by other users");
+        assert!(err.contains(&expect), "{mode}: {err}");
+    }
+    for mode in ["0600", "0640", "0440"] {
+        let (code, err) = check_mode(&w, &good, mode).await;
+        assert_eq!(code, 0, "{mode}: {err}");
+        assert!(!err.contains("warning"), "no warning for {mode}: {err}");
+    }
+    for mode in ["0000", "0200"] {
+        let (code, err) = check_mode(&w, &good, mode).await;
+        assert_eq!(code, 2, "{mode}: {err}");
+        assert!(err.contains(&format!("output.mode: \"{mode}\" lets no one read the token files")), "{mode}: {err}");
+    }
+    for mode in ["+0600", "600", "0o600", "00600", " 0600", "0600 ", "-600", "06OO", "4600"] {
+        let (code, err) = check_mode(&w, &good, mode).await;
+        assert_eq!(code, 2, "{mode:?}: {err}");
+        assert!(err.contains("output.mode") && err.contains("exactly four octal digits"), "{mode:?}: {err}");
+    }
+
+    w.write_config(&good.replace("  dir:", "  mode: \"0644\"\n  dir:"));
+    let mut d = w.start();
+    d.wait_ready(20 * SEC).await;
+    let logs = d.logs();
+    let line = logs.lines().find(|l| l.contains("output.mode") && l.contains("readable by other users"));
+    assert!(line.is_some_and(|l| l.contains("\"level\":\"WARN\"")), "no WARN line about output.mode:\n{logs}");
+    assert_eq!(d.stop().await.code(), Some(0));
 }
