@@ -22,18 +22,26 @@
 //! in turn and hold a slot for the header timeout, so a probe behind hundreds of them would
 //! wait many timeouts; closed at once, a probe waits at most one. The cap also leaves the
 //! process's descriptors to the logins (see [`connection_limit`]).
+//!
+//! Routes that act (`POST`) answer only what a program on the pod's network sends, not a web
+//! page in a browser on the same machine (which can send a `POST` to `127.0.0.1` from any
+//! site): a request with an `Origin` header, or whose `Host` is not a name of this daemon, is
+//! refused with 403 (see [`Addressed`]). `GET` routes change nothing and answer whatever the
+//! `Host`: the kubelet's probes and Prometheus name the pod's address, or whatever their
+//! configuration says.
 
 use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
-use axum::extract::Path;
-use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -67,6 +75,77 @@ pub fn router(admin: Admin) -> Router {
         .route("/metrics", get(metrics))
         .route("/refresh/{name}", post(refresh))
         .with_state(admin)
+        .layer(middleware::from_fn_with_state(Arc::new(Addressed::from_env()), addressed_here))
+}
+
+/// The names a request to this daemon may carry in its `Host` (besides those every daemon
+/// has: see [`Addressed::allows`]): `POD_NAME` and `POD_IP` (the chart sets them from the
+/// downward API) and the host name, lower case.
+pub struct Addressed {
+    names: Vec<String>,
+}
+
+impl Addressed {
+    pub fn from_env() -> Addressed {
+        let host_name = rustix::system::uname().nodename().to_string_lossy().into_owned();
+        let names = ["POD_NAME", "POD_IP"].iter().filter_map(|var| std::env::var(var).ok()).chain([host_name]);
+        Addressed { names: names.map(|n| n.to_ascii_lowercase()).filter(|n| !n.is_empty()).collect() }
+    }
+
+    /// Why a request that acts must be refused, if it must: it has an `Origin` (only a
+    /// browser sends one, for a page's request; this server serves no page), or a `Host`
+    /// that is not a name of this daemon.
+    fn refusal(&self, headers: &HeaderMap) -> Option<String> {
+        if headers.contains_key(header::ORIGIN) {
+            return Some("refused: the request has an Origin header, so a web page sent it; ask without one (curl, an HTTP library)".into());
+        }
+        let mut hosts = headers.get_all(header::HOST).iter();
+        match (hosts.next(), hosts.next()) {
+            // HTTP/1.0 has no Host; a browser always sends one.
+            (None, _) => None,
+            (Some(host), None) if host.to_str().is_ok_and(|h| self.allows(h)) => None,
+            _ => Some(format!(
+                "refused: the Host header {:?} is not a name of this daemon; address it as 127.0.0.1, localhost, an IP address, the pod's name or a Service's in-cluster name (<service>, <service>.<namespace>.svc)",
+                headers.get(header::HOST).map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned()).unwrap_or_default()
+            )),
+        }
+    }
+
+    /// Whether `host` (`name[:port]`) names this daemon. A page that turns its own domain name
+    /// to 127.0.0.1 (DNS rebinding) still sends that name, so what passes is a name no such
+    /// page can have: an IP address (the listen address, loopback, the pod's, a Service's),
+    /// `localhost` (RFC 6761: never sent to DNS), one of this daemon's [names](Addressed),
+    /// a name of one label (a Service's, resolved through the pod's search list), or a
+    /// Service's name in the cluster (`.svc`, `.svc.cluster.local`: no public domain).
+    fn allows(&self, host: &str) -> bool {
+        let name = match host.strip_prefix('[') {
+            Some(v6) => return v6.split_once(']').is_some_and(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_ok()),
+            None => match host.rsplit_once(':') {
+                Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+                _ => host,
+            },
+        };
+        let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+        !name.is_empty()
+            && (name.parse::<IpAddr>().is_ok()
+                || name == "localhost"
+                || name.ends_with(".localhost")
+                || self.names.contains(&name)
+                || !name.contains('.')
+                || name.ends_with(".svc")
+                || name.ends_with(".svc.cluster.local"))
+    }
+}
+
+/// Requests that act (every method but `GET` and `HEAD`) must be addressed to this daemon by
+/// a program (module doc); the others pass untouched.
+async fn addressed_here(State(addressed): State<Arc<Addressed>>, request: Request, next: Next) -> Response {
+    if !matches!(*request.method(), Method::GET | Method::HEAD) {
+        if let Some(why) = addressed.refusal(request.headers()) {
+            return (StatusCode::FORBIDDEN, why).into_response();
+        }
+    }
+    next.run(request).await
 }
 
 /// The whole head of a request must arrive within this (module doc).
@@ -398,6 +477,53 @@ mod tests {
         let rest = read_to_end(&mut idle).await;
         assert!(!rest.contains("HTTP/1.1"), "{rest:?}");
         tokio::time::timeout(Duration::from_secs(10), server).await.expect("serve returns").unwrap().unwrap();
+    }
+
+    #[test]
+    fn requests_that_act_must_name_this_daemon_as_host() {
+        let addressed = Addressed { names: vec!["sidecar-7f9c".into(), "web1.corp.example".into()] };
+        for host in [
+            "127.0.0.1:9102",
+            "127.0.0.2",
+            "[::1]:9102",
+            "10.244.1.17:9102",
+            "localhost:9102",
+            "LOCALHOST.",
+            "app.localhost",
+            "sidecar-7f9c",
+            "web1.corp.example:9102",
+            "magento-tokens:9102",
+            "magento-tokens.shop.svc",
+            "magento-tokens.shop.svc.cluster.local.:9102",
+        ] {
+            assert!(addressed.allows(host), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:9102",
+            "127.0.0.1.nip.io",
+            "localhost.evil.example",
+            "sidecar-7f9c.evil.example",
+            "svc.evil.example",
+            "magento-tokens.shop",
+            "[evil.example]:9102",
+            "",
+            ":9102",
+        ] {
+            assert!(!addressed.allows(host), "{host}");
+        }
+        let with = |pairs: &[(header::HeaderName, &str)]| {
+            let mut h = HeaderMap::new();
+            for (name, value) in pairs {
+                h.append(name.clone(), value.parse().unwrap());
+            }
+            addressed.refusal(&h)
+        };
+        assert_eq!(with(&[]), None, "HTTP/1.0: no Host");
+        assert_eq!(with(&[(header::HOST, "127.0.0.1:9102")]), None);
+        assert!(with(&[(header::HOST, "127.0.0.1:9102"), (header::ORIGIN, "null")]).unwrap().contains("Origin"));
+        let two = with(&[(header::HOST, "127.0.0.1"), (header::HOST, "evil.example")]).unwrap();
+        assert!(two.contains("Host"), "{two}");
     }
 
     #[test]

@@ -7,8 +7,12 @@
 //!   can write to is warned about (item 8);
 //! - the running daemon can never dump core, whatever limit it was started with (item 11);
 //!
-//! and of issue 19, item 8: token modes others can read are warned about, and a mode that is
-//! not four octal digits or lets no one read is refused.
+//! and of issue 19, items 8 and 10:
+//!
+//! - token modes others can read are warned about, and a mode that is not four octal digits or
+//!   lets no one read is refused (item 8);
+//! - `POST /refresh` refuses what a browser's page sends (an `Origin`, a `Host` that is not the
+//!   daemon's), while the probes and scrapes answer whatever `Host` they name (item 10).
 
 mod common;
 
@@ -404,5 +408,87 @@ async fn token_modes_others_can_read_are_warned_about_and_non_modes_refused() {
     let logs = d.logs();
     let line = logs.lines().find(|l| l.contains("output.mode") && l.contains("readable by other users"));
     assert!(line.is_some_and(|l| l.contains("\"level\":\"WARN\"")), "no WARN line about output.mode:\n{logs}");
+    assert_eq!(d.stop().await.code(), Some(0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 19, item 10. Requests a browser's page sends
+
+/// One request on a connection of its own: the status code and the body.
+async fn request(port: u16, method: &str, route: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut s = connect(port).await.expect("connect");
+    let mut head = format!("{method} {route} HTTP/1.1\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("Content-Length: 0\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    let got = read_until_closed(&mut s, 15 * SEC).await.expect("an answer within 15 s");
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let code = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (code, body)
+}
+
+/// `POST /refresh` with an `Origin` (any: the admin server serves no page) or a `Host` that is
+/// not the daemon's own is refused with 403 and a reason, and nothing reaches Magento; the
+/// names the daemon goes by (loopback, `localhost`, `POD_NAME`, `POD_IP`, any address, a
+/// Service's in-cluster name) are served. `GET` routes answer whatever the `Host`: the
+/// kubelet and Prometheus name the pod's address, or whatever their configuration says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_refresh_refuses_browsers_and_foreign_hosts_while_probes_answer_any_host() {
+    let w = World::with_customers(&[ALICE]).await;
+    one_customer(&w, "");
+    let mut d = w.start_with(|c| {
+        c.env("POD_NAME", "sidecar-7f9c").env("POD_IP", "10.244.1.17");
+    });
+    d.wait_ready(20 * SEC).await;
+    let port = d.admin_port;
+    let here = format!("127.0.0.1:{port}");
+    let requests_before = w.server.requests().len();
+
+    for (host, origin, why) in [
+        (here.as_str(), Some("https://evil.example"), "Origin"),
+        (here.as_str(), Some("null"), "Origin"),
+        (here.as_str(), Some(&format!("http://{here}")[..]), "Origin"),
+        ("evil.example:9102", None, "Host"),
+        ("127.0.0.1.evil.example", None, "Host"),
+        ("localhost.evil.example:9102", None, "Host"),
+        ("sidecar-7f9c.evil.example", None, "Host"),
+        ("magento-tokens.shop", None, "Host"),
+    ] {
+        let mut headers = vec![("Host", host)];
+        headers.extend(origin.map(|o| ("Origin", o)));
+        for route in ["/refresh/alice", "/refresh/nobody"] {
+            let (code, body) = request(port, "POST", route, &headers).await;
+            assert_eq!(code, 403, "POST {route} Host {host} Origin {origin:?}: {body}");
+            assert!(body.contains(why), "POST {route} Host {host} Origin {origin:?}: {body}");
+        }
+    }
+    assert_eq!(w.server.requests().len(), requests_before, "a refused request reached Magento");
+
+    for host in [
+        here.clone(),
+        format!("localhost:{port}"),
+        format!("[::1]:{port}"),
+        "10.244.1.17:9102".into(),
+        "sidecar-7f9c:9102".into(),
+        "SIDECAR-7F9C".into(),
+        "10.96.0.12".into(),
+        "magento-tokens".into(),
+        "magento-tokens.shop.svc:9102".into(),
+        "magento-tokens.shop.svc.cluster.local:9102".into(),
+    ] {
+        let (code, body) = request(port, "POST", "/refresh/alice", &[("Host", &host)]).await;
+        assert_eq!(code, 200, "POST with Host {host}: {body}");
+        assert!(body.contains("\"replaced\":false"), "{host}: {body}");
+    }
+
+    for route in ["/healthz", "/readyz", "/metrics", "/status"] {
+        for host in ["10.244.1.17:9102", "10.0.0.99:9102", "metrics.example.com:9102"] {
+            let (code, body) = request(port, "GET", route, &[("Host", host)]).await;
+            assert_eq!(code, 200, "GET {route} Host {host}: {body}");
+        }
+    }
     assert_eq!(d.stop().await.code(), Some(0));
 }
