@@ -7,10 +7,12 @@
 //!   can write to is warned about (item 8);
 //! - the running daemon can never dump core, whatever limit it was started with (item 11);
 //!
-//! and of issue 19, items 8 and 10:
+//! and of issue 19, items 8 to 10:
 //!
 //! - token modes others can read are warned about, and a mode that is not four octal digits or
 //!   lets no one read is refused (item 8);
+//! - `/healthz` answers while clients keep every admin slot busy with half-sent requests, or a
+//!   burst of idle connections fills them under a low open-file limit (item 9);
 //! - `POST /refresh` refuses what a browser's page sends (an `Origin`, a `Host` that is not the
 //!   daemon's), while the probes and scrapes answer whatever `Host` they name (item 10).
 
@@ -408,6 +410,113 @@ async fn token_modes_others_can_read_are_warned_about_and_non_modes_refused() {
     let logs = d.logs();
     let line = logs.lines().find(|l| l.contains("output.mode") && l.contains("readable by other users"));
     assert!(line.is_some_and(|l| l.contains("\"level\":\"WARN\"")), "no WARN line about output.mode:\n{logs}");
+    assert_eq!(d.stop().await.code(), Some(0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 19, item 9. Admin slots held by clients that never finish a request
+
+/// One probe as the kubelet makes it: a new connection, `GET /healthz`, at most `limit`.
+/// The time it took, or `None` when it got no `200 ok`.
+async fn probe(port: u16, limit: Duration) -> Option<Duration> {
+    let start = std::time::Instant::now();
+    let answered = tokio::time::timeout(limit, async {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 10.244.1.17:9102\r\nConnection: close\r\n\r\n").await.ok()?;
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.ok()?;
+        (got.starts_with(b"HTTP/1.1 200") && got.ends_with(b"ok")).then_some(())
+    })
+    .await;
+    matches!(answered, Ok(Some(()))).then(|| start.elapsed())
+}
+
+/// 25 probes, one every 200 ms, each given 5 s: how many answered, and within 1 s.
+async fn probes(port: u16) -> (usize, usize) {
+    let mut times = Vec::new();
+    for _ in 0..25 {
+        times.push(tokio::spawn(probe(port, 5 * SEC)));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (mut answered, mut within_1s) = (0, 0);
+    for t in times {
+        if let Some(took) = t.await.unwrap() {
+            answered += 1;
+            within_1s += usize::from(took <= SEC);
+        }
+    }
+    (answered, within_1s)
+}
+
+/// 120 clients that each open a connection, send half a request head and, once the daemon
+/// closes it, open the next (for 20 s at most): the kubelet's probes keep being answered.
+/// Before, every slot was held by a half-sent request and every probe was closed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_answers_while_clients_keep_reopening_half_sent_requests() {
+    raise_own_open_file_limit();
+    let w = World::with_customers(&[ALICE]).await;
+    one_customer(&w, "");
+    let mut d = w.start();
+    d.wait_ready(20 * SEC).await;
+    let port = d.admin_port;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let opened = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..120 {
+        let (stop, opened) = (stop.clone(), opened.clone());
+        clients.push(tokio::spawn(async move {
+            let deadline = std::time::Instant::now() + 20 * SEC;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                let Some(mut s) = connect(port).await else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ").await.is_ok() {
+                    let _ = read_until_closed(&mut s, 10 * SEC).await;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(SEC).await;
+    let (answered, within_1s) = probes(port).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let opened = opened.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("120 clients reopening half-sent requests ({opened} connections): /healthz answered {answered} of 25 probes, {within_1s} within 1 s");
+    assert!(answered >= 20, "only {answered} of 25 probes answered within 5 s");
+    assert!(d.get("/healthz").await.is_some_and(|(s, _)| s == 200));
+    assert_eq!(d.stop().await.code(), Some(0));
+}
+
+/// A burst of 600 idle connections at an open-file limit of 256 (a cap of 64 slots): the
+/// probes that follow are answered, not closed while the idle ones wait out their timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_answers_after_a_burst_of_idle_connections_under_a_low_descriptor_limit() {
+    raise_own_open_file_limit();
+    let w = World::with_customers(&[ALICE]).await;
+    one_customer(&w, "");
+    let log = w.dir.path().join("daemon.log");
+    let mut d = w.start_with(|c| in_shell(c, "ulimit -n 256", &log, None));
+    d.wait_ready(20 * SEC).await;
+    let port = d.admin_port;
+
+    let mut idle = Vec::new();
+    for _ in 0..600 {
+        match connect(port).await {
+            Some(s) => idle.push(s),
+            None => break,
+        }
+    }
+    let (answered, within_1s) = probes(port).await;
+    eprintln!("a burst of {} idle connections at a limit of 256: /healthz answered {answered} of 25 probes, {within_1s} within 1 s", idle.len());
+    assert!(answered >= 20, "only {answered} of 25 probes answered within 5 s");
+    let logs = d.logs();
+    assert!(!logs.contains("Too many open files"), "descriptors ran out:\n{logs}");
+    drop(idle);
     assert_eq!(d.stop().await.code(), Some(0));
 }
 
