@@ -6,7 +6,7 @@
 //! | `GET /readyz`  | 200 `ready` when every customer has an unexpired token on disk; else 503 and the names that have none (startup and readiness probes) |
 //! | `GET /status`  | 200 JSON for people: per customer its state, expiry, last success, next refresh, failures in a row and last error; never a token or a password |
 //! | `GET /metrics` | Prometheus text format                                                       |
-//! | `POST /refresh/<name>` | for an app that got a 401: the customer's worker checks the token on disk now and, if Magento refuses it, logs in (under the lockout policy) and writes a new one, then answers 200 `{"name","replaced","expires_at"}`; 404 for an unknown name; 503 with the reason when no valid token can be had now. One check per customer per 10 s, shared by the asks that come meanwhile |
+//! | `POST /refresh/<name>` | for an app that got a 401: the customer's worker checks the token on disk now and, if Magento refuses it, logs in (under the lockout policy) and writes a new one, then answers 200 `{"name","replaced","expires_at"}`; 404 for an unknown name; 503 with the reason when no valid token can be had now; 403 with the reason for what a web page sends (an `Origin`, a `Host` that is not this daemon's: see below). One check per customer per 10 s, shared by the asks that come meanwhile |
 //!
 //! The port may face anyone who can reach it, so a connection costs little and never lasts:
 //!
