@@ -544,8 +544,10 @@ fn load_keeping(file: &Path, checks: Checks, keep: bool) -> Result<(Config, Read
         file: file.to_path_buf(),
         problems: vec![Problem { path: String::new(), message }],
     };
-    let (bytes, _) =
-        sink::read_regular(file, MAX_CONFIG_FILE, true).map_err(|e| fail(format!("the configuration file {e}")))?;
+    let (bytes, _) = sink::read_regular(file, MAX_CONFIG_FILE, true).map_err(|e| match e {
+        ReadError::Io(e) => fail(format!("cannot read the configuration file: {e}")),
+        refused => fail(format!("the configuration file {refused}")),
+    })?;
     let text =
         std::str::from_utf8(&bytes).map_err(|e| fail(format!("the configuration file is not UTF-8 text ({e})")))?;
     parse_keeping(text, checks, keep).map_err(|problems| ConfigError { file: file.to_path_buf(), problems })
