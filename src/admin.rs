@@ -6,7 +6,7 @@
 //! | `GET /readyz`  | 200 `ready` when every customer has an unexpired token on disk; else 503 and the names that have none (startup and readiness probes) |
 //! | `GET /status`  | 200 JSON for people: per customer its state, expiry, last success, next refresh, failures in a row and last error; never a token or a password |
 //! | `GET /metrics` | Prometheus text format                                                       |
-//! | `POST /refresh/<name>` | for an app that got a 401: the customer's worker checks the token on disk now and, if Magento refuses it, logs in (under the lockout policy) and writes a new one, then answers 200 `{"name","replaced","expires_at"}`; 404 for an unknown name; 503 with the reason when no valid token can be had now. One check per customer per 10 s, shared by the asks that come meanwhile |
+//! | `POST /refresh/<name>` | for an app that got a 401: the customer's worker checks the token on disk now and, if Magento refuses it, logs in (under the lockout policy) and writes a new one, then answers 200 `{"name","replaced","expires_at"}`; 404 for an unknown name; 503 with the reason when no valid token can be had now; 403 with the reason for what a web page sends (an `Origin`, a `Host` that is not this daemon's: see below). One check per customer per 10 s, shared by the asks that come meanwhile |
 //!
 //! The port may face anyone who can reach it, so a connection costs little and never lasts:
 //!
@@ -14,37 +14,51 @@
 //! |-------|-------|---------------|
 //! | [`HEADER_READ_TIMEOUT`] | 5 s | a request's head (line and headers) must arrive whole within 5 s of the wait for it starting: on a new connection and between keep-alive requests alike (hyper's header-read timer), so idle and half-sent connections are closed |
 //! | [`STALL_TIMEOUT`] | 10 s | a connection on which no byte moved either way for 10 s is dropped: a client that never reads its answers, or trickles a body |
-//! | [`MAX_CONNECTIONS`] | 64, at most a quarter of the open-file limit | connections beyond it are accepted and closed at once |
+//! | [`MAX_CONNECTIONS`] | 64, at most a quarter of the open-file limit | a new connection beyond it takes the slot of the oldest connection still waiting for a request head, which is closed; only when every connection is being answered is the new one closed at once |
 //! | [`MAX_BUF_SIZE`] | 16 KiB | the read buffer of one connection |
 //!
-//! Closing surplus connections at once, rather than leaving them queued in the kernel until a
-//! slot frees, is what keeps `/healthz` answering: queued idle connections would each be taken
-//! in turn and hold a slot for the header timeout, so a probe behind hundreds of them would
-//! wait many timeouts; closed at once, a probe waits at most one. The cap also leaves the
-//! process's descriptors to the logins (see [`connection_limit`]).
+//! Making room for the newest connection is what keeps `/healthz` answering. Clients that
+//! hold every slot with half-sent requests, and open a new one whenever one is closed, would
+//! otherwise take each slot the header timeout frees before a probe could, and every probe
+//! would be refused (the kubelet restarts a pod that fails its liveness probe). A probe sends
+//! its request as soon as it is connected and is answered at once: it is the newest, so
+//! dozens of newer connections would have to arrive in that instant to close it. The cap
+//! also leaves the process's descriptors to the logins (see [`connection_limit`]).
+//!
+//! Routes that act (`POST`) answer only what a program on the pod's network sends, not a web
+//! page in a browser on the same machine (which can send a `POST` to `127.0.0.1` from any
+//! site): a request with an `Origin` header, or whose `Host` is not a name of this daemon, is
+//! refused with 403 (see [`Addressed`]). `GET` routes change nothing and answer whatever the
+//! `Host`: the kubelet's probes and Prometheus name the pod's address, or whatever their
+//! configuration says.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
-use axum::extract::Path;
-use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use hyper::body::{Frame, SizeHint};
 use hyper::server::conn::http1;
+use hyper::service::Service as _;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -67,6 +81,77 @@ pub fn router(admin: Admin) -> Router {
         .route("/metrics", get(metrics))
         .route("/refresh/{name}", post(refresh))
         .with_state(admin)
+        .layer(middleware::from_fn_with_state(Arc::new(Addressed::from_env()), addressed_here))
+}
+
+/// The names a request to this daemon may carry in its `Host` (besides those every daemon
+/// has: see [`Addressed::allows`]): `POD_NAME` and `POD_IP` (the chart sets them from the
+/// downward API) and the host name, lower case.
+pub struct Addressed {
+    names: Vec<String>,
+}
+
+impl Addressed {
+    pub fn from_env() -> Addressed {
+        let host_name = rustix::system::uname().nodename().to_string_lossy().into_owned();
+        let names = ["POD_NAME", "POD_IP"].iter().filter_map(|var| std::env::var(var).ok()).chain([host_name]);
+        Addressed { names: names.map(|n| n.to_ascii_lowercase()).filter(|n| !n.is_empty()).collect() }
+    }
+
+    /// Why a request that acts must be refused, if it must: it has an `Origin` (only a
+    /// browser sends one, for a page's request; this server serves no page), or a `Host`
+    /// that is not a name of this daemon.
+    fn refusal(&self, headers: &HeaderMap) -> Option<String> {
+        if headers.contains_key(header::ORIGIN) {
+            return Some("refused: the request has an Origin header, so a web page sent it; ask without one (curl, an HTTP library)".into());
+        }
+        let mut hosts = headers.get_all(header::HOST).iter();
+        match (hosts.next(), hosts.next()) {
+            // HTTP/1.0 has no Host; a browser always sends one.
+            (None, _) => None,
+            (Some(host), None) if host.to_str().is_ok_and(|h| self.allows(h)) => None,
+            _ => Some(format!(
+                "refused: the Host header {:?} is not a name of this daemon; address it as 127.0.0.1, localhost, an IP address, the pod's name or a Service's in-cluster name (<service>, <service>.<namespace>.svc)",
+                headers.get(header::HOST).map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned()).unwrap_or_default()
+            )),
+        }
+    }
+
+    /// Whether `host` (`name[:port]`) names this daemon. A page that turns its own domain name
+    /// to 127.0.0.1 (DNS rebinding) still sends that name, so what passes is a name no such
+    /// page can have: an IP address (the listen address, loopback, the pod's, a Service's),
+    /// `localhost` (RFC 6761: never sent to DNS), one of this daemon's [names](Addressed),
+    /// a name of one label (a Service's, resolved through the pod's search list), or a
+    /// Service's name in the cluster (`.svc`, `.svc.cluster.local`: no public domain).
+    fn allows(&self, host: &str) -> bool {
+        let name = match host.strip_prefix('[') {
+            Some(v6) => return v6.split_once(']').is_some_and(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_ok()),
+            None => match host.rsplit_once(':') {
+                Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+                _ => host,
+            },
+        };
+        let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+        !name.is_empty()
+            && (name.parse::<IpAddr>().is_ok()
+                || name == "localhost"
+                || name.ends_with(".localhost")
+                || self.names.contains(&name)
+                || !name.contains('.')
+                || name.ends_with(".svc")
+                || name.ends_with(".svc.cluster.local"))
+    }
+}
+
+/// Requests that act (every method but `GET` and `HEAD`) must be addressed to this daemon by
+/// a program (module doc); the others pass untouched.
+async fn addressed_here(State(addressed): State<Arc<Addressed>>, request: Request, next: Next) -> Response {
+    if !matches!(*request.method(), Method::GET | Method::HEAD) {
+        if let Some(why) = addressed.refusal(request.headers()) {
+            return (StatusCode::FORBIDDEN, why).into_response();
+        }
+    }
+    next.run(request).await
 }
 
 /// The whole head of a request must arrive within this (module doc).
@@ -78,6 +163,9 @@ pub const STALL_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_CONNECTIONS: usize = 64;
 /// The read buffer of one connection (hyper's least is 8 KiB): the routes take no body.
 pub const MAX_BUF_SIZE: usize = 16 * 1024;
+/// How long a new connection waits for the slot of the connection closed to make room for it
+/// (the closed one's task must run once to let go of it).
+const ROOM_WITHIN: Duration = Duration::from_secs(1);
 
 /// The connections the admin server serves at once: [`MAX_CONNECTIONS`], but never more than
 /// a quarter of the soft open-file limit, so the logins and token files keep the rest.
@@ -104,7 +192,9 @@ pub async fn serve(
     let slots = Arc::new(Semaphore::new(connection_limit()));
     let stop = CancellationToken::new();
     let mut connections = JoinSet::new();
-    let mut refused = Refused::default();
+    // The connections served, oldest first.
+    let mut served: VecDeque<Served> = VecDeque::new();
+    let mut full = Full::default();
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -118,13 +208,24 @@ pub async fn serve(
             },
         };
         while connections.try_join_next().is_some() {}
-        match slots.clone().try_acquire_owned() {
-            Ok(slot) => {
-                connections.spawn(connection(stream, router.clone(), stop.clone(), slot));
+        served.retain(|c| !c.task.is_finished());
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => Some(slot),
+            Err(_) if make_room(&mut served) => {
+                full.made_room();
+                tokio::time::timeout(ROOM_WITHIN, slots.clone().acquire_owned()).await.ok().and_then(Result::ok)
             }
-            Err(_) => {
+            Err(_) => None,
+        };
+        match slot {
+            Some(slot) => {
+                let answering = Arc::new(AtomicUsize::new(0));
+                let task = connections.spawn(connection(stream, router.clone(), stop.clone(), slot, answering.clone()));
+                served.push_back(Served { task, answering });
+            }
+            None => {
                 drop(stream);
-                refused.count();
+                full.refused();
             }
         }
     }
@@ -134,16 +235,49 @@ pub async fn serve(
     Ok(())
 }
 
-/// One connection, until the client closes it, a limit of the module doc ends it, or `stop`
-/// (then a request in flight is answered first).
-async fn connection(stream: TcpStream, router: Router, stop: CancellationToken, _slot: OwnedSemaphorePermit) {
+/// A connection being served, as the accept loop sees it.
+struct Served {
+    task: AbortHandle,
+    /// The requests being answered on it (head read, answer not yet sent whole): none while
+    /// it waits for a request head or reads one.
+    answering: Arc<AtomicUsize>,
+}
+
+/// Closes the oldest connection that is answering no request (it waits for a request head,
+/// or reads one), to give its slot to a new one: whether there was one.
+fn make_room(served: &mut VecDeque<Served>) -> bool {
+    let Some(at) = served.iter().position(|c| c.answering.load(Ordering::Acquire) == 0) else {
+        return false;
+    };
+    if let Some(oldest) = served.remove(at) {
+        oldest.task.abort();
+    }
+    true
+}
+
+/// One connection, until the client closes it, a limit of the module doc ends it, `stop`
+/// (then a request in flight is answered first), or it is closed to make room (aborted).
+/// `answering` counts the requests it is answering.
+async fn connection(
+    stream: TcpStream,
+    router: Router,
+    stop: CancellationToken,
+    _slot: OwnedSemaphorePermit,
+    answering: Arc<AtomicUsize>,
+) {
     let _ = stream.set_nodelay(true);
     let io = TokioIo::new(Watched::new(stream));
+    let router = TowerToHyperService::new(router);
+    let service = hyper::service::service_fn(move |request| {
+        let held = Answering::begin(&answering);
+        let answer = router.call(request);
+        async move { answer.await.map(|response| response.map(|body| Held { body, _held: held })) }
+    });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(MAX_BUF_SIZE)
-        .serve_connection(io, TowerToHyperService::new(router));
+        .serve_connection(io, service);
     tokio::pin!(conn);
     let ended = tokio::select! {
         ended = conn.as_mut() => ended,
@@ -168,24 +302,76 @@ async fn accept_failed(e: io::Error) {
     tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
+/// One request being answered on a connection, from its head until its answer's body is sent
+/// whole (hyper drops the body then) or the connection ends.
+struct Answering(Arc<AtomicUsize>);
+
+impl Answering {
+    fn begin(count: &Arc<AtomicUsize>) -> Answering {
+        count.fetch_add(1, Ordering::AcqRel);
+        Answering(count.clone())
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// An answer's body, holding its request's [`Answering`] until it is sent.
+struct Held {
+    body: Body,
+    _held: Answering,
+}
+
+impl hyper::body::Body for Held {
+    type Data = <Body as hyper::body::Body>::Data;
+    type Error = <Body as hyper::body::Body>::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// Connections closed because every slot was taken: a WARN line at most once a minute.
 #[derive(Default)]
-struct Refused {
-    since_warned: u64,
+struct Full {
+    /// Closed to make room for a newer one while waiting for a request head.
+    made_room: u64,
+    /// New ones closed at once: every connection was being answered.
+    refused: u64,
     warned_at: Option<Instant>,
 }
 
-impl Refused {
-    fn count(&mut self) {
-        self.since_warned += 1;
+impl Full {
+    fn made_room(&mut self) {
+        self.made_room += 1;
+        self.warn();
+    }
+
+    fn refused(&mut self) {
+        self.refused += 1;
+        self.warn();
+    }
+
+    fn warn(&mut self) {
         if self.warned_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
             warn!(
-                refused = self.since_warned,
+                made_room = self.made_room,
+                refused = self.refused,
                 limit = connection_limit(),
-                "admin server: connections closed at once, every slot is taken (idle ones are closed after {}s)",
-                HEADER_READ_TIMEOUT.as_secs()
+                "admin server: every slot is taken: connections still waiting for a request head are closed to make room for new ones (made_room), and new ones are closed at once while every connection is answering a request (refused)"
             );
-            self.since_warned = 0;
+            (self.made_room, self.refused) = (0, 0);
             self.warned_at = Some(Instant::now());
         }
     }
@@ -398,6 +584,73 @@ mod tests {
         let rest = read_to_end(&mut idle).await;
         assert!(!rest.contains("HTTP/1.1"), "{rest:?}");
         tokio::time::timeout(Duration::from_secs(10), server).await.expect("serve returns").unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn room_is_made_by_closing_the_oldest_connection_answering_no_request() {
+        let mut tasks = JoinSet::new();
+        let mut served: VecDeque<Served> = [1, 0, 0]
+            .into_iter()
+            .map(|n| Served {
+                task: tasks.spawn(std::future::pending::<()>()),
+                answering: Arc::new(AtomicUsize::new(n)),
+            })
+            .collect();
+        let second = served[1].task.id();
+        assert!(make_room(&mut served));
+        let closed = tasks.join_next_with_id().await.unwrap().unwrap_err();
+        assert!(closed.is_cancelled() && closed.id() == second, "the oldest waiting for a head is closed");
+        assert_eq!(served.iter().map(|c| c.answering.load(Ordering::Acquire)).collect::<Vec<_>>(), [1, 0]);
+        served[1].answering.store(2, Ordering::Release);
+        assert!(!make_room(&mut served), "a connection answering a request is never closed for room");
+        assert_eq!(served.len(), 2);
+    }
+
+    #[test]
+    fn requests_that_act_must_name_this_daemon_as_host() {
+        let addressed = Addressed { names: vec!["sidecar-7f9c".into(), "web1.corp.example".into()] };
+        for host in [
+            "127.0.0.1:9102",
+            "127.0.0.2",
+            "[::1]:9102",
+            "10.244.1.17:9102",
+            "localhost:9102",
+            "LOCALHOST.",
+            "app.localhost",
+            "sidecar-7f9c",
+            "web1.corp.example:9102",
+            "magento-tokens:9102",
+            "magento-tokens.shop.svc",
+            "magento-tokens.shop.svc.cluster.local.:9102",
+        ] {
+            assert!(addressed.allows(host), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:9102",
+            "127.0.0.1.nip.io",
+            "localhost.evil.example",
+            "sidecar-7f9c.evil.example",
+            "svc.evil.example",
+            "magento-tokens.shop",
+            "[evil.example]:9102",
+            "",
+            ":9102",
+        ] {
+            assert!(!addressed.allows(host), "{host}");
+        }
+        let with = |pairs: &[(header::HeaderName, &str)]| {
+            let mut h = HeaderMap::new();
+            for (name, value) in pairs {
+                h.append(name.clone(), value.parse().unwrap());
+            }
+            addressed.refusal(&h)
+        };
+        assert_eq!(with(&[]), None, "HTTP/1.0: no Host");
+        assert_eq!(with(&[(header::HOST, "127.0.0.1:9102")]), None);
+        assert!(with(&[(header::HOST, "127.0.0.1:9102"), (header::ORIGIN, "null")]).unwrap().contains("Origin"));
+        let two = with(&[(header::HOST, "127.0.0.1"), (header::HOST, "evil.example")]).unwrap();
+        assert!(two.contains("Host"), "{two}");
     }
 
     #[test]

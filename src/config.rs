@@ -175,8 +175,11 @@ impl<'de> Deserialize<'de> for Dur {
     }
 }
 
-/// A file mode written as a quoted octal string. A bare number is refused: YAML reads `0600`
-/// as the decimal 600 or the octal 384 depending on the parser's YAML version.
+/// A file mode written as a quoted octal string of exactly four digits, `"0000"` to `"0777"`.
+/// A bare number is refused: YAML reads `0600` as the decimal 600 or the octal 384 depending on
+/// the parser's YAML version. So is any other spelling (`"+0600"`, `"600"`, `"0o600"`,
+/// `"00600"`): Rust's number parser takes a sign, and a reader of the file should see the mode
+/// exactly as `ls -l` and `chmod` show it.
 #[derive(Debug, Clone, Copy)]
 struct Mode(u32);
 
@@ -189,11 +192,11 @@ impl<'de> Deserialize<'de> for Mode {
                 f.write_str("a quoted octal string like \"0600\" (a bare number is misread by YAML)")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Mode, E> {
-                let digits = v.strip_prefix("0o").unwrap_or(v);
-                match u32::from_str_radix(digits, 8) {
-                    Ok(m) if !digits.is_empty() && m <= 0o777 => Ok(Mode(m)),
+                let four_digits = v.len() == 4 && v.starts_with('0') && v.bytes().all(|b| matches!(b, b'0'..=b'7'));
+                match u32::from_str_radix(v, 8) {
+                    Ok(m) if four_digits => Ok(Mode(m)),
                     _ => Err(E::custom(format_args!(
-                        "invalid mode {v:?}: expected an octal string between \"0000\" and \"0777\""
+                        "invalid mode {v:?}: write exactly four octal digits between \"0000\" and \"0777\", like \"0600\""
                     ))),
                 }
             }
@@ -511,7 +514,17 @@ pub enum Checks {
 // ---------------------------------------------------------------------------------------------
 // Loading
 
+/// The most read of a configuration file: a customer takes three lines (some 150 bytes), so
+/// this is room for over 25,000.
+pub const MAX_CONFIG_FILE: usize = 4 * 1024 * 1024;
+
 /// Reads, parses and validates a configuration file.
+///
+/// The file is read as a password file is ([`sink::read_regular`]): without blocking, a regular
+/// file of at most [`MAX_CONFIG_FILE`] bytes. A FIFO swapped in before a SIGHUP would otherwise
+/// stop the whole daemon (`/healthz` and SIGTERM included) waiting for a writer, and a device
+/// would be read until memory runs out. Symbolic links are followed: a ConfigMap's keys are
+/// mounted as links through `..data`.
 pub fn load(file: &Path, checks: Checks) -> Result<Config, ConfigError> {
     load_keeping(file, checks, false).map(|(config, _)| config)
 }
@@ -531,8 +544,13 @@ fn load_keeping(file: &Path, checks: Checks, keep: bool) -> Result<(Config, Read
         file: file.to_path_buf(),
         problems: vec![Problem { path: String::new(), message }],
     };
-    let text = std::fs::read_to_string(file).map_err(|e| fail(format!("cannot read the configuration file: {e}")))?;
-    parse_keeping(&text, checks, keep).map_err(|problems| ConfigError { file: file.to_path_buf(), problems })
+    let (bytes, _) = sink::read_regular(file, MAX_CONFIG_FILE, true).map_err(|e| match e {
+        ReadError::Io(e) => fail(format!("cannot read the configuration file: {e}")),
+        refused => fail(format!("the configuration file {refused}")),
+    })?;
+    let text =
+        std::str::from_utf8(&bytes).map_err(|e| fail(format!("the configuration file is not UTF-8 text ({e})")))?;
+    parse_keeping(text, checks, keep).map_err(|problems| ConfigError { file: file.to_path_buf(), problems })
 }
 
 /// Parses and validates a configuration from YAML text.
@@ -561,6 +579,15 @@ impl Config {
     pub fn warnings(&self) -> Vec<Problem> {
         use std::os::unix::fs::PermissionsExt;
         let mut warnings = Vec::new();
+        if self.output.kubernetes.is_none() && self.output.mode & 0o004 != 0 {
+            warnings.push(Problem {
+                path: "output.mode".into(),
+                message: format!(
+                    "\"{:04o}\" makes every token file readable by other users: anyone with a shell on this machine (or in this container) can read the tokens and act as the customers; use \"0600\" (or \"0640\" for readers in the file's group)",
+                    self.output.mode
+                ),
+            });
+        }
         if let Ok(meta) = std::fs::metadata(&self.output.dir) {
             let mode = meta.permissions().mode() & 0o7777;
             if mode & 0o002 != 0 {
@@ -723,6 +750,14 @@ fn check_output(v: &mut Validator, o: &RawOutput, checks: Checks) -> Option<kube
     let dir_ok = v.problems.len() == before;
 
     let mode = o.mode.0;
+    if mode & 0o444 == 0 {
+        v.problem(
+            "output.mode",
+            format!(
+                "\"{mode:04o}\" lets no one read the token files, the app included; use \"0600\" (or \"0640\" for readers in the file's group)"
+            ),
+        );
+    }
     if mode & 0o022 != 0 {
         v.problem(
             "output.mode",
@@ -1293,8 +1328,11 @@ customers:
         assert!(problems(&flow)[0].starts_with("output.mode: "));
         let quoted = MINIMAL.replace("output:\n  dir: /tmp", "output: {dir: /tmp, mode: \"0600\"}");
         assert_eq!(parse(&quoted, Checks::Static).unwrap().output.mode, 0o600);
-        let p = problems(&MINIMAL.replace("  dir: /tmp", "  dir: /tmp\n  mode: \"1777\""));
-        assert!(p[0].contains("between \"0000\" and \"0777\""), "{p:?}");
+        for odd in ["1777", "+0600", "600", "0o600", "00600", " 0600", "0600\n", "-600", "０６００"] {
+            let p = problems(&MINIMAL.replace("  dir: /tmp", &format!("  dir: /tmp\n  mode: {odd:?}")));
+            assert!(p[0].starts_with("output.mode: "), "{odd:?}: {p:?}");
+            assert!(p[0].contains("exactly four octal digits between \"0000\" and \"0777\""), "{odd:?}: {p:?}");
+        }
         let c = parse(&MINIMAL.replace("  dir: /tmp", "  dir: /tmp\n  mode: \"0640\""), Checks::Static).unwrap();
         assert_eq!(c.output.mode, 0o640);
     }
@@ -1302,14 +1340,34 @@ customers:
     #[test]
     fn modes_that_let_others_write_token_files_are_refused() {
         let with_mode = |mode: &str| MINIMAL.replace("  dir: /tmp", &format!("  dir: /tmp\n  mode: \"{mode}\""));
-        for bad in ["0666", "0620", "0602", "0660", "0o622", "0777"] {
+        for bad in ["0666", "0620", "0602", "0660", "0622", "0777"] {
             let p = problems(&with_mode(bad));
             assert_eq!(p.len(), 1, "{bad}: {p:?}");
             assert!(p[0].starts_with("output.mode: \"0"), "{bad}: {p:?}");
             assert!(p[0].contains("writable by its group or by others"), "{bad}: {p:?}");
         }
-        for good in ["0600", "0640", "0440", "0400", "0644", "0000"] {
+        for good in ["0600", "0640", "0440", "0400", "0644"] {
             assert!(parse(&with_mode(good), Checks::Static).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn modes_no_one_can_read_are_refused_and_others_reading_is_a_warning() {
+        let with_mode = |mode: &str| MINIMAL.replace("  dir: /tmp", &format!("  dir: /tmp\n  mode: \"{mode}\""));
+        for none in ["0000", "0200", "0100", "0300"] {
+            let p = problems(&with_mode(none));
+            assert_eq!(p, [format!("output.mode: \"{none}\" lets no one read the token files, the app included; use \"0600\" (or \"0640\" for readers in the file's group)")]);
+        }
+        for (mode, warned) in
+            [("0600", false), ("0640", false), ("0400", false), ("0644", true), ("0604", true), ("0444", true)]
+        {
+            let warnings: Vec<String> =
+                parse(&with_mode(mode), Checks::Static).unwrap().warnings().iter().map(|w| w.to_string()).collect();
+            let about_mode: Vec<&String> = warnings.iter().filter(|w| w.starts_with("output.mode: ")).collect();
+            assert_eq!(about_mode.len(), usize::from(warned), "{mode}: {warnings:?}");
+            if warned {
+                assert!(about_mode[0].contains(&format!("\"{mode}\" makes every token file readable by other users")));
+            }
         }
     }
 

@@ -5,7 +5,16 @@
 //!   under a low open-file limit the logins go on;
 //! - settings that make token files writable by others are refused, an output directory others
 //!   can write to is warned about (item 8);
-//! - the running daemon can never dump core, whatever limit it was started with (item 11).
+//! - the running daemon can never dump core, whatever limit it was started with (item 11);
+//!
+//! and of issue 19, items 8 to 10:
+//!
+//! - token modes others can read are warned about, and a mode that is not four octal digits or
+//!   lets no one read is refused (item 8);
+//! - `/healthz` answers while clients keep every admin slot busy with half-sent requests, or a
+//!   burst of idle connections fills them under a low open-file limit (item 9);
+//! - `POST /refresh` refuses what a browser's page sends (an `Origin`, a `Host` that is not the
+//!   daemon's), while the probes and scrapes answer whatever `Host` they name (item 10).
 
 mod common;
 
@@ -352,4 +361,243 @@ async fn the_daemon_never_leaves_a_core_dump() {
     let cores: Vec<String> =
         listing(&dir).difference(&before).filter(|n| n.starts_with(prefix.as_str())).cloned().collect();
     assert!(cores.is_empty(), "core files left in {}: {cores:?}", dir.display());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 19, item 8. Token modes others can read, and modes that are no mode
+
+/// `check` and `run` on `mode` (written quoted): (exit code, stderr of `check`).
+async fn check_mode(w: &World, good: &str, mode: &str) -> (i32, String) {
+    w.write_config(&good.replace("  dir:", &format!("  mode: \"{mode}\"\n  dir:")));
+    let config = w.config_path().to_str().unwrap().to_owned();
+    let (code, _, err) =
+        tokio::task::spawn_blocking(move || run_to_end(&["check", "--config", &config])).await.unwrap();
+    (code, err)
+}
+
+/// `"0644"` and `"0604"` are warned about by `check` (exit 0) and by a WARN line at start;
+/// `"0000"`, `"0200"` (no one could read the token) and anything but four octal digits
+/// (`"+0600"`, `"600"`, `"0o600"`, `"00600"`, `" 0600"`) are refused, naming `output.mode`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_modes_others_can_read_are_warned_about_and_non_modes_refused() {
+    let w = World::with_customers(&[ALICE]).await;
+    let good = w.config_text(&[(ALICE.0, ALICE.1)], "", "");
+    for mode in ["0644", "0604"] {
+        let (code, err) = check_mode(&w, &good, mode).await;
+        assert_eq!(code, 0, "a warning, not a refusal: {mode}: {err}");
+        let expect = format!("warning: output.mode: \"{mode}\" makes every token file readable by other users");
+        assert!(err.contains(&expect), "{mode}: {err}");
+    }
+    for mode in ["0600", "0640", "0440"] {
+        let (code, err) = check_mode(&w, &good, mode).await;
+        assert_eq!(code, 0, "{mode}: {err}");
+        assert!(!err.contains("warning"), "no warning for {mode}: {err}");
+    }
+    for mode in ["0000", "0200"] {
+        let (code, err) = check_mode(&w, &good, mode).await;
+        assert_eq!(code, 2, "{mode}: {err}");
+        assert!(err.contains(&format!("output.mode: \"{mode}\" lets no one read the token files")), "{mode}: {err}");
+    }
+    for mode in ["+0600", "600", "0o600", "00600", " 0600", "0600 ", "-600", "06OO", "4600"] {
+        let (code, err) = check_mode(&w, &good, mode).await;
+        assert_eq!(code, 2, "{mode:?}: {err}");
+        assert!(err.contains("output.mode") && err.contains("exactly four octal digits"), "{mode:?}: {err}");
+    }
+
+    w.write_config(&good.replace("  dir:", "  mode: \"0644\"\n  dir:"));
+    let mut d = w.start();
+    d.wait_ready(20 * SEC).await;
+    let logs = d.logs();
+    let line = logs.lines().find(|l| l.contains("output.mode") && l.contains("readable by other users"));
+    assert!(line.is_some_and(|l| l.contains("\"level\":\"WARN\"")), "no WARN line about output.mode:\n{logs}");
+    assert_eq!(d.stop().await.code(), Some(0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 19, item 9. Admin slots held by clients that never finish a request
+
+/// One probe as the kubelet makes it: a new connection, `GET /healthz`, at most `limit`.
+/// The time it took, or `None` when it got no `200 ok`.
+async fn probe(port: u16, limit: Duration) -> Option<Duration> {
+    let start = std::time::Instant::now();
+    let answered = tokio::time::timeout(limit, async {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 10.244.1.17:9102\r\nConnection: close\r\n\r\n").await.ok()?;
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.ok()?;
+        (got.starts_with(b"HTTP/1.1 200") && got.ends_with(b"ok")).then_some(())
+    })
+    .await;
+    matches!(answered, Ok(Some(()))).then(|| start.elapsed())
+}
+
+/// 25 probes, one every 200 ms, each given 5 s: how many answered, and within 1 s.
+async fn probes(port: u16) -> (usize, usize) {
+    let mut times = Vec::new();
+    for _ in 0..25 {
+        times.push(tokio::spawn(probe(port, 5 * SEC)));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (mut answered, mut within_1s) = (0, 0);
+    for t in times {
+        if let Some(took) = t.await.unwrap() {
+            answered += 1;
+            within_1s += usize::from(took <= SEC);
+        }
+    }
+    (answered, within_1s)
+}
+
+/// 120 clients that each open a connection, send half a request head and, once the daemon
+/// closes it, open the next (for 20 s at most): the kubelet's probes keep being answered.
+/// Before, every slot was held by a half-sent request and every probe was closed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_answers_while_clients_keep_reopening_half_sent_requests() {
+    raise_own_open_file_limit();
+    let w = World::with_customers(&[ALICE]).await;
+    one_customer(&w, "");
+    let mut d = w.start();
+    d.wait_ready(20 * SEC).await;
+    let port = d.admin_port;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let opened = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..120 {
+        let (stop, opened) = (stop.clone(), opened.clone());
+        clients.push(tokio::spawn(async move {
+            let deadline = std::time::Instant::now() + 20 * SEC;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                let Some(mut s) = connect(port).await else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ").await.is_ok() {
+                    let _ = read_until_closed(&mut s, 10 * SEC).await;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(SEC).await;
+    let (answered, within_1s) = probes(port).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let opened = opened.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("120 clients reopening half-sent requests ({opened} connections): /healthz answered {answered} of 25 probes, {within_1s} within 1 s");
+    assert!(answered >= 20, "only {answered} of 25 probes answered within 5 s");
+    assert!(d.get("/healthz").await.is_some_and(|(s, _)| s == 200));
+    assert_eq!(d.stop().await.code(), Some(0));
+}
+
+/// A burst of 600 idle connections at an open-file limit of 256 (a cap of 64 slots): the
+/// probes that follow are answered, not closed while the idle ones wait out their timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_answers_after_a_burst_of_idle_connections_under_a_low_descriptor_limit() {
+    raise_own_open_file_limit();
+    let w = World::with_customers(&[ALICE]).await;
+    one_customer(&w, "");
+    let log = w.dir.path().join("daemon.log");
+    let mut d = w.start_with(|c| in_shell(c, "ulimit -n 256", &log, None));
+    d.wait_ready(20 * SEC).await;
+    let port = d.admin_port;
+
+    let mut idle = Vec::new();
+    for _ in 0..600 {
+        match connect(port).await {
+            Some(s) => idle.push(s),
+            None => break,
+        }
+    }
+    let (answered, within_1s) = probes(port).await;
+    eprintln!("a burst of {} idle connections at a limit of 256: /healthz answered {answered} of 25 probes, {within_1s} within 1 s", idle.len());
+    assert!(answered >= 20, "only {answered} of 25 probes answered within 5 s");
+    let logs = d.logs();
+    assert!(!logs.contains("Too many open files"), "descriptors ran out:\n{logs}");
+    drop(idle);
+    assert_eq!(d.stop().await.code(), Some(0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 19, item 10. Requests a browser's page sends
+
+/// One request on a connection of its own: the status code and the body.
+async fn request(port: u16, method: &str, route: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut s = connect(port).await.expect("connect");
+    let mut head = format!("{method} {route} HTTP/1.1\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("Content-Length: 0\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    let got = read_until_closed(&mut s, 15 * SEC).await.expect("an answer within 15 s");
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let code = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (code, body)
+}
+
+/// `POST /refresh` with an `Origin` (any: the admin server serves no page) or a `Host` that is
+/// not the daemon's own is refused with 403 and a reason, and nothing reaches Magento; the
+/// names the daemon goes by (loopback, `localhost`, `POD_NAME`, `POD_IP`, any address, a
+/// Service's in-cluster name) are served. `GET` routes answer whatever the `Host`: the
+/// kubelet and Prometheus name the pod's address, or whatever their configuration says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_refresh_refuses_browsers_and_foreign_hosts_while_probes_answer_any_host() {
+    let w = World::with_customers(&[ALICE]).await;
+    one_customer(&w, "");
+    let mut d = w.start_with(|c| {
+        c.env("POD_NAME", "sidecar-7f9c").env("POD_IP", "10.244.1.17");
+    });
+    d.wait_ready(20 * SEC).await;
+    let port = d.admin_port;
+    let here = format!("127.0.0.1:{port}");
+    let requests_before = w.server.requests().len();
+
+    for (host, origin, why) in [
+        (here.as_str(), Some("https://evil.example"), "Origin"),
+        (here.as_str(), Some("null"), "Origin"),
+        (here.as_str(), Some(&format!("http://{here}")[..]), "Origin"),
+        ("evil.example:9102", None, "Host"),
+        ("127.0.0.1.evil.example", None, "Host"),
+        ("localhost.evil.example:9102", None, "Host"),
+        ("sidecar-7f9c.evil.example", None, "Host"),
+        ("magento-tokens.shop", None, "Host"),
+    ] {
+        let mut headers = vec![("Host", host)];
+        headers.extend(origin.map(|o| ("Origin", o)));
+        for route in ["/refresh/alice", "/refresh/nobody"] {
+            let (code, body) = request(port, "POST", route, &headers).await;
+            assert_eq!(code, 403, "POST {route} Host {host} Origin {origin:?}: {body}");
+            assert!(body.contains(why), "POST {route} Host {host} Origin {origin:?}: {body}");
+        }
+    }
+    assert_eq!(w.server.requests().len(), requests_before, "a refused request reached Magento");
+
+    for host in [
+        here.clone(),
+        format!("localhost:{port}"),
+        format!("[::1]:{port}"),
+        "10.244.1.17:9102".into(),
+        "sidecar-7f9c:9102".into(),
+        "SIDECAR-7F9C".into(),
+        "10.96.0.12".into(),
+        "magento-tokens".into(),
+        "magento-tokens.shop.svc:9102".into(),
+        "magento-tokens.shop.svc.cluster.local:9102".into(),
+    ] {
+        let (code, body) = request(port, "POST", "/refresh/alice", &[("Host", &host)]).await;
+        assert_eq!(code, 200, "POST with Host {host}: {body}");
+        assert!(body.contains("\"replaced\":false"), "{host}: {body}");
+    }
+
+    for route in ["/healthz", "/readyz", "/metrics", "/status"] {
+        for host in ["10.244.1.17:9102", "10.0.0.99:9102", "metrics.example.com:9102"] {
+            let (code, body) = request(port, "GET", route, &[("Host", host)]).await;
+            assert_eq!(code, 200, "GET {route} Host {host}: {body}");
+        }
+    }
+    assert_eq!(d.stop().await.code(), Some(0));
 }

@@ -1,7 +1,8 @@
 //! The local files the daemon reads and writes, as an attacker or a careless operator leaves
 //! them (issue 14, items 3, 4, 6, 7 and 9): FIFOs and devices where a password, a token or a
 //! ledger is expected, files of a gigabyte, symbolic links planted at the token path, a token
-//! file someone else put there, and two daemons on one directory.
+//! file someone else put there, and two daemons on one directory; and the configuration file
+//! itself as a FIFO, a device or a huge file, at start and at a reload (issue 19, item 7).
 //!
 //! Every child runs under an address-space limit (`ulimit -v`) and every wait is bounded, with
 //! the child killed on expiry: a regression that reads a device whole or blocks on a FIFO fails
@@ -502,4 +503,87 @@ async fn a_reload_into_a_directory_in_use_is_refused() {
     assert_eq!(d.stop().await.code(), Some(0));
     assert_eq!(other.stop().await.code(), Some(0));
     assert_hidden("the logs", &d.logs(), &secrets(&[ALICE.2, &token]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 19, item 7. The configuration file itself
+
+/// `check`, `run` and `once` on a configuration file that is a FIFO, /dev/zero or a file of
+/// 5 MiB end at once, exit 2, naming the file and what is wrong; a configuration mounted as
+/// a ConfigMap mounts it (a link to `..data/<key>`, `..data` a link to a directory) is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configuration_file_that_is_no_regular_file_is_refused_at_once() {
+    let w = World::with_customers(&[ALICE]).await;
+    let good = w.config_text(&[(ALICE.0, ALICE.1)], "", "");
+    let fifo = w.dir.path().join("fifo.yaml");
+    mkfifo(&fifo);
+    let huge = w.dir.path().join("huge.yaml");
+    std::fs::File::create(&huge).unwrap().set_len(5 << 20).unwrap();
+    let cases = [
+        (fifo.clone(), "is a FIFO, not a regular file", &["check", "run", "once"][..]),
+        (PathBuf::from("/dev/zero"), "is a character device, not a regular file", &["check", "run"][..]),
+        (huge.clone(), "is larger than 4 MiB, the most it may hold", &["check"][..]),
+    ];
+    for (file, why, commands) in cases {
+        let config = file.display().to_string();
+        for command in commands {
+            let (code, _, err) = run_bounded(w.dir.path(), &[command, "--config", &config], 20 * SEC).await;
+            assert_eq!(code, Some(2), "{command} {config} (None: it hung, or died of the memory limit): {err}");
+            let expect = format!("{config}: 1 problem\n  the configuration file {why}");
+            assert!(err.contains(&expect), "{command} {config}: {err}");
+        }
+    }
+
+    let mount = w.dir.path().join("configmap");
+    std::fs::create_dir_all(mount.join("..2026_01_01_00_00_00.1")).unwrap();
+    std::fs::write(mount.join("..2026_01_01_00_00_00.1/config.yaml"), good).unwrap();
+    std::os::unix::fs::symlink("..2026_01_01_00_00_00.1", mount.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/config.yaml", mount.join("config.yaml")).unwrap();
+    let config = mount.join("config.yaml").display().to_string();
+    let (code, out, err) = run_bounded(w.dir.path(), &["check", "--config", &config], 20 * SEC).await;
+    assert_eq!(code, Some(0), "a ConfigMap's link chain is followed: {err}");
+    assert!(out.contains(": ok"), "{out}");
+    assert!(w.server.requests().is_empty(), "no request");
+}
+
+/// The configuration file swapped for a FIFO, then for a link to /dev/zero, before a SIGHUP:
+/// each reload is refused and counted, the error names what is wrong, `/healthz` answers, the
+/// memory stays small; a good file is then reloaded, and SIGTERM stops the daemon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configuration_file_swapped_for_a_fifo_or_a_device_is_a_refused_reload() {
+    let w = World::with_customers(&[ALICE]).await;
+    let good = w.config_text(&[(ALICE.0, ALICE.1)], "", "");
+    w.write_config(&good);
+    let config = w.config_path();
+    let mut d = start_limited(&config, &w.dir.path().join("daemon.log"), w.admin_port);
+    d.wait_ready(15 * SEC).await;
+    let before = d.peak_rss_kib().unwrap();
+    let failures = "magento_token_config_reloads_total{result=\"failure\"}";
+
+    for (n, (make, why)) in [
+        (Box::new(|p: &Path| mkfifo(p)) as Box<dyn FnOnce(&Path)>, "is a FIFO, not a regular file"),
+        (
+            Box::new(|p: &Path| std::os::unix::fs::symlink("/dev/zero", p).unwrap()),
+            "is a character device, not a regular file",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        swap_in(&config, make);
+        d.signal("HUP");
+        d.wait_metric(failures, (n + 1) as f64, 10 * SEC).await;
+        healthz_ok(&d).await;
+        let logs = d.logs();
+        let line = logs.lines().find(|l| l.contains("configuration reload failed") && l.contains(why));
+        assert!(line.is_some(), "no error line saying the file {why}:\n{logs}");
+    }
+    let peak = d.peak_rss_kib().unwrap();
+    eprintln!("peak RSS: {before} KiB before, {peak} KiB after reloads from a FIFO and /dev/zero");
+    assert!(peak < PEAK_RSS_KIB, "the daemon's peak memory reached {peak} KiB");
+
+    swap_in(&config, |p| std::fs::write(p, &good).unwrap());
+    d.signal("HUP");
+    d.wait_metric("magento_token_config_reloads_total{result=\"success\"}", 1.0, 10 * SEC).await;
+    assert_eq!(d.stop().await.code(), Some(0));
 }
