@@ -425,3 +425,102 @@ async fn a_deleted_secret_is_created_again_at_the_next_write() {
     assert_eq!(creates, 2, "created at the first write and again after the deletion");
     assert_eq!(r.stop().await.code(), Some(0));
 }
+
+/// The Secret `magento-tokens` as an operator or a former holder left it: `data` as given (raw
+/// bytes, base64-encoded here) and the times annotation as given.
+fn stored_secret(data: &[(&str, &[u8])], times: Option<&str>) -> serde_json::Value {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let data: serde_json::Map<String, serde_json::Value> =
+        data.iter().map(|(k, v)| (k.to_string(), serde_json::json!(b64.encode(v)))).collect();
+    let mut secret = serde_json::json!({"metadata": {"name": SECRET}, "data": data});
+    if let Some(times) = times {
+        secret["metadata"]["annotations"] = serde_json::json!({"magento-token-sidecar/times": times});
+    }
+    secret
+}
+
+/// The times annotation of one key whose token expires an hour from now.
+fn an_hour_left(key: &str) -> String {
+    let now = std::time::SystemTime::now();
+    let at = |t: std::time::SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+    format!(
+        r#"{{"{key}":{{"obtained_at":"{}","expires_at":"{}"}}}}"#,
+        at(now - Duration::from_secs(60)),
+        at(now + Duration::from_secs(3600))
+    )
+}
+
+/// Waits until the stand-in has answered `n` more gets of `resource` than `since`.
+async fn wait_gets(d: &Deployment, resource: &str, since: usize, n: usize, limit: Duration) -> usize {
+    let gets = || d.api.requests().iter().filter(|r| r.resource == resource && r.verb == "get").count();
+    wait_for(limit, &format!("{n} more gets of {resource}"), || async { Some(gets()).filter(|g| *g >= since + n) })
+        .await
+}
+
+/// A Secret answered with `data` as it is plus one field of the wrong type (holding the base64
+/// of a token): kube-rs would log the whole answer, tokens included, and its error names the
+/// value. The daemon takes it as an API error, logs neither the answer nor any part of it, and
+/// carries on: once the answers are sound again it reads the Secret and writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_answer_with_a_field_of_the_wrong_type_is_an_api_error_and_never_logged() {
+    use base64::Engine as _;
+    let b64 = |t: &str| base64::engine::general_purpose::STANDARD.encode(t);
+    let d = Deployment::new(DevServerOptions::default(), &[ALICE]).await;
+    let (kept, other) = ("q3w8e7r6t5y4u3i2o1p0asdfghjklzxcvbnm", "Zx9Yw8Vu7Ts6Rq5Po4Nm3Lk2Ji1Hg0Fe");
+    d.api.put_object("secrets", NS, stored_secret(&[("alice", kept.as_bytes())], None));
+    let mut answer = d.api.object("secrets", NS, SECRET).unwrap();
+    answer["immutable"] = serde_json::json!(b64(other));
+    d.api.answer_gets("secrets", Some(kubeapi::Hostile::Json(axum::http::StatusCode::OK, answer)));
+    let mut r = d.replica("r1", &[(ALICE.0, ALICE.1)], "");
+    d.wait_holder(None, 20 * SEC).await;
+    wait_gets(&d, "secrets", 0, 2, 20 * SEC).await;
+    let secrets: Vec<String> = [kept, other].iter().flat_map(|t| [t.to_string(), b64(t)]).collect();
+    let logs = r.logs();
+    assert_hidden("the log", &logs, &secrets);
+    assert!(logs.contains("holding the Lease, but cannot read the Secret"), "{logs}");
+    assert!(logs.contains("the API server's answer is not a secret ("), "{logs}");
+    let error = "magento_token_kubernetes_requests_total{resource=\"secret\",result=\"error\",verb=\"get\"}";
+    assert!(r.metric(error).await.is_some_and(|n| n >= 2.0), "{}", r.get("/metrics").await.unwrap().1);
+    assert_eq!(d.w.server.login_attempts(ALICE.1), 0, "nothing sent while the Secret cannot be read");
+    // Sound answers again: the holder reads the Secret and goes on.
+    d.api.answer_gets("secrets", None);
+    let written = d.wait_token("alice", Some(kept), 20 * SEC).await;
+    assert_eq!(d.w.server.check_token(&written).as_deref(), Some(ALICE.1));
+    r.assert_secrets_hidden(&secrets).await;
+    assert_eq!(r.stop().await.code(), Some(0));
+}
+
+/// A Secret answer of 200 MiB (made on the fly by the stand-in), sent chunked, then with its
+/// length declared: at most 3 MiB of it is read, the rest never; it is an API error that names
+/// the limit and shows none of the answer, and the replica's peak memory stays far from the
+/// answer's size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_secret_answer_is_cut_short_and_never_held() {
+    let d = Deployment::new(DevServerOptions::default(), &[ALICE]).await;
+    let mut r = None;
+    for declared in [false, true] {
+        d.api.answer_gets("secrets", Some(kubeapi::Hostile::Endless { bytes: 200 << 20, declared }));
+        let gets = d.api.requests().iter().filter(|q| q.resource == "secrets" && q.verb == "get").count();
+        let r = r.get_or_insert_with(|| d.replica("r1", &[(ALICE.0, ALICE.1)], ""));
+        // (Bounded, but not fatal: today's main takes longer to swallow 200 MiB each time.)
+        let _ = tokio::time::timeout(40 * SEC, wait_gets(&d, "secrets", gets, 3, 40 * SEC)).await;
+        let (status, _) = r.get("/healthz").await.expect("/healthz answers");
+        assert_eq!(status, 200);
+    }
+    let mut r = r.unwrap();
+    let peak = r.peak_rss_kib().expect("VmHWM");
+    println!("peak RSS after 200 MiB Secret answers, chunked and declared: {peak} KiB");
+    let logs = r.logs();
+    assert!(logs.contains("is larger than 3 MiB: not read"), "{}", logs.chars().take(4000).collect::<String>());
+    assert!(
+        logs.contains("is larger than 3 MiB, 199.9 MiB declared: not read"),
+        "{}",
+        logs.lines().filter(|l| l.contains("larger")).last().unwrap_or("")
+    );
+    assert!(!logs.contains("AAAAAAAAAAAAAAAA"), "a piece of the answer in the log");
+    assert!(logs.len() < 1 << 20, "{} bytes of log", logs.len());
+    assert!(peak < 100 * 1024, "peak RSS {peak} KiB");
+    assert_eq!(d.w.server.login_attempts(ALICE.1), 0, "nothing sent while the Secret cannot be read");
+    assert_eq!(r.stop().await.code(), Some(0));
+}

@@ -84,7 +84,8 @@ impl Contents {
         let annotations = secret.metadata.annotations.clone().unwrap_or_default();
         let parse = |name: &str| -> Option<&String> { annotations.get(name) };
         let times = parse(TIMES)
-            .and_then(|text| serde_json::from_str(text).map_err(|e| warn!(annotation = TIMES, error = %e, "ignoring an annotation of the Secret that does not parse")).ok())
+            // (serde's own text of the error would show the value it refused.)
+            .and_then(|text| serde_json::from_str(text).map_err(|e| warn!(annotation = TIMES, error = %super::api::Malformed::new(&e), "ignoring an annotation of the Secret that does not parse")).ok())
             .unwrap_or_default();
         let ledgers = parse(LEDGER)
             .and_then(|text| serde_json::from_str(text).map_err(|e| warn!(annotation = LEDGER, error = %e, "ignoring an annotation of the Secret that does not parse")).ok())
