@@ -524,3 +524,26 @@ async fn an_endless_secret_answer_is_cut_short_and_never_held() {
     assert_eq!(d.w.server.login_attempts(ALICE.1), 0, "nothing sent while the Secret cannot be read");
     assert_eq!(r.stop().await.code(), Some(0));
 }
+
+/// A Lease whose leaseTransitions is already i32::MAX, held by a replica that is gone: the
+/// take-over does not wrap to a negative count (which the API server refuses with 422, so that
+/// no replica would ever hold it); the count stays at its most and a replica holds the Lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_at_the_most_transitions_is_still_taken_over() {
+    let d = Deployment::new(DevServerOptions::default(), &[ALICE]).await;
+    let long_ago = "2020-01-01T00:00:00.000000Z";
+    d.api.put_object(
+        "leases",
+        NS,
+        serde_json::json!({"metadata": {"name": SECRET}, "spec": {"holderIdentity": "gone", "leaseDurationSeconds": 3,
+            "acquireTime": long_ago, "renewTime": long_ago, "leaseTransitions": i32::MAX}}),
+    );
+    let mut r = d.replica("r1", &[(ALICE.0, ALICE.1)], "");
+    assert_eq!(d.wait_holder(Some("gone"), 20 * SEC).await, "r1");
+    let lease = d.api.object("leases", NS, SECRET).unwrap();
+    assert_eq!(lease["spec"]["leaseTransitions"], i32::MAX);
+    d.wait_token("alice", None, 20 * SEC).await;
+    let refused = d.api.requests().iter().filter(|q| q.resource == "leases" && q.status == 422).count();
+    assert_eq!(refused, 0, "a take-over refused by the API server");
+    assert_eq!(r.stop().await.code(), Some(0));
+}
