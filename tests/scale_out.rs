@@ -547,3 +547,77 @@ async fn a_lease_at_the_most_transitions_is_still_taken_over() {
     assert_eq!(refused, 0, "a take-over refused by the API server");
     assert_eq!(r.stop().await.code(), Some(0));
 }
+
+/// A standby is ready only when the Secret's data holds a token of a token's form for each
+/// customer, with its times: not on the times annotation alone, nor on data that is not a token;
+/// and it stops being ready when the token is gone from the Secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_is_ready_only_on_tokens_in_the_secret_not_on_its_annotation() {
+    let d = Deployment::new(DevServerOptions::default(), &[ALICE]).await;
+    // Held by a replica that renews it (as far as this one can tell) for the whole test.
+    let now = humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string();
+    d.api.put_object(
+        "leases",
+        NS,
+        serde_json::json!({"metadata": {"name": SECRET}, "spec": {"holderIdentity": "other",
+            "leaseDurationSeconds": 3600, "acquireTime": now, "renewTime": now, "leaseTransitions": 0}}),
+    );
+    let times = an_hour_left("alice");
+    let cases: [(&[(&str, &[u8])], u16, &str); 4] = [
+        (&[], 503, "the times annotation and no data"),
+        (&[("alice", b"not a token!")], 503, "data that is not a token"),
+        (&[("alice", b"q3w8e7r6t5y4u3i2o1p0asdfghjklzxcvbnm")], 200, "a token with its times"),
+        (&[], 503, "the token gone again"),
+    ];
+    let mut r = None;
+    for (data, want, case) in cases {
+        d.api.put_object("secrets", NS, stored_secret(data, Some(&times)));
+        let gets = d.api.requests().iter().filter(|q| q.resource == "secrets" && q.verb == "get").count();
+        let r = r.get_or_insert_with(|| d.replica("r1", &[(ALICE.0, ALICE.1)], ""));
+        // The second read starts only once the first one's result is on the board.
+        wait_gets(&d, "secrets", gets, 2, 20 * SEC).await;
+        let (status, body) = r.get("/readyz").await.expect("/readyz answers");
+        assert_eq!(status, want, "{case}: {body}");
+        if want == 503 {
+            assert!(body.contains("alice"), "{case}: {body}");
+        }
+    }
+    let mut r = r.unwrap();
+    assert_eq!(d.holder().as_deref(), Some("other"));
+    assert_eq!(d.w.server.login_attempts(ALICE.1), 0);
+    assert_eq!(r.stop().await.code(), Some(0));
+}
+
+/// A replica that read the Secret as a standby, then took the Lease over and cannot log in (a
+/// wrong password), is not ready when the Secret held only the times annotation, or data that is
+/// not a token: nothing in it was ever a valid token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_that_cannot_log_in_is_not_ready_on_the_annotation_alone() {
+    let d = Deployment::new(DevServerOptions::default(), &[ALICE, BOB]).await;
+    // Held by a replica that is gone: taken over after one lease of standing by.
+    let now = humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string();
+    d.api.put_object(
+        "leases",
+        NS,
+        serde_json::json!({"metadata": {"name": SECRET}, "spec": {"holderIdentity": "gone",
+            "leaseDurationSeconds": 3, "acquireTime": now, "renewTime": now, "leaseTransitions": 0}}),
+    );
+    d.w.set_password(ALICE.0, "wrong-password");
+    d.w.set_password(BOB.0, "wrong-password");
+    let times = format!(
+        "{{{},{}}}",
+        an_hour_left("alice").trim_matches(['{', '}']),
+        an_hour_left("bob").trim_matches(['{', '}'])
+    );
+    d.api.put_object("secrets", NS, stored_secret(&[("bob", b"forged token!")], Some(&times)));
+    let mut r = d.replica("r1", &[(ALICE.0, ALICE.1), (BOB.0, BOB.1)], "");
+    assert_eq!(d.wait_holder(Some("gone"), 20 * SEC).await, "r1");
+    for who in [ALICE, BOB] {
+        r.wait_metric(&refreshes(who.0, "auth_failure"), 1.0, 20 * SEC).await;
+    }
+    let (status, body) = r.get("/readyz").await.expect("/readyz answers");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("alice") && body.contains("bob"), "{body}");
+    assert_eq!(d.holder().as_deref(), Some("r1"));
+    assert_eq!(r.stop().await.code(), Some(0));
+}
