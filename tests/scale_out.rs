@@ -621,3 +621,28 @@ async fn a_holder_that_cannot_log_in_is_not_ready_on_the_annotation_alone() {
     assert_eq!(d.holder().as_deref(), Some("r1"));
     assert_eq!(r.stop().await.code(), Some(0));
 }
+
+/// A holder that lost the API (it cannot renew the Lease, which still names it) answers POST
+/// /refresh with 503 saying it cannot write now, not sending the caller to itself as the holder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_that_lost_the_api_does_not_name_itself_as_the_holder_to_ask() {
+    let d = Deployment::new(DevServerOptions::default(), &[ALICE]).await;
+    let mut r = d.replica("r1", &[(ALICE.0, ALICE.1)], "");
+    d.wait_token("alice", None, 20 * SEC).await;
+    r.wait_metric("magento_token_leader", 1.0, 10 * SEC).await;
+    d.api.set_unavailable(true);
+    r.wait_metric("magento_token_leader", 0.0, 20 * SEC).await;
+    // (Its workers stop once the deadline passed; the Lease still names it.)
+    let asked = wait_for(20 * SEC, "a 503 to POST /refresh", || async {
+        let asked = reqwest::Client::new().post(r.url("/refresh/alice")).send().await.ok()?;
+        (asked.status().as_u16() == 503).then_some(())?;
+        asked.text().await.ok().filter(|b| b.contains("Lease"))
+    })
+    .await;
+    assert!(asked.contains("this replica (r1) held the Lease shop/magento-tokens but cannot renew it now"), "{asked}");
+    assert!(!asked.contains("the holder of the Lease"), "{asked}");
+    let status: serde_json::Value = serde_json::from_str(&r.get("/status").await.unwrap().1).unwrap();
+    assert_eq!(status["leader"]["leading"], false);
+    d.api.set_unavailable(false);
+    assert_eq!(r.stop().await.code(), Some(0));
+}
