@@ -522,6 +522,14 @@ async fn an_endless_secret_answer_is_cut_short_and_never_held() {
     assert!(logs.len() < 1 << 20, "{} bytes of log", logs.len());
     assert!(peak < 100 * 1024, "peak RSS {peak} KiB");
     assert_eq!(d.w.server.login_attempts(ALICE.1), 0, "nothing sent while the Secret cannot be read");
+    // A Lease answer is cut at 64 KiB: the holder cannot renew it, and says why.
+    d.api.answer_gets("leases", Some(kubeapi::Hostile::Endless { bytes: 16 << 20, declared: false }));
+    r.wait_metric("magento_token_leader", 0.0, 20 * SEC).await;
+    let logs = r.logs();
+    assert!(logs.contains("the API server's answer about the lease is larger than 64 KiB: not read"), "{}", {
+        logs.lines().filter(|l| l.contains("Lease")).last().unwrap_or("")
+    });
+    assert!(r.peak_rss_kib().expect("VmHWM") < 100 * 1024);
     assert_eq!(r.stop().await.code(), Some(0));
 }
 
