@@ -516,7 +516,7 @@ async fn an_endless_secret_answer_is_cut_short_and_never_held() {
     assert!(
         logs.contains("is larger than 3 MiB, 199.9 MiB declared: not read"),
         "{}",
-        logs.lines().filter(|l| l.contains("larger")).last().unwrap_or("")
+        logs.lines().rfind(|l| l.contains("larger")).unwrap_or("")
     );
     assert!(!logs.contains("AAAAAAAAAAAAAAAA"), "a piece of the answer in the log");
     assert!(logs.len() < 1 << 20, "{} bytes of log", logs.len());
@@ -527,7 +527,7 @@ async fn an_endless_secret_answer_is_cut_short_and_never_held() {
     r.wait_metric("magento_token_leader", 0.0, 20 * SEC).await;
     let logs = r.logs();
     assert!(logs.contains("the API server's answer about the lease is larger than 64 KiB: not read"), "{}", {
-        logs.lines().filter(|l| l.contains("Lease")).last().unwrap_or("")
+        logs.lines().rfind(|l| l.contains("Lease")).unwrap_or("")
     });
     assert!(r.peak_rss_kib().expect("VmHWM") < 100 * 1024);
     assert_eq!(r.stop().await.code(), Some(0));
@@ -571,7 +571,9 @@ async fn a_standby_is_ready_only_on_tokens_in_the_secret_not_on_its_annotation()
             "leaseDurationSeconds": 3600, "acquireTime": now, "renewTime": now, "leaseTransitions": 0}}),
     );
     let times = an_hour_left("alice");
-    let cases: [(&[(&str, &[u8])], u16, &str); 4] = [
+    /// The Secret's data, the /readyz status wanted, and the case.
+    type Case<'a> = (&'a [(&'a str, &'a [u8])], u16, &'a str);
+    let cases: [Case; 4] = [
         (&[], 503, "the times annotation and no data"),
         (&[("alice", b"not a token!")], 503, "data that is not a token"),
         (&[("alice", b"q3w8e7r6t5y4u3i2o1p0asdfghjklzxcvbnm")], 200, "a token with its times"),
