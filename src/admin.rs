@@ -514,11 +514,19 @@ async fn refresh(State(admin): State<Admin>, Path(name): Path<String>) -> Respon
     let Some(asker) = board.asker(&name) else {
         // A standby (output.kubernetes) knows the customer but does not log in.
         if let Some(l) = board.leadership().filter(|l| !l.leading && board.names().contains(&name)) {
-            let holder = l.holder.as_deref().unwrap_or("no replica (yet)");
-            let why = format!(
-                "this replica ({}) stands by: the holder of the Lease {}, {holder}, logs in and writes the Secret; ask it (through the Service)",
-                l.identity, l.lease
-            );
+            let why = match l.holder.as_deref() {
+                // The Lease still names this replica, which could not renew it (the API away).
+                Some(holder) if holder == l.identity => format!(
+                    "this replica ({holder}) held the Lease {} but cannot renew it now: it neither logs in nor writes until it holds it again or another replica takes it over; ask again shortly",
+                    l.lease
+                ),
+                holder => format!(
+                    "this replica ({}) stands by: the holder of the Lease {}, {}, logs in and writes the Secret; ask it (through the Service)",
+                    l.identity,
+                    l.lease,
+                    holder.unwrap_or("no replica (yet)")
+                ),
+            };
             return unavailable(why);
         }
         return (StatusCode::NOT_FOUND, format!("no customer named {name:?}")).into_response();

@@ -459,11 +459,12 @@ async fn reload_central(
 }
 
 /// A standby's board: every configured customer with the expiry of its token in the Secret, so
-/// `/readyz` is 200 on every replica when the Secret holds an unexpired token for each.
+/// `/readyz` is 200 on every replica when the Secret holds an unexpired token for each. Only a
+/// token in the Secret's data counts, not the times annotation alone; one gone is gone here too.
 fn stand_by(config: &Config, board: &Board, tokens: &Tokens) {
     // No worker here answers POST /refresh: the admin server says who does.
     board.close_askers();
-    let expiries = tokens.expiries();
+    let expiries = tokens.expiries(config.refresh.default_lifetime);
     let wanted: std::collections::HashSet<&str> = config.customers.iter().map(|c| c.name.as_str()).collect();
     for name in board.names() {
         if !wanted.contains(name.as_str()) {
@@ -472,8 +473,9 @@ fn stand_by(config: &Config, board: &Board, tokens: &Tokens) {
     }
     for customer in &config.customers {
         let report = Reporter::new(&customer.name, board.clone());
-        if let Some(expires_at) = expiries.get(crate::store::key(customer)) {
-            report.token_on_disk(*expires_at);
+        match expiries.get(crate::store::key(customer)) {
+            Some(expires_at) => report.token_on_disk(*expires_at),
+            None => report.no_token_on_disk(),
         }
         report.planned(crate::status::State::Standby, None);
     }

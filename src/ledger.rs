@@ -68,7 +68,7 @@ pub type Read = Result<Record, String>;
 
 /// Reads a record from its stored bytes; an error says what is wrong, never what it holds.
 pub fn parse(bytes: &[u8]) -> Read {
-    serde_json::from_slice(bytes).map_err(|e| format!("not a record of 401s ({e})"))
+    serde_json::from_slice(bytes).map_err(|e| format!("not a record of 401s ({})", crate::shown::Malformed::new(&e)))
 }
 
 /// What a stored record means for one username.

@@ -4,11 +4,16 @@
 //! every control character of every field escaped ([`escape_controls`]), JSON lines have them
 //! escaped by JSON itself, and text from outside (a server's answer) is escaped where it enters
 //! an error message, so `/status` and `once`'s stderr are safe too.
+//!
+//! No answer of the Kubernetes API reaches a log: the daemon reads them itself
+//! ([`crate::cluster::api`]), and the one module of kube-rs that logs bodies is never shown
+//! ([`without_bodies`]), whatever the level or `RUST_LOG`.
 
 use std::borrow::Cow;
 use std::fmt::{self, Write as _};
 
 use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::filter::FilterFn;
 use tracing_subscriber::fmt::format::{DefaultFields, Writer};
 use tracing_subscriber::fmt::FormatFields;
 use tracing_subscriber::layer::SubscriberExt;
@@ -45,10 +50,21 @@ pub fn init(format: LogFormat, level: &str) -> Logging {
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_writer(std::io::stderr)
             .boxed(),
-    };
+    }
+    .with_filter(without_bodies());
     // A second init (as in tests that run several daemons in one process) keeps the first.
     let _ = tracing_subscriber::registry().with(filter_layer).with(fmt_layer).try_init();
     Logging { handle, from_env: env.is_some() }
+}
+
+/// kube-rs's client module (`kube_client::client`) logs an answer it cannot parse whole, at WARN,
+/// and every error answer at DEBUG: a Secret's answer holds its customers' tokens (and a broken
+/// server's, hundreds of megabytes). Its other modules (the request span, TLS) log no body.
+const BODY_LOGGERS: &[&str] = &["kube_client::client"];
+
+/// Keeps every event of [`BODY_LOGGERS`] out, at any level.
+fn without_bodies() -> FilterFn {
+    FilterFn::new(|meta| !BODY_LOGGERS.contains(&meta.target()))
 }
 
 impl Logging {
@@ -119,26 +135,45 @@ mod tests {
         assert_eq!(escape_controls(&once), once);
     }
 
+    use tracing_subscriber::fmt::MakeWriter;
+
+    #[derive(Clone, Default)]
+    struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Buffer {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    impl<'a> MakeWriter<'a> for Buffer {
+        type Writer = Buffer;
+        fn make_writer(&'a self) -> Buffer {
+            self.clone()
+        }
+    }
+
+    #[test]
+    fn kube_clients_lines_with_bodies_are_never_shown() {
+        let buffer = Buffer::default();
+        let layer = tracing_subscriber::fmt::layer().json().with_writer(buffer.clone()).with_filter(without_bodies());
+        let subscriber = tracing_subscriber::registry().with(EnvFilter::new("trace")).with(layer);
+        tracing::subscriber::with_default(subscriber, || {
+            // kube_client::client's own words when a Secret does not parse.
+            tracing::warn!(target: "kube_client::client", "{}, {:?}", r#"{"data":{"alice":"dG9rZW4="}}"#, "Error");
+            tracing::debug!(target: "kube_client::client", "Unsuccessful data error parse: <html>");
+            tracing::warn!(target: "kube_client::client::tls", "failed to reload CA bundle; keeping stale roots");
+            tracing::warn!("cannot read the Secret");
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        assert!(!text.contains("dG9rZW4=") && !text.contains("<html>"), "{text}");
+        assert_eq!(text.lines().count(), 2, "{text}");
+    }
+
     #[test]
     fn text_fields_never_break_the_line() {
-        use tracing_subscriber::fmt::MakeWriter;
-        #[derive(Clone, Default)]
-        struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-        impl std::io::Write for Buffer {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        impl<'a> MakeWriter<'a> for Buffer {
-            type Writer = Buffer;
-            fn make_writer(&'a self) -> Buffer {
-                self.clone()
-            }
-        }
         let buffer = Buffer::default();
         let subscriber = tracing_subscriber::fmt()
             .fmt_fields(EscapedFields::default())

@@ -572,6 +572,33 @@ fn html_unescape(text: &str) -> String {
     out
 }
 
+/// Where JSON from elsewhere (an API's answer, a record others may edit) stopped parsing: never
+/// its text, nor a value in it (serde's own message may quote one).
+#[derive(Debug)]
+pub struct Malformed {
+    what: &'static str,
+    line: usize,
+    column: usize,
+}
+
+impl Malformed {
+    pub fn new(e: &serde_json::Error) -> Malformed {
+        let what = match e.classify() {
+            serde_json::error::Category::Io => "a read error",
+            serde_json::error::Category::Syntax => "a syntax error",
+            serde_json::error::Category::Data => "a value of the wrong type or form",
+            serde_json::error::Category::Eof => "an early end",
+        };
+        Malformed { what, line: e.line(), column: e.column() }
+    }
+}
+
+impl std::fmt::Display for Malformed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} at line {}, column {}", self.what, self.line, self.column)
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

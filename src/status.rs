@@ -510,6 +510,13 @@ impl Reporter {
         self.board.tokens_changed.notify_one();
     }
 
+    /// No token is there any more (`output.kubernetes`: the Secret a standby read holds none).
+    pub fn no_token_on_disk(&self) {
+        if self.update(|e| e.expires_at.take()).flatten().is_some() {
+            self.board.tokens_changed.notify_one();
+        }
+    }
+
     pub fn planned(&self, state: State, at: Option<SystemTime>) {
         self.update(|e| {
             e.state = state;

@@ -157,6 +157,12 @@ async fn merge_patch_with_a_stale_resource_version_is_a_conflict() {
     assert!(message.starts_with(&format!("Operation cannot be fulfilled on leases.coordination.k8s.io \"{NAME}\"")));
     let stored = api.object("leases", NS, NAME).unwrap();
     assert_eq!(stored["spec"], json!({"holderIdentity": "pod-b", "leaseDurationSeconds": 15, "leaseTransitions": 1}));
+    // As the API server's validation: leaseTransitions >= 0 (a count that wrapped is refused).
+    let mut wrapped = leases.get(NAME).await.unwrap();
+    wrapped.spec.as_mut().unwrap().lease_transitions = Some(i32::MIN);
+    let (code, reason, message) = api_error(leases.replace(NAME, &PostParams::default(), &wrapped).await);
+    assert_eq!((code, reason.as_str()), (422, "Invalid"));
+    assert!(message.ends_with("spec.leaseTransitions: Invalid value: must be greater than or equal to 0"), "{message}");
 
     // Server-side apply is not served.
     let p = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": NAME}});

@@ -482,3 +482,234 @@ async fn forget_failures_without_the_secret_says_nothing_was_forgotten() {
     assert!(!stdout.contains("forgotten"), "{stdout}");
     assert!(d.api.object("secrets", NS, SECRET).is_none(), "nothing created");
 }
+
+/// The Secret `magento-tokens` as an operator or a former holder left it: `data` as given (raw
+/// bytes, base64-encoded here) and the times annotation as given.
+fn stored_secret(data: &[(&str, &[u8])], times: Option<&str>) -> serde_json::Value {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let data: serde_json::Map<String, serde_json::Value> =
+        data.iter().map(|(k, v)| (k.to_string(), serde_json::json!(b64.encode(v)))).collect();
+    let mut secret = serde_json::json!({"metadata": {"name": SECRET}, "data": data});
+    if let Some(times) = times {
+        secret["metadata"]["annotations"] = serde_json::json!({"magento-token-sidecar/times": times});
+    }
+    secret
+}
+
+/// The times annotation of one key whose token expires an hour from now.
+fn an_hour_left(key: &str) -> String {
+    let now = std::time::SystemTime::now();
+    let at = |t: std::time::SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+    format!(
+        r#"{{"{key}":{{"obtained_at":"{}","expires_at":"{}"}}}}"#,
+        at(now - Duration::from_secs(60)),
+        at(now + Duration::from_secs(3600))
+    )
+}
+
+/// Waits until the stand-in has answered `n` more gets of `resource` than `since`.
+async fn wait_gets(d: &Deployment, resource: &str, since: usize, n: usize, limit: Duration) -> usize {
+    let gets = || d.api.requests().iter().filter(|r| r.resource == resource && r.verb == "get").count();
+    wait_for(limit, &format!("{n} more gets of {resource}"), || async { Some(gets()).filter(|g| *g >= since + n) })
+        .await
+}
+
+/// A Secret answered with `data` as it is plus one field of the wrong type (holding the base64
+/// of a token): kube-rs would log the whole answer, tokens included, and its error names the
+/// value. The daemon takes it as an API error, logs neither the answer nor any part of it, and
+/// carries on: once the answers are sound again it reads the Secret and writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_answer_with_a_field_of_the_wrong_type_is_an_api_error_and_never_logged() {
+    use base64::Engine as _;
+    let b64 = |t: &str| base64::engine::general_purpose::STANDARD.encode(t);
+    let d = Deployment::new(DevServerOptions::default(), &[ALICE]).await;
+    let (kept, other) = ("q3w8e7r6t5y4u3i2o1p0asdfghjklzxcvbnm", "Zx9Yw8Vu7Ts6Rq5Po4Nm3Lk2Ji1Hg0Fe");
+    d.api.put_object("secrets", NS, stored_secret(&[("alice", kept.as_bytes())], None));
+    let mut answer = d.api.object("secrets", NS, SECRET).unwrap();
+    answer["immutable"] = serde_json::json!(b64(other));
+    d.api.answer_gets("secrets", Some(kubeapi::Hostile::Json(axum::http::StatusCode::OK, answer)));
+    let mut r = d.replica("r1", &[(ALICE.0, ALICE.1)], "");
+    d.wait_holder(None, 20 * SEC).await;
+    wait_gets(&d, "secrets", 0, 2, 20 * SEC).await;
+    let secrets: Vec<String> = [kept, other].iter().flat_map(|t| [t.to_string(), b64(t)]).collect();
+    let logs = r.logs();
+    assert_hidden("the log", &logs, &secrets);
+    assert!(logs.contains("holding the Lease, but cannot read the Secret"), "{logs}");
+    assert!(logs.contains("the API server's answer is not a secret ("), "{logs}");
+    let error = "magento_token_kubernetes_requests_total{resource=\"secret\",result=\"error\",verb=\"get\"}";
+    assert!(r.metric(error).await.is_some_and(|n| n >= 2.0), "{}", r.get("/metrics").await.unwrap().1);
+    assert_eq!(d.w.server.login_attempts(ALICE.1), 0, "nothing sent while the Secret cannot be read");
+    // Sound answers again: the holder reads the Secret and goes on.
+    d.api.answer_gets("secrets", None);
+    let written = d.wait_token("alice", Some(kept), 20 * SEC).await;
+    assert_eq!(d.w.server.check_token(&written).as_deref(), Some(ALICE.1));
+    r.assert_secrets_hidden(&secrets).await;
+    assert_eq!(r.stop().await.code(), Some(0));
+}
+
+/// A Secret answer of 200 MiB (made on the fly by the stand-in), sent chunked, then with its
+/// length declared: at most 3 MiB of it is read, the rest never; it is an API error that names
+/// the limit and shows none of the answer, and the replica's peak memory stays far from the
+/// answer's size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_secret_answer_is_cut_short_and_never_held() {
+    let d = Deployment::new(DevServerOptions::default(), &[ALICE]).await;
+    let mut r = None;
+    for declared in [false, true] {
+        d.api.answer_gets("secrets", Some(kubeapi::Hostile::Endless { bytes: 200 << 20, declared }));
+        let gets = d.api.requests().iter().filter(|q| q.resource == "secrets" && q.verb == "get").count();
+        let r = r.get_or_insert_with(|| d.replica("r1", &[(ALICE.0, ALICE.1)], ""));
+        // (Bounded, but not fatal: today's main takes longer to swallow 200 MiB each time.)
+        let _ = tokio::time::timeout(40 * SEC, wait_gets(&d, "secrets", gets, 3, 40 * SEC)).await;
+        let (status, _) = r.get("/healthz").await.expect("/healthz answers");
+        assert_eq!(status, 200);
+    }
+    let mut r = r.unwrap();
+    let peak = r.peak_rss_kib().expect("VmHWM");
+    println!("peak RSS after 200 MiB Secret answers, chunked and declared: {peak} KiB");
+    let logs = r.logs();
+    assert!(logs.contains("is larger than 3 MiB: not read"), "{}", logs.chars().take(4000).collect::<String>());
+    assert!(
+        logs.contains("is larger than 3 MiB, 199.9 MiB declared: not read"),
+        "{}",
+        logs.lines().rfind(|l| l.contains("larger")).unwrap_or("")
+    );
+    assert!(!logs.contains("AAAAAAAAAAAAAAAA"), "a piece of the answer in the log");
+    assert!(logs.len() < 1 << 20, "{} bytes of log", logs.len());
+    assert!(peak < 100 * 1024, "peak RSS {peak} KiB");
+    assert_eq!(d.w.server.login_attempts(ALICE.1), 0, "nothing sent while the Secret cannot be read");
+    // A Lease answer is cut at 64 KiB: the holder cannot renew it, and says why.
+    d.api.answer_gets("leases", Some(kubeapi::Hostile::Endless { bytes: 16 << 20, declared: false }));
+    r.wait_metric("magento_token_leader", 0.0, 20 * SEC).await;
+    let logs = r.logs();
+    assert!(logs.contains("the API server's answer about the lease is larger than 64 KiB: not read"), "{}", {
+        logs.lines().rfind(|l| l.contains("Lease")).unwrap_or("")
+    });
+    assert!(r.peak_rss_kib().expect("VmHWM") < 100 * 1024);
+    assert_eq!(r.stop().await.code(), Some(0));
+}
+
+/// A Lease whose leaseTransitions is already i32::MAX, held by a replica that is gone: the
+/// take-over does not wrap to a negative count (which the API server refuses with 422, so that
+/// no replica would ever hold it); the count stays at its most and a replica holds the Lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_at_the_most_transitions_is_still_taken_over() {
+    let d = Deployment::new(DevServerOptions::default(), &[ALICE]).await;
+    let long_ago = "2020-01-01T00:00:00.000000Z";
+    d.api.put_object(
+        "leases",
+        NS,
+        serde_json::json!({"metadata": {"name": SECRET}, "spec": {"holderIdentity": "gone", "leaseDurationSeconds": 3,
+            "acquireTime": long_ago, "renewTime": long_ago, "leaseTransitions": i32::MAX}}),
+    );
+    let mut r = d.replica("r1", &[(ALICE.0, ALICE.1)], "");
+    assert_eq!(d.wait_holder(Some("gone"), 20 * SEC).await, "r1");
+    let lease = d.api.object("leases", NS, SECRET).unwrap();
+    assert_eq!(lease["spec"]["leaseTransitions"], i32::MAX);
+    d.wait_token("alice", None, 20 * SEC).await;
+    let refused = d.api.requests().iter().filter(|q| q.resource == "leases" && q.status == 422).count();
+    assert_eq!(refused, 0, "a take-over refused by the API server");
+    assert_eq!(r.stop().await.code(), Some(0));
+}
+
+/// A standby is ready only when the Secret's data holds a token of a token's form for each
+/// customer, with its times: not on the times annotation alone, nor on data that is not a token;
+/// and it stops being ready when the token is gone from the Secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_is_ready_only_on_tokens_in_the_secret_not_on_its_annotation() {
+    let d = Deployment::new(DevServerOptions::default(), &[ALICE]).await;
+    // Held by a replica that renews it (as far as this one can tell) for the whole test.
+    let now = humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string();
+    d.api.put_object(
+        "leases",
+        NS,
+        serde_json::json!({"metadata": {"name": SECRET}, "spec": {"holderIdentity": "other",
+            "leaseDurationSeconds": 3600, "acquireTime": now, "renewTime": now, "leaseTransitions": 0}}),
+    );
+    let times = an_hour_left("alice");
+    /// The Secret's data, the /readyz status wanted, and the case.
+    type Case<'a> = (&'a [(&'a str, &'a [u8])], u16, &'a str);
+    let cases: [Case; 4] = [
+        (&[], 503, "the times annotation and no data"),
+        (&[("alice", b"not a token!")], 503, "data that is not a token"),
+        (&[("alice", b"q3w8e7r6t5y4u3i2o1p0asdfghjklzxcvbnm")], 200, "a token with its times"),
+        (&[], 503, "the token gone again"),
+    ];
+    let mut r = None;
+    for (data, want, case) in cases {
+        d.api.put_object("secrets", NS, stored_secret(data, Some(&times)));
+        let gets = d.api.requests().iter().filter(|q| q.resource == "secrets" && q.verb == "get").count();
+        let r = r.get_or_insert_with(|| d.replica("r1", &[(ALICE.0, ALICE.1)], ""));
+        // The second read starts only once the first one's result is on the board.
+        wait_gets(&d, "secrets", gets, 2, 20 * SEC).await;
+        let (status, body) = r.get("/readyz").await.expect("/readyz answers");
+        assert_eq!(status, want, "{case}: {body}");
+        if want == 503 {
+            assert!(body.contains("alice"), "{case}: {body}");
+        }
+    }
+    let mut r = r.unwrap();
+    assert_eq!(d.holder().as_deref(), Some("other"));
+    assert_eq!(d.w.server.login_attempts(ALICE.1), 0);
+    assert_eq!(r.stop().await.code(), Some(0));
+}
+
+/// A replica that read the Secret as a standby, then took the Lease over and cannot log in (a
+/// wrong password), is not ready when the Secret held only the times annotation, or data that is
+/// not a token: nothing in it was ever a valid token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_that_cannot_log_in_is_not_ready_on_the_annotation_alone() {
+    let d = Deployment::new(DevServerOptions::default(), &[ALICE, BOB]).await;
+    // Held by a replica that is gone: taken over after one lease of standing by.
+    let now = humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string();
+    d.api.put_object(
+        "leases",
+        NS,
+        serde_json::json!({"metadata": {"name": SECRET}, "spec": {"holderIdentity": "gone",
+            "leaseDurationSeconds": 3, "acquireTime": now, "renewTime": now, "leaseTransitions": 0}}),
+    );
+    d.w.set_password(ALICE.0, "wrong-password");
+    d.w.set_password(BOB.0, "wrong-password");
+    let times = format!(
+        "{{{},{}}}",
+        an_hour_left("alice").trim_matches(['{', '}']),
+        an_hour_left("bob").trim_matches(['{', '}'])
+    );
+    d.api.put_object("secrets", NS, stored_secret(&[("bob", b"forged token!")], Some(&times)));
+    let mut r = d.replica("r1", &[(ALICE.0, ALICE.1), (BOB.0, BOB.1)], "");
+    assert_eq!(d.wait_holder(Some("gone"), 20 * SEC).await, "r1");
+    for who in [ALICE, BOB] {
+        r.wait_metric(&refreshes(who.0, "auth_failure"), 1.0, 20 * SEC).await;
+    }
+    let (status, body) = r.get("/readyz").await.expect("/readyz answers");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("alice") && body.contains("bob"), "{body}");
+    assert_eq!(d.holder().as_deref(), Some("r1"));
+    assert_eq!(r.stop().await.code(), Some(0));
+}
+
+/// A holder that lost the API (it cannot renew the Lease, which still names it) answers POST
+/// /refresh with 503 saying it cannot write now, not sending the caller to itself as the holder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_that_lost_the_api_does_not_name_itself_as_the_holder_to_ask() {
+    let d = Deployment::new(DevServerOptions::default(), &[ALICE]).await;
+    let mut r = d.replica("r1", &[(ALICE.0, ALICE.1)], "");
+    d.wait_token("alice", None, 20 * SEC).await;
+    r.wait_metric("magento_token_leader", 1.0, 10 * SEC).await;
+    d.api.set_unavailable(true);
+    r.wait_metric("magento_token_leader", 0.0, 20 * SEC).await;
+    // (Its workers stop once the deadline passed; the Lease still names it.)
+    let asked = wait_for(20 * SEC, "a 503 to POST /refresh", || async {
+        let asked = reqwest::Client::new().post(r.url("/refresh/alice")).send().await.ok()?;
+        (asked.status().as_u16() == 503).then_some(())?;
+        asked.text().await.ok().filter(|b| b.contains("Lease"))
+    })
+    .await;
+    assert!(asked.contains("this replica (r1) held the Lease shop/magento-tokens but cannot renew it now"), "{asked}");
+    assert!(!asked.contains("the holder of the Lease"), "{asked}");
+    let status: serde_json::Value = serde_json::from_str(&r.get("/status").await.unwrap().1).unwrap();
+    assert_eq!(status["leader"]["leading"], false);
+    d.api.set_unavailable(false);
+    assert_eq!(r.stop().await.code(), Some(0));
+}

@@ -72,6 +72,13 @@ pub fn decide(me: &str, spec: Option<&LeaseSpec>, unchanged_since: Instant, now:
     }
 }
 
+/// `leaseTransitions` after a take-over of a Lease that recorded `read`: one more, saturated at
+/// `i32::MAX`, from 0 when it recorded none or a negative number. The API server refuses a
+/// negative count (422): a count that wrapped would keep every replica from ever taking over.
+pub fn transitions_after_take(read: Option<i32>) -> i32 {
+    read.unwrap_or(0).max(0).saturating_add(1)
+}
+
 /// Runs the election until `stop`; the returned receiver always has this replica's [`Term`].
 /// On `stop` a holder gives the Lease up (an empty holder), so a standby takes over at once
 /// instead of a lease later.
@@ -201,6 +208,8 @@ impl Elector {
                 let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
                 spec.renew_time = Some(time);
                 spec.lease_duration_seconds = seconds;
+                // Sent back as read, but never negative: the API server would refuse the renewal.
+                spec.lease_transitions = spec.lease_transitions.map(|t| t.max(0));
                 (lease, false)
             }
             Move::Take => {
@@ -210,7 +219,7 @@ impl Elector {
                 spec.acquire_time = Some(time.clone());
                 spec.renew_time = Some(time);
                 spec.lease_duration_seconds = seconds;
-                spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+                spec.lease_transitions = Some(transitions_after_take(spec.lease_transitions));
                 (lease, false)
             }
         };
@@ -286,6 +295,17 @@ mod tests {
         let long = held_by(Some("b"), Some(60));
         assert_eq!(decide("a", Some(&long), t0, t0 + d, d), Move::Wait { holder: "b".into() });
         assert_eq!(decide("a", Some(&held_by(Some("b"), None)), t0, t0 + d, d), Move::Take);
+    }
+
+    #[test]
+    fn a_take_over_counts_one_more_transition_but_never_wraps_or_goes_negative() {
+        assert_eq!(transitions_after_take(None), 1);
+        assert_eq!(transitions_after_take(Some(0)), 1);
+        assert_eq!(transitions_after_take(Some(41)), 42);
+        assert_eq!(transitions_after_take(Some(i32::MAX - 1)), i32::MAX);
+        assert_eq!(transitions_after_take(Some(i32::MAX)), i32::MAX);
+        assert_eq!(transitions_after_take(Some(-5)), 1);
+        assert_eq!(transitions_after_take(Some(i32::MIN)), 1);
     }
 
     #[test]

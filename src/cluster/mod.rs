@@ -13,8 +13,9 @@
 //! and every write is conditional on the Secret's resourceVersion, so there are never two
 //! writers. The ledger of 401s lives in the Secret beside the tokens, so the lockout budget
 //! survives failovers. The API calls are exactly get, create, update and patch on one Secret
-//! and one Lease.
+//! and one Lease, each answer read only up to a limit and never logged ([`api`]).
 
+pub mod api;
 pub mod lease;
 pub mod secret;
 
@@ -24,6 +25,7 @@ use std::time::Duration;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
 
+use self::api::{Objects, Refusal, LEASE_LIMIT, SECRET_LIMIT};
 use crate::config::kubernetes::KubeSettings;
 use crate::status::{ApiResult, Board, Leadership};
 
@@ -35,8 +37,8 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// namespace, and where every request is counted.
 #[derive(Clone)]
 pub struct Cluster {
-    pub(crate) secrets: kube::Api<Secret>,
-    pub(crate) leases: kube::Api<Lease>,
+    pub(crate) secrets: Objects<Secret>,
+    pub(crate) leases: Objects<Lease>,
     pub settings: KubeSettings,
     pub namespace: String,
     /// This replica's identity in the Lease.
@@ -77,8 +79,8 @@ impl Cluster {
         let namespace = settings.namespace.clone().unwrap_or_else(|| config.default_namespace.clone());
         let client = kube::Client::try_from(config).map_err(|e| format!("cannot set up the Kubernetes client: {e}"))?;
         let cluster = Cluster {
-            secrets: kube::Api::namespaced(client.clone(), &namespace),
-            leases: kube::Api::namespaced(client, &namespace),
+            secrets: Objects::namespaced(client.clone(), &namespace, SECRET_LIMIT),
+            leases: Objects::namespaced(client, &namespace, LEASE_LIMIT),
             settings: settings.clone(),
             namespace,
             identity: match role {
@@ -103,7 +105,7 @@ impl Cluster {
         object: &'static str,
         verb: &'static str,
         within: Duration,
-        request: impl Future<Output = kube::Result<T>>,
+        request: impl Future<Output = Result<T, Refusal>>,
     ) -> Result<T, ApiError> {
         let within = within.min(REQUEST_TIMEOUT);
         let (result, error) = match tokio::time::timeout(within, request).await {
@@ -125,32 +127,36 @@ impl Cluster {
     }
 }
 
-fn classify<T>(object: &'static str, e: kube::Error) -> (ApiResult, Result<T, ApiError>) {
-    match e {
-        kube::Error::Api(status) => match (status.code, status.reason.as_str()) {
+fn classify<T>(object: &'static str, refusal: Refusal) -> (ApiResult, Result<T, ApiError>) {
+    let other = |result, text: String| (result, Err(ApiError::Other(text)));
+    let busy = |code: u16| matches!(code, 429 | 500 | 502 | 503 | 504);
+    match refusal {
+        Refusal::Status { code, reason, message } => match (code, reason.as_str()) {
             (409, "AlreadyExists") => (ApiResult::AlreadyExists, Err(ApiError::AlreadyExists(object))),
             (409, _) => (ApiResult::Conflict, Err(ApiError::Conflict(object))),
             (404, _) => (ApiResult::NotFound, Err(ApiError::NotFound(object))),
-            (code @ (401 | 403), _) => (
-                ApiResult::Forbidden,
-                Err(ApiError::Forbidden { code, message: crate::logging::escape_controls(&status.message).into() }),
-            ),
-            (code @ (429 | 500 | 502 | 503 | 504), _) => (
-                ApiResult::Unavailable,
-                Err(ApiError::Other(format!(
-                    "the API server answered {code}: {}",
-                    crate::logging::escape_controls(&status.message)
-                ))),
-            ),
-            (code, _) => (
-                ApiResult::Error,
-                Err(ApiError::Other(format!(
-                    "the API server answered {code}: {}",
-                    crate::logging::escape_controls(&status.message)
-                ))),
-            ),
+            (code @ (401 | 403), _) => (ApiResult::Forbidden, Err(ApiError::Forbidden { code, message })),
+            (code, _) if busy(code) => {
+                other(ApiResult::Unavailable, format!("the API server answered {code}: {message}"))
+            }
+            (code, _) => other(ApiResult::Error, format!("the API server answered {code}: {message}")),
         },
-        other => (ApiResult::Unavailable, Err(ApiError::Other(format!("cannot reach the API server: {other}")))),
+        Refusal::NoStatus { code, bytes } => other(
+            if busy(code) { ApiResult::Unavailable } else { ApiResult::Error },
+            format!("the API server answered {code} with {bytes} bytes that are not a Status (not shown)"),
+        ),
+        Refusal::TooLarge { limit, declared } => other(
+            ApiResult::Error,
+            format!(
+                "the API server's answer about the {object} is larger than {}{}: not read (a {object} is far smaller)",
+                api::size(limit as u64),
+                declared.map(|d| format!(", {} declared", api::size(d))).unwrap_or_default()
+            ),
+        ),
+        Refusal::Malformed(m) => {
+            other(ApiResult::Error, format!("the API server's answer is not a {object} ({m}; not shown)"))
+        }
+        Refusal::Unreachable(e) => other(ApiResult::Unavailable, format!("cannot reach the API server: {e}")),
     }
 }
 

@@ -77,9 +77,7 @@ impl Entry {
     pub fn record(&self) -> ledger::Read {
         match self {
             Entry::Record(record) => Ok(record.clone()),
-            Entry::Damaged(value) => {
-                serde_json::from_value::<Record>(value.clone()).map_err(|e| format!("not a record of 401s ({e})"))
-            }
+            Entry::Damaged(value) => ledger::parse(value.to_string().as_bytes()),
         }
     }
 }
@@ -114,7 +112,8 @@ impl Contents {
         let annotations = secret.metadata.annotations.clone().unwrap_or_default();
         let parse = |name: &str| -> Option<&String> { annotations.get(name) };
         let times = parse(TIMES)
-            .and_then(|text| serde_json::from_str(text).map_err(|e| warn!(annotation = TIMES, error = %e, "ignoring an annotation of the Secret that does not parse")).ok())
+            // (serde's own text of the error would show the value it refused.)
+            .and_then(|text| serde_json::from_str(text).map_err(|e| warn!(annotation = TIMES, error = %crate::shown::Malformed::new(&e), "ignoring an annotation of the Secret that does not parse")).ok())
             .unwrap_or_default();
         // Entry by entry: one damaged entry costs its own customer's budget, no one else's.
         let mut unreadable_ledgers = parse(LEDGER_UNREADABLE).cloned();
@@ -123,7 +122,7 @@ impl Contents {
             None => BTreeMap::new(),
             Some(Ok(entries)) => entries.into_iter().map(|(key, value)| (key, Entry::read(value))).collect(),
             Some(Err(e)) => {
-                warn!(annotation = LEDGER, error = %e, "the Secret's ledger annotation does not parse: every customer without an entry counts as having spent its lockout budget");
+                warn!(annotation = LEDGER, error = %crate::shown::Malformed::new(&e), "the Secret's ledger annotation does not parse: every customer without an entry counts as having spent its lockout budget");
                 unreadable_ledgers = parse(LEDGER).cloned();
                 BTreeMap::new()
             }
@@ -141,6 +140,17 @@ impl Contents {
             }
             (None, None) => None,
         }
+    }
+
+    /// When `key`'s token expires: only if `data` holds a token of a token's form with its times
+    /// (the annotation alone is anyone's word, and says nothing of what is there), and whose
+    /// claims a worker would accept (see [`crate::token::expiry`]), as in file mode.
+    pub fn expiry(&self, key: &str, default_lifetime: Duration) -> Option<SystemTime> {
+        let times = self.times.get(key)?;
+        let (token, _, _) = crate::sink::parse_token_content(&self.data.get(key)?.0)?;
+        crate::token::check_form(token.expose()).ok()?;
+        crate::token::expiry(&token, times.obtained_at, default_lifetime).ok()?;
+        Some(times.expires_at)
     }
 
     /// Applies one change; a token obtained before the one there is dropped (a former
@@ -258,9 +268,11 @@ impl Tokens {
         !contents.ledgers.is_empty() || contents.unreadable_ledgers.is_some()
     }
 
-    /// The expiry of every key's token.
-    pub fn expiries(&self) -> BTreeMap<String, SystemTime> {
-        self.contents().times.iter().map(|(k, t)| (k.clone(), t.expires_at)).collect()
+    /// The expiry of every key's token, as a worker would read the token it finds there (see
+    /// [`Contents::expiry`]).
+    pub fn expiries(&self, default_lifetime: Duration) -> BTreeMap<String, SystemTime> {
+        let contents = self.contents();
+        contents.data.keys().filter_map(|k| Some((k.clone(), contents.expiry(k, default_lifetime)?))).collect()
     }
 
     /// Queues a change and waits until an update carried it (or failed).
@@ -447,6 +459,26 @@ mod tests {
         c.apply(&token("alice", "newer", 2_000_000_100));
         assert_eq!(c.data["alice"].0, b"newer");
         assert_eq!(c.times["alice"].expires_at, from_unix(2_000_000_100));
+    }
+
+    #[test]
+    fn only_a_token_in_the_data_has_an_expiry_whatever_the_annotation_says() {
+        let times = Times { obtained_at: from_unix(1_999_996_400), expires_at: from_unix(2_000_000_000) };
+        let hour = Duration::from_secs(3600);
+        let mut c = Contents::default();
+        c.times.insert("alice".into(), times);
+        assert_eq!(c.expiry("alice", hour), None, "times, no data");
+        for (content, why) in [(&b"not a token!"[..], "not a token's form"), (b"", "empty"), (b"\xff\xfe", "not text")]
+        {
+            c.data.insert("alice".into(), ByteString(content.to_vec()));
+            assert_eq!(c.expiry("alice", hour), None, "{why}");
+        }
+        c.data.insert("alice".into(), ByteString(b"q3w8e7r6t5y4u3i2o1p0".to_vec()));
+        assert_eq!(c.expiry("alice", hour), Some(times.expires_at), "a token with its times");
+        c.apply(&token("bob", "Authorization: Bearer b0b", 2_000_000_000));
+        assert_eq!(c.expiry("bob", hour), Some(from_unix(2_000_000_000)), "in another format");
+        c.data.insert("carol".into(), ByteString(b"c4r0l".to_vec()));
+        assert_eq!(c.expiry("carol", hour), None, "a token without its times");
     }
 
     #[test]

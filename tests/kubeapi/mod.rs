@@ -91,7 +91,41 @@ struct State {
     /// One counter for every write, as etcd's revision.
     revision: u64,
     unavailable: bool,
+    /// resource -> what every get of it is answered with instead (see [`Hostile`]).
+    hostile: BTreeMap<String, Hostile>,
     seen: Vec<Seen>,
+}
+
+/// An answer to a get that no real API server gives, but a broken one (or something between the
+/// daemon and it) may: what the daemon must survive without logging it or holding it whole.
+#[derive(Clone, Debug)]
+pub enum Hostile {
+    /// This JSON with this status, whatever is stored: an object with a field of the wrong type.
+    Json(StatusCode, Value),
+    /// 200 and a Secret whose one value runs on for `bytes` bytes in all, made on the fly as it
+    /// is sent (never held), valid JSON and valid base64 to its end; its length declared in
+    /// Content-Length when `declared`, else sent chunked.
+    Endless { bytes: usize, declared: bool },
+}
+
+/// One piece of [`Hostile::Endless`]'s value.
+static RUN: [u8; 64 * 1024] = [b'A'; 64 * 1024];
+
+fn endless(bytes: usize, declared: bool) -> Response<Body> {
+    let head: &'static [u8] =
+        br#"{"apiVersion":"v1","kind":"Secret","metadata":{"name":"endless","namespace":"shop"},"data":{"alice":""#;
+    let tail: &'static [u8] = br#""}}"#;
+    let runs = bytes.saturating_sub(head.len() + tail.len()) / RUN.len();
+    let pieces = std::iter::once(head)
+        .chain(std::iter::repeat_n(&RUN[..], runs))
+        .chain(std::iter::once(tail))
+        .map(|p| Ok::<_, Infallible>(axum::body::Bytes::from_static(p)));
+    let length = head.len() + runs * RUN.len() + tail.len();
+    let mut answer = Response::builder().status(StatusCode::OK).header(header::CONTENT_TYPE, "application/json");
+    if declared {
+        answer = answer.header(header::CONTENT_LENGTH, length);
+    }
+    answer.body(Body::from_stream(futures::stream::iter(pieces))).unwrap()
 }
 
 /// The server; dropping it stops it (its accept loop and every open connection).
@@ -166,6 +200,16 @@ impl KubeApi {
     /// and nothing changes.
     pub fn set_unavailable(&self, on: bool) {
         self.state.lock().unwrap().unavailable = on;
+    }
+
+    /// From now on every get of `resource` ("secrets", "leases") is answered with `answer`
+    /// (`None`: served again).
+    pub fn answer_gets(&self, resource: &str, answer: Option<Hostile>) {
+        let mut st = self.state.lock().unwrap();
+        match answer {
+            Some(a) => st.hostile.insert(resource.to_string(), a),
+            None => st.hostile.remove(resource),
+        };
     }
 
     /// The stored object as JSON (as a GET would return it), or None.
@@ -307,10 +351,14 @@ async fn handle(state: &Mutex<State>, req: Request<Body>) -> Response<Body> {
     let ctype = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let ctype = ctype.split(';').next().unwrap_or("").trim().to_string();
     let auth = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let answer = serve(&mut st, auth, &verb, resource, ns, seen.name.as_deref(), &path, &ctype, &body);
-    let response = match answer {
-        Ok((code, v)) => respond(code, &v),
-        Err(f) => status_response(f),
+    let hostile = st.hostile.get(resource).filter(|_| verb == "get").cloned();
+    let response = match hostile {
+        Some(Hostile::Json(code, v)) => respond(code, &v),
+        Some(Hostile::Endless { bytes, declared }) => endless(bytes, declared),
+        None => match serve(&mut st, auth, &verb, resource, ns, seen.name.as_deref(), &path, &ctype, &body) {
+            Ok((code, v)) => respond(code, &v),
+            Err(f) => status_response(f),
+        },
     };
     seen.status = response.status().as_u16();
     if let Some(n) = &seen.name {
