@@ -18,6 +18,10 @@
 //! - **Never the token**: the command gets the customer, the file and the expiry in its
 //!   environment, which holds nothing else but `PATH` (the daemon's own environment may hold
 //!   passwords, `password_env`); the webhook gets them as JSON.
+//! - **The command's processes**: it runs in a process group of its own, its pid registered
+//!   with the [`reaper`], which reaps what it leaves behind and kills it all at stop.
+//! - **The signal** goes to one process: the main process of the name that runs as the
+//!   daemon's user (or `notify.signal.uid`); none when two could be the app ([`find_app`]).
 //!
 //! `once` notifies no one: it runs before the app (an init container) or apart from it (a
 //! CronJob), and the app reads the files when it starts.
@@ -36,6 +40,7 @@ use tracing::{info, warn};
 
 use crate::config::is_loopback;
 use crate::config::notify::{signal_named, NotifySettings, SignalTarget, DEFAULT_PATH};
+use crate::reaper;
 use crate::sink::rfc3339;
 use crate::status::Reporter;
 
@@ -290,8 +295,10 @@ impl Notifier {
 // The actions
 
 /// Runs the command with the customer, file and expiry in an environment of its own (and
-/// `PATH`), in a process group of its own: a timeout kills the group, the command's children
-/// with it. The command's output goes where the daemon's does.
+/// `PATH`), in a process group of its own, started through [`reaper::spawn`] (the daemon reaps
+/// what it leaves behind). A timeout kills the group and every other descendant the command
+/// still has (a child that called `setsid` left the group, not the family). The command's
+/// output goes where the daemon's does.
 async fn run_command(argv: &[String], customer: &str, note: &Note, timeout: Duration) -> Result<(), String> {
     let program = &argv[0];
     let mut command = tokio::process::Command::new(program);
@@ -305,10 +312,11 @@ async fn run_command(argv: &[String], customer: &str, note: &Note, timeout: Dura
         .stdin(Stdio::null())
         .process_group(0)
         .kill_on_drop(true);
-    let mut child = command.spawn().map_err(|e| format!("cannot start {program}: {e}"))?;
+    let (mut child, registered) = reaper::spawn(&mut command).map_err(|e| format!("cannot start {program}: {e}"))?;
+    let pid = child.id();
     // Armed until the command has ended: a timeout, or the daemon stopping, kills the group.
-    let mut group = Group(child.id().and_then(|id| Pid::from_raw(id as i32)));
-    match tokio::time::timeout(timeout, child.wait()).await {
+    let mut group = Group(pid.and_then(|id| Pid::from_raw(id as i32)));
+    let result = match tokio::time::timeout(timeout, child.wait()).await {
         Ok(Ok(status)) => {
             group.0 = None;
             if status.success() {
@@ -319,11 +327,16 @@ async fn run_command(argv: &[String], customer: &str, note: &Note, timeout: Dura
         }
         Ok(Err(e)) => Err(format!("cannot wait for {program}: {e}")),
         Err(_) => {
+            if let Some(pid) = pid {
+                reaper::kill_descendants(pid);
+            }
             drop(group);
             let _ = child.kill().await;
             Err(format!("{program} still running after {}: killed", humantime::format_duration(timeout)))
         }
-    }
+    };
+    drop(registered);
+    result
 }
 
 /// A command's process group, killed when dropped while armed.

@@ -143,3 +143,119 @@ async fn a_decoy_of_another_user_is_never_signalled() {
     assert_eq!(d.metric(&notified("alice", "failure")).await, Some(0.0));
     assert_eq!(d.stop().await.code(), Some(0));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Item 4: what commands leave running, as PID 1 and not.
+
+/// The daemon's children that ended and were not waited for.
+fn zombies_of(pid: u32) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| state_and_parent(*p) == Some(('Z', pid)))
+        .count()
+}
+
+/// A command that leaves an orphan that ends at once, a child that called `setsid`, one in
+/// the background and one orphaned that run on: the ended one is reaped, the notification is a
+/// success (what it left holds its output pipes: not waited for), and at stop none is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_a_command_left_running_outlives_the_daemon() {
+    let w = World::with_customers(&[ALICE]).await;
+    let out = out_dir(&w);
+    let pids = out.join("pids");
+    let p = pids.display();
+    let leaver = script(
+        &w,
+        "leaver.sh",
+        &format!("(sleep 0.2 &)\nsetsid sleep 300 &\necho $! >> {p}\nsleep 300 &\necho $! >> {p}\n(sleep 300 & echo $! >> {p})\n"),
+    );
+    let notify = notify_section(&format!("  exec: [\"{}\"]\n", leaver.display()));
+    w.write_config(&w.config_text(&[(ALICE.0, ALICE.1)], "", &notify));
+    let mut d = w.start();
+    w.wait_token("alice", None, 10 * SEC).await;
+    d.wait_metric(&notified("alice", "success"), 1.0, 20 * SEC).await;
+    let left: Vec<u32> = wait_for(10 * SEC, "the pids of what the command left", || async {
+        let pids: Vec<u32> = std::fs::read_to_string(&pids).ok()?.lines().filter_map(|l| l.parse().ok()).collect();
+        (pids.len() == 3).then_some(pids)
+    })
+    .await;
+    for pid in &left {
+        assert!(alive(*pid), "{pid} runs while the daemon does");
+    }
+    wait_for(10 * SEC, "the ended orphan to be reaped", || async { (zombies_of(d.pid()) == 0).then_some(()) }).await;
+    assert_eq!(d.stop().await.code(), Some(0));
+    let survivors: Vec<u32> = left.iter().copied().filter(|pid| alive(*pid)).collect();
+    for pid in &survivors {
+        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+    }
+    assert!(survivors.is_empty(), "{survivors:?} outlived the daemon");
+    assert!(d.logs().contains("killed what notify commands had left running"), "{}", d.logs());
+}
+
+/// The storm of the container's entrypoint: the daemon as PID 1 of a PID namespace, 30
+/// customers whose tokens are replaced every 2 s, and a command that leaves an orphan
+/// (`(sleep 0.3 &)`) each time. Every orphan is reaped, and no command's exit status is lost to
+/// the reaper (a stolen one would count a failure).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_pid_1_a_storm_of_orphans_leaves_no_zombie() {
+    if skipped_unless_root("as_pid_1_a_storm_of_orphans_leaves_no_zombie") {
+        return;
+    }
+    const CUSTOMERS: usize = 30;
+    const STORM: Duration = Duration::from_secs(40);
+    let w = World::new(magento_devserver::DevServerOptions { token_lifetime: 4 * SEC, ..Default::default() }).await;
+    let names: Vec<(String, String)> =
+        (0..CUSTOMERS).map(|i| (format!("c{i:02}"), format!("c{i:02}@example.com"))).collect();
+    for (name, email) in &names {
+        w.server.add_customer(email, "storm-Pa55word!");
+        w.set_password(name, "storm-Pa55word!");
+    }
+    let customers: Vec<(&str, &str)> = names.iter().map(|(n, e)| (n.as_str(), e.as_str())).collect();
+    let notify = notify_section("  exec: [\"/bin/sh\", \"-c\", \"(sleep 0.3 &)\"]\n");
+    w.write_config(&w.config_text(&customers, "  before_expiry: 2s\n  jitter: 0s\n", &notify));
+    let log = w.dir.path().join("daemon.log");
+    let child = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", BIN, "run", "--config"])
+        .arg(w.config_path())
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let unshare = child.id();
+    let mut d = Daemon { child, log, admin_port: w.admin_port };
+    // The daemon: unshare's child, PID 1 inside.
+    let daemon = wait_for(10 * SEC, "the daemon in its PID namespace", || async {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .find(|p| state_and_parent(*p).is_some_and(|(_, parent)| parent == unshare))
+    })
+    .await;
+    d.wait_ready(30 * SEC).await;
+    tokio::time::sleep(STORM).await;
+    let mut samples = Vec::new();
+    for _ in 0..10 {
+        samples.push(zombies_of(daemon));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut notified_total = 0.0;
+    let mut failures = 0.0;
+    for (name, _) in &names {
+        notified_total += d.metric(&notified(name, "success")).await.unwrap();
+        failures += d.metric(&notified(name, "failure")).await.unwrap();
+    }
+    eprintln!(
+        "after {STORM:?} of the storm as PID 1: zombies {samples:?}; {notified_total} notifications succeeded, {failures} failed"
+    );
+    assert!(d.logs().contains("running as PID 1"), "the daemon knows it is PID 1");
+    assert!(notified_total >= 100.0, "a storm: {notified_total} notifications");
+    assert_eq!(failures, 0.0, "a command's status was lost: {}", d.logs());
+    assert!(samples.iter().min().unwrap() <= &2, "zombies left: {samples:?}");
+    assert!(samples.iter().max().unwrap() < &50, "zombies left: {samples:?}");
+    let ok = Command::new("kill").args(["-TERM", &daemon.to_string()]).status().unwrap().success();
+    assert!(ok);
+    assert_eq!(d.wait_exit(30 * SEC).await.code(), Some(0), "{}", d.logs());
+}
