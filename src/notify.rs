@@ -19,7 +19,9 @@
 //!   environment, which holds nothing else but `PATH` (the daemon's own environment may hold
 //!   passwords, `password_env`); the webhook gets them as JSON.
 //! - **The command's processes**: it runs in a process group of its own, its pid registered
-//!   with the [`reaper`], which reaps what it leaves behind and kills it all at stop.
+//!   with the [`reaper`], which reaps what it leaves behind and kills it all at stop; its
+//!   output is read as it comes, and only the start of each stream reaches the log, escaped,
+//!   as fields of the daemon's own line ([`Printed`]).
 //! - **The signal** goes to one process: the main process of the name that runs as the
 //!   daemon's user (or `notify.signal.uid`); none when two could be the app ([`find_app`]).
 //!
@@ -297,8 +299,9 @@ impl Notifier {
 /// Runs the command with the customer, file and expiry in an environment of its own (and
 /// `PATH`), in a process group of its own, started through [`reaper::spawn`] (the daemon reaps
 /// what it leaves behind). A timeout kills the group and every other descendant the command
-/// still has (a child that called `setsid` left the group, not the family). The command's
-/// output goes where the daemon's does.
+/// still has (a child that called `setsid` left the group, not the family). Its output is read
+/// as it comes (it never blocks on a full pipe) and logged as fields of the daemon's own line
+/// (see [`Printed`]).
 async fn run_command(argv: &[String], customer: &str, note: &Note, timeout: Duration) -> Result<(), String> {
     let program = &argv[0];
     let mut command = tokio::process::Command::new(program);
@@ -310,13 +313,36 @@ async fn run_command(argv: &[String], customer: &str, note: &Note, timeout: Dura
         .env("MAGENTO_TOKEN_FILE", &note.file)
         .env("MAGENTO_TOKEN_EXPIRES_AT", rfc3339(note.expires_at))
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
     let (mut child, registered) = reaper::spawn(&mut command).map_err(|e| format!("cannot start {program}: {e}"))?;
     let pid = child.id();
     // Armed until the command has ended: a timeout, or the daemon stopping, kills the group.
     let mut group = Group(pid.and_then(|id| Pid::from_raw(id as i32)));
-    let result = match tokio::time::timeout(timeout, child.wait()).await {
+    let (mut stdout, mut stderr) = (Printed::default(), Printed::default());
+    let (out_pipe, err_pipe) = (child.stdout.take(), child.stderr.take());
+    let waited = {
+        let mut drained = std::pin::pin!(futures::future::join(stdout.drain(out_pipe), stderr.drain(err_pipe)));
+        tokio::time::timeout(timeout, async {
+            let mut done = false;
+            let status = loop {
+                tokio::select! {
+                    status = child.wait() => break status,
+                    _ = &mut drained, if !done => done = true,
+                }
+            };
+            // What the command wrote before it ended is in the pipes; what it left running may
+            // hold them open for ever: their end is not awaited past OUTPUT_GRACE.
+            if !done {
+                let _ = tokio::time::timeout(OUTPUT_GRACE, &mut drained).await;
+            }
+            status
+        })
+        .await
+    };
+    let result = match waited {
         Ok(Ok(status)) => {
             group.0 = None;
             if status.success() {
@@ -336,7 +362,63 @@ async fn run_command(argv: &[String], customer: &str, note: &Note, timeout: Dura
         }
     };
     drop(registered);
+    if stdout.total > 0 || stderr.total > 0 {
+        info!(
+            customer,
+            program = %program,
+            stdout = %stdout.shown(),
+            stdout_bytes = stdout.total,
+            stderr = %stderr.shown(),
+            stderr_bytes = stderr.total,
+            "output of the notify command"
+        );
+    }
     result
+}
+
+/// The most of each of a command's streams kept to be logged; the rest is read and counted.
+pub const OUTPUT_KEPT: usize = 2048;
+/// How long after a command ended its output is still read: enough for what it wrote itself,
+/// not waiting on what it left running (which then finds the pipe closed).
+pub const OUTPUT_GRACE: Duration = Duration::from_millis(500);
+
+/// What a command wrote on one stream: the first [`OUTPUT_KEPT`] bytes and how many there
+/// were. Never a line of the daemon's log by itself: a command printing
+/// `{"level":"ERROR",...}` would forge one, and 20 MB of output would be copied into it.
+#[derive(Default)]
+struct Printed {
+    start: Vec<u8>,
+    total: u64,
+}
+
+impl Printed {
+    /// Reads `pipe` to its end (or until dropped), keeping its start, in a fixed buffer.
+    async fn drain(&mut self, pipe: Option<impl tokio::io::AsyncRead + Unpin>) {
+        use tokio::io::AsyncReadExt;
+        let Some(mut pipe) = pipe else { return };
+        let mut buffer = [0u8; 8192];
+        loop {
+            match pipe.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    let room = OUTPUT_KEPT - self.start.len();
+                    self.start.extend_from_slice(&buffer[..n.min(room)]);
+                    self.total += n as u64;
+                }
+            }
+        }
+    }
+
+    /// The kept start as a log field: invalid UTF-8 replaced, control characters escaped (no
+    /// line of its own, no terminal sequence), a cut marked `…`.
+    fn shown(&self) -> String {
+        let text = String::from_utf8_lossy(&self.start);
+        let mut shown = crate::logging::escape_controls(&text).into_owned();
+        if self.total > self.start.len() as u64 {
+            shown.push('…');
+        }
+        shown
+    }
 }
 
 /// A command's process group, killed when dropped while armed.

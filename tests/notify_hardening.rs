@@ -145,6 +145,51 @@ async fn a_decoy_of_another_user_is_never_signalled() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Item 5: a command's output is a field of the daemon's line, bounded.
+
+/// A command that prints a forged JSON log line, a plain text line and 20 MB: every line of
+/// the daemon's log is still its own JSON, the output shows as escaped fields of one line,
+/// bounded, with its size counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commands_output_never_forges_a_log_line() {
+    const FORGED: &str = r#"{"level":"ERROR","message":"forged","target":"magento_token_sidecar::worker"}"#;
+    const BIG: u64 = 20_000_000;
+    let w = World::with_customers(&[ALICE]).await;
+    let chatty = script(
+        &w,
+        "chatty.sh",
+        &format!("printf '%s\\n' '{FORGED}' >&2\necho 'plain text, not JSON' >&2\necho to-stdout\nhead -c {BIG} /dev/zero | tr '\\0' x >&2\n"),
+    );
+    let notify = notify_section(&format!("  exec: [\"{}\"]\n  timeout: 60s\n", chatty.display()));
+    w.write_config(&w.config_text(&[(ALICE.0, ALICE.1)], "", &notify));
+    let mut d = w.start();
+    w.wait_token("alice", None, 10 * SEC).await;
+    d.wait_metric(&notified("alice", "success"), 1.0, 60 * SEC).await;
+    let log_bytes = std::fs::metadata(&d.log).unwrap().len();
+    let logs = d.logs();
+    let parsed: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not a JSON line of the daemon's: {:.200}", l)))
+        .collect();
+    assert!(!parsed.iter().any(|l| l["message"] == "forged"), "a forged line: {logs:.2000}");
+    let output: Vec<&serde_json::Value> =
+        parsed.iter().filter(|l| l["message"] == "output of the notify command").collect();
+    assert_eq!(output.len(), 1, "{logs:.2000}");
+    let line = output[0];
+    assert_eq!(line["customer"], "alice");
+    assert_eq!(line["level"], "INFO");
+    let stderr = line["stderr"].as_str().unwrap();
+    assert!(stderr.starts_with(&format!("{FORGED}\\nplain text, not JSON\\nxxx")), "{stderr:.300}");
+    assert!(stderr.ends_with('…') && stderr.len() < 4096, "{} bytes shown", stderr.len());
+    assert_eq!(line["stderr_bytes"], BIG + FORGED.len() as u64 + 1 + 21);
+    assert_eq!(line["stdout"], "to-stdout\\n");
+    assert_eq!(line["stdout_bytes"], 10);
+    assert!(log_bytes < 200_000, "the log holds {log_bytes} bytes: the output was copied");
+    eprintln!("log: {log_bytes} bytes; the daemon's peak RSS: {:?} KiB", d.peak_rss_kib());
+    assert_eq!(d.stop().await.code(), Some(0));
+}
+
+// ---------------------------------------------------------------------------------------------
 // Item 4: what commands leave running, as PID 1 and not.
 
 /// The daemon's children that ended and were not waited for.
