@@ -21,6 +21,7 @@
 //! | [`worker`]   | one customer's loop, tying the above together                                    |
 //! | [`status`]   | what the workers report: the board behind `/status` and `/readyz`               |
 //! | [`notify`]   | telling the app of a new token: a command, a webhook, a signal (`notify:`)       |
+//! | [`reaper`]   | the daemon's children: notify's commands, orphans reaped, all killed at stop     |
 //! | [`metrics`]  | every Prometheus metric, in an owned registry                                    |
 //! | [`daemon`]   | the supervisor (a task per customer, reloads, graceful stop) and `once`          |
 //! | [`admin`]    | `/healthz`, `/readyz`, `/status`, `/metrics`, `POST /refresh/<name>`             |
@@ -45,6 +46,7 @@ pub mod logging;
 pub mod magento;
 pub mod metrics;
 pub mod notify;
+pub mod reaper;
 pub mod schedule;
 pub mod secret;
 pub mod shown;

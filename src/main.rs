@@ -17,7 +17,7 @@ use magento_token_sidecar::logging::{self, Logging};
 use magento_token_sidecar::metrics::Metrics;
 use magento_token_sidecar::signals;
 use magento_token_sidecar::status::Board;
-use magento_token_sidecar::{admin, cluster, daemon, sink, store};
+use magento_token_sidecar::{admin, cluster, daemon, reaper, sink, store};
 
 const BAD_CONFIG: u8 = 2;
 const FAILED: u8 = 1;
@@ -145,6 +145,10 @@ fn main() -> ExitCode {
         #[cfg(feature = "demo")]
         Command::Devserver(args) => runtime.block_on(dev::run_devserver(args)),
     };
+    // Every task goes with the runtime (a notify command still running is killed with its
+    // process group); then whatever the commands left running (`run` only).
+    drop(runtime);
+    reaper::finish();
     ExitCode::from(code)
 }
 
@@ -285,6 +289,8 @@ async fn serve(config_path: &Path, config: Config, admin_listener: Option<TcpLis
             return FAILED;
         }
     };
+    // The reaper of what notify commands leave behind, as PID 1 or not (see `reaper`).
+    reaper::adopt();
     // Before anything touches the output directory (or the admin port): one daemon per directory.
     // (With output.kubernetes the Lease decides who writes.)
     let lock = match config.output.kubernetes {

@@ -18,6 +18,12 @@
 //! - **Never the token**: the command gets the customer, the file and the expiry in its
 //!   environment, which holds nothing else but `PATH` (the daemon's own environment may hold
 //!   passwords, `password_env`); the webhook gets them as JSON.
+//! - **The command's processes**: it runs in a process group of its own, its pid registered
+//!   with the [`reaper`], which reaps what it leaves behind and kills it all at stop; its
+//!   output is read as it comes, and only the start of each stream reaches the log, escaped,
+//!   as fields of the daemon's own line ([`Printed`]).
+//! - **The signal** goes to one process: the main process of the name that runs as the
+//!   daemon's user (or `notify.signal.uid`); none when two could be the app ([`find_app`]).
 //!
 //! `once` notifies no one: it runs before the app (an init container) or apart from it (a
 //! CronJob), and the app reads the files when it starts.
@@ -36,6 +42,7 @@ use tracing::{info, warn};
 
 use crate::config::is_loopback;
 use crate::config::notify::{signal_named, NotifySettings, SignalTarget, DEFAULT_PATH};
+use crate::reaper;
 use crate::sink::rfc3339;
 use crate::status::Reporter;
 
@@ -290,8 +297,11 @@ impl Notifier {
 // The actions
 
 /// Runs the command with the customer, file and expiry in an environment of its own (and
-/// `PATH`), in a process group of its own: a timeout kills the group, the command's children
-/// with it. The command's output goes where the daemon's does.
+/// `PATH`), in a process group of its own, started through [`reaper::spawn`] (the daemon reaps
+/// what it leaves behind). A timeout kills the group and every other descendant the command
+/// still has (a child that called `setsid` left the group, not the family). Its output is read
+/// as it comes (it never blocks on a full pipe) and logged as fields of the daemon's own line
+/// (see [`Printed`]).
 async fn run_command(argv: &[String], customer: &str, note: &Note, timeout: Duration) -> Result<(), String> {
     let program = &argv[0];
     let mut command = tokio::process::Command::new(program);
@@ -303,12 +313,36 @@ async fn run_command(argv: &[String], customer: &str, note: &Note, timeout: Dura
         .env("MAGENTO_TOKEN_FILE", &note.file)
         .env("MAGENTO_TOKEN_EXPIRES_AT", rfc3339(note.expires_at))
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    let mut child = command.spawn().map_err(|e| format!("cannot start {program}: {e}"))?;
+    let (mut child, registered) = reaper::spawn(&mut command).map_err(|e| format!("cannot start {program}: {e}"))?;
+    let pid = child.id();
     // Armed until the command has ended: a timeout, or the daemon stopping, kills the group.
-    let mut group = Group(child.id().and_then(|id| Pid::from_raw(id as i32)));
-    match tokio::time::timeout(timeout, child.wait()).await {
+    let mut group = Group(pid.and_then(|id| Pid::from_raw(id as i32)));
+    let (mut stdout, mut stderr) = (Printed::default(), Printed::default());
+    let (out_pipe, err_pipe) = (child.stdout.take(), child.stderr.take());
+    let waited = {
+        let mut drained = std::pin::pin!(futures::future::join(stdout.drain(out_pipe), stderr.drain(err_pipe)));
+        tokio::time::timeout(timeout, async {
+            let mut done = false;
+            let status = loop {
+                tokio::select! {
+                    status = child.wait() => break status,
+                    _ = &mut drained, if !done => done = true,
+                }
+            };
+            // What the command wrote before it ended is in the pipes; what it left running may
+            // hold them open for ever: their end is not awaited past OUTPUT_GRACE.
+            if !done {
+                let _ = tokio::time::timeout(OUTPUT_GRACE, &mut drained).await;
+            }
+            status
+        })
+        .await
+    };
+    let result = match waited {
         Ok(Ok(status)) => {
             group.0 = None;
             if status.success() {
@@ -319,10 +353,71 @@ async fn run_command(argv: &[String], customer: &str, note: &Note, timeout: Dura
         }
         Ok(Err(e)) => Err(format!("cannot wait for {program}: {e}")),
         Err(_) => {
+            if let Some(pid) = pid {
+                reaper::kill_descendants(pid);
+            }
             drop(group);
             let _ = child.kill().await;
             Err(format!("{program} still running after {}: killed", humantime::format_duration(timeout)))
         }
+    };
+    drop(registered);
+    if stdout.total > 0 || stderr.total > 0 {
+        info!(
+            customer,
+            program = %program,
+            stdout = %stdout.shown(),
+            stdout_bytes = stdout.total,
+            stderr = %stderr.shown(),
+            stderr_bytes = stderr.total,
+            "output of the notify command"
+        );
+    }
+    result
+}
+
+/// The most of each of a command's streams kept to be logged; the rest is read and counted.
+pub const OUTPUT_KEPT: usize = 2048;
+/// How long after a command ended its output is still read: enough for what it wrote itself,
+/// not waiting on what it left running (which then finds the pipe closed).
+pub const OUTPUT_GRACE: Duration = Duration::from_millis(500);
+
+/// What a command wrote on one stream: the first [`OUTPUT_KEPT`] bytes and how many there
+/// were. Never a line of the daemon's log by itself: a command printing
+/// `{"level":"ERROR",...}` would forge one, and 20 MB of output would be copied into it.
+#[derive(Default)]
+struct Printed {
+    start: Vec<u8>,
+    total: u64,
+}
+
+impl Printed {
+    /// Reads `pipe` to its end (or until dropped), keeping its start, in a fixed buffer.
+    async fn drain(&mut self, pipe: Option<impl tokio::io::AsyncRead + Unpin>) {
+        use tokio::io::AsyncReadExt;
+        let Some(mut pipe) = pipe else { return };
+        let mut buffer = [0u8; 8192];
+        loop {
+            match pipe.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    let room = OUTPUT_KEPT - self.start.len();
+                    self.start.extend_from_slice(&buffer[..n.min(room)]);
+                    self.total += n as u64;
+                }
+            }
+        }
+    }
+
+    /// The kept start as a log field: invalid UTF-8 replaced, control characters escaped (no
+    /// line of its own, no terminal sequence), a cut marked `…`.
+    fn shown(&self) -> String {
+        let text = String::from_utf8_lossy(&self.start);
+        let mut shown = crate::logging::escape_controls(&text).into_owned();
+        if self.total > self.start.len() as u64 {
+            shown.push('…');
+        }
+        shown
     }
 }
 
@@ -387,45 +482,64 @@ fn request_error(e: reqwest::Error, timeout: Duration) -> String {
     crate::magento::with_causes(&what, &e)
 }
 
-/// Sends the signal to the processes named `target.process` (see [`find_processes`]).
+/// Sends the signal to the app's process (see [`find_app`]).
 fn signal_processes(proc: &Path, target: &SignalTarget) -> Result<(), String> {
     let name = &target.process;
     let signal = signal_named(target.signal).map(|(_, s)| s).expect("validated");
-    let missing = || {
-        format!(
+    let uid = target.uid.unwrap_or_else(|| rustix::process::geteuid().as_raw());
+    let pid = find_app(proc, name, uid, std::process::id())?;
+    let p = Pid::from_raw(pid).ok_or_else(|| format!("process {pid} named {name:?}: not a pid"))?;
+    match rustix::process::kill_process(p, signal) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::SRCH) => Err(format!("process {pid} named {name:?} ended before it was signalled")),
+        Err(rustix::io::Errno::PERM) => Err(format!(
+            "not permitted to send SIG{} to process {pid} named {name:?}: it runs as another user (run the sidecar as the app's user)",
+            target.signal
+        )),
+        Err(e) => Err(format!("cannot send SIG{} to process {pid} named {name:?}: {e}", target.signal)),
+    }
+}
+
+/// The app's one process: of the main processes named `name` (see [`find_processes`]), the one
+/// whose real uid is `uid`. Another user's process of that name is never signalled (anyone can
+/// start one: `exec -a nginx sleep 1000`), and when two of `uid`'s could each be the app,
+/// neither is: a signal to the wrong one is a failure nobody would see.
+fn find_app(proc: &Path, name: &str, uid: u32, own: u32) -> Result<i32, String> {
+    let found = find_processes(proc, name, own);
+    let mine: Vec<i32> = found.iter().filter(|(_, u)| *u == Some(uid)).map(|(pid, _)| *pid).collect();
+    match mine[..] {
+        [pid] => Ok(pid),
+        [] if found.is_empty() => Err(format!(
             "no process named {name:?} (the app's container must share the pod's process namespace: shareProcessNamespace: true)"
-        )
-    };
-    let pids = find_processes(proc, name, std::process::id());
-    let mut sent = 0;
-    for pid in pids {
-        let Some(p) = Pid::from_raw(pid) else { continue };
-        match rustix::process::kill_process(p, signal) {
-            Ok(()) => sent += 1,
-            // Gone since it was found.
-            Err(rustix::io::Errno::SRCH) => {}
-            Err(rustix::io::Errno::PERM) => {
-                return Err(format!(
-                    "not permitted to send SIG{} to process {pid} named {name:?}: it runs as another user (run the sidecar as the app's user)",
-                    target.signal
-                ))
-            }
-            Err(e) => return Err(format!("cannot send SIG{} to process {pid} named {name:?}: {e}", target.signal)),
+        )),
+        [] => {
+            let others: Vec<String> = found
+                .iter()
+                .map(|(pid, u)| format!("{pid} (uid {})", u.map_or("unknown".into(), |u| u.to_string())))
+                .collect();
+            Err(format!(
+                "no process named {name:?} runs as uid {uid}, only {}: none signalled (set notify.signal.uid to the app's user)",
+                others.join(", ")
+            ))
+        }
+        _ => {
+            let pids: Vec<String> = mine.iter().map(i32::to_string).collect();
+            Err(format!(
+                "{} processes named {name:?} of uid {uid} could each be the app ({}): none signalled (give notify.signal.process a name only the app has)",
+                mine.len(),
+                pids.join(", ")
+            ))
         }
     }
-    if sent == 0 {
-        return Err(missing());
-    }
-    Ok(())
 }
 
 /// The processes under `proc` (`/proc`) named `name`, by `comm` or by the base name of
 /// `argv[0]`, other than `own`, and of them only those whose parent is not named so too: an
 /// app's main process, not the workers it forked (nginx, gunicorn, php-fpm reload through
-/// their master).
-fn find_processes(proc: &Path, name: &str, own: u32) -> Vec<i32> {
+/// their master). Each with its real uid (`None` when it cannot be read), by pid.
+fn find_processes(proc: &Path, name: &str, own: u32) -> Vec<(i32, Option<u32>)> {
     let Ok(entries) = std::fs::read_dir(proc) else { return Vec::new() };
-    let mut named: HashMap<i32, i32> = HashMap::new();
+    let mut named: HashMap<i32, (i32, Option<u32>)> = HashMap::new();
     for entry in entries.flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
         if pid as u32 == own {
@@ -433,12 +547,20 @@ fn find_processes(proc: &Path, name: &str, own: u32) -> Vec<i32> {
         }
         let dir = entry.path();
         if is_named(&dir, name) {
-            named.insert(pid, parent_of(&dir).unwrap_or(0));
+            named.insert(pid, (parent_of(&dir).unwrap_or(0), real_uid(&dir)));
         }
     }
-    let mut pids: Vec<i32> = named.iter().filter(|(_, ppid)| !named.contains_key(ppid)).map(|(pid, _)| *pid).collect();
-    pids.sort_unstable();
-    pids
+    let mut found: Vec<(i32, Option<u32>)> =
+        named.iter().filter(|(_, (ppid, _))| !named.contains_key(ppid)).map(|(pid, (_, uid))| (*pid, *uid)).collect();
+    found.sort_unstable();
+    found
+}
+
+/// A process's real uid, from the `Uid:` line of its `status`.
+fn real_uid(dir: &Path) -> Option<u32> {
+    let status = read_start(&dir.join("status"));
+    let line = status.split(|b| *b == b'\n').find_map(|l| l.strip_prefix(b"Uid:"))?;
+    std::str::from_utf8(line).ok()?.split_whitespace().next()?.parse().ok()
 }
 
 /// The start of a small `/proc` file (its first 4 KiB).
@@ -498,7 +620,7 @@ mod tests {
         );
         assert_eq!(s.exec.as_deref(), Some(&["/bin/sh".to_owned(), "-c".into(), "kill -HUP 1".into()][..]));
         assert_eq!(s.webhook.as_ref().map(Url::as_str), Some("http://127.0.0.1:8080/rotated"));
-        assert_eq!(s.signal, Some(SignalTarget { process: "nginx".into(), signal: "HUP" }));
+        assert_eq!(s.signal, Some(SignalTarget { process: "nginx".into(), signal: "HUP", uid: None }));
         assert_eq!(s.timeout, Duration::from_secs(10));
         // The signal defaults to HUP; its name may carry SIG and any case.
         assert_eq!(settings("  signal: {process: php-fpm}\n").signal.unwrap().signal, "HUP");
@@ -585,7 +707,7 @@ mod tests {
         let s = config::parse(&text, Checks::Static).unwrap().notify.unwrap();
         assert_eq!(s.exec.unwrap(), ["/usr/local/bin/reload-app", "--quiet"]);
         assert_eq!(s.webhook.unwrap().as_str(), "http://127.0.0.1:8080/rotated");
-        assert_eq!(s.signal.unwrap(), SignalTarget { process: "nginx".into(), signal: "HUP" });
+        assert_eq!(s.signal.unwrap(), SignalTarget { process: "nginx".into(), signal: "HUP", uid: None });
         assert_eq!(s.timeout, DEFAULT_TIMEOUT);
     }
 
@@ -616,20 +738,35 @@ mod tests {
         assert_eq!(p.0.len(), 1, "only bob, whose notification is under way");
     }
 
-    /// A fake `/proc`: (pid, comm, argv, ppid).
+    /// The uid of the processes of [`fake_proc`].
+    const APP_UID: u32 = 1000;
+
+    /// A fake `/proc`: (pid, comm, argv, ppid), each of [`APP_UID`].
     fn fake_proc(processes: &[(i32, &str, &[&str], i32)]) -> tempfile::TempDir {
+        let with_uid: Vec<_> = processes.iter().map(|(p, c, a, pp)| (*p, *c, *a, *pp, APP_UID)).collect();
+        fake_proc_of(&with_uid)
+    }
+
+    /// A fake `/proc`: (pid, comm, argv, ppid, real uid).
+    fn fake_proc_of(processes: &[(i32, &str, &[&str], i32, u32)]) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
-        for (pid, comm, argv, ppid) in processes {
+        for (pid, comm, argv, ppid, uid) in processes {
             let p = dir.path().join(pid.to_string());
             std::fs::create_dir(&p).unwrap();
             std::fs::write(p.join("comm"), format!("{comm}\n")).unwrap();
             let cmdline: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
             std::fs::write(p.join("cmdline"), cmdline).unwrap();
             std::fs::write(p.join("stat"), format!("{pid} ({comm}) S {ppid} {pid} {pid} 0 -1")).unwrap();
+            let status = format!("Name:\t{comm}\nState:\tS (sleeping)\nPid:\t{pid}\nPPid:\t{ppid}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\nGid:\t{uid}\t{uid}\t{uid}\t{uid}\n");
+            std::fs::write(p.join("status"), status).unwrap();
         }
         std::fs::create_dir(dir.path().join("self")).unwrap();
         std::fs::write(dir.path().join("uptime"), "1 1").unwrap();
         dir
+    }
+
+    fn pids(found: Vec<(i32, Option<u32>)>) -> Vec<i32> {
+        found.into_iter().map(|(pid, _)| pid).collect()
     }
 
     #[test]
@@ -648,22 +785,84 @@ mod tests {
             (50, "python3", &["python3", "nginx"], 1),
             (51, "nginx-exporter", &["nginx-exporter"], 1),
         ]);
-        assert_eq!(find_processes(proc.path(), "nginx", 40), [10]);
-        assert_eq!(find_processes(proc.path(), "my-long-application", 40), [20]);
-        assert_eq!(find_processes(proc.path(), "odd) name", 40), [30]);
+        assert_eq!(find_processes(proc.path(), "nginx", 40), [(10, Some(APP_UID))]);
+        assert_eq!(pids(find_processes(proc.path(), "my-long-application", 40)), [20]);
+        assert_eq!(pids(find_processes(proc.path(), "odd) name", 40)), [30]);
         assert_eq!(parent_of(&proc.path().join("30")), Some(20));
         // Never the daemon itself.
-        assert_eq!(find_processes(proc.path(), "magento-token-sidecar", 40), Vec::<i32>::new());
-        assert_eq!(find_processes(proc.path(), "absent", 40), Vec::<i32>::new());
-        assert_eq!(find_processes(Path::new("/no/such/proc"), "nginx", 1), Vec::<i32>::new());
+        assert_eq!(pids(find_processes(proc.path(), "magento-token-sidecar", 40)), Vec::<i32>::new());
+        assert_eq!(pids(find_processes(proc.path(), "absent", 40)), Vec::<i32>::new());
+        assert_eq!(pids(find_processes(Path::new("/no/such/proc"), "nginx", 1)), Vec::<i32>::new());
     }
 
     #[test]
     fn a_missing_process_says_what_the_pod_needs() {
         let proc = fake_proc(&[(10, "nginx", &["nginx"], 1)]);
-        let target = SignalTarget { process: "app".into(), signal: "HUP" };
+        let target = SignalTarget { process: "app".into(), signal: "HUP", uid: Some(APP_UID) };
         let e = signal_processes(proc.path(), &target).unwrap_err();
         assert_eq!(e, "no process named \"app\" (the app's container must share the pod's process namespace: shareProcessNamespace: true)");
+    }
+
+    /// As uid 65534, another user's process of the name with a lower pid (which the daemon may
+    /// not signal) once ended the search before the app; as root, every user's process of the
+    /// name was signalled, decoys (`exec -a app sleep 1000`) included.
+    #[test]
+    fn only_the_apps_own_user_is_signalled() {
+        let proc = fake_proc_of(&[
+            (5, "app", &["app"], 1, 0),
+            (7, "sleep", &["app", "1000"], 1, 4321),
+            (10, "app", &["/srv/app"], 1, 65534),
+            (11, "app", &["/srv/app"], 10, 65534),
+        ]);
+        assert_eq!(find_app(proc.path(), "app", 65534, 99), Ok(10));
+        assert_eq!(find_app(proc.path(), "app", 0, 99), Ok(5));
+        let e = find_app(proc.path(), "app", 1000, 99).unwrap_err();
+        assert_eq!(
+            e,
+            "no process named \"app\" runs as uid 1000, only 5 (uid 0), 7 (uid 4321), 10 (uid 65534): none signalled (set notify.signal.uid to the app's user)"
+        );
+        // The real uid decides: a process whose status cannot be read is nobody's.
+        std::fs::remove_file(proc.path().join("10/status")).unwrap();
+        assert!(find_app(proc.path(), "app", 65534, 99).unwrap_err().contains("10 (uid unknown)"));
+    }
+
+    /// Two main processes of the name and the user: neither is signalled, the failure names both.
+    #[test]
+    fn an_ambiguous_match_is_a_failure_naming_the_pids() {
+        let proc = fake_proc(&[
+            (10, "app", &["app"], 1),
+            (11, "app", &["app"], 10),
+            (20, "app", &["/opt/other/app", "--serve"], 1),
+        ]);
+        let target = SignalTarget { process: "app".into(), signal: "HUP", uid: Some(APP_UID) };
+        assert_eq!(
+            signal_processes(proc.path(), &target).unwrap_err(),
+            "2 processes named \"app\" of uid 1000 could each be the app (10, 20): none signalled (give notify.signal.process a name only the app has)"
+        );
+    }
+
+    #[test]
+    fn a_uid_to_signal_is_checked_where_the_daemon_runs() {
+        let own = rustix::process::geteuid().as_raw();
+        assert_eq!(settings("  signal: {process: app, uid: 33}\n").signal.unwrap().uid, Some(33));
+        assert_eq!(settings("  signal: {process: app}\n").signal.unwrap().uid, None);
+        let p = problems("  signal: {process: app, uid: -1}\n", Checks::Static);
+        assert!(p[0].starts_with("notify.signal"), "{p:?}");
+        let other = own.wrapping_add(4321);
+        let p = problems(&format!("  signal: {{process: app, uid: {other}}}\n"), Checks::Environment);
+        let p: Vec<&String> = p.iter().filter(|p| p.starts_with("notify")).collect();
+        if rustix::process::geteuid().is_root() {
+            assert!(p.is_empty(), "root may signal any user's process: {p:?}");
+        } else {
+            assert_eq!(p.len(), 1, "{p:?}");
+            assert!(
+                p[0].starts_with(&format!("notify.signal.uid: {other}: this process (uid {own}) may not signal")),
+                "{p:?}"
+            );
+        }
+        assert!(problems(&format!("  signal: {{process: app, uid: {own}}}\n"), Checks::Environment)
+            .iter()
+            .all(|p| !p.starts_with("notify")));
     }
 
     #[test]

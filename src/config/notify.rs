@@ -49,6 +49,8 @@ struct RawSignal {
     process: String,
     #[serde(default = "default_signal")]
     signal: String,
+    #[serde(default)]
+    uid: Option<u32>,
 }
 
 fn default_timeout() -> Duration {
@@ -78,6 +80,10 @@ pub struct SignalTarget {
     pub process: String,
     /// One of [`SIGNALS`], without `SIG`.
     pub signal: &'static str,
+    /// Whose processes may be signalled (their real uid); `None`: the daemon's own. A process
+    /// of another user that happens to bear the name (a decoy started with `exec -a`) is
+    /// never the app.
+    pub uid: Option<u32>,
 }
 
 /// The signal a name means (`HUP`, `SIGHUP`, `hup`), if it is one of [`SIGNALS`].
@@ -133,9 +139,21 @@ pub(crate) fn check(raw: &RawNotify, checks: Checks, problems: &mut Vec<Problem>
                 format!("{process:?} must be a process name without '/' (its /proc/<pid>/comm, or the base name of its argv[0])"),
             );
         }
+        if let Some(uid) = s.uid {
+            let own = rustix::process::geteuid();
+            if checks == Checks::Environment && !own.is_root() && own.as_raw() != uid {
+                problem(
+                    "notify.signal.uid",
+                    format!(
+                        "{uid}: this process (uid {}) may not signal another user's processes; run as the app's user (and drop notify.signal.uid) or as root",
+                        own.as_raw()
+                    ),
+                );
+            }
+        }
         let names: Vec<&str> = SIGNALS.iter().map(|(n, _)| *n).collect();
         match signal_named(&s.signal) {
-            Some((name, _)) => Some(SignalTarget { process: process.to_owned(), signal: name }),
+            Some((name, _)) => Some(SignalTarget { process: process.to_owned(), signal: name, uid: s.uid }),
             None => {
                 problem("notify.signal.signal", format!("{:?} is not one of {}", s.signal, names.join(", ")));
                 None
