@@ -249,12 +249,12 @@ async fn a_webhook_gets_the_customer_file_and_expiry_as_json() {
     assert_eq!(d.stop().await.code(), Some(0));
 }
 
-/// The app, a process of its own found by name: a copy of the shell named `app-under-test`
-/// that writes a line for every SIGHUP (and forks a `sleep` child now and then, which is not
-/// signalled: its parent matches too).
-struct App(Child);
+/// A process killed when the test ends, whatever happened: the app, a process of its own found
+/// by name (a copy of the shell named `app-under-test` that writes a line for every SIGHUP), or a
+/// decoy bearing its name.
+struct Killed(Child);
 
-impl Drop for App {
+impl Drop for Killed {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -269,16 +269,18 @@ async fn a_signal_reaches_the_app_found_by_name() {
     std::fs::copy("/bin/sh", &app_binary).unwrap();
     let hups = out.join("hups");
     let ready = out.join("ready");
-    let _app = App(Command::new(&app_binary)
-        .arg("-c")
-        .arg(format!(
-            "trap 'echo hup >> {}' HUP; echo ready > {}; while :; do sleep 1 & wait $!; done",
-            hups.display(),
-            ready.display()
-        ))
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap());
+    let _app = Killed(
+        Command::new(&app_binary)
+            .arg("-c")
+            .arg(format!(
+                "trap 'echo hup >> {}' HUP; echo ready > {}; while :; do sleep 1 & wait $!; done",
+                hups.display(),
+                ready.display()
+            ))
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     wait_for(10 * SEC, "the app to start", || async { ready.exists().then_some(()) }).await;
     let notify = notify_section("  signal: {process: app-under-test, signal: HUP}\n");
     w.write_config(&w.config_text(&[(ALICE.0, ALICE.1)], "", &notify));
@@ -582,18 +584,8 @@ fn not_ended(pid: u32) -> bool {
     state_and_parent(pid).is_some_and(|(state, _)| state != 'Z')
 }
 
-/// A process killed when the test ends, whatever happened.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
-// Item 6: `signal` reaches the app, and only the app.
+// `signal` reaches the app, and only the app.
 
 /// As root (needed for `output.uid`), another user's process that bears the app's name (a
 /// decoy: `exec -a app-under-test sleep`) was signalled with the app; now only processes of the
@@ -657,7 +649,7 @@ async fn a_decoy_of_another_user_is_never_signalled() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Item 5: a command's output is a field of the daemon's line, bounded.
+// A command's output is a field of the daemon's line, bounded.
 
 /// A command that prints a forged JSON log line, a plain text line and 20 MB: every line of
 /// the daemon's log is still its own JSON, the output shows as escaped fields of one line,
@@ -702,7 +694,7 @@ async fn a_commands_output_never_forges_a_log_line() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Item 4: what commands leave running, as PID 1 and not.
+// What commands leave running, as PID 1 and not.
 
 /// The daemon's children that ended and were not waited for.
 fn zombies_of(pid: u32) -> usize {
