@@ -646,6 +646,11 @@ fn validate(raw: RawConfig, checks: Checks, keep: bool) -> Result<(Config, ReadP
     check_index(&mut v, &raw);
     if let Some(k) = &kubernetes {
         check_secret_size(&mut v, k, &customers);
+        if raw.notify.is_some() {
+            // The holder's own pod is the only one that would be told; the apps read the
+            // mounted Secret, which the kubelet updates.
+            v.problem("notify", "does not apply to output.kubernetes: only the Lease holder's pod would be told, while the apps read the mounted Secret, which the kubelet updates; an app that got a 401 asks POST /refresh/<name>".into());
+        }
     }
     let notify = raw.notify.as_ref().and_then(|n| notify::check(n, checks, &mut v.problems));
     if !v.problems.is_empty() {
@@ -1257,6 +1262,9 @@ customers:
         let p = problems(&file_only);
         assert!(p[0].starts_with("output.uid: does not apply to output.kubernetes"), "{p:?}");
         assert!(p[1].starts_with("output.index: is not written with output.kubernetes"), "{p:?}");
+        let told = kube.clone() + "notify:\n  webhook: http://127.0.0.1:8080/rotated\n";
+        let p = problems(&told);
+        assert!(p.len() == 1 && p[0].starts_with("notify: does not apply to output.kubernetes"), "{p:?}");
         let bad_key = format!("{kube}    file: alice token\n");
         assert!(problems(&bad_key)[0].starts_with("customers[0].file: \"alice token\" cannot be a key of the Secret"));
         // 600 customers with json tokens of up to 2 KiB: more than 1 MiB.

@@ -303,6 +303,7 @@ fn reloaded(result: Result<String, String>, logging: &Logging, metrics: &Metrics
 
 async fn reload(path: &Path, supervisor: &mut Supervisor, lock: &mut sink::DirLock) -> Result<String, String> {
     let new = config::load(path, Checks::Environment).map_err(|e| e.to_string())?;
+    same_output(None, new.output.kubernetes.as_ref())?;
     if new.admin_listen != supervisor.admin_listen || new.log.format != supervisor.log_format {
         info!("admin.listen and log.format take effect at the next start");
     }
@@ -438,6 +439,21 @@ pub async fn run_central(
     Ok(())
 }
 
+/// What no reload may change, in either mode: where the tokens go (files or a Secret) and,
+/// with a Secret, its settings. Both take effect at the next start: a running daemon holds a
+/// directory's lock, or runs for a Lease.
+fn same_output(
+    old: Option<&config::kubernetes::KubeSettings>,
+    new: Option<&config::kubernetes::KubeSettings>,
+) -> Result<(), String> {
+    match (old, new) {
+        (None, None) => Ok(()),
+        (Some(old), Some(new)) if old == new => Ok(()),
+        (Some(_), Some(_)) => Err("output.kubernetes changed: it takes effect at the next start".to_owned()),
+        _ => Err("output: a change between output.dir and output.kubernetes takes effect at the next start".to_owned()),
+    }
+}
+
 /// A reload with `output.kubernetes`: the holder's workers take the new configuration as with
 /// files; a standby keeps it for when it holds the Lease. `output.kubernetes` itself takes effect
 /// at the next start.
@@ -447,9 +463,7 @@ async fn reload_central(
     supervisor: Option<&mut Supervisor>,
 ) -> Result<String, String> {
     let new = config::load(path, Checks::Environment).map_err(|e| e.to_string())?;
-    if new.output.kubernetes != config.output.kubernetes {
-        return Err("output.kubernetes changed: it takes effect at the next start".to_owned());
-    }
+    same_output(config.output.kubernetes.as_ref(), new.output.kubernetes.as_ref())?;
     if let Some(running) = supervisor {
         running.apply(new.clone()).await.map_err(|e| e.to_string())?;
     }

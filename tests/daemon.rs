@@ -495,3 +495,32 @@ async fn a_reload_of_format_and_mode_rewrites_the_same_token() {
     assert_eq!(w.server.login_attempts(ALICE.1), 1, "no new login");
     assert_eq!(d.stop().await.code(), Some(0));
 }
+
+/// A reload that moves the tokens from `output.dir` to `output.kubernetes` took a lock file in
+/// the daemon's working directory (the Secret's empty directory); it is refused naming `output`,
+/// and the old configuration runs on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_switches_the_output_is_refused_and_leaves_no_file() {
+    let w = World::with_customers(&[ALICE]).await;
+    let text = w.config_text(&[(ALICE.0, ALICE.1)], "", "");
+    w.write_config(&text);
+    let cwd = w.dir.path().join("cwd");
+    std::fs::create_dir(&cwd).unwrap();
+    let in_cwd = cwd.clone();
+    let mut d = w.start_with(move |c| {
+        c.current_dir(in_cwd);
+    });
+    d.wait_ready(10 * SEC).await;
+    let dir_line = format!("  dir: {}\n", w.tokens().display());
+    assert!(text.contains(&dir_line), "{text}");
+    w.write_config(&text.replace(&dir_line, "  kubernetes:\n    secret: magento-tokens\n"));
+    d.signal("HUP");
+    d.wait_metric("magento_token_config_reloads_total{result=\"failure\"}", 1.0, 5 * SEC).await;
+    assert!(d
+        .logs()
+        .contains("output: a change between output.dir and output.kubernetes takes effect at the next start"));
+    let left: Vec<_> = std::fs::read_dir(&cwd).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "files left in the working directory: {left:?}");
+    assert_eq!(d.metric(&series("magento_token_valid", "alice")).await, Some(1.0));
+    assert_eq!(d.stop().await.code(), Some(0));
+}
