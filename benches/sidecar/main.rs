@@ -22,6 +22,7 @@
 //! written to `target/sidecar-bench.md`. Nothing here passes or fails a test: it reports.
 
 mod fixture;
+mod hot_list;
 mod measure;
 
 use std::fmt::Write as _;
@@ -206,6 +207,7 @@ fn bench(quick: bool) -> io::Result<String> {
     if tools.curl.is_none() {
         notes.push("curl not found (`apt-get install -y curl`): the curl baseline is skipped.".into());
     }
+    notes.extend(hot_list::staleness());
 
     eprintln!("preparing {max_n} customers ...");
     let fx = Fixture::new(max_n.max(10_000), token_fs)?;
