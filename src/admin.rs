@@ -14,7 +14,7 @@
 //! |-------|-------|---------------|
 //! | [`HEADER_READ_TIMEOUT`] | 5 s | a request's head (line and headers) must arrive whole within 5 s of the wait for it starting: on a new connection and between keep-alive requests alike (hyper's header-read timer), so idle and half-sent connections are closed |
 //! | [`STALL_TIMEOUT`] | 10 s | a connection on which no byte moved either way for 10 s is dropped: a client that never reads its answers, or trickles a body |
-//! | [`MAX_CONNECTIONS`] | 64, at most a quarter of the open-file limit | a new connection beyond it takes the slot of the oldest connection still waiting for a request head, which is closed; only when every connection is being answered is the new one closed at once |
+//! | [`MAX_CONNECTIONS`] | 64, at most a quarter of the open-file limit | a new connection beyond it takes the slot of the oldest connection whose request is not being handled (waiting for a request head, or sending an answer the client does not read), which is closed; only when every connection's request is being handled (a `POST /refresh` waiting for Magento) is the new one closed at once |
 //! | [`MAX_BUF_SIZE`] | 16 KiB | the read buffer of one connection |
 //!
 //! Making room for the newest connection is what keeps `/healthz` answering. Clients that
@@ -49,7 +49,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use hyper::body::{Frame, SizeHint};
 use hyper::server::conn::http1;
 use hyper::service::Service as _;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -238,13 +237,14 @@ pub async fn serve(
 /// A connection being served, as the accept loop sees it.
 struct Served {
     task: AbortHandle,
-    /// The requests being answered on it (head read, answer not yet sent whole): none while
-    /// it waits for a request head or reads one.
+    /// The requests being handled on it (head read, answer not yet made): none while it waits
+    /// for a request head, reads one, or sends an answer.
     answering: Arc<AtomicUsize>,
 }
 
-/// Closes the oldest connection that is answering no request (it waits for a request head,
-/// or reads one), to give its slot to a new one: whether there was one.
+/// Closes the oldest connection whose request is not being handled (it waits for a request
+/// head, reads one, or sends an answer the client may not read), to give its slot to a new
+/// one: whether there was one.
 fn make_room(served: &mut VecDeque<Served>) -> bool {
     let Some(at) = served.iter().position(|c| c.answering.load(Ordering::Acquire) == 0) else {
         return false;
@@ -271,7 +271,13 @@ async fn connection(
     let service = hyper::service::service_fn(move |request| {
         let held = Answering::begin(&answering);
         let answer = router.call(request);
-        async move { answer.await.map(|response| response.map(|body| Held { body, _held: held })) }
+        // Counted until the answer is made, not until it is sent: a client that does not read
+        // what it asked for holds no slot that room could not be made from.
+        async move {
+            let answer = answer.await;
+            drop(held);
+            answer
+        }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -316,29 +322,6 @@ impl Answering {
 impl Drop for Answering {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// An answer's body, holding its request's [`Answering`] until it is sent.
-struct Held {
-    body: Body,
-    _held: Answering,
-}
-
-impl hyper::body::Body for Held {
-    type Data = <Body as hyper::body::Body>::Data;
-    type Error = <Body as hyper::body::Body>::Error;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
     }
 }
 

@@ -161,14 +161,18 @@ pub fn ledger_path(token_path: &Path) -> PathBuf {
 
 /// The ledger beside this token file, as read: `None` when there is none. Like the token file,
 /// a ledger that is a symbolic link or not a regular file is not one of ours: ignored, with a
-/// warning (the next write replaces it). One that is ours but cannot be read (too large, not a
-/// record) is returned as such, to count as the worst case.
+/// warning (the next write replaces it). One that is a regular file but cannot be read (too
+/// large, not readable by this user, not a record) is returned as such, to count as the worst
+/// case.
 pub fn read_ledger(token_path: &Path) -> Option<Read> {
     let path = ledger_path(token_path);
     match sink::read_regular(&path, MAX_LEDGER_FILE, false) {
         Ok((bytes, _)) => Some(parse(&bytes)),
         Err(e) if e.is_not_found() => None,
-        Err(e @ ReadError::TooLarge(_)) => Some(Err(format!("it {e}"))),
+        // Ours, but it cannot be read (too large, permission denied, an I/O error): it may hold
+        // failures, so it counts as the worst case.
+        Err(e @ (ReadError::TooLarge(_) | ReadError::Io(_))) => Some(Err(format!("it {e}"))),
+        // A FIFO, a device or a symbolic link is not a ledger this daemon wrote.
         Err(e) => {
             warn!("{} {e}: ignored as a record of earlier 401s", path.display());
             None

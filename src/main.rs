@@ -289,8 +289,12 @@ async fn serve(config_path: &Path, config: Config, admin_listener: Option<TcpLis
             return FAILED;
         }
     };
-    // The reaper of what notify commands leave behind, as PID 1 or not (see `reaper`).
-    reaper::adopt();
+    // The reaper of what notify commands leave behind, as PID 1 or not (see `reaper`). Not with
+    // output.kubernetes, which has no notify: the kube client's credential plugins are children
+    // it waits for itself, unregistered, whose exit status a reaper would take.
+    if config.output.kubernetes.is_none() {
+        reaper::adopt();
+    }
     // Before anything touches the output directory (or the admin port): one daemon per directory.
     // (With output.kubernetes the Lease decides who writes.)
     let lock = match config.output.kubernetes {

@@ -409,11 +409,12 @@ impl Printed {
         }
     }
 
-    /// The kept start as a log field: invalid UTF-8 replaced, control characters escaped (no
-    /// line of its own, no terminal sequence), a cut marked `…`.
+    /// The kept start as a log field: invalid UTF-8 replaced, anything that could be a token
+    /// redacted (a command may print the token file), control characters escaped (no line of
+    /// its own, no terminal sequence), a cut marked `…`.
     fn shown(&self) -> String {
         let text = String::from_utf8_lossy(&self.start);
-        let mut shown = crate::logging::escape_controls(&text).into_owned();
+        let mut shown = crate::logging::escape_controls(&crate::shown::without_tokens(&text)).into_owned();
         if self.total > self.start.len() as u64 {
             shown.push('…');
         }

@@ -572,6 +572,38 @@ fn html_unescape(text: &str) -> String {
     out
 }
 
+/// The fewest characters of a run that may be a token (an opaque token has 32; a JWT far more).
+const TOKEN_LIKE: usize = 32;
+
+/// `text` with every run that could be a token replaced by `<redacted>`: a run of at least
+/// [`TOKEN_LIKE`] characters of the RFC 6750 token set (`[A-Za-z0-9._~+/-]`, `=` padding) with a
+/// digit in it. For text the daemon shows but did not write, where it cannot know which token
+/// may be in it (what a notify command prints: `curl -v`, `set -x`, `cat` of the token file). A
+/// long path or identifier with a digit goes too; a token cut to fewer characters is no token.
+pub fn without_tokens(text: &str) -> std::borrow::Cow<'_, str> {
+    let in_set = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '~' | '+' | '/' | '-' | '=');
+    let mut out = String::new();
+    let mut kept = 0;
+    let mut rest = text;
+    let mut at = 0;
+    while let Some(start) = rest.find(in_set) {
+        let run_len = rest[start..].find(|c: char| !in_set(c)).unwrap_or(rest.len() - start);
+        let run = &rest[start..start + run_len];
+        if run.len() >= TOKEN_LIKE && run.bytes().any(|b| b.is_ascii_digit()) {
+            out.push_str(&text[kept..at + start]);
+            out.push_str("<redacted>");
+            kept = at + start + run_len;
+        }
+        at += start + run_len;
+        rest = &rest[start + run_len..];
+    }
+    if kept == 0 {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    out.push_str(&text[kept..]);
+    std::borrow::Cow::Owned(out)
+}
+
 /// Where JSON from elsewhere (an API's answer, a record others may edit) stopped parsing: never
 /// its text, nor a value in it (serde's own message may quote one).
 #[derive(Debug)]
@@ -602,6 +634,21 @@ impl std::fmt::Display for Malformed {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn runs_that_could_be_tokens_are_redacted_and_the_rest_kept() {
+        let jwt = "eyJraWQiOiIxIiwiYWxnIjoiSFMyNTYifQ.eyJ1aWQiOjMsInV0eXBpZCI6M30.c2lnbmF0dXJl-_x";
+        let opaque = "0123456789abcdefghijklmnopqrstuv";
+        assert_eq!(
+            without_tokens(&format!("> Authorization: Bearer {jwt}\ncat: {opaque} done")),
+            "> Authorization: Bearer <redacted>\ncat: <redacted> done"
+        );
+        let plain = "reloaded /var/run/app (pid 42) in 3 ms; see https://example.com/docs";
+        assert!(matches!(without_tokens(plain), std::borrow::Cow::Borrowed(_)), "nothing to redact");
+        assert_eq!(without_tokens(""), "");
+        assert_eq!(without_tokens(opaque), "<redacted>");
+        assert_eq!(without_tokens("é"), "é");
+    }
 
     /// A password with what JSON escapes: quotes and a backslash.
     pub(crate) const PW: &str = r#"Sekr3t"Q\uote-PW9"#;

@@ -156,7 +156,8 @@ impl Store {
         match self {
             Store::Files => ledger::remove_ledger(&customer.path),
             Store::Secret(tokens) => {
-                if tokens.ledger(key(customer)).is_some() {
+                let cleared = |r: &Record| r.chain == 0 && r.in_a_row == 0 && !r.forgotten;
+                if tokens.ledger(key(customer)).is_some_and(|read| !read.as_ref().is_ok_and(cleared)) {
                     tokens.enqueue(Change::Ledger { key: key(customer).to_owned(), entry: None });
                 }
             }

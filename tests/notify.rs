@@ -662,12 +662,12 @@ async fn a_commands_output_never_forges_a_log_line() {
     let chatty = script(
         &w,
         "chatty.sh",
-        &format!("printf '%s\\n' '{FORGED}' >&2\necho 'plain text, not JSON' >&2\necho to-stdout\nhead -c {BIG} /dev/zero | tr '\\0' x >&2\n"),
+        &format!("printf '%s\\n' '{FORGED}' >&2\necho 'plain text, not JSON' >&2\necho to-stdout\ncat \"$MAGENTO_TOKEN_FILE\"\nhead -c {BIG} /dev/zero | tr '\\0' x >&2\n"),
     );
     let notify = notify_section(&format!("  exec: [\"{}\"]\n  timeout: 60s\n", chatty.display()));
     w.write_config(&w.config_text(&[(ALICE.0, ALICE.1)], "", &notify));
     let mut d = w.start();
-    w.wait_token("alice", None, 10 * SEC).await;
+    let token = w.wait_token("alice", None, 10 * SEC).await;
     d.wait_metric(&notified("alice", "success"), 1.0, 60 * SEC).await;
     let log_bytes = std::fs::metadata(&d.log).unwrap().len();
     let logs = d.logs();
@@ -686,8 +686,10 @@ async fn a_commands_output_never_forges_a_log_line() {
     assert!(stderr.starts_with(&format!("{FORGED}\\nplain text, not JSON\\nxxx")), "{stderr:.300}");
     assert!(stderr.ends_with('…') && stderr.len() < 4096, "{} bytes shown", stderr.len());
     assert_eq!(line["stderr_bytes"], BIG + FORGED.len() as u64 + 1 + 21);
-    assert_eq!(line["stdout"], "to-stdout\\n");
-    assert_eq!(line["stdout_bytes"], 10);
+    // The token file the command printed is not copied into the log.
+    assert_eq!(line["stdout"], "to-stdout\\n<redacted>");
+    assert_eq!(line["stdout_bytes"], 10 + token.len() as u64);
+    d.assert_secrets_hidden(&[token]).await;
     assert!(log_bytes < 200_000, "the log holds {log_bytes} bytes: the output was copied");
     eprintln!("log: {log_bytes} bytes; the daemon's peak RSS: {:?} KiB", d.peak_rss_kib());
     assert_eq!(d.stop().await.code(), Some(0));

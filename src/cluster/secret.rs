@@ -149,8 +149,9 @@ impl Contents {
         let times = self.times.get(key)?;
         let (token, _, _) = crate::sink::parse_token_content(&self.data.get(key)?.0)?;
         crate::token::check_form(token.expose()).ok()?;
-        crate::token::expiry(&token, times.obtained_at, default_lifetime).ok()?;
-        Some(times.expires_at)
+        let own = crate::token::expiry(&token, times.obtained_at, default_lifetime).ok()?;
+        // Never later than the token itself says: the annotation may be edited by anyone.
+        Some(times.expires_at.min(own.expires_at))
     }
 
     /// Applies one change; a token obtained before the one there is dropped (a former
@@ -167,6 +168,13 @@ impl Contents {
             }
             Change::Ledger { key, entry: Some(entry) } => {
                 self.ledgers.insert(key.clone(), Entry::Record(entry.clone()));
+            }
+            // While an annotation that did not parse is kept, a key without an entry counts as
+            // unreadable: a cleared key keeps an entry with nothing in it.
+            Change::Ledger { key, entry: None } if self.unreadable_ledgers.is_some() => {
+                let cleared =
+                    Record { username: String::new(), in_a_row: 0, chain: 0, last_failure: 0, forgotten: false };
+                self.ledgers.insert(key.clone(), Entry::Record(cleared));
             }
             Change::Ledger { key, entry: None } => {
                 self.ledgers.remove(key);
@@ -479,6 +487,11 @@ mod tests {
         assert_eq!(c.expiry("bob", hour), Some(from_unix(2_000_000_000)), "in another format");
         c.data.insert("carol".into(), ByteString(b"c4r0l".to_vec()));
         assert_eq!(c.expiry("carol", hour), None, "a token without its times");
+        // An annotation that says 2099 over an opaque token obtained an hour ago: the token's
+        // own lifetime counts, not the annotation.
+        let edited = Times { obtained_at: times.obtained_at, expires_at: from_unix(4_070_908_800) };
+        c.times.insert("alice".into(), edited);
+        assert_eq!(c.expiry("alice", hour), Some(times.obtained_at + hour), "never later than the token says");
     }
 
     #[test]
@@ -539,8 +552,16 @@ mod tests {
         let secret = c.to_secret("s");
         let annotations = secret.metadata.annotations.clone().unwrap();
         assert_eq!(annotations[LEDGER_UNREADABLE], "{not json");
-        let back = Contents::from_secret(secret);
+        let mut back = Contents::from_secret(secret);
         assert!(back.ledger("alice").unwrap().is_err(), "still unknown after a write");
         assert!(matches!(back.ledger("bob"), Some(Ok(r)) if r.forgotten), "an entry of its own is read");
+        // Bob's forgotten count taken, then cleared: he keeps an empty entry of his own, read as
+        // nothing recorded, not as unreadable again.
+        back.apply(&Change::Ledger { key: "bob".into(), entry: None });
+        let again = Contents::from_secret(back.to_secret("s"));
+        let judged = again
+            .ledger("bob")
+            .map(|read| crate::ledger::judge(read, "bob@x", "bob", std::time::SystemTime::now(), &Default::default()));
+        assert_eq!(judged, Some(crate::ledger::Recorded::Nothing));
     }
 }
