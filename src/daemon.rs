@@ -18,7 +18,6 @@ use crate::account::Accounts;
 use crate::attempt::{self, Attempt, NoToken, Obtained};
 use crate::clock::Clock;
 use crate::cluster::lease;
-use crate::cluster::secret::Times;
 use crate::cluster::secret::Tokens;
 use crate::cluster::Cluster;
 use crate::config::{
@@ -33,6 +32,7 @@ use crate::schedule::{self, AuthState};
 use crate::secret::Secret;
 use crate::signals::Signal;
 use crate::sink;
+use crate::sink::Times;
 use crate::status::{Board, Reporter};
 use crate::store::{Durable, Store};
 use crate::worker::{Shared, Worker};

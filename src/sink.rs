@@ -120,6 +120,31 @@ pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t.clamp(std::time::UNIX_EPOCH, last)).to_string()
 }
 
+/// When a token was obtained and when it expires: what a write records, in either store (the
+/// Secret keeps it in an annotation, in RFC 3339).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Times {
+    #[serde(with = "rfc3339")]
+    pub obtained_at: SystemTime,
+    #[serde(with = "rfc3339")]
+    pub expires_at: SystemTime,
+}
+
+mod rfc3339 {
+    use std::time::SystemTime;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::rfc3339(*t))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_rfc3339(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 /// The most read of a token file: a token is at most 8 KiB, the json format adds little.
 pub const MAX_TOKEN_FILE: usize = 64 * 1024;
 

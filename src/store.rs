@@ -8,11 +8,11 @@ use std::time::SystemTime;
 
 use zeroize::Zeroizing;
 
-use crate::cluster::secret::{Change, Times, Tokens};
+use crate::cluster::secret::{Change, Tokens};
 use crate::config::{CustomerConfig, RefreshSettings};
 use crate::ledger::{self, Record, Recorded};
 use crate::schedule::AuthState;
-use crate::sink::{self, OnDisk, Perms};
+use crate::sink::{self, OnDisk, Perms, Times};
 
 #[derive(Clone)]
 pub enum Store {

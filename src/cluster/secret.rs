@@ -16,7 +16,6 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
 use kube::api::PostParams;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -24,6 +23,7 @@ use tracing::{debug, warn};
 use super::lease::Term;
 use super::{ApiError, Cluster};
 use crate::ledger::{self, Record};
+use crate::sink::Times;
 
 /// The annotation with each key's times: `{"<key>": {"obtained_at": "...", "expires_at": "..."}}`.
 pub const TIMES: &str = "magento-token-sidecar/times";
@@ -39,15 +39,6 @@ pub const SETTLE: Duration = Duration::from_millis(100);
 
 /// Conflicts in a row before a batch of changes is given up (the callers retry).
 const MAX_CONFLICTS: u32 = 5;
-
-/// When a token was obtained and when it expires.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Times {
-    #[serde(with = "rfc3339")]
-    pub obtained_at: SystemTime,
-    #[serde(with = "rfc3339")]
-    pub expires_at: SystemTime,
-}
 
 /// A key's entry in the ledger annotation as found: a record, or a value that is not one. A
 /// damaged entry is kept as it is (written back unchanged) and counts as the worst case for its
@@ -428,21 +419,6 @@ pub async fn forget(
         }
     }
     Err(format!("the Secret {name} changed {MAX_CONFLICTS} times while being written"))
-}
-
-mod rfc3339 {
-    use std::time::SystemTime;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&crate::sink::rfc3339(*t))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_rfc3339(&text).map_err(serde::de::Error::custom)
-    }
 }
 
 #[cfg(test)]
