@@ -812,8 +812,16 @@ fn check_kubernetes_output(
     if o.index.is_some() {
         v.problem("output.index", "is not written with output.kubernetes: each customer's token is a key of the Secret, and the mounted Secret is the directory".into());
     }
+    if !cfg!(feature = "kubernetes") {
+        v.problem("output.kubernetes", NO_KUBERNETES.into());
+    }
     kubernetes::check(k, &mut v.problems)
 }
+
+/// Why a build without the `kubernetes` feature refuses `output.kubernetes`, which it still
+/// parses and checks like any other key: every command reports it as a bad configuration.
+pub const NO_KUBERNETES: &str =
+    "this build has no Kubernetes support (the sidecar image); use the central image, or build with --features kubernetes";
 
 /// `output.dir`, or nothing with `output.kubernetes`.
 fn output_dir(o: &RawOutput) -> PathBuf {
@@ -1239,6 +1247,19 @@ customers:
 
     fn problems(yaml: &str) -> Vec<String> {
         parse(yaml, Checks::Static).unwrap_err().iter().map(|p| p.to_string()).collect()
+    }
+
+    /// The sidecar image's build: `output.kubernetes` is parsed and checked as always, then
+    /// refused by name, with what to do instead (scripts/test runs this without the feature).
+    #[cfg(not(feature = "kubernetes"))]
+    #[test]
+    fn without_the_kubernetes_feature_output_kubernetes_is_refused_by_name() {
+        let kube = MINIMAL.replace("  dir: /tmp\n", "  kubernetes:\n    secret: magento-tokens\n");
+        assert_eq!(problems(&kube), ["output.kubernetes: this build has no Kubernetes support (the sidecar image); use the central image, or build with --features kubernetes"]);
+        // Its own checks still run: a bad key is reported beside it.
+        let bad = kube.replace("secret: magento-tokens", "secret: Not_A_Name");
+        let p = problems(&bad);
+        assert!(p.len() == 2 && p.iter().any(|p| p.starts_with("output.kubernetes.secret")), "{p:?}");
     }
 
     #[test]

@@ -17,9 +17,8 @@ use tracing::{error, info, warn};
 use crate::account::Accounts;
 use crate::attempt::{self, Attempt, NoToken, Obtained};
 use crate::clock::Clock;
-use crate::cluster::lease;
-use crate::cluster::secret::Tokens;
-use crate::cluster::Cluster;
+#[cfg(feature = "kubernetes")]
+use crate::cluster::{lease, secret::Tokens, Cluster};
 use crate::config::{
     self, Checks, Config, CustomerConfig, LogFormat, MagentoSettings, OutputSettings, PasswordError, ReadPasswords,
     RefreshSettings,
@@ -323,6 +322,7 @@ async fn reload(path: &Path, supervisor: &mut Supervisor, lock: &mut sink::DirLo
     Ok(level)
 }
 
+#[cfg(feature = "kubernetes")]
 /// `run` with `output.kubernetes`: one replica of a Deployment. It stands by, reading the
 /// Secret for `/readyz` and `/status`, until it holds the Lease; then it runs the workers as
 /// with files, writing the Secret, until it stops or no longer holds the Lease.
@@ -454,6 +454,7 @@ fn same_output(
     }
 }
 
+#[cfg(feature = "kubernetes")]
 /// A reload with `output.kubernetes`: the holder's workers take the new configuration as with
 /// files; a standby keeps it for when it holds the Lease. `output.kubernetes` itself takes effect
 /// at the next start.
@@ -472,6 +473,7 @@ async fn reload_central(
     Ok(config.log.level.clone())
 }
 
+#[cfg(feature = "kubernetes")]
 /// A standby's board: every configured customer with the expiry of its token in the Secret, so
 /// `/readyz` is 200 on every replica when the Secret holds an unexpired token for each. Only a
 /// token in the Secret's data counts, not the times annotation alone; one gone is gone here too.
@@ -495,6 +497,7 @@ fn stand_by(config: &Config, board: &Board, tokens: &Tokens) {
     }
 }
 
+#[cfg(feature = "kubernetes")]
 /// `once` with `output.kubernetes`: takes the Lease (waiting for it until `timeout`), writes
 /// the Secret once under it, and gives it up.
 pub async fn once_central(config: &Config, timeout: Duration, board: Board) -> Result<Vec<OnceResult>, String> {
@@ -605,6 +608,7 @@ pub async fn once_in(
     let deadline = Instant::now() + timeout;
     let (dir, ledgers) = match store {
         Store::Files => (sink::open_dir(&config.output.dir).ok(), ledgers_in(&config.output.dir)),
+        #[cfg(feature = "kubernetes")]
         Store::Secret(_) => (None, None),
     };
     let pass = Pass {
@@ -662,6 +666,7 @@ pub async fn once_in(
     // One sync for the whole batch: every file and the directory (the Secret's writes are
     // answered once stored).
     let synced = match (store, &dir) {
+        #[cfg(feature = "kubernetes")]
         (Store::Secret(_), _) => Ok(()),
         (Store::Files, Some(dir)) => sink::sync_file_system(dir),
         (Store::Files, None) => sink::sync_directory(&config.output.dir),

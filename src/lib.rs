@@ -15,7 +15,7 @@
 //! | [`attempt`]  | one login under the lockout policy: the only path a password is sent by          |
 //! | [`ledger`]   | the record of recent 401s that outlives the process, judged before it is believed|
 //! | [`sink`]     | atomic, durable token files; reading back what an earlier run left               |
-//! | [`cluster`]  | `output.kubernetes`: the Lease election and the Secret every replica reads       |
+//! | [`cluster`]  | `output.kubernetes`: the Lease election and the Secret (feature `kubernetes`)   |
 //! | [`store`]    | where tokens and 401 ledgers go: files ([`sink`]) or the Secret ([`cluster`])    |
 //! | [`index`]    | `output.index`: every customer's token in one file, rebuilt when any changes    |
 //! | [`worker`]   | one customer's loop, tying the above together                                    |
@@ -35,6 +35,7 @@ pub mod account;
 pub mod admin;
 pub mod attempt;
 pub mod clock;
+#[cfg(feature = "kubernetes")]
 pub mod cluster;
 pub mod config;
 pub mod daemon;

@@ -11,13 +11,15 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+#[cfg(feature = "kubernetes")]
+use magento_token_sidecar::cluster;
 use magento_token_sidecar::config::{self, Checks, Config, ConfigError, ReadPasswords};
 use magento_token_sidecar::ledger::{self, Forget};
 use magento_token_sidecar::logging::{self, Logging};
 use magento_token_sidecar::metrics::Metrics;
 use magento_token_sidecar::signals;
 use magento_token_sidecar::status::Board;
-use magento_token_sidecar::{admin, cluster, daemon, reaper, sink, store};
+use magento_token_sidecar::{admin, daemon, reaper, sink, store};
 
 const BAD_CONFIG: u8 = 2;
 const FAILED: u8 = 1;
@@ -207,6 +209,9 @@ async fn forget_failures(path: &Path, names: &[String]) -> u8 {
         }
     }
     let (verdicts, retry_within) = match &config.output.kubernetes {
+        #[cfg(not(feature = "kubernetes"))]
+        Some(_) => return no_kubernetes(),
+        #[cfg(feature = "kubernetes")]
         Some(k) => match cluster::secret::forget(
             k,
             &customers.iter().map(|c| (store::key(c), c.username.as_str())).collect::<Vec<_>>(),
@@ -221,7 +226,9 @@ async fn forget_failures(path: &Path, names: &[String]) -> u8 {
                 return FAILED;
             }
         },
-        None => (customers.iter().map(|c| store::Store::forget_failures(c)).collect(), Duration::from_secs(2)),
+        None => {
+            (customers.iter().map(|c| store::Store::forget_failures(c)).collect::<Vec<_>>(), Duration::from_secs(2))
+        }
     };
     let within = humantime::format_duration(retry_within);
     let magento = "first make sure Magento's own count is gone: the username's row in oauth_token_request_log deleted, or cleared by the store's cron";
@@ -257,6 +264,14 @@ async fn forget_failures(path: &Path, names: &[String]) -> u8 {
         }
     }
     code
+}
+
+/// `output.kubernetes` in a build without the `kubernetes` feature: `config::load` refuses it
+/// already, so this is only the last word of a command that got past it.
+#[cfg(not(feature = "kubernetes"))]
+fn no_kubernetes() -> u8 {
+    eprintln!("output.kubernetes: {}", config::NO_KUBERNETES);
+    BAD_CONFIG
 }
 
 /// Loads and fully checks the configuration; on failure prints every problem.
@@ -329,7 +344,10 @@ async fn serve(config_path: &Path, config: Config, admin_listener: Option<TcpLis
         Some(lock) => daemon::run(config_path, config, lock, metrics, logging, signals)
             .await
             .map_err(|e| (e.to_string(), BAD_CONFIG)),
+        #[cfg(not(feature = "kubernetes"))]
+        None => Err((format!("output.kubernetes: {}", config::NO_KUBERNETES), BAD_CONFIG)),
         // No API to talk to is the environment's fault, not the configuration's.
+        #[cfg(feature = "kubernetes")]
         None => daemon::run_central(config_path, config, metrics, logging, signals).await.map_err(|e| (e, FAILED)),
     };
     admin_stop.cancel();
@@ -364,6 +382,9 @@ async fn once(config: Config, passwords: ReadPasswords, timeout: Duration) -> u8
         info!("notify is not used by once: the app, started after it (an init container) or apart from it, reads the files it wrote");
     }
     let results = if config.output.kubernetes.is_some() {
+        #[cfg(not(feature = "kubernetes"))]
+        return no_kubernetes();
+        #[cfg(feature = "kubernetes")]
         match daemon::once_central(&config, timeout, Board::new()).await {
             Ok(results) => results,
             Err(e) => {

@@ -3,11 +3,11 @@
 //! The workers, `once` and the lockout bookkeeping see only this.
 
 use std::io;
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use zeroize::Zeroizing;
 
+#[cfg(feature = "kubernetes")]
 use crate::cluster::secret::{Change, Tokens};
 use crate::config::{CustomerConfig, RefreshSettings};
 use crate::ledger::{self, Record, Recorded};
@@ -19,7 +19,8 @@ pub enum Store {
     /// A file per customer (`customer.path`), its ledger beside it.
     Files,
     /// A key per customer (`customer.path` is the key) in the Secret.
-    Secret(Arc<Tokens>),
+    #[cfg(feature = "kubernetes")]
+    Secret(std::sync::Arc<Tokens>),
 }
 
 /// How durable a file write must be before it returns.
@@ -36,7 +37,11 @@ impl Store {
     /// (see [`crate::attempt`]), since the process that sent it may die before it could book
     /// the answer, and the next one must not count on a budget that is spent.
     pub fn shared(&self) -> bool {
-        matches!(self, Store::Secret(_))
+        match self {
+            Store::Files => false,
+            #[cfg(feature = "kubernetes")]
+            Store::Secret(_) => true,
+        }
     }
 
     /// Whether this process may send a login now: always with files; with the Secret, only
@@ -44,14 +49,17 @@ impl Store {
     pub fn may_log_in(&self) -> bool {
         match self {
             Store::Files => true,
+            #[cfg(feature = "kubernetes")]
             Store::Secret(tokens) => tokens.leading(),
         }
     }
 
     /// The token an earlier run (or the former Lease holder) left for `customer`.
+    #[cfg_attr(not(feature = "kubernetes"), allow(unused_variables))]
     pub fn found(&self, customer: &CustomerConfig, mode: u32) -> Option<OnDisk> {
         match self {
             Store::Files => sink::read_existing(&customer.path),
+            #[cfg(feature = "kubernetes")]
             Store::Secret(tokens) => {
                 let (content, times) = tokens.found(key(customer))?;
                 let (token, expires_at, format) = sink::parse_token_content(&content)?;
@@ -72,6 +80,7 @@ impl Store {
     }
 
     /// Writes `customer`'s token: `content` is what its file holds (rendered in its format).
+    #[cfg_attr(not(feature = "kubernetes"), allow(unused_variables))]
     pub async fn write(
         &self,
         customer: &CustomerConfig,
@@ -90,6 +99,7 @@ impl Store {
                     .await
                     .unwrap_or_else(|e| Err(io::Error::other(format!("the write task failed: {e}"))))
             }
+            #[cfg(feature = "kubernetes")]
             Store::Secret(tokens) => tokens
                 .submit(Change::Token { key: key(customer).to_owned(), content, times })
                 .await
@@ -101,6 +111,7 @@ impl Store {
     fn read_ledger(&self, customer: &CustomerConfig) -> Option<ledger::Read> {
         match self {
             Store::Files => ledger::read_ledger(&customer.path),
+            #[cfg(feature = "kubernetes")]
             Store::Secret(tokens) => tokens.ledger(key(customer)),
         }
     }
@@ -109,6 +120,7 @@ impl Store {
     fn ledger_place(&self, customer: &CustomerConfig) -> String {
         match self {
             Store::Files => ledger::ledger_path(&customer.path).display().to_string(),
+            #[cfg(feature = "kubernetes")]
             Store::Secret(_) => format!("the Secret's ledger entry {:?}", key(customer)),
         }
     }
@@ -133,6 +145,7 @@ impl Store {
         match self {
             // Rare and small: written in place rather than on the blocking pool.
             Store::Files => ledger::write_ledger(&customer.path, customer.owner, &record),
+            #[cfg(feature = "kubernetes")]
             Store::Secret(tokens) => {
                 let change = Change::Ledger { key: key(customer).to_owned(), entry: Some(record) };
                 tokens.submit(change).await.map_err(io::Error::other)
@@ -155,6 +168,7 @@ impl Store {
     pub fn clear_failures(&self, customer: &CustomerConfig) {
         match self {
             Store::Files => ledger::remove_ledger(&customer.path),
+            #[cfg(feature = "kubernetes")]
             Store::Secret(tokens) => {
                 let cleared = |r: &Record| r.chain == 0 && r.in_a_row == 0 && !r.forgotten;
                 if tokens.ledger(key(customer)).is_some_and(|read| !read.as_ref().is_ok_and(cleared)) {
@@ -168,6 +182,7 @@ impl Store {
     pub fn sweep(&self, customer: &CustomerConfig) -> usize {
         match self {
             Store::Files => sink::remove_stale_temporaries(&customer.path),
+            #[cfg(feature = "kubernetes")]
             Store::Secret(_) => 0,
         }
     }
