@@ -148,6 +148,25 @@ def test_sidecar_mode_renders_no_central_object():
     assert render({"mode": "sidecar"}) == render({}), "mode: sidecar is the default"
 
 
+def test_central_mode_runs_the_central_image_and_sidecar_mode_the_sidecar_image():
+    """The sidecar image has no Kubernetes client (it refuses output.kubernetes): central mode's
+    pods, and its `helm test` pod that runs `check` on the central config, use the image built
+    with the `kubernetes` feature, the same tag with image.centralSuffix."""
+    def images(values: dict) -> list[str]:
+        objs = render(values)
+        check = one(objs, "Pod", hook=True)["spec"]["containers"][0]["image"]
+        return [c["image"] for c in pod_spec(objs)["containers"] if c["name"] != "app"] + [check]
+
+    repo = "registry.example.com/magento-token-sidecar"
+    assert images(CENTRAL) == ["magento-token-sidecar:0.1.0-central"] * 2
+    assert images({**CENTRAL, "image": {"repository": repo, "tag": "1.2.3"}}) == [f"{repo}:1.2.3-central"] * 2
+    assert images({**CENTRAL, "image": {"repository": repo, "centralSuffix": ""}}) == [f"{repo}:0.1.0"] * 2
+    digest = "sha256:" + "a" * 64
+    assert images({**CENTRAL, "image": {"repository": repo, "digest": digest}}) == [f"{repo}@{digest}"] * 2
+    assert images({"image": {"repository": repo, "tag": "1.2.3"}})[-1] == f"{repo}:1.2.3", "sidecar mode: no suffix"
+    assert "centralSuffix" in render_error({**CENTRAL, "image": {"repository": repo, "centralSuffix": "/x"}})
+
+
 @pytest.mark.parametrize("values", list(CENTRAL_SETS))
 def test_central_standard_labels(values):
     for o in rendered(values):

@@ -49,7 +49,7 @@ Secret is the index of every token already: those settings are refused rather th
 {{/* The central Deployment's only container: the daemon, told its replica identity. */}}
 {{- define "magento-token-sidecar.centralContainer" -}}
 - name: {{ .Values.sidecar.name }}
-  image: {{ include "magento-token-sidecar.image" . }}
+  image: {{ include "magento-token-sidecar.centralImage" . }}
   imagePullPolicy: {{ .Values.image.pullPolicy }}
   args:
     - run

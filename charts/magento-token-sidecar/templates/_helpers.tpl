@@ -90,6 +90,14 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- include "magento-token-sidecar.imageRef" (list .Values.image .Chart.AppVersion) }}
 {{- end }}
 
+{{/* `mode: central`'s image: the variant built with the `kubernetes` feature, the tag with
+image.centralSuffix appended. A digest names one image: in central mode, give the central one's. */}}
+{{- define "magento-token-sidecar.centralImage" -}}
+{{- $image := deepCopy .Values.image }}
+{{- $_ := set $image "tag" (printf "%s%s" (toString (default .Chart.AppVersion .Values.image.tag)) .Values.image.centralSuffix) }}
+{{- include "magento-token-sidecar.imageRef" (list $image .Chart.AppVersion) }}
+{{- end }}
+
 {{/* Where the pieces live inside the daemon's containers. */}}
 {{- define "magento-token-sidecar.configDir" -}}/etc/magento-token-sidecar/config{{- end }}
 {{- define "magento-token-sidecar.configFile" -}}/etc/magento-token-sidecar/config/config.yaml{{- end }}
