@@ -498,8 +498,10 @@ mod tests {
     }
 
     fn with_ledger(annotation: &str) -> Contents {
-        let mut meta = ObjectMeta::default();
-        meta.annotations = Some([(LEDGER.to_string(), annotation.to_string())].into());
+        let meta = ObjectMeta {
+            annotations: Some([(LEDGER.to_string(), annotation.to_string())].into()),
+            ..ObjectMeta::default()
+        };
         Contents::from_secret(Secret { metadata: meta, ..Secret::default() })
     }
 
