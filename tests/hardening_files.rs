@@ -64,7 +64,7 @@ fn start_limited(config: &Path, log: &Path, admin_port: u16) -> Daemon {
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
         .unwrap();
-    Daemon { child, log: log.to_path_buf(), admin_port }
+    Daemon::adopt(child, log, admin_port)
 }
 
 fn mkfifo(path: &Path) {
