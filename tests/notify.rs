@@ -776,7 +776,7 @@ async fn as_pid_1_a_storm_of_orphans_leaves_no_zombie() {
         .spawn()
         .unwrap();
     let unshare = child.id();
-    let mut d = Daemon { child, log, admin_port: w.admin_port };
+    let mut d = Daemon::adopt(child, &log, w.admin_port).guarded_by(&w);
     // The daemon: unshare's child, PID 1 inside.
     let daemon = wait_for(10 * SEC, "the daemon in its PID namespace", || async {
         std::fs::read_dir("/proc")
