@@ -108,7 +108,8 @@ async fn three_replicas_sharing_a_wrong_password_stay_clear_of_the_lock() {
             .replace(&format!("127.0.0.1:{}", w.admin_port), &format!("127.0.0.1:{port}"));
         let config = dir.join("config.yaml");
         std::fs::write(&config, text).unwrap();
-        let d = Daemon::spawn(&["run", "--config", config.to_str().unwrap()], &dir.join("daemon.log"), port);
+        let d =
+            Daemon::spawn(&["run", "--config", config.to_str().unwrap()], &dir.join("daemon.log"), port).guarded_by(&w);
         replicas.push((dir, d));
     }
     let highest = watch_count(&w, 10 * SEC).await;

@@ -70,6 +70,7 @@ impl Deployment {
         Daemon::spawn_with(&["run", "--config", path.to_str().unwrap()], &log, port, move |c| {
             c.env("KUBECONFIG", kubeconfig).env("POD_NAME", name).env_remove("HOME");
         })
+        .guarded_by(&self.w)
     }
 
     fn holder(&self) -> Option<String> {

@@ -453,11 +453,14 @@ fn login(shared: &Shared, store: &StoreInfo, username: &str, password: &str) -> 
         TokenFormat::Jwt => {
             // Signing needs no state: do it outside the lock.
             drop(st);
-            return Ok(shared.signer.mint(Claims { uid, iat, exp }));
+            let token = shared.signer.mint(Claims { uid, iat, exp });
+            shared.lock().issued.push(token.clone());
+            return Ok(token);
         }
         TokenFormat::Opaque => jwt::opaque_token(),
         TokenFormat::Encrypted => jwt::encrypted_token(),
     };
+    st.issued.push(token.clone());
     st.stored.insert(token.clone(), StoredToken { uid, iat, exp, revoked: false });
     Ok(token)
 }

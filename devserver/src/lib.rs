@@ -253,6 +253,10 @@ pub(crate) struct State {
     pub(crate) stored: HashMap<String, StoredToken>,
     /// `user:password` the basic-auth front asks for, while set.
     pub(crate) front: Option<Vec<u8>>,
+    /// Every token a login minted, in order (JWTs included, which are otherwise not kept).
+    pub(crate) issued: Vec<String>,
+    /// Every password a customer was given, in order: what a test may check never leaks.
+    pub(crate) passwords: Vec<String>,
 }
 
 impl State {
@@ -315,6 +319,20 @@ pub struct DevServer {
     accept_task: Option<JoinHandle<()>>,
 }
 
+/// What a [`DevServer`] handed out that must never be shown: see [`DevServer::secrets`].
+#[derive(Clone)]
+pub struct Secrets(Arc<Shared>);
+
+impl Secrets {
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.0.lock().issued.clone()
+    }
+
+    pub fn customer_passwords(&self) -> Vec<String> {
+        self.0.lock().passwords.clone()
+    }
+}
+
 /// How long a graceful shutdown waits for connections to finish their current request.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -340,6 +358,8 @@ impl DevServer {
                 sticky: None,
                 stored: HashMap::new(),
                 front: None,
+                issued: Vec::new(),
+                passwords: Vec::new(),
             }),
             shutdown,
         });
@@ -368,6 +388,7 @@ impl DevServer {
         let key = email.to_lowercase();
         let cfg = &self.shared.cfg;
         let mut st = self.shared.lock();
+        st.passwords.push(password.to_owned());
         if let Some(&id) = st.index.get(website).and_then(|m| m.get(&key)) {
             if let Some(c) = st.customers.get_mut(&id) {
                 c.password = password.to_owned();
@@ -403,7 +424,9 @@ impl DevServer {
 
     /// Changes the password of every customer with this email (any website).
     pub fn set_password(&self, email: &str, password: &str) {
-        self.shared.lock().customers_by_email(email).for_each(|c| c.password = password.to_owned());
+        let mut st = self.shared.lock();
+        st.passwords.push(password.to_owned());
+        st.customers_by_email(email).for_each(|c| c.password = password.to_owned());
     }
 
     /// Marks every customer with this email confirmed or not. An unconfirmed customer's login
@@ -545,6 +568,24 @@ impl DevServer {
             TokenFormat::Jwt => self.shared.signer.verify(token).is_some(),
             TokenFormat::Opaque | TokenFormat::Encrypted => self.shared.lock().stored.contains_key(token),
         }
+    }
+
+    /// Every token this server minted so far, in order, whatever its format and whether or not
+    /// it has expired or was revoked since.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.shared.lock().issued.clone()
+    }
+
+    /// Every password a customer was given ([`DevServer::add_customer`],
+    /// [`DevServer::set_password`]) so far, in order.
+    pub fn customer_passwords(&self) -> Vec<String> {
+        self.shared.lock().passwords.clone()
+    }
+
+    /// A handle that reads [`DevServer::issued_tokens`] and [`DevServer::customer_passwords`]
+    /// later, without borrowing the server (a test harness keeps one per process it starts).
+    pub fn secrets(&self) -> Secrets {
+        Secrets(self.shared.clone())
     }
 
     /// Stops accepting, lets requests in flight finish (hung and delayed ones give up at

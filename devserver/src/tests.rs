@@ -1397,3 +1397,17 @@ fn login_latency_flag_parses() {
     assert_eq!(Cli::parse_from(["devserver"]).args.login_latency, Duration::ZERO);
     assert_eq!(Cli::parse_from(["devserver", "--login-latency", "20ms"]).args.login_latency, Duration::from_millis(20));
 }
+
+#[tokio::test]
+async fn lists_every_token_and_password_it_handed_out() {
+    for opts in [DevServerOptions::default(), DevServerOptions { opaque_tokens: true, ..Default::default() }] {
+        let s = server(opts).await;
+        let t1 = token(&s, "alice@example.com", "secret-a").await;
+        let t2 = token(&s, "alice@example.com", "secret-a").await;
+        let _ = login(&s, "alice@example.com", "wrong").await;
+        s.set_password("alice@example.com", "secret-a2");
+        assert_eq!(s.issued_tokens(), [t1.clone(), t2.clone()], "a refused login mints nothing");
+        assert!(s.secrets().customer_passwords().contains(&"secret-a".to_owned()));
+        assert_eq!(s.secrets().customer_passwords().last().unwrap(), "secret-a2");
+    }
+}

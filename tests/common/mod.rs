@@ -7,6 +7,7 @@ use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use magento_devserver::{DevServer, DevServerOptions};
@@ -48,6 +49,9 @@ pub struct World {
     pub dir: tempfile::TempDir,
     pub server: DevServer,
     pub admin_port: u16,
+    /// Every password [`World::set_password`] wrote, shared with the daemons this world
+    /// started: see [`Guard`].
+    passwords: Arc<Mutex<Vec<String>>>,
 }
 
 impl World {
@@ -56,7 +60,7 @@ impl World {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("tokens")).unwrap();
         std::fs::create_dir(dir.path().join("secrets")).unwrap();
-        World { dir, server, admin_port: free_port() }
+        World { dir, server, admin_port: free_port(), passwords: Arc::default() }
     }
 
     pub async fn with_customers(customers: &[(&str, &str, &str)]) -> World {
@@ -82,6 +86,7 @@ impl World {
 
     /// Writes a password file the way a person would: with a trailing newline.
     pub fn set_password(&self, name: &str, password: &str) {
+        self.passwords.lock().unwrap_or_else(|e| e.into_inner()).push(password.to_owned());
         std::fs::write(self.secret_path(name), format!("{password}\n")).unwrap();
     }
 
@@ -149,6 +154,49 @@ pub struct Daemon {
     pub child: Child,
     pub log: PathBuf,
     pub admin_port: u16,
+    /// Set for a daemon a [`World`] started: its secrets are checked when it stops or is dropped.
+    guard: Option<Guard>,
+}
+
+/// The secrets of the [`World`] that started a daemon, read when it stops (not when it
+/// starts: tokens are issued and passwords set while it runs).
+///
+/// [`Daemon::stop`] asserts that none of them appears in the daemon's whole log, in `/status`
+/// or in `/metrics` (while the admin server answers); a daemon dropped without a stop (one
+/// that exited by itself, or a test that ended early) gets its log checked, unless the thread
+/// is already panicking (a second panic would abort and hide the first failure).
+#[derive(Clone)]
+pub struct Guard {
+    passwords: Arc<Mutex<Vec<String>>>,
+    server: magento_devserver::Secrets,
+    /// Why this daemon may show a secret in its log (see [`Daemon::log_may_show_secrets`]).
+    log_excused: Option<&'static str>,
+    checked: bool,
+}
+
+impl Guard {
+    /// Every secret, in each form in which it could leak: as it is, JSON-escaped (a log
+    /// line is JSON), and a token in base64 too. [`assert_hidden`] adds a JWT's signature.
+    pub fn secrets(&self) -> Vec<String> {
+        let passwords = self.passwords.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut all: Vec<String> = Vec::new();
+        let mut add = |s: String| {
+            if !s.is_empty() && !all.contains(&s) {
+                all.push(s);
+            }
+        };
+        for p in passwords.into_iter().chain(self.server.customer_passwords()) {
+            let json = serde_json::to_string(&p).unwrap();
+            add(json[1..json.len() - 1].to_owned());
+            add(p);
+        }
+        for t in self.server.issued_tokens() {
+            use base64::Engine as _;
+            add(base64::engine::general_purpose::STANDARD.encode(&t));
+            add(t);
+        }
+        all
+    }
 }
 
 impl Daemon {
@@ -176,9 +224,48 @@ impl Daemon {
         }
     }
 
+    /// SIGTERM, then waits for the exit; for a daemon a [`World`] started, first asserts that
+    /// no secret of the world is in `/status` or `/metrics` (when they answer) and then that
+    /// none is in the whole log (see [`Guard`]).
     pub async fn stop(&mut self) -> ExitStatus {
+        if let Some(secrets) = self.guard.as_ref().map(Guard::secrets) {
+            for route in ["/status", "/metrics"] {
+                if let Some((_, body)) = self.get(route).await {
+                    assert_hidden(route, &body, &secrets);
+                }
+            }
+        }
         self.signal("TERM");
-        self.wait_exit(Duration::from_secs(15)).await
+        let status = self.wait_exit(Duration::from_secs(15)).await;
+        self.check_log();
+        status
+    }
+
+    /// Asserts that no secret of the world that started this daemon is in its whole log (a
+    /// no-op for a daemon started otherwise, or one excused with
+    /// [`Daemon::log_may_show_secrets`]).
+    fn check_log(&mut self) {
+        let Some(guard) = self.guard.as_mut() else { return };
+        guard.checked = true;
+        if guard.log_excused.is_none() {
+            let secrets = guard.secrets();
+            assert_hidden("the daemon's log", &self.logs(), &secrets);
+        }
+    }
+
+    /// Has [`Daemon::stop`] and drop check this daemon's secrets against the secrets of `world`
+    /// (for daemons not started by [`World::start`], e.g. with their own configuration).
+    pub fn guarded_by(mut self, world: &World) -> Daemon {
+        self.guard = Some(world.guard());
+        self
+    }
+
+    /// Excuses the log (not `/status` or `/metrics`) of this daemon from the check at stop:
+    /// only for a test that puts a secret in the log on purpose; `why` says how.
+    pub fn log_may_show_secrets(&mut self, why: &'static str) {
+        if let Some(guard) = self.guard.as_mut() {
+            guard.log_excused = Some(why);
+        }
     }
 
     pub fn logs(&self) -> String {
@@ -226,6 +313,9 @@ impl Drop for Daemon {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+        if !std::thread::panicking() && self.guard.as_ref().is_some_and(|g| !g.checked) {
+            self.check_log();
         }
     }
 }
@@ -293,7 +383,12 @@ impl Daemon {
             .stderr(file);
         adjust(&mut command);
         let child = command.spawn().unwrap();
-        Daemon { child, log: log.to_path_buf(), admin_port }
+        Daemon::adopt(child, log, admin_port)
+    }
+
+    /// A daemon started by hand, its stderr in `log`.
+    pub fn adopt(child: Child, log: &Path, admin_port: u16) -> Daemon {
+        Daemon { child, log: log.to_path_buf(), admin_port, guard: None }
     }
 
     pub fn pid(&self) -> u32 {
@@ -350,6 +445,17 @@ impl World {
             self.admin_port,
             adjust,
         )
+        .guarded_by(self)
+    }
+
+    /// What the daemons this world starts check at stop: see [`Guard`].
+    pub fn guard(&self) -> Guard {
+        Guard { passwords: self.passwords.clone(), server: self.server.secrets(), log_excused: None, checked: false }
+    }
+
+    /// Asserts that no secret of this world (see [`Guard`]) appears in `text`.
+    pub fn assert_no_secret(&self, place: &str, text: &str) {
+        assert_hidden(place, text, &self.guard().secrets());
     }
 
     /// Logs in straight to the dev server, as an earlier run of the daemon would have.
@@ -458,8 +564,11 @@ impl World {
         assert!(one_try.contains("min_backoff: 10s"));
         self.write_config(&one_try);
         let config = self.config_path().display().to_string();
-        tokio::task::spawn_blocking(move || run_to_end(&["once", "--config", &config, "--timeout", "5s"]))
-            .await
-            .unwrap()
+        let (code, out, err) =
+            tokio::task::spawn_blocking(move || run_to_end(&["once", "--config", &config, "--timeout", "5s"]))
+                .await
+                .unwrap();
+        self.assert_no_secret("once's output", &format!("{out}{err}"));
+        (code, out, err)
     }
 }
