@@ -353,6 +353,11 @@ async fn run_command(argv: &[String], customer: &str, note: &Note, timeout: Dura
         }
         Ok(Err(e)) => Err(format!("cannot wait for {program}: {e}")),
         Err(_) => {
+            // The group is frozen first: a shell whose child is killed before it must not run
+            // on (and do what it would do after its child) in the moment before its own kill.
+            if let Some(group) = group.0 {
+                let _ = rustix::process::kill_process_group(group, Signal::STOP);
+            }
             if let Some(pid) = pid {
                 reaper::kill_descendants(pid);
             }
