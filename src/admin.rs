@@ -84,17 +84,20 @@ pub fn router(admin: Admin) -> Router {
 }
 
 /// The names a request to this daemon may carry in its `Host` (besides those every daemon
-/// has: see [`Addressed::allows`]): `POD_NAME` and `POD_IP` (the chart sets them from the
-/// downward API) and the host name, lower case.
+/// has: see [`Addressed::allows`]): `POD_NAME` and `POD_IP` and the host name, lower case, and
+/// `POD_NAMESPACE` for a Service's `<service>.<namespace>` (the chart sets the pod's name and
+/// namespace from the downward API).
 pub struct Addressed {
     names: Vec<String>,
+    namespace: Option<String>,
 }
 
 impl Addressed {
     pub fn from_env() -> Addressed {
         let host_name = rustix::system::uname().nodename().to_string_lossy().into_owned();
         let names = ["POD_NAME", "POD_IP"].iter().filter_map(|var| std::env::var(var).ok()).chain([host_name]);
-        Addressed { names: names.map(|n| n.to_ascii_lowercase()).filter(|n| !n.is_empty()).collect() }
+        let namespace = std::env::var("POD_NAMESPACE").ok().map(|n| n.to_ascii_lowercase()).filter(|n| !n.is_empty());
+        Addressed { names: names.map(|n| n.to_ascii_lowercase()).filter(|n| !n.is_empty()).collect(), namespace }
     }
 
     /// Why a request that acts must be refused, if it must: it has an `Origin` (only a
@@ -120,8 +123,9 @@ impl Addressed {
     /// to 127.0.0.1 (DNS rebinding) still sends that name, so what passes is a name no such
     /// page can have: an IP address (the listen address, loopback, the pod's, a Service's),
     /// `localhost` (RFC 6761: never sent to DNS), one of this daemon's [names](Addressed),
-    /// a name of one label (a Service's, resolved through the pod's search list), or a
-    /// Service's name in the cluster (`.svc`, `.svc.cluster.local`: no public domain).
+    /// a name of one label (a Service's, resolved through the pod's search list), a Service's
+    /// `<service>.<namespace>` in this pod's namespace (`POD_NAMESPACE`), or a Service's name in
+    /// the cluster (`.svc`, `.svc.cluster.local`: no public domain).
     fn allows(&self, host: &str) -> bool {
         let name = match host.strip_prefix('[') {
             Some(v6) => return v6.split_once(']').is_some_and(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_ok()),
@@ -137,6 +141,9 @@ impl Addressed {
                 || name.ends_with(".localhost")
                 || self.names.contains(&name)
                 || !name.contains('.')
+                || self.namespace.as_deref().is_some_and(|ns| {
+                    name.split_once('.').is_some_and(|(service, rest)| !service.is_empty() && rest == ns)
+                })
                 || name.ends_with(".svc")
                 || name.ends_with(".svc.cluster.local"))
     }
@@ -599,7 +606,7 @@ mod tests {
 
     #[test]
     fn requests_that_act_must_name_this_daemon_as_host() {
-        let addressed = Addressed { names: vec!["sidecar-7f9c".into(), "web1.corp.example".into()] };
+        let addressed = Addressed { names: vec!["sidecar-7f9c".into(), "web1.corp.example".into()], namespace: None };
         for host in [
             "127.0.0.1:9102",
             "127.0.0.2",
@@ -629,6 +636,12 @@ mod tests {
             ":9102",
         ] {
             assert!(!addressed.allows(host), "{host}");
+        }
+        // Knowing its namespace, a Service's `<service>.<namespace>` in it passes, no other.
+        let in_shop = Addressed { namespace: Some("shop".into()), names: addressed.names.clone() };
+        assert!(in_shop.allows("magento-tokens.shop:9102") && in_shop.allows("Magento-Tokens.SHOP."));
+        for host in ["magento-tokens.other", ".shop", "a.b.shop", "evil.example"] {
+            assert!(!in_shop.allows(host), "{host}");
         }
         let with = |pairs: &[(header::HeaderName, &str)]| {
             let mut h = HeaderMap::new();

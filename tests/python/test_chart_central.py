@@ -256,9 +256,12 @@ def test_central_deployment_runs_the_daemon_alone(values):
 def test_central_pod_name_comes_from_the_downward_api(values):
     env = daemon_of(rendered(values))["env"]
     assert by_name(env, "POD_NAME") == {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
-    # sidecar.extraEnv comes after it.
+    # The namespace: POST /refresh through the Service as <service>.<namespace> names the daemon.
+    namespace = {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}
+    assert by_name(env, "POD_NAMESPACE") == namespace
+    # sidecar.extraEnv comes after them.
     env = daemon_of(render({**CENTRAL, "sidecar": {"extraEnv": [{"name": "RUST_LOG", "value": "debug"}]}}))["env"]
-    assert [e["name"] for e in env] == ["POD_NAME", "RUST_LOG"]
+    assert [e["name"] for e in env] == ["POD_NAME", "POD_NAMESPACE", "RUST_LOG"]
 
 
 @pytest.mark.parametrize("values", list(CENTRAL_SETS))

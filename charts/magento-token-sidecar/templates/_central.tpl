@@ -61,6 +61,11 @@ Secret is the index of every token already: those settings are refused rather th
       valueFrom:
         fieldRef:
           fieldPath: metadata.name
+    # POST /refresh through the Service as <service>.<namespace>: a Host the daemon accepts.
+    - name: POD_NAMESPACE
+      valueFrom:
+        fieldRef:
+          fieldPath: metadata.namespace
     {{- with .Values.sidecar.extraEnv }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
