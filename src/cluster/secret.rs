@@ -44,31 +44,31 @@ const MAX_CONFLICTS: u32 = 5;
 /// damaged entry is kept as it is (written back unchanged) and counts as the worst case for its
 /// key's customer alone ([`crate::ledger`]); every other entry is read as usual.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Entry {
+pub enum LedgerEntry {
     Record(Record),
     Damaged(serde_json::Value),
 }
 
-impl Entry {
-    fn read(value: serde_json::Value) -> Entry {
+impl LedgerEntry {
+    fn read(value: serde_json::Value) -> LedgerEntry {
         match serde_json::from_value(value.clone()) {
-            Ok(record) => Entry::Record(record),
-            Err(_) => Entry::Damaged(value),
+            Ok(record) => LedgerEntry::Record(record),
+            Err(_) => LedgerEntry::Damaged(value),
         }
     }
 
     fn to_value(&self) -> serde_json::Value {
         match self {
-            Entry::Record(record) => serde_json::to_value(record).expect("a record serializes"),
-            Entry::Damaged(value) => value.clone(),
+            LedgerEntry::Record(record) => serde_json::to_value(record).expect("a record serializes"),
+            LedgerEntry::Damaged(value) => value.clone(),
         }
     }
 
     /// The record, or why the entry is not one.
     pub fn record(&self) -> ledger::Read {
         match self {
-            Entry::Record(record) => Ok(record.clone()),
-            Entry::Damaged(value) => ledger::parse(value.to_string().as_bytes()),
+            LedgerEntry::Record(record) => Ok(record.clone()),
+            LedgerEntry::Damaged(value) => ledger::parse(value.to_string().as_bytes()),
         }
     }
 }
@@ -91,7 +91,7 @@ pub struct Contents {
     meta: ObjectMeta,
     pub data: BTreeMap<String, ByteString>,
     pub times: BTreeMap<String, Times>,
-    pub ledgers: BTreeMap<String, Entry>,
+    pub ledgers: BTreeMap<String, LedgerEntry>,
     /// A ledger annotation that did not parse at all ([`LEDGER_UNREADABLE`]).
     pub unreadable_ledgers: Option<String>,
 }
@@ -111,7 +111,7 @@ impl Contents {
         let ledgers = match parse(LEDGER).map(|text| serde_json::from_str::<BTreeMap<String, serde_json::Value>>(text))
         {
             None => BTreeMap::new(),
-            Some(Ok(entries)) => entries.into_iter().map(|(key, value)| (key, Entry::read(value))).collect(),
+            Some(Ok(entries)) => entries.into_iter().map(|(key, value)| (key, LedgerEntry::read(value))).collect(),
             Some(Err(e)) => {
                 warn!(annotation = LEDGER, error = %crate::shown::Malformed::new(&e), "the Secret's ledger annotation does not parse: every customer without an entry counts as having spent its lockout budget");
                 unreadable_ledgers = parse(LEDGER).cloned();
@@ -158,14 +158,14 @@ impl Contents {
                 self.times.insert(key.clone(), *times);
             }
             Change::Ledger { key, entry: Some(entry) } => {
-                self.ledgers.insert(key.clone(), Entry::Record(entry.clone()));
+                self.ledgers.insert(key.clone(), LedgerEntry::Record(entry.clone()));
             }
             // While an annotation that did not parse is kept, a key without an entry counts as
             // unreadable: a cleared key keeps an entry with nothing in it.
             Change::Ledger { key, entry: None } if self.unreadable_ledgers.is_some() => {
                 let cleared =
                     Record { username: String::new(), in_a_row: 0, chain: 0, last_failure: 0, forgotten: false };
-                self.ledgers.insert(key.clone(), Entry::Record(cleared));
+                self.ledgers.insert(key.clone(), LedgerEntry::Record(cleared));
             }
             Change::Ledger { key, entry: None } => {
                 self.ledgers.remove(key);
@@ -516,7 +516,7 @@ mod tests {
         let mut c = c;
         c.apply(&Change::Ledger { key: "carol".into(), entry: Some(Record::forgotten("carol@x")) });
         let back = Contents::from_secret(c.to_secret("s"));
-        assert_eq!(back.ledgers["nobody"], Entry::Damaged(serde_json::json!({"chain": "many"})));
+        assert_eq!(back.ledgers["nobody"], LedgerEntry::Damaged(serde_json::json!({"chain": "many"})));
         assert!(back.ledger("bob").unwrap().is_err());
         assert!(matches!(back.ledger("alice"), Some(Ok(r)) if r.chain == 3));
     }
