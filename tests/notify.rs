@@ -250,8 +250,8 @@ async fn a_webhook_gets_the_customer_file_and_expiry_as_json() {
 }
 
 /// A process killed when the test ends, whatever happened: the app, a process of its own found
-/// by name (a copy of the shell named `app-under-test` that writes a line for every SIGHUP), or a
-/// decoy bearing its name.
+/// by name (a copy of the shell that writes a line for every SIGHUP), or a decoy bearing its
+/// name.
 struct Killed(Child);
 
 impl Drop for Killed {
@@ -261,26 +261,43 @@ impl Drop for Killed {
     }
 }
 
+/// Starts the app: a copy of the shell named `name` that appends a line to `hups` for every
+/// SIGHUP and writes `ready` once its trap is set. Returns it with those two paths. Each test
+/// names its app differently: two apps of one name and user are an ambiguous match, which the
+/// daemon refuses to signal.
+fn start_app(name: &str, dir: &Path, out: &Path) -> (Killed, PathBuf, PathBuf) {
+    let app_binary = dir.join(name);
+    std::fs::copy("/bin/sh", &app_binary).unwrap();
+    let (hups, ready) = (out.join("hups"), out.join("ready"));
+    let mut command = Command::new(&app_binary);
+    command
+        .arg("-c")
+        .arg(format!(
+            "trap 'echo hup >> {}' HUP; echo ready > {}; while :; do sleep 1 & wait $!; done",
+            hups.display(),
+            ready.display()
+        ))
+        .stdin(Stdio::null());
+    // A process another test forks while the copy is open for writing holds it open until it
+    // execs: the file is busy for that moment (ETXTBSY).
+    let mut tries = 0;
+    let app = loop {
+        match command.spawn() {
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::TXTBSY.raw_os_error()) && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            spawned => break Killed(spawned.unwrap()),
+        }
+    };
+    (app, hups, ready)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signal_reaches_the_app_found_by_name() {
     let w = World::with_customers(&[ALICE]).await;
     let out = out_dir(&w);
-    let app_binary = w.dir.path().join("app-under-test");
-    std::fs::copy("/bin/sh", &app_binary).unwrap();
-    let hups = out.join("hups");
-    let ready = out.join("ready");
-    let _app = Killed(
-        Command::new(&app_binary)
-            .arg("-c")
-            .arg(format!(
-                "trap 'echo hup >> {}' HUP; echo ready > {}; while :; do sleep 1 & wait $!; done",
-                hups.display(),
-                ready.display()
-            ))
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let (_app, hups, ready) = start_app("app-under-test", w.dir.path(), &out);
     wait_for(10 * SEC, "the app to start", || async { ready.exists().then_some(()) }).await;
     let notify = notify_section("  signal: {process: app-under-test, signal: HUP}\n");
     w.write_config(&w.config_text(&[(ALICE.0, ALICE.1)], "", &notify));
@@ -588,7 +605,7 @@ fn not_ended(pid: u32) -> bool {
 // `signal` reaches the app, and only the app.
 
 /// As root (needed for `output.uid`), another user's process that bears the app's name (a
-/// decoy: `exec -a app-under-test sleep`) was signalled with the app; now only processes of the
+/// decoy: `exec -a decoyed-app sleep`) was signalled with the app; now only processes of the
 /// daemon's own uid are candidates.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_decoy_of_another_user_is_never_signalled() {
@@ -597,33 +614,11 @@ async fn a_decoy_of_another_user_is_never_signalled() {
     }
     let w = World::with_customers(&[ALICE]).await;
     let out = out_dir(&w);
-    let app_binary = w.dir.path().join("app-under-test");
-    std::fs::copy("/bin/sh", &app_binary).unwrap();
-    let hups = out.join("hups");
-    let ready = out.join("ready");
-    let _app = Killed(
-        Command::new(&app_binary)
-            .arg("-c")
-            .arg(format!(
-                "trap 'echo hup >> {}' HUP; echo ready > {}; while :; do sleep 1 & wait $!; done",
-                hups.display(),
-                ready.display()
-            ))
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let (_app, hups, ready) = start_app("decoyed-app", w.dir.path(), &out);
     // Another user's process named like the app: SIGHUP would end it.
     let decoy = Killed(
         Command::new("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "bash",
-                "-c",
-                "exec -a app-under-test sleep 120",
-            ])
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "bash", "-c", "exec -a decoyed-app sleep 120"])
             .stdin(Stdio::null())
             .spawn()
             .unwrap(),
@@ -631,11 +626,11 @@ async fn a_decoy_of_another_user_is_never_signalled() {
     let decoy_pid = decoy.0.id();
     wait_for(10 * SEC, "the app and the decoy to start", || async {
         let decoy_named =
-            std::fs::read(format!("/proc/{decoy_pid}/cmdline")).is_ok_and(|c| c.starts_with(b"app-under-test\0"));
+            std::fs::read(format!("/proc/{decoy_pid}/cmdline")).is_ok_and(|c| c.starts_with(b"decoyed-app\0"));
         (ready.exists() && decoy_named).then_some(())
     })
     .await;
-    let notify = notify_section("  signal: {process: app-under-test, signal: HUP}\n");
+    let notify = notify_section("  signal: {process: decoyed-app, signal: HUP}\n");
     w.write_config(&w.config_text(&[(ALICE.0, ALICE.1)], "", &notify));
     let mut d = w.start();
     w.wait_token("alice", None, 10 * SEC).await;
