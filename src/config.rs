@@ -917,7 +917,7 @@ fn ownership_problems(owner: Owner, c: &Credentials) -> Vec<Problem> {
 /// Writes a test file in `dir` with `perms`, as every token file is written, and removes it.
 fn probe_owner(dir: &Path, perms: Perms) -> std::io::Result<()> {
     let path = dir.join(format!(".magento-token-sidecar.check-{:08x}", rand::random::<u32>()));
-    sink::write_atomic(&path, perms, b"", false)?;
+    sink::write_atomic(&path, perms, b"", sink::Durability::FileOnly)?;
     // (It was given the owner: that was the question. A directory that lets a file be made but
     // not removed is no reason to refuse the owner.)
     let _ = std::fs::remove_file(&path);

@@ -226,7 +226,7 @@ fn write(target: &Target, board: &Board) -> std::io::Result<(usize, Option<Syste
         entries.push(Entry { name: &customer.name, token: found.token, expires_at });
     }
     let first_expiry = entries.iter().map(|e| e.expires_at).min();
-    sink::write_atomic(&target.path, target.perms, &render(&entries), true)?;
+    sink::write_atomic(&target.path, target.perms, &render(&entries), sink::Durability::Now)?;
     Ok((entries.len(), first_expiry))
 }
 
@@ -245,7 +245,7 @@ pub fn write_once<'a>(
     }
     entries.sort_by(|a, b| a.name.cmp(b.name));
     sink::remove_stale_temporaries(path);
-    sink::write_atomic(path, perms, &render(&entries), false)
+    sink::write_atomic(path, perms, &render(&entries), sink::Durability::FileOnly)
 }
 
 #[cfg(test)]

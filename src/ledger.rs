@@ -184,7 +184,7 @@ pub fn read_ledger(token_path: &Path) -> Option<Read> {
 /// file's), mode 0600.
 pub fn write_ledger(token_path: &Path, owner: Owner, record: &Record) -> io::Result<()> {
     let bytes = serde_json::to_vec(record).expect("a ledger always serializes");
-    sink::write_atomic(&ledger_path(token_path), Perms::private(owner), &bytes, true)
+    sink::write_atomic(&ledger_path(token_path), Perms::private(owner), &bytes, sink::Durability::Now)
 }
 
 pub fn remove_ledger(token_path: &Path) {

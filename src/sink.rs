@@ -303,23 +303,23 @@ impl Perms {
 /// daemon's user can open. Either way nothing planted under the temporary name is opened, and
 /// the rename replaces whatever is at `path` (a symbolic link or a FIFO included) without
 /// writing through it.
-pub fn write_atomic(path: &Path, perms: Perms, content: &[u8], sync_dir: bool) -> io::Result<()> {
+pub fn write_atomic(path: &Path, perms: Perms, content: &[u8], durability: Durability) -> io::Result<()> {
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the token path has no file name"))?;
     let dir = open_directory(parent(path))?;
-    let sync = if sync_dir { Sync::FileAndDirectory } else { Sync::File };
-    write_atomic_at(&dir, name, perms, content, sync)
+    write_atomic_at(&dir, name, perms, content, durability)
 }
 
-/// What a write makes durable before it returns.
+/// What a write makes durable before it returns: the one vocabulary of durability, for files
+/// and (where it applies) the store above them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sync {
-    /// The file and the directory: durable when it returns.
-    FileAndDirectory,
+pub enum Durability {
+    /// The file and the directory: durable when it returns (a worker's write).
+    Now,
     /// The file only: the caller syncs the directory once for a batch.
-    File,
+    FileOnly,
     /// Nothing: the caller makes a whole batch durable at once with [`sync_file_system`]
     /// before it reports any of it written (`once`: on a disk, one sync instead of one per
     /// file; the contract lets a batch share one).
@@ -328,13 +328,13 @@ pub enum Sync {
 
 /// [`write_atomic`] of the file `name` in the opened directory `dir` (a caller writing many
 /// files in one directory opens it once).
-pub fn write_atomic_at(dir: &File, name: &str, perms: Perms, content: &[u8], sync: Sync) -> io::Result<()> {
-    let tmp = temporary(dir, name, perms, content, sync != Sync::Batch)?;
+pub fn write_atomic_at(dir: &File, name: &str, perms: Perms, content: &[u8], durability: Durability) -> io::Result<()> {
+    let tmp = temporary(dir, name, perms, content, durability != Durability::Batch)?;
     if let Err(e) = rustix::fs::renameat(dir, &tmp, dir, name) {
         let _ = rustix::fs::unlinkat(dir, &tmp, AtFlags::empty());
         return Err(e.into());
     }
-    if sync == Sync::FileAndDirectory {
+    if durability == Durability::Now {
         dir.sync_all()?;
     }
     Ok(())
@@ -346,7 +346,7 @@ pub fn open_dir(dir: &Path) -> io::Result<File> {
 }
 
 /// Makes everything written to the file system holding `dir` durable (syncfs(2)): the end of a
-/// batch written with [`Sync::Batch`]. An error means some write may not be.
+/// batch written with [`Durability::Batch`]. An error means some write may not be.
 pub fn sync_file_system(dir: &File) -> io::Result<()> {
     Ok(rustix::fs::syncfs(dir)?)
 }
@@ -705,7 +705,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("alice");
         for mode in [0o600, 0o640, 0o444] {
-            write_atomic(&path, only_mode(mode), b"token-1", true).unwrap();
+            write_atomic(&path, only_mode(mode), b"token-1", Durability::Now).unwrap();
             let meta = std::fs::metadata(&path).unwrap();
             assert_eq!(meta.permissions().mode() & 0o777, mode);
             assert_eq!(std::fs::read(&path).unwrap(), b"token-1");
@@ -723,8 +723,8 @@ mod tests {
         let watch = inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC).unwrap();
         inotify::add_watch(&watch, dir.path(), inotify::WatchFlags::MOVED_TO | inotify::WatchFlags::CREATE).unwrap();
         let path = dir.path().join("alice");
-        write_atomic(&path, only_mode(0o600), b"token-1", true).unwrap();
-        write_atomic(&path, only_mode(0o600), b"token-2", true).unwrap();
+        write_atomic(&path, only_mode(0o600), b"token-1", Durability::Now).unwrap();
+        write_atomic(&path, only_mode(0o600), b"token-2", Durability::Now).unwrap();
         let mut buf = [std::mem::MaybeUninit::uninit(); 4096];
         let mut events = inotify::Reader::new(&watch, &mut buf);
         let mut at_name = Vec::new();
@@ -759,12 +759,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("alice");
         let perms = Perms { mode: 0o640, owner: Owner { uid: Some(uid), gid: Some(gid) } };
-        write_atomic(&path, perms, b"token-1", true).unwrap();
+        write_atomic(&path, perms, b"token-1", Durability::Now).unwrap();
         assert_eq!(owner_and_mode(&path), (uid, gid, 0o640));
         assert_eq!(std::fs::read(&path).unwrap(), b"token-1");
         // The group alone: the owner stays the creator.
         let group_only = Perms { mode: 0o600, owner: Owner { uid: None, gid: Some(gid) } };
-        write_atomic(&path, group_only, b"token-2", true).unwrap();
+        write_atomic(&path, group_only, b"token-2", Durability::Now).unwrap();
         assert_eq!(owner_and_mode(&path), (rustix::process::geteuid().as_raw(), gid, 0o600));
         // The way taken where the file system has no O_TMPFILE.
         let open = open_directory(dir.path()).unwrap();
@@ -787,10 +787,10 @@ mod tests {
             set_capabilities(None, caps).unwrap();
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("alice");
-            write_atomic(&path, only_mode(0o600), b"old", true).unwrap();
+            write_atomic(&path, only_mode(0o600), b"old", Durability::Now).unwrap();
             let stranger = rustix::process::geteuid().as_raw().wrapping_add(4321);
             let perms = Perms { mode: 0o600, owner: Owner { uid: Some(stranger), gid: None } };
-            let e = write_atomic(&path, perms, b"new", true).unwrap_err();
+            let e = write_atomic(&path, perms, b"new", Durability::Now).unwrap_err();
             assert_eq!(e.raw_os_error(), Some(Errno::PERM.raw_os_error()), "{e}");
             assert_eq!(std::fs::read(&path).unwrap(), b"old");
             let open = open_directory(dir.path()).unwrap();
@@ -836,12 +836,12 @@ mod tests {
     fn a_failed_write_keeps_the_old_file_and_no_temporary() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("alice");
-        write_atomic(&path, only_mode(0o600), b"old", true).unwrap();
+        write_atomic(&path, only_mode(0o600), b"old", Durability::Now).unwrap();
         // The target replaced by a directory: rename fails.
         let blocked = dir.path().join("bob");
         std::fs::create_dir(&blocked).unwrap();
         std::fs::write(blocked.join("x"), b"").unwrap();
-        assert!(write_atomic(&blocked, only_mode(0o600), b"new", true).is_err());
+        assert!(write_atomic(&blocked, only_mode(0o600), b"new", Durability::Now).is_err());
         assert_eq!(std::fs::read(&path).unwrap(), b"old");
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 2, "{names:?}");
@@ -920,14 +920,14 @@ mod tests {
         let path = dir.path().join("alice");
         std::os::unix::fs::symlink(&target, &path).unwrap();
         assert!(read_existing(&path).is_none());
-        write_atomic(&path, only_mode(0o600), b"new.token", true).unwrap();
+        write_atomic(&path, only_mode(0o600), b"new.token", Durability::Now).unwrap();
         assert!(std::fs::symlink_metadata(&path).unwrap().is_file());
         assert_eq!(std::fs::read(&path).unwrap(), b"new.token");
         assert_eq!(std::fs::read(&target).unwrap(), b"abc.def", "the link's target is unchanged");
         // A link to nothing is replaced too, not written through (nothing appears where it points).
         let dangling = dir.path().join("bob");
         std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling).unwrap();
-        write_atomic(&dangling, only_mode(0o600), b"new.token", true).unwrap();
+        write_atomic(&dangling, only_mode(0o600), b"new.token", Durability::Now).unwrap();
         assert!(std::fs::symlink_metadata(&dangling).unwrap().is_file());
         assert!(!dir.path().join("nowhere").exists());
         // The same for a ledger.

@@ -12,7 +12,7 @@ use crate::cluster::secret::{Change, Tokens};
 use crate::config::{CustomerConfig, RefreshSettings};
 use crate::ledger::{self, Record, Recorded};
 use crate::schedule::AuthState;
-use crate::sink::{self, OnDisk, Perms, Times};
+use crate::sink::{self, Durability, OnDisk, Perms, Times};
 
 #[derive(Clone)]
 pub enum Store {
@@ -21,15 +21,6 @@ pub enum Store {
     /// A key per customer (`customer.path` is the key) in the Secret.
     #[cfg(feature = "kubernetes")]
     Secret(std::sync::Arc<Tokens>),
-}
-
-/// How durable a file write must be before it returns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Durable {
-    /// The file and its directory synced (a worker's write).
-    Now,
-    /// The file synced; the directory is synced once for the batch by the caller (`once`).
-    WithBatch,
 }
 
 impl Store {
@@ -87,15 +78,17 @@ impl Store {
         perms: Perms,
         content: Zeroizing<Vec<u8>>,
         times: Times,
-        durable: Durable,
+        durability: Durability,
     ) -> io::Result<()> {
         match self {
-            Store::Files if durable == Durable::WithBatch => sink::write_atomic(&customer.path, perms, &content, false),
+            Store::Files if durability != Durability::Now => {
+                sink::write_atomic(&customer.path, perms, &content, durability)
+            }
             Store::Files => {
                 // Off the async threads (fsync blocks). A blocking task runs to its end even if
                 // this future is dropped, so a write once started is never cut short.
                 let path = customer.path.clone();
-                tokio::task::spawn_blocking(move || sink::write_atomic(&path, perms, &content, true))
+                tokio::task::spawn_blocking(move || sink::write_atomic(&path, perms, &content, Durability::Now))
                     .await
                     .unwrap_or_else(|e| Err(io::Error::other(format!("the write task failed: {e}"))))
             }

@@ -36,7 +36,7 @@ use crate::schedule::{self, AuthState, AuthWait};
 use crate::sink;
 use crate::sink::Times;
 use crate::status::{Answer, Ask, Check, Mailbox, Reporter, State};
-use crate::store::{Durable, Store};
+use crate::store::Store;
 use crate::token;
 
 /// How often the password source is re-read while waiting after a 401: a Secret rotated by
@@ -336,8 +336,11 @@ impl<M: Magento> Worker<M> {
                         expires_at,
                     );
                     let times = Times { obtained_at: found.modified, expires_at };
-                    if let Err(e) =
-                        self.shared.store.write(&self.customer, self.perms(), content, times, Durable::Now).await
+                    if let Err(e) = self
+                        .shared
+                        .store
+                        .write(&self.customer, self.perms(), content, times, sink::Durability::Now)
+                        .await
                     {
                         warn!(error = %e, "cannot rewrite the token file in the new format, mode or owner: logging in");
                         return now;
@@ -590,7 +593,8 @@ impl<M: Magento> Worker<M> {
             obtained.expiry.expires_at,
         );
         let times = Times { obtained_at: obtained.obtained_at, expires_at: obtained.expiry.expires_at };
-        let written = self.shared.store.write(&self.customer, self.perms(), content, times, Durable::Now).await;
+        let written =
+            self.shared.store.write(&self.customer, self.perms(), content, times, sink::Durability::Now).await;
         let now = self.now();
         let r = &self.shared.refresh;
         match written {

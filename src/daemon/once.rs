@@ -21,7 +21,7 @@ use crate::schedule::{self, AuthState};
 use crate::secret::Secret;
 use crate::sink;
 use crate::sink::Times;
-use crate::store::{Durable, Store};
+use crate::store::Store;
 
 /// Why `once` wrote no token for a customer.
 #[derive(Debug, thiserror::Error)]
@@ -300,11 +300,11 @@ impl<'a> Pass<'a> {
         let name = customer.path.file_name().and_then(|n| n.to_str());
         let written = match (self.store, self.dir, name) {
             (Store::Files, Some(dir), Some(name)) => {
-                sink::write_atomic_at(dir, name, perms, &content, sink::Sync::Batch)
+                sink::write_atomic_at(dir, name, perms, &content, sink::Durability::Batch)
             }
             _ => {
                 let times = Times { obtained_at: obtained.obtained_at, expires_at };
-                self.store.write(customer, perms, content, times, Durable::WithBatch).await
+                self.store.write(customer, perms, content, times, sink::Durability::FileOnly).await
             }
         };
         written.map_err(|e| {
