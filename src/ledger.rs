@@ -53,7 +53,17 @@ impl Record {
 
     /// An operator's `forget-failures` for `username`.
     pub fn forgotten(username: &str) -> Record {
-        Record { username: username.to_owned(), in_a_row: 0, chain: 0, last_failure: 0, forgotten: true }
+        Record { forgotten: true, ..Record::cleared(username) }
+    }
+
+    /// No failure of `username` recorded: what a cleared entry holds where an entry must stay.
+    pub fn cleared(username: &str) -> Record {
+        Record { username: username.to_owned(), in_a_row: 0, chain: 0, last_failure: 0, forgotten: false }
+    }
+
+    /// Whether it counts no failure (and says nothing to forget).
+    pub fn is_empty(&self) -> bool {
+        self.chain == 0 && self.in_a_row == 0 && !self.forgotten
     }
 
     /// Whether it is `username`'s: Magento looks usernames up without regard to case, so one
@@ -95,7 +105,7 @@ pub fn judge(read: Read, username: &str, where_: &str, now: SystemTime, r: &Refr
     if record.forgotten {
         return Recorded::Forgotten;
     }
-    if record.chain == 0 && record.in_a_row == 0 {
+    if record.is_empty() {
         return Recorded::Nothing;
     }
     let Some(last_failure) = u64::try_from(record.last_failure).ok().filter(|s| *s > 0) else {
@@ -128,13 +138,6 @@ pub enum Forget {
     Another,
 }
 
-impl Forget {
-    /// Whether the operator's wish holds afterwards: the username's failures are forgotten.
-    pub fn done(self) -> bool {
-        matches!(self, Forget::Forget { .. } | Forget::Already)
-    }
-}
-
 /// What `forget-failures` does with `found` (what is stored for a customer) for `username`.
 pub fn forget(found: Option<Read>, username: &str) -> Forget {
     match found {
@@ -142,7 +145,7 @@ pub fn forget(found: Option<Read>, username: &str) -> Forget {
         Some(Err(_)) => Forget::Forget { unreadable: true },
         Some(Ok(record)) if !record.is_of(username) => Forget::Another,
         Some(Ok(record)) if record.forgotten => Forget::Already,
-        Some(Ok(record)) if record.chain == 0 && record.in_a_row == 0 => Forget::Nothing,
+        Some(Ok(record)) if record.is_empty() => Forget::Nothing,
         Some(Ok(_)) => Forget::Forget { unreadable: false },
     }
 }
@@ -302,7 +305,6 @@ mod tests {
         assert_eq!(forget(Some(Ok(Record::forgotten(me))), me), Forget::Already);
         assert_eq!(forget(Some(Ok(record(me, 0))), me), Forget::Nothing);
         assert_eq!(forget(None, me), Forget::Nothing);
-        assert!(!Forget::Another.done() && !Forget::Nothing.done() && Forget::Already.done());
     }
 
     #[test]

@@ -163,8 +163,7 @@ impl Store {
             Store::Files => ledger::remove_ledger(&customer.path),
             #[cfg(feature = "kubernetes")]
             Store::Secret(tokens) => {
-                let cleared = |r: &Record| r.chain == 0 && r.in_a_row == 0 && !r.forgotten;
-                if tokens.ledger(key(customer)).is_some_and(|read| !read.as_ref().is_ok_and(cleared)) {
+                if tokens.ledger(key(customer)).is_some_and(|read| !read.as_ref().is_ok_and(Record::is_empty)) {
                     tokens.enqueue(Change::Ledger { key: key(customer).to_owned(), entry: None });
                 }
             }

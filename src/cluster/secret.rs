@@ -163,9 +163,7 @@ impl Contents {
             // While an annotation that did not parse is kept, a key without an entry counts as
             // unreadable: a cleared key keeps an entry with nothing in it.
             Change::Ledger { key, entry: None } if self.unreadable_ledgers.is_some() => {
-                let cleared =
-                    Record { username: String::new(), in_a_row: 0, chain: 0, last_failure: 0, forgotten: false };
-                self.ledgers.insert(key.clone(), LedgerEntry::Record(cleared));
+                self.ledgers.insert(key.clone(), LedgerEntry::Record(Record::cleared("")));
             }
             Change::Ledger { key, entry: None } => {
                 self.ledgers.remove(key);
