@@ -62,8 +62,8 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::clock::rfc3339;
 use crate::metrics::Metrics;
-use crate::sink::rfc3339;
 use crate::status::{Answer, CustomerStatus};
 
 #[derive(Clone)]

@@ -3,7 +3,8 @@
 //! Token expiries are wall-clock times (a JWT's `exp`), so plans are made in `SystemTime`; the
 //! waits themselves are tokio sleeps. In production the clock is the system's. In tests it is
 //! tokio's clock seen as wall time: with tokio's paused time, a day of refreshes passes in
-//! milliseconds, and the plans move exactly as far as the sleeps.
+//! milliseconds, and the plans move exactly as far as the sleeps. Times are written for people
+//! (logs, files, `/status`) by [`rfc3339`].
 
 use std::time::{Duration, SystemTime};
 
@@ -35,9 +36,24 @@ impl Clock {
     }
 }
 
+/// `2026-11-28T10:00:00Z`. Times outside the years 1970 to 9999 (which humantime cannot
+/// write, and panics on) are shown at the nearer edge: a log line must never bring a worker down.
+pub fn rfc3339(t: SystemTime) -> String {
+    let last = std::time::UNIX_EPOCH + Duration::from_secs(253_402_300_799);
+    humantime::format_rfc3339_seconds(t.clamp(std::time::UNIX_EPOCH, last)).to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_beyond_what_rfc3339_can_write_do_not_panic() {
+        let epoch = SystemTime::UNIX_EPOCH;
+        assert_eq!(rfc3339(epoch - Duration::from_secs(1)), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(epoch + Duration::from_secs(1 << 40)), "9999-12-31T23:59:59Z");
+        assert_eq!(rfc3339(epoch + Duration::from_secs(1_795_860_000)), "2026-11-28T10:00:00Z");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_tokio_clock_moves_with_paused_time() {

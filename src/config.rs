@@ -20,8 +20,9 @@ use reqwest::Url;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
+use crate::fs::{self, Owner, Perms, ReadError};
 use crate::secret::Secret;
-use crate::sink::{self, Owner, Perms, ReadError};
+use crate::sink;
 
 /// Magento locks a username after this many failed logins (`oauth/authentication_lock/max_failures_count`).
 pub const MAGENTO_LOCK_FAILURES: u32 = 6;
@@ -208,8 +209,8 @@ impl<'de> Deserialize<'de> for Mode {
 // ---------------------------------------------------------------------------------------------
 // The validated configuration
 
-/// `output.format` and `customers[].format`: the token file's shape, which [`crate::sink`] owns.
-pub use crate::sink::Format;
+/// `output.format` and `customers[].format`: the token file's shape, which [`crate::format`] owns.
+pub use crate::format::Format;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -223,7 +224,7 @@ pub enum LogFormat {
 pub struct Config {
     pub magento: MagentoSettings,
     pub refresh: RefreshSettings,
-    pub output: OutputSettings,
+    pub output: Output,
     /// `None` when `admin.listen` is `""`.
     pub admin_listen: Option<SocketAddr>,
     pub log: LogSettings,
@@ -316,24 +317,61 @@ fn durations<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error>
     Vec::<Dur>::deserialize(d).map(|v| v.into_iter().map(|d| d.0).collect())
 }
 
+/// `output`: where the tokens go. (`output.format` is resolved into each customer's `format`.)
 #[derive(Debug, Clone, PartialEq)]
-pub struct OutputSettings {
-    /// Empty with `output.kubernetes`.
-    pub dir: PathBuf,
-    /// `output.kubernetes`: the tokens go to a Secret, written by the Lease holder alone.
-    pub kubernetes: Option<kubernetes::KubeSettings>,
-    pub mode: u32,
-    pub format: Format,
-    /// `<dir>/<output.index>`: every customer's token and expiry in one JSON file.
-    pub index: Option<PathBuf>,
-    /// `output.uid` and `output.gid`.
-    pub owner: Owner,
+pub enum Output {
+    /// `output.dir`: a file per customer, named by its `file`, with its ledger beside it.
+    Files(OutputDir),
+    /// `output.kubernetes`: a key per customer (its `file`) in one Secret, written by the
+    /// holder of a Lease alone.
+    Kubernetes(kubernetes::KubeSettings),
 }
 
-impl OutputSettings {
+impl Output {
+    /// The directory's settings, unless the tokens go to a Secret.
+    pub fn dir(&self) -> Option<&OutputDir> {
+        match self {
+            Output::Files(dir) => Some(dir),
+            Output::Kubernetes(_) => None,
+        }
+    }
+
+    /// `tokens in /var/run/tokens`, `tokens in the Secret shop/magento-tokens, written by the
+    /// holder of the Lease magento-token-sidecar`: what `check` says of it.
+    pub fn describe(&self) -> String {
+        match self {
+            Output::Files(dir) => format!("tokens in {}", dir.dir.display()),
+            Output::Kubernetes(k) => format!(
+                "tokens in the Secret {}{}, written by the holder of the Lease {}",
+                k.namespace.as_ref().map(|ns| format!("{ns}/")).unwrap_or_default(),
+                k.secret,
+                k.lease
+            ),
+        }
+    }
+}
+
+/// `output.dir` and what its files get.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputDir {
+    pub dir: PathBuf,
+    /// `output.mode`.
+    pub mode: u32,
+    /// `output.uid` and `output.gid`: given to every token file, the ledgers and the index.
+    pub owner: Owner,
+    /// `<dir>/<output.index>`: every customer's token and expiry in one JSON file.
+    pub index: Option<PathBuf>,
+}
+
+impl OutputDir {
     /// What every file written in `dir` gets before any content: `mode`, and the owner.
     pub fn perms(&self) -> Perms {
         Perms { mode: self.mode, owner: self.owner }
+    }
+
+    /// `<dir>/<file>`: the customer's token file.
+    pub fn path(&self, customer: &CustomerConfig) -> PathBuf {
+        self.dir.join(&customer.file)
     }
 }
 
@@ -353,12 +391,11 @@ pub struct CustomerConfig {
     pub base_url: std::sync::Arc<Url>,
     /// The store code in effect for this customer (its own or `magento.store_code`).
     pub store_code: Option<String>,
-    /// `<output.dir>/<file or name>`.
-    pub path: PathBuf,
+    /// Its `file`, else its name: the file's name in `output.dir`, or its key in the Secret
+    /// (the store makes it a place: [`crate::store::Store`]).
+    pub file: String,
     /// The format of its file: its own `format`, else `output.format`.
     pub format: Format,
-    /// `output.uid` and `output.gid`: given to the token file and the ledger beside it.
-    pub owner: Owner,
 }
 
 impl CustomerConfig {
@@ -434,7 +471,7 @@ impl PasswordSource {
     pub fn read(&self) -> Result<Secret, PasswordError> {
         match self {
             PasswordSource::File(path) => {
-                let (bytes, _) = sink::read_regular(path, MAX_PASSWORD_FILE, true).map_err(|e| match e {
+                let (bytes, _) = fs::read_regular(path, MAX_PASSWORD_FILE, true).map_err(|e| match e {
                     ReadError::Io(source) => PasswordError::File { path: path.clone(), source },
                     why => PasswordError::Refused { path: path.clone(), why },
                 })?;
@@ -520,7 +557,7 @@ pub const MAX_CONFIG_FILE: usize = 4 * 1024 * 1024;
 
 /// Reads, parses and validates a configuration file.
 ///
-/// The file is read as a password file is ([`sink::read_regular`]): without blocking, a regular
+/// The file is read as a password file is ([`fs::read_regular`]): without blocking, a regular
 /// file of at most [`MAX_CONFIG_FILE`] bytes. A FIFO swapped in before a SIGHUP would otherwise
 /// stop the whole daemon (`/healthz` and SIGTERM included) waiting for a writer, and a device
 /// would be read until memory runs out. Symbolic links are followed: a ConfigMap's keys are
@@ -544,7 +581,7 @@ fn load_keeping(file: &Path, checks: Checks, keep: bool) -> Result<(Config, Read
         file: file.to_path_buf(),
         problems: vec![Problem { path: String::new(), message }],
     };
-    let (bytes, _) = sink::read_regular(file, MAX_CONFIG_FILE, true).map_err(|e| match e {
+    let (bytes, _) = fs::read_regular(file, MAX_CONFIG_FILE, true).map_err(|e| match e {
         ReadError::Io(e) => fail(format!("cannot read the configuration file: {e}")),
         refused => fail(format!("the configuration file {refused}")),
     })?;
@@ -579,23 +616,24 @@ impl Config {
     pub fn warnings(&self) -> Vec<Problem> {
         use std::os::unix::fs::PermissionsExt;
         let mut warnings = Vec::new();
-        if self.output.kubernetes.is_none() && self.output.mode & 0o004 != 0 {
+        let Output::Files(output) = &self.output else { return warnings };
+        if output.mode & 0o004 != 0 {
             warnings.push(Problem {
                 path: "output.mode".into(),
                 message: format!(
                     "\"{:04o}\" makes every token file readable by other users: anyone with a shell on this machine (or in this container) can read the tokens and act as the customers; use \"0600\" (or \"0640\" for readers in the file's group)",
-                    self.output.mode
+                    output.mode
                 ),
             });
         }
-        if let Ok(meta) = std::fs::metadata(&self.output.dir) {
+        if let Ok(meta) = std::fs::metadata(&output.dir) {
             let mode = meta.permissions().mode() & 0o7777;
             if mode & 0o002 != 0 {
                 warnings.push(Problem {
                     path: "output.dir".into(),
                     message: format!(
                         "{} is writable by other users (mode {mode:04o}): another user can plant files or symbolic links there, at a token's path before the daemon writes it or beside it; use a directory only the daemon's user (and its group) can write to",
-                        self.output.dir.display()
+                        output.dir.display()
                     ),
                 });
             }
@@ -639,12 +677,12 @@ fn validate(raw: RawConfig, checks: Checks, keep: bool) -> Result<(Config, ReadP
     let mut v = Validator { kept: keep.then(Vec::new), ..Validator::default() };
     let base_url = check_magento(&mut v, &raw.magento, checks);
     check_refresh(&mut v, &raw.refresh);
-    let kubernetes = check_output(&mut v, &raw.output, checks);
+    let output = check_output(&mut v, &raw.output, checks);
     let admin_listen = check_admin(&mut v, &raw.admin.listen);
     check_log(&mut v, &raw.log.level);
     let customers = check_customers(&mut v, &raw, base_url, checks);
     check_index(&mut v, &raw);
-    if let Some(k) = &kubernetes {
+    if let Some(Output::Kubernetes(k)) = &output {
         check_secret_size(&mut v, k, &customers);
         if raw.notify.is_some() {
             // The holder's own pod is the only one that would be told; the apps read the
@@ -653,20 +691,14 @@ fn validate(raw: RawConfig, checks: Checks, keep: bool) -> Result<(Config, ReadP
         }
     }
     let notify = raw.notify.as_ref().and_then(|n| notify::check(n, checks, &mut v.problems));
-    if !v.problems.is_empty() {
-        return Err(v.problems);
-    }
+    let output = match output {
+        Some(output) if v.problems.is_empty() => output,
+        _ => return Err(v.problems),
+    };
     let config = Config {
         magento: MagentoSettings { timeout: raw.magento.timeout.0, ca_file: raw.magento.ca_file },
         refresh: raw.refresh,
-        output: OutputSettings {
-            index: raw.output.index.as_ref().map(|name| output_dir(&raw.output).join(name)),
-            owner: owner_of(&raw.output),
-            dir: output_dir(&raw.output),
-            kubernetes,
-            mode: raw.output.mode.0,
-            format: raw.output.format,
-        },
+        output,
         admin_listen,
         log: LogSettings { format: raw.log.format, level: raw.log.level },
         customers,
@@ -732,11 +764,11 @@ fn check_refresh(v: &mut Validator, r: &RefreshSettings) {
 }
 
 /// `output`: the directory (writable, with `Checks::Environment`), a mode no one else can write,
-/// and an owner this process may give files to.
-fn check_output(v: &mut Validator, o: &RawOutput, checks: Checks) -> Option<kubernetes::KubeSettings> {
+/// and an owner this process may give files to; or the Secret. `None` once a problem is said.
+fn check_output(v: &mut Validator, o: &RawOutput, checks: Checks) -> Option<Output> {
     let dir = match (&o.dir, &o.kubernetes) {
         (Some(dir), None) => dir,
-        (None, Some(k)) => return check_kubernetes_output(v, o, k),
+        (None, Some(k)) => return check_kubernetes_output(v, o, k).map(Output::Kubernetes),
         (Some(_), Some(_)) => {
             v.problem("output.kubernetes", "give exactly one of output.dir and output.kubernetes, not both".into());
             return None;
@@ -794,7 +826,8 @@ fn check_output(v: &mut Validator, o: &RawOutput, checks: Checks) -> Option<kube
             }
         }
     }
-    None
+    let index = o.index.as_ref().map(|name| dir.join(name));
+    Some(Output::Files(OutputDir { dir: dir.clone(), mode, owner, index }))
 }
 
 /// `output.kubernetes`: a Secret has no owner, no file mode and no room for an index file:
@@ -823,17 +856,12 @@ fn check_kubernetes_output(
 pub const NO_KUBERNETES: &str =
     "this build has no Kubernetes support (the sidecar image); use the central image, or build with --features kubernetes";
 
-/// `output.dir`, or nothing with `output.kubernetes`.
-fn output_dir(o: &RawOutput) -> PathBuf {
-    o.dir.clone().unwrap_or_default()
-}
-
 /// Every customer's content, with a token of the size `check` assumes, in one Secret.
 fn check_secret_size(v: &mut Validator, k: &kubernetes::KubeSettings, customers: &[CustomerConfig]) {
     let token = crate::secret::Secret::new("x".repeat(kubernetes::ASSUMED_TOKEN_BYTES));
     let when = std::time::UNIX_EPOCH + Duration::from_secs(4_000_000_000);
     let sizes: Vec<usize> =
-        customers.iter().map(|c| crate::sink::render(c.format, &c.name, &token, when, when).len()).collect();
+        customers.iter().map(|c| crate::format::render(c.format, &c.name, &token, when, when).len()).collect();
     if let Err(why) = kubernetes::check_size(&sizes, &k.secret) {
         v.problem("customers", why);
     }
@@ -1013,14 +1041,12 @@ fn check_customers(v: &mut Validator, raw: &RawConfig, base_url: Option<Url>, ch
             }
         }
         // (A duplicate name already says it; its default file name would only repeat it.)
-        // With output.kubernetes: the Secret's key.
-        let path = output_dir(&raw.output).join(&file);
         let repeated = files.contains(&file);
         if repeated && (c.file.is_some() || names.len() == i + 1) {
             v.problem(&at("file"), format!("{file:?} is written by another customer too"));
         }
         if !repeated {
-            files.insert(file);
+            files.insert(file.clone());
         }
         if let (Some(password), Some(base_url)) = (password, url) {
             customers.push(CustomerConfig {
@@ -1029,9 +1055,8 @@ fn check_customers(v: &mut Validator, raw: &RawConfig, base_url: Option<Url>, ch
                 password,
                 base_url,
                 store_code: c.store_code.clone().or_else(|| raw.magento.store_code.clone()),
-                path,
+                file,
                 format: c.format.unwrap_or(raw.output.format),
-                owner: owner_of(&raw.output),
             });
         }
     }
@@ -1188,7 +1213,7 @@ impl Validator {
     }
 
     fn ca_file(&mut self, path: &str, file: &Path) {
-        match sink::read_regular(file, MAX_CA_FILE, true) {
+        match fs::read_regular(file, MAX_CA_FILE, true) {
             Err(e) if e.is_not_found() => self.problem(path, "no such file".into()),
             Err(ReadError::Io(e)) => self.problem(path, format!("cannot read {}: {e}", file.display())),
             Err(why) => self.problem(path, format!("{} {why}", file.display())),
@@ -1266,12 +1291,12 @@ customers:
     fn output_kubernetes_replaces_output_dir() {
         let kube = MINIMAL.replace("  dir: /tmp\n", "  kubernetes:\n    secret: magento-tokens\n    namespace: shop\n");
         let c = parse(&kube, Checks::Static).unwrap();
-        let k = c.output.kubernetes.as_ref().unwrap();
+        let Output::Kubernetes(k) = &c.output else { panic!("{:?}", c.output) };
         assert_eq!(
             (k.secret.as_str(), k.lease.as_str(), k.namespace.as_deref()),
             ("magento-tokens", "magento-tokens", Some("shop"))
         );
-        assert_eq!(c.customers[0].path, PathBuf::from("alice"), "the Secret's key");
+        assert_eq!(c.customers[0].file, "alice", "the Secret's key");
         let both = MINIMAL.replace("  dir: /tmp\n", "  dir: /tmp\n  kubernetes:\n    secret: t\n");
         assert_eq!(
             problems(&both),
@@ -1312,13 +1337,13 @@ customers:
         assert_eq!(c.refresh.max_auth_failures, 3);
         assert_eq!(c.refresh.auth_failure_pause, Duration::from_secs(31 * 60));
         assert_eq!(c.refresh.max_concurrent_logins, 8);
-        assert_eq!(c.output.mode, 0o600);
-        assert_eq!(c.output.format, Format::Raw);
+        assert_eq!(dir(&c).mode, 0o600);
+        assert_eq!(c.customers[0].format, Format::Raw);
         assert_eq!(c.admin_listen, Some("127.0.0.1:9102".parse().unwrap()));
         assert_eq!(c.log.format, LogFormat::Json);
         assert_eq!(c.log.level, "info");
         let alice = &c.customers[0];
-        assert_eq!(alice.path, PathBuf::from("/tmp/alice"));
+        assert_eq!(dir(&c).path(alice), PathBuf::from("/tmp/alice"));
         assert_eq!(alice.token_url().as_str(), "https://shop.example.com/rest/V1/integration/customer/token");
     }
 
@@ -1334,7 +1359,7 @@ customers:
             "https://example.com/shop/rest/de/V1/integration/customer/token"
         );
         assert_eq!(c.customers[1].me_url().as_str(), "https://shop.fr/rest/V1/customers/me");
-        assert_eq!(c.customers[1].path, PathBuf::from("/tmp/bob.json"));
+        assert_eq!(dir(&c).path(&c.customers[1]), PathBuf::from("/tmp/bob.json"));
     }
 
     #[test]
@@ -1356,14 +1381,14 @@ customers:
         let flow = MINIMAL.replace("output:\n  dir: /tmp", "output: {dir: /tmp, mode: 0600}");
         assert!(problems(&flow)[0].starts_with("output.mode: "));
         let quoted = MINIMAL.replace("output:\n  dir: /tmp", "output: {dir: /tmp, mode: \"0600\"}");
-        assert_eq!(parse(&quoted, Checks::Static).unwrap().output.mode, 0o600);
+        assert_eq!(dir(&parse(&quoted, Checks::Static).unwrap()).mode, 0o600);
         for odd in ["1777", "+0600", "600", "0o600", "00600", " 0600", "0600\n", "-600", "０６００"] {
             let p = problems(&MINIMAL.replace("  dir: /tmp", &format!("  dir: /tmp\n  mode: {odd:?}")));
             assert!(p[0].starts_with("output.mode: "), "{odd:?}: {p:?}");
             assert!(p[0].contains("exactly four octal digits between \"0000\" and \"0777\""), "{odd:?}: {p:?}");
         }
         let c = parse(&MINIMAL.replace("  dir: /tmp", "  dir: /tmp\n  mode: \"0640\""), Checks::Static).unwrap();
-        assert_eq!(c.output.mode, 0o640);
+        assert_eq!(dir(&c).mode, 0o640);
     }
 
     #[test]
@@ -1415,6 +1440,11 @@ customers:
         assert!(w[0].contains("another user can plant files or symbolic links there"), "{w:?}");
     }
 
+    /// The output directory's settings of a configuration that has one.
+    fn dir(c: &Config) -> &OutputDir {
+        c.output.dir().expect("output.dir")
+    }
+
     fn with_output(lines: &str) -> String {
         MINIMAL.replace("  dir: /tmp", &format!("  dir: /tmp\n{lines}"))
     }
@@ -1422,14 +1452,13 @@ customers:
     #[test]
     fn the_owner_reaches_every_file_written() {
         let c = parse(MINIMAL, Checks::Static).unwrap();
-        assert_eq!(c.output.owner, Owner::default());
+        assert_eq!(dir(&c).owner, Owner::default());
         let c = parse(&with_output("  mode: \"0640\"\n  uid: 1000\n  gid: 2000"), Checks::Static).unwrap();
         let owner = Owner { uid: Some(1000), gid: Some(2000) };
-        assert_eq!(c.output.owner, owner);
-        assert_eq!(c.output.perms(), Perms { mode: 0o640, owner });
-        assert_eq!(c.customers[0].owner, owner, "the customer's token file and ledger");
+        assert_eq!(dir(&c).owner, owner);
+        assert_eq!(dir(&c).perms(), Perms { mode: 0o640, owner });
         let c = parse(&with_output("  gid: 0"), Checks::Static).unwrap();
-        assert_eq!(c.output.owner, Owner { uid: None, gid: Some(0) });
+        assert_eq!(dir(&c).owner, Owner { uid: None, gid: Some(0) });
     }
 
     #[test]
@@ -1627,7 +1656,6 @@ customers:
             "    password_env: ALICE_PASSWORD\n  - name: bob\n    username: b\n    password_env: B\n    format: header\n  - name: carol\n    username: c\n    password_env: C\n    format: json",
         );
         let c = parse(&yaml, Checks::Static).unwrap();
-        assert_eq!(c.output.format, Format::Env);
         let formats: Vec<Format> = c.customers.iter().map(|c| c.format).collect();
         assert_eq!(formats, [Format::Env, Format::Header, Format::Json]);
         // Without either: raw.
@@ -1643,9 +1671,9 @@ customers:
     #[test]
     fn the_index_is_a_plain_file_name_no_customer_writes() {
         let with_index = |name: &str| MINIMAL.replace("  dir: /tmp", &format!("  dir: /tmp\n  index: {name:?}"));
-        assert_eq!(parse(MINIMAL, Checks::Static).unwrap().output.index, None);
+        assert_eq!(dir(&parse(MINIMAL, Checks::Static).unwrap()).index, None);
         let c = parse(&with_index("tokens.json"), Checks::Static).unwrap();
-        assert_eq!(c.output.index, Some(PathBuf::from("/tmp/tokens.json")));
+        assert_eq!(dir(&c).index, Some(PathBuf::from("/tmp/tokens.json")));
         for (bad, why) in [
             ("", "output.index: must not be empty"),
             ("../tokens.json", "output.index: \"../tokens.json\" must be a plain file name inside output.dir"),
@@ -1661,7 +1689,7 @@ customers:
         let yaml = with_index("alice.token").replace("ALICE_PASSWORD", "ALICE_PASSWORD\n    file: alice.token");
         assert!(problems(&yaml)[0].starts_with("output.index: \"alice.token\" is customers[0]'s token file too"));
         let yaml = with_index("alice").replace("ALICE_PASSWORD", "ALICE_PASSWORD\n    file: alice.token");
-        assert_eq!(parse(&yaml, Checks::Static).unwrap().output.index, Some(PathBuf::from("/tmp/alice")));
+        assert_eq!(dir(&parse(&yaml, Checks::Static).unwrap()).index, Some(PathBuf::from("/tmp/alice")));
     }
 
     #[test]
@@ -1669,9 +1697,9 @@ customers:
         let example = parse(include_str!("../config/example.yaml"), Checks::Static).unwrap();
         assert_eq!(example.customers.len(), 2);
         assert_eq!(example.customers[0].token_url().as_str(), "https://shop.de/rest/de/V1/integration/customer/token");
-        assert_eq!(example.customers[0].path, PathBuf::from("/var/run/magento-tokens/alice.token"));
+        assert_eq!(dir(&example).path(&example.customers[0]), PathBuf::from("/var/run/magento-tokens/alice.token"));
         assert_eq!((example.customers[0].format, example.customers[1].format), (Format::Env, Format::Raw));
-        assert_eq!(example.output.index, Some(PathBuf::from("/var/run/magento-tokens/tokens.json")));
+        assert_eq!(dir(&example).index, Some(PathBuf::from("/var/run/magento-tokens/tokens.json")));
         assert_eq!(example.customers[1].password, PasswordSource::Env("ERP_PASSWORD".into()));
         let demo =
             include_str!("../config/demo.yaml").replace("{base_url}", "http://127.0.0.1:1").replace("{dir}", "/tmp");

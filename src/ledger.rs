@@ -22,8 +22,9 @@ use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use crate::config::RefreshSettings;
+use crate::fs::{self, Owner, Perms, ReadError};
 use crate::schedule::AuthState;
-use crate::sink::{self, Owner, Perms, ReadError};
+use crate::sink;
 
 /// A username's recent 401s, as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -169,7 +170,7 @@ pub fn ledger_path(token_path: &Path) -> PathBuf {
 /// case.
 pub fn read_ledger(token_path: &Path) -> Option<Read> {
     let path = ledger_path(token_path);
-    match sink::read_regular(&path, MAX_LEDGER_FILE, false) {
+    match fs::read_regular(&path, MAX_LEDGER_FILE, false) {
         Ok((bytes, _)) => Some(parse(&bytes)),
         Err(e) if e.is_not_found() => None,
         // Ours, but it cannot be read (too large, permission denied, an I/O error): it may hold

@@ -14,7 +14,10 @@
 //! | [`token`]    | the accepted token form, and its expiry (JWT `exp`, clock skew, opaque tokens)   |
 //! | [`attempt`]  | one login under the lockout policy: the only path a password is sent by          |
 //! | [`ledger`]   | the record of recent 401s that outlives the process, judged before it is believed|
-//! | [`sink`]     | atomic, durable token files; reading back what an earlier run left               |
+//! | [`format`]   | what a token file holds: the four formats, written and read back                 |
+//! | [`sink`]     | atomic, durable token files                                                      |
+//! | [`fs`]       | local files read without blocking and within a limit; a file's mode and owner    |
+//! | [`dirlock`]  | one daemon per output directory                                                  |
 //! | [`cluster`]  | `output.kubernetes`: the Lease election and the Secret (feature `kubernetes`)   |
 //! | [`store`]    | where tokens and 401 ledgers go: files ([`sink`]) or the Secret ([`cluster`])    |
 //! | [`index`]    | `output.index`: every customer's token in one file, rebuilt when any changes    |
@@ -41,7 +44,9 @@ pub mod config;
 pub mod daemon;
 #[cfg(feature = "demo")]
 pub mod demo;
-pub mod index;
+pub mod dirlock;
+pub mod format;
+pub mod fs;
 pub mod ledger;
 pub mod logging;
 pub mod magento;

@@ -11,18 +11,17 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-#[cfg(feature = "kubernetes")]
-use magento_token_sidecar::cluster;
-use magento_token_sidecar::config::{self, Checks, Config, ConfigError, ReadPasswords};
-use magento_token_sidecar::ledger::{self, Forget};
+use magento_token_sidecar::clock::rfc3339;
+use magento_token_sidecar::config::{self, Checks, Config, ConfigError, Output, ReadPasswords};
+use magento_token_sidecar::daemon::{StartError, EXIT_BAD_CONFIG as BAD_CONFIG, EXIT_FAILED as FAILED};
+use magento_token_sidecar::dirlock::DirLock;
+use magento_token_sidecar::ledger::Forget;
 use magento_token_sidecar::logging::{self, Logging};
 use magento_token_sidecar::metrics::Metrics;
 use magento_token_sidecar::signals;
 use magento_token_sidecar::status::Board;
-use magento_token_sidecar::{admin, daemon, reaper, sink, store};
-
-const BAD_CONFIG: u8 = 2;
-const FAILED: u8 = 1;
+use magento_token_sidecar::store::{self, Store};
+use magento_token_sidecar::{admin, daemon, reaper};
 
 #[derive(Parser)]
 #[command(
@@ -124,20 +123,12 @@ fn main() -> ExitCode {
                 for warning in config.warnings() {
                     eprintln!("warning: {warning}");
                 }
-                let to = match &config.output.kubernetes {
-                    Some(k) => format!(
-                        "tokens in the Secret {}{}, written by the holder of the Lease {}",
-                        k.namespace.as_ref().map(|ns| format!("{ns}/")).unwrap_or_default(),
-                        k.secret,
-                        k.lease
-                    ),
-                    None => format!("tokens in {}", config.output.dir.display()),
-                };
                 println!(
-                    "{}: ok ({} customer{}, {to})",
+                    "{}: ok ({} customer{}, {})",
                     arg.config.display(),
                     config.customers.len(),
                     if config.customers.len() == 1 { "" } else { "s" },
+                    config.output.describe(),
                 );
                 0
             }
@@ -208,40 +199,27 @@ async fn forget_failures(path: &Path, names: &[String]) -> u8 {
             }
         }
     }
-    let (verdicts, retry_within) = match &config.output.kubernetes {
-        #[cfg(not(feature = "kubernetes"))]
-        Some(_) => return no_kubernetes(),
-        #[cfg(feature = "kubernetes")]
-        Some(k) => match cluster::secret::forget(
-            k,
-            &customers.iter().map(|c| (store::key(c), c.username.as_str())).collect::<Vec<_>>(),
-        )
-        .await
-        {
-            Ok(verdicts) => {
-                (verdicts.into_iter().map(Ok).collect::<Vec<std::io::Result<Forget>>>(), k.lease_duration * 2)
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                return FAILED;
-            }
-        },
-        None => {
-            (customers.iter().map(|c| store::Store::forget_failures(c)).collect::<Vec<_>>(), Duration::from_secs(2))
+    let verdicts = match store::forget_failures(&config.output, &customers).await {
+        Ok(verdicts) => verdicts,
+        Err(e) => {
+            eprintln!("{e}");
+            return FAILED;
         }
+    };
+    // When a running daemon reads the ledger again: its password poll, or the holder's read of
+    // the Secret.
+    let (retry_within, there) = match &config.output {
+        Output::Files(_) => (Duration::from_secs(2), ""),
+        Output::Kubernetes(k) => (k.lease_duration * 2, " in the Secret"),
     };
     let within = humantime::format_duration(retry_within);
     let magento = "first make sure Magento's own count is gone: the username's row in oauth_token_request_log deleted, or cleared by the store's cron";
     for (customer, verdict) in customers.iter().zip(verdicts) {
         let name = &customer.name;
-        let place = match &config.output.kubernetes {
-            Some(k) => format!("the Secret {}'s ledger entry {:?}", k.secret, store::key(customer)),
-            None => ledger::ledger_path(&customer.path).display().to_string(),
-        };
+        let place = store::ledger_place(&config.output, customer);
         match verdict {
             Ok(Forget::Forget { unreadable }) => {
                 let replaced = if unreadable { " (it replaced a record that could not be read)" } else { "" };
-                let there = if config.output.kubernetes.is_some() { " in the Secret" } else { "" };
                 println!("{name}: the daemon's count of failed logins is forgotten{there}{replaced}; a running daemon tries again within {within} ({magento})");
             }
             Ok(Forget::Already) => {
@@ -266,14 +244,6 @@ async fn forget_failures(path: &Path, names: &[String]) -> u8 {
     code
 }
 
-/// `output.kubernetes` in a build without the `kubernetes` feature: `config::load` refuses it
-/// already, so this is only the last word of a command that got past it.
-#[cfg(not(feature = "kubernetes"))]
-fn no_kubernetes() -> u8 {
-    eprintln!("output.kubernetes: {}", config::NO_KUBERNETES);
-    BAD_CONFIG
-}
-
 /// Loads and fully checks the configuration; on failure prints every problem.
 fn load(path: &Path) -> Result<Config, u8> {
     loaded(config::load(path, Checks::Environment))
@@ -296,83 +266,88 @@ fn log_warnings(config: &Config) {
 
 /// `run` (and `demo`): the admin server and the daemon until a shutdown signal.
 async fn serve(config_path: &Path, config: Config, admin_listener: Option<TcpListener>, logging: &Logging) -> u8 {
-    // Handlers first: from here on SIGTERM means a graceful stop.
-    let signals = match signals::listen() {
-        Ok(s) => s,
-        Err(e) => {
-            error!(error = %e, "cannot install signal handlers");
-            return FAILED;
-        }
-    };
-    // The reaper of what notify commands leave behind, as PID 1 or not (see `reaper`). Not with
-    // output.kubernetes, which has no notify: the kube client's credential plugins are children
-    // it waits for itself, unregistered, whose exit status a reaper would take.
-    if config.output.kubernetes.is_none() {
-        reaper::adopt();
-    }
-    // Before anything touches the output directory (or the admin port): one daemon per directory.
-    // (With output.kubernetes the Lease decides who writes.)
-    let lock = match config.output.kubernetes {
-        Some(_) => None,
-        None => match lock_output_dir(&config) {
-            Some(lock) => Some(lock),
-            None => return FAILED,
-        },
-    };
-    let metrics = Arc::new(Metrics::new(Board::new()));
-    let listener = match (admin_listener, config.admin_listen) {
-        (Some(l), _) => Some(l),
-        (None, Some(addr)) => match TcpListener::bind(addr).await {
-            Ok(l) => Some(l),
-            Err(e) => {
-                error!(error = %e, address = %addr, "cannot listen on admin.listen");
-                eprintln!("cannot listen on admin.listen {addr}: {e}");
-                return FAILED;
-            }
-        },
-        (None, None) => None,
-    };
-    let admin_stop = CancellationToken::new();
-    let admin_task = listener.map(|listener| {
-        if let Ok(addr) = listener.local_addr() {
-            info!(address = %addr, max_connections = admin::connection_limit(), "admin server listening");
-        }
-        let admin = admin::Admin { metrics: metrics.clone() };
-        tokio::spawn(admin::serve(listener, admin, admin_stop.clone().cancelled_owned()))
-    });
-    let result = match lock {
-        Some(lock) => daemon::run(config_path, config, lock, metrics, logging, signals)
-            .await
-            .map_err(|e| (e.to_string(), BAD_CONFIG)),
-        #[cfg(not(feature = "kubernetes"))]
-        None => Err((format!("output.kubernetes: {}", config::NO_KUBERNETES), BAD_CONFIG)),
-        // No API to talk to is the environment's fault, not the configuration's.
-        #[cfg(feature = "kubernetes")]
-        None => daemon::run_central(config_path, config, metrics, logging, signals).await.map_err(|e| (e, FAILED)),
-    };
-    admin_stop.cancel();
-    if let Some(task) = admin_task {
-        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
-    }
-    match result {
+    match start(config_path, config, admin_listener, logging).await {
         Ok(()) => 0,
-        Err((e, code)) => {
+        Err(e) => {
             error!(error = %e, "cannot start");
             eprintln!("{e}");
-            code
+            e.exit_code()
         }
     }
 }
 
-/// The lock on the output directory (see [`sink::DirLock`]), or `None` once the reason it
-/// cannot be had is logged and printed.
-fn lock_output_dir(config: &Config) -> Option<sink::DirLock> {
-    match sink::DirLock::acquire(&config.output.dir) {
-        Ok(lock) => Some(lock),
-        Err(e) => {
-            error!(error = %e, "cannot start");
-            eprintln!("{e}");
-            None
+async fn start(
+    config_path: &Path,
+    config: Config,
+    admin_listener: Option<TcpListener>,
+    logging: &Logging,
+) -> Result<(), StartError> {
+    // Handlers first: from here on SIGTERM means a graceful stop.
+    let signals = signals::listen().map_err(StartError::Signals)?;
+    let metrics = Arc::new(Metrics::new(Board::new()));
+    match &config.output {
+        Output::Files(dir) => {
+            // Before anything touches the output directory (or the admin port): one daemon
+            // per directory.
+            let lock = DirLock::acquire(&dir.dir)?;
+            // The reaper of what notify commands leave behind, as PID 1 or not (see `reaper`).
+            // Not with output.kubernetes, which has no notify: the kube client's credential
+            // plugins are children it waits for itself, unregistered, whose exit status a
+            // reaper would take.
+            reaper::adopt();
+            let store = Store::files(dir.clone());
+            let admin = AdminServer::start(admin_listener, &config, &metrics).await?;
+            let result = daemon::run(config_path, config, store, lock, metrics, logging, signals).await;
+            admin.stop().await;
+            result
+        }
+        #[cfg(feature = "kubernetes")]
+        Output::Kubernetes(_) => {
+            let admin = AdminServer::start(admin_listener, &config, &metrics).await?;
+            let result = daemon::run_central(config_path, config, metrics, logging, signals).await;
+            admin.stop().await;
+            result
+        }
+        #[cfg(not(feature = "kubernetes"))]
+        Output::Kubernetes(_) => Err(StartError::NoKubernetes),
+    }
+}
+
+/// The admin server's task, while the daemon runs.
+struct AdminServer {
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl AdminServer {
+    /// Serves on `listener`, else on `admin.listen` (none when it is `""`).
+    async fn start(
+        listener: Option<TcpListener>,
+        config: &Config,
+        metrics: &Arc<Metrics>,
+    ) -> Result<AdminServer, StartError> {
+        let listener = match (listener, config.admin_listen) {
+            (Some(l), _) => Some(l),
+            (None, Some(addr)) => {
+                Some(TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr, source })?)
+            }
+            (None, None) => None,
+        };
+        let stop = CancellationToken::new();
+        let task = listener.map(|listener| {
+            if let Ok(addr) = listener.local_addr() {
+                info!(address = %addr, max_connections = admin::connection_limit(), "admin server listening");
+            }
+            let admin = admin::Admin { metrics: metrics.clone() };
+            tokio::spawn(admin::serve(listener, admin, stop.clone().cancelled_owned()))
+        });
+        Ok(AdminServer { stop, task })
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        if let Some(task) = self.task {
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
         }
     }
 }
@@ -381,27 +356,25 @@ async fn once(config: Config, passwords: ReadPasswords, timeout: Duration) -> u8
     if config.notify.is_some() {
         info!("notify is not used by once: the app, started after it (an init container) or apart from it, reads the files it wrote");
     }
-    let results = if config.output.kubernetes.is_some() {
-        #[cfg(not(feature = "kubernetes"))]
-        return no_kubernetes();
+    let results = match &config.output {
+        Output::Files(dir) => match DirLock::acquire(&dir.dir) {
+            // Held until the pass is over.
+            Ok(_lock) => {
+                daemon::once(&config, passwords, timeout, &Store::files(dir.clone())).await.map_err(StartError::from)
+            }
+            Err(e) => Err(e.into()),
+        },
         #[cfg(feature = "kubernetes")]
-        match daemon::once_central(&config, timeout, Board::new()).await {
-            Ok(results) => results,
-            Err(e) => {
-                error!(error = %e, "once: nothing written");
-                eprintln!("{e}");
-                return FAILED;
-            }
-        }
-    } else {
-        // Held until the pass is over.
-        let Some(_lock) = lock_output_dir(&config) else { return FAILED };
-        match daemon::once(&config, passwords, timeout).await {
-            Ok(results) => results,
-            Err(e) => {
-                eprintln!("{e}");
-                return BAD_CONFIG;
-            }
+        Output::Kubernetes(_) => daemon::once_central(&config, timeout, Board::new()).await,
+        #[cfg(not(feature = "kubernetes"))]
+        Output::Kubernetes(_) => Err(StartError::NoKubernetes),
+    };
+    let results = match results {
+        Ok(results) => results,
+        Err(e) => {
+            error!(error = %e, "once: nothing written");
+            eprintln!("{e}");
+            return e.exit_code();
         }
     };
     let mut failed = 0;
@@ -410,8 +383,8 @@ async fn once(config: Config, passwords: ReadPasswords, timeout: Duration) -> u8
             Ok(expires_at) => info!(
                 customer = %r.customer,
                 result = "success",
-                file = %r.path.display(),
-                expires_at = %magento_token_sidecar::sink::rfc3339(*expires_at),
+                file = %r.place,
+                expires_at = %rfc3339(*expires_at),
                 "token written"
             ),
             Err(e) => {
@@ -469,7 +442,7 @@ mod dev {
             },
         };
         let admin = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        let tokens = demo.config.output.dir.display().to_string();
+        let tokens = demo.config.output.dir().map(|d| d.dir.display().to_string()).unwrap_or_default();
         let base = demo.server.base_url();
         println!(
             "\nmagento-token-sidecar demo\n\

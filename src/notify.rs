@@ -40,10 +40,10 @@ use rustix::process::{Pid, Signal};
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
+use crate::clock::rfc3339;
 use crate::config::is_loopback;
 use crate::config::notify::{signal_named, NotifySettings, SignalTarget, DEFAULT_PATH};
 use crate::reaper;
-use crate::sink::rfc3339;
 use crate::status::Reporter;
 
 /// How long after a new token its notification starts: writes within this time (a reload's

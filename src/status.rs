@@ -17,8 +17,8 @@ use tokio::sync::{oneshot, Notify};
 
 use prometheus::{Histogram, HistogramOpts};
 
+use crate::clock::rfc3339;
 use crate::magento::Outcome;
-use crate::sink::rfc3339;
 
 /// Where a customer's worker stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

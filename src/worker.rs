@@ -29,12 +29,12 @@ use tracing::{debug, error, info, warn, Instrument};
 
 use crate::account::Account;
 use crate::attempt::{self, Attempt, NoToken, Obtained};
-use crate::clock::Clock;
+use crate::clock::{rfc3339, Clock};
 use crate::config::{CustomerConfig, RefreshSettings};
+use crate::format::Times;
 use crate::magento::{Client, LoginError, Magento, Outcome};
 use crate::schedule::{self, AuthState, AuthWait};
-use crate::sink;
-use crate::sink::Times;
+use crate::sink::Durability;
 use crate::status::{Answer, Ask, Check, Mailbox, Reporter, State};
 use crate::store::Store;
 use crate::token;
@@ -47,7 +47,6 @@ pub const PASSWORD_POLL: Duration = Duration::from_secs(2);
 pub struct Shared<M = Client> {
     pub magento: M,
     pub refresh: Arc<RefreshSettings>,
-    pub mode: u32,
     /// Bounds logins in flight over all customers.
     pub logins: Arc<Semaphore>,
     pub clock: Clock,
@@ -62,7 +61,6 @@ impl<M: Clone> Clone for Shared<M> {
         Shared {
             magento: self.magento.clone(),
             refresh: self.refresh.clone(),
-            mode: self.mode,
             logins: self.logins.clone(),
             clock: self.clock,
             notify: self.notify.clone(),
@@ -172,11 +170,6 @@ impl<M: Magento> Worker<M> {
         self.shared.clock.now()
     }
 
-    /// What this customer's token file gets before its content: the mode and the owner.
-    fn perms(&self) -> sink::Perms {
-        sink::Perms { mode: self.shared.mode, owner: self.customer.owner }
-    }
-
     /// Runs until the stop token is cancelled. `adopt`: the token on disk may be kept when
     /// Magento still accepts it for this username.
     ///
@@ -207,7 +200,7 @@ impl<M: Magento> Worker<M> {
                     }
                     Some(recorded) => info!(
                         failures_in_a_row = recorded.in_a_row,
-                        last_failure = %recorded.last_failure.map(sink::rfc3339).unwrap_or_default(),
+                        last_failure = %recorded.last_failure.map(rfc3339).unwrap_or_default(),
                         "remembering the 401s recorded before this start"
                     ),
                     None => {}
@@ -291,13 +284,13 @@ impl<M: Magento> Worker<M> {
     /// Looks at the token an earlier run left; returns when to log in.
     async fn start(&mut self, adopt: bool) -> SystemTime {
         let now = self.now();
-        let Some(found) = self.shared.store.found(&self.customer, self.shared.mode) else { return now };
+        let Some(found) = self.shared.store.found(&self.customer) else { return now };
         let r = &self.shared.refresh;
         // Read like an answer obtained when the file was written: a JWT from a Magento whose
         // clock is off then lives by its own `exp - iat`, not by that clock (a raw file records
         // no expiry of its own), and absurd claims are refused. A json file's expiry was worked
         // out the same way when it was written.
-        let Ok(read) = token::expiry(&found.token, found.modified, r.default_lifetime) else { return now };
+        let Ok(read) = token::expiry(&found.token, found.written_at, r.default_lifetime) else { return now };
         let expires_at = found.expires_at.unwrap_or(read.expires_at);
         if expires_at <= now {
             return now;
@@ -322,32 +315,18 @@ impl<M: Magento> Worker<M> {
             Ok(email) if email.eq_ignore_ascii_case(&self.customer.username) => {
                 self.report.token_on_disk(expires_at);
                 let next = schedule::next_refresh(now, expires_at, read.lifetime, r, rand::thread_rng().gen());
-                if found.format != self.customer.format
-                    || found.mode != self.shared.mode
-                    || !self.customer.owner.holds(found.uid, found.gid)
-                {
+                if !self.shared.store.as_written(&self.customer, &found) {
                     // A reload changed the customer's format (its own or output.format),
                     // output.mode or the owner: the same token, rewritten.
-                    let content = sink::render(
-                        self.customer.format,
-                        &self.customer.name,
-                        &found.token,
-                        found.modified,
-                        expires_at,
-                    );
-                    let times = Times { obtained_at: found.modified, expires_at };
-                    if let Err(e) = self
-                        .shared
-                        .store
-                        .write(&self.customer, self.perms(), content, times, sink::Durability::Now)
-                        .await
+                    let times = Times { obtained_at: found.written_at, expires_at };
+                    if let Err(e) = self.shared.store.write(&self.customer, &found.token, times, Durability::Now).await
                     {
                         warn!(error = %e, "cannot rewrite the token file in the new format, mode or owner: logging in");
                         return now;
                     }
                 }
                 info!(
-                    expires_at = %sink::rfc3339(expires_at),
+                    expires_at = %rfc3339(expires_at),
                     token = %found.token.fingerprint(),
                     "adopted the token on disk: Magento still accepts it"
                 );
@@ -383,7 +362,7 @@ impl<M: Magento> Worker<M> {
     /// Checks the token on disk with `GET customers/me`. A check never counts as a failed
     /// login, and one that gets no answer keeps the token.
     async fn check(&mut self) -> Checked {
-        let Some(found) = self.shared.store.found(&self.customer, self.shared.mode) else {
+        let Some(found) = self.shared.store.found(&self.customer) else {
             self.checked_at = None;
             return Checked::Nothing;
         };
@@ -571,7 +550,7 @@ impl<M: Magento> Worker<M> {
             Err(NoToken::HeldBack { wait, password_bound, auth }) => {
                 let message = held_back_message(wait, password_bound, &auth, &self.customer.name);
                 match wait.until() {
-                    Some(until) => warn!(retry_at = %sink::rfc3339(until), failures = auth.chain, "{message}"),
+                    Some(until) => warn!(retry_at = %rfc3339(until), failures = auth.chain, "{message}"),
                     None => error!(failures = auth.chain, "{message}"),
                 }
                 self.report.problem("held_back", &message, self.now());
@@ -585,16 +564,8 @@ impl<M: Magento> Worker<M> {
     /// (a retried write of a token obtained earlier sends no request to time).
     async fn write(&mut self, obtained: Obtained, fresh: bool) -> SystemTime {
         let took = fresh.then_some(obtained.took);
-        let content = sink::render(
-            self.customer.format,
-            &self.customer.name,
-            &obtained.token,
-            obtained.obtained_at,
-            obtained.expiry.expires_at,
-        );
         let times = Times { obtained_at: obtained.obtained_at, expires_at: obtained.expiry.expires_at };
-        let written =
-            self.shared.store.write(&self.customer, self.perms(), content, times, sink::Durability::Now).await;
+        let written = self.shared.store.write(&self.customer, &obtained.token, times, Durability::Now).await;
         let now = self.now();
         let r = &self.shared.refresh;
         match written {
@@ -616,7 +587,9 @@ impl<M: Magento> Worker<M> {
                     );
                 }
                 self.report.success(now, obtained.expiry.expires_at, took);
-                self.shared.notify.written(&self.report, &self.customer.path, obtained.expiry.expires_at);
+                if let Some(file) = self.shared.store.file(&self.customer) {
+                    self.shared.notify.written(&self.report, &file, obtained.expiry.expires_at);
+                }
                 self.report.clock_skew(obtained.expiry.skew.unwrap_or(0));
                 let next = schedule::next_refresh(
                     now,
@@ -627,8 +600,8 @@ impl<M: Magento> Worker<M> {
                 );
                 info!(
                     result = "success",
-                    expires_at = %sink::rfc3339(obtained.expiry.expires_at),
-                    next_refresh_at = %sink::rfc3339(next),
+                    expires_at = %rfc3339(obtained.expiry.expires_at),
+                    next_refresh_at = %rfc3339(next),
                     duration_ms = took.map(|d| d.as_millis() as u64),
                     token = %obtained.token.fingerprint(),
                     "token written"
@@ -636,7 +609,7 @@ impl<M: Magento> Worker<M> {
                 next
             }
             Err(e) => {
-                let message = format!("cannot write {}: {e}", self.customer.path.display());
+                let message = format!("cannot write {}: {e}", self.shared.store.place(&self.customer));
                 self.report.failure(Outcome::WriteError, &message, now, took);
                 self.transient += 1;
                 let wait = schedule::backoff(self.transient, r, None, rand::thread_rng().gen());
@@ -703,7 +676,7 @@ impl<M: Magento> Worker<M> {
 fn held_back_message(wait: AuthWait, password_bound: bool, auth: &AuthState, customer: &str) -> String {
     let forget = format!("run `magento-token-sidecar forget-failures --config FILE {customer}`");
     let until = match wait.until() {
-        Some(t) => format!("before {}", sink::rfc3339(t)),
+        Some(t) => format!("before {}", rfc3339(t)),
         None => "until an operator clears the count".to_owned(),
     };
     if let Some(why) = &auth.unreadable {
@@ -721,7 +694,7 @@ fn held_back_message(wait: AuthWait, password_bound: bool, auth: &AuthState, cus
         ),
         _ if password_bound => format!(
             "Magento refused this password for this username{last}: not sent again {until}, to keep clear of its lock (a changed password is tried at once)",
-            last = auth.last_failure.map(|t| format!(" at {}", sink::rfc3339(t))).unwrap_or_default(),
+            last = auth.last_failure.map(|t| format!(" at {}", rfc3339(t))).unwrap_or_default(),
         ),
         _ => format!(
             "Magento counts as many recent failed logins for this username as the daemon may cause: no login is sent {until}, when its count is believed to have expired"

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
 use magento_devserver::DevServerOptions;
-use magento_token_sidecar::sink::rfc3339;
+use magento_token_sidecar::clock::rfc3339;
 use magento_token_sidecar::token::{from_unix, jwt_times};
 
 const SEC: Duration = Duration::from_secs(1);

@@ -85,7 +85,7 @@ impl Watcher {
                 let Ok(entries) = std::fs::read_dir(&dir) else { continue };
                 for entry in entries.flatten() {
                     let name = entry.file_name().to_string_lossy().into_owned();
-                    if name == magento_token_sidecar::sink::LOCK_FILE {
+                    if name == magento_token_sidecar::dirlock::LOCK_FILE {
                         continue;
                     }
                     // Gone since the listing (a temporary renamed): nothing to see.

@@ -13,8 +13,8 @@ use magento_token_sidecar::magento::Outcome;
 use magento_token_sidecar::magento::{magento_message, parse_token};
 use magento_token_sidecar::schedule;
 use magento_token_sidecar::secret::Secret;
-use magento_token_sidecar::sink;
 use magento_token_sidecar::token::{self, TokenError, MAX_LIFETIME};
+use magento_token_sidecar::{clock, store};
 
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
@@ -108,9 +108,9 @@ proptest! {
             Ok(e) => {
                 prop_assert!(e.expires_at > started);
                 prop_assert!(e.lifetime <= MAX_LIFETIME.max(Duration::from_secs(default_minutes * 60)));
-                let _ = sink::rfc3339(e.expires_at);
+                let _ = clock::rfc3339(e.expires_at);
                 let next = schedule::next_refresh(started, e.expires_at, e.lifetime, &settings(), 0.5);
-                let _ = sink::rfc3339(next);
+                let _ = clock::rfc3339(next);
             }
             Err(TokenError::AlreadyExpired(_)) | Err(TokenError::Implausible(_)) => {}
             Err(other) => prop_assert!(false, "unexpected {other:?}"),
@@ -134,10 +134,10 @@ proptest! {
         let path = dir.path().join("alice");
         for bytes in [content.clone(), serde_json::to_vec(&serde_json::json!({"token": json_token, "expires_at": expires})).unwrap()] {
             std::fs::write(&path, &bytes).unwrap();
-            if let Some(found) = sink::read_existing(&path) {
+            if let Some(found) = store::files::read_existing(&path) {
                 prop_assert!(token::check_form(found.token.expose()).is_ok());
                 if let Some(at) = found.expires_at {
-                    let _ = sink::rfc3339(at);
+                    let _ = clock::rfc3339(at);
                 }
             }
         }

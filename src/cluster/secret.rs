@@ -22,8 +22,8 @@ use tracing::{debug, warn};
 
 use super::lease::Term;
 use super::{ApiError, Cluster};
+use crate::format::Times;
 use crate::ledger::{self, Record};
-use crate::sink::Times;
 
 /// The annotation with each key's times: `{"<key>": {"obtained_at": "...", "expires_at": "..."}}`.
 pub const TIMES: &str = "magento-token-sidecar/times";
@@ -138,7 +138,7 @@ impl Contents {
     /// claims a worker would accept (see [`crate::token::expiry`]), as in file mode.
     pub fn expiry(&self, key: &str, default_lifetime: Duration) -> Option<SystemTime> {
         let times = self.times.get(key)?;
-        let (token, _, _) = crate::sink::parse_token_content(&self.data.get(key)?.0)?;
+        let (token, _, _) = crate::format::parse_token_content(&self.data.get(key)?.0)?;
         crate::token::check_form(token.expose()).ok()?;
         let own = crate::token::expiry(&token, times.obtained_at, default_lifetime).ok()?;
         // Never later than the token itself says: the annotation may be edited by anyone.

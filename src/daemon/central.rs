@@ -10,11 +10,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::once::{once_in, OnceResult};
-use super::{reloaded, same_output, Supervisor};
+use super::once::{once, OnceResult};
+use super::{check_reload, reloaded, StartError, Supervisor};
 use crate::account::Accounts;
 use crate::cluster::{lease, secret::Tokens, Cluster};
-use crate::config::{self, Checks, Config};
+use crate::config::kubernetes::KubeSettings;
+use crate::config::{self, Checks, Config, Output};
 use crate::logging::Logging;
 use crate::metrics::Metrics;
 use crate::signals::Signal;
@@ -30,10 +31,10 @@ pub async fn run_central(
     metrics: Arc<Metrics>,
     logging: &Logging,
     mut signals: impl Stream<Item = Signal> + Unpin,
-) -> Result<(), String> {
-    let k = config.output.kubernetes.clone().ok_or("output.kubernetes is not set")?;
+) -> Result<(), StartError> {
+    let k = kube_settings(&config)?;
     let board = metrics.board().clone();
-    let cluster = Cluster::connect(&k, board.clone(), None).await?;
+    let cluster = Cluster::connect(&k, board.clone(), None).await.map_err(StartError::Cluster)?;
     info!(
         customers = config.customers.len(),
         version = env!("CARGO_PKG_VERSION"),
@@ -58,14 +59,14 @@ pub async fn run_central(
             // of 401s kept.
             match tokens.load().await {
                 Ok(()) => {
-                    let store = Store::Secret(tokens.clone());
-                    match Supervisor::start_in(config.clone(), board.clone(), store, accounts.clone()).await {
+                    let store = Store::Kubernetes(tokens.clone());
+                    match Supervisor::start(config.clone(), board.clone(), store, accounts.clone()).await {
                         Ok(started) => supervisor = Some(started),
                         Err(e) => {
                             // Given up at once, not a lease later.
                             stop.cancel();
                             let _ = elector.await;
-                            return Err(e.to_string());
+                            return Err(e.into());
                         }
                     }
                     next_read = tokio::time::Instant::now() + k.lease_duration * 2;
@@ -146,7 +147,7 @@ async fn reload_central(
     supervisor: Option<&mut Supervisor>,
 ) -> Result<String, String> {
     let new = config::load(path, Checks::Environment).map_err(|e| e.to_string())?;
-    same_output(config.output.kubernetes.as_ref(), new.output.kubernetes.as_ref())?;
+    check_reload(config, &new)?;
     if let Some(running) = supervisor {
         running.apply(new.clone()).await.map_err(|e| e.to_string())?;
     }
@@ -170,7 +171,7 @@ fn stand_by(config: &Config, board: &Board, tokens: &Tokens) {
     }
     for customer in &config.customers {
         let report = Reporter::new(&customer.name, board.clone());
-        match expiries.get(crate::store::key(customer)) {
+        match expiries.get(&customer.file) {
             Some(expires_at) => report.token_on_disk(*expires_at),
             None => report.no_token_on_disk(),
         }
@@ -180,10 +181,10 @@ fn stand_by(config: &Config, board: &Board, tokens: &Tokens) {
 
 /// `once` with `output.kubernetes`: takes the Lease (waiting for it until `timeout`), writes
 /// the Secret once under it, and gives it up.
-pub async fn once_central(config: &Config, timeout: Duration, board: Board) -> Result<Vec<OnceResult>, String> {
-    let k = config.output.kubernetes.clone().ok_or("output.kubernetes is not set")?;
+pub async fn once_central(config: &Config, timeout: Duration, board: Board) -> Result<Vec<OnceResult>, StartError> {
+    let k = kube_settings(config)?;
     let deadline = tokio::time::Instant::now() + timeout;
-    let cluster = Cluster::connect(&k, board, Some("once")).await?;
+    let cluster = Cluster::connect(&k, board, Some("once")).await.map_err(StartError::Cluster)?;
     let stop = CancellationToken::new();
     let (mut term, elector) = lease::spawn(cluster.clone(), stop.clone());
     let tokens = Tokens::start(cluster.clone(), term.clone(), stop.clone());
@@ -195,7 +196,7 @@ pub async fn once_central(config: &Config, timeout: Duration, board: Board) -> R
         if !matches!(tokio::time::timeout_at(deadline, term.changed()).await, Ok(Ok(()))) {
             let holder = term.borrow().holder.clone();
             finish(stop, elector).await;
-            return Err(match holder {
+            return Err(StartError::Cluster(match holder {
                 Some(holder) => format!(
                     "the Lease {}/{} is held by {holder}: it writes the Secret; not logging in",
                     cluster.namespace, k.lease
@@ -203,16 +204,24 @@ pub async fn once_central(config: &Config, timeout: Duration, board: Board) -> R
                 None => {
                     format!("could not take the Lease {}/{} before the end of --timeout", cluster.namespace, k.lease)
                 }
-            });
+            }));
         }
     }
     if let Err(e) = tokens.load().await {
         finish(stop, elector).await;
-        return Err(format!("cannot read the Secret {}/{}: {e}", cluster.namespace, k.secret));
+        return Err(StartError::Cluster(format!("cannot read the Secret {}/{}: {e}", cluster.namespace, k.secret)));
     }
     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
     // Every login reads its password: the wait for the Lease may have outlasted the check's.
-    let results = once_in(config, Vec::new(), left, &Store::Secret(tokens)).await.map_err(|e| e.to_string());
+    let results = once(config, Vec::new(), left, &Store::Kubernetes(tokens)).await.map_err(StartError::from);
     finish(stop, elector).await;
     results
+}
+
+/// `output.kubernetes` of a configuration the caller found to have it.
+fn kube_settings(config: &Config) -> Result<KubeSettings, StartError> {
+    match &config.output {
+        Output::Kubernetes(k) => Ok(k.clone()),
+        Output::Files(_) => Err(StartError::Cluster("output.kubernetes is not set".into())),
+    }
 }

@@ -14,12 +14,12 @@ use tracing::{error, info, warn};
 
 use crate::account::Accounts;
 use crate::clock::Clock;
-use crate::config::{self, Config, CustomerConfig, LogFormat, MagentoSettings, OutputSettings, RefreshSettings};
-use crate::index::{self, IndexWriter};
+use crate::config::{self, Config, CustomerConfig, MagentoSettings, Output, RefreshSettings};
 use crate::logging::Logging;
 use crate::magento::{Client, ClientError};
 use crate::metrics::Metrics;
 use crate::status::{Board, Reporter};
+use crate::store::index::{self, IndexWriter};
 use crate::store::Store;
 use crate::worker::{Shared, Worker};
 
@@ -30,8 +30,47 @@ mod run;
 
 #[cfg(feature = "kubernetes")]
 pub use central::{once_central, run_central};
-pub use once::{once, once_in, OnceFailure, OnceResult};
+pub use once::{once, OnceFailure, OnceResult};
 pub use run::run;
+
+/// The exit status of a command that failed.
+pub const EXIT_FAILED: u8 = 1;
+/// The exit status of a command refused for its configuration.
+pub const EXIT_BAD_CONFIG: u8 = 2;
+
+/// Why `run` or `once` could not start (or ended without doing its work).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// `magento` settings no client can be built from (a `ca_file` without a certificate).
+    #[error("{0}")]
+    Client(#[from] ClientError),
+    /// `output.kubernetes` in a build without the `kubernetes` feature.
+    #[error("output.kubernetes: {}", config::NO_KUBERNETES)]
+    NoKubernetes,
+    /// Another daemon holds the output directory, or it cannot be locked.
+    #[error("{0}")]
+    Lock(#[from] crate::dirlock::LockError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+    #[error("cannot listen on admin.listen {addr}: {source}")]
+    Listen { addr: std::net::SocketAddr, source: std::io::Error },
+    /// The Kubernetes API (`output.kubernetes`): unreachable, refused, or the Lease held by
+    /// another for all of `once`'s time.
+    #[error("{0}")]
+    Cluster(String),
+}
+
+impl StartError {
+    /// 2 for what the configuration must change, 1 for what the environment must.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StartError::Client(_) | StartError::NoKubernetes => EXIT_BAD_CONFIG,
+            StartError::Lock(_) | StartError::Signals(_) | StartError::Listen { .. } | StartError::Cluster(_) => {
+                EXIT_FAILED
+            }
+        }
+    }
+}
 
 /// How long a stop waits for logins and writes in flight.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -49,9 +88,6 @@ pub struct Supervisor {
     /// its connection pool.
     magento: MagentoSettings,
     shared: Arc<Shared>,
-    /// Settings read only at start, to say so when a reload changes them.
-    admin_listen: Option<std::net::SocketAddr>,
-    log_format: LogFormat,
     board: Board,
     /// One lockout budget per username, handed to the workers (kept across the terms of a
     /// Lease holder: what it learnt of 401s it could not book stays known).
@@ -99,29 +135,16 @@ pub fn plan<'a>(
 }
 
 impl Supervisor {
-    /// Starts a worker for every configured customer, writing files.
-    pub async fn start(config: Config, board: Board) -> Result<Supervisor, ClientError> {
-        Supervisor::start_in(config, board, Store::Files, Arc::default()).await
-    }
-
     /// Starts a worker for every configured customer, writing to `store`.
-    pub async fn start_in(
+    pub async fn start(
         config: Config,
         board: Board,
         store: Store,
         accounts: Arc<Accounts>,
     ) -> Result<Supervisor, ClientError> {
         let shared = Arc::new(shared_for(&config, None, store)?);
-        let mut supervisor = Supervisor {
-            magento: config.magento,
-            shared,
-            admin_listen: config.admin_listen,
-            log_format: config.log.format,
-            board,
-            accounts,
-            workers: BTreeMap::new(),
-            index: None,
-        };
+        let mut supervisor =
+            Supervisor { magento: config.magento, shared, board, accounts, workers: BTreeMap::new(), index: None };
         for customer in config.customers {
             supervisor.spawn(customer, true);
         }
@@ -130,10 +153,12 @@ impl Supervisor {
     }
 
     /// Starts, retargets or stops the index writer after the customers changed.
-    async fn update_index(&mut self, output: &OutputSettings, refresh: &RefreshSettings) {
-        let target = output.index.clone().map(|path| index::Target {
+    async fn update_index(&mut self, output: &Output, refresh: &RefreshSettings) {
+        let index = output.dir().and_then(|out| Some((out, out.index.clone()?)));
+        let target = index.map(|(out, path)| index::Target {
             path,
-            perms: output.perms(),
+            perms: out.perms(),
+            dir: out.dir.clone(),
             default_lifetime: refresh.default_lifetime,
             customers: self.workers.values().map(|r| r.customer.clone()).collect(),
         });
@@ -163,7 +188,7 @@ impl Supervisor {
     /// Applies a new configuration: customers added start at once, removed ones stop (their
     /// files stay), changed ones restart, the others go on undisturbed.
     pub async fn apply(&mut self, new: Config) -> Result<(), ClientError> {
-        let shared = shared_for(&new, Some(self), self.shared.store.clone())?;
+        let shared = shared_for(&new, Some(self), self.shared.store.reconfigured(&new.output))?;
         let everyone = !shared.same_as(&self.shared);
         let shared = Arc::new(shared);
         let plan = plan(self.workers.values().map(|r| &*r.customer), new.customers, everyone);
@@ -178,8 +203,6 @@ impl Supervisor {
         }
         self.magento = new.magento;
         self.shared = shared;
-        self.admin_listen = new.admin_listen;
-        self.log_format = new.log.format;
         for (customer, adopt) in plan.restart {
             info!(customer = %customer.name, "customer changed: restarting it");
             self.accounts.of(&customer).configuration_changed();
@@ -233,7 +256,6 @@ fn shared_for(config: &Config, running: Option<&Supervisor>, store: Store) -> Re
     Ok(Shared {
         magento: client,
         refresh: Arc::new(config.refresh.clone()),
-        mode: config.output.mode,
         logins,
         clock: Clock::System,
         notify: crate::notify::Notifier::for_config(config.notify.as_ref(), running.map(|s| &s.shared.notify)),
@@ -250,7 +272,7 @@ impl SameAs for Shared {
     fn same_as(&self, other: &Shared) -> bool {
         self.magento.same_as(&other.magento)
             && self.refresh == other.refresh
-            && self.mode == other.mode
+            && self.store.same_as(&other.store)
             && Arc::ptr_eq(&self.logins, &other.logins)
     }
 }
@@ -270,17 +292,20 @@ fn reloaded(result: Result<String, String>, logging: &Logging, metrics: &Metrics
     }
 }
 
-/// What no reload may change, in either mode: where the tokens go (files or a Secret) and,
-/// with a Secret, its settings. Both take effect at the next start: a running daemon holds a
-/// directory's lock, or runs for a Lease.
-fn same_output(
-    old: Option<&config::kubernetes::KubeSettings>,
-    new: Option<&config::kubernetes::KubeSettings>,
-) -> Result<(), String> {
-    match (old, new) {
-        (None, None) => Ok(()),
-        (Some(old), Some(new)) if old == new => Ok(()),
-        (Some(_), Some(_)) => Err("output.kubernetes changed: it takes effect at the next start".to_owned()),
+/// Whether the running daemon can take `new`: where the tokens go (a directory or a Secret)
+/// cannot switch, and a Secret's settings cannot change. Both take effect at the next start: a
+/// running daemon holds a directory's lock, or runs for a Lease. The one check of both run
+/// paths' reloads.
+pub fn check_reload(old: &Config, new: &Config) -> Result<(), String> {
+    if new.admin_listen != old.admin_listen || new.log.format != old.log.format {
+        info!("admin.listen and log.format take effect at the next start");
+    }
+    match (&old.output, &new.output) {
+        (Output::Files(_), Output::Files(_)) => Ok(()),
+        (Output::Kubernetes(old), Output::Kubernetes(new)) if old == new => Ok(()),
+        (Output::Kubernetes(_), Output::Kubernetes(_)) => {
+            Err("output.kubernetes changed: it takes effect at the next start".to_owned())
+        }
         _ => Err("output: a change between output.dir and output.kubernetes takes effect at the next start".to_owned()),
     }
 }
@@ -325,7 +350,7 @@ mod tests {
         );
         let plan = plan(&running, wanted.clone(), false);
         assert_eq!(names(&plan), (vec![], vec![("b", true), ("c", false), ("d", true)], vec!["e"]));
-        assert_eq!(plan.restart[0].0.path, std::path::Path::new("/tmp/b.token"));
+        assert_eq!(plan.restart[0].0.file, "b.token");
         // Shared settings changed: every customer that stays restarts, adopting its token
         // where its own login did not change.
         let plan = super::plan(&running, wanted, true);

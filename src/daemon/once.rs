@@ -1,7 +1,6 @@
 //! `once`: every customer logged in once, the files written (one sync for the batch) or the
 //! Secret updated, then exit; the single pass of init containers and CronJobs.
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::stream::FuturesUnordered;
@@ -13,15 +12,14 @@ use tracing::{error, warn};
 
 use crate::account::Accounts;
 use crate::attempt::{self, Attempt, NoToken, Obtained};
+use crate::clock::rfc3339;
 use crate::clock::Clock;
 use crate::config::{Config, CustomerConfig, PasswordError, ReadPasswords};
-use crate::index::{self};
+use crate::format::Times;
 use crate::magento::{Client, ClientError, LoginError, Outcome};
 use crate::schedule::{self, AuthState};
 use crate::secret::Secret;
-use crate::sink;
-use crate::sink::Times;
-use crate::store::Store;
+use crate::store::{Batch, Store};
 
 /// Why `once` wrote no token for a customer.
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +50,8 @@ impl OnceFailure {
 /// The outcome of `once` for one customer.
 pub struct OnceResult {
     pub customer: String,
-    pub path: PathBuf,
+    /// Where its token went: its file, or its key in the Secret.
+    pub place: String,
     /// When the written token expires.
     pub outcome: Result<SystemTime, OnceFailure>,
 }
@@ -65,24 +64,13 @@ pub struct OnceResult {
 ///
 /// Everything runs on the calling task: at most [`once_in_flight`] customers are under way at
 /// once (their logins limited further by `max_concurrent_logins`), the next one starting as
-/// soon as any finishes, so a customer that keeps failing holds up no one. Files are written
-/// inline (on tmpfs a hand-off to a blocking thread cost more than the write, benches/RESULTS.md)
-/// into the output directory opened once, and none is synced on its own: one sync of the file
-/// system at the end makes the whole batch durable before any of it is reported written (the
-/// contract lets a batch share one sync; on a disk that is one sync instead of one per file).
+/// soon as any finishes, so a customer that keeps failing holds up no one. The tokens are
+/// written as one [`Batch`] of the store: made durable together at the end, before any of them
+/// is reported written.
 ///
 /// `passwords` are those the configuration's check read ([`config::load_with_passwords`]): each
 /// customer's first login sends the one read then (empty: every login reads its own).
 pub async fn once(
-    config: &Config,
-    passwords: ReadPasswords,
-    timeout: Duration,
-) -> Result<Vec<OnceResult>, ClientError> {
-    once_in(config, passwords, timeout, &Store::Files).await
-}
-
-/// [`once`], writing to `store`.
-pub async fn once_in(
     config: &Config,
     passwords: ReadPasswords,
     timeout: Duration,
@@ -92,21 +80,8 @@ pub async fn once_in(
     let logins = Semaphore::new(config.refresh.max_concurrent_logins);
     let accounts = Accounts::new();
     let deadline = Instant::now() + timeout;
-    let (dir, ledgers) = match store {
-        Store::Files => (sink::open_dir(&config.output.dir).ok(), ledgers_in(&config.output.dir)),
-        #[cfg(feature = "kubernetes")]
-        Store::Secret(_) => (None, None),
-    };
-    let pass = Pass {
-        client: &client,
-        logins: &logins,
-        accounts: &accounts,
-        config,
-        deadline,
-        store,
-        dir: dir.as_ref(),
-        ledgers,
-    };
+    let batch = store.batch();
+    let pass = Pass { client: &client, logins: &logins, accounts: &accounts, config, deadline, store, batch: &batch };
     let mut outcomes: Vec<Option<Result<SystemTime, OnceFailure>>> =
         (0..config.customers.len()).map(|_| None).collect();
     // `buffer_unordered` by hand: a closure mapping customers to futures would keep the pass
@@ -126,68 +101,32 @@ pub async fn once_in(
     drop(running);
     // The client and its connections (their buffers) go before the results are made, which
     // then reuse that memory: `once`'s peak is at the end of the pass (benches/RESULTS.md).
-    drop(pass);
     drop(client);
-    let mut results: Vec<Option<OnceResult>> = outcomes
+    let written = outcomes.iter().zip(&config.customers).filter_map(|(o, c)| Some((c, *o.as_ref()?.as_ref().ok()?)));
+    let finished = batch.finish(written);
+    let mut results: Vec<OnceResult> = outcomes
         .into_iter()
         .zip(&config.customers)
-        .map(|(outcome, c)| Some(OnceResult { customer: c.name.clone(), path: c.path.clone(), outcome: outcome? }))
+        .filter_map(|(outcome, c)| {
+            Some(OnceResult { customer: c.name.clone(), place: store.place(c), outcome: outcome? })
+        })
         .collect();
-    if let Some(path) = &config.output.index {
-        let written = results
-            .iter()
-            .flatten()
-            .filter_map(|r| Some((r.customer.as_str(), r.path.as_path(), *r.outcome.as_ref().ok()?)));
-        if let Err(e) = index::write_once(path, config.output.perms(), written) {
-            // The tokens are in their files; the app that reads the index has none of them.
-            error!(error = %e, "cannot write the index {}", path.display());
-            for r in results.iter_mut().flatten() {
-                if r.outcome.is_ok() {
-                    let message = format!("cannot write the index {}: {e}", path.display());
-                    r.outcome = Err(LoginError::new(Outcome::WriteError, message).into());
-                }
-            }
-        }
-    }
-    // One sync for the whole batch: every file and the directory (the Secret's writes are
-    // answered once stored).
-    let synced = match (store, &dir) {
-        #[cfg(feature = "kubernetes")]
-        (Store::Secret(_), _) => Ok(()),
-        (Store::Files, Some(dir)) => sink::sync_file_system(dir),
-        (Store::Files, None) => sink::sync_directory(&config.output.dir),
-    };
-    if let Err(e) = synced {
-        for r in results.iter_mut().flatten() {
+    if let Err(message) = finished {
+        // Nothing of the batch is known durable: no token is reported written.
+        error!(error = %message, "once: the tokens written may not be durable");
+        for r in &mut results {
             if r.outcome.is_ok() {
-                let message = format!("cannot sync {}: {e}", config.output.dir.display());
-                r.outcome = Err(LoginError::new(Outcome::WriteError, message).into());
+                r.outcome = Err(LoginError::new(Outcome::WriteError, message.clone()).into());
             }
         }
     }
-    Ok(results.into_iter().flatten().collect())
+    Ok(results)
 }
 
 /// Customers `once` has under way at a time: twice the login slots, so a slot freed is taken
 /// at once while the customer that had it writes its file.
 fn once_in_flight(max_concurrent_logins: usize) -> usize {
     2 * max_concurrent_logins.max(1)
-}
-
-/// The names of the ledgers (`.<file>.auth`) in the output directory, `None` if it cannot be
-/// listed. `once` holds the directory's lock: no other daemon writes one while it runs, so a
-/// customer without one needs neither a read of its ledger nor a removal after its login (two
-/// system calls that fail, of the thirty a login costs).
-fn ledgers_in(dir: &Path) -> Option<std::collections::HashSet<std::ffi::OsString>> {
-    let entries = std::fs::read_dir(dir).ok()?;
-    let mut names = std::collections::HashSet::new();
-    for entry in entries {
-        let name = entry.ok()?.file_name();
-        if name.as_encoded_bytes().ends_with(b".auth") {
-            names.insert(name);
-        }
-    }
-    Some(names)
 }
 
 /// What every customer of one `once` pass shares.
@@ -198,11 +137,8 @@ struct Pass<'a> {
     config: &'a Config,
     deadline: Instant,
     store: &'a Store,
-    /// The output directory, opened once for every write (`None`: each write opens it, or
-    /// the tokens go to the Secret).
-    dir: Option<&'a std::fs::File>,
-    /// The ledgers found in it at the start (`None`: unknown, any customer may have one).
-    ledgers: Option<std::collections::HashSet<std::ffi::OsString>>,
+    /// Every token of the pass is written in it.
+    batch: &'a Batch<'a>,
 }
 
 impl<'a> Pass<'a> {
@@ -227,11 +163,7 @@ impl<'a> Pass<'a> {
     ) -> Result<SystemTime, OnceFailure> {
         let refresh = &self.config.refresh;
         let account = self.accounts.of(customer);
-        let ledger = crate::ledger::ledger_path(&customer.path);
-        let ledger_on_disk = match (&self.ledgers, ledger.file_name()) {
-            (Some(found), Some(name)) => found.contains(name),
-            _ => true,
-        };
+        let ledger_on_disk = self.batch.may_have_ledger(customer);
         if ledger_on_disk {
             attempt::restore_ledger(self.store, customer, &account, SystemTime::now(), refresh);
         }
@@ -264,13 +196,13 @@ impl<'a> Pass<'a> {
                     }
                     Err(NoToken::HeldBack { wait, auth, .. }) => return Err(OnceFailure::HeldBack {
                         in_a_row: auth.in_a_row,
-                        last: auth.last_failure.map(sink::rfc3339).unwrap_or_default(),
+                        last: auth.last_failure.map(rfc3339).unwrap_or_default(),
                         next: wait.until().map_or_else(
                             || {
                                 "the password changes, or an operator resets Magento's count and runs forget-failures"
                                     .to_owned()
                             },
-                            sink::rfc3339,
+                            rfc3339,
                         ),
                     }),
                     Err(NoToken::Stopped) => timed_out_error(),
@@ -290,27 +222,13 @@ impl<'a> Pass<'a> {
         }
     }
 
-    /// Writes a file inline (the file system is synced once at the end of the pass), or joins
-    /// the Secret's next update.
+    /// Writes the token into the pass's batch.
     async fn write(&self, customer: &CustomerConfig, obtained: Obtained) -> Result<SystemTime, OnceFailure> {
-        let output = &self.config.output;
-        let expires_at = obtained.expiry.expires_at;
-        let content = sink::render(customer.format, &customer.name, &obtained.token, obtained.obtained_at, expires_at);
-        let perms = sink::Perms { mode: output.mode, owner: customer.owner };
-        let name = customer.path.file_name().and_then(|n| n.to_str());
-        let written = match (self.store, self.dir, name) {
-            (Store::Files, Some(dir), Some(name)) => {
-                sink::write_atomic_at(dir, name, perms, &content, sink::Durability::Batch)
-            }
-            _ => {
-                let times = Times { obtained_at: obtained.obtained_at, expires_at };
-                self.store.write(customer, perms, content, times, sink::Durability::FileOnly).await
-            }
-        };
-        written.map_err(|e| {
-            LoginError::new(Outcome::WriteError, format!("cannot write {}: {e}", customer.path.display()))
+        let times = Times { obtained_at: obtained.obtained_at, expires_at: obtained.expiry.expires_at };
+        self.batch.write(customer, &obtained.token, times).await.map_err(|e| {
+            LoginError::new(Outcome::WriteError, format!("cannot write {}: {e}", self.store.place(customer)))
         })?;
-        Ok(expires_at)
+        Ok(times.expires_at)
     }
 }
 
@@ -323,6 +241,10 @@ mod tests {
     use super::*;
     use crate::config::{self, Checks};
     use magento_devserver::{DevServer, DevServerOptions, Fault};
+
+    fn files(config: &Config) -> Store {
+        Store::files(config.output.dir().expect("output.dir").clone())
+    }
 
     #[tokio::test]
     async fn once_sends_the_password_its_check_read_and_reads_it_again_for_a_retry() {
@@ -352,7 +274,7 @@ mod tests {
             body: b"busy".to_vec(),
             retry_after: None,
         });
-        let results = once(&config, passwords, Duration::from_secs(8)).await.unwrap();
+        let results = once(&config, passwords, Duration::from_secs(8), &files(&config)).await.unwrap();
         assert!(results[0].outcome.is_ok(), "{:?}", results[0].outcome);
         let sent: Vec<(u16, Option<String>)> = server.requests().into_iter().map(|r| (r.status, r.password)).collect();
         assert_eq!(sent, [(503, Some("checked".into())), (200, Some("rotated".into()))]);
@@ -387,7 +309,7 @@ mod tests {
         // fsyncs one after the other when the machine and its disk are busy. Were the others
         // held up behind the stuck one, they would miss any deadline.
         server.push_fault(Fault::Hang);
-        let results = once(&config, Vec::new(), Duration::from_secs(8)).await.unwrap();
+        let results = once(&config, Vec::new(), Duration::from_secs(8), &files(&config)).await.unwrap();
         let names: Vec<&str> = results.iter().map(|r| r.customer.as_str()).collect();
         let configured: Vec<&str> = config.customers.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, configured);
@@ -396,7 +318,7 @@ mod tests {
         let Err(e) = &failed[0].outcome else { unreachable!() };
         assert_eq!(e.class(), "network_error", "{e}");
         for r in results.iter().filter(|r| r.outcome.is_ok()) {
-            assert!(std::fs::read(&r.path).is_ok_and(|t| !t.is_empty()), "{}", r.path.display());
+            assert!(std::fs::read(&r.place).is_ok_and(|t| !t.is_empty()), "{}", r.place);
         }
         assert_eq!(std::fs::read_dir(&tokens).unwrap().count(), 39, "no temporary file left");
     }

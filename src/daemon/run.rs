@@ -6,34 +6,39 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use tracing::info;
 
-use super::{reloaded, same_output, Supervisor};
+use super::{check_reload, reloaded, StartError, Supervisor};
 use crate::config::{self, Checks, Config};
+use crate::dirlock::DirLock;
 use crate::logging::Logging;
-use crate::magento::ClientError;
 use crate::metrics::Metrics;
 use crate::signals::Signal;
-use crate::sink;
+use crate::store::Store;
 
 /// The daemon: runs the workers until a shutdown signal, reloading on SIGHUP. `lock` is the
-/// lock on `config.output.dir`, taken before anything touched it; a reload that moves the
-/// output directory takes the new one's lock first, and lets the old one go once it switched.
+/// lock on `config.output.dir` (the directory of `store`), taken before anything touched it; a
+/// reload that moves the output directory takes the new one's lock first, and lets the old one
+/// go once it switched.
 pub async fn run(
     config_path: &Path,
-    config: Config,
-    mut lock: sink::DirLock,
+    mut config: Config,
+    store: Store,
+    mut lock: DirLock,
     metrics: Arc<Metrics>,
     logging: &Logging,
     mut signals: impl Stream<Item = Signal> + Unpin,
-) -> Result<(), ClientError> {
+) -> Result<(), StartError> {
     info!(customers = config.customers.len(), version = env!("CARGO_PKG_VERSION"), "starting");
-    let mut supervisor = Supervisor::start(config, metrics.board().clone()).await?;
+    let mut supervisor = Supervisor::start(config.clone(), metrics.board().clone(), store, Arc::default()).await?;
     while let Some(signal) = signals.next().await {
         match signal {
             Signal::Shutdown(name) => {
                 info!(signal = name, "stopping: letting logins and writes in flight finish");
                 break;
             }
-            Signal::Reload => reloaded(reload(config_path, &mut supervisor, &mut lock).await, logging, &metrics),
+            Signal::Reload => {
+                let result = reload(config_path, &mut config, &mut supervisor, &mut lock).await;
+                reloaded(result, logging, &metrics)
+            }
         }
     }
     supervisor.stop().await;
@@ -41,24 +46,26 @@ pub async fn run(
     Ok(())
 }
 
-async fn reload(path: &Path, supervisor: &mut Supervisor, lock: &mut sink::DirLock) -> Result<String, String> {
+async fn reload(
+    path: &Path,
+    config: &mut Config,
+    supervisor: &mut Supervisor,
+    lock: &mut DirLock,
+) -> Result<String, String> {
     let new = config::load(path, Checks::Environment).map_err(|e| e.to_string())?;
-    same_output(None, new.output.kubernetes.as_ref())?;
-    if new.admin_listen != supervisor.admin_listen || new.log.format != supervisor.log_format {
-        info!("admin.listen and log.format take effect at the next start");
-    }
+    check_reload(config, &new)?;
     // A new output directory is locked before any worker touches it; one held by another
     // daemon refuses the reload.
-    let new_lock = match lock.covers(&new.output.dir) {
-        true => None,
-        false => Some(sink::DirLock::acquire(&new.output.dir).map_err(|e| e.to_string())?),
+    let new_lock = match new.output.dir() {
+        Some(dir) if !lock.covers(&dir.dir) => Some(DirLock::acquire(&dir.dir).map_err(|e| e.to_string())?),
+        _ => None,
     };
-    let level = new.log.level.clone();
-    supervisor.apply(new).await.map_err(|e| e.to_string())?;
+    supervisor.apply(new.clone()).await.map_err(|e| e.to_string())?;
     if let Some(new_lock) = new_lock {
         // The workers of the old directory are stopped: it is let go.
         *lock = new_lock;
     }
+    *config = new;
     info!(customers = supervisor.workers.len(), "configuration reloaded");
-    Ok(level)
+    Ok(config.log.level.clone())
 }

@@ -145,11 +145,10 @@ fn start(config: &Config, magento: Scripted, clock: Clock) -> Run {
     let shared = Shared {
         magento: magento.clone(),
         refresh: Arc::new(config.refresh.clone()),
-        mode: config.output.mode,
         logins: Arc::new(Semaphore::new(1)),
         clock,
         notify: Arc::default(),
-        store: crate::store::Store::Files,
+        store: crate::store::Store::files(config.output.dir().unwrap().clone()),
     };
     let board = Board::new();
     let stop = CancellationToken::new();
@@ -162,7 +161,7 @@ fn start(config: &Config, magento: Scripted, clock: Clock) -> Run {
         stop.clone(),
     );
     let task = tokio::spawn(worker.run(true));
-    Run { magento, board, stop, task, clock, path: customer.path.clone() }
+    Run { magento, board, stop, task, clock, path: config.output.dir().unwrap().path(&customer) }
 }
 
 /// Alice's worker on paused time, her password file holding `password`, against a store whose
@@ -326,11 +325,10 @@ fn an_idle_customer_task_stays_small() {
     let shared = Shared {
         magento: Client::new(&MagentoSettings { timeout: Duration::from_secs(1), ca_file: None }).unwrap(),
         refresh: Arc::new(config.refresh.clone()),
-        mode: 0o600,
         logins: Arc::new(Semaphore::new(1)),
         clock: Clock::System,
         notify: Arc::default(),
-        store: crate::store::Store::Files,
+        store: crate::store::Store::files(config.output.dir().unwrap().clone()),
     };
     let customer = Arc::new(config.customers[0].clone());
     let account = Accounts::new().of(&customer);

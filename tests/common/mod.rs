@@ -140,7 +140,7 @@ impl World {
         std::fs::read_dir(self.tokens())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .filter(|n| !expected.contains(&n.as_str()) && n != magento_token_sidecar::sink::LOCK_FILE)
+            .filter(|n| !expected.contains(&n.as_str()) && n != magento_token_sidecar::dirlock::LOCK_FILE)
             .collect()
     }
 }

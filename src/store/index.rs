@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info};
 use zeroize::Zeroizing;
 
+use super::files::read_existing;
 use crate::config::CustomerConfig;
 use crate::secret::Secret;
 use crate::sink;
@@ -63,7 +64,7 @@ pub fn render(entries: &[Entry<'_>]) -> Zeroizing<Vec<u8>> {
         token: &'a str,
         expires_at: &'a str,
     }
-    let times: Vec<String> = entries.iter().map(|e| sink::rfc3339(e.expires_at)).collect();
+    let times: Vec<String> = entries.iter().map(|e| crate::clock::rfc3339(e.expires_at)).collect();
     // `"":{"token":"","expires_at":""},` is 32 bytes around what varies, `{}` two more.
     let size: usize =
         entries.iter().zip(&times).map(|(e, t)| 32 + e.name.len() + e.token.expose().len() + t.len()).sum();
@@ -84,7 +85,9 @@ pub struct Target {
     /// `<output.dir>/<output.index>`.
     pub path: PathBuf,
     /// `output.mode` and the owner, as the token files.
-    pub perms: sink::Perms,
+    pub perms: crate::fs::Perms,
+    /// `output.dir`, where the token files are read.
+    pub dir: PathBuf,
     /// `refresh.default_lifetime`: the expiry of an opaque token in a file not yet looked at.
     pub default_lifetime: Duration,
     /// The running customers.
@@ -207,7 +210,7 @@ fn write(target: &Target, board: &Board) -> std::io::Result<(usize, Option<Syste
         if expires_at.is_some_and(|t| t <= now) {
             continue;
         }
-        let Some(found) = sink::read_existing(&customer.path) else { continue };
+        let Some(found) = read_existing(&target.dir.join(&customer.file)) else { continue };
         let expires_at = match expires_at {
             Some(t) => t,
             // A customer starting up whose file was not looked at yet: listed, as the index
@@ -215,7 +218,7 @@ fn write(target: &Target, board: &Board) -> std::io::Result<(usize, Option<Syste
             // the file and it is unexpired by its own account (as `/readyz` takes it when
             // Magento cannot be asked).
             None if starting && found.ours() => {
-                let read = crate::token::expiry(&found.token, found.modified, target.default_lifetime);
+                let read = crate::token::expiry(&found.token, found.written_at, target.default_lifetime);
                 match found.expires_at.or(read.ok().map(|e| e.expires_at)) {
                     Some(t) if t > now => t,
                     _ => continue,
@@ -234,12 +237,12 @@ fn write(target: &Target, board: &Board) -> std::io::Result<(usize, Option<Syste
 /// files just written), written without a directory sync (the pass syncs once for all).
 pub fn write_once<'a>(
     path: &std::path::Path,
-    perms: sink::Perms,
-    written: impl IntoIterator<Item = (&'a str, &'a std::path::Path, SystemTime)>,
+    perms: crate::fs::Perms,
+    written: impl IntoIterator<Item = (&'a str, PathBuf, SystemTime)>,
 ) -> std::io::Result<()> {
     let mut entries = Vec::new();
     for (name, file, expires_at) in written {
-        let found = sink::read_existing(file)
+        let found = read_existing(&file)
             .ok_or_else(|| std::io::Error::other(format!("{} no longer holds the token written", file.display())))?;
         entries.push(Entry { name, token: found.token, expires_at });
     }
