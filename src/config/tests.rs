@@ -1,0 +1,469 @@
+//! The configuration's tests: every key's defaults, checks and messages.
+
+use super::output::{ownership_problems, Credentials};
+use super::*;
+
+/// The smallest valid configuration, for the tests of other modules too.
+pub(crate) const MINIMAL: &str = "
+magento:
+  base_url: https://shop.example.com
+output:
+  dir: /tmp
+customers:
+  - name: alice
+    username: alice@example.com
+    password_env: ALICE_PASSWORD
+";
+
+fn problems(yaml: &str) -> Vec<String> {
+    parse(yaml, Checks::Static).unwrap_err().iter().map(|p| p.to_string()).collect()
+}
+
+/// The sidecar image's build: `output.kubernetes` is parsed and checked as always, then
+/// refused by name, with what to do instead (scripts/test runs this without the feature).
+#[cfg(not(feature = "kubernetes"))]
+#[test]
+fn without_the_kubernetes_feature_output_kubernetes_is_refused_by_name() {
+    let kube = MINIMAL.replace("  dir: /tmp\n", "  kubernetes:\n    secret: magento-tokens\n");
+    assert_eq!(problems(&kube), ["output.kubernetes: this build has no Kubernetes support (the sidecar image); use the central image, or build with --features kubernetes"]);
+    // Its own checks still run: a bad key is reported beside it.
+    let bad = kube.replace("secret: magento-tokens", "secret: Not_A_Name");
+    let p = problems(&bad);
+    assert!(p.len() == 2 && p.iter().any(|p| p.starts_with("output.kubernetes.secret")), "{p:?}");
+}
+
+#[test]
+fn output_kubernetes_replaces_output_dir() {
+    let kube = MINIMAL.replace("  dir: /tmp\n", "  kubernetes:\n    secret: magento-tokens\n    namespace: shop\n");
+    let c = parse(&kube, Checks::Static).unwrap();
+    let Output::Kubernetes(k) = &c.output else { panic!("{:?}", c.output) };
+    assert_eq!(
+        (k.secret.as_str(), k.lease.as_str(), k.namespace.as_deref()),
+        ("magento-tokens", "magento-tokens", Some("shop"))
+    );
+    assert_eq!(c.customers[0].file, "alice", "the Secret's key");
+    let both = MINIMAL.replace("  dir: /tmp\n", "  dir: /tmp\n  kubernetes:\n    secret: t\n");
+    assert_eq!(problems(&both), ["output.kubernetes: give exactly one of output.dir and output.kubernetes, not both"]);
+    let neither = MINIMAL.replace("  dir: /tmp\n", "  mode: \"0600\"\n");
+    assert_eq!(problems(&neither), ["output.dir: one of output.dir and output.kubernetes is required"]);
+    let file_only = kube.replace("    namespace: shop\n", "  index: tokens.json\n  uid: 1000\n");
+    let p = problems(&file_only);
+    assert!(p[0].starts_with("output.uid: does not apply to output.kubernetes"), "{p:?}");
+    assert!(p[1].starts_with("output.index: is not written with output.kubernetes"), "{p:?}");
+    let told = kube.clone() + "notify:\n  webhook: http://127.0.0.1:8080/rotated\n";
+    let p = problems(&told);
+    assert!(p.len() == 1 && p[0].starts_with("notify: does not apply to output.kubernetes"), "{p:?}");
+    let bad_key = format!("{kube}    file: alice token\n");
+    assert!(problems(&bad_key)[0].starts_with("customers[0].file: \"alice token\" cannot be a key of the Secret"));
+    // 600 customers with json tokens of up to 2 KiB: more than 1 MiB.
+    let mut many = kube.clone();
+    for i in 0..600 {
+        many += &format!("  - name: c{i}\n    username: c{i}@x.com\n    password_env: PW\n    format: json\n");
+    }
+    let p = problems(&many);
+    assert!(
+        p[0].starts_with("customers: 601 customers' tokens would not fit in the Secret \"magento-tokens\""),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn defaults_are_the_contracts() {
+    let c = parse(MINIMAL, Checks::Static).unwrap();
+    assert_eq!(c.magento.timeout, Duration::from_secs(10));
+    assert_eq!(c.refresh.before_expiry, Duration::from_secs(15 * 60));
+    assert_eq!(c.refresh.jitter, Duration::from_secs(60));
+    assert_eq!(c.refresh.default_lifetime, Duration::from_secs(3600));
+    assert_eq!(c.refresh.min_backoff, Duration::from_secs(1));
+    assert_eq!(c.refresh.max_backoff, Duration::from_secs(300));
+    assert_eq!(c.refresh.max_auth_failures, 3);
+    assert_eq!(c.refresh.auth_failure_pause, Duration::from_secs(31 * 60));
+    assert_eq!(c.refresh.max_concurrent_logins, 8);
+    assert_eq!(dir(&c).mode, 0o600);
+    assert_eq!(c.customers[0].format, Format::Raw);
+    assert_eq!(c.admin_listen, Some("127.0.0.1:9102".parse().unwrap()));
+    assert_eq!(c.log.format, LogFormat::Json);
+    assert_eq!(c.log.level, "info");
+    let alice = &c.customers[0];
+    assert_eq!(dir(&c).path(alice), PathBuf::from("/tmp/alice"));
+    assert_eq!(alice.token_url().as_str(), "https://shop.example.com/rest/V1/integration/customer/token");
+}
+
+#[test]
+fn store_codes_and_path_prefixes_build_the_url() {
+    let yaml = MINIMAL.replace("https://shop.example.com", "https://example.com/shop/").replace(
+            "    password_env: ALICE_PASSWORD",
+            "    password_env: ALICE_PASSWORD\n    store_code: de\n  - name: bob\n    username: b\n    password_env: B\n    base_url: https://shop.fr\n    file: bob.json",
+        );
+    let c = parse(&yaml, Checks::Static).unwrap();
+    assert_eq!(c.customers[0].token_url().as_str(), "https://example.com/shop/rest/de/V1/integration/customer/token");
+    assert_eq!(c.customers[1].me_url().as_str(), "https://shop.fr/rest/V1/customers/me");
+    assert_eq!(dir(&c).path(&c.customers[1]), PathBuf::from("/tmp/bob.json"));
+}
+
+#[test]
+fn unknown_keys_are_reported_with_path_and_line() {
+    let p = problems(&MINIMAL.replace("  base_url:", "  base_ur: x\n  base_url:"));
+    assert_eq!(p.len(), 1);
+    assert!(p[0].contains("unknown field `base_ur`"), "{p:?}");
+    assert!(p[0].contains("line 3 column"), "{p:?}");
+    assert!(p[0].starts_with("magento"), "{p:?}");
+}
+
+#[test]
+fn a_bare_number_mode_is_refused() {
+    for bare in ["0600", "600", "384", "0o600"] {
+        let p = problems(&MINIMAL.replace("  dir: /tmp", &format!("  dir: /tmp\n  mode: {bare}")));
+        assert!(p[0].starts_with("output.mode: "), "{p:?}");
+        assert!(p[0].contains("quoted octal string"), "{p:?}");
+    }
+    let flow = MINIMAL.replace("output:\n  dir: /tmp", "output: {dir: /tmp, mode: 0600}");
+    assert!(problems(&flow)[0].starts_with("output.mode: "));
+    let quoted = MINIMAL.replace("output:\n  dir: /tmp", "output: {dir: /tmp, mode: \"0600\"}");
+    assert_eq!(dir(&parse(&quoted, Checks::Static).unwrap()).mode, 0o600);
+    for odd in ["1777", "+0600", "600", "0o600", "00600", " 0600", "0600\n", "-600", "０６００"] {
+        let p = problems(&MINIMAL.replace("  dir: /tmp", &format!("  dir: /tmp\n  mode: {odd:?}")));
+        assert!(p[0].starts_with("output.mode: "), "{odd:?}: {p:?}");
+        assert!(p[0].contains("exactly four octal digits between \"0000\" and \"0777\""), "{odd:?}: {p:?}");
+    }
+    let c = parse(&MINIMAL.replace("  dir: /tmp", "  dir: /tmp\n  mode: \"0640\""), Checks::Static).unwrap();
+    assert_eq!(dir(&c).mode, 0o640);
+}
+
+#[test]
+fn modes_that_let_others_write_token_files_are_refused() {
+    let with_mode = |mode: &str| MINIMAL.replace("  dir: /tmp", &format!("  dir: /tmp\n  mode: \"{mode}\""));
+    for bad in ["0666", "0620", "0602", "0660", "0622", "0777"] {
+        let p = problems(&with_mode(bad));
+        assert_eq!(p.len(), 1, "{bad}: {p:?}");
+        assert!(p[0].starts_with("output.mode: \"0"), "{bad}: {p:?}");
+        assert!(p[0].contains("writable by its group or by others"), "{bad}: {p:?}");
+    }
+    for good in ["0600", "0640", "0440", "0400", "0644"] {
+        assert!(parse(&with_mode(good), Checks::Static).is_ok(), "{good}");
+    }
+}
+
+#[test]
+fn modes_no_one_can_read_are_refused_and_others_reading_is_a_warning() {
+    let with_mode = |mode: &str| MINIMAL.replace("  dir: /tmp", &format!("  dir: /tmp\n  mode: \"{mode}\""));
+    for none in ["0000", "0200", "0100", "0300"] {
+        let p = problems(&with_mode(none));
+        assert_eq!(p, [format!("output.mode: \"{none}\" lets no one read the token files, the app included; use \"0600\" (or \"0640\" for readers in the file's group)")]);
+    }
+    for (mode, warned) in
+        [("0600", false), ("0640", false), ("0400", false), ("0644", true), ("0604", true), ("0444", true)]
+    {
+        let warnings: Vec<String> =
+            parse(&with_mode(mode), Checks::Static).unwrap().warnings().iter().map(|w| w.to_string()).collect();
+        let about_mode: Vec<&String> = warnings.iter().filter(|w| w.starts_with("output.mode: ")).collect();
+        assert_eq!(about_mode.len(), usize::from(warned), "{mode}: {warnings:?}");
+        if warned {
+            assert!(about_mode[0].contains(&format!("\"{mode}\" makes every token file readable by other users")));
+        }
+    }
+}
+
+#[test]
+fn an_output_directory_others_can_write_is_a_warning() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = MINIMAL.replace("  dir: /tmp", &format!("  dir: {}", dir.path().display()));
+    let config = parse(&yaml, Checks::Static).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o750)).unwrap();
+    assert!(config.warnings().is_empty());
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let w: Vec<String> = config.warnings().iter().map(|p| p.to_string()).collect();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].starts_with("output.dir: ") && w[0].contains("(mode 1777)"), "{w:?}");
+    assert!(w[0].contains("another user can plant files or symbolic links there"), "{w:?}");
+}
+
+/// The output directory's settings of a configuration that has one.
+fn dir(c: &Config) -> &OutputDir {
+    c.output.dir().expect("output.dir")
+}
+
+fn with_output(lines: &str) -> String {
+    MINIMAL.replace("  dir: /tmp", &format!("  dir: /tmp\n{lines}"))
+}
+
+#[test]
+fn the_owner_reaches_every_file_written() {
+    let c = parse(MINIMAL, Checks::Static).unwrap();
+    assert_eq!(dir(&c).owner, Owner::default());
+    let c = parse(&with_output("  mode: \"0640\"\n  uid: 1000\n  gid: 2000"), Checks::Static).unwrap();
+    let owner = Owner { uid: Some(1000), gid: Some(2000) };
+    assert_eq!(dir(&c).owner, owner);
+    assert_eq!(dir(&c).perms(), Perms { mode: 0o640, owner });
+    let c = parse(&with_output("  gid: 0"), Checks::Static).unwrap();
+    assert_eq!(dir(&c).owner, Owner { uid: None, gid: Some(0) });
+}
+
+#[test]
+fn an_owner_is_a_number_that_names_an_id() {
+    for (lines, key) in [
+        ("  uid: -1", "output.uid: "),
+        ("  uid: \"1000\"", "output.uid: "),
+        ("  gid: 1.5", "output.gid: "),
+        ("  gid: 4294967296", "output.gid: "),
+    ] {
+        let p = problems(&with_output(lines));
+        assert_eq!(p.len(), 1, "{lines}: {p:?}");
+        assert!(p[0].starts_with(key), "{lines}: {p:?}");
+    }
+    let p = problems(&with_output("  uid: 4294967295\n  gid: 4294967295"));
+    assert_eq!(
+        p,
+        [
+            "output.uid: 4294967295: not an id (chown reads it as \"leave unchanged\")",
+            "output.gid: 4294967295: not an id (chown reads it as \"leave unchanged\")"
+        ]
+    );
+}
+
+#[test]
+fn giving_files_away_follows_the_kernels_rules() {
+    let nobody = Credentials { uid: 65534, gid: 65534, groups: vec![2000], chown: false, fowner: false };
+    let owner = |uid: Option<u32>, gid: Option<u32>| Owner { uid, gid };
+    let refused = |owner: Owner, c: &Credentials| -> Vec<String> {
+        ownership_problems(owner, c).iter().map(|p| p.to_string()).collect()
+    };
+    // Its own ids, and a supplementary group: no privilege needed.
+    assert!(refused(owner(Some(65534), Some(65534)), &nobody).is_empty());
+    assert!(refused(owner(None, Some(2000)), &nobody).is_empty());
+    assert_eq!(
+            refused(owner(Some(1000), Some(3000)), &nobody),
+            [
+                "output.uid: 1000: this process (uid 65534) may not give files away; run as root or with CAP_CHOWN and CAP_FOWNER, or drop output.uid",
+                "output.gid: 3000: this process (uid 65534) is not a member of group 3000 and may not give files to it; run it in that group (in Kubernetes: the pod's fsGroup or supplementalGroups), as root or with CAP_CHOWN, or drop output.gid",
+            ]
+        );
+    // Root with every capability dropped but CHOWN: any group, but no other user.
+    let chown_only = Credentials { uid: 0, gid: 0, groups: vec![], chown: true, fowner: false };
+    assert!(refused(owner(None, Some(3000)), &chown_only).is_empty());
+    assert_eq!(
+            refused(owner(Some(1000), None), &chown_only),
+            ["output.uid: 1000: this process (uid 0) has CAP_CHOWN but not CAP_FOWNER, which it needs to set the mode of a file it gave away; add CAP_FOWNER, or drop output.uid"]
+        );
+    // Root without CAP_CHOWN is refused like anyone; with both, anything goes.
+    let root_without = Credentials { chown: false, fowner: true, ..chown_only.clone() };
+    assert_eq!(refused(owner(Some(1000), Some(3000)), &root_without).len(), 2);
+    assert!(refused(owner(Some(0), Some(0)), &root_without).is_empty(), "root's own ids");
+    let root = Credentials { chown: true, fowner: true, ..chown_only };
+    assert!(refused(owner(Some(1000), Some(3000)), &root).is_empty());
+}
+
+#[test]
+fn check_gives_a_test_file_the_owner_and_removes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (uid, gid) = match rustix::process::geteuid().is_root() {
+        true => (4321, 8765),
+        false => (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw()),
+    };
+    let yaml = format!(
+            "magento:\n  base_url: https://x\noutput:\n  dir: {}\n  uid: {uid}\n  gid: {gid}\ncustomers:\n  - name: a\n    username: a\n    password_env: PATH\n",
+            dir.path().display()
+        );
+    parse(&yaml, Checks::Environment).unwrap();
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing left in the directory");
+}
+
+#[test]
+fn durations_must_be_strings_with_units() {
+    let p = problems(&format!("{MINIMAL}refresh:\n  jitter: 60\n"));
+    assert!(p[0].starts_with("refresh.jitter: "), "{p:?}");
+    let p = problems(&format!("{MINIMAL}refresh:\n  jitter: 5 parsecs\n"));
+    assert!(p[0].contains("invalid duration"), "{p:?}");
+    let p = problems(&format!("{MINIMAL}refresh:\n  auth_failure_delays: [1m, 500000000000y]\n"));
+    assert!(p[0].starts_with("refresh.auth_failure_delays[1]: ") && p[0].contains("longer than 10 years"), "{p:?}");
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let yaml = "
+magento:
+  base_url: http://shop.example.com
+  store_code: ../admin
+output:
+  dir: /tmp
+refresh:
+  before_expiry: 1m
+  jitter: 2m
+  min_backoff: 10s
+  max_backoff: 5s
+  max_auth_failures: 6
+  auth_failure_pause: 10m
+  lockout_reset: window
+admin:
+  listen: nowhere
+log:
+  level: \"[\"
+customers:
+  - name: alice
+    username: alice@example.com
+    password_env: A
+  - name: alice
+    username: ''
+    password_file: /x
+    password_env: Y
+  - name: bad/name
+    username: c
+    file: ../escape
+";
+    let p = problems(yaml);
+    let expect = [
+        "magento.base_url: ",
+        "magento.store_code: ",
+        "refresh.jitter: must be less than",
+        "refresh.max_backoff: must be at least",
+        "refresh.max_auth_failures: must be between 1 and 5",
+        "refresh.auth_failure_pause: must be longer",
+        "admin.listen: ",
+        "log.level: ",
+        "customers[1].name: \"alice\" is used by another customer",
+        "customers[1].username: must not be empty",
+        "customers[1].password_file: give exactly one",
+        "customers[2].name: ",
+        "customers[2].password_file: one of password_file and password_env is required",
+        "customers[2].file: ",
+    ];
+    for e in expect {
+        assert!(p.iter().any(|line| line.starts_with(e)), "missing {e:?} in {p:#?}");
+    }
+    assert_eq!(p.len(), expect.len(), "{p:#?}");
+}
+
+#[test]
+fn one_entry_per_username_and_no_hidden_names() {
+    let yaml = format!(
+            "{MINIMAL}  - name: alice-de\n    username: Alice@Example.com\n    password_env: A\n    store_code: de\n  - name: .hidden\n    username: h\n    password_env: H\n"
+        );
+    let p = problems(&yaml);
+    assert!(p[0].starts_with("customers[1].username: \"Alice@Example.com\" is customers[0]'s username too"), "{p:?}");
+    assert!(p[1].starts_with("customers[2].name: \".hidden\" must not start with '.'"), "{p:?}");
+    assert_eq!(p.len(), 2, "{p:?}");
+}
+
+#[test]
+fn log_levels_are_levels_or_filters() {
+    for ok in ["info", "DEBUG", "warn,reqwest=debug", "magento_token_sidecar=trace", "off"] {
+        assert!(valid_log_level(ok), "{ok}");
+    }
+    for bad in ["", "inf", "verbose", "warning", "[", "info,chatty"] {
+        assert!(!valid_log_level(bad), "{bad}");
+    }
+}
+
+#[test]
+fn plain_http_is_for_loopback_unless_allowed() {
+    for ok in ["http://127.0.0.1:8080", "http://localhost", "http://[::1]:80"] {
+        assert!(parse(&MINIMAL.replace("https://shop.example.com", ok), Checks::Static).is_ok(), "{ok}");
+    }
+    let insecure = MINIMAL.replace("https://shop.example.com", "http://shop.example.com");
+    assert!(parse(&insecure, Checks::Static).is_err());
+    let allowed = insecure.replace("  base_url:", "  allow_insecure_http: true\n  base_url:");
+    assert!(parse(&allowed, Checks::Static).is_ok());
+    assert!(problems(&MINIMAL.replace("https://shop.example.com", "ftp://x"))[0].contains("scheme"));
+}
+
+#[test]
+fn environment_checks_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+            "magento:\n  base_url: https://x\n  ca_file: {d}/ca.pem\noutput:\n  dir: {d}/missing\ncustomers:\n  - name: a\n    username: a\n    password_file: {d}/nope\n",
+            d = dir.path().display()
+        );
+    let p: Vec<String> = parse(&yaml, Checks::Environment).unwrap_err().iter().map(|p| p.to_string()).collect();
+    assert_eq!(
+        p,
+        vec![
+            "magento.ca_file: no such file".to_string(),
+            format!("output.dir: {}/missing: no such directory", dir.path().display()),
+            "customers[0].password_file: no such file".to_string(),
+        ]
+    );
+}
+
+#[test]
+fn a_customers_own_format_overrides_the_global_one() {
+    let yaml = MINIMAL.replace("  dir: /tmp", "  dir: /tmp\n  format: env").replace(
+            "    password_env: ALICE_PASSWORD",
+            "    password_env: ALICE_PASSWORD\n  - name: bob\n    username: b\n    password_env: B\n    format: header\n  - name: carol\n    username: c\n    password_env: C\n    format: json",
+        );
+    let c = parse(&yaml, Checks::Static).unwrap();
+    let formats: Vec<Format> = c.customers.iter().map(|c| c.format).collect();
+    assert_eq!(formats, [Format::Env, Format::Header, Format::Json]);
+    // Without either: raw.
+    assert_eq!(parse(MINIMAL, Checks::Static).unwrap().customers[0].format, Format::Raw);
+    // An unknown format names the key and the formats there are.
+    let p = problems(&MINIMAL.replace("    password_env: ALICE_PASSWORD", "    password_env: A\n    format: yaml"));
+    assert!(p[0].starts_with("customers[0].format: unknown variant `yaml`"), "{p:?}");
+    assert!(p[0].contains("`raw`, `json`, `header`, `env`"), "{p:?}");
+    let p = problems(&MINIMAL.replace("  dir: /tmp", "  dir: /tmp\n  format: Header"));
+    assert!(p[0].starts_with("output.format: unknown variant `Header`"), "{p:?}");
+}
+
+#[test]
+fn the_index_is_a_plain_file_name_no_customer_writes() {
+    let with_index = |name: &str| MINIMAL.replace("  dir: /tmp", &format!("  dir: /tmp\n  index: {name:?}"));
+    assert_eq!(dir(&parse(MINIMAL, Checks::Static).unwrap()).index, None);
+    let c = parse(&with_index("tokens.json"), Checks::Static).unwrap();
+    assert_eq!(dir(&c).index, Some(PathBuf::from("/tmp/tokens.json")));
+    for (bad, why) in [
+        ("", "output.index: must not be empty"),
+        ("../tokens.json", "output.index: \"../tokens.json\" must be a plain file name inside output.dir"),
+        ("/etc/tokens.json", "output.index: \"/etc/tokens.json\" must be a plain file name"),
+        (".tokens.json", "output.index: \".tokens.json\" must not start with '.'"),
+        ("alice", "output.index: \"alice\" is customers[0]'s token file too"),
+    ] {
+        let p = problems(&with_index(bad));
+        assert_eq!(p.len(), 1, "{bad:?}: {p:?}");
+        assert!(p[0].starts_with(why), "{bad:?}: {p:?}");
+    }
+    // A customer's own `file` is what it writes; its name then is free.
+    let yaml = with_index("alice.token").replace("ALICE_PASSWORD", "ALICE_PASSWORD\n    file: alice.token");
+    assert!(problems(&yaml)[0].starts_with("output.index: \"alice.token\" is customers[0]'s token file too"));
+    let yaml = with_index("alice").replace("ALICE_PASSWORD", "ALICE_PASSWORD\n    file: alice.token");
+    assert_eq!(dir(&parse(&yaml, Checks::Static).unwrap()).index, Some(PathBuf::from("/tmp/alice")));
+}
+
+#[test]
+fn the_shipped_examples_are_valid() {
+    let example = parse(include_str!("../../config/example.yaml"), Checks::Static).unwrap();
+    assert_eq!(example.customers.len(), 2);
+    assert_eq!(example.customers[0].token_url().as_str(), "https://shop.de/rest/de/V1/integration/customer/token");
+    assert_eq!(dir(&example).path(&example.customers[0]), PathBuf::from("/var/run/magento-tokens/alice.token"));
+    assert_eq!((example.customers[0].format, example.customers[1].format), (Format::Env, Format::Raw));
+    assert_eq!(dir(&example).index, Some(PathBuf::from("/var/run/magento-tokens/tokens.json")));
+    assert_eq!(example.customers[1].password, PasswordSource::Env("ERP_PASSWORD".into()));
+    let demo =
+        include_str!("../../config/demo.yaml").replace("{base_url}", "http://127.0.0.1:1").replace("{dir}", "/tmp");
+    assert_eq!(parse(&demo, Checks::Static).unwrap().customers.len(), 2);
+}
+
+#[test]
+fn password_files_lose_one_trailing_newline_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pw");
+    for (content, expect) in [
+        ("s3cret\n", "s3cret"),
+        ("s3cret", "s3cret"),
+        ("s3cret\n\n", "s3cret\n"),
+        (" sp ace \n", " sp ace "),
+        ("crlf\r\n", "crlf\r"),
+    ] {
+        std::fs::write(&file, content).unwrap();
+        assert_eq!(PasswordSource::File(file.clone()).read().unwrap().expose(), expect);
+    }
+    std::fs::write(&file, "\n").unwrap();
+    assert!(matches!(PasswordSource::File(file.clone()).read(), Err(PasswordError::EmptyFile(_))));
+    // Up to 4 KiB, through symbolic links (Kubernetes' `..data`).
+    std::fs::write(&file, "x".repeat(MAX_PASSWORD_FILE)).unwrap();
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&file, &link).unwrap();
+    assert_eq!(PasswordSource::File(link).read().unwrap().expose().len(), MAX_PASSWORD_FILE);
+    std::fs::write(&file, "x".repeat(MAX_PASSWORD_FILE + 1)).unwrap();
+    let e = PasswordSource::File(file.clone()).read().unwrap_err();
+    assert_eq!(e.to_string(), format!("password_file {} is larger than 4 KiB, the most it may hold", file.display()));
+}
