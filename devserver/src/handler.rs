@@ -398,21 +398,21 @@ fn process(shared: &Shared, mut req: Req<'_>) -> Reply {
 
 /// The web API's answer before routing: the 406 for an `Accept` no renderer serves, the 400
 /// for a method the router does not know.
-fn rest_preamble(req: &Req<'_>) -> Result<Format, Reply> {
+fn rest_preamble(req: &Req<'_>) -> Result<Format, Box<Reply>> {
     let format = match negotiate(req.accept) {
         Ok(f) => f,
         Err(first) => {
-            return Err(Reply::message(
+            return Err(Box::new(Reply::message(
                 Format::Json,
                 406,
                 &format!(
                     "Server cannot match any of the given Accept HTTP header media type(s) from the request: \"{first}\" with media types from the config of response renderer."
                 ),
-            ))
+            )))
         }
     };
     if !matches!(*req.method, Method::GET | Method::POST | Method::PUT | Method::DELETE) {
-        return Err(Reply::message(format, 400, MSG_METHOD));
+        return Err(Box::new(Reply::message(format, 400, MSG_METHOD)));
     }
     Ok(format)
 }
@@ -424,14 +424,14 @@ fn rest_preamble(req: &Req<'_>) -> Result<Format, Reply> {
 fn cloud_rest(req: &Req<'_>) -> Reply {
     match rest_preamble(req) {
         Ok(format) => Reply::message(format, 404, MSG_NO_ROUTE),
-        Err(reply) => reply,
+        Err(reply) => *reply,
     }
 }
 
 fn on_premises_rest(shared: &Shared, req: Req<'_>) -> Reply {
     let format = match rest_preamble(&req) {
         Ok(format) => format,
-        Err(reply) => return reply,
+        Err(reply) => return *reply,
     };
     let cfg = &shared.cfg;
     match route(cfg, req.path) {

@@ -18,6 +18,8 @@
 //! resolvers' errors, is what differs between the two [`GraphQlConvention`]s.
 
 pub(crate) mod plan;
+#[cfg(test)]
+mod tests;
 
 use std::time::Instant;
 
