@@ -76,8 +76,9 @@ pub struct DevServerArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 0, allow_hyphen_values = true)]
     pub clock_offset: i64,
 
-    /// How long every token request waits before it is answered, e.g. 20ms (a store whose
-    /// PHP takes its time); other connections are served meanwhile.
+    /// How long every login (REST token request or GraphQL generateCustomerToken) waits before
+    /// it is answered, e.g. 20ms (a store whose PHP takes its time); other connections are
+    /// served meanwhile.
     #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = humantime::parse_duration)]
     pub login_latency: Duration,
 

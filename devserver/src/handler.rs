@@ -296,13 +296,13 @@ pub(crate) async fn handle(
             process(&shared, request(json))
         }
         (Ok(_), Some(Fault::Hang)) => {
-            tracing::debug!(path, "devserver: hanging a token request");
+            tracing::debug!(path, "devserver: hanging a login request");
             let mut stopping = shared.shutdown.subscribe();
             super::stopped(&mut stopping).await;
             return Err(io::Error::other("hang fault: server stopping"));
         }
         (Ok(_), Some(Fault::Reset)) => {
-            tracing::debug!(path, "devserver: resetting a token request's connection");
+            tracing::debug!(path, "devserver: resetting a login request's connection");
             stream.set_zero_linger()?;
             // The error makes hyper drop the connection; with linger 0 the close is an RST.
             return Err(io::Error::new(io::ErrorKind::ConnectionReset, "reset fault"));

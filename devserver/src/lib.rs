@@ -99,8 +99,9 @@ pub struct DevServerOptions {
     /// website; the default store (for `/rest/V1/...`) is `default` if listed, else the
     /// first entry.
     pub stores: Vec<(String, String)>,
-    /// The token endpoint answers the 400 reCAPTCHA error, as a store with reCAPTCHA for
-    /// customer login enabled does (switchable later with [`DevServer::set_recaptcha`]).
+    /// Logins are refused with the reCAPTCHA error (REST's 400, GraphQL's `graphql-input`), as a
+    /// store with reCAPTCHA for customer login enabled does (switchable later with
+    /// [`DevServer::set_recaptcha`]).
     pub recaptcha_required: bool,
     /// Added to `iat`/`exp` and to the clock tokens are checked against: a Magento whose
     /// clock is off.
@@ -346,7 +347,7 @@ pub(crate) struct State {
     /// case-insensitively).
     index: HashMap<String, HashMap<String, u64>>,
     pub(crate) throttle: Throttle,
-    /// Lower-cased username -> token requests naming it.
+    /// Lower-cased username -> login requests (REST or GraphQL) naming it.
     pub(crate) attempts: HashMap<String, usize>,
     pub(crate) records: Vec<RequestRecord>,
     pub(crate) faults: VecDeque<Fault>,
@@ -565,8 +566,10 @@ impl DevServer {
     }
 
     /// Turns the reCAPTCHA requirement for customer login on or off, as the store's "Enable
-    /// for Customer Login" setting does: while on, every token request gets 400 `ReCaptcha
-    /// validation failed, please try again` before its credentials are read, counted nowhere.
+    /// for Customer Login" setting does: while on, every REST token request gets 400 `ReCaptcha
+    /// validation failed, please try again` before its credentials are read, and every GraphQL
+    /// `generateCustomerToken` that message as a `graphql-input` error (no `X-ReCaptcha` value
+    /// passes), counted nowhere.
     pub fn set_recaptcha(&self, required: bool) {
         self.shared.recaptcha.store(required, Ordering::Relaxed);
     }
