@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{DevServer, DevServerOptions, TokenFormat};
+use super::{CloudService, DevServer, DevServerOptions, GraphQlConvention, TokenFormat};
 
 /// Flags of the `devserver` command.
 #[derive(clap::Args, Debug, Clone)]
@@ -76,10 +76,25 @@ pub struct DevServerArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 0, allow_hyphen_values = true)]
     pub clock_offset: i64,
 
-    /// How long every token request waits before it is answered, e.g. 20ms (a store whose
-    /// PHP takes its time); other connections are served meanwhile.
+    /// How long every login (REST token request or GraphQL generateCustomerToken) waits before
+    /// it is answered, e.g. 20ms (a store whose PHP takes its time); other connections are
+    /// served meanwhile.
     #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = humantime::parse_duration)]
     pub login_latency: Duration,
+
+    /// Whose GraphQL answers to give: 2.4.7 (resolver errors always 200, errors before execution
+    /// 500, bad tokens ignored) or 2.4.8 (401/403 by category, bearer tokens checked first).
+    #[arg(long, value_enum, value_name = "RELEASE", default_value_t = GraphQlConvention::V2_4_8)]
+    pub graphql_convention: GraphQlConvention,
+
+    /// Path of the GraphQL endpoint (under /TENANT_ID with --cloud-service).
+    #[arg(long, value_name = "PATH", default_value = "/graphql")]
+    pub graphql_path: String,
+
+    /// Answer as Adobe Commerce as a Cloud Service: the API under /TENANT_ID (GraphQL at
+    /// /TENANT_ID/graphql, REST at /TENANT_ID/V1/... with no customer-token routes).
+    #[arg(long, value_name = "TENANT_ID")]
+    pub cloud_service: Option<String>,
 }
 
 fn invalid(message: String) -> std::io::Error {
@@ -142,6 +157,9 @@ pub(crate) async fn start_from_args(args: &DevServerArgs) -> std::io::Result<Dev
         clock_offset_secs: args.clock_offset,
         tls: None,
         login_latency: args.login_latency,
+        graphql_convention: args.graphql_convention,
+        graphql_path: args.graphql_path.clone(),
+        cloud_service: args.cloud_service.clone().map(CloudService::new),
     })
     .await?;
     for (email, password) in customers {

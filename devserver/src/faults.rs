@@ -1,5 +1,6 @@
-//! Failures to inject into token requests: what a Magento in trouble, or the CDN, load
-//! balancer or maintenance page in front of it, answers instead of a token.
+//! Failures to inject into login requests (REST token requests and GraphQL
+//! `generateCustomerToken` mutations): what a Magento in trouble, or the CDN, load balancer or
+//! maintenance page in front of it, answers instead of a token.
 
 use std::time::Duration;
 
@@ -7,7 +8,9 @@ use rand::Rng;
 
 use super::render::Node;
 
-/// One injected answer to a `POST .../V1/integration/customer/token` request.
+/// One injected answer to a `POST .../V1/integration/customer/token` request or to a GraphQL
+/// request whose mutation runs `generateCustomerToken` (the same bodies either way: what stands
+/// in front of Magento does not speak GraphQL).
 #[derive(Clone, Debug)]
 pub enum Fault {
     /// Answer with this status, content type and body, plus optional Retry-After header

@@ -1,5 +1,7 @@
 //! One HTTP request: the basic-auth front and the injected faults, then routing as
-//! Magento's REST router does it, the token, customers/me and revoke endpoints.
+//! Magento's REST router does it, the token, customers/me and revoke endpoints, and the login
+//! service (`CustomerTokenService`) that the GraphQL endpoint shares. The GraphQL endpoint
+//! itself is `graphql`; the cloud service's REST routes are [`cloud_rest`].
 
 use std::borrow::Cow;
 use std::io;
@@ -19,9 +21,12 @@ use tokio::net::TcpStream;
 
 use super::faults::{self, Fault};
 use super::front;
+use super::graphql;
 use super::jwt::{self, Claims};
 use super::render::{body_kind, negotiate, parse_xml_body, BodyKind, Format, Node};
-use super::{format_datetime, Config, Customer, Refusal, RequestRecord, Shared, StoreInfo, StoredToken, TokenFormat};
+use super::{
+    format_datetime, Config, Customer, Refusal, RequestRecord, Route, Shared, StoreInfo, StoredToken, TokenFormat,
+};
 
 pub(crate) const MSG_SIGN_IN: &str =
     "The account sign-in was incorrect or your account is disabled temporarily. Please wait and try again later.";
@@ -30,6 +35,7 @@ const MSG_NOT_AUTHORIZED: &str = "The consumer isn't authorized to access %resou
 const MSG_REQUIRED: &str = "\"%fieldName\" is required. Enter and try again.";
 const MSG_INPUT_EXCEPTIONS: &str = "One or more input exceptions have occurred.";
 const MSG_RECAPTCHA: &str = "ReCaptcha validation failed, please try again";
+const STORE: HeaderName = HeaderName::from_static("store");
 const MSG_UNCONFIRMED: &str = "This account isn't confirmed. Verify and try again.";
 const MSG_DECODING: &str = "Decoding error.";
 const MSG_METHOD: &str = "Request method is invalid.";
@@ -111,8 +117,8 @@ fn header(headers: &HeaderMap, name: HeaderName) -> Option<String> {
     headers.get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
 }
 
-/// Magento's REST routing: after `/rest`, a first segment that is a known store code
-/// (or `all`) selects the store; anything else stays in the path and simply matches no
+/// Magento's REST routing on premises: after `/rest`, a first segment that is a known store
+/// code (or `all`) selects the store; anything else stays in the path and simply matches no
 /// route. Surrounding slashes are ignored, everything else must match exactly.
 fn route<'c>(cfg: &'c Config, path: &str) -> Option<(Endpoint, &'c StoreInfo)> {
     let rest = path.strip_prefix("/rest")?;
@@ -137,19 +143,29 @@ fn route<'c>(cfg: &'c Config, path: &str) -> Option<(Endpoint, &'c StoreInfo)> {
     Some((endpoint, store))
 }
 
-/// Whether this is aimed at the token endpoint, whatever the store segment says: such a
-/// request counts as a login attempt and is what faults (things in front of Magento,
-/// which know nothing of store codes) answer.
-fn looks_like_token_path(path: &str) -> bool {
-    let Some(rest) = path.strip_prefix("/rest/") else {
-        return false;
+/// What a REST path is aimed at, whatever the store segment says (a known code, an unknown one
+/// or none): a POST aimed at the token endpoint counts as a login attempt and is what faults
+/// (things in front of Magento, which know nothing of store codes) answer. The API's base is
+/// `/rest` on premises, `/<tenant-id>` for the cloud service; outside it, [`Route::Other`].
+fn rest_route(cfg: &Config, path: &str) -> Route {
+    let base = cfg.cloud_base.as_deref().unwrap_or("/rest");
+    let Some(rest) = path.strip_prefix(base).filter(|r| r.is_empty() || r.starts_with('/')) else {
+        return Route::Other;
     };
     let rest = rest.trim_matches('/');
-    let service = "V1/integration/customer/token";
-    match rest.strip_suffix(service) {
+    let aimed_at = |service: &str| match rest.strip_suffix(service) {
         Some("") => true,
         Some(store) => store.ends_with('/') && !store[..store.len() - 1].contains('/'),
         None => false,
+    };
+    if aimed_at("V1/integration/customer/token") {
+        Route::RestToken
+    } else if aimed_at("V1/customers/me") {
+        Route::RestCustomersMe
+    } else if aimed_at("V1/integration/customer/revoke-customer-token") {
+        Route::RestRevoke
+    } else {
+        Route::RestOther
     }
 }
 
@@ -160,9 +176,12 @@ struct Req<'a> {
     content_type: Option<&'a str>,
     accept: Option<&'a str>,
     authorization: Option<&'a str>,
+    store: Option<&'a str>,
     body: &'a [u8],
     /// The body parsed as JSON, when this is a token request and it parsed.
     json: Option<Value>,
+    /// What a request to the GraphQL endpoint holds.
+    graphql: Option<graphql::Incoming>,
 }
 
 pub(crate) async fn handle(
@@ -184,19 +203,39 @@ pub(crate) async fn handle(
     let content_type = header(&parts.headers, CONTENT_TYPE);
     let accept = header(&parts.headers, ACCEPT);
     let authorization = header(&parts.headers, AUTHORIZATION);
+    let store = header(&parts.headers, STORE);
     let path = parts.uri.path();
-    let is_token = parts.method == Method::POST && looks_like_token_path(path);
     // A cheap (reference-counted) handle on the body that outlives the match below.
     let raw_bytes: Bytes = body.as_ref().map(Bytes::clone).unwrap_or_default();
     let raw: &[u8] = &raw_bytes;
-    let json = if is_token && !raw.is_empty() { serde_json::from_slice::<Value>(raw).ok() } else { None };
-    let credential = |name: &str| json.as_ref().and_then(|v| v.get(name)).and_then(Value::as_str).map(str::to_owned);
-    let (username, password) = (credential("username"), credential("password"));
+    // Read before anything is answered: the operation decides how the request is counted.
+    let graphql =
+        shared.cfg.is_graphql_path(path).then(|| graphql::Incoming::read(&parts.method, parts.uri.query(), raw));
+    let route = graphql.as_ref().map_or_else(|| rest_route(&shared.cfg, path), graphql::Incoming::route);
+    // A login: what counts as an attempt, waits `login_latency` and is answered by faults.
+    let is_login = match route {
+        Route::RestToken => parts.method == Method::POST,
+        Route::GraphQlLogin => true,
+        _ => false,
+    };
+    let json = if route == Route::RestToken && is_login && !raw.is_empty() {
+        serde_json::from_slice::<Value>(raw).ok()
+    } else {
+        None
+    };
+    let (username, password) = match &graphql {
+        Some(g) => g.credentials().map_or((None, None), |(u, p)| (Some(u.to_owned()), Some(p.to_owned()))),
+        None => {
+            let credential =
+                |name: &str| json.as_ref().and_then(|v| v.get(name)).and_then(Value::as_str).map(str::to_owned);
+            (credential("username"), credential("password"))
+        }
+    };
 
     let (index, fault, front_refused) = {
         let mut st = shared.lock();
         let index = st.records.len();
-        if is_token {
+        if is_login {
             if let Some(u) = &username {
                 *st.attempts.entry(u.to_lowercase()).or_insert(0) += 1;
             }
@@ -204,8 +243,10 @@ pub(crate) async fn handle(
         st.records.push(RequestRecord {
             method: parts.method.as_str().to_owned(),
             path: path.to_owned(),
+            route,
             username,
             password,
+            store: store.clone(),
             content_type: content_type.clone(),
             accept: accept.clone(),
             user_agent: header(&parts.headers, USER_AGENT),
@@ -216,14 +257,14 @@ pub(crate) async fn handle(
         // The front answers before anything behind it: a queued fault waits for a request
         // that gets through.
         let front_refused = st.front.as_deref().is_some_and(|pass| !front::admits(authorization.as_deref(), pass));
-        let fault = if is_token && !front_refused { st.faults.pop_front().or_else(|| st.sticky.clone()) } else { None };
+        let fault = if is_login && !front_refused { st.faults.pop_front().or_else(|| st.sticky.clone()) } else { None };
         (index, fault, front_refused)
     };
 
     // The store's own time per login, before anything is answered; each request sleeps on
     // its own task, so other connections are served meanwhile.
     let latency = shared.cfg.login_latency;
-    if is_token && !latency.is_zero() {
+    if is_login && !latency.is_zero() {
         let mut stopping = shared.shutdown.subscribe();
         tokio::select! {
             _ = tokio::time::sleep(latency) => {}
@@ -237,8 +278,10 @@ pub(crate) async fn handle(
         content_type: content_type.as_deref(),
         accept: accept.as_deref(),
         authorization: authorization.as_deref(),
+        store: store.as_deref(),
         body: raw,
         json,
+        graphql,
     };
     let reply = match (body, fault) {
         (Err(too_large), _) => too_large,
@@ -253,13 +296,13 @@ pub(crate) async fn handle(
             process(&shared, request(json))
         }
         (Ok(_), Some(Fault::Hang)) => {
-            tracing::debug!(path, "devserver: hanging a token request");
+            tracing::debug!(path, "devserver: hanging a login request");
             let mut stopping = shared.shutdown.subscribe();
             super::stopped(&mut stopping).await;
             return Err(io::Error::other("hang fault: server stopping"));
         }
         (Ok(_), Some(Fault::Reset)) => {
-            tracing::debug!(path, "devserver: resetting a token request's connection");
+            tracing::debug!(path, "devserver: resetting a login request's connection");
             stream.set_zero_linger()?;
             // The error makes hyper drop the connection; with linger 0 the close is an RST.
             return Err(io::Error::new(io::ErrorKind::ConnectionReset, "reset fault"));
@@ -324,31 +367,72 @@ fn streamed(
     response
 }
 
+/// The storefront's 404 page: not the web API at all.
+fn storefront_404() -> Reply {
+    Reply::new(
+        404,
+        "text/html; charset=utf-8",
+        "<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head><body><h1>Whoops, our bad...</h1></body></html>\n",
+    )
+}
+
 /// Everything Magento itself would do with the request.
-fn process(shared: &Shared, req: Req<'_>) -> Reply {
-    if !req.path.starts_with("/rest/") && req.path != "/rest" {
-        // Not the web API at all: the storefront's 404 page.
-        return Reply::new(
-            404,
-            "text/html; charset=utf-8",
-            "<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head><body><h1>Whoops, our bad...</h1></body></html>\n",
-        );
+fn process(shared: &Shared, mut req: Req<'_>) -> Reply {
+    if let Some(incoming) = req.graphql.take() {
+        let headers = graphql::Headers {
+            method: req.method,
+            content_type: req.content_type,
+            store: req.store,
+            authorization: req.authorization,
+        };
+        let answer = graphql::answer(shared, &headers, incoming);
+        let body = answer.body.map(|node| node.to_json()).unwrap_or_default();
+        return Reply::new(answer.status, "application/json", body);
     }
+    match rest_route(&shared.cfg, req.path) {
+        Route::Other => storefront_404(),
+        _ if shared.cfg.cloud_base.is_some() => cloud_rest(&req),
+        _ => on_premises_rest(shared, req),
+    }
+}
+
+/// The web API's answer before routing: the 406 for an `Accept` no renderer serves, the 400
+/// for a method the router does not know.
+fn rest_preamble(req: &Req<'_>) -> Result<Format, Box<Reply>> {
     let format = match negotiate(req.accept) {
         Ok(f) => f,
         Err(first) => {
-            return Reply::message(
+            return Err(Box::new(Reply::message(
                 Format::Json,
                 406,
                 &format!(
                     "Server cannot match any of the given Accept HTTP header media type(s) from the request: \"{first}\" with media types from the config of response renderer."
                 ),
-            )
+            )))
         }
     };
     if !matches!(*req.method, Method::GET | Method::POST | Method::PUT | Method::DELETE) {
-        return Reply::message(format, 400, MSG_METHOD);
+        return Err(Box::new(Reply::message(format, 400, MSG_METHOD)));
     }
+    Ok(format)
+}
+
+/// The REST routes of the cloud service, under `/<tenant-id>` with no `/rest` and no store
+/// code: none of the customer-token routes exist there, so every path gets the unknown route's
+/// 404. The one-time code of "Login as Customer" (`POST /V1/customer/{customerId}/otp`, §9 of
+/// shared/magento-other-paths.md) is to be routed here, scoped by the `Store` header.
+fn cloud_rest(req: &Req<'_>) -> Reply {
+    match rest_preamble(req) {
+        Ok(format) => Reply::message(format, 404, MSG_NO_ROUTE),
+        Err(reply) => *reply,
+    }
+}
+
+fn on_premises_rest(shared: &Shared, req: Req<'_>) -> Reply {
+    let format = match rest_preamble(&req) {
+        Ok(format) => format,
+        Err(reply) => return *reply,
+    };
     let cfg = &shared.cfg;
     match route(cfg, req.path) {
         Some((Endpoint::Token, store)) if req.method == Method::POST => token(shared, store, format, req),
@@ -424,10 +508,12 @@ fn token(shared: &Shared, store: &StoreInfo, format: Format, req: Req<'_>) -> Re
     }
 }
 
-/// CustomerTokenService::createCustomerAccessToken: the throttle check (refusals not
-/// counted), the customer's own checks (an unknown email, a lock, a wrong password and a
-/// pending confirmation all count as a throttle failure), then the reset and the minting.
-fn login(shared: &Shared, store: &StoreInfo, username: &str, password: &str) -> Result<String, Refusal> {
+/// CustomerTokenService::createCustomerAccessToken, behind REST's token route and GraphQL's
+/// `generateCustomerToken` alike: the throttle check (refusals not counted), the customer's own
+/// checks (an unknown email, a lock, a wrong password and a pending confirmation all count as a
+/// throttle failure, in the one row per username both APIs share), then the reset and the
+/// minting.
+pub(crate) fn login(shared: &Shared, store: &StoreInfo, username: &str, password: &str) -> Result<String, Refusal> {
     let cfg = &shared.cfg;
     let key = username.to_lowercase();
     let now = Instant::now();
@@ -466,16 +552,35 @@ fn login(shared: &Shared, store: &StoreInfo, username: &str, password: &str) -> 
 }
 
 /// Magento's TokenUserContext: `Bearer` (any case), one space, the token.
-fn bearer(authorization: Option<&str>) -> Option<&str> {
+pub(crate) fn bearer(authorization: Option<&str>) -> Option<&str> {
     let (kind, token) = authorization?.split_once(' ')?;
     (kind.eq_ignore_ascii_case("bearer") && !token.contains(' ')).then_some(token)
 }
 
 /// The customer id a token authenticates right now, if any, whatever the URL's store.
 pub(crate) fn authenticate(shared: &Shared, token: &str) -> Option<u64> {
+    token_state(shared, token).ok()
+}
+
+/// Why a token authenticates nobody: what Magento's token reader and validators tell apart
+/// (REST never says; GraphQL does from 2.4.8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TokenProblem {
+    /// Not a token this store minted or still holds: a bad signature, garbage, an opaque token
+    /// whose row is gone (revoked or its customer deleted).
+    Unreadable,
+    /// Past its expiry.
+    Expired,
+    /// Minted at or before its customer's revocation cut-off, or its customer was deleted.
+    Revoked,
+}
+
+/// The customer id a token authenticates right now, or why it does not: read, then expiry,
+/// then revocation.
+pub(crate) fn token_state(shared: &Shared, token: &str) -> Result<u64, TokenProblem> {
     // Verified before taking the lock: HMAC is the costly part.
     let claims = match shared.cfg.token_format {
-        TokenFormat::Jwt => Some(shared.signer.verify(token)?),
+        TokenFormat::Jwt => Some(shared.signer.verify(token).ok_or(TokenProblem::Unreadable)?),
         TokenFormat::Opaque | TokenFormat::Encrypted => None,
     };
     let now = shared.cfg.unix_now();
@@ -483,18 +588,24 @@ pub(crate) fn authenticate(shared: &Shared, token: &str) -> Option<u64> {
     let (uid, iat, exp) = match claims {
         Some(c) => (c.uid, c.iat, c.exp),
         None => {
-            let t = st.stored.get(token).filter(|t| !t.revoked)?;
+            let t = st.stored.get(token).filter(|t| !t.revoked).ok_or(TokenProblem::Unreadable)?;
             (t.uid, t.iat, t.exp)
         }
     };
     if now >= exp {
-        return None;
+        return Err(TokenProblem::Expired);
     }
-    let customer = st.customers.get(&uid)?;
+    let Some(customer) = st.customers.get(&uid) else {
+        // Deleting a customer revokes its JWTs; its oauth_token rows go with it.
+        return Err(match shared.cfg.token_format {
+            TokenFormat::Opaque => TokenProblem::Unreadable,
+            TokenFormat::Jwt | TokenFormat::Encrypted => TokenProblem::Revoked,
+        });
+    };
     if customer.revoked_at.is_some_and(|r| iat <= r) {
-        return None;
+        return Err(TokenProblem::Revoked);
     }
-    Some(uid)
+    Ok(uid)
 }
 
 /// Magento_Customer's CustomerAuthorization plugin on the `self` resource (website-scoped
@@ -559,23 +670,46 @@ mod tests {
 
     #[test]
     fn token_paths() {
+        let cfg = crate::build_config(&crate::DevServerOptions::default());
         for p in [
             "/rest/V1/integration/customer/token",
             "/rest/V1/integration/customer/token/",
             "/rest/de/V1/integration/customer/token",
             "/rest/unknown/V1/integration/customer/token",
         ] {
-            assert!(looks_like_token_path(p), "{p}");
+            assert_eq!(rest_route(&cfg, p), Route::RestToken, "{p}");
         }
         for p in [
             "/rest/a/b/V1/integration/customer/token",
             "/rest/V1/integration/customer/tokens",
             "/rest/xV1/integration/customer/token",
-            "/V1/integration/customer/token",
-            "/rest/V1/customers/me",
+            "/rest",
         ] {
-            assert!(!looks_like_token_path(p), "{p}");
+            assert_eq!(rest_route(&cfg, p), Route::RestOther, "{p}");
         }
+        assert_eq!(rest_route(&cfg, "/rest/V1/customers/me"), Route::RestCustomersMe);
+        assert_eq!(rest_route(&cfg, "/rest/all/V1/integration/customer/revoke-customer-token"), Route::RestRevoke);
+        for p in ["/V1/integration/customer/token", "/restV1/integration/customer/token", "/graphql", "/"] {
+            assert_eq!(rest_route(&cfg, p), Route::Other, "{p}");
+        }
+    }
+
+    #[test]
+    fn cloud_service_paths() {
+        let cfg = crate::build_config(&crate::DevServerOptions {
+            cloud_service: Some(crate::CloudService::new("t3nant")),
+            ..Default::default()
+        });
+        assert_eq!(rest_route(&cfg, "/t3nant/V1/integration/customer/token"), Route::RestToken);
+        assert_eq!(rest_route(&cfg, "/t3nant/default/V1/integration/customer/token"), Route::RestToken);
+        assert_eq!(rest_route(&cfg, "/t3nant/V1/customers/me"), Route::RestCustomersMe);
+        assert_eq!(rest_route(&cfg, "/t3nant/V1/customer/7/otp"), Route::RestOther);
+        assert_eq!(rest_route(&cfg, "/t3nant"), Route::RestOther);
+        assert_eq!(rest_route(&cfg, "/rest/V1/integration/customer/token"), Route::Other);
+        assert_eq!(rest_route(&cfg, "/t3nantx/V1/customers/me"), Route::Other);
+        assert!(cfg.is_graphql_path("/t3nant/graphql"));
+        assert!(cfg.is_graphql_path("/t3nant/graphql/"));
+        assert!(!cfg.is_graphql_path("/graphql"));
     }
 
     #[test]

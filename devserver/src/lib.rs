@@ -5,6 +5,17 @@
 //! opaque or encrypted tokens and their revocation, plus what sits in front of a real
 //! store: an htpasswd front and injectable faults.
 //!
+//! It also speaks GraphQL (shared/magento-other-paths.md §1-4): `generateCustomerToken` through
+//! the same login service, `{ customer { email } }` to validate a token, in the conventions of
+//! 2.4.7 or 2.4.8 ([`GraphQlConvention`]), and can stand in for Adobe Commerce as a Cloud Service
+//! (§9, [`CloudService`]): everything under `/<tenant-id>`, no REST customer-token routes.
+//!
+//! Modules: `handler` (one request: front, faults, routing, the REST endpoints and the login
+//! service both APIs share), `graphql` (the GraphQL endpoint; `graphql::plan` reads documents),
+//! `render` (Magento's JSON/XML and body decoding), `throttle` and `lockout` (the two locks),
+//! `jwt` (tokens), `faults` and `front` (what stands before a store), `io` (the shared socket),
+//! `cli` (the command line).
+//!
 //! It backs the `demo` command, the end-to-end tests, the Python tests and the
 //! benchmarks, so it is built for speed as well: one task per connection, keep-alive,
 //! short critical sections on one mutex, no logging above debug per request.
@@ -12,6 +23,7 @@
 mod cli;
 mod faults;
 mod front;
+mod graphql;
 mod handler;
 mod io;
 mod jwt;
@@ -36,6 +48,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 pub use cli::{run_cli, DevServerArgs};
 pub use faults::Fault;
+pub use graphql::GraphQlConvention;
 
 use jwt::Signer;
 use lockout::{Lockout, LockoutPolicy};
@@ -86,8 +99,9 @@ pub struct DevServerOptions {
     /// website; the default store (for `/rest/V1/...`) is `default` if listed, else the
     /// first entry.
     pub stores: Vec<(String, String)>,
-    /// The token endpoint answers the 400 reCAPTCHA error, as a store with reCAPTCHA for
-    /// customer login enabled does (switchable later with [`DevServer::set_recaptcha`]).
+    /// Logins are refused with the reCAPTCHA error (REST's 400, GraphQL's `graphql-input`), as a
+    /// store with reCAPTCHA for customer login enabled does (switchable later with
+    /// [`DevServer::set_recaptcha`]).
     pub recaptcha_required: bool,
     /// Added to `iat`/`exp` and to the clock tokens are checked against: a Magento whose
     /// clock is off.
@@ -95,9 +109,35 @@ pub struct DevServerOptions {
     /// Serve https with this certificate instead of plain http (tests of the daemon's TLS
     /// handling: a test CA, `magento.ca_file`, proxies with CONNECT).
     pub tls: Option<TlsIdentity>,
-    /// How long every token request (successful or not) waits before it is answered: a store
-    /// whose PHP takes its time. Each request sleeps on its own; other connections go on.
+    /// How long every login request (REST token request or GraphQL `generateCustomerToken`,
+    /// successful or not) waits before it is answered: a store whose PHP takes its time. Each
+    /// request sleeps on its own; other connections go on.
     pub login_latency: Duration,
+    /// Which release's GraphQL answers the endpoint gives (statuses, the bearer check before the
+    /// resolvers, the unconfirmed account's message); the current one by default.
+    pub graphql_convention: GraphQlConvention,
+    /// Where the GraphQL endpoint is (Magento's `/graphql`); under the tenant's base path when
+    /// [`DevServerOptions::cloud_service`] is set.
+    pub graphql_path: String,
+    /// Answer as Adobe Commerce as a Cloud Service instead of an on-premises store.
+    pub cloud_service: Option<CloudService>,
+}
+
+/// Adobe Commerce as a Cloud Service (shared/magento-other-paths.md §9): the API lives under
+/// `/<tenant-id>`; GraphQL at `/<tenant-id>/graphql`; REST at `/<tenant-id>/V1/...` with no
+/// `/rest` and no store code (the `Store` header scopes a request). There are no REST customer
+/// token routes there (no `/V1/integration/customer/token`, no `/V1/customers/me`): a client that
+/// tries them gets Magento's 404 for an unknown route. Everything outside `/<tenant-id>` is a 404.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CloudService {
+    /// The first path segment of every API URL, e.g. `Ab3dEfGh1jK2`.
+    pub tenant_id: String,
+}
+
+impl CloudService {
+    pub fn new(tenant_id: impl Into<String>) -> CloudService {
+        CloudService { tenant_id: tenant_id.into() }
+    }
 }
 
 /// A certificate chain (leaf first) and its private key, both PEM.
@@ -130,7 +170,45 @@ impl Default for DevServerOptions {
             clock_offset_secs: 0,
             tls: None,
             login_latency: Duration::ZERO,
+            graphql_convention: GraphQlConvention::default(),
+            graphql_path: "/graphql".to_owned(),
+            cloud_service: None,
         }
+    }
+}
+
+/// What a request was aimed at, judged from its path (and, at the GraphQL endpoint, from its
+/// operation), whether or not it was served: what tests count ("no REST login was tried", "two
+/// GraphQL logins", "one validation").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Route {
+    /// `.../V1/integration/customer/token`, by any method, through any store segment (a known
+    /// store code, an unknown one, none), on premises or under the cloud service's tenant.
+    RestToken,
+    /// `.../V1/customers/me`, likewise.
+    RestCustomersMe,
+    /// `.../V1/integration/customer/revoke-customer-token`, likewise.
+    RestRevoke,
+    /// Any other path of the REST API: `/rest` and below, or the cloud service's `/<tenant-id>`
+    /// and below (its GraphQL endpoint excepted).
+    RestOther,
+    /// The GraphQL endpoint with a mutation that runs `generateCustomerToken`.
+    GraphQlLogin,
+    /// The GraphQL endpoint with a query of `customer` (how a token is validated).
+    GraphQlCustomer,
+    /// The GraphQL endpoint with anything else: other fields, what does not parse or decode.
+    GraphQlOther,
+    /// Neither API (the storefront's 404).
+    Other,
+}
+
+impl Route {
+    pub fn is_rest(self) -> bool {
+        matches!(self, Route::RestToken | Route::RestCustomersMe | Route::RestRevoke | Route::RestOther)
+    }
+
+    pub fn is_graphql(self) -> bool {
+        matches!(self, Route::GraphQlLogin | Route::GraphQlCustomer | Route::GraphQlOther)
     }
 }
 
@@ -140,9 +218,15 @@ pub struct RequestRecord {
     pub method: String,
     /// The path as received, without the query, e.g. `/rest/de/V1/integration/customer/token`.
     pub path: String,
-    /// From a token request's JSON body, when present and a string.
+    /// What it was aimed at.
+    pub route: Route,
+    /// From a REST token request's JSON body, when present and a string; from a GraphQL login's
+    /// `email` argument (literal or variable) once the document checked out.
     pub username: Option<String>,
+    /// Likewise, the `password`.
     pub password: Option<String>,
+    /// The `Store` header as received (GraphQL and the cloud service's REST read it).
+    pub store: Option<String>,
     pub content_type: Option<String>,
     pub accept: Option<String>,
     pub user_agent: Option<String>,
@@ -161,6 +245,13 @@ pub(crate) struct StoreInfo {
     pub(crate) all: bool,
 }
 
+/// The GraphQL endpoint, fixed at start.
+pub(crate) struct GraphQlConfig {
+    pub(crate) convention: GraphQlConvention,
+    /// The whole path: the tenant's base path, if any, then `graphql_path`.
+    pub(crate) endpoint: String,
+}
+
 /// Fixed at start.
 pub(crate) struct Config {
     pub(crate) token_lifetime_secs: i64,
@@ -173,6 +264,17 @@ pub(crate) struct Config {
     pub(crate) all_store: StoreInfo,
     /// Website code -> (website_id, store_id of its first store, that store's code).
     websites: HashMap<String, (u32, u32, String)>,
+    pub(crate) graphql: GraphQlConfig,
+    /// The cloud service's base path, `/<tenant-id>`, when the server stands in for it.
+    pub(crate) cloud_base: Option<String>,
+}
+
+impl Config {
+    /// Whether this path is the GraphQL endpoint (a trailing slash allowed).
+    pub(crate) fn is_graphql_path(&self, path: &str) -> bool {
+        let endpoint = self.graphql.endpoint.as_str();
+        path == endpoint || path.strip_suffix('/') == Some(endpoint)
+    }
 }
 
 impl Config {
@@ -245,7 +347,7 @@ pub(crate) struct State {
     /// case-insensitively).
     index: HashMap<String, HashMap<String, u64>>,
     pub(crate) throttle: Throttle,
-    /// Lower-cased username -> token requests naming it.
+    /// Lower-cased username -> login requests (REST or GraphQL) naming it.
     pub(crate) attempts: HashMap<String, usize>,
     pub(crate) records: Vec<RequestRecord>,
     pub(crate) faults: VecDeque<Fault>,
@@ -337,8 +439,10 @@ impl Secrets {
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl DevServer {
-    /// Binds and starts serving in the background (needs a tokio runtime).
+    /// Binds and starts serving in the background (needs a tokio runtime). Refuses a GraphQL
+    /// path that does not start with `/` and a tenant id that is empty or holds a `/`.
     pub async fn start(opts: DevServerOptions) -> std::io::Result<DevServer> {
+        check_paths(&opts)?;
         let tls = opts.tls.as_ref().map(tls_acceptor).transpose()?;
         let listener = TcpListener::bind(opts.listen).await?;
         let addr = listener.local_addr()?;
@@ -376,6 +480,17 @@ impl DevServer {
     /// `http://127.0.0.1:PORT` (`https://` when serving TLS), no trailing slash.
     pub fn base_url(&self) -> String {
         format!("{}://{}", if self.https { "https" } else { "http" }, self.addr)
+    }
+
+    /// What a client configures as the store's base URL: [`DevServer::base_url`], and for the
+    /// cloud service with the tenant's base path, `http://127.0.0.1:PORT/<tenant-id>`.
+    pub fn magento_base_url(&self) -> String {
+        format!("{}{}", self.base_url(), self.shared.cfg.cloud_base.as_deref().unwrap_or(""))
+    }
+
+    /// The GraphQL endpoint's whole URL, e.g. `http://127.0.0.1:PORT/graphql`.
+    pub fn graphql_url(&self) -> String {
+        format!("{}{}", self.base_url(), self.shared.cfg.graphql.endpoint)
     }
 
     /// A customer of website `base`. Re-adding an email replaces its password (same id,
@@ -451,8 +566,10 @@ impl DevServer {
     }
 
     /// Turns the reCAPTCHA requirement for customer login on or off, as the store's "Enable
-    /// for Customer Login" setting does: while on, every token request gets 400 `ReCaptcha
-    /// validation failed, please try again` before its credentials are read, counted nowhere.
+    /// for Customer Login" setting does: while on, every REST token request gets 400 `ReCaptcha
+    /// validation failed, please try again` before its credentials are read, and every GraphQL
+    /// `generateCustomerToken` that message as a `graphql-input` error (no `X-ReCaptcha` value
+    /// passes), counted nowhere.
     pub fn set_recaptcha(&self, required: bool) {
         self.shared.recaptcha.store(required, Ordering::Relaxed);
     }
@@ -499,12 +616,13 @@ impl DevServer {
         self.shared.lock().customers_by_email(email).map(|c| c.revocations).sum()
     }
 
-    /// Queues a fault that answers exactly one following token request (FIFO).
+    /// Queues a fault that answers exactly one following login request (FIFO): a REST token
+    /// request or a GraphQL `generateCustomerToken` mutation.
     pub fn push_fault(&self, fault: Fault) {
         self.shared.lock().faults.push_back(fault);
     }
 
-    /// A fault that answers every token request once the queue is empty, until cleared.
+    /// A fault that answers every login request once the queue is empty, until cleared.
     pub fn set_fault(&self, fault: Option<Fault>) {
         self.shared.lock().sticky = fault;
     }
@@ -514,8 +632,15 @@ impl DevServer {
         self.shared.lock().records.clone()
     }
 
-    /// Token requests whose body named this username (faulted ones and ones the basic-auth
-    /// front refused included: this counts what was sent, not what Magento counted).
+    /// How many requests received were aimed at this route (answered or not, faulted or refused
+    /// by the front included).
+    pub fn requests_to(&self, route: Route) -> usize {
+        self.shared.lock().records.iter().filter(|r| r.route == route).count()
+    }
+
+    /// Login requests (REST token requests and GraphQL `generateCustomerToken` mutations) that
+    /// named this username (faulted ones and ones the basic-auth front refused included: this
+    /// counts what was sent, not what Magento counted).
     pub fn login_attempts(&self, username: &str) -> usize {
         let st = self.shared.lock();
         st.attempts.get(&username.to_lowercase()).copied().unwrap_or(0)
@@ -615,6 +740,19 @@ fn store_view_name(code: &str) -> String {
     }
 }
 
+fn check_paths(opts: &DevServerOptions) -> std::io::Result<()> {
+    let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, m);
+    if !opts.graphql_path.starts_with('/') {
+        return Err(invalid(format!("GraphQL path {:?} does not start with '/'", opts.graphql_path)));
+    }
+    if let Some(cloud) = &opts.cloud_service {
+        if cloud.tenant_id.is_empty() || cloud.tenant_id.contains('/') {
+            return Err(invalid(format!("tenant id {:?} is empty or holds a '/'", cloud.tenant_id)));
+        }
+    }
+    Ok(())
+}
+
 fn build_config(opts: &DevServerOptions) -> Config {
     let stores_list: Vec<(String, String)> =
         if opts.stores.is_empty() { DevServerOptions::default().stores } else { opts.stores.clone() };
@@ -631,6 +769,7 @@ fn build_config(opts: &DevServerOptions) -> Config {
         TokenFormat::Jwt if opts.opaque_tokens => TokenFormat::Opaque,
         other => other,
     };
+    let cloud_base = opts.cloud_service.as_ref().map(|c| format!("/{}", c.tenant_id));
     Config {
         token_lifetime_secs: opts.token_lifetime.as_secs() as i64,
         token_format,
@@ -644,6 +783,11 @@ fn build_config(opts: &DevServerOptions) -> Config {
         default_store,
         stores,
         websites,
+        graphql: GraphQlConfig {
+            convention: opts.graphql_convention,
+            endpoint: format!("{}{}", cloud_base.as_deref().unwrap_or(""), opts.graphql_path),
+        },
+        cloud_base,
     }
 }
 

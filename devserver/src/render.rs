@@ -11,11 +11,14 @@ use std::fmt::Write as _;
 /// An answer's data, keeping key order as PHP arrays do (serde_json's map would sort).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Node {
+    Null,
     Bool(bool),
     Int(i64),
     Str(String),
     List(Vec<Node>),
     Map(Vec<(&'static str, Node)>),
+    /// A map whose keys come from the request (GraphQL response keys are the client's aliases).
+    Obj(Vec<(String, Node)>),
 }
 
 impl Node {
@@ -31,6 +34,7 @@ impl Node {
 
     fn write_json(&self, out: &mut String) {
         match self {
+            Node::Null => out.push_str("null"),
             Node::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
             Node::Int(i) => {
                 let _ = write!(out, "{i}");
@@ -46,18 +50,8 @@ impl Node {
                 }
                 out.push(']');
             }
-            Node::Map(fields) => {
-                out.push('{');
-                for (i, (k, v)) in fields.iter().enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    php_json_string(k, out);
-                    out.push(':');
-                    v.write_json(out);
-                }
-                out.push('}');
-            }
+            Node::Map(fields) => write_json_map(fields.iter().map(|(k, v)| (*k, v)), out),
+            Node::Obj(fields) => write_json_map(fields.iter().map(|(k, v)| (k.as_str(), v)), out),
         }
     }
 
@@ -73,6 +67,7 @@ impl Node {
 
     fn write_xml(&self, out: &mut String) {
         match self {
+            Node::Null => {}
             Node::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
             Node::Int(i) => {
                 let _ = write!(out, "{i}");
@@ -92,8 +87,28 @@ impl Node {
                     let _ = write!(out, "</{k}>");
                 }
             }
+            Node::Obj(fields) => {
+                for (k, v) in fields {
+                    let _ = write!(out, "<{k}>");
+                    v.write_xml(out);
+                    let _ = write!(out, "</{k}>");
+                }
+            }
         }
     }
+}
+
+fn write_json_map<'a>(fields: impl Iterator<Item = (&'a str, &'a Node)>, out: &mut String) {
+    out.push('{');
+    for (i, (k, v)) in fields.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        php_json_string(k, out);
+        out.push(':');
+        v.write_json(out);
+    }
+    out.push('}');
 }
 
 /// A JSON string literal the way PHP's `json_encode` writes it with default flags.
@@ -452,8 +467,12 @@ mod tests {
             ("message", Node::str("a/b \"é\" 😀\n")),
             ("ok", Node::Bool(true)),
             ("list", Node::List(vec![Node::Int(-1)])),
+            ("data", Node::Obj(vec![("z".to_owned(), Node::Null), ("a".to_owned(), Node::Int(1))])),
         ]);
-        assert_eq!(n.to_json(), r#"{"message":"a\/b \"\u00e9\" \ud83d\ude00\n","ok":true,"list":[-1]}"#);
+        assert_eq!(
+            n.to_json(),
+            r#"{"message":"a\/b \"\u00e9\" \ud83d\ude00\n","ok":true,"list":[-1],"data":{"z":null,"a":1}}"#
+        );
         let v: serde_json::Value = serde_json::from_str(&n.to_json()).unwrap();
         assert_eq!(v["message"], "a/b \"é\" 😀\n");
     }

@@ -11,10 +11,10 @@ use super::*;
 const PATH_TOKEN: &str = "/rest/V1/integration/customer/token";
 const PATH_ME: &str = "/rest/V1/customers/me";
 const PATH_REVOKE: &str = "/rest/V1/integration/customer/revoke-customer-token";
-const SIGN_IN: &str =
+pub(crate) const SIGN_IN: &str =
     "The account sign-in was incorrect or your account is disabled temporarily. Please wait and try again later.";
 
-fn client() -> reqwest::Client {
+pub(crate) fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
@@ -23,27 +23,27 @@ fn client() -> reqwest::Client {
         .unwrap()
 }
 
-async fn server(opts: DevServerOptions) -> DevServer {
+pub(crate) async fn server(opts: DevServerOptions) -> DevServer {
     let s = DevServer::start(opts).await.unwrap();
     s.add_customer("alice@example.com", "secret-a");
     s
 }
 
-struct Answer {
-    status: u16,
-    content_type: String,
-    headers: reqwest::header::HeaderMap,
-    body: Vec<u8>,
+pub(crate) struct Answer {
+    pub(crate) status: u16,
+    pub(crate) content_type: String,
+    pub(crate) headers: reqwest::header::HeaderMap,
+    pub(crate) body: Vec<u8>,
 }
 
 impl Answer {
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
 }
 
-async fn send(req: reqwest::RequestBuilder) -> Answer {
+pub(crate) async fn send(req: reqwest::RequestBuilder) -> Answer {
     let r = req.send().await.unwrap();
     Answer {
         status: r.status().as_u16(),
@@ -53,7 +53,7 @@ async fn send(req: reqwest::RequestBuilder) -> Answer {
     }
 }
 
-async fn login_at(s: &DevServer, path: &str, user: &str, pass: &str) -> Answer {
+pub(crate) async fn login_at(s: &DevServer, path: &str, user: &str, pass: &str) -> Answer {
     send(
         client()
             .post(format!("{}{path}", s.base_url()))
@@ -64,21 +64,21 @@ async fn login_at(s: &DevServer, path: &str, user: &str, pass: &str) -> Answer {
     .await
 }
 
-async fn login(s: &DevServer, user: &str, pass: &str) -> Answer {
+pub(crate) async fn login(s: &DevServer, user: &str, pass: &str) -> Answer {
     login_at(s, PATH_TOKEN, user, pass).await
 }
 
-async fn token(s: &DevServer, user: &str, pass: &str) -> String {
+pub(crate) async fn token(s: &DevServer, user: &str, pass: &str) -> String {
     let a = login(s, user, pass).await;
     assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
     a.json().as_str().unwrap().to_owned()
 }
 
-async fn me(s: &DevServer, token: &str) -> Answer {
+pub(crate) async fn me(s: &DevServer, token: &str) -> Answer {
     me_at(s, PATH_ME, token).await
 }
 
-async fn me_at(s: &DevServer, path: &str, token: &str) -> Answer {
+pub(crate) async fn me_at(s: &DevServer, path: &str, token: &str) -> Answer {
     send(client().get(format!("{}{path}", s.base_url())).header("accept", "application/json").bearer_auth(token)).await
 }
 
@@ -101,7 +101,7 @@ async fn wait_until(limit: Duration, what: &str, done: impl Fn() -> bool) {
 }
 
 /// Waits (at most two seconds) for the Unix second to turn over; returns the new second.
-async fn next_second() -> i64 {
+pub(crate) async fn next_second() -> i64 {
     let start = unix_now();
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
@@ -120,7 +120,7 @@ fn unauthorized_body() -> Value {
     json!({"message":"The consumer isn't authorized to access %resources.","parameters":{"resources":"self"}})
 }
 
-fn claims(token: &str) -> Value {
+pub(crate) fn claims(token: &str) -> Value {
     let part = token.split('.').nth(1).unwrap();
     serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).unwrap()).unwrap()
 }
