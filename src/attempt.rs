@@ -160,7 +160,7 @@ pub async fn attempt_in_slot<M: Magento>(
     }
     let started = a.clock.now();
     let timer = tokio::time::Instant::now();
-    let answer = a.magento.login(&a.customer.token_url(), &a.customer.username, &password).await;
+    let answer = a.magento.login(&a.customer.endpoint(), &a.customer.username, &password).await;
     let took = timer.elapsed();
     drop(permit);
     let obtained = answer.and_then(|token| {

@@ -1,6 +1,11 @@
 //! The HTTP client: the login request, reading Magento's answer, and sorting every outcome
 //! into one of the classes the metrics count.
 //!
+//! A login and a check go where the customer's [`Endpoint`] says, in its dialect: REST here, and
+//! GraphQL through [`graphql`] (its documents, and how its answers are read), both sorted into the
+//! same [`Outcome`]s by the same [`Class`]es, so everything above this module (the lockout
+//! policy, the worker) is the same whatever the store speaks.
+//!
 //! One `reqwest::Client` serves every customer, so its connection pool is shared. Redirects
 //! are not followed: the login body carries a password, and a 3xx must never send it to
 //! another host. Bodies are read up to a cap, so a misbehaving proxy cannot make the daemon
@@ -20,15 +25,17 @@
 use std::fmt;
 use std::time::{Duration, SystemTime};
 
-use reqwest::header::{HeaderMap, ACCEPT, CONTENT_TYPE, LOCATION, RETRY_AFTER, WWW_AUTHENTICATE};
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE, LOCATION, RETRY_AFTER, WWW_AUTHENTICATE};
 use reqwest::{Response, StatusCode, Url};
 use serde::Serialize;
 use zeroize::Zeroizing;
 
-use crate::config::MagentoSettings;
+mod graphql;
+
+use crate::config::{Endpoint, MagentoSettings};
 use crate::logging::escape_controls;
 use crate::secret::Secret;
-use crate::shown::{fill_message, redirect_target, showable, Pieces, MAX_SHOWN_SHORT};
+use crate::shown::{fill_message, redirect_target, showable, Filled, Pieces, MAX_SHOWN_SHORT};
 pub use crate::shown::{magento_message, MAX_SHOWN};
 use crate::token;
 
@@ -148,36 +155,45 @@ pub enum ClientError {
 /// What logging in needs of Magento: [`Client`] in the daemon, a scripted stand-in in the
 /// in-process tests of the worker (which run on tokio's paused clock, where real sockets and
 /// timeouts would not keep time).
+///
+/// Each method takes the customer's [`Endpoint`], which says where and in which dialect: the
+/// callers (the one lockout path in [`crate::attempt`], the worker's checks) never tell REST from
+/// GraphQL. Another way to obtain a customer's token (an admin's "login as customer", a cloud
+/// one-time code) is another method here, over the same endpoints and into the same outcomes.
 pub trait Magento: Send + Sync + 'static {
-    /// `POST .../V1/integration/customer/token`: the token, checked for form, or why not.
+    /// A password login: the token, checked for form, or why not.
     fn login(
         &self,
-        url: &Url,
+        endpoint: &Endpoint,
         username: &str,
         password: &Secret,
     ) -> impl std::future::Future<Output = Result<Secret, LoginError>> + Send;
 
-    /// `GET .../V1/customers/me` with the token: the email of the customer it belongs to.
-    fn whoami(&self, url: &Url, token: &Secret)
-        -> impl std::future::Future<Output = Result<String, LoginError>> + Send;
+    /// Whose the token is: the email of the customer it belongs to. A token Magento no longer
+    /// accepts is an [`Outcome::AuthFailure`].
+    fn whoami(
+        &self,
+        endpoint: &Endpoint,
+        token: &Secret,
+    ) -> impl std::future::Future<Output = Result<String, LoginError>> + Send;
 }
 
 impl Magento for Client {
     fn login(
         &self,
-        url: &Url,
+        endpoint: &Endpoint,
         username: &str,
         password: &Secret,
     ) -> impl std::future::Future<Output = Result<Secret, LoginError>> + Send {
-        Client::login(self, url, username, password)
+        Client::login(self, endpoint, username, password)
     }
 
     fn whoami(
         &self,
-        url: &Url,
+        endpoint: &Endpoint,
         token: &Secret,
     ) -> impl std::future::Future<Output = Result<String, LoginError>> + Send {
-        Client::whoami(self, url, token)
+        Client::whoami(self, endpoint, token)
     }
 }
 
@@ -283,8 +299,36 @@ impl Client {
         self.inner.settings == other.inner.settings
     }
 
+    /// A password login at `endpoint`: the token, checked for form, or why not.
+    pub async fn login(&self, endpoint: &Endpoint, username: &str, password: &Secret) -> Result<Secret, LoginError> {
+        let answer = match endpoint {
+            Endpoint::Rest { token, .. } => self.rest_login(token, username, password).await,
+            Endpoint::GraphQl { url, store } => {
+                // Never with an `Authorization` header: from 2.4.8 a stale one fails the login.
+                // The buffer itself, not a copy: wiped when the HTTP stack lets go of it.
+                let body = hyper::body::Bytes::from_owner(graphql::login_body(username, password));
+                let data = self.graphql(url, store.as_deref(), None, body, password, graphql::Op::Login).await;
+                data.and_then(|data| graphql::token_in(data, "generateCustomerToken", "token"))
+            }
+        };
+        answer.map_err(|e| e.masking(password))
+    }
+
+    /// Whose `token` is, asked at `endpoint`: the customer's email, or why not.
+    pub async fn whoami(&self, endpoint: &Endpoint, token: &Secret) -> Result<String, LoginError> {
+        let answer = match endpoint {
+            Endpoint::Rest { me, .. } => self.rest_whoami(me, token).await,
+            Endpoint::GraphQl { url, store } => {
+                let body = hyper::body::Bytes::from_static(graphql::CHECK_BODY.as_bytes());
+                let data = self.graphql(url, store.as_deref(), Some(token), body, token, graphql::Op::Check).await;
+                data.and_then(|data| graphql::email(&data))
+            }
+        };
+        answer.map_err(|e| e.masking(token))
+    }
+
     /// `POST .../V1/integration/customer/token`: the token, checked for form, or why not.
-    pub async fn login(&self, url: &Url, username: &str, password: &Secret) -> Result<Secret, LoginError> {
+    async fn rest_login(&self, url: &Url, username: &str, password: &Secret) -> Result<Secret, LoginError> {
         #[derive(Serialize)]
         struct Body<'a> {
             username: &'a str,
@@ -304,41 +348,71 @@ impl Client {
             .header(CONTENT_TYPE, "application/json")
             // The buffer itself, not a copy: wiped when the HTTP stack lets go of it.
             .body(hyper::body::Bytes::from_owner(body));
-        let answer = async {
-            let response = request.send().await.map_err(network_error)?;
-            if response.status() != StatusCode::OK {
-                return Err(error_answer(response, password).await);
-            }
-            let body = read_body(response, true).await?;
-            parse_token(&body)
-        };
-        answer.await.map_err(|e| e.masking(password))
+        let response = request.send().await.map_err(network_error)?;
+        if response.status() != StatusCode::OK {
+            return Err(error_answer(response, password).await);
+        }
+        let body = read_body(response, true).await?;
+        parse_token(&body)
     }
 
     /// `GET .../V1/customers/me` with the token: the email of the customer it belongs to.
-    pub async fn whoami(&self, url: &Url, token: &Secret) -> Result<String, LoginError> {
-        let answer = async {
-            let response = self
-                .for_url(url)?
-                .get(url.clone())
-                .header(ACCEPT, "application/json")
-                .bearer_auth(token.expose())
-                .send()
-                .await
-                .map_err(network_error)?;
-            if response.status() != StatusCode::OK {
-                return Err(error_answer(response, token).await);
-            }
-            let body = read_body(response, true).await?;
-            let customer: serde_json::Value = serde_json::from_slice(&body)
-                .map_err(|e| LoginError::new(Outcome::InvalidResponse, format!("customers/me: not JSON ({e})")))?;
-            customer
-                .get("email")
-                .and_then(|e| e.as_str())
-                .map(str::to_owned)
-                .ok_or_else(|| LoginError::new(Outcome::InvalidResponse, "customers/me: no email in the answer"))
+    async fn rest_whoami(&self, url: &Url, token: &Secret) -> Result<String, LoginError> {
+        let response = self
+            .for_url(url)?
+            .get(url.clone())
+            .header(ACCEPT, "application/json")
+            .bearer_auth(token.expose())
+            .send()
+            .await
+            .map_err(network_error)?;
+        if response.status() != StatusCode::OK {
+            return Err(error_answer(response, token).await);
+        }
+        let body = read_body(response, true).await?;
+        let customer: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| LoginError::new(Outcome::InvalidResponse, format!("customers/me: not JSON ({e})")))?;
+        customer
+            .get("email")
+            .and_then(|e| e.as_str())
+            .map(str::to_owned)
+            .ok_or_else(|| LoginError::new(Outcome::InvalidResponse, "customers/me: no email in the answer"))
+    }
+
+    /// `POST`s a GraphQL request (`body`) to `url`, with
+    /// the `Store` header when there is a store code and the token when there is one: the answer's
+    /// `data` when it holds no error, else the error, sorted as `op`'s answers are. `secret` is
+    /// what the request carried (the password, or the token): no answer repeating a piece of it
+    /// is shown.
+    async fn graphql(
+        &self,
+        url: &Url,
+        store: Option<&str>,
+        bearer: Option<&Secret>,
+        body: hyper::body::Bytes,
+        secret: &Secret,
+        op: graphql::Op,
+    ) -> Result<serde_json::Value, LoginError> {
+        let mut request = self
+            .for_url(url)?
+            .post(url.clone())
+            .header(ACCEPT, "application/json")
+            .header(CONTENT_TYPE, "application/json");
+        if let Some(store) = store {
+            request = request.header(graphql::STORE, store);
+        }
+        if let Some(token) = bearer {
+            request = request.bearer_auth(token.expose());
+        }
+        let response = request.body(body).send().await.map_err(network_error)?;
+        let head = Head::of(&response);
+        // A 200's body is the answer (too long is not one); an error's is read for its message.
+        let body = if head.status.is_redirection() {
+            Vec::new()
+        } else {
+            read_body(response, head.status == StatusCode::OK).await?
         };
-        answer.await.map_err(|e| e.masking(token))
+        graphql::read(&head, &body, secret, op)
     }
 }
 
@@ -425,93 +499,189 @@ async fn read_body(mut response: Response, strict: bool) -> Result<Vec<u8>, Logi
     Ok(body)
 }
 
-/// Turns a non-200 answer into the error an operator can act on. `secret` is what the request
-/// carried (the password, or the token): no server text that repeats a piece of it is shown.
-async fn error_answer(response: Response, secret: &Secret) -> LoginError {
-    let status = response.status();
-    let headers = response.headers();
-    let retry_after = retry_after(headers, SystemTime::now());
-    let pieces = Pieces::of(secret.expose());
-    if status.is_redirection() {
-        let target = redirect_target(headers.get(LOCATION), response.url(), &pieces);
+/// What an answer's head says, kept when its body is read.
+struct Head {
+    status: StatusCode,
+    /// What a `Retry-After` header asked for.
+    retry_after: Option<Duration>,
+    /// A `WWW-Authenticate` challenge came with it: a front asking for credentials.
+    challenged: bool,
+    content_type: Option<HeaderValue>,
+    /// A redirect's `Location`, and the URL asked for (a relative `Location` is read against it).
+    redirect: Option<(Option<HeaderValue>, Url)>,
+}
+
+impl Head {
+    fn of(response: &Response) -> Head {
+        let status = response.status();
+        let headers = response.headers();
+        Head {
+            status,
+            retry_after: retry_after(headers, SystemTime::now()),
+            challenged: headers.contains_key(WWW_AUTHENTICATE),
+            content_type: headers.get(CONTENT_TYPE).cloned(),
+            redirect: status.is_redirection().then(|| (headers.get(LOCATION).cloned(), response.url().clone())),
+        }
+    }
+
+    /// A redirect's error: where it points, as far as that may be shown.
+    fn redirected(&self, pieces: &Pieces) -> Option<LoginError> {
+        let (location, asked) = self.redirect.as_ref()?;
+        let target = redirect_target(location.as_ref(), asked, pieces);
+        let status = self.status;
         let mut e = LoginError::new(
             Outcome::HttpError,
             format!(
                 "HTTP {status}: redirected to {target}; not followed, so the password never goes to another host: set base_url to the address that answers"
             ),
         );
-        e.retry_after = retry_after;
-        return e;
+        e.retry_after = self.retry_after;
+        Some(e)
     }
-    let kind = headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .map_or_else(
-            || "untyped".to_owned(),
-            |v| showable(v, false, MAX_SHOWN_SHORT, &pieces).unwrap_or_else(|| "(type not shown)".to_owned()),
-        );
-    let challenged = headers.contains_key(WWW_AUTHENTICATE);
-    let body = read_body(response, false).await.unwrap_or_default();
-    let filled = fill_message(&body);
-    let magento_said = filled.as_ref().map(|f| f.template_head.clone());
-    let detail = match filled {
-        Some(filled) => showable(&filled.text, filled.cut, MAX_SHOWN, &pieces).unwrap_or_else(|| {
-            format!(
-                "(the answer's message is not shown: it repeats part of the request; the answer was {} bytes)",
-                body.len()
+
+    /// The content type as it may be shown (server text too).
+    fn kind(&self, pieces: &Pieces) -> String {
+        self.content_type
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map_or_else(
+                || "untyped".to_owned(),
+                |v| showable(v, false, MAX_SHOWN_SHORT, pieces).unwrap_or_else(|| "(type not shown)".to_owned()),
             )
-        }),
-        None => format!("a {kind} answer, not Magento's JSON (a proxy, CDN or maintenance page?)"),
-    };
-    let class = classify(status, challenged, magento_said.as_deref());
-    let hint = match class {
-        Class::NotMagentos => " (a 401 that is not Magento's: an htpasswd front or a WAF answered, so the login never reached Magento and nothing was counted; let the daemon through it, e.g. by allowing its address)",
-        Class::Unconfirmed => " (the account's email address is not confirmed: confirm it, in the email Magento sent or in the admin; the same password is not sent again until the password or the configuration changes, since every try counts towards Magento's lock)",
-        Class::WrongPassword => " (a wrong password, an unknown username or a locked account: Magento does not say which)",
-        Class::ReCaptcha => " (the store requires reCAPTCHA for customer logins, which a daemon cannot solve; nothing was counted. Remedies: turn off reCAPTCHA for Customer Login on the website the daemon logs into, disable the module Magento_ReCaptchaWebapiRest, or authenticate as an integration, which is exempt)",
-        Class::Other if status == StatusCode::NOT_FOUND => " (check base_url and store_code: an unknown store code also answers this)",
-        Class::Other => "",
-    };
-    let outcome = match class {
-        Class::WrongPassword | Class::Unconfirmed => Outcome::AuthFailure,
-        Class::ReCaptcha => Outcome::Blocked,
-        Class::NotMagentos | Class::Other => Outcome::HttpError,
-    };
-    LoginError {
-        outcome,
-        message: format!("HTTP {status}: {detail}{hint}"),
-        retry_after,
-        final_for_password: class == Class::Unconfirmed,
+    }
+
+    /// The error of an answer of `class`, whose message says `detail`.
+    fn error(&self, class: Class, detail: String, dialect: Dialect) -> LoginError {
+        LoginError {
+            outcome: class.outcome(),
+            message: format!("HTTP {}: {detail}{}", self.status, class.hint(self.status, dialect)),
+            retry_after: self.retry_after,
+            final_for_password: class == Class::Unconfirmed,
+        }
     }
 }
 
-/// What an error answer means for the login.
+/// What an answer's message shows: Magento's message if it repeats nothing of the request, else
+/// that it is not shown; `otherwise` when there is no message to show.
+fn shown_detail(
+    filled: Option<Filled>,
+    body_len: usize,
+    pieces: &Pieces,
+    otherwise: impl FnOnce() -> String,
+) -> String {
+    match filled {
+        Some(filled) => showable(&filled.text, filled.cut, MAX_SHOWN, pieces).unwrap_or_else(|| {
+            format!(
+                "(the answer's message is not shown: it repeats part of the request; the answer was {body_len} bytes)"
+            )
+        }),
+        None => otherwise(),
+    }
+}
+
+/// Turns a non-200 REST answer into the error an operator can act on. `secret` is what the
+/// request carried (the password, or the token): no server text that repeats a piece of it is
+/// shown.
+async fn error_answer(response: Response, secret: &Secret) -> LoginError {
+    let head = Head::of(&response);
+    let pieces = Pieces::of(secret.expose());
+    if let Some(redirect) = head.redirected(&pieces) {
+        return redirect;
+    }
+    let body = read_body(response, false).await.unwrap_or_default();
+    let filled = fill_message(&body);
+    let class = classify(head.status, head.challenged, filled.as_ref().map(|f| f.template_head.as_str()));
+    let detail = shown_detail(filled, body.len(), &pieces, || not_magentos_json(&head, &pieces));
+    head.error(class, detail, Dialect::Rest)
+}
+
+/// The detail of an answer with no message of Magento's.
+fn not_magentos_json(head: &Head, pieces: &Pieces) -> String {
+    format!("a {} answer, not Magento's JSON (a proxy, CDN or maintenance page?)", head.kind(pieces))
+}
+
+/// Which API an answer came from: a hint names that API's settings and modules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    Rest,
+    GraphQl,
+}
+
+/// What an error answer means for the login, or for the check of a token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Class {
-    /// Magento's 401: a wrong password, an unknown username or a lock (it never says which).
+    /// Magento's refusal of a login: a wrong password, an unknown username or a lock (it never
+    /// says which).
     WrongPassword,
-    /// Magento's own 401 for an account whose email is not confirmed.
+    /// Magento's own refusal for an account whose email is not confirmed.
     Unconfirmed,
     /// A 401 with an HTML body or a `WWW-Authenticate` challenge: a front, not Magento.
     NotMagentos,
-    /// Magento's 400 for a login without a reCAPTCHA answer: refused before the credentials.
+    /// Magento's refusal of a login without a reCAPTCHA answer: before the credentials.
     ReCaptcha,
+    /// GraphQL: the `Store` header names no store view of this Magento.
+    UnknownStore,
+    /// GraphQL, a check: Magento no longer accepts the token (revoked, expired, unreadable; up to
+    /// 2.4.7 such a token makes the request a guest's, which "isn't authorized").
+    TokenRefused,
+    /// GraphQL, a check: the token is good, the account is locked or not confirmed. A login now
+    /// would be refused as well, and counted towards the lock.
+    AccountRefused,
+    /// GraphQL, a login refused for a bearer token it carried, which the daemon never sends with
+    /// a login: something in between added one. Refused before the login ran: nothing counted.
+    BearerOnLogin,
     Other,
 }
 
-/// Sorts an error answer by its status, what its headers say (a `WWW-Authenticate` challenge)
-/// and Magento's message, if the body held one (as Magento's JSON, before placeholders).
+impl Class {
+    fn outcome(self) -> Outcome {
+        match self {
+            Class::WrongPassword | Class::Unconfirmed | Class::TokenRefused => Outcome::AuthFailure,
+            Class::ReCaptcha => Outcome::Blocked,
+            Class::NotMagentos | Class::UnknownStore | Class::AccountRefused | Class::BearerOnLogin | Class::Other => {
+                Outcome::HttpError
+            }
+        }
+    }
+
+    /// What an operator reads after the answer's message: what it means, and what to do.
+    fn hint(self, status: StatusCode, dialect: Dialect) -> &'static str {
+        match (self, dialect) {
+            (Class::NotMagentos, _) => " (a 401 that is not Magento's: an htpasswd front or a WAF answered, so the login never reached Magento and nothing was counted; let the daemon through it, e.g. by allowing its address)",
+            (Class::Unconfirmed, _) => " (the account's email address is not confirmed: confirm it, in the email Magento sent or in the admin; the same password is not sent again until the password or the configuration changes, since every try counts towards Magento's lock)",
+            (Class::WrongPassword, _) => " (a wrong password, an unknown username or a locked account: Magento does not say which)",
+            (Class::ReCaptcha, Dialect::Rest) => " (the store requires reCAPTCHA for customer logins, which a daemon cannot solve; nothing was counted. Remedies: turn off reCAPTCHA for Customer Login on the website the daemon logs into, disable the module Magento_ReCaptchaWebapiRest, or authenticate as an integration, which is exempt)",
+            (Class::ReCaptcha, Dialect::GraphQl) => " (the store requires reCAPTCHA for customer logins, which a daemon cannot solve; nothing was counted. Remedies: turn off reCAPTCHA for Customer Login on the website the daemon logs into, disable the module Magento_ReCaptchaWebapiGraphQl, or authenticate as an integration, which is exempt)",
+            (Class::UnknownStore, _) => " (the Store header carries this customer's store code, its own store_code or else magento.store_code, and Magento has no store view of that code: correct it; nothing was counted)",
+            (Class::TokenRefused, _) => " (Magento no longer accepts this token: revoked, expired or unreadable)",
+            (Class::AccountRefused, _) => " (the token is good but Magento refuses the account; a login now would be refused too, and counted towards its lock: the token is kept)",
+            (Class::BearerOnLogin, _) => " (Magento read an Authorization header on the login, which the daemon never sends: a proxy in between adds one; the login never ran and nothing was counted)",
+            (Class::Other, Dialect::Rest) if status == StatusCode::NOT_FOUND => " (check base_url and store_code: an unknown store code also answers this)",
+            (Class::Other, Dialect::GraphQl) if status == StatusCode::NOT_FOUND => " (check base_url and magento.graphql_path: the GraphQL endpoint is not there)",
+            (Class::Other, _) => "",
+        }
+    }
+}
+
+/// Sorts a REST error answer by its status, what its headers say (a `WWW-Authenticate`
+/// challenge) and Magento's message, if the body held one (as Magento's JSON, before
+/// placeholders).
 fn classify(status: StatusCode, challenged: bool, magento: Option<&str>) -> Class {
     match (status.as_u16(), magento) {
         (401, Some(m)) if !challenged && m.contains("isn't confirmed") => Class::Unconfirmed,
         (401, Some(_)) if !challenged => Class::WrongPassword,
         (401, _) => Class::NotMagentos,
-        (400, Some(m)) if m.contains("ReCaptcha") || m.contains("reCAPTCHA") => Class::ReCaptcha,
+        (400, Some(m)) if is_recaptcha(m) => Class::ReCaptcha,
         _ => Class::Other,
     }
+}
+
+/// Whether Magento's message is security-package's reCAPTCHA refusal.
+fn is_recaptcha(message: &str) -> bool {
+    message.contains("ReCaptcha") || message.contains("reCAPTCHA")
 }
 
 /// A `Retry-After` header as a wait from `now`: delay-seconds or an HTTP date.
@@ -616,12 +786,12 @@ mod tests {
         let server = magento_devserver::DevServer::start(Default::default()).await.unwrap();
         server.add_customer("a@example.com", "pw");
         let url = Url::parse(&format!("{}/rest/V1/integration/customer/token", server.base_url())).unwrap();
-        let token = client.login(&url, "a@example.com", &Secret::new("pw".into())).await.unwrap();
+        let token = client.rest_login(&url, "a@example.com", &Secret::new("pw".into())).await.unwrap();
         assert!(!token.expose().is_empty());
         assert_eq!(built(&client), [false, false, true, false], "loopback over plain http: direct, no roots");
         // The clone every worker holds shares the built clients.
         let clone = client.clone();
-        clone.login(&url, "a@example.com", &Secret::new("pw".into())).await.unwrap();
+        clone.rest_login(&url, "a@example.com", &Secret::new("pw".into())).await.unwrap();
         assert_eq!(built(&client), [false, false, true, false]);
     }
 

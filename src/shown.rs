@@ -105,10 +105,16 @@ pub(crate) struct Filled {
 pub(crate) fn fill_message(body: &[u8]) -> Option<Filled> {
     let value: serde_json::Value = serde_json::from_slice(body).ok()?;
     let template = value.get("message")?.as_str()?;
+    Some(fill_text(template, value.get("parameters")))
+}
+
+/// A message with its `%placeholders` filled from `parameters`, at most [`MAX_SHOWN`] characters
+/// of it: REST's `message` (through [`fill_message`]), or a GraphQL error's (which has none).
+pub(crate) fn fill_text(template: &str, parameters: Option<&serde_json::Value>) -> Filled {
     let mut out = Bounded::new(MAX_SHOWN);
-    fill(template, &Placeholders::new(value.get("parameters")), &mut out);
+    fill(template, &Placeholders::new(parameters), &mut out);
     let template_head = template.chars().take(MAX_SHOWN_SHORT).collect();
-    Some(Filled { text: out.text, cut: out.cut, template_head })
+    Filled { text: out.text, cut: out.cut, template_head }
 }
 
 /// Fills the placeholders of `template` into `out` in one pass, as Magento's renderer does

@@ -309,7 +309,7 @@ impl<M: Magento> Worker<M> {
             _ = self.stop.cancelled() => return now,
             permit = self.shared.logins.acquire() => permit,
         };
-        let answer = self.shared.magento.whoami(&self.customer.me_url(), &found.token).await;
+        let answer = self.shared.magento.whoami(&self.customer.endpoint(), &found.token).await;
         drop(permit);
         match answer {
             Ok(email) if email.eq_ignore_ascii_case(&self.customer.username) => {
@@ -372,7 +372,7 @@ impl<M: Magento> Worker<M> {
                 _ = self.stop.cancelled() => return Checked::NoAnswer("stopping".into()),
                 permit = self.shared.logins.acquire() => permit,
             };
-            self.shared.magento.whoami(&self.customer.me_url(), &found.token).await
+            self.shared.magento.whoami(&self.customer.endpoint(), &found.token).await
         };
         let now = self.now();
         match answer {
@@ -397,7 +397,7 @@ impl<M: Magento> Worker<M> {
                     if self.checks.fresh_refusals >= MAX_FRESH_REFUSALS {
                         self.checks = Checks { off: true, ..Checks::default() };
                         warn!(
-                            url = %self.customer.me_url(),
+                            url = %self.customer.endpoint(),
                             "Magento refuses every token as soon as it is minted when asked through this store code (a store of another website, or `all`): checks of the token stop for this customer; set its store_code to one of its own website's stores"
                         );
                         return Checked::NoAnswer(

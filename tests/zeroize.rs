@@ -1,6 +1,7 @@
 //! Passwords are wiped from memory after use: this test binary's allocator searches every block
 //! it frees for a password, while the daemon's own code (the password source, the HTTP client)
-//! logs in with it against a dev server running in another process. A copy freed without being
+//! logs in with it, through REST and through GraphQL, against a dev server running in another
+//! process. A copy freed without being
 //! wiped first is a copy a core dump, a swap file or a later read of reused memory could expose.
 //!
 //! Its own binary, because a global allocator applies to everything in a test binary.
@@ -11,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use magento_token_sidecar::config::{MagentoSettings, PasswordSource};
+use magento_token_sidecar::config::{Endpoint, MagentoSettings, PasswordSource};
 use magento_token_sidecar::magento::Client;
 
 /// The password: long and unlikely, so no other data matches it by chance.
@@ -69,7 +70,11 @@ fn passwords_are_wiped_after_use() {
     let mut line = String::new();
     std::io::BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let base = line.trim().strip_prefix("listening on ").unwrap().to_owned();
-    let url = reqwest::Url::parse(&format!("{base}/rest/V1/integration/customer/token")).unwrap();
+    let url = |path: &str| reqwest::Url::parse(&format!("{base}{path}")).unwrap();
+    let endpoints = [
+        Endpoint::Rest { token: url("/rest/V1/integration/customer/token"), me: url("/rest/V1/customers/me") },
+        Endpoint::GraphQl { url: url("/graphql"), store: Some("default".into()) },
+    ];
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("password");
     std::fs::write(&file, CANARY_LINE).unwrap();
@@ -79,13 +84,15 @@ fn passwords_are_wiped_after_use() {
     ARMED.store(true, Ordering::SeqCst);
     runtime.block_on(async {
         let client = Client::new(&MagentoSettings { timeout: Duration::from_secs(5), ca_file: None }).unwrap();
-        for _ in 0..3 {
-            let password = source.read().unwrap();
-            let token = client.login(&url, "alice@example.com", &password).await.unwrap();
-            assert!(!token.expose().is_empty());
-            // Refused: the error path handles the password too.
-            let refused = client.login(&url, "bob@example.com", &password).await.unwrap_err();
-            assert_eq!(refused.outcome.as_str(), "auth_failure");
+        for endpoint in &endpoints {
+            for _ in 0..3 {
+                let password = source.read().unwrap();
+                let token = client.login(endpoint, "alice@example.com", &password).await.unwrap();
+                assert!(!token.expose().is_empty());
+                // Refused: the error path handles the password too.
+                let refused = client.login(endpoint, "bob@example.com", &password).await.unwrap_err();
+                assert_eq!(refused.outcome.as_str(), "auth_failure");
+            }
         }
         drop(client);
     });
@@ -97,6 +104,8 @@ fn passwords_are_wiped_after_use() {
     let scanned = SCANNED.load(Ordering::SeqCst);
     assert!(scanned > 0, "nothing was freed while armed");
     let found = FOUND.load(Ordering::SeqCst);
-    eprintln!("zeroize: {scanned} bytes freed during 6 logins searched, {found} blocks still held the password");
+    eprintln!(
+        "zeroize: {scanned} bytes freed during 12 logins (REST and GraphQL) searched, {found} blocks still held the password"
+    );
     assert_eq!(found, 0, "{found} freed blocks still held the password");
 }

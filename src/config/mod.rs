@@ -7,16 +7,18 @@
 //! [`Config`] is the validated result the rest of the crate works with: every customer's
 //! effective URL, store code and file path are resolved here, once.
 
+mod api;
 pub mod kubernetes;
 pub mod notify;
 mod output;
 mod password;
 mod raw;
 
+pub use api::{Api, Endpoint};
 pub use output::NO_KUBERNETES;
 use output::{check_output, check_secret_size};
 pub use password::{PasswordError, PasswordSource, MAX_PASSWORD_FILE};
-use raw::{Dur, RawConfig, RawCustomer, RawMagento};
+use raw::{Dur, RawApi, RawConfig, RawCustomer, RawMagento};
 
 use std::collections::HashSet;
 use std::fmt;
@@ -224,31 +226,31 @@ pub struct CustomerConfig {
     pub file: String,
     /// The format of its file: its own `format`, else `output.format`.
     pub format: Format,
+    /// How its token is asked for and checked (`magento.api`, `magento.cloud_service`): the
+    /// same for every customer of a configuration.
+    pub api: Api,
 }
 
 impl CustomerConfig {
-    /// `POST {base}/rest[/<store>]/V1/integration/customer/token`
-    pub fn token_url(&self) -> Url {
-        self.rest_url("V1/integration/customer/token")
+    /// Where this customer's token is asked for and checked, in its store's dialect: REST's
+    /// `{base}/rest[/<store>]/V1/integration/customer/token` and `.../V1/customers/me`, or the
+    /// GraphQL endpoint `{base}<graphql_path>` with the store code for the `Store` header.
+    pub fn endpoint(&self) -> Endpoint {
+        match self.api.graphql_path() {
+            None => Endpoint::Rest {
+                token: self.rest_url("V1/integration/customer/token"),
+                me: self.rest_url("V1/customers/me"),
+            },
+            Some(path) => Endpoint::GraphQl { url: api::joined(&self.base_url, path), store: self.store_code.clone() },
+        }
     }
 
-    /// `GET {base}/rest[/<store>]/V1/customers/me`
-    pub fn me_url(&self) -> Url {
-        self.rest_url("V1/customers/me")
-    }
-
-    /// The base URL with the route appended to its path: only the path is parsed again, not
-    /// the whole URL (parsing URLs, the host's IDNA processing included, was 18 % of `once`'s
-    /// instructions: benches/RESULTS.md).
+    /// The base URL with `/rest[/<store>]/<route>` appended to its path.
     fn rest_url(&self, route: &str) -> Url {
-        let mut url = Url::clone(&self.base_url);
-        let base = url.path().trim_end_matches('/');
-        let path = match &self.store_code {
-            Some(store) => format!("{base}/rest/{store}/{route}"),
-            None => format!("{base}/rest/{route}"),
-        };
-        url.set_path(&path);
-        url
+        match &self.store_code {
+            Some(store) => api::joined(&self.base_url, &format!("rest/{store}/{route}")),
+            None => api::joined(&self.base_url, &format!("rest/{route}")),
+        }
     }
 
     /// The settings whose change means the token on disk may belong to someone else.
@@ -439,12 +441,12 @@ fn valid_log_level(level: &str) -> bool {
 
 fn validate(raw: RawConfig, checks: Checks, keep: bool) -> Result<(Config, ReadPasswords), Vec<Problem>> {
     let mut v = Validator { kept: keep.then(Vec::new), ..Validator::default() };
-    let base_url = check_magento(&mut v, &raw.magento, checks);
+    let (base_url, api) = check_magento(&mut v, &raw.magento, checks);
     check_refresh(&mut v, &raw.refresh);
     let output = check_output(&mut v, &raw.output, checks);
     let admin_listen = check_admin(&mut v, &raw.admin.listen);
     check_log(&mut v, &raw.log.level);
-    let customers = check_customers(&mut v, &raw, base_url, checks);
+    let customers = check_customers(&mut v, &raw, base_url, &api, checks);
     check_index(&mut v, &raw);
     if let Some(Output::Kubernetes(k)) = &output {
         check_secret_size(&mut v, k, &customers);
@@ -471,17 +473,46 @@ fn validate(raw: RawConfig, checks: Checks, keep: bool) -> Result<(Config, ReadP
     Ok((config, v.kept.unwrap_or_default()))
 }
 
-/// `magento`: returns the base URL when it is good.
-fn check_magento(v: &mut Validator, m: &RawMagento, checks: Checks) -> Option<Url> {
+/// `magento`: returns the base URL when it is good, and the dialect of logins.
+fn check_magento(v: &mut Validator, m: &RawMagento, checks: Checks) -> (Option<Url>, Api) {
+    let api = check_api(v, m);
     let base_url = v.url("magento.base_url", &m.base_url, m.allow_insecure_http);
+    if let (Some(url), Api::CloudService { .. }) = (&base_url, &api) {
+        if let Some(problem) = api::cloud_base_problem(url) {
+            v.problem("magento.base_url", problem);
+        }
+    }
     if let Some(code) = &m.store_code {
-        v.store_code("magento.store_code", code);
+        v.store_code("magento.store_code", code, &api);
     }
     v.positive("magento.timeout", m.timeout.0);
     if let (Some(ca), Checks::Environment) = (&m.ca_file, checks) {
         v.ca_file("magento.ca_file", ca);
     }
-    base_url
+    (base_url, api)
+}
+
+/// `magento.api`, `magento.graphql_path` and `magento.cloud_service`: the dialect they choose.
+/// `api: rest` with the cloud service is reported, and the cloud service's other checks still
+/// run, so that every problem comes at once.
+fn check_api(v: &mut Validator, m: &RawMagento) -> Api {
+    let path = m.graphql_path.as_deref().unwrap_or("/graphql");
+    if let Some(problem) = api::graphql_path_problem(path) {
+        v.problem("magento.graphql_path", problem);
+    }
+    let path: std::sync::Arc<str> = path.into();
+    match (m.api, m.cloud_service) {
+        (None | Some(RawApi::Rest), false) => Api::Rest,
+        (Some(RawApi::Graphql), false) => Api::GraphQl { path },
+        (None | Some(RawApi::Graphql), true) => Api::CloudService { graphql_path: path },
+        (Some(RawApi::Rest), true) => {
+            v.problem(
+                "magento.api",
+                "rest cannot log customers in on Adobe Commerce as a Cloud Service (magento.cloud_service: true): its REST API has no customer-token route; remove magento.api (GraphQL is implied) or set it to graphql".into(),
+            );
+            Api::CloudService { graphql_path: path }
+        }
+    }
 }
 
 /// `refresh`: every duration and count, and how they must relate to Magento's lock.
@@ -558,7 +589,13 @@ fn check_log(v: &mut Validator, level: &str) {
 }
 
 /// `customers`: each entry, and what no two of them may share (name, username, file).
-fn check_customers(v: &mut Validator, raw: &RawConfig, base_url: Option<Url>, checks: Checks) -> Vec<CustomerConfig> {
+fn check_customers(
+    v: &mut Validator,
+    raw: &RawConfig,
+    base_url: Option<Url>,
+    api: &Api,
+    checks: Checks,
+) -> Vec<CustomerConfig> {
     let base_url = base_url.map(std::sync::Arc::new);
     if raw.customers.is_empty() {
         v.problem("customers", "at least one customer is required".into());
@@ -599,11 +636,19 @@ fn check_customers(v: &mut Validator, raw: &RawConfig, base_url: Option<Url>, ch
         }
         let password = password_source(v, &at, c, checks);
         let url = match &c.base_url {
-            Some(text) => v.url(&at("base_url"), text, raw.magento.allow_insecure_http).map(std::sync::Arc::new),
+            Some(text) => {
+                let url = v.url(&at("base_url"), text, raw.magento.allow_insecure_http);
+                if let (Some(url), Api::CloudService { .. }) = (&url, api) {
+                    if let Some(problem) = api::cloud_base_problem(url) {
+                        v.problem(&at("base_url"), problem);
+                    }
+                }
+                url.map(std::sync::Arc::new)
+            }
             None => base_url.clone(),
         };
         if let Some(code) = &c.store_code {
-            v.store_code(&at("store_code"), code);
+            v.store_code(&at("store_code"), code, api);
         }
         let file = c.file.clone().unwrap_or_else(|| c.name.clone());
         if c.file.is_some() {
@@ -632,6 +677,7 @@ fn check_customers(v: &mut Validator, raw: &RawConfig, base_url: Option<Url>, ch
                 store_code: c.store_code.clone().or_else(|| raw.magento.store_code.clone()),
                 file,
                 format: c.format.unwrap_or(raw.output.format),
+                api: api.clone(),
             });
         }
     }
@@ -778,12 +824,19 @@ impl Validator {
         (self.problems.len() == before).then_some(url)
     }
 
-    fn store_code(&mut self, path: &str, code: &str) {
+    fn store_code(&mut self, path: &str, code: &str, api: &Api) {
         let ok = code.len() <= 32
             && code.starts_with(|c: char| c.is_ascii_alphabetic())
             && code.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !ok {
             self.problem(path, format!("{code:?} is not a Magento store code (a letter, then letters, digits or '_')"));
+        } else if code.eq_ignore_ascii_case("all") && api.graphql_path().is_some() {
+            // REST takes `all` (and refuses every check through it); GraphQL's Store header
+            // refuses it outright, logins included.
+            self.problem(
+                path,
+                "\"all\" is no store view: GraphQL's Store header takes a store view's code (Magento answers \"Store code all does not exist\")".into(),
+            );
         }
     }
 

@@ -37,6 +37,22 @@ pub(super) struct RawMagento {
     pub(super) ca_file: Option<PathBuf>,
     #[serde(default)]
     pub(super) allow_insecure_http: bool,
+    /// Absent: REST, or GraphQL with `cloud_service` (an explicit `rest` with it is refused).
+    #[serde(default)]
+    pub(super) api: Option<RawApi>,
+    /// Absent: `/graphql`.
+    #[serde(default)]
+    pub(super) graphql_path: Option<String>,
+    #[serde(default)]
+    pub(super) cloud_service: bool,
+}
+
+/// `magento.api`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawApi {
+    Rest,
+    Graphql,
 }
 
 fn default_timeout() -> Dur {

@@ -86,7 +86,13 @@ fn defaults_are_the_contracts() {
     assert_eq!(c.log.level, "info");
     let alice = &c.customers[0];
     assert_eq!(dir(&c).path(alice), PathBuf::from("/tmp/alice"));
-    assert_eq!(alice.token_url().as_str(), "https://shop.example.com/rest/V1/integration/customer/token");
+    assert_eq!(
+        alice.endpoint(),
+        Endpoint::Rest {
+            token: Url::parse("https://shop.example.com/rest/V1/integration/customer/token").unwrap(),
+            me: Url::parse("https://shop.example.com/rest/V1/customers/me").unwrap(),
+        }
+    );
 }
 
 #[test]
@@ -96,9 +102,83 @@ fn store_codes_and_path_prefixes_build_the_url() {
             "    password_env: ALICE_PASSWORD\n    store_code: de\n  - name: bob\n    username: b\n    password_env: B\n    base_url: https://shop.fr\n    file: bob.json",
         );
     let c = parse(&yaml, Checks::Static).unwrap();
-    assert_eq!(c.customers[0].token_url().as_str(), "https://example.com/shop/rest/de/V1/integration/customer/token");
-    assert_eq!(c.customers[1].me_url().as_str(), "https://shop.fr/rest/V1/customers/me");
+    let Endpoint::Rest { token, .. } = c.customers[0].endpoint() else { panic!("REST by default") };
+    assert_eq!(token.as_str(), "https://example.com/shop/rest/de/V1/integration/customer/token");
+    let Endpoint::Rest { me, .. } = c.customers[1].endpoint() else { panic!("REST by default") };
+    assert_eq!(me.as_str(), "https://shop.fr/rest/V1/customers/me");
     assert_eq!(dir(&c).path(&c.customers[1]), PathBuf::from("/tmp/bob.json"));
+}
+
+/// MINIMAL with `lines` added under `magento:`.
+fn with_magento(lines: &str) -> String {
+    MINIMAL.replace("  base_url: https://shop.example.com\n", &format!("  base_url: https://shop.example.com\n{lines}"))
+}
+
+#[test]
+fn graphql_logins_go_to_the_graphql_endpoint_with_the_store_code_in_a_header() {
+    let c = parse(MINIMAL, Checks::Static).unwrap();
+    assert_eq!(c.customers[0].api, Api::Rest, "REST unless told");
+    let yaml = with_magento("  api: graphql\n  store_code: en\n").replace(
+        "    password_env: ALICE_PASSWORD",
+        "    password_env: ALICE_PASSWORD\n  - name: hans\n    username: h@example.de\n    password_env: H\n    store_code: de\n    base_url: https://example.com/shop/",
+    );
+    let c = parse(&yaml, Checks::Static).unwrap();
+    let graphql =
+        |url: &str, store: &str| Endpoint::GraphQl { url: Url::parse(url).unwrap(), store: Some(store.into()) };
+    assert_eq!(c.customers[0].endpoint(), graphql("https://shop.example.com/graphql", "en"));
+    assert_eq!(c.customers[1].endpoint(), graphql("https://example.com/shop/graphql", "de"), "its own store code");
+    assert_eq!(c.customers[1].endpoint().to_string(), "https://example.com/shop/graphql (Store: de)");
+    let c = parse(&with_magento("  api: graphql\n  graphql_path: /api/graphql\n"), Checks::Static).unwrap();
+    assert_eq!(
+        c.customers[0].endpoint(),
+        Endpoint::GraphQl { url: Url::parse("https://shop.example.com/api/graphql").unwrap(), store: None }
+    );
+    // graphql_path alone changes nothing: REST stays the dialect.
+    let c = parse(&with_magento("  graphql_path: /gql\n"), Checks::Static).unwrap();
+    assert!(matches!(c.customers[0].endpoint(), Endpoint::Rest { .. }));
+}
+
+#[test]
+fn the_cloud_service_implies_graphql_under_the_tenant() {
+    let yaml = with_magento("  cloud_service: true\n  store_code: default\n")
+        .replace("https://shop.example.com", "https://na1.api.commerce.adobe.com/Ab3dEfGh1jK2");
+    let c = parse(&yaml, Checks::Static).unwrap();
+    assert_eq!(c.customers[0].api, Api::CloudService { graphql_path: "/graphql".into() });
+    assert_eq!(
+        c.customers[0].endpoint(),
+        Endpoint::GraphQl {
+            url: Url::parse("https://na1.api.commerce.adobe.com/Ab3dEfGh1jK2/graphql").unwrap(),
+            store: Some("default".into()),
+        }
+    );
+    let explicit = yaml.replace("  cloud_service: true\n", "  cloud_service: true\n  api: graphql\n");
+    assert_eq!(parse(&explicit, Checks::Static).unwrap().customers[0].api, c.customers[0].api);
+}
+
+#[test]
+fn check_refuses_what_cannot_work_naming_each_key_at_once() {
+    let yaml = with_magento("  api: rest\n  cloud_service: true\n  graphql_path: graphql\n").replace(
+        "    password_env: ALICE_PASSWORD",
+        "    password_env: ALICE_PASSWORD\n  - name: bob\n    username: b\n    password_env: B\n    base_url: https://eu1.api.commerce.adobe.com/",
+    );
+    let p = problems(&yaml);
+    let expect = [
+        "magento.graphql_path: \"graphql\" must start with '/'",
+        "magento.api: rest cannot log customers in on Adobe Commerce as a Cloud Service",
+        "magento.base_url: \"https://shop.example.com/\" has no tenant id",
+        "customers[1].base_url: \"https://eu1.api.commerce.adobe.com/\" has no tenant id",
+    ];
+    for e in expect {
+        assert!(p.iter().any(|line| line.starts_with(e)), "missing {e:?} in {p:#?}");
+    }
+    assert_eq!(p.len(), expect.len(), "{p:#?}");
+    let p = problems(&with_magento("  api: graphql\n  store_code: all\n  graphql_path: /graph ql?x\n"));
+    assert!(p[0].starts_with("magento.graphql_path: \"/graph ql?x\" must be a path alone"), "{p:?}");
+    assert!(p[1].starts_with("magento.store_code: \"all\" is no store view"), "{p:?}");
+    // REST takes `all` (its checks stop, as the worker says).
+    assert!(parse(&with_magento("  store_code: all\n"), Checks::Static).is_ok());
+    let p = problems(&with_magento("  api: soap\n"));
+    assert!(p[0].starts_with("magento.api: unknown variant `soap`, expected `rest` or `graphql`"), "{p:?}");
 }
 
 #[test]
@@ -432,7 +512,8 @@ fn the_index_is_a_plain_file_name_no_customer_writes() {
 fn the_shipped_examples_are_valid() {
     let example = parse(include_str!("../../config/example.yaml"), Checks::Static).unwrap();
     assert_eq!(example.customers.len(), 2);
-    assert_eq!(example.customers[0].token_url().as_str(), "https://shop.de/rest/de/V1/integration/customer/token");
+    let Endpoint::Rest { token, .. } = example.customers[0].endpoint() else { panic!("the example is REST") };
+    assert_eq!(token.as_str(), "https://shop.de/rest/de/V1/integration/customer/token");
     assert_eq!(dir(&example).path(&example.customers[0]), PathBuf::from("/var/run/magento-tokens/alice.token"));
     assert_eq!((example.customers[0].format, example.customers[1].format), (Format::Env, Format::Raw));
     assert_eq!(dir(&example).index, Some(PathBuf::from("/var/run/magento-tokens/tokens.json")));

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::*;
 use crate::account::Accounts;
 use crate::clock::Clock;
-use crate::config::{self, Checks, Config, MagentoSettings};
+use crate::config::{self, Checks, Config, Endpoint, MagentoSettings};
 use crate::magento::{Client, LoginError, Magento, Outcome};
 use crate::secret::Secret;
 use crate::status::{Board, Reporter};
@@ -87,7 +87,7 @@ fn jwt(iat: i64, exp: i64) -> String {
 impl Magento for Scripted {
     fn login(
         &self,
-        _url: &reqwest::Url,
+        _endpoint: &Endpoint,
         _username: &str,
         password: &Secret,
     ) -> impl std::future::Future<Output = Result<Secret, LoginError>> + Send {
@@ -106,7 +106,7 @@ impl Magento for Scripted {
 
     fn whoami(
         &self,
-        _url: &reqwest::Url,
+        _endpoint: &Endpoint,
         token: &Secret,
     ) -> impl std::future::Future<Output = Result<String, LoginError>> + Send {
         let mut store = self.0.lock().unwrap();
