@@ -60,11 +60,16 @@ enum Command {
         names: Vec<String>,
     },
     /// Start a built-in Magento-compatible server on loopback and the daemon against it.
-    Demo,
+    Demo {
+        /// Log in and check tokens through GraphQL (`magento.api: graphql`) instead of REST.
+        #[arg(long)]
+        graphql: bool,
+    },
     /// Run only the built-in Magento-compatible server (tests and benchmarks).
     #[cfg(feature = "demo")]
     #[command(hide = true)]
-    Devserver(magento_devserver::DevServerArgs),
+    // Boxed: its many options would make every command as large as it.
+    Devserver(Box<magento_devserver::DevServerArgs>),
 }
 
 #[derive(Args)]
@@ -134,9 +139,9 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Demo => runtime.block_on(dev::run_demo()),
+        Command::Demo { graphql } => runtime.block_on(dev::run_demo(graphql)),
         #[cfg(feature = "demo")]
-        Command::Devserver(args) => runtime.block_on(dev::run_devserver(args)),
+        Command::Devserver(args) => runtime.block_on(dev::run_devserver(*args)),
     };
     // Every task goes with the runtime (a notify command still running is killed with its
     // process group); then whatever the commands left running (`run` only).
@@ -413,8 +418,8 @@ mod dev {
 
     use super::{serve, FAILED};
 
-    pub async fn run_demo() -> u8 {
-        let demo = match demo::prepare().await {
+    pub async fn run_demo(graphql: bool) -> u8 {
+        let demo = match demo::prepare(graphql).await {
             Ok(d) => d,
             Err(e) => {
                 eprintln!("demo: {e}");
@@ -422,10 +427,7 @@ mod dev {
             }
         };
         let config_path = demo.dir.path().join("demo.yaml");
-        let text = demo::DEMO_CONFIG
-            .replace("{base_url}", &demo.server.base_url())
-            .replace("{dir}", &demo.dir.path().display().to_string());
-        if let Err(e) = std::fs::write(&config_path, text) {
+        if let Err(e) = std::fs::write(&config_path, &demo.text) {
             eprintln!("demo: {e}");
             return FAILED;
         }
@@ -444,14 +446,29 @@ mod dev {
         let admin = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
         let tokens = demo.config.output.dir().map(|d| d.dir.display().to_string()).unwrap_or_default();
         let base = demo.server.base_url();
+        let (dialect, use_token) = if graphql {
+            (
+                "GraphQL (magento.api: graphql)",
+                format!(
+                    "curl -s -H \"Authorization: Bearer $(cat {tokens}/alice)\" -H 'Content-Type: application/json' -d '{{\"query\":\"{{ customer {{ email }} }}\"}}' {}",
+                    demo.server.graphql_url()
+                ),
+            )
+        } else {
+            (
+                "REST (run `demo --graphql` for GraphQL)",
+                format!("curl -s -H \"Authorization: Bearer $(cat {tokens}/alice)\" {base}/rest/V1/customers/me"),
+            )
+        };
         println!(
             "\nmagento-token-sidecar demo\n\
              \n  Magento-compatible server  {base}  (alice@example.com, bob@example.com; tokens live {life})\
+             \n  logins and checks          {dialect}\
              \n  token files                {tokens}/alice, {tokens}/bob.token (the token alone, no newline)\
              \n  status                     http://{admin}/status\
              \n  metrics                    http://{admin}/metrics\
              \n  configuration              {config}  (edit it, then: kill -HUP {pid})\
-             \n\n  use a token:\n    curl -s -H \"Authorization: Bearer $(cat {tokens}/alice)\" {base}/rest/V1/customers/me\
+             \n\n  use a token:\n    {use_token}\
              \n\n  Ctrl-C stops the demo and removes its directory.\n",
             life = humantime::format_duration(demo::DEMO_TOKEN_LIFETIME),
             config = config_path.display(),
@@ -491,7 +508,7 @@ mod dev {
 /// A build without the dev server (the container image) has no demo: say how to get one.
 #[cfg(not(feature = "demo"))]
 mod dev {
-    pub async fn run_demo() -> u8 {
+    pub async fn run_demo(_graphql: bool) -> u8 {
         eprintln!(
             "this build has no demo (built without the `demo` feature, as the container image is): run `cargo run --release -- demo` in the source tree"
         );

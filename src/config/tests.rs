@@ -520,7 +520,11 @@ fn the_shipped_examples_are_valid() {
     assert_eq!(example.customers[1].password, PasswordSource::Env("ERP_PASSWORD".into()));
     let demo =
         include_str!("../../config/demo.yaml").replace("{base_url}", "http://127.0.0.1:1").replace("{dir}", "/tmp");
-    assert_eq!(parse(&demo, Checks::Static).unwrap().customers.len(), 2);
+    for (api, expected) in [("rest", Api::Rest), ("graphql", Api::GraphQl { path: "/graphql".into() })] {
+        let c = parse(&demo.replace("{api}", api), Checks::Static).unwrap();
+        assert_eq!(c.customers.len(), 2);
+        assert_eq!(c.customers[0].api, expected);
+    }
 }
 
 #[test]
