@@ -9,7 +9,7 @@
 //! | [`clock`]    | the wall clock as a handle (the system's, or tokio's paused one in tests)       |
 //! | [`schedule`] | pure decisions: when to refresh, how long to back off, the lockout policy       |
 //! | [`account`]  | one lockout budget per username, shared by every worker that logs in with it    |
-//! | [`magento`]  | the HTTP client: the login request and the class of every outcome                |
+//! | [`magento`]  | the HTTP client: logins and checks over REST or GraphQL, each outcome's class    |
 //! | [`shown`]    | what of a server's answer may be shown: bounded, escaped, never the password     |
 //! | [`token`]    | the accepted token form, and its expiry (JWT `exp`, clock skew, opaque tokens)   |
 //! | [`attempt`]  | one login under the lockout policy: the only path a password is sent by          |

@@ -2,8 +2,8 @@
 //! into one of the classes the metrics count.
 //!
 //! A login and a check go where the customer's [`Endpoint`] says, in its dialect: REST here, and
-//! GraphQL through [`graphql`] (its documents, and how its answers are read), both sorted into the
-//! same [`Outcome`]s by the same [`Class`]es, so everything above this module (the lockout
+//! GraphQL through `graphql` (its documents, and how its answers are read), both sorted into the
+//! same [`Outcome`]s by the same `Class`es, so everything above this module (the lockout
 //! policy, the worker) is the same whatever the store speaks.
 //!
 //! One `reqwest::Client` serves every customer, so its connection pool is shared. Redirects
