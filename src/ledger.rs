@@ -3,7 +3,7 @@
 //!
 //! One [`Record`] shape serves both stores: the file `.<file>.auth` beside a token file (read and
 //! written here, through [`sink`]), and one entry per key of the Secret's ledger annotation
-//! ([`crate::cluster::secret`]). It holds counts and a time, never a password.
+//! ([`crate::cluster::tokens`]). It holds counts and a time, never a password.
 //!
 //! A record is written by this daemon, but read from places others can write to (a directory
 //! others may write, an annotation anyone with `update` on the Secret may edit), so what is read

@@ -212,7 +212,7 @@ async fn forget_failures(path: &Path, names: &[String]) -> u8 {
         #[cfg(not(feature = "kubernetes"))]
         Some(_) => return no_kubernetes(),
         #[cfg(feature = "kubernetes")]
-        Some(k) => match cluster::secret::forget(
+        Some(k) => match cluster::tokens::forget(
             k,
             &customers.iter().map(|c| (store::key(c), c.username.as_str())).collect::<Vec<_>>(),
         )

@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use zeroize::Zeroizing;
 
 #[cfg(feature = "kubernetes")]
-use crate::cluster::secret::{Change, Tokens};
+use crate::cluster::tokens::{Change, Tokens};
 use crate::config::{CustomerConfig, RefreshSettings};
 use crate::ledger::{self, Record, Recorded};
 use crate::schedule::AuthState;
@@ -147,7 +147,7 @@ impl Store {
     }
 
     /// `forget-failures` for `customer` in a directory of token files: marks its ledger as
-    /// forgotten where [`ledger::forget`] says so. (The Secret's is [`crate::cluster::secret::forget`].)
+    /// forgotten where [`ledger::forget`] says so. (The Secret's is [`crate::cluster::tokens::forget`].)
     pub fn forget_failures(customer: &CustomerConfig) -> io::Result<ledger::Forget> {
         let verdict = ledger::forget(ledger::read_ledger(&customer.path), &customer.username);
         if let ledger::Forget::Forget { .. } = verdict {

@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 use super::once::{once_in, OnceResult};
 use super::{reloaded, same_output, Supervisor};
 use crate::account::Accounts;
-use crate::cluster::{lease, secret::Tokens, Cluster};
+use crate::cluster::{lease, tokens::Tokens, Cluster};
 use crate::config::{self, Checks, Config};
 use crate::logging::Logging;
 use crate::metrics::Metrics;
