@@ -33,6 +33,7 @@ use crate::clock::Clock;
 use crate::config::{CustomerConfig, RefreshSettings};
 use crate::magento::{Client, LoginError, Magento, Outcome};
 use crate::schedule::{self, AuthState, AuthWait};
+use crate::secret::Secret;
 use crate::sink;
 use crate::sink::Times;
 use crate::status::{Answer, Ask, Check, Mailbox, Reporter, State};
@@ -110,6 +111,20 @@ enum Checked {
     NoAnswer(String),
     /// No token on disk to check.
     Nothing,
+}
+
+/// What Magento says of a token on disk ([`Worker::validate`]).
+enum Verdict {
+    /// It is this customer's token.
+    Accepted,
+    /// It is another customer's.
+    Foreign,
+    /// Magento refused it (401): revoked, or never valid.
+    Refused(LoginError),
+    /// No answer either way (network, an HTTP status).
+    NoAnswer(LoginError),
+    /// A stop came first: nothing was asked.
+    Stopped,
 }
 
 /// Where the checks of the token on disk (`refresh.validate_every`) stand.
@@ -265,13 +280,12 @@ impl<M: Magento> Worker<M> {
                     _ => {
                         // The login slot first, in a small wait of its own: thousands of
                         // customers due at once (the start) each hold this, not a whole login.
-                        let slot = tokio::select! {
-                            biased;
-                            _ = self.stop.cancelled() => break,
-                            slot = Box::pin(self.shared.logins.clone().acquire_owned()) => slot.ok(),
+                        let logins = self.shared.logins.clone();
+                        let Some(slot) = Box::pin(attempt::slot(logins.acquire_owned(), &self.stop)).await else {
+                            break;
                         };
                         let span = self.span();
-                        match Box::pin(self.refresh(slot).instrument(span)).await {
+                        match Box::pin(self.refresh(Some(slot)).instrument(span)).await {
                             Some(next) => next,
                             None => break,
                         }
@@ -311,15 +325,9 @@ impl<M: Magento> Worker<M> {
             }
             return now;
         }
-        let permit = tokio::select! {
-            biased;
-            _ = self.stop.cancelled() => return now,
-            permit = self.shared.logins.acquire() => permit,
-        };
-        let answer = self.shared.magento.whoami(&self.customer.me_url(), &found.token).await;
-        drop(permit);
-        match answer {
-            Ok(email) if email.eq_ignore_ascii_case(&self.customer.username) => {
+        match self.validate(&found.token).await {
+            Verdict::Stopped => now,
+            Verdict::Accepted => {
                 self.report.token_on_disk(expires_at);
                 let next = schedule::next_refresh(now, expires_at, read.lifetime, r, rand::thread_rng().gen());
                 if found.format != self.customer.format
@@ -354,19 +362,38 @@ impl<M: Magento> Worker<M> {
                 self.checked_at = Some(now);
                 next
             }
-            Ok(_) => {
+            Verdict::Foreign => {
                 info!("the token on disk belongs to another customer: logging in");
                 now
             }
-            Err(e) => {
+            Verdict::Refused(e) => {
+                info!(error = %e, "the token on disk was not accepted: logging in");
+                now
+            }
+            Verdict::NoAnswer(e) => {
                 // Magento could not say (down, an error page): the file still counts until its
                 // expiry if it is this daemon's own.
-                if e.outcome != Outcome::AuthFailure && found.ours() {
+                if found.ours() {
                     self.report.token_on_disk(expires_at);
                 }
                 info!(error = %e, "the token on disk was not accepted: logging in");
                 now
             }
+        }
+    }
+
+    /// Asks Magento whose `token` is (`GET customers/me`, in a login slot): the one way a token
+    /// on disk is validated, at start and by the checks. Never a login, so never a failure
+    /// counted towards Magento's lock.
+    async fn validate(&self, token: &Secret) -> Verdict {
+        let Some(_slot) = attempt::slot(self.shared.logins.acquire(), &self.stop).await else {
+            return Verdict::Stopped;
+        };
+        match self.shared.magento.whoami(&self.customer.me_url(), token).await {
+            Ok(email) if email.eq_ignore_ascii_case(&self.customer.username) => Verdict::Accepted,
+            Ok(_) => Verdict::Foreign,
+            Err(e) if e.outcome == Outcome::AuthFailure => Verdict::Refused(e),
+            Err(e) => Verdict::NoAnswer(e),
         }
     }
 
@@ -387,17 +414,11 @@ impl<M: Magento> Worker<M> {
             self.checked_at = None;
             return Checked::Nothing;
         };
-        let answer = {
-            let _permit = tokio::select! {
-                biased;
-                _ = self.stop.cancelled() => return Checked::NoAnswer("stopping".into()),
-                permit = self.shared.logins.acquire() => permit,
-            };
-            self.shared.magento.whoami(&self.customer.me_url(), &found.token).await
-        };
+        let verdict = self.validate(&found.token).await;
         let now = self.now();
-        match answer {
-            Ok(email) if email.eq_ignore_ascii_case(&self.customer.username) => {
+        match verdict {
+            Verdict::Stopped => Checked::NoAnswer("stopping".into()),
+            Verdict::Accepted => {
                 self.report.checked(Check::Valid);
                 self.checked_at = Some(now);
                 self.checks.recheck = false;
@@ -405,13 +426,13 @@ impl<M: Magento> Worker<M> {
                 debug!(token = %found.token.fingerprint(), "Magento still accepts the token on disk");
                 Checked::Valid
             }
-            Err(e) if e.outcome != Outcome::AuthFailure => {
+            Verdict::NoAnswer(e) => {
                 self.report.checked(Check::Error);
                 self.checked_at = Some(now);
                 info!(error = %e, "the token on disk could not be checked: kept");
                 Checked::NoAnswer(e.to_string())
             }
-            refused => {
+            refused @ (Verdict::Foreign | Verdict::Refused(_)) => {
                 self.report.checked(Check::Revoked);
                 if self.checks.recheck {
                     self.checks.fresh_refusals += 1;
@@ -428,8 +449,8 @@ impl<M: Magento> Worker<M> {
                     }
                 }
                 let why = match refused {
-                    Ok(_) => "it belongs to another customer".to_owned(),
-                    Err(e) => e.message,
+                    Verdict::Refused(e) => e.message,
+                    _ => "it belongs to another customer".to_owned(),
                 };
                 warn!(
                     token = %found.token.fingerprint(),
