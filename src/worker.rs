@@ -91,7 +91,7 @@ pub struct Worker<M = Client> {
     /// When the token on disk was last known good (written, adopted or checked); `None` while
     /// there is none to check.
     checked_at: Option<SystemTime>,
-    checks: Checks,
+    validation: Validation,
     /// `POST /refresh/<name>` for this customer.
     asks: Arc<Mailbox>,
     /// The last answer to an ask, and when it was made: shared by asks within [`ASK_EVERY`].
@@ -127,9 +127,9 @@ enum Verdict {
     Stopped,
 }
 
-/// Where the checks of the token on disk (`refresh.validate_every`) stand.
+/// Where the periodic validation of the token on disk (`refresh.validate_every`) stands.
 #[derive(Default)]
-struct Checks {
+struct Validation {
     /// Stopped: the customer's store code can never validate a token.
     off: bool,
     /// The token on disk was minted right after a revocation: check it again soon.
@@ -177,7 +177,7 @@ impl<M: Magento> Worker<M> {
             pending: None,
             warned_expiry: false,
             checked_at: None,
-            checks: Checks::default(),
+            validation: Validation::default(),
             asks,
             answered: None,
         }
@@ -400,10 +400,10 @@ impl<M: Magento> Worker<M> {
     /// When the token on disk is next checked, if it is.
     fn check_at(&self) -> Option<SystemTime> {
         let every = self.shared.refresh.validate_every;
-        if every.is_zero() || self.checks.off {
+        if every.is_zero() || self.validation.off {
             return None;
         }
-        let after = if self.checks.recheck { AFTER_REVOCATION } else { every };
+        let after = if self.validation.recheck { AFTER_REVOCATION } else { every };
         self.checked_at.map(|at| at + after)
     }
 
@@ -421,8 +421,8 @@ impl<M: Magento> Worker<M> {
             Verdict::Accepted => {
                 self.report.checked(Check::Valid);
                 self.checked_at = Some(now);
-                self.checks.recheck = false;
-                self.checks.fresh_refusals = 0;
+                self.validation.recheck = false;
+                self.validation.fresh_refusals = 0;
                 debug!(token = %found.token.fingerprint(), "Magento still accepts the token on disk");
                 Checked::Valid
             }
@@ -434,10 +434,10 @@ impl<M: Magento> Worker<M> {
             }
             refused @ (Verdict::Foreign | Verdict::Refused(_)) => {
                 self.report.checked(Check::Revoked);
-                if self.checks.recheck {
-                    self.checks.fresh_refusals += 1;
-                    if self.checks.fresh_refusals >= MAX_FRESH_REFUSALS {
-                        self.checks = Checks { off: true, ..Checks::default() };
+                if self.validation.recheck {
+                    self.validation.fresh_refusals += 1;
+                    if self.validation.fresh_refusals >= MAX_FRESH_REFUSALS {
+                        self.validation = Validation { off: true, ..Validation::default() };
                         warn!(
                             url = %self.customer.me_url(),
                             "Magento refuses every token as soon as it is minted when asked through this store code (a store of another website, or `all`): checks of the token stop for this customer; set its store_code to one of its own website's stores"
@@ -457,7 +457,7 @@ impl<M: Magento> Worker<M> {
                     error = %why,
                     "Magento no longer accepts the token on disk (revoked: a logout, Force Sign-In, a deactivated customer): logging in again"
                 );
-                self.checks.recheck = true;
+                self.validation.recheck = true;
                 self.checked_at = None;
                 Checked::Refused
             }
