@@ -4,8 +4,11 @@
 //! waits themselves are tokio sleeps. In production the clock is the system's. In tests it is
 //! tokio's clock seen as wall time: with tokio's paused time, a day of refreshes passes in
 //! milliseconds, and the plans move exactly as far as the sleeps.
+//!
+//! Here too the one conversion between wall-clock times and Unix seconds, the unit of JWT
+//! claims, the ledger of 401s and the metrics' timestamps.
 
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub enum Clock {
@@ -35,9 +38,40 @@ impl Clock {
     }
 }
 
+/// `t` in whole seconds since the Unix epoch, negative before it (a part of a second does not
+/// count, on either side); saturating at the ends of `i64`.
+pub fn unix_secs(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(after) => i64::try_from(after.as_secs()).unwrap_or(i64::MAX),
+        Err(before) => i64::try_from(before.duration().as_secs()).map_or(i64::MIN, |s| -s),
+    }
+}
+
+/// The time `secs` seconds after the Unix epoch (before it when negative).
+pub fn from_unix_secs(secs: i64) -> SystemTime {
+    match u64::try_from(secs) {
+        Ok(after) => UNIX_EPOCH + Duration::from_secs(after),
+        Err(_) => UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unix_seconds_go_both_ways_on_either_side_of_the_epoch() {
+        for secs in [0, 1, 1_800_000_000, -1, -86_400] {
+            assert_eq!(unix_secs(from_unix_secs(secs)), secs);
+        }
+        assert_eq!(from_unix_secs(1_800_000_000), UNIX_EPOCH + Duration::from_secs(1_800_000_000));
+        assert_eq!(from_unix_secs(-60), UNIX_EPOCH - Duration::from_secs(60));
+        // Parts of a second count for nothing, before the epoch as after it.
+        assert_eq!(unix_secs(UNIX_EPOCH + Duration::from_millis(1_999)), 1);
+        assert_eq!(unix_secs(UNIX_EPOCH - Duration::from_millis(1_999)), -1);
+        assert_eq!(unix_secs(from_unix_secs(i64::MAX)), i64::MAX);
+        assert_eq!(unix_secs(from_unix_secs(i64::MIN)), i64::MIN, "saturated, not overflowed");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_tokio_clock_moves_with_paused_time() {

@@ -251,10 +251,7 @@ pub fn write_once<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn at(secs: u64) -> SystemTime {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
-    }
+    use crate::clock::from_unix_secs as at;
 
     #[test]
     fn the_index_is_every_entry_by_name_with_its_token_and_expiry() {

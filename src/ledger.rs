@@ -46,7 +46,7 @@ impl Record {
             username: username.to_owned(),
             in_a_row: auth.in_a_row,
             chain: auth.chain,
-            last_failure: auth.last_failure.map_or(0, crate::token::unix),
+            last_failure: auth.last_failure.map_or(0, crate::clock::unix_secs),
             forgotten: false,
         }
     }

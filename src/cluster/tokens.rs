@@ -455,13 +455,13 @@ pub async fn forget(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::token::from_unix;
+    use crate::clock::from_unix_secs;
 
     fn token(key: &str, text: &str, expires: i64) -> Change {
         Change::Token {
             key: key.into(),
             content: zeroize::Zeroizing::new(text.as_bytes().to_vec()),
-            times: Times { obtained_at: from_unix(expires - 3600), expires_at: from_unix(expires) },
+            times: Times { obtained_at: from_unix_secs(expires - 3600), expires_at: from_unix_secs(expires) },
         }
     }
 
@@ -473,12 +473,12 @@ mod tests {
         assert_eq!(c.data["alice"].0, b"new", "a late write of a token obtained earlier");
         c.apply(&token("alice", "newer", 2_000_000_100));
         assert_eq!(c.data["alice"].0, b"newer");
-        assert_eq!(c.times["alice"].expires_at, from_unix(2_000_000_100));
+        assert_eq!(c.times["alice"].expires_at, from_unix_secs(2_000_000_100));
     }
 
     #[test]
     fn only_a_token_in_the_data_has_an_expiry_whatever_the_annotation_says() {
-        let times = Times { obtained_at: from_unix(1_999_996_400), expires_at: from_unix(2_000_000_000) };
+        let times = Times { obtained_at: from_unix_secs(1_999_996_400), expires_at: from_unix_secs(2_000_000_000) };
         let hour = Duration::from_secs(3600);
         let mut c = Contents::default();
         c.times.insert("alice".into(), times);
@@ -491,12 +491,12 @@ mod tests {
         c.data.insert("alice".into(), ByteString(b"q3w8e7r6t5y4u3i2o1p0".to_vec()));
         assert_eq!(c.expiry("alice", hour), Some(times.expires_at), "a token with its times");
         c.apply(&token("bob", "Authorization: Bearer b0b", 2_000_000_000));
-        assert_eq!(c.expiry("bob", hour), Some(from_unix(2_000_000_000)), "in another format");
+        assert_eq!(c.expiry("bob", hour), Some(from_unix_secs(2_000_000_000)), "in another format");
         c.data.insert("carol".into(), ByteString(b"c4r0l".to_vec()));
         assert_eq!(c.expiry("carol", hour), None, "a token without its times");
         // An annotation that says 2099 over an opaque token obtained an hour ago: the token's
         // own lifetime counts, not the annotation.
-        let edited = Times { obtained_at: times.obtained_at, expires_at: from_unix(4_070_908_800) };
+        let edited = Times { obtained_at: times.obtained_at, expires_at: from_unix_secs(4_070_908_800) };
         c.times.insert("alice".into(), edited);
         assert_eq!(c.expiry("alice", hour), Some(times.obtained_at + hour), "never later than the token says");
     }
