@@ -64,7 +64,7 @@ enum Command {
     /// Run only the built-in Magento-compatible server (tests and benchmarks).
     #[cfg(feature = "demo")]
     #[command(hide = true)]
-    Devserver(magento_devserver::DevServerArgs),
+    Devserver(Box<magento_devserver::DevServerArgs>),
 }
 
 #[derive(Args)]
@@ -136,7 +136,7 @@ fn main() -> ExitCode {
         },
         Command::Demo => runtime.block_on(dev::run_demo()),
         #[cfg(feature = "demo")]
-        Command::Devserver(args) => runtime.block_on(dev::run_devserver(args)),
+        Command::Devserver(args) => runtime.block_on(dev::run_devserver(*args)),
     };
     // Every task goes with the runtime (a notify command still running is killed with its
     // process group); then whatever the commands left running (`run` only).
