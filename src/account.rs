@@ -179,8 +179,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::clock::from_unix_secs;
     use crate::config::{Checks, RefreshSettings};
-    use crate::token::from_unix;
 
     fn customers(yaml_customers: &str) -> Vec<CustomerConfig> {
         let text =
@@ -212,7 +212,7 @@ mod tests {
         let r = RefreshSettings::default();
         let account = Account::default();
         let (wrong, fixed) = (Secret::new("wrong".into()), Secret::new("fixed".into()));
-        let t0 = from_unix(1_800_000_000);
+        let t0 = from_unix_secs(1_800_000_000);
         assert_eq!(account.wait(&wrong, t0, &r), AuthWait::Clear);
         assert_eq!(account.refused_password(t0, &r), None);
         account.record_failure(&wrong, t0, &r);
@@ -228,7 +228,7 @@ mod tests {
     fn a_restored_ledger_takes_the_password_of_now_as_refused() {
         let r = RefreshSettings::default();
         let account = Account::default();
-        let t0 = from_unix(1_800_000_000);
+        let t0 = from_unix_secs(1_800_000_000);
         let recorded = AuthState { in_a_row: 3, chain: 3, last_failure: Some(t0), ..AuthState::default() };
         let now = Secret::new("now".into());
         account.restore(recorded.clone(), Some(now.clone()));

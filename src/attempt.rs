@@ -11,9 +11,10 @@
 //! after: the process that sends it may be killed before the answer is booked, and the next
 //! Lease holder must count that login all the same. A login that cannot be booked is not sent.
 
+use std::future::Future;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
+use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -95,6 +96,17 @@ pub async fn attempt<M: Magento>(a: Attempt<'_, M>, stop: &CancellationToken) ->
     attempt_in_slot(a, None, stop).await
 }
 
+/// A login slot, from `acquire` (`logins.acquire()`, or `acquire_owned()` for one that moves
+/// into a task), unless `stop` comes first (`None`): every request to Magento is sent in one,
+/// a login or a check of a token.
+pub async fn slot<P>(acquire: impl Future<Output = Result<P, AcquireError>>, stop: &CancellationToken) -> Option<P> {
+    tokio::select! {
+        biased;
+        _ = stop.cancelled() => None,
+        permit = acquire => Some(permit.expect("the login semaphore is never closed")),
+    }
+}
+
 /// A login slot (of [`Attempt::logins`]) held by the caller or taken by the attempt itself:
 /// kept for its `Drop`, which frees the slot.
 #[allow(dead_code)]
@@ -103,14 +115,14 @@ enum Slot<'a> {
     Taken(SemaphorePermit<'a>),
 }
 
-/// [`attempt`], in a login slot the caller may already hold (`slot`). A worker of `run` waits
+/// [`attempt`], in a login slot the caller may already hold (`held`). A worker of `run` waits
 /// for its slot before it builds the attempt: with thousands of customers due at once (the
 /// start), the ones waiting hold a small wait each, not a whole login (benches/RESULTS.md).
 /// The slot is always taken before the account's turn by such callers, so two entries of one
 /// username cannot each hold what the other waits for.
 pub async fn attempt_in_slot<M: Magento>(
     mut a: Attempt<'_, M>,
-    slot: Option<OwnedSemaphorePermit>,
+    held: Option<OwnedSemaphorePermit>,
     stop: &CancellationToken,
 ) -> Result<Obtained, NoToken> {
     let password = match a.password.take() {
@@ -138,17 +150,16 @@ pub async fn attempt_in_slot<M: Magento>(
             return Err(NoToken::Login { error: LoginError::new(Outcome::WriteError, message), took: Duration::ZERO });
         }
     }
-    let permit = match slot {
+    let permit = match held {
         Some(held) => Slot::Held(held),
-        None => tokio::select! {
-            biased;
-            _ = stop.cancelled() => {
+        None => match slot(a.logins.acquire(), stop).await {
+            Some(taken) => Slot::Taken(taken),
+            None => {
                 if booked {
                     unbook(&a).await;
                 }
                 return Err(NoToken::Stopped);
             }
-            permit = a.logins.acquire() => Slot::Taken(permit.expect("the login semaphore is never closed")),
         },
     };
     if !a.store.may_log_in() {

@@ -5,8 +5,11 @@
 //! tokio's clock seen as wall time: with tokio's paused time, a day of refreshes passes in
 //! milliseconds, and the plans move exactly as far as the sleeps. Times are written for people
 //! (logs, files, `/status`) by [`rfc3339`].
+//!
+//! Here too the one conversion between wall-clock times and Unix seconds, the unit of JWT
+//! claims, the ledger of 401s and the metrics' timestamps.
 
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub enum Clock {
@@ -39,8 +42,25 @@ impl Clock {
 /// `2026-11-28T10:00:00Z`. Times outside the years 1970 to 9999 (which humantime cannot
 /// write, and panics on) are shown at the nearer edge: a log line must never bring a worker down.
 pub fn rfc3339(t: SystemTime) -> String {
-    let last = std::time::UNIX_EPOCH + Duration::from_secs(253_402_300_799);
-    humantime::format_rfc3339_seconds(t.clamp(std::time::UNIX_EPOCH, last)).to_string()
+    let last = UNIX_EPOCH + Duration::from_secs(253_402_300_799);
+    humantime::format_rfc3339_seconds(t.clamp(UNIX_EPOCH, last)).to_string()
+}
+
+/// `t` in whole seconds since the Unix epoch, negative before it (a part of a second does not
+/// count, on either side); saturating at the ends of `i64`.
+pub fn unix_secs(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(after) => i64::try_from(after.as_secs()).unwrap_or(i64::MAX),
+        Err(before) => i64::try_from(before.duration().as_secs()).map_or(i64::MIN, |s| -s),
+    }
+}
+
+/// The time `secs` seconds after the Unix epoch (before it when negative).
+pub fn from_unix_secs(secs: i64) -> SystemTime {
+    match u64::try_from(secs) {
+        Ok(after) => UNIX_EPOCH + Duration::from_secs(after),
+        Err(_) => UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()),
+    }
 }
 
 #[cfg(test)]
@@ -53,6 +73,20 @@ mod tests {
         assert_eq!(rfc3339(epoch - Duration::from_secs(1)), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(epoch + Duration::from_secs(1 << 40)), "9999-12-31T23:59:59Z");
         assert_eq!(rfc3339(epoch + Duration::from_secs(1_795_860_000)), "2026-11-28T10:00:00Z");
+    }
+
+    #[test]
+    fn unix_seconds_go_both_ways_on_either_side_of_the_epoch() {
+        for secs in [0, 1, 1_800_000_000, -1, -86_400] {
+            assert_eq!(unix_secs(from_unix_secs(secs)), secs);
+        }
+        assert_eq!(from_unix_secs(1_800_000_000), UNIX_EPOCH + Duration::from_secs(1_800_000_000));
+        assert_eq!(from_unix_secs(-60), UNIX_EPOCH - Duration::from_secs(60));
+        // Parts of a second count for nothing, before the epoch as after it.
+        assert_eq!(unix_secs(UNIX_EPOCH + Duration::from_millis(1_999)), 1);
+        assert_eq!(unix_secs(UNIX_EPOCH - Duration::from_millis(1_999)), -1);
+        assert_eq!(unix_secs(from_unix_secs(i64::MAX)), i64::MAX);
+        assert_eq!(unix_secs(from_unix_secs(i64::MIN)), i64::MIN, "saturated, not overflowed");
     }
 
     #[tokio::test(start_paused = true)]

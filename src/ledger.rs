@@ -3,7 +3,7 @@
 //!
 //! One [`Record`] shape serves both stores: the file `.<file>.auth` beside a token file (read and
 //! written here, through [`sink`]), and one entry per key of the Secret's ledger annotation
-//! ([`crate::cluster::secret`]). It holds counts and a time, never a password.
+//! ([`crate::cluster::tokens`]). It holds counts and a time, never a password.
 //!
 //! A record is written by this daemon, but read from places others can write to (a directory
 //! others may write, an annotation anyone with `update` on the Secret may edit), so what is read
@@ -47,7 +47,7 @@ impl Record {
             username: username.to_owned(),
             in_a_row: auth.in_a_row,
             chain: auth.chain,
-            last_failure: auth.last_failure.map_or(0, crate::token::unix),
+            last_failure: auth.last_failure.map_or(0, crate::clock::unix_secs),
             forgotten: false,
         }
     }

@@ -9,7 +9,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::ops::Bound;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{self, LabelPair, Metric, MetricFamily, MetricType};
@@ -56,7 +56,7 @@ const FAMILIES: [Family; 12] = [
         name: "magento_token_expiry_timestamp_seconds",
         help: "Unix time the token on disk expires (0: none).",
         kind: MetricType::GAUGE,
-        value: Value::One(|e, _| e.expires_at.map_or(0.0, unix)),
+        value: Value::One(|e, _| timestamp(e.expires_at)),
     },
     Family {
         name: "magento_token_held_back",
@@ -68,13 +68,13 @@ const FAMILIES: [Family; 12] = [
         name: "magento_token_last_success_timestamp_seconds",
         help: "Unix time of the last successful write (0: none yet).",
         kind: MetricType::GAUGE,
-        value: Value::One(|e, _| e.last_success_at.map_or(0.0, unix)),
+        value: Value::One(|e, _| timestamp(e.last_success_at)),
     },
     Family {
         name: "magento_token_next_refresh_timestamp_seconds",
         help: "Unix time the next login is planned (0: none planned).",
         kind: MetricType::GAUGE,
-        value: Value::One(|e, _| e.next_refresh_at.map_or(0.0, unix)),
+        value: Value::One(|e, _| timestamp(e.next_refresh_at)),
     },
     Family {
         name: "magento_token_notify_total",
@@ -482,13 +482,14 @@ impl Iterator for TextChunks {
     }
 }
 
-fn unix(t: SystemTime) -> f64 {
-    t.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs() as f64)
+/// A `_timestamp_seconds` value: Unix seconds, 0 for none (and for a time before the epoch).
+fn timestamp(t: Option<SystemTime>) -> f64 {
+    t.map_or(0.0, |t| crate::clock::unix_secs(t).max(0) as f64)
 }
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use std::time::{Duration, UNIX_EPOCH};
 
     use prometheus::Encoder;
 
@@ -670,9 +671,9 @@ mod tests {
                 for o in Outcome::ALL {
                     refresh_total.with_label_values(&[name, o.as_str()]).inc_by(u64::from(e.refreshes[o.index()]));
                 }
-                expiry.with_label_values(&[name]).set(e.expires_at.map_or(0.0, unix));
-                last_success.with_label_values(&[name]).set(e.last_success_at.map_or(0.0, unix));
-                next_refresh.with_label_values(&[name]).set(e.next_refresh_at.map_or(0.0, unix));
+                expiry.with_label_values(&[name]).set(timestamp(e.expires_at));
+                last_success.with_label_values(&[name]).set(timestamp(e.last_success_at));
+                next_refresh.with_label_values(&[name]).set(timestamp(e.next_refresh_at));
                 failures.with_label_values(&[name]).set(i64::from(e.consecutive_failures));
                 valid.with_label_values(&[name]).set(i64::from(e.valid(now)));
                 paused.with_label_values(&[name]).set(i64::from(e.paused));

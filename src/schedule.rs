@@ -218,7 +218,7 @@ fn far_future(t: SystemTime) -> SystemTime {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::token::from_unix;
+    use crate::clock::from_unix_secs;
 
     fn settings() -> RefreshSettings {
         RefreshSettings::default()
@@ -229,7 +229,7 @@ mod tests {
     #[test]
     fn refresh_comes_before_expiry_minus_jitter() {
         let r = settings();
-        let now = from_unix(1_000_000);
+        let now = from_unix_secs(1_000_000);
         let exp = now + HOUR;
         assert_eq!(next_refresh(now, exp, HOUR, &r, 0.0), exp - Duration::from_secs(15 * 60));
         assert_eq!(next_refresh(now, exp, HOUR, &r, 0.5), exp - Duration::from_secs(15 * 60 + 30));
@@ -242,7 +242,7 @@ mod tests {
     #[test]
     fn short_tokens_follow_before_expiry_too() {
         let r = settings();
-        let now = from_unix(1_000_000);
+        let now = from_unix_secs(1_000_000);
         let life = Duration::from_secs(1200);
         // 20-minute tokens, 15 minutes before expiry: 5 minutes after the login (less jitter).
         assert_eq!(next_refresh(now, now + life, life, &r, 0.0), now + Duration::from_secs(300));
@@ -252,7 +252,7 @@ mod tests {
     #[test]
     fn before_expiry_beyond_the_lifetime_waits_a_tenth_of_it() {
         let r = settings();
-        let now = from_unix(1_000_000);
+        let now = from_unix_secs(1_000_000);
         let life = Duration::from_secs(600);
         assert_eq!(next_refresh(now, now + life, life, &r, 0.5), now + Duration::from_secs(60));
     }
@@ -260,7 +260,7 @@ mod tests {
     #[test]
     fn never_a_login_loop() {
         let r = settings();
-        let now = from_unix(1_000_000);
+        let now = from_unix_secs(1_000_000);
         let life = Duration::from_secs(2);
         assert_eq!(next_refresh(now, now + life, life, &r, 0.7), now + MIN_LOGIN_INTERVAL);
         // A token that expires now (adopted late, or a clock jump) still waits the floor.
@@ -269,7 +269,7 @@ mod tests {
 
     #[test]
     fn due_when_at_most_before_expiry_is_left() {
-        let now = from_unix(1_000_000);
+        let now = from_unix_secs(1_000_000);
         let before = Duration::from_secs(900);
         assert!(!is_due(now, now + Duration::from_secs(901), before));
         assert!(is_due(now, now + Duration::from_secs(900), before));
@@ -308,7 +308,7 @@ mod tests {
     #[test]
     fn a_wrong_password_waits_one_minute_then_five_then_is_held_back_for_good() {
         let r = settings();
-        let t0 = from_unix(1_000_000);
+        let t0 = from_unix_secs(1_000_000);
         let mut a = AuthState::default();
         assert_eq!(a.wait(true, t0, &r), AuthWait::Clear);
         a.record_failure(t0, true, &r);
@@ -334,7 +334,7 @@ mod tests {
     fn where_cron_runs_the_pause_outlasts_magentos_window() {
         let r = window();
         let mut a = AuthState::default();
-        let mut now = from_unix(1_000_000);
+        let mut now = from_unix_secs(1_000_000);
         for _ in 0..3 {
             a.record_failure(now, true, &r);
             now = a.wait(true, now, &r).until().unwrap();
@@ -350,7 +350,7 @@ mod tests {
     fn a_new_password_is_tried_at_once_but_never_into_the_lock() {
         for r in [settings(), window()] {
             let mut a = AuthState::default();
-            let mut now = from_unix(1_000_000);
+            let mut now = from_unix_secs(1_000_000);
             // Wrong passwords in a row, each replaced right after its 401.
             for expected_chain in 1..=4 {
                 assert_eq!(a.wait(false, now, &r), AuthWait::Clear, "before failure {expected_chain}");
@@ -371,10 +371,10 @@ mod tests {
     fn success_clears_everything() {
         let r = settings();
         let mut a = AuthState::default();
-        a.record_failure(from_unix(1), true, &r);
+        a.record_failure(from_unix_secs(1), true, &r);
         a.record_success();
         assert_eq!(a, AuthState::default());
-        assert_eq!(a.wait(true, from_unix(2), &r), AuthWait::Clear);
+        assert_eq!(a.wait(true, from_unix_secs(2), &r), AuthWait::Clear);
     }
 
     /// The promise to Magento, over many random runs: whatever the password does and whenever
@@ -387,7 +387,7 @@ mod tests {
         for r in [settings(), window()] {
             for _ in 0..200 {
                 let mut a = AuthState::default();
-                let mut now = from_unix(1_000_000);
+                let mut now = from_unix_secs(1_000_000);
                 let (mut magento, mut expires) = (0u32, now);
                 let mut same = true;
                 for _ in 0..300 {
@@ -421,7 +421,7 @@ mod tests {
     fn a_day_of_wrong_passwords_where_cron_runs() {
         let r = window();
         let mut a = AuthState::default();
-        let mut now = from_unix(1_000_000);
+        let mut now = from_unix_secs(1_000_000);
         let end = now + Duration::from_secs(24 * 3600);
         let mut attempts = Vec::new();
         while now < end {

@@ -5,11 +5,12 @@
 //! signature is made with the store's secret and cannot be checked here: only `exp` and `iat`
 //! are read.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use serde::Deserialize;
 
+use crate::clock::{from_unix_secs, unix_secs};
 use crate::secret::Secret;
 
 /// Longest token accepted (RFC 6750 sets no limit; Magento's are about 200 characters).
@@ -114,7 +115,7 @@ pub fn expiry(token: &Secret, started: SystemTime, default_lifetime: Duration) -
         });
     };
     // In i128, where no pair of i64 claims can overflow.
-    let start = i128::from(unix(started));
+    let start = i128::from(unix_secs(started));
     let exp = i128::from(times.exp);
     let (exp_local, skew) = match times.iat.map(i128::from) {
         Some(iat) if (iat - start).unsigned_abs() > u128::from(MAX_CLOCK_SKEW.as_secs()) => {
@@ -132,22 +133,7 @@ pub fn expiry(token: &Secret, started: SystemTime, default_lifetime: Duration) -
     // Everything now fits: the life is at most MAX_LIFETIME, so exp_local is near start.
     let lifetime = Duration::from_secs(life as u64);
     let skew = skew.map(|s| s.clamp(i64::MIN.into(), i64::MAX.into()) as i64);
-    Ok(Expiry { expires_at: from_unix(exp_local as i64), lifetime, skew, is_jwt: true, encrypted: false })
-}
-
-pub fn unix(t: SystemTime) -> i64 {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => d.as_secs() as i64,
-        Err(e) => -(e.duration().as_secs() as i64),
-    }
-}
-
-pub fn from_unix(secs: i64) -> SystemTime {
-    if secs >= 0 {
-        UNIX_EPOCH + Duration::from_secs(secs as u64)
-    } else {
-        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
-    }
+    Ok(Expiry { expires_at: from_unix_secs(exp_local as i64), lifetime, skew, is_jwt: true, encrypted: false })
 }
 
 #[cfg(test)]
@@ -188,47 +174,47 @@ pub(crate) mod tests {
 
     #[test]
     fn expiry_is_exp_or_the_default_lifetime() {
-        let start = from_unix(1_700_000_000);
+        let start = from_unix_secs(1_700_000_000);
         let t = Secret::new(jwt(r#"{"uid":3,"utypid":3,"iat":1700000000,"exp":1700003600}"#));
         let e = expiry(&t, start, Duration::from_secs(60)).unwrap();
-        assert_eq!(e.expires_at, from_unix(1_700_003_600));
+        assert_eq!(e.expires_at, from_unix_secs(1_700_003_600));
         assert_eq!(e.lifetime, Duration::from_secs(3600));
         assert_eq!(e.skew, None);
         assert!(e.is_jwt);
 
         let opaque = Secret::new("q1w2e3r4t5y6u7i8o9p0a1s2d3f4g5h6".into());
         let e = expiry(&opaque, start, Duration::from_secs(7200)).unwrap();
-        assert_eq!(e.expires_at, from_unix(1_700_007_200));
+        assert_eq!(e.expires_at, from_unix_secs(1_700_007_200));
         assert!(!e.is_jwt && !e.encrypted);
 
         // A JWE's claims are encrypted: its life is the configured one.
         let jwe = Secret::new("eyJhbGciOiJBMjU2S1cifQ.a2V5.aXY.Y2lwaGVy.dGFn".into());
         let e = expiry(&jwe, start, Duration::from_secs(3600)).unwrap();
-        assert_eq!(e.expires_at, from_unix(1_700_003_600));
+        assert_eq!(e.expires_at, from_unix_secs(1_700_003_600));
         assert!(!e.is_jwt && e.encrypted);
     }
 
     #[test]
     fn clock_skew_counts_the_life_from_the_request() {
-        let start = from_unix(1_700_000_000);
+        let start = from_unix_secs(1_700_000_000);
         // Magento's clock is an hour ahead: exp would look two hours away.
         let ahead = Secret::new(jwt(r#"{"iat":1700003600,"exp":1700007200}"#));
         let e = expiry(&ahead, start, Duration::from_secs(1)).unwrap();
-        assert_eq!(e.expires_at, from_unix(1_700_003_600));
+        assert_eq!(e.expires_at, from_unix_secs(1_700_003_600));
         assert_eq!(e.skew, Some(3600));
         // An hour behind: exp would look already past.
         let behind = Secret::new(jwt(r#"{"iat":1699996400,"exp":1700000000}"#));
         let e = expiry(&behind, start, Duration::from_secs(1)).unwrap();
-        assert_eq!(e.expires_at, from_unix(1_700_003_600));
+        assert_eq!(e.expires_at, from_unix_secs(1_700_003_600));
         assert_eq!(e.skew, Some(-3600));
         // Within the tolerance the token's exp is used as is.
         let near = Secret::new(jwt(r#"{"iat":1700000030,"exp":1700003630}"#));
-        assert_eq!(expiry(&near, start, Duration::from_secs(1)).unwrap().expires_at, from_unix(1_700_003_630));
+        assert_eq!(expiry(&near, start, Duration::from_secs(1)).unwrap().expires_at, from_unix_secs(1_700_003_630));
     }
 
     #[test]
     fn a_dead_token_is_refused() {
-        let start = from_unix(1_700_000_000);
+        let start = from_unix_secs(1_700_000_000);
         let dead = Secret::new(jwt(r#"{"iat":1700000000,"exp":1699999990}"#));
         assert_eq!(expiry(&dead, start, Duration::from_secs(1)), Err(TokenError::AlreadyExpired(10)));
         let no_iat = Secret::new(jwt(r#"{"exp":1699990000}"#));
@@ -237,7 +223,7 @@ pub(crate) mod tests {
 
     #[test]
     fn absurd_claims_are_refused_without_overflow() {
-        let start = from_unix(1_700_000_000);
+        let start = from_unix_secs(1_700_000_000);
         let far = Secret::new(jwt(r#"{"iat":1700000000,"exp":1000000000000}"#));
         assert_eq!(expiry(&far, start, Duration::from_secs(1)), Err(TokenError::Implausible(998_300_000_000)));
         let wide = Secret::new(jwt(r#"{"iat":-9223372036854775808,"exp":9223372036854775807}"#));
@@ -246,6 +232,6 @@ pub(crate) mod tests {
         assert!(matches!(expiry(&ancient, start, Duration::from_secs(1)), Err(TokenError::AlreadyExpired(_))));
         // Ten years is still a lifetime.
         let decade = Secret::new(jwt(r#"{"iat":1700000000,"exp":2015000000}"#));
-        assert_eq!(expiry(&decade, start, Duration::from_secs(1)).unwrap().expires_at, from_unix(2_015_000_000));
+        assert_eq!(expiry(&decade, start, Duration::from_secs(1)).unwrap().expires_at, from_unix_secs(2_015_000_000));
     }
 }

@@ -34,6 +34,7 @@ use crate::config::{CustomerConfig, RefreshSettings};
 use crate::format::Times;
 use crate::magento::{Client, LoginError, Magento, Outcome};
 use crate::schedule::{self, AuthState, AuthWait};
+use crate::secret::Secret;
 use crate::sink::Durability;
 use crate::status::{Answer, Ask, Check, Mailbox, Reporter, State};
 use crate::store::Store;
@@ -88,7 +89,7 @@ pub struct Worker<M = Client> {
     /// When the token on disk was last known good (written, adopted or checked); `None` while
     /// there is none to check.
     checked_at: Option<SystemTime>,
-    checks: Checks,
+    validation: Validation,
     /// `POST /refresh/<name>` for this customer.
     asks: Arc<Mailbox>,
     /// The last answer to an ask, and when it was made: shared by asks within [`ASK_EVERY`].
@@ -110,9 +111,23 @@ enum Checked {
     Nothing,
 }
 
-/// Where the checks of the token on disk (`refresh.validate_every`) stand.
+/// What Magento says of a token on disk ([`Worker::validate`]).
+enum Verdict {
+    /// It is this customer's token.
+    Accepted,
+    /// It is another customer's.
+    Foreign,
+    /// Magento refused it (401): revoked, or never valid.
+    Refused(LoginError),
+    /// No answer either way (network, an HTTP status).
+    NoAnswer(LoginError),
+    /// A stop came first: nothing was asked.
+    Stopped,
+}
+
+/// Where the periodic validation of the token on disk (`refresh.validate_every`) stands.
 #[derive(Default)]
-struct Checks {
+struct Validation {
     /// Stopped: the customer's store code can never validate a token.
     off: bool,
     /// The token on disk was minted right after a revocation: check it again soon.
@@ -160,7 +175,7 @@ impl<M: Magento> Worker<M> {
             pending: None,
             warned_expiry: false,
             checked_at: None,
-            checks: Checks::default(),
+            validation: Validation::default(),
             asks,
             answered: None,
         }
@@ -258,13 +273,12 @@ impl<M: Magento> Worker<M> {
                     _ => {
                         // The login slot first, in a small wait of its own: thousands of
                         // customers due at once (the start) each hold this, not a whole login.
-                        let slot = tokio::select! {
-                            biased;
-                            _ = self.stop.cancelled() => break,
-                            slot = Box::pin(self.shared.logins.clone().acquire_owned()) => slot.ok(),
+                        let logins = self.shared.logins.clone();
+                        let Some(slot) = Box::pin(attempt::slot(logins.acquire_owned(), &self.stop)).await else {
+                            break;
                         };
                         let span = self.span();
-                        match Box::pin(self.refresh(slot).instrument(span)).await {
+                        match Box::pin(self.refresh(Some(slot)).instrument(span)).await {
                             Some(next) => next,
                             None => break,
                         }
@@ -304,15 +318,9 @@ impl<M: Magento> Worker<M> {
             }
             return now;
         }
-        let permit = tokio::select! {
-            biased;
-            _ = self.stop.cancelled() => return now,
-            permit = self.shared.logins.acquire() => permit,
-        };
-        let answer = self.shared.magento.whoami(&self.customer.endpoint(), &found.token).await;
-        drop(permit);
-        match answer {
-            Ok(email) if email.eq_ignore_ascii_case(&self.customer.username) => {
+        match self.validate(&found.token).await {
+            Verdict::Stopped => now,
+            Verdict::Accepted => {
                 self.report.token_on_disk(expires_at);
                 let next = schedule::next_refresh(now, expires_at, read.lifetime, r, rand::thread_rng().gen());
                 if !self.shared.store.as_written(&self.customer, &found) {
@@ -333,14 +341,18 @@ impl<M: Magento> Worker<M> {
                 self.checked_at = Some(now);
                 next
             }
-            Ok(_) => {
+            Verdict::Foreign => {
                 info!("the token on disk belongs to another customer: logging in");
                 now
             }
-            Err(e) => {
+            Verdict::Refused(e) => {
+                info!(error = %e, "the token on disk was not accepted: logging in");
+                now
+            }
+            Verdict::NoAnswer(e) => {
                 // Magento could not say (down, an error page): the file still counts until its
                 // expiry if it is this daemon's own.
-                if e.outcome != Outcome::AuthFailure && found.ours() {
+                if found.ours() {
                     self.report.token_on_disk(expires_at);
                 }
                 info!(error = %e, "the token on disk was not accepted: logging in");
@@ -349,13 +361,28 @@ impl<M: Magento> Worker<M> {
         }
     }
 
+    /// Asks Magento whose `token` is (`GET customers/me`, in a login slot): the one way a token
+    /// on disk is validated, at start and by the checks. Never a login, so never a failure
+    /// counted towards Magento's lock.
+    async fn validate(&self, token: &Secret) -> Verdict {
+        let Some(_slot) = attempt::slot(self.shared.logins.acquire(), &self.stop).await else {
+            return Verdict::Stopped;
+        };
+        match self.shared.magento.whoami(&self.customer.endpoint(), token).await {
+            Ok(email) if email.eq_ignore_ascii_case(&self.customer.username) => Verdict::Accepted,
+            Ok(_) => Verdict::Foreign,
+            Err(e) if e.outcome == Outcome::AuthFailure => Verdict::Refused(e),
+            Err(e) => Verdict::NoAnswer(e),
+        }
+    }
+
     /// When the token on disk is next checked, if it is.
     fn check_at(&self) -> Option<SystemTime> {
         let every = self.shared.refresh.validate_every;
-        if every.is_zero() || self.checks.off {
+        if every.is_zero() || self.validation.off {
             return None;
         }
-        let after = if self.checks.recheck { AFTER_REVOCATION } else { every };
+        let after = if self.validation.recheck { AFTER_REVOCATION } else { every };
         self.checked_at.map(|at| at + after)
     }
 
@@ -366,36 +393,30 @@ impl<M: Magento> Worker<M> {
             self.checked_at = None;
             return Checked::Nothing;
         };
-        let answer = {
-            let _permit = tokio::select! {
-                biased;
-                _ = self.stop.cancelled() => return Checked::NoAnswer("stopping".into()),
-                permit = self.shared.logins.acquire() => permit,
-            };
-            self.shared.magento.whoami(&self.customer.endpoint(), &found.token).await
-        };
+        let verdict = self.validate(&found.token).await;
         let now = self.now();
-        match answer {
-            Ok(email) if email.eq_ignore_ascii_case(&self.customer.username) => {
+        match verdict {
+            Verdict::Stopped => Checked::NoAnswer("stopping".into()),
+            Verdict::Accepted => {
                 self.report.checked(Check::Valid);
                 self.checked_at = Some(now);
-                self.checks.recheck = false;
-                self.checks.fresh_refusals = 0;
+                self.validation.recheck = false;
+                self.validation.fresh_refusals = 0;
                 debug!(token = %found.token.fingerprint(), "Magento still accepts the token on disk");
                 Checked::Valid
             }
-            Err(e) if e.outcome != Outcome::AuthFailure => {
+            Verdict::NoAnswer(e) => {
                 self.report.checked(Check::Error);
                 self.checked_at = Some(now);
                 info!(error = %e, "the token on disk could not be checked: kept");
                 Checked::NoAnswer(e.to_string())
             }
-            refused => {
+            refused @ (Verdict::Foreign | Verdict::Refused(_)) => {
                 self.report.checked(Check::Revoked);
-                if self.checks.recheck {
-                    self.checks.fresh_refusals += 1;
-                    if self.checks.fresh_refusals >= MAX_FRESH_REFUSALS {
-                        self.checks = Checks { off: true, ..Checks::default() };
+                if self.validation.recheck {
+                    self.validation.fresh_refusals += 1;
+                    if self.validation.fresh_refusals >= MAX_FRESH_REFUSALS {
+                        self.validation = Validation { off: true, ..Validation::default() };
                         warn!(
                             url = %self.customer.endpoint(),
                             "Magento refuses every token as soon as it is minted when asked through this store code (a store of another website, or `all`): checks of the token stop for this customer; set its store_code to one of its own website's stores"
@@ -407,15 +428,15 @@ impl<M: Magento> Worker<M> {
                     }
                 }
                 let why = match refused {
-                    Ok(_) => "it belongs to another customer".to_owned(),
-                    Err(e) => e.message,
+                    Verdict::Refused(e) => e.message,
+                    _ => "it belongs to another customer".to_owned(),
                 };
                 warn!(
                     token = %found.token.fingerprint(),
                     error = %why,
                     "Magento no longer accepts the token on disk (revoked: a logout, Force Sign-In, a deactivated customer): logging in again"
                 );
-                self.checks.recheck = true;
+                self.validation.recheck = true;
                 self.checked_at = None;
                 Checked::Refused
             }

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
 use magento_devserver::DevServerOptions;
-use magento_token_sidecar::clock::rfc3339;
-use magento_token_sidecar::token::{from_unix, jwt_times};
+use magento_token_sidecar::clock::{from_unix_secs, rfc3339};
+use magento_token_sidecar::token::jwt_times;
 
 const SEC: Duration = Duration::from_secs(1);
 
@@ -66,7 +66,7 @@ async fn world(customers: &[(&str, &str, &str)], opts: DevServerOptions) -> Worl
 
 /// The expiry of a dev server token, as the contract writes it: the JWT's `exp`.
 fn expiry_of(token: &str) -> String {
-    rfc3339(from_unix(jwt_times(token).expect("the dev server issues JWTs").exp))
+    rfc3339(from_unix_secs(jwt_times(token).expect("the dev server issues JWTs").exp))
 }
 
 /// Checks that `who`'s file is exactly what the contract says for its format, with a token
@@ -527,7 +527,7 @@ async fn a_token_that_expires_without_a_successor_leaves_the_index() {
     // Every login from now on gets a 503.
     w.server.set_fault(Some(magento_devserver::Fault::status(503)));
     let alice = w.read_token("alice").unwrap();
-    let expires = from_unix(jwt_times(&alice).unwrap().exp);
+    let expires = from_unix_secs(jwt_times(&alice).unwrap().exp);
     wait_for(20 * SEC, "alice to leave the index", || async {
         read_index(&w, "tokens.json").filter(|i| !i.contains_key("alice"))
     })

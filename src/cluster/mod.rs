@@ -2,7 +2,7 @@
 //! itself.
 //!
 //! ```text
-//!   every replica ─► lease::Elector ── holds the Lease? ── yes ─► workers (as with files) ─► secret::Tokens
+//!   every replica ─► lease::Elector ── holds the Lease? ── yes ─► workers (as with files) ─► tokens::Tokens
 //!                        │ no                                                                 │ one update for
 //!                        ▼                                                                    ▼ writes close together
 //!                  standby: reads the Secret for /readyz and /status          Secret (tokens, expiries, 401 ledger)
@@ -17,7 +17,7 @@
 
 pub mod api;
 pub mod lease;
-pub mod secret;
+pub mod tokens;
 
 use std::future::Future;
 use std::time::Duration;

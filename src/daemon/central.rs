@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 use super::once::{once, OnceResult};
 use super::{check_reload, reloaded, StartError, Supervisor};
 use crate::account::Accounts;
-use crate::cluster::{lease, secret::Tokens, Cluster};
+use crate::cluster::{lease, tokens::Tokens, Cluster};
 use crate::config::kubernetes::KubeSettings;
 use crate::config::{self, Checks, Config, Output};
 use crate::logging::Logging;

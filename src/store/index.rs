@@ -47,8 +47,8 @@ pub const SETTLE: Duration = Duration::from_millis(200);
 /// After a failed write, the next try comes at the next change or after this long.
 pub const RETRY: Duration = Duration::from_secs(5);
 
-/// One customer's entry: its name, token and expiry.
-pub struct Entry<'a> {
+/// A customer as the index lists it: its name, token and expiry.
+pub struct Listed<'a> {
     pub name: &'a str,
     pub token: Secret,
     pub expires_at: SystemTime,
@@ -58,7 +58,7 @@ pub struct Entry<'a> {
 /// in the order given (callers give name order). The buffer is allocated at its final size:
 /// names and tokens need no escaping (their characters are restricted), so it never grows and
 /// leaves no copy of a token in freed memory.
-pub fn render(entries: &[Entry<'_>]) -> Zeroizing<Vec<u8>> {
+pub fn render(entries: &[Listed<'_>]) -> Zeroizing<Vec<u8>> {
     #[derive(Serialize)]
     struct Item<'a> {
         token: &'a str,
@@ -94,8 +94,9 @@ pub struct Target {
     pub customers: Vec<Arc<CustomerConfig>>,
 }
 
-/// What the writer task shares with its handle.
-struct Shared {
+/// The index's target as last set, shared by the writer task and its handle, and the bell the
+/// handle rings when it sets another.
+struct LiveTarget {
     target: Mutex<Target>,
     /// Rung when the target changed (a reload).
     retarget: Notify,
@@ -103,7 +104,7 @@ struct Shared {
 
 /// The task that keeps the index file up to date in `run`.
 pub struct IndexWriter {
-    shared: Arc<Shared>,
+    live: Arc<LiveTarget>,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -116,16 +117,16 @@ impl IndexWriter {
         if removed > 0 {
             info!(removed, "removed temporary files of the index left by an earlier run");
         }
-        let shared = Arc::new(Shared { target: Mutex::new(target), retarget: Notify::new() });
+        let live = Arc::new(LiveTarget { target: Mutex::new(target), retarget: Notify::new() });
         let stop = CancellationToken::new();
-        let task = tokio::spawn(run(shared.clone(), board, stop.clone()));
-        IndexWriter { shared, stop, task }
+        let task = tokio::spawn(run(live.clone(), board, stop.clone()));
+        IndexWriter { live, stop, task }
     }
 
     /// A reload: the customers, the path or the mode changed (or may have).
     pub fn retarget(&self, target: Target) {
-        *self.shared.target.lock().unwrap_or_else(|e| e.into_inner()) = target;
-        self.shared.retarget.notify_one();
+        *self.live.target.lock().unwrap_or_else(|e| e.into_inner()) = target;
+        self.live.retarget.notify_one();
     }
 
     /// Writes what changed since the last write, if anything, then ends the task.
@@ -135,7 +136,7 @@ impl IndexWriter {
     }
 }
 
-async fn run(shared: Arc<Shared>, board: Board, stop: CancellationToken) {
+async fn run(live: Arc<LiveTarget>, board: Board, stop: CancellationToken) {
     // The first write lists whoever has a token then: a previous run's index may list
     // customers since removed.
     let mut changed = true;
@@ -153,7 +154,7 @@ async fn run(shared: Arc<Shared>, board: Board, stop: CancellationToken) {
                 biased;
                 _ = stop.cancelled() => break,
                 _ = board.tokens_changed() => {}
-                _ = shared.retarget.notified() => {}
+                _ = live.retarget.notified() => {}
                 _ = timer => {}
             }
         }
@@ -163,22 +164,22 @@ async fn run(shared: Arc<Shared>, board: Board, stop: CancellationToken) {
             _ = tokio::time::sleep(SETTLE) => {}
         }
         changed = false;
-        wake_at = rebuild(&shared, &board).await;
+        wake_at = rebuild(&live, &board).await;
         if stop.is_cancelled() {
             break;
         }
     }
     // A change not written yet (a worker's last write before the stop) is written now.
-    if board.tokens_changed().now_or_never().is_some() || shared.retarget.notified().now_or_never().is_some() {
-        rebuild(&shared, &board).await;
+    if board.tokens_changed().now_or_never().is_some() || live.retarget.notified().now_or_never().is_some() {
+        rebuild(&live, &board).await;
     }
     debug!("index writer stopped");
 }
 
 /// Rebuilds and writes the index off the async threads (file reads and an fsync). Returns when
 /// to rebuild next without a change: when the first entry expires, or to retry a failed write.
-async fn rebuild(shared: &Arc<Shared>, board: &Board) -> Option<SystemTime> {
-    let target = shared.target.lock().unwrap_or_else(|e| e.into_inner()).clone();
+async fn rebuild(live: &Arc<LiveTarget>, board: &Board) -> Option<SystemTime> {
+    let target = live.target.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let board = board.clone();
     let path = target.path.clone();
     let written = tokio::task::spawn_blocking(move || write(&target, &board)).await;
@@ -226,7 +227,7 @@ fn write(target: &Target, board: &Board) -> std::io::Result<(usize, Option<Syste
             }
             None => continue,
         };
-        entries.push(Entry { name: &customer.name, token: found.token, expires_at });
+        entries.push(Listed { name: &customer.name, token: found.token, expires_at });
     }
     let first_expiry = entries.iter().map(|e| e.expires_at).min();
     sink::write_atomic(&target.path, target.perms, &render(&entries), sink::Durability::Now)?;
@@ -244,7 +245,7 @@ pub fn write_once<'a>(
     for (name, file, expires_at) in written {
         let found = read_existing(&file)
             .ok_or_else(|| std::io::Error::other(format!("{} no longer holds the token written", file.display())))?;
-        entries.push(Entry { name, token: found.token, expires_at });
+        entries.push(Listed { name, token: found.token, expires_at });
     }
     entries.sort_by(|a, b| a.name.cmp(b.name));
     sink::remove_stale_temporaries(path);
@@ -254,16 +255,13 @@ pub fn write_once<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn at(secs: u64) -> SystemTime {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
-    }
+    use crate::clock::from_unix_secs as at;
 
     #[test]
     fn the_index_is_every_entry_by_name_with_its_token_and_expiry() {
         let entries = [
-            Entry { name: "alice", token: Secret::new("eyJ.a-_.s~+/==".into()), expires_at: at(1_795_863_600) },
-            Entry { name: "bob.x", token: Secret::new("0123abcd".into()), expires_at: at(1_795_860_000) },
+            Listed { name: "alice", token: Secret::new("eyJ.a-_.s~+/==".into()), expires_at: at(1_795_863_600) },
+            Listed { name: "bob.x", token: Secret::new("0123abcd".into()), expires_at: at(1_795_860_000) },
         ];
         let bytes = render(&entries);
         assert_eq!(
@@ -278,9 +276,9 @@ mod tests {
     #[test]
     fn the_buffer_is_allocated_at_its_final_size() {
         let names: Vec<String> = (0..500).map(|i| format!("{i:0>64}")).collect();
-        let entries: Vec<Entry> = names
+        let entries: Vec<Listed> = names
             .iter()
-            .map(|name| Entry {
+            .map(|name| Listed {
                 name,
                 token: Secret::new("t".repeat(crate::token::MAX_TOKEN_LEN)),
                 expires_at: at(253_402_300_799),

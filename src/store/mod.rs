@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 #[cfg(feature = "kubernetes")]
-use crate::cluster::secret::{Change, Tokens};
+use crate::cluster::tokens::{Change, Tokens};
 use crate::config::{CustomerConfig, Output, OutputDir, RefreshSettings};
 use crate::format::{self, Format, Times};
 
@@ -350,7 +350,7 @@ pub async fn forget_failures(
         #[cfg(feature = "kubernetes")]
         Output::Kubernetes(k) => {
             let keys: Vec<(&str, &str)> = customers.iter().map(|c| (c.file.as_str(), c.username.as_str())).collect();
-            let verdicts = crate::cluster::secret::forget(k, &keys).await?;
+            let verdicts = crate::cluster::tokens::forget(k, &keys).await?;
             Ok(verdicts.into_iter().map(Ok).collect())
         }
         #[cfg(not(feature = "kubernetes"))]

@@ -63,13 +63,13 @@ impl Scripted {
     /// Every token of the customer minted up to this second dies (a logout elsewhere).
     fn revoke(&self) {
         let mut store = self.0.lock().unwrap();
-        store.revoked_up_to = Some(crate::token::unix(store.clock.now()));
+        store.revoked_up_to = Some(crate::clock::unix_secs(store.clock.now()));
     }
 }
 
 impl Store {
     fn accepts(&self, token: &str) -> bool {
-        let now = crate::token::unix(self.clock.now());
+        let now = crate::clock::unix_secs(self.clock.now());
         crate::token::jwt_times(token)
             .is_some_and(|t| t.exp > now && self.revoked_up_to.is_none_or(|cut| t.iat.is_some_and(|iat| iat > cut)))
     }
@@ -95,7 +95,7 @@ impl Magento for Scripted {
         let now = store.clock.now();
         let accepted = password.expose() == store.password;
         store.logins.push((now, accepted));
-        let iat = crate::token::unix(now);
+        let iat = crate::clock::unix_secs(now);
         let answer = if accepted {
             Ok(Secret::new(jwt(iat, iat + store.lifetime.as_secs() as i64)))
         } else {

@@ -9,6 +9,7 @@
 //! token only ever replaces an older one.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -326,46 +327,84 @@ impl Tokens {
     /// One update carrying `changes`, on what the Secret holds now; only while this replica
     /// holds the Lease, and never after its deadline.
     async fn write(&self, changes: &[Change]) -> Result<(), String> {
-        let k = &self.cluster.settings;
-        let secrets = &self.cluster.secrets;
-        for _ in 0..MAX_CONFLICTS {
-            let term = self.term.borrow().clone();
-            let Some(until) = term.leading_until.filter(|_| term.leading()) else {
-                return Err("this replica does not hold the Lease: another one writes the Secret".into());
-            };
-            let within = until.saturating_duration_since(tokio::time::Instant::now());
-            let (secret, exists) = {
+        let name = &self.cluster.settings.secret;
+        let written = update(
+            &self.cluster,
+            name,
+            move || async move {
+                let term = self.term.borrow().clone();
+                let Some(until) = term.leading_until.filter(|_| term.leading()) else {
+                    return Err("this replica does not hold the Lease: another one writes the Secret".into());
+                };
+                let within = until.saturating_duration_since(tokio::time::Instant::now());
                 let mut next = self.contents().clone();
                 for change in changes {
                     next.apply(change);
                 }
-                (next.to_secret(&k.secret), next.exists)
-            };
-            let written = match exists {
-                true => {
-                    self.cluster
-                        .call("secret", "update", within, secrets.replace(&k.secret, &PostParams::default(), &secret))
-                        .await
-                }
-                false => {
-                    self.cluster.call("secret", "create", within, secrets.create(&PostParams::default(), &secret)).await
-                }
-            };
-            match written {
-                Ok(secret) => {
-                    *self.contents() = Contents::from_secret(secret);
-                    return Ok(());
-                }
-                // Someone else wrote it (an operator's forget-failures, a former holder's late
-                // write), or deleted it: apply the changes to what it holds now (or create it).
-                Err(ApiError::Conflict(_) | ApiError::AlreadyExists(_) | ApiError::NotFound(_)) => {
-                    self.load().await.map_err(|e| format!("cannot read the Secret {}: {e}", k.secret))?;
-                }
-                Err(e) => return Err(format!("cannot write the Secret {}: {e}", k.secret)),
-            }
+                Ok(Update::Send { secret: Box::new(next.to_secret(name)), exists: next.exists, within, then: () })
+            },
+            // Someone else wrote it (an operator's forget-failures, a former holder's late
+            // write), or deleted it: the changes go on what it holds now (or create it).
+            move |e| {
+                let conflict = matches!(e, ApiError::Conflict(_) | ApiError::AlreadyExists(_) | ApiError::NotFound(_));
+                conflict.then_some(async move {
+                    self.load().await.map_err(|e| format!("cannot read the Secret {name}: {e}"))
+                })
+            },
+        )
+        .await?;
+        if let ((), Some(written)) = written {
+            *self.contents() = Contents::from_secret(written);
         }
-        Err(format!("the Secret {} changed {MAX_CONFLICTS} times while being written", k.secret))
+        Ok(())
     }
+}
+
+/// What one try of an update does, made from what the Secret holds.
+enum Update<T> {
+    /// Nothing to send: `T` is the answer.
+    Done(T),
+    /// Send `secret` (created where it does not `exist` yet), taking no longer than `within`;
+    /// `then` is the answer once it is written. (Boxed: a `Secret` is some 500 bytes.)
+    Send { secret: Box<Secret>, exists: bool, within: Duration, then: T },
+}
+
+/// Conditional updates of the Secret (`shown` in errors), tried again on a conflict, at most
+/// [`MAX_CONFLICTS`] times: each try is made by `next`. `conflicted` hears every failed write:
+/// `None` where it failed, else what to do before the next try (read the Secret again, where
+/// `next` takes what was last read). Returns the answer, and the Secret as written, if anything
+/// was.
+async fn update<T, Next, Reread>(
+    cluster: &Cluster,
+    shown: &str,
+    mut next: impl FnMut() -> Next,
+    mut conflicted: impl FnMut(&ApiError) -> Option<Reread>,
+) -> Result<(T, Option<Secret>), String>
+where
+    Next: Future<Output = Result<Update<T>, String>>,
+    Reread: Future<Output = Result<(), String>>,
+{
+    let (secrets, name) = (&cluster.secrets, &cluster.settings.secret);
+    for _ in 0..MAX_CONFLICTS {
+        let (secret, exists, within, then) = match next().await? {
+            Update::Done(answer) => return Ok((answer, None)),
+            Update::Send { secret, exists, within, then } => (secret, exists, within, then),
+        };
+        let written = match exists {
+            true => {
+                cluster.call("secret", "update", within, secrets.replace(name, &PostParams::default(), &secret)).await
+            }
+            false => cluster.call("secret", "create", within, secrets.create(&PostParams::default(), &secret)).await,
+        };
+        match written {
+            Ok(secret) => return Ok((then, Some(secret))),
+            Err(e) => match conflicted(&e) {
+                Some(reread) => reread.await?,
+                None => return Err(format!("cannot write the Secret {shown}: {e}")),
+            },
+        }
+    }
+    Err(format!("the Secret {shown} changed {MAX_CONFLICTS} times while being written"))
 }
 
 /// `forget-failures` with `output.kubernetes`: marks the ledger of each customer (its key in the
@@ -377,58 +416,52 @@ pub async fn forget(
     customers: &[(&str, &str)],
 ) -> Result<Vec<ledger::Forget>, String> {
     let cluster = Cluster::connect(k, crate::status::Board::new(), Some("forget-failures")).await?;
-    let secrets = &cluster.secrets;
     let name = format!("{}/{}", cluster.namespace, k.secret);
-    for _ in 0..MAX_CONFLICTS {
-        let read = cluster.call("secret", "get", super::REQUEST_TIMEOUT, secrets.get(&k.secret)).await;
-        let mut contents = match read {
-            Ok(secret) => Contents::from_secret(secret),
-            Err(ApiError::NotFound(_)) => {
-                return Err(format!(
-                    "the Secret {name} does not exist: nothing is recorded there, nothing was forgotten (check output.kubernetes.namespace and secret, and the kubeconfig's context)"
-                ))
+    let (verdicts, _) = update(
+        &cluster,
+        &name,
+        || async {
+            let read = cluster.call("secret", "get", super::REQUEST_TIMEOUT, cluster.secrets.get(&k.secret)).await;
+            let mut contents = match read {
+                Ok(secret) => Contents::from_secret(secret),
+                Err(ApiError::NotFound(_)) => {
+                    return Err(format!(
+                        "the Secret {name} does not exist: nothing is recorded there, nothing was forgotten (check output.kubernetes.namespace and secret, and the kubeconfig's context)"
+                    ))
+                }
+                Err(e) => return Err(format!("cannot read the Secret {name}: {e}")),
+            };
+            let verdicts: Vec<ledger::Forget> =
+                customers.iter().map(|(key, username)| ledger::forget(contents.ledger(key), username)).collect();
+            for ((key, username), verdict) in customers.iter().zip(&verdicts) {
+                if let ledger::Forget::Forget { .. } = verdict {
+                    let entry = Some(Record::forgotten(username));
+                    contents.apply(&Change::Ledger { key: (*key).to_owned(), entry });
+                }
             }
-            Err(e) => return Err(format!("cannot read the Secret {name}: {e}")),
-        };
-        let verdicts: Vec<ledger::Forget> =
-            customers.iter().map(|(key, username)| ledger::forget(contents.ledger(key), username)).collect();
-        for ((key, username), verdict) in customers.iter().zip(&verdicts) {
-            if let ledger::Forget::Forget { .. } = verdict {
-                let entry = Some(Record::forgotten(username));
-                contents.apply(&Change::Ledger { key: (*key).to_owned(), entry });
+            if !verdicts.iter().any(|v| matches!(v, ledger::Forget::Forget { .. })) {
+                return Ok(Update::Done(verdicts));
             }
-        }
-        if !verdicts.iter().any(|v| matches!(v, ledger::Forget::Forget { .. })) {
-            return Ok(verdicts);
-        }
-        let secret = contents.to_secret(&k.secret);
-        match cluster
-            .call(
-                "secret",
-                "update",
-                super::REQUEST_TIMEOUT,
-                secrets.replace(&k.secret, &PostParams::default(), &secret),
-            )
-            .await
-        {
-            Ok(_) => return Ok(verdicts),
-            Err(ApiError::Conflict(_)) => continue,
-            Err(e) => return Err(format!("cannot write the Secret {name}: {e}")),
-        }
-    }
-    Err(format!("the Secret {name} changed {MAX_CONFLICTS} times while being written"))
+            let secret = Box::new(contents.to_secret(&k.secret));
+            Ok(Update::Send { secret, exists: contents.exists, within: super::REQUEST_TIMEOUT, then: verdicts })
+        },
+        // Read again by the next try.
+        |e| matches!(e, ApiError::Conflict(_)).then_some(std::future::ready(Ok(()))),
+    )
+    .await?;
+    Ok(verdicts)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::token::from_unix;
+    use crate::clock::from_unix_secs;
 
     fn token(key: &str, text: &str, expires: i64) -> Change {
         Change::Token {
             key: key.into(),
             content: zeroize::Zeroizing::new(text.as_bytes().to_vec()),
-            times: Times { obtained_at: from_unix(expires - 3600), expires_at: from_unix(expires) },
+            times: Times { obtained_at: from_unix_secs(expires - 3600), expires_at: from_unix_secs(expires) },
         }
     }
 
@@ -440,12 +473,12 @@ mod tests {
         assert_eq!(c.data["alice"].0, b"new", "a late write of a token obtained earlier");
         c.apply(&token("alice", "newer", 2_000_000_100));
         assert_eq!(c.data["alice"].0, b"newer");
-        assert_eq!(c.times["alice"].expires_at, from_unix(2_000_000_100));
+        assert_eq!(c.times["alice"].expires_at, from_unix_secs(2_000_000_100));
     }
 
     #[test]
     fn only_a_token_in_the_data_has_an_expiry_whatever_the_annotation_says() {
-        let times = Times { obtained_at: from_unix(1_999_996_400), expires_at: from_unix(2_000_000_000) };
+        let times = Times { obtained_at: from_unix_secs(1_999_996_400), expires_at: from_unix_secs(2_000_000_000) };
         let hour = Duration::from_secs(3600);
         let mut c = Contents::default();
         c.times.insert("alice".into(), times);
@@ -458,12 +491,12 @@ mod tests {
         c.data.insert("alice".into(), ByteString(b"q3w8e7r6t5y4u3i2o1p0".to_vec()));
         assert_eq!(c.expiry("alice", hour), Some(times.expires_at), "a token with its times");
         c.apply(&token("bob", "Authorization: Bearer b0b", 2_000_000_000));
-        assert_eq!(c.expiry("bob", hour), Some(from_unix(2_000_000_000)), "in another format");
+        assert_eq!(c.expiry("bob", hour), Some(from_unix_secs(2_000_000_000)), "in another format");
         c.data.insert("carol".into(), ByteString(b"c4r0l".to_vec()));
         assert_eq!(c.expiry("carol", hour), None, "a token without its times");
         // An annotation that says 2099 over an opaque token obtained an hour ago: the token's
         // own lifetime counts, not the annotation.
-        let edited = Times { obtained_at: times.obtained_at, expires_at: from_unix(4_070_908_800) };
+        let edited = Times { obtained_at: times.obtained_at, expires_at: from_unix_secs(4_070_908_800) };
         c.times.insert("alice".into(), edited);
         assert_eq!(c.expiry("alice", hour), Some(times.obtained_at + hour), "never later than the token says");
     }
@@ -493,6 +526,72 @@ mod tests {
         let mut cleared = back.clone();
         cleared.apply(&Change::Ledger { key: "bob".into(), entry: None });
         assert!(!cleared.to_secret("s").metadata.annotations.unwrap().contains_key(LEDGER));
+    }
+
+    /// An API server whose update of the Secret answers 409 Conflict `conflicts` times, then
+    /// succeeds; and the cluster that reaches it.
+    async fn conflicting(conflicts: usize) -> (Cluster, Arc<Mutex<usize>>) {
+        use axum::http::StatusCode;
+        let updates = Arc::new(Mutex::new(0));
+        let seen = updates.clone();
+        let answer = move |body: axum::body::Bytes| async move {
+            let mut updates = seen.lock().unwrap();
+            *updates += 1;
+            match *updates <= conflicts {
+                true => (
+                    StatusCode::CONFLICT,
+                    r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"Conflict","code":409}"#.into(),
+                ),
+                false => (StatusCode::OK, body.to_vec()),
+            }
+        };
+        let router = axum::Router::new().route("/api/v1/namespaces/ns/secrets/s", axum::routing::put(answer));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+        let settings = crate::config::kubernetes::KubeSettings {
+            secret: "s".into(),
+            namespace: Some("ns".into()),
+            lease: "l".into(),
+            lease_duration: Duration::from_secs(15),
+        };
+        let cluster = Cluster {
+            secrets: crate::cluster::api::Objects::namespaced(client.clone(), "ns", crate::cluster::api::SECRET_LIMIT),
+            leases: crate::cluster::api::Objects::namespaced(client, "ns", crate::cluster::api::LEASE_LIMIT),
+            settings,
+            namespace: "ns".into(),
+            identity: "test".into(),
+            board: crate::status::Board::new(),
+        };
+        (cluster, updates)
+    }
+
+    /// What `update` makes of `conflicts` 409s in a row: its answer, and how many updates were
+    /// sent and how many times the Secret was read again.
+    async fn update_through(conflicts: usize) -> (Result<&'static str, String>, usize, usize) {
+        let (cluster, updates) = conflicting(conflicts).await;
+        let rereads = Mutex::new(0);
+        let send = || async {
+            let secret = Box::new(Contents { exists: true, ..Contents::default() }.to_secret("s"));
+            Ok(Update::Send { secret, exists: true, within: crate::cluster::REQUEST_TIMEOUT, then: "written" })
+        };
+        let reread = |e: &ApiError| {
+            *rereads.lock().unwrap() += 1;
+            matches!(e, ApiError::Conflict(_)).then_some(std::future::ready(Ok(())))
+        };
+        let answer = update(&cluster, "ns/s", send, reread).await.map(|(answer, _)| answer);
+        let updates = *updates.lock().unwrap();
+        (answer, updates, rereads.into_inner().unwrap())
+    }
+
+    #[tokio::test]
+    async fn an_update_is_tried_again_on_each_conflict_up_to_a_bound() {
+        let within = MAX_CONFLICTS as usize - 1;
+        assert_eq!(update_through(within).await, (Ok("written"), within + 1, within));
+        let endless = update_through(usize::MAX).await;
+        let expected = format!("the Secret ns/s changed {MAX_CONFLICTS} times while being written");
+        assert_eq!(endless, (Err(expected), MAX_CONFLICTS as usize, MAX_CONFLICTS as usize));
     }
 
     fn with_ledger(annotation: &str) -> Contents {
