@@ -16,8 +16,6 @@
 //! - `POST /refresh` refuses what a browser's page sends (an `Origin`, a `Host` that is not the
 //!   daemon's), while the probes and scrapes answer whatever `Host` they name (item 10).
 
-mod common;
-
 use std::collections::HashSet;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
@@ -25,7 +23,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use magento_devserver::DevServerOptions;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

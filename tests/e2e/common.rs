@@ -362,7 +362,7 @@ pub fn refreshes(customer: &str, result: &str) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Helpers of the fault and security suites (tests/faults.rs, tests/security.rs).
+// Helpers of the fault and security suites (faults.rs, security.rs).
 
 impl Daemon {
     /// Like [`Daemon::spawn`], with `adjust` given the command before it starts (environment,
