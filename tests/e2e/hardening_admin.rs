@@ -148,8 +148,11 @@ async fn idle_and_half_sent_connections_time_out_and_never_block_healthz() {
     assert!(idle.len() >= 400, "only {} idle connections could be opened", idle.len());
 
     tokio::time::sleep(SEC).await;
+    // Its cap, and the one connection the accept loop may have in hand while the oldest one is
+    // closed to make room for it (on a busy machine it is still working through the 500 a
+    // second later: once 65 were seen).
     let held = admin_connections(pid, port);
-    assert!(held <= CAP, "the daemon holds {held} admin connections at once (cap {CAP})");
+    assert!(held <= CAP + 1, "the daemon holds {held} admin connections at once (cap {CAP}, and one in hand)");
 
     wait_for(20 * SEC, "/healthz to answer 200 while 500 idle connections are open", || async {
         d.get("/healthz").await.filter(|(s, _)| *s == 200)
