@@ -8,14 +8,12 @@
 //! the child killed on expiry: a regression that reads a device whole or blocks on a FIFO fails
 //! the test instead of taking the machine's memory or hanging it.
 
-mod common;
-
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
-use common::*;
+use crate::common::*;
 use magento_devserver::DevServerOptions;
 
 const SEC: Duration = Duration::from_secs(1);

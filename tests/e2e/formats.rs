@@ -2,12 +2,10 @@
 //! (`output.index`), end to end: the real binary against the dev server, judged by the bytes of
 //! the files, the logins Magento received and the daemon's log.
 
-mod common;
-
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::*;
+use crate::common::*;
 use magento_devserver::DevServerOptions;
 use magento_token_sidecar::clock::{from_unix_secs, rfc3339};
 use magento_token_sidecar::token::jwt_times;

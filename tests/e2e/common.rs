@@ -1,6 +1,5 @@
 //! The harness of the end-to-end tests: the dev server in the test process, the real binary
 //! in a child process, and bounded waits for what a user would see.
-#![allow(dead_code)]
 
 use std::future::Future;
 use std::net::TcpListener;
@@ -169,8 +168,6 @@ pub struct Daemon {
 pub struct Guard {
     passwords: Arc<Mutex<Vec<String>>>,
     server: magento_devserver::Secrets,
-    /// Why this daemon may show a secret in its log (see [`Daemon::log_may_show_secrets`]).
-    log_excused: Option<&'static str>,
     checked: bool,
 }
 
@@ -242,15 +239,12 @@ impl Daemon {
     }
 
     /// Asserts that no secret of the world that started this daemon is in its whole log (a
-    /// no-op for a daemon started otherwise, or one excused with
-    /// [`Daemon::log_may_show_secrets`]).
+    /// no-op for a daemon started otherwise).
     fn check_log(&mut self) {
         let Some(guard) = self.guard.as_mut() else { return };
         guard.checked = true;
-        if guard.log_excused.is_none() {
-            let secrets = guard.secrets();
-            assert_hidden("the daemon's log", &self.logs(), &secrets);
-        }
+        let secrets = guard.secrets();
+        assert_hidden("the daemon's log", &self.logs(), &secrets);
     }
 
     /// Has [`Daemon::stop`] and drop check this daemon's secrets against the secrets of `world`
@@ -258,14 +252,6 @@ impl Daemon {
     pub fn guarded_by(mut self, world: &World) -> Daemon {
         self.guard = Some(world.guard());
         self
-    }
-
-    /// Excuses the log (not `/status` or `/metrics`) of this daemon from the check at stop:
-    /// only for a test that puts a secret in the log on purpose; `why` says how.
-    pub fn log_may_show_secrets(&mut self, why: &'static str) {
-        if let Some(guard) = self.guard.as_mut() {
-            guard.log_excused = Some(why);
-        }
     }
 
     pub fn logs(&self) -> String {
@@ -362,7 +348,7 @@ pub fn refreshes(customer: &str, result: &str) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Helpers of the fault and security suites (tests/faults.rs, tests/security.rs).
+// Helpers of the fault and security suites (faults.rs, security.rs).
 
 impl Daemon {
     /// Like [`Daemon::spawn`], with `adjust` given the command before it starts (environment,
@@ -450,7 +436,7 @@ impl World {
 
     /// What the daemons this world starts check at stop: see [`Guard`].
     pub fn guard(&self) -> Guard {
-        Guard { passwords: self.passwords.clone(), server: self.server.secrets(), log_excused: None, checked: false }
+        Guard { passwords: self.passwords.clone(), server: self.server.secrets(), checked: false }
     }
 
     /// Asserts that no secret of this world (see [`Guard`]) appears in `text`.

@@ -2,11 +2,9 @@
 //! an htpasswd front or WAF answering 401, an unconfirmed account, encrypted tokens. Each is
 //! named, and none is taken for a wrong password or retried faster than it can change.
 
-mod common;
-
 use std::time::{Duration, Instant, SystemTime};
 
-use common::*;
+use crate::common::*;
 use magento_devserver::{DevServerOptions, TokenFormat};
 
 const SEC: Duration = Duration::from_secs(1);

@@ -3,11 +3,9 @@
 //! default), and replicas of one Deployment share that one count. Windows are scaled down to a
 //! second; each test runs for ten of them and reads the dev server's count.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use magento_devserver::DevServerOptions;
 
 const SEC: Duration = Duration::from_secs(1);

@@ -10,12 +10,10 @@
 //! Times between attempts are read from the dev server's records (when each request arrived),
 //! not from the test's own clock, which a busy machine can leave behind by a second or more.
 
-mod common;
-
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::*;
+use crate::common::*;
 use magento_devserver::{DevServer, DevServerOptions, Fault};
 
 const SEC: Duration = Duration::from_secs(1);
@@ -1013,8 +1011,8 @@ async fn sighup_during_a_login_loses_nothing() {
 // 8. Readers
 
 /// Not a test of its own: the body of the reader process that
-/// `readers_never_see_a_bad_token` starts (this test binary again, with `MTS_READER_FILE`
-/// set). Without that variable it returns at once.
+/// `readers_never_see_a_bad_token` starts (this test binary again, running this test alone, with
+/// `MTS_READER_FILE` set). Without that variable it returns at once.
 #[test]
 fn reader_process() {
     let Ok(path) = std::env::var("MTS_READER_FILE") else { return };
@@ -1055,7 +1053,7 @@ fn reader_process() {
         // Tight, but leaving the cores to the daemon and the tests running beside this one.
         std::thread::sleep(Duration::from_micros(50));
     }
-    // On a line of its own: libtest has written "test reader_process ... " before.
+    // On a line of its own: libtest has written "test faults::reader_process ... " before.
     println!();
     println!("READER reads={reads} missing={missing} empty={empty} malformed={malformed} expired={expired}");
     for t in distinct {
@@ -1082,8 +1080,10 @@ async fn readers_never_see_a_bad_token() {
     ));
     let mut d = w.start();
     w.wait_token("alice", None, 10 * SEC).await;
+    // libtest names a test by its path within the test binary: `faults::reader_process`.
+    let reader_test = format!("{}::reader_process", module_path!().split_once("::").unwrap().1);
     let reader = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "reader_process", "--nocapture", "--test-threads", "1"])
+        .args(["--exact", &reader_test, "--nocapture", "--test-threads", "1"])
         .env("MTS_READER_FILE", w.token_path("alice"))
         .env("MTS_READER_SECS", RUN.to_string())
         .stdout(std::process::Stdio::piped())

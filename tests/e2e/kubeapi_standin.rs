@@ -1,19 +1,16 @@
-//! The stand-in Kubernetes API (tests/kubeapi) proved with kube-rs itself, the client the daemon
-//! uses: a client made from the kubeconfig the stand-in writes, over plain http on loopback.
-
-#[path = "kubeapi/mod.rs"]
-mod kubeapi;
+//! The stand-in Kubernetes API (tests/e2e/kubeapi.rs) proved with kube-rs itself, the client the
+//! daemon uses: a client made from the kubeconfig the stand-in writes, over plain http on loopback.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::kubeapi::{self, KubeApi, Rule, USER};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::ByteString;
 use kube::api::{ListParams, Patch, PatchParams, PostParams, WatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
-use kubeapi::{KubeApi, Rule, USER};
 use serde_json::json;
 
 const NS: &str = "shop";

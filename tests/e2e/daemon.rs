@@ -1,11 +1,9 @@
 //! The daemon end to end: the real binary against the dev server on loopback, judged by what a
 //! user sees (token files, what Magento received, metrics, exit codes, logs).
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use magento_devserver::{DevServerOptions, Fault};
 
 const SEC: Duration = Duration::from_secs(1);

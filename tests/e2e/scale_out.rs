@@ -1,18 +1,15 @@
 //! Scale-out (`output.kubernetes`): several replicas of the real binary, as separate processes,
-//! against the dev server and a stand-in Kubernetes API on loopback (tests/kubeapi), through
-//! kube-rs as in a cluster. One holder of the Lease logs in and writes the Secret; a SIGKILL, an
-//! API outage or a wrong password across failovers never makes two writers, loses a token or
-//! takes Magento's count past the lockout budget.
-
-mod common;
-mod kubeapi;
+//! against the dev server and a stand-in Kubernetes API on loopback (tests/e2e/kubeapi.rs),
+//! through kube-rs as in a cluster. One holder of the Lease logs in and writes the Secret; a
+//! SIGKILL, an API outage or a wrong password across failovers never makes two writers, loses a
+//! token or takes Magento's count past the lockout budget.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::*;
-use kubeapi::{KubeApi, Rule};
+use crate::common::*;
+use crate::kubeapi::{self, KubeApi, Rule};
 use magento_devserver::DevServerOptions;
 
 const NS: &str = "shop";

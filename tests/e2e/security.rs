@@ -5,11 +5,9 @@
 //! Magento's 30-minute windows are scaled down to seconds through the configuration and the dev
 //! server's throttle, so a long run of wrong passwords takes seconds, not hours.
 
-mod common;
-
 use std::time::{Duration, Instant, SystemTime};
 
-use common::*;
+use crate::common::*;
 use magento_devserver::{DevServer, DevServerOptions, Fault, RequestRecord, TlsIdentity};
 
 const SEC: Duration = Duration::from_secs(1);
@@ -81,7 +79,7 @@ fn most_with_one_password(attempts: &[&RequestRecord], window: Duration) -> usiz
 /// in its window) never trips; no password is tried more than `max_auth_failures` (3) times in
 /// a window; no more than 4 failures are ever counted at once. A store whose cron runs
 /// (`lockout_reset: window`): with the default (`success`) no time resets the count, alice's
-/// password gets three tries in all and there is no long run to watch (tests/lockout.rs).
+/// password gets three tries in all and there is no long run to watch (tests/e2e/lockout.rs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_passwords_never_lock_the_account_over_a_long_run() {
     const WINDOW: Duration = Duration::from_secs(2);
@@ -94,7 +92,7 @@ async fn wrong_passwords_never_lock_the_account_over_a_long_run() {
     w.set_password("alice-renamed", "alice-wrong-1");
     w.set_password("carol", "carol-wrong-0");
     // A store whose cron runs (the dev server's default): the pause lets alice's password be
-    // tried again once Magento's window has passed (tests/lockout.rs has the store without).
+    // tried again once Magento's window has passed (tests/e2e/lockout.rs has the store without).
     let refresh = "  max_auth_failures: 3\n  auth_failure_delays: [200ms, 500ms]\n  lockout_window: 2s\n  auth_failure_pause: 2500ms\n  lockout_reset: window\n";
     let text = trace_config(&w, &[(ALICE.0, ALICE.1), (carol.0, carol.1)], refresh, "");
     w.write_config(&text);

@@ -6,8 +6,6 @@
 //! Tests that need root (another user's processes, a PID namespace of its own) skip, saying so,
 //! when not run as root; CI runs them as root.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -16,7 +14,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::*;
+use crate::common::*;
 use magento_devserver::DevServerOptions;
 
 const SEC: Duration = Duration::from_secs(1);

@@ -2,11 +2,9 @@
 //! lists once instead of looking for each, the directory opened once, one sync for the batch)
 //! must leave what a user sees as it was: every file, no ledger after a success, none made up.
 
-mod common;
-
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::*;
+use crate::common::*;
 
 async fn once(w: &World) -> (i32, String, String) {
     let config = w.config_path().to_str().unwrap().to_owned();

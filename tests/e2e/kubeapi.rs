@@ -10,7 +10,6 @@
 //!   <https://kubernetes.io/docs/reference/access-authn-authz/rbac/>
 //! - Secrets (1 MiB limit, `stringData`, key names): <https://kubernetes.io/docs/concepts/configuration/secret/>
 //! - Leases: <https://kubernetes.io/docs/concepts/architecture/leases/>
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;

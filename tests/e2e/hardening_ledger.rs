@@ -3,11 +3,9 @@
 //! record that is not the customer's. None of them crashes the daemon or hands Magento a fresh
 //! budget: Magento's count (the dev server's, on a store without cron) is read at the end.
 
-mod common;
-
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::*;
+use crate::common::*;
 use magento_devserver::DevServerOptions;
 
 const SEC: Duration = Duration::from_secs(1);

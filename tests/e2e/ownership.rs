@@ -7,8 +7,6 @@
 //! some capabilities): `check`, `run` and `once` refuse the configuration with exit status 2,
 //! naming the key, before anything is written.
 
-mod common;
-
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -16,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use magento_devserver::DevServerOptions;
 
 const SEC: Duration = Duration::from_secs(1);

@@ -16,8 +16,6 @@
 //! - `POST /refresh` refuses what a browser's page sends (an `Origin`, a `Host` that is not the
 //!   daemon's), while the probes and scrapes answer whatever `Host` they name (item 10).
 
-mod common;
-
 use std::collections::HashSet;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
@@ -25,7 +23,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use magento_devserver::DevServerOptions;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -150,8 +148,11 @@ async fn idle_and_half_sent_connections_time_out_and_never_block_healthz() {
     assert!(idle.len() >= 400, "only {} idle connections could be opened", idle.len());
 
     tokio::time::sleep(SEC).await;
+    // Its cap, and the one connection the accept loop may have in hand while the oldest one is
+    // closed to make room for it (on a busy machine it is still working through the 500 a
+    // second later: once 65 were seen).
     let held = admin_connections(pid, port);
-    assert!(held <= CAP, "the daemon holds {held} admin connections at once (cap {CAP})");
+    assert!(held <= CAP + 1, "the daemon holds {held} admin connections at once (cap {CAP}, and one in hand)");
 
     wait_for(20 * SEC, "/healthz to answer 200 while 500 idle connections are open", || async {
         d.get("/healthz").await.filter(|(s, _)| *s == 200)

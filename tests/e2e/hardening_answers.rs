@@ -4,11 +4,9 @@
 //! control characters. Each test runs the real binary against the dev server and judges what an
 //! operator sees: peak memory, the logs, `/status`, `/metrics` and `once`'s stderr.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use magento_devserver::{DevServerOptions, Fault};
 use serde_json::json;
 
