@@ -18,6 +18,7 @@ mod common;
 mod daemon;
 mod faults;
 mod formats;
+mod graphql;
 mod hardening_admin;
 mod hardening_answers;
 mod hardening_files;

@@ -4,11 +4,9 @@
 //! tenant, judged by what a user sees: the tokens, what Magento received and counted, the
 //! metrics. Every test of one behaviour runs against the three stores.
 
-mod common;
-
 use std::time::{Duration, Instant, SystemTime};
 
-use common::*;
+use crate::common::*;
 use magento_devserver::{CloudService, DevServerOptions, GraphQlConvention, RequestRecord, Route};
 
 const SEC: Duration = Duration::from_secs(1);
