@@ -9,7 +9,8 @@
 # `mode: central` runs the tag with `image.centralSuffix`.
 
 # The toolchain the project is tested with (1.89 or later: File::try_lock), to the patch release:
-# link/hot-functions.txt names functions as this compiler does (build.rs; tests/hot_functions.rs).
+# link/hot-functions.txt names functions as this compiler does (build.rs; the benchmark reports a
+# stale list).
 ARG RUST_VERSION=1.95.0
 
 FROM rust:${RUST_VERSION}-bookworm AS build
