@@ -55,7 +55,7 @@ SECRET_DIR = "/etc/magento-token-sidecar/secrets"
 DAEMON_UID = 65532
 # The daemon's config keys (the contract's "Configuration (YAML)").
 CONFIG_KEYS = {"magento", "refresh", "output", "admin", "log", "customers"}
-MAGENTO_KEYS = {"base_url", "store_code", "timeout", "ca_file", "allow_insecure_http"}
+MAGENTO_KEYS = {"base_url", "store_code", "timeout", "ca_file", "allow_insecure_http", "api", "graphql_path", "cloud_service"}
 CUSTOMER_KEYS = {"name", "username", "password_file", "password_env", "store_code", "base_url", "file"}
 B64TOKEN = re.compile(r"^[A-Za-z0-9._~+/-]+=*$")
 STANDARD_LABELS = {
@@ -935,6 +935,33 @@ def test_binary_check_accepts_the_rendered_config(values, binary, tmp_path):
     path = materialize(config_of(objs), secret_files_for(values, objs), tmp_path)
     proc = run_bin(binary, "check", "--config", path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_graphql_and_the_cloud_service_reach_the_daemon_and_pass_its_check(binary, tmp_path):
+    """`magento.api`, `graphql_path` and `cloud_service` are the daemon's keys, passed through;
+    left empty they are left out (the daemon's defaults), and `check` accepts what is rendered."""
+    defaults = config_of(rendered_set("defaults"))["magento"]
+    assert "api" not in defaults and "graphql_path" not in defaults
+    assert defaults["cloud_service"] is False
+    cloud = load_values("classic")
+    cloud["magento"] = {
+        "base_url": "https://na1-sandbox.api.commerce.adobe.com/Tenant1234",
+        "store_code": "default",
+        "cloud_service": True,
+        "graphql_path": "/graphql",
+    }
+    objs = render(cloud)
+    cfg = config_of(objs)
+    assert cfg["magento"] == {**cloud["magento"], "timeout": "10s", "allow_insecure_http": False}
+    proc = run_bin(binary, "check", "--config", materialize(cfg, secret_files_for("classic", objs), tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # A REST login on the Cloud Service cannot work: the chart passes it, the daemon names it.
+    cloud["magento"]["api"] = "rest"
+    cfg = config_of(render(cloud))
+    (tmp_path / "rest").mkdir()
+    proc = run_bin(binary, "check", "--config", materialize(cfg, secret_files_for("classic", objs), tmp_path / "rest"))
+    assert proc.returncode == 2 and "magento.api" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert "graphql" in render_error({"magento": {"base_url": "https://shop.example.com", "api": "soap"}})
 
 
 def test_binary_check_rejects_a_missing_password_file(binary, tmp_path):
