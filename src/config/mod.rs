@@ -245,11 +245,14 @@ impl CustomerConfig {
         }
     }
 
-    /// The base URL with `/rest[/<store>]/<route>` appended to its path.
-    fn rest_url(&self, route: &str) -> Url {
-        match &self.store_code {
-            Some(store) => api::joined(&self.base_url, &format!("rest/{store}/{route}")),
-            None => api::joined(&self.base_url, &format!("rest/{route}")),
+    /// The URL of a REST route (`V1/...`) for this customer: `{base}/rest[/<store>]/<route>`, or
+    /// on Adobe Commerce as a Cloud Service `{base}/<route>`, where the base carries the tenant and
+    /// the store view goes in the `Store` header instead ([`CustomerConfig::store_code`]).
+    pub fn rest_url(&self, route: &str) -> Url {
+        match (&self.api, &self.store_code) {
+            (Api::CloudService { .. }, _) => api::joined(&self.base_url, route),
+            (_, Some(store)) => api::joined(&self.base_url, &format!("rest/{store}/{route}")),
+            (_, None) => api::joined(&self.base_url, &format!("rest/{route}")),
         }
     }
 
@@ -261,6 +264,7 @@ impl CustomerConfig {
             && self.password == other.password
     }
 }
+
 /// The most read of `magento.ca_file`: a bundle of every public root is about 200 KiB.
 const MAX_CA_FILE: usize = 4 * 1024 * 1024;
 

@@ -153,6 +153,16 @@ fn the_cloud_service_implies_graphql_under_the_tenant() {
     );
     let explicit = yaml.replace("  cloud_service: true\n", "  cloud_service: true\n  api: graphql\n");
     assert_eq!(parse(&explicit, Checks::Static).unwrap().customers[0].api, c.customers[0].api);
+    // Its REST routes (the one-time codes of cloud_service_otp) have no /rest and no store code.
+    assert_eq!(
+        c.customers[0].rest_url("V1/customer/42/otp").as_str(),
+        "https://na1.api.commerce.adobe.com/Ab3dEfGh1jK2/V1/customer/42/otp"
+    );
+    let on_premises = parse(&with_magento("  store_code: de\n"), Checks::Static).unwrap();
+    assert_eq!(
+        on_premises.customers[0].rest_url("V1/customers/me").as_str(),
+        "https://shop.example.com/rest/de/V1/customers/me"
+    );
 }
 
 #[test]
