@@ -173,9 +173,12 @@ impl<'a> Item<'a> {
         self.message.is_some_and(|m| m.contains(text))
     }
 
-    /// `Store code <code> does not exist` (StoreProcessor).
+    /// `Store code <code> does not exist` (StoreProcessor), or the newest releases' words for an
+    /// unknown or inactive store view, `Requested store is not found` (StoreValidator).
     fn unknown_store(&self) -> bool {
-        self.message.is_some_and(|m| m.starts_with("Store code ") && m.ends_with(" does not exist"))
+        self.message.is_some_and(|m| {
+            (m.starts_with("Store code ") && m.ends_with(" does not exist")) || m == "Requested store is not found"
+        })
     }
 
     fn token_problem(&self) -> bool {
@@ -376,10 +379,14 @@ mod tests {
         assert_eq!(e.outcome, Outcome::Blocked);
         assert!(e.message.contains("Magento_ReCaptchaWebapiGraphQl"), "{}", e.message);
         // The Store header: 500 before execution up to 2.4.7, 200 from 2.4.8.
-        for status in [500, 200] {
-            let e = login_error(status, early_error("Store code xx does not exist", "graphql-input"));
+        for (status, said) in [
+            (500, "Store code xx does not exist"),
+            (200, "Store code xx does not exist"),
+            (200, "Requested store is not found"),
+        ] {
+            let e = login_error(status, early_error(said, "graphql-input"));
             assert_eq!(e.outcome, Outcome::HttpError);
-            assert!(e.message.contains("Store code xx does not exist"), "{}", e.message);
+            assert!(e.message.contains(said), "{}", e.message);
             assert!(e.message.contains("store_code") && e.message.contains("magento.store_code"), "{}", e.message);
         }
         // A token read on a login: not the password's fault, nothing counted.
