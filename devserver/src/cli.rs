@@ -95,6 +95,55 @@ pub struct DevServerArgs {
     /// /TENANT_ID/graphql, REST at /TENANT_ID/V1/... with no customer-token routes).
     #[arg(long, value_name = "TENANT_ID")]
     pub cloud_service: Option<String>,
+
+    /// Lifetime of opaque customer tokens (`--token-format opaque` logins and the tokens of
+    /// generateCustomerTokenAsAdmin); defaults to --token-lifetime.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub opaque_token_lifetime: Option<Duration>,
+
+    /// An admin user allowed Login as Customer (both ACLs), as NAME:PASSWORD or
+    /// NAME:PASSWORD:TOTP_SECRET (base32; split at the first and the last ':', so a password
+    /// holding ':' needs the third part, empty for none); repeatable.
+    #[arg(long = "admin", value_name = "NAME:PASSWORD[:TOTP_SECRET]")]
+    pub admins: Vec<String>,
+
+    /// Lifetime of admin tokens (webapi/jwtauth/admin_expiration).
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub admin_token_lifetime: Duration,
+
+    /// Wrong passwords or 2FA codes of an admin before the admin user's lock (0 disables it).
+    #[arg(long, value_name = "N", default_value_t = 6)]
+    pub admin_lock_failures: u32,
+
+    /// How long the admin user's lock lasts.
+    #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = humantime::parse_duration)]
+    pub admin_lock_duration: Duration,
+
+    /// Magento_TwoFactorAuth off: admins with a TOTP secret get tokens from the token route too.
+    #[arg(long = "no-2fa")]
+    pub no_two_factor: bool,
+
+    /// Turn Login as Customer on (login_as_customer/general/enabled; off by default).
+    #[arg(long)]
+    pub login_as_customer: bool,
+
+    /// generateCustomerTokenAsAdmin also requires the customer's remote shopping assistance
+    /// opt-in (as the docs say; the source read does not check it).
+    #[arg(long)]
+    pub check_assistance_allowed: bool,
+
+    /// An IMS server-to-server credential (with --cloud-service), as CLIENT_ID:SECRET:ORG_ID
+    /// (split at the first and the last ':'); repeatable. Its token URL is <base>/ims/token/v3.
+    #[arg(long = "ims-client", value_name = "CLIENT_ID:SECRET:ORG_ID")]
+    pub ims_clients: Vec<String>,
+
+    /// `expires_in` of IMS access tokens.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub ims_token_lifetime: Duration,
+
+    /// How long a cloud one-time code can be exchanged.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub otp_lifetime: Duration,
 }
 
 fn invalid(message: String) -> std::io::Error {
@@ -109,6 +158,20 @@ fn split_customer(entry: &str) -> std::io::Result<(&str, &str)> {
             entry.split(':').next().unwrap_or("")
         ))),
     }
+}
+
+/// `A:B` or `A:B:C` split at the first and the last ':' (the middle may hold ':' only with C).
+fn split_three<'e>(entry: &'e str, flag: &str, form: &str) -> std::io::Result<(&'e str, &'e str, Option<&'e str>)> {
+    let Some((first, rest)) = entry.split_once(':').filter(|(first, _)| !first.is_empty()) else {
+        return Err(invalid(format!(
+            "--{flag} entry without {form} form (starting {:?})",
+            entry.split(':').next().unwrap_or("")
+        )));
+    };
+    Ok(match rest.rsplit_once(':') {
+        Some((middle, last)) => (first, middle, Some(last).filter(|l| !l.is_empty())),
+        None => (first, rest, None),
+    })
 }
 
 /// Builds the options and starts the server with its customers.
@@ -160,10 +223,29 @@ pub(crate) async fn start_from_args(args: &DevServerArgs) -> std::io::Result<Dev
         graphql_convention: args.graphql_convention,
         graphql_path: args.graphql_path.clone(),
         cloud_service: args.cloud_service.clone().map(CloudService::new),
+        opaque_token_lifetime: args.opaque_token_lifetime,
+        admin_token_lifetime: args.admin_token_lifetime,
+        admin_lock_failures: args.admin_lock_failures,
+        admin_lock_duration: args.admin_lock_duration,
+        two_factor_auth: !args.no_two_factor,
+        login_as_customer: args.login_as_customer,
+        check_assistance_allowed: args.check_assistance_allowed,
+        ims_token_lifetime: args.ims_token_lifetime,
+        otp_lifetime: args.otp_lifetime,
     })
     .await?;
     for (email, password) in customers {
         server.add_customer(email, password);
+    }
+    for entry in &args.admins {
+        let (name, password, secret) = split_three(entry, "admin", "NAME:PASSWORD[:TOTP_SECRET]")?;
+        server.add_admin(name, password, secret)?;
+    }
+    for entry in &args.ims_clients {
+        match split_three(entry, "ims-client", "CLIENT_ID:SECRET:ORG_ID")? {
+            (id, secret, Some(org)) => server.add_ims_client(id, secret, org),
+            (id, ..) => return Err(invalid(format!("--ims-client {id:?} without :ORG_ID"))),
+        }
     }
     server.set_basic_auth(basic_auth);
     Ok(server)

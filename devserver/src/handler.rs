@@ -1,7 +1,8 @@
 //! One HTTP request: the basic-auth front and the injected faults, then routing as
 //! Magento's REST router does it, the token, customers/me and revoke endpoints, and the login
 //! service (`CustomerTokenService`) that the GraphQL endpoint shares. The GraphQL endpoint
-//! itself is `graphql`; the cloud service's REST routes are [`cloud_rest`].
+//! itself is `graphql`; the cloud service's REST routes are [`cloud_rest`]; the admin token
+//! routes are `admin`'s, the IMS stand-in and the one-time code route `cloud`'s.
 
 use std::borrow::Cow;
 use std::io;
@@ -24,6 +25,7 @@ use super::front;
 use super::graphql;
 use super::jwt::{self, Claims};
 use super::render::{body_kind, negotiate, parse_xml_body, BodyKind, Format, Node};
+use super::{admin, cloud};
 use super::{
     format_datetime, Config, Customer, Refusal, RequestRecord, Route, Shared, StoreInfo, StoredToken, TokenFormat,
 };
@@ -43,12 +45,14 @@ const MSG_METHOD: &str = "Request method is invalid.";
 /// Request bodies larger than this are refused before they are read to the end.
 const MAX_BODY: usize = 1 << 20;
 
-/// The three routes this server knows.
+/// The on-premises routes this server knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Endpoint {
     Token,
     Me,
     Revoke,
+    AdminToken,
+    TfaGoogle,
 }
 
 /// The body of every answer: whole, or streamed for [`Fault::Stream`].
@@ -59,7 +63,7 @@ fn full(bytes: impl Into<Bytes>) -> Body {
 }
 
 /// What to answer.
-struct Reply {
+pub(crate) struct Reply {
     status: u16,
     content_type: Cow<'static, str>,
     body: Bytes,
@@ -69,7 +73,7 @@ struct Reply {
 }
 
 impl Reply {
-    fn new(status: u16, content_type: impl Into<Cow<'static, str>>, body: impl Into<Bytes>) -> Reply {
+    pub(crate) fn new(status: u16, content_type: impl Into<Cow<'static, str>>, body: impl Into<Bytes>) -> Reply {
         Reply {
             status,
             content_type: content_type.into(),
@@ -85,11 +89,11 @@ impl Reply {
         Reply { www_authenticate: Some(front::CHALLENGE), ..Reply::new(401, "text/html", front::PAGE) }
     }
 
-    fn node(format: Format, status: u16, node: &Node) -> Reply {
+    pub(crate) fn node(format: Format, status: u16, node: &Node) -> Reply {
         Reply::new(status, format.content_type(), format.render(node))
     }
 
-    fn message(format: Format, status: u16, message: &str) -> Reply {
+    pub(crate) fn message(format: Format, status: u16, message: &str) -> Reply {
         Reply::node(format, status, &Node::Map(vec![("message", Node::str(message))]))
     }
 
@@ -138,6 +142,8 @@ fn route<'c>(cfg: &'c Config, path: &str) -> Option<(Endpoint, &'c StoreInfo)> {
         "V1/integration/customer/token" => Endpoint::Token,
         "V1/customers/me" => Endpoint::Me,
         "V1/integration/customer/revoke-customer-token" => Endpoint::Revoke,
+        "V1/integration/admin/token" => Endpoint::AdminToken,
+        "V1/tfa/provider/google/authenticate" => Endpoint::TfaGoogle,
         _ => return None,
     };
     Some((endpoint, store))
@@ -148,6 +154,9 @@ fn route<'c>(cfg: &'c Config, path: &str) -> Option<(Endpoint, &'c StoreInfo)> {
 /// (things in front of Magento, which know nothing of store codes) answer. The API's base is
 /// `/rest` on premises, `/<tenant-id>` for the cloud service; outside it, [`Route::Other`].
 fn rest_route(cfg: &Config, path: &str) -> Route {
+    if cfg.cloud_base.is_some() && path.trim_end_matches('/') == IMS_TOKEN_PATH {
+        return Route::ImsToken;
+    }
     let base = cfg.cloud_base.as_deref().unwrap_or("/rest");
     let Some(rest) = path.strip_prefix(base).filter(|r| r.is_empty() || r.starts_with('/')) else {
         return Route::Other;
@@ -164,24 +173,34 @@ fn rest_route(cfg: &Config, path: &str) -> Route {
         Route::RestCustomersMe
     } else if aimed_at("V1/integration/customer/revoke-customer-token") {
         Route::RestRevoke
+    } else if aimed_at("V1/integration/admin/token") {
+        Route::AdminToken
+    } else if aimed_at("V1/tfa/provider/google/authenticate") {
+        Route::TfaGoogle
+    } else if cfg.cloud_base.is_some() && cloud::otp_path(rest).is_some() {
+        Route::CloudOtp
     } else {
         Route::RestOther
     }
 }
 
+/// Where the IMS stand-in answers (with the cloud service only).
+const IMS_TOKEN_PATH: &str = "/ims/token/v3";
+
 /// The request as the handler needs it after the body was read.
-struct Req<'a> {
-    method: &'a Method,
-    path: &'a str,
-    content_type: Option<&'a str>,
-    accept: Option<&'a str>,
-    authorization: Option<&'a str>,
-    store: Option<&'a str>,
-    body: &'a [u8],
-    /// The body parsed as JSON, when this is a token request and it parsed.
-    json: Option<Value>,
+pub(crate) struct Req<'a> {
+    pub(crate) method: &'a Method,
+    pub(crate) path: &'a str,
+    pub(crate) headers: &'a HeaderMap,
+    pub(crate) content_type: Option<&'a str>,
+    pub(crate) accept: Option<&'a str>,
+    pub(crate) authorization: Option<&'a str>,
+    pub(crate) store: Option<&'a str>,
+    pub(crate) body: &'a [u8],
+    /// The body parsed as JSON, when this is a (customer or admin) token request and it parsed.
+    pub(crate) json: Option<Value>,
     /// What a request to the GraphQL endpoint holds.
-    graphql: Option<graphql::Incoming>,
+    pub(crate) graphql: Option<graphql::Incoming>,
 }
 
 pub(crate) async fn handle(
@@ -218,17 +237,19 @@ pub(crate) async fn handle(
         Route::GraphQlLogin => true,
         _ => false,
     };
-    let json = if route == Route::RestToken && is_login && !raw.is_empty() {
+    let admin_login = matches!(route, Route::AdminToken | Route::TfaGoogle) && parts.method == Method::POST;
+    let json = if (is_login || admin_login) && route != Route::GraphQlLogin && !raw.is_empty() {
         serde_json::from_slice::<Value>(raw).ok()
     } else {
         None
     };
     let (username, password) = match &graphql {
-        Some(g) => g.credentials().map_or((None, None), |(u, p)| (Some(u.to_owned()), Some(p.to_owned()))),
+        Some(g) => g.recorded(),
         None => {
             let credential =
                 |name: &str| json.as_ref().and_then(|v| v.get(name)).and_then(Value::as_str).map(str::to_owned);
-            (credential("username"), credential("password"))
+            // An admin's password and code are never kept, not even in the records.
+            (credential("username"), if admin_login { None } else { credential("password") })
         }
     };
 
@@ -275,6 +296,7 @@ pub(crate) async fn handle(
     let request = |json| Req {
         method: &parts.method,
         path,
+        headers: &parts.headers,
         content_type: content_type.as_deref(),
         accept: accept.as_deref(),
         authorization: authorization.as_deref(),
@@ -390,8 +412,9 @@ fn process(shared: &Shared, mut req: Req<'_>) -> Reply {
         return Reply::new(answer.status, "application/json", body);
     }
     match rest_route(&shared.cfg, req.path) {
+        Route::ImsToken => cloud::ims_token(shared, &req),
         Route::Other => storefront_404(),
-        _ if shared.cfg.cloud_base.is_some() => cloud_rest(&req),
+        _ if shared.cfg.cloud_base.is_some() => cloud_rest(shared, &req),
         _ => on_premises_rest(shared, req),
     }
 }
@@ -418,13 +441,19 @@ fn rest_preamble(req: &Req<'_>) -> Result<Format, Box<Reply>> {
 }
 
 /// The REST routes of the cloud service, under `/<tenant-id>` with no `/rest` and no store
-/// code: none of the customer-token routes exist there, so every path gets the unknown route's
-/// 404. The one-time code of "Login as Customer" (`POST /V1/customer/{customerId}/otp`, §9 of
-/// shared/magento-other-paths.md) is to be routed here, scoped by the `Store` header.
-fn cloud_rest(req: &Req<'_>) -> Reply {
-    match rest_preamble(req) {
-        Ok(format) => Reply::message(format, 404, MSG_NO_ROUTE),
-        Err(reply) => *reply,
+/// code: none of the customer-token (or admin-token) routes exist there, so those paths get the
+/// unknown route's 404. The one route served is the one-time code of "Login as Customer" (`POST
+/// /V1/customer/{customerId}/otp`, §9 of shared/magento-other-paths.md).
+fn cloud_rest(shared: &Shared, req: &Req<'_>) -> Reply {
+    let format = match rest_preamble(req) {
+        Ok(format) => format,
+        Err(reply) => return *reply,
+    };
+    let base = shared.cfg.cloud_base.as_deref().unwrap_or("");
+    let rest = req.path.strip_prefix(base).unwrap_or("").trim_matches('/');
+    match cloud::otp_path(rest) {
+        Some(id) if *req.method == Method::POST => cloud::issue_otp(shared, format, req, id),
+        _ => Reply::message(format, 404, MSG_NO_ROUTE),
     }
 }
 
@@ -438,13 +467,22 @@ fn on_premises_rest(shared: &Shared, req: Req<'_>) -> Reply {
         Some((Endpoint::Token, store)) if req.method == Method::POST => token(shared, store, format, req),
         Some((Endpoint::Me, store)) if req.method == Method::GET => me(shared, store, format, req.authorization),
         Some((Endpoint::Revoke, store)) if req.method == Method::POST => revoke(shared, store, format, &req),
+        Some((Endpoint::AdminToken, _)) if req.method == Method::POST => admin::admin_token(shared, format, req),
+        // Magento_TwoFactorAuth's routes exist only while the module is on.
+        Some((Endpoint::TfaGoogle, _)) if req.method == Method::POST && shared.two_factor.load(Ordering::Relaxed) => {
+            admin::google_authenticate(shared, format, req)
+        }
         _ => Reply::message(format, 404, MSG_NO_ROUTE),
     }
 }
 
 /// Magento's body reading: nothing to decode when the body is empty; otherwise the
 /// Content-Type picks the deserializer. Non-object JSON yields no parameters at all.
-fn decode_body(content_type: Option<&str>, body: &[u8], json: Option<Value>) -> Result<Map<String, Value>, String> {
+pub(crate) fn decode_body(
+    content_type: Option<&str>,
+    body: &[u8],
+    json: Option<Value>,
+) -> Result<Map<String, Value>, String> {
     if body.is_empty() {
         return Ok(Map::new());
     }
@@ -458,7 +496,7 @@ fn decode_body(content_type: Option<&str>, body: &[u8], json: Option<Value>) -> 
     }
 }
 
-fn required(field: &'static str) -> Node {
+pub(crate) fn required(field: &'static str) -> Node {
     Node::Map(vec![
         ("message", Node::str(MSG_REQUIRED)),
         ("parameters", Node::Map(vec![("fieldName", Node::str(field))])),
@@ -533,22 +571,41 @@ pub(crate) fn login(shared: &Shared, store: &StoreInfo, username: &str, password
         }
     };
     st.throttle.reset(&key);
+    drop(st);
+    Ok(mint_customer_token(shared, uid))
+}
+
+/// A customer token as the configured issuer mints it (a login, a one-time code's exchange).
+pub(crate) fn mint_customer_token(shared: &Shared, uid: u64) -> String {
+    let cfg = &shared.cfg;
     let iat = cfg.unix_now();
-    let exp = iat + cfg.token_lifetime_secs;
-    let token = match cfg.token_format {
+    let (token, exp) = match cfg.token_format {
         TokenFormat::Jwt => {
-            // Signing needs no state: do it outside the lock.
-            drop(st);
-            let token = shared.signer.mint(Claims { uid, iat, exp });
+            // Signing needs no state: done outside the lock.
+            let token = shared.signer.mint(Claims { uid, iat, exp: iat + cfg.token_lifetime_secs });
             shared.lock().issued.push(token.clone());
-            return Ok(token);
+            return token;
         }
-        TokenFormat::Opaque => jwt::opaque_token(),
-        TokenFormat::Encrypted => jwt::encrypted_token(),
+        TokenFormat::Opaque => (jwt::opaque_token(), iat + cfg.opaque_lifetime_secs),
+        TokenFormat::Encrypted => (jwt::encrypted_token(), iat + cfg.token_lifetime_secs),
     };
+    let mut st = shared.lock();
     st.issued.push(token.clone());
     st.stored.insert(token.clone(), StoredToken { uid, iat, exp, revoked: false });
-    Ok(token)
+    token
+}
+
+/// An opaque token from `Integration\Model\Oauth\TokenFactory::createCustomerToken` whatever the
+/// store's format (what `generateCustomerTokenAsAdmin` issues): kept in the table, living
+/// `oauth/access_token_lifetime/customer`.
+pub(crate) fn mint_opaque_customer_token(shared: &Shared, uid: u64) -> String {
+    let iat = shared.cfg.unix_now();
+    let token = jwt::opaque_token();
+    let mut st = shared.lock();
+    st.issued.push(token.clone());
+    st.stored
+        .insert(token.clone(), StoredToken { uid, iat, exp: iat + shared.cfg.opaque_lifetime_secs, revoked: false });
+    token
 }
 
 /// Magento's TokenUserContext: `Bearer` (any case), one space, the token.
@@ -575,12 +632,35 @@ pub(crate) enum TokenProblem {
     Revoked,
 }
 
+/// Who a bearer token authenticates: what GraphQL's user context holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Caller {
+    Customer(u64),
+    /// An admin user's id (user type 2).
+    Admin(u64),
+}
+
+/// Who a token authenticates right now, or why nobody: an admin JWT (read, expiry, the admin
+/// still exists), else a customer token as [`token_state`] reads it.
+pub(crate) fn caller_state(shared: &Shared, token: &str) -> Result<Caller, TokenProblem> {
+    if let Some(claims) = shared.signer.verify_admin(token) {
+        if shared.cfg.unix_now() >= claims.exp {
+            return Err(TokenProblem::Expired);
+        }
+        return match shared.lock().issuers.admin_by_id(claims.uid) {
+            Some(_) => Ok(Caller::Admin(claims.uid)),
+            None => Err(TokenProblem::Revoked),
+        };
+    }
+    token_state(shared, token).map(Caller::Customer)
+}
+
 /// The customer id a token authenticates right now, or why it does not: read, then expiry,
-/// then revocation.
+/// then revocation. With JWTs, the opaque tokens of Login as Customer are read from the table.
 pub(crate) fn token_state(shared: &Shared, token: &str) -> Result<u64, TokenProblem> {
     // Verified before taking the lock: HMAC is the costly part.
     let claims = match shared.cfg.token_format {
-        TokenFormat::Jwt => Some(shared.signer.verify(token).ok_or(TokenProblem::Unreadable)?),
+        TokenFormat::Jwt => shared.signer.verify(token),
         TokenFormat::Opaque | TokenFormat::Encrypted => None,
     };
     let now = shared.cfg.unix_now();
@@ -597,9 +677,9 @@ pub(crate) fn token_state(shared: &Shared, token: &str) -> Result<u64, TokenProb
     }
     let Some(customer) = st.customers.get(&uid) else {
         // Deleting a customer revokes its JWTs; its oauth_token rows go with it.
-        return Err(match shared.cfg.token_format {
-            TokenFormat::Opaque => TokenProblem::Unreadable,
-            TokenFormat::Jwt | TokenFormat::Encrypted => TokenProblem::Revoked,
+        return Err(match (shared.cfg.token_format, claims) {
+            (TokenFormat::Opaque, _) | (TokenFormat::Jwt, None) => TokenProblem::Unreadable,
+            _ => TokenProblem::Revoked,
         });
     };
     if customer.revoked_at.is_some_and(|r| iat <= r) {
@@ -689,6 +769,10 @@ mod tests {
         }
         assert_eq!(rest_route(&cfg, "/rest/V1/customers/me"), Route::RestCustomersMe);
         assert_eq!(rest_route(&cfg, "/rest/all/V1/integration/customer/revoke-customer-token"), Route::RestRevoke);
+        assert_eq!(rest_route(&cfg, "/rest/V1/integration/admin/token"), Route::AdminToken);
+        assert_eq!(rest_route(&cfg, "/rest/default/V1/tfa/provider/google/authenticate"), Route::TfaGoogle);
+        assert_eq!(rest_route(&cfg, "/rest/V1/customer/7/otp"), Route::RestOther);
+        assert_eq!(rest_route(&cfg, "/ims/token/v3"), Route::Other);
         for p in ["/V1/integration/customer/token", "/restV1/integration/customer/token", "/graphql", "/"] {
             assert_eq!(rest_route(&cfg, p), Route::Other, "{p}");
         }
@@ -703,7 +787,11 @@ mod tests {
         assert_eq!(rest_route(&cfg, "/t3nant/V1/integration/customer/token"), Route::RestToken);
         assert_eq!(rest_route(&cfg, "/t3nant/default/V1/integration/customer/token"), Route::RestToken);
         assert_eq!(rest_route(&cfg, "/t3nant/V1/customers/me"), Route::RestCustomersMe);
-        assert_eq!(rest_route(&cfg, "/t3nant/V1/customer/7/otp"), Route::RestOther);
+        assert_eq!(rest_route(&cfg, "/t3nant/V1/customer/7/otp"), Route::CloudOtp);
+        assert_eq!(rest_route(&cfg, "/t3nant/V1/customer/7/otp/"), Route::CloudOtp);
+        assert_eq!(rest_route(&cfg, "/t3nant/V1/customer//otp"), Route::RestOther);
+        assert_eq!(rest_route(&cfg, "/ims/token/v3"), Route::ImsToken);
+        assert_eq!(rest_route(&cfg, "/t3nant/V1/integration/admin/token"), Route::AdminToken);
         assert_eq!(rest_route(&cfg, "/t3nant"), Route::RestOther);
         assert_eq!(rest_route(&cfg, "/rest/V1/integration/customer/token"), Route::Other);
         assert_eq!(rest_route(&cfg, "/t3nantx/V1/customers/me"), Route::Other);

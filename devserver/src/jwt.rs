@@ -22,6 +22,9 @@ pub(crate) const HEADER_B64: &str = "eyJraWQiOiIxIiwiYWxnIjoiSFMyNTYifQ";
 /// `utypid` of a customer token (Magento's UserContextInterface::USER_TYPE_CUSTOMER).
 pub(crate) const USER_TYPE_CUSTOMER: i64 = 3;
 
+/// `utypid` of an admin token (UserContextInterface::USER_TYPE_ADMIN).
+pub(crate) const USER_TYPE_ADMIN: i64 = 2;
+
 /// The claims the server relies on when a token comes back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Claims {
@@ -42,11 +45,20 @@ impl Signer {
         Signer { mac: HmacSha256::new_from_slice(&key).expect("HMAC accepts any key length") }
     }
 
-    /// Mints `header.claims.signature`.
+    /// Mints a customer's `header.claims.signature`.
     pub(crate) fn mint(&self, claims: Claims) -> String {
+        self.mint_typed(claims, USER_TYPE_CUSTOMER)
+    }
+
+    /// Mints an admin user's token: the same layout, `utypid` 2.
+    pub(crate) fn mint_admin(&self, claims: Claims) -> String {
+        self.mint_typed(claims, USER_TYPE_ADMIN)
+    }
+
+    fn mint_typed(&self, claims: Claims, user_type: i64) -> String {
         let payload = format!(
             "{{\"uid\":{},\"utypid\":{},\"iat\":{},\"exp\":{}}}",
-            claims.uid, USER_TYPE_CUSTOMER, claims.iat, claims.exp
+            claims.uid, user_type, claims.iat, claims.exp
         );
         let mut out = String::with_capacity(160);
         out.push_str(HEADER_B64);
@@ -60,9 +72,18 @@ impl Signer {
         out
     }
 
-    /// Checks the signature and the header, then reads the claims. Expiry and revocation
-    /// are the caller's business (they need the server's clock and state).
+    /// Checks the signature and the header, then reads a customer token's claims. Expiry and
+    /// revocation are the caller's business (they need the server's clock and state).
     pub(crate) fn verify(&self, token: &str) -> Option<Claims> {
+        self.verify_typed(token, USER_TYPE_CUSTOMER)
+    }
+
+    /// Likewise for an admin user's token.
+    pub(crate) fn verify_admin(&self, token: &str) -> Option<Claims> {
+        self.verify_typed(token, USER_TYPE_ADMIN)
+    }
+
+    fn verify_typed(&self, token: &str, user_type: i64) -> Option<Claims> {
         let mut parts = token.split('.');
         let (h, p, s) = (parts.next()?, parts.next()?, parts.next()?);
         if parts.next().is_some() {
@@ -77,7 +98,7 @@ impl Signer {
         mac.update(&token.as_bytes()[..h.len() + 1 + p.len()]);
         mac.verify_slice(&sig).ok()?;
         let claims: serde_json::Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(p).ok()?).ok()?;
-        if claims.get("utypid")?.as_i64()? != USER_TYPE_CUSTOMER {
+        if claims.get("utypid")?.as_i64()? != user_type {
             return None;
         }
         Some(Claims {

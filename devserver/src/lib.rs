@@ -10,7 +10,17 @@
 //! 2.4.7 or 2.4.8 ([`GraphQlConvention`]), and can stand in for Adobe Commerce as a Cloud Service
 //! (§9, [`CloudService`]): everything under `/<tenant-id>`, no REST customer-token routes.
 //!
-//! Modules: `handler` (one request: front, faults, routing, the REST endpoints and the login
+//! Customer tokens without customer passwords (§5, §6, §9): admin users ([`DevServer::add_admin`])
+//! get admin tokens from `POST /rest/V1/integration/admin/token`, or, with two-factor
+//! authentication on and a TOTP secret, from `POST /rest/V1/tfa/provider/google/authenticate`
+//! (their own throttle row and the admin user lock); GraphQL `generateCustomerTokenAsAdmin` turns
+//! an admin token into a customer's opaque token (Login as Customer switch, ACLs, per-customer
+//! opt-in); the cloud service adds an IMS stand-in (`POST /ims/token/v3`), one-time codes
+//! (`POST /<tenant-id>/V1/customer/{id}/otp`) and `exchangeOtpForCustomerToken`. Time for all of
+//! these can be moved forward ([`DevServer::advance_clock`]) so tests never sleep.
+//!
+//! Modules: `admin` (admin users, the admin token service, 2FA), `cloud` (IMS and one-time codes),
+//! `handler` (one request: front, faults, routing, the REST endpoints and the login
 //! service both APIs share), `graphql` (the GraphQL endpoint; `graphql::plan` reads documents),
 //! `render` (Magento's JSON/XML and body decoding), `throttle` and `lockout` (the two locks),
 //! `jwt` (tokens), `faults` and `front` (what stands before a store), `io` (the shared socket),
@@ -20,12 +30,16 @@
 //! benchmarks, so it is built for speed as well: one task per connection, keep-alive,
 //! short critical sections on one mutex, no logging above debug per request.
 
+mod admin;
 mod cli;
+mod cloud;
 mod faults;
 mod front;
 mod graphql;
 mod handler;
 mod io;
+#[cfg(test)]
+mod issuer_tests;
 mod jwt;
 mod lockout;
 mod render;
@@ -35,7 +49,7 @@ mod throttle;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -46,6 +60,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
+pub use admin::IssuerCounts;
 pub use cli::{run_cli, DevServerArgs};
 pub use faults::Fault;
 pub use graphql::GraphQlConvention;
@@ -121,6 +136,32 @@ pub struct DevServerOptions {
     pub graphql_path: String,
     /// Answer as Adobe Commerce as a Cloud Service instead of an on-premises store.
     pub cloud_service: Option<CloudService>,
+    /// Lifetime of opaque customer tokens (`oauth/access_token_lifetime/customer`): those of
+    /// [`TokenFormat::Opaque`] logins and those `generateCustomerTokenAsAdmin` issues whatever
+    /// the format. `None`: [`DevServerOptions::token_lifetime`].
+    pub opaque_token_lifetime: Option<Duration>,
+    /// `webapi/jwtauth/admin_expiration`: `exp - iat` of admin tokens (default 60 minutes).
+    pub admin_token_lifetime: Duration,
+    /// `admin/security/lockout_failures`: wrong passwords (or 2FA codes) before the admin user's
+    /// own lock (0 disables it). The admin's throttle row uses `lock_max_failures` and
+    /// `lock_timeout` like customers' rows, kept apart from them.
+    pub admin_lock_failures: u32,
+    /// `admin/security/lockout_threshold`: how long that lock lasts.
+    pub admin_lock_duration: Duration,
+    /// Magento_TwoFactorAuth (on by default in 2.4): an admin with a TOTP secret gets a token
+    /// only from the Google provider's endpoint (switchable with [`DevServer::set_two_factor`]).
+    pub two_factor_auth: bool,
+    /// `login_as_customer/general/enabled` (off by default, as in Magento; switchable with
+    /// [`DevServer::set_login_as_customer`]).
+    pub login_as_customer: bool,
+    /// Whether `generateCustomerTokenAsAdmin` also requires the customer's own "Allow remote
+    /// shopping assistance" opt-in, as the docs say (the source read does not check it: off).
+    pub check_assistance_allowed: bool,
+    /// `expires_in` of the IMS stand-in's access tokens (IMS's default 24 hours).
+    pub ims_token_lifetime: Duration,
+    /// How long a cloud one-time code (`/V1/customer/{id}/otp`) can be exchanged (30 s per
+    /// one Adobe doc, 60 s per another: UNCONFIRMED).
+    pub otp_lifetime: Duration,
 }
 
 /// Adobe Commerce as a Cloud Service (shared/magento-other-paths.md §9): the API lives under
@@ -173,6 +214,15 @@ impl Default for DevServerOptions {
             graphql_convention: GraphQlConvention::default(),
             graphql_path: "/graphql".to_owned(),
             cloud_service: None,
+            opaque_token_lifetime: None,
+            admin_token_lifetime: Duration::from_secs(3600),
+            admin_lock_failures: 6,
+            admin_lock_duration: Duration::from_secs(1800),
+            two_factor_auth: true,
+            login_as_customer: false,
+            check_assistance_allowed: false,
+            ims_token_lifetime: Duration::from_secs(86_400),
+            otp_lifetime: Duration::from_secs(30),
         }
     }
 }
@@ -196,19 +246,49 @@ pub enum Route {
     GraphQlLogin,
     /// The GraphQL endpoint with a query of `customer` (how a token is validated).
     GraphQlCustomer,
+    /// The GraphQL endpoint with a mutation that runs `generateCustomerTokenAsAdmin` (and no
+    /// `generateCustomerToken`).
+    GraphQlLoginAsAdmin,
+    /// The GraphQL endpoint with a mutation that runs `exchangeOtpForCustomerToken` (and neither
+    /// of the above).
+    GraphQlOtpExchange,
     /// The GraphQL endpoint with anything else: other fields, what does not parse or decode.
     GraphQlOther,
+    /// `.../V1/integration/admin/token` (REST, any store segment, by any method).
+    AdminToken,
+    /// `.../V1/tfa/provider/google/authenticate` (REST, likewise).
+    TfaGoogle,
+    /// `/ims/token/v3`, the IMS stand-in of the cloud service (outside the tenant's path).
+    ImsToken,
+    /// `/<tenant-id>/V1/customer/{customerId}/otp` of the cloud service, by any method.
+    CloudOtp,
     /// Neither API (the storefront's 404).
     Other,
 }
 
 impl Route {
     pub fn is_rest(self) -> bool {
-        matches!(self, Route::RestToken | Route::RestCustomersMe | Route::RestRevoke | Route::RestOther)
+        matches!(
+            self,
+            Route::RestToken
+                | Route::RestCustomersMe
+                | Route::RestRevoke
+                | Route::RestOther
+                | Route::AdminToken
+                | Route::TfaGoogle
+                | Route::CloudOtp
+        )
     }
 
     pub fn is_graphql(self) -> bool {
-        matches!(self, Route::GraphQlLogin | Route::GraphQlCustomer | Route::GraphQlOther)
+        matches!(
+            self,
+            Route::GraphQlLogin
+                | Route::GraphQlCustomer
+                | Route::GraphQlLoginAsAdmin
+                | Route::GraphQlOtpExchange
+                | Route::GraphQlOther
+        )
     }
 }
 
@@ -221,9 +301,12 @@ pub struct RequestRecord {
     /// What it was aimed at.
     pub route: Route,
     /// From a REST token request's JSON body, when present and a string; from a GraphQL login's
-    /// `email` argument (literal or variable) once the document checked out.
+    /// `email` argument (literal or variable) once the document checked out; the admin's name of
+    /// an admin token or 2FA request; the `customer_email` of `generateCustomerTokenAsAdmin`
+    /// and the `email` of `exchangeOtpForCustomerToken`.
     pub username: Option<String>,
-    /// Likewise, the `password`.
+    /// A customer login's `password`, likewise. Never kept for admin logins, 2FA codes,
+    /// one-time codes or IMS client secrets.
     pub password: Option<String>,
     /// The `Store` header as received (GraphQL and the cloud service's REST read it).
     pub store: Option<String>,
@@ -267,6 +350,13 @@ pub(crate) struct Config {
     pub(crate) graphql: GraphQlConfig,
     /// The cloud service's base path, `/<tenant-id>`, when the server stands in for it.
     pub(crate) cloud_base: Option<String>,
+    pub(crate) opaque_lifetime_secs: i64,
+    pub(crate) admin_token_lifetime_secs: i64,
+    pub(crate) admin_lock: LockoutPolicy,
+    pub(crate) ims_token_lifetime_secs: i64,
+    pub(crate) otp_lifetime_secs: i64,
+    /// How far [`DevServer::advance_clock`] moved this server's time, in milliseconds.
+    advanced_ms: AtomicU64,
 }
 
 impl Config {
@@ -278,10 +368,23 @@ impl Config {
 }
 
 impl Config {
-    /// Magento's notion of now, in Unix seconds.
+    /// Magento's notion of now, in Unix seconds (the clock offset and advances included).
     pub(crate) fn unix_now(&self) -> i64 {
-        let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-        secs + self.clock_offset_secs
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default() + self.advanced();
+        now.as_secs() as i64 + self.clock_offset_secs
+    }
+
+    /// The monotonic clock of the admin's throttle row and lock, moved by the advances.
+    pub(crate) fn instant_now(&self) -> Instant {
+        Instant::now() + self.advanced()
+    }
+
+    pub(crate) fn advance(&self, by: Duration) {
+        self.advanced_ms.fetch_add(by.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn advanced(&self) -> Duration {
+        Duration::from_millis(self.advanced_ms.load(Ordering::Relaxed))
     }
 }
 
@@ -301,6 +404,8 @@ pub(crate) struct Customer {
     pub(crate) revocations: usize,
     /// Cleared by [`DevServer::set_confirmed`]: the email confirmation is still pending.
     pub(crate) confirmed: bool,
+    /// `allow_remote_shopping_assistance` (set by default here; [`DevServer::set_assistance_allowed`]).
+    pub(crate) assistance_allowed: bool,
     pub(crate) lockout: Lockout,
 }
 
@@ -359,6 +464,8 @@ pub(crate) struct State {
     pub(crate) issued: Vec<String>,
     /// Every password a customer was given, in order: what a test may check never leaks.
     pub(crate) passwords: Vec<String>,
+    /// Admin users, IMS clients, their tokens and the one-time codes.
+    pub(crate) issuers: admin::Issuers,
 }
 
 impl State {
@@ -400,6 +507,12 @@ pub(crate) struct Shared {
     pub(crate) signer: Signer,
     /// Switchable at run time, read without the lock.
     pub(crate) recaptcha: AtomicBool,
+    /// Magento_TwoFactorAuth on, for admins with a TOTP secret.
+    pub(crate) two_factor: AtomicBool,
+    /// `login_as_customer/general/enabled`.
+    pub(crate) login_as_customer: AtomicBool,
+    /// `generateCustomerTokenAsAdmin` checks the customer's own opt-in.
+    pub(crate) check_assistance: AtomicBool,
     state: Mutex<State>,
     /// Turns true once the server stops: hung and delayed requests give up, connections close.
     pub(crate) shutdown: watch::Sender<bool>,
@@ -433,6 +546,21 @@ impl Secrets {
     pub fn customer_passwords(&self) -> Vec<String> {
         self.0.lock().passwords.clone()
     }
+
+    /// Admin passwords, admin TOTP secrets (base32, as configured) and IMS client secrets.
+    pub fn issuer_credentials(&self) -> Vec<String> {
+        self.0.lock().issuers.credentials.clone()
+    }
+
+    /// Admin tokens and IMS access tokens issued so far.
+    pub fn issuer_tokens(&self) -> Vec<String> {
+        self.0.lock().issuers.tokens.clone()
+    }
+
+    /// Every one-time code the cloud route issued so far.
+    pub fn otps(&self) -> Vec<String> {
+        self.0.lock().issuers.otps.keys().cloned().collect()
+    }
 }
 
 /// How long a graceful shutdown waits for connections to finish their current request.
@@ -451,6 +579,9 @@ impl DevServer {
             cfg: build_config(&opts),
             signer: Signer::random(),
             recaptcha: AtomicBool::new(opts.recaptcha_required),
+            two_factor: AtomicBool::new(opts.two_factor_auth),
+            login_as_customer: AtomicBool::new(opts.login_as_customer),
+            check_assistance: AtomicBool::new(opts.check_assistance_allowed),
             state: Mutex::new(State {
                 next_id: 1,
                 customers: HashMap::new(),
@@ -464,6 +595,7 @@ impl DevServer {
                 front: None,
                 issued: Vec::new(),
                 passwords: Vec::new(),
+                issuers: admin::Issuers::new(Throttle::new(opts.lock_max_failures, opts.lock_timeout, opts.cron)),
             }),
             shutdown,
         });
@@ -531,6 +663,7 @@ impl DevServer {
                 revoked_at: None,
                 revocations: 0,
                 confirmed: true,
+                assistance_allowed: true,
                 lockout: Lockout::default(),
             },
         );
@@ -690,8 +823,8 @@ impl DevServer {
     /// expired or was revoked since: tells a token cut short or spliced from a real one.
     pub fn issued(&self, token: &str) -> bool {
         match self.shared.cfg.token_format {
-            TokenFormat::Jwt => self.shared.signer.verify(token).is_some(),
-            TokenFormat::Opaque | TokenFormat::Encrypted => self.shared.lock().stored.contains_key(token),
+            TokenFormat::Jwt if self.shared.signer.verify(token).is_some() => true,
+            _ => self.shared.lock().stored.contains_key(token),
         }
     }
 
@@ -788,6 +921,12 @@ fn build_config(opts: &DevServerOptions) -> Config {
             endpoint: format!("{}{}", cloud_base.as_deref().unwrap_or(""), opts.graphql_path),
         },
         cloud_base,
+        opaque_lifetime_secs: opts.opaque_token_lifetime.unwrap_or(opts.token_lifetime).as_secs() as i64,
+        admin_token_lifetime_secs: opts.admin_token_lifetime.as_secs() as i64,
+        admin_lock: LockoutPolicy { max_failures: opts.admin_lock_failures, duration: opts.admin_lock_duration },
+        ims_token_lifetime_secs: opts.ims_token_lifetime.as_secs() as i64,
+        otp_lifetime_secs: opts.otp_lifetime.as_secs() as i64,
+        advanced_ms: AtomicU64::new(0),
     }
 }
 

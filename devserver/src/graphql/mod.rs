@@ -1,7 +1,9 @@
 //! The GraphQL endpoint as Magento's GraphQl controller answers it (shared/magento-other-paths.md
 //! §1-4): `POST <graphql_path>` with `{"query","variables","operationName"}` (GET with the same
 //! as URL parameters), the `Store` header, `generateCustomerToken` through the same login service
-//! as REST, and the `{ customer { ... } }` query that validates a token.
+//! as REST, and the `{ customer { ... } }` query that validates a token; `generateCustomerTokenAsAdmin`
+//! (Login as Customer, §5) with an admin token; and on the cloud service
+//! `exchangeOtpForCustomerToken` (§9).
 //!
 //! What happens to one request, in Magento's order:
 //! 1. the body (or GET's `variables`) is decoded as JSON;
@@ -27,7 +29,7 @@ use hyper::Method;
 use serde_json::{Map, Value as Json};
 
 use self::plan::{At, Failure, LeafField, OpKind, Plan, Resolver};
-use super::handler::{self, TokenProblem, MSG_SIGN_IN};
+use super::handler::{self, Caller, TokenProblem, MSG_SIGN_IN};
 use super::render::Node;
 use super::{Config, Refusal, Route, Shared, StoreInfo};
 
@@ -128,20 +130,31 @@ impl Incoming {
         Incoming { read }
     }
 
-    /// What the request is aimed at: a login, a customer query, or anything else.
+    /// What the request is aimed at: a login, Login as Customer, a code's exchange, a customer
+    /// query, or anything else.
     pub(crate) fn route(&self) -> Route {
         match &self.read {
             Ok(Ok(p)) if p.kind == OpKind::Mutation && p.login().is_some() => Route::GraphQlLogin,
+            Ok(Ok(p)) if p.kind == OpKind::Mutation && p.login_as_admin().is_some() => Route::GraphQlLoginAsAdmin,
+            Ok(Ok(p)) if p.kind == OpKind::Mutation && p.otp_exchange().is_some() => Route::GraphQlOtpExchange,
             Ok(Ok(p)) if p.queries_customer() => Route::GraphQlCustomer,
             _ => Route::GraphQlOther,
         }
     }
 
-    /// The email and password of the request's (first) `generateCustomerToken`.
-    pub(crate) fn credentials(&self) -> Option<(&str, &str)> {
-        match &self.read {
-            Ok(Ok(p)) if p.kind == OpKind::Mutation => p.login(),
-            _ => None,
+    /// What the request record keeps: a login's email and password; the customer email of Login
+    /// as Customer or of a code's exchange (never the code).
+    pub(crate) fn recorded(&self) -> (Option<String>, Option<String>) {
+        let Ok(Ok(p)) = &self.read else {
+            return (None, None);
+        };
+        if p.kind != OpKind::Mutation {
+            return (None, None);
+        }
+        match (p.login(), p.login_as_admin().or(p.otp_exchange())) {
+            (Some((u, pw)), _) => (Some(u.to_owned()), Some(pw.to_owned())),
+            (None, Some(email)) => (Some(email.to_owned()), None),
+            (None, None) => (None, None),
         }
     }
 }
@@ -282,13 +295,23 @@ pub(crate) fn answer(shared: &Shared, headers: &Headers<'_>, incoming: Incoming)
     let token = handler::bearer(headers.authorization);
     let user = match (conv, token) {
         (_, None) => None,
-        (GraphQlConvention::V2_4_7, Some(t)) => handler::token_state(shared, t).ok(),
-        (GraphQlConvention::V2_4_8, Some(t)) => match handler::token_state(shared, t) {
-            Ok(uid) => Some(uid),
+        (GraphQlConvention::V2_4_7, Some(t)) => handler::caller_state(shared, t).ok(),
+        (GraphQlConvention::V2_4_8, Some(t)) => match handler::caller_state(shared, t) {
+            Ok(caller) => Some(caller),
             Err(problem) => return conv.early(Early::Authentication(problem.message())),
         },
     };
     let plan = match planned {
+        // The Cloud Service's schema alone has the exchange of a one-time code.
+        Ok(plan) if shared.cfg.cloud_base.is_none() => {
+            match plan.fields.iter().find(|f| matches!(f.resolver, Resolver::ExchangeOtp { .. })) {
+                Some(f) => {
+                    let message = "Cannot query field \"exchangeOtpForCustomerToken\" on type \"Mutation\".";
+                    return errors_only(200, item(message, vec![locations(f.at)]));
+                }
+                None => plan,
+            }
+        }
         Ok(plan) => plan,
         Err(Failure::Syntax { message, at }) => return conv.early(Early::Syntax(message, at)),
         Err(Failure::Invalid { message, at }) => {
@@ -301,7 +324,7 @@ pub(crate) fn answer(shared: &Shared, headers: &Headers<'_>, incoming: Incoming)
 /// A resolver's error: its message and category.
 type FieldError = (&'static str, &'static str);
 
-fn execute(shared: &Shared, conv: GraphQlConvention, store: &StoreInfo, user: Option<u64>, plan: Plan) -> Answer {
+fn execute(shared: &Shared, conv: GraphQlConvention, store: &StoreInfo, user: Option<Caller>, plan: Plan) -> Answer {
     let mut data = Vec::with_capacity(plan.fields.len());
     let mut errors = Vec::new();
     let mut categories = Vec::new();
@@ -317,6 +340,20 @@ fn execute(shared: &Shared, conv: GraphQlConvention, store: &StoreInfo, user: Op
                 })
             }
             Resolver::Customer { select } => customer(shared, store, user, select),
+            Resolver::GenerateCustomerTokenAsAdmin { email, select } => {
+                generate_customer_token_as_admin(shared, store, user, email).map(|token| {
+                    leaves(select, "GenerateCustomerTokenAsAdminOutput", |leaf| match leaf {
+                        LeafField::CustomerToken => Node::str(token.as_str()),
+                        _ => Node::Null,
+                    })
+                })
+            }
+            Resolver::ExchangeOtp { email, otp, select } => exchange_otp(shared, store, email, otp).map(|token| {
+                leaves(select, "CustomerToken", |leaf| match leaf {
+                    LeafField::Token => Node::str(token.as_str()),
+                    _ => Node::Null,
+                })
+            }),
         };
         match resolved {
             Ok(node) => data.push((field.key, node)),
@@ -385,9 +422,16 @@ fn generate_customer_token(
 /// CustomerGraphQl's Customer resolver and GetCustomer: a guest is not authorized, and neither is
 /// a customer of another website than the `Store` header's (how Magento refuses that is
 /// UNCONFIRMED; see magento-other-paths.md §4); then the customer's lock and confirmation.
-fn customer(shared: &Shared, store: &StoreInfo, user: Option<u64>, select: &[plan::Leaf]) -> Result<Node, FieldError> {
+fn customer(
+    shared: &Shared,
+    store: &StoreInfo,
+    user: Option<Caller>,
+    select: &[plan::Leaf],
+) -> Result<Node, FieldError> {
     let not_authorized = (MSG_CUSTOMER_NOT_AUTHORIZED, CATEGORY_AUTHORIZATION);
-    let uid = user.ok_or(not_authorized)?;
+    let Some(Caller::Customer(uid)) = user else {
+        return Err(not_authorized);
+    };
     let st = shared.lock();
     let c = st.customers.get(&uid).ok_or(not_authorized)?;
     if store.all || store.website != c.website {
@@ -405,4 +449,64 @@ fn customer(shared: &Shared, store: &StoreInfo, user: Option<u64>, select: &[pla
         LeafField::Lastname => Node::str("Customer"),
         _ => Node::Null,
     }))
+}
+
+/// LoginAsCustomerGraphQl's RequestCustomerToken and CreateCustomerToken, checks in their order:
+/// a blank email, a caller that is not an admin, the Login as Customer setting or the `login`
+/// ACL, the `allow_shopping_assistance` ACL, the email in the `Store` header's website (then, when
+/// told to check it as the docs say, the customer's own opt-in, UNCONFIRMED wording); an opaque
+/// token. No password: no throttle, no reCAPTCHA.
+fn generate_customer_token_as_admin(
+    shared: &Shared,
+    store: &StoreInfo,
+    user: Option<Caller>,
+    email: &str,
+) -> Result<String, FieldError> {
+    use std::sync::atomic::Ordering::Relaxed;
+    if email.trim().is_empty() {
+        return Err(("Specify the \"customer email\" value.", CATEGORY_INPUT));
+    }
+    let Some(Caller::Admin(admin_id)) = user else {
+        return Err((MSG_CUSTOMER_NOT_AUTHORIZED, CATEGORY_AUTHORIZATION));
+    };
+    let uid = {
+        let mut st = shared.lock();
+        let (login, assistance) =
+            st.issuers.admin_by_id(admin_id).map_or((false, false), |a| (a.acl_login, a.acl_assistance));
+        if !login || !shared.login_as_customer.load(Relaxed) {
+            return Err(("Login as Customer is disabled.", CATEGORY_AUTHORIZATION));
+        }
+        if !assistance {
+            return Err(("Allow remote shopping assistance is disabled.", CATEGORY_AUTHORIZATION));
+        }
+        let customer = match store.all {
+            true => None,
+            false => st.lookup_mut(&store.website, &email.trim().to_lowercase()).map(|c| (c.id, c.assistance_allowed)),
+        };
+        let Some((id, assistance_allowed)) = customer else {
+            return Err(("Customer email provided does not exist", CATEGORY_INPUT));
+        };
+        if shared.check_assistance.load(Relaxed) && !assistance_allowed {
+            return Err(("The customer has not allowed remote shopping assistance.", CATEGORY_AUTHORIZATION));
+        }
+        st.issuers.counts.login_as_customer_tokens += 1;
+        id
+    };
+    Ok(handler::mint_opaque_customer_token(shared, uid))
+}
+
+/// The Cloud Service's `exchangeOtpForCustomerToken`: reCAPTCHA as for logins, the empty
+/// arguments, then the code (unknown or used, expired, another customer's), all
+/// `graphql-authentication` (wording UNCONFIRMED).
+fn exchange_otp(shared: &Shared, store: &StoreInfo, email: &str, otp: &str) -> Result<String, FieldError> {
+    if shared.recaptcha.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err((MSG_RECAPTCHA, CATEGORY_INPUT));
+    }
+    if email.is_empty() {
+        return Err(("Specify the \"email\" value.", CATEGORY_INPUT));
+    }
+    if otp.is_empty() {
+        return Err(("Specify the \"otp\" value.", CATEGORY_INPUT));
+    }
+    super::cloud::exchange(shared, store, email, otp).map_err(|message| (message, CATEGORY_AUTHENTICATION))
 }

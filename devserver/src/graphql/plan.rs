@@ -6,7 +6,13 @@
 //! read from literals or variables. The schema is the part of Magento's that the daemon uses:
 //!
 //! ```graphql
-//! type Mutation { generateCustomerToken(email: String!, password: String!): CustomerToken }
+//! type Mutation {
+//!   generateCustomerToken(email: String!, password: String!): CustomerToken
+//!   generateCustomerTokenAsAdmin(input: GenerateCustomerTokenAsAdminInput!): GenerateCustomerTokenAsAdminOutput
+//!   exchangeOtpForCustomerToken(email: String!, otp: String!): CustomerToken   # cloud service only
+//! }
+//! input GenerateCustomerTokenAsAdminInput { customer_email: String! }
+//! type GenerateCustomerTokenAsAdminOutput { customer_token: String! }
 //! type CustomerToken { token: String }
 //! type Query { customer: Customer }
 //! type Customer { email: String firstname: String lastname: String }
@@ -70,6 +76,22 @@ impl Plan {
         })
     }
 
+    /// The `customer_email` of the first `generateCustomerTokenAsAdmin` in a mutation.
+    pub(crate) fn login_as_admin(&self) -> Option<&str> {
+        self.fields.iter().find_map(|f| match &f.resolver {
+            Resolver::GenerateCustomerTokenAsAdmin { email, .. } => Some(email.as_str()),
+            _ => None,
+        })
+    }
+
+    /// The `email` of the first `exchangeOtpForCustomerToken` in a mutation.
+    pub(crate) fn otp_exchange(&self) -> Option<&str> {
+        self.fields.iter().find_map(|f| match &f.resolver {
+            Resolver::ExchangeOtp { email, .. } => Some(email.as_str()),
+            _ => None,
+        })
+    }
+
     pub(crate) fn queries_customer(&self) -> bool {
         self.fields.iter().any(|f| matches!(f.resolver, Resolver::Customer { .. }))
     }
@@ -95,6 +117,15 @@ pub(crate) enum Resolver {
     Customer {
         select: Vec<Leaf>,
     },
+    GenerateCustomerTokenAsAdmin {
+        email: String,
+        select: Vec<Leaf>,
+    },
+    ExchangeOtp {
+        email: String,
+        otp: String,
+        select: Vec<Leaf>,
+    },
 }
 
 /// A scalar field selected below a root field.
@@ -108,6 +139,7 @@ pub(crate) struct Leaf {
 pub(crate) enum LeafField {
     Typename,
     Token,
+    CustomerToken,
     Email,
     Firstname,
     Lastname,
@@ -138,6 +170,10 @@ struct Composite {
 }
 
 const CUSTOMER_TOKEN: Composite = Composite { name: "CustomerToken", leaves: &[("token", LeafField::Token)] };
+const AS_ADMIN_OUTPUT: Composite =
+    Composite { name: "GenerateCustomerTokenAsAdminOutput", leaves: &[("customer_token", LeafField::CustomerToken)] };
+/// The input object of `generateCustomerTokenAsAdmin`.
+pub(crate) const AS_ADMIN_INPUT: &str = "GenerateCustomerTokenAsAdminInput";
 const CUSTOMER: Composite = Composite {
     name: "Customer",
     leaves: &[("email", LeafField::Email), ("firstname", LeafField::Firstname), ("lastname", LeafField::Lastname)],
@@ -282,7 +318,7 @@ impl<'d, 'a> Walk<'d, 'a> {
                 inner = t;
             }
             if let Type::NamedType(name) = inner {
-                if !matches!(*name, "String" | "Int" | "Float" | "Boolean" | "ID") {
+                if !matches!(*name, "String" | "Int" | "Float" | "Boolean" | "ID" | AS_ADMIN_INPUT) {
                     return Err(Failure::invalid(format!("Unknown type \"{name}\"."), At::from(def.position)));
                 }
             }
@@ -316,8 +352,17 @@ impl<'d, 'a> Walk<'d, 'a> {
             }
             (OpKind::Mutation, "generateCustomerToken") => {
                 let select = leaves(field, &CUSTOMER_TOKEN)?;
-                let (email, password) = self.login_arguments(field)?;
+                let [email, password] = self.string_arguments(field, ["email", "password"])?;
                 Resolver::GenerateCustomerToken { email, password, select }
+            }
+            (OpKind::Mutation, "generateCustomerTokenAsAdmin") => {
+                let select = leaves(field, &AS_ADMIN_OUTPUT)?;
+                Resolver::GenerateCustomerTokenAsAdmin { email: self.as_admin_input(field)?, select }
+            }
+            (OpKind::Mutation, "exchangeOtpForCustomerToken") => {
+                let select = leaves(field, &CUSTOMER_TOKEN)?;
+                let [email, otp] = self.string_arguments(field, ["email", "otp"])?;
+                Resolver::ExchangeOtp { email, otp, select }
             }
             (OpKind::Query, "customer") => {
                 no_arguments(field, root)?;
@@ -330,17 +375,17 @@ impl<'d, 'a> Walk<'d, 'a> {
         Ok(RootField { key, at, resolver })
     }
 
-    /// `email: String!` and `password: String!`: KnownArgumentNames, UniqueArgumentNames,
-    /// ValuesOfCorrectType, ProvidedRequiredArguments, NoUndefinedVariables and
-    /// VariablesInAllowedPosition, in that order for each argument.
-    fn login_arguments(&mut self, field: &Field<'a, &'a str>) -> Result<(String, String), Failure> {
+    /// Two `String!` arguments (`email` and `password`, `email` and `otp`): KnownArgumentNames,
+    /// UniqueArgumentNames, ValuesOfCorrectType, ProvidedRequiredArguments, NoUndefinedVariables
+    /// and VariablesInAllowedPosition, in that order for each argument.
+    fn string_arguments(&mut self, field: &Field<'a, &'a str>, names: [&str; 2]) -> Result<[String; 2], Failure> {
         let at = At::from(field.position);
-        let mut email = None;
-        let mut password = None;
+        let mut first = None;
+        let mut second = None;
         for (name, value) in &field.arguments {
             let slot = match *name {
-                "email" => &mut email,
-                "password" => &mut password,
+                n if n == names[0] => &mut first,
+                n if n == names[1] => &mut second,
                 other => {
                     return Err(Failure::invalid(
                         format!("Unknown argument \"{other}\" on field \"{}\" of type \"Mutation\".", field.name),
@@ -362,9 +407,99 @@ impl<'d, 'a> Walk<'d, 'a> {
                 at,
             )
         };
-        let email = email.ok_or_else(|| required("email"))?;
-        let password = password.ok_or_else(|| required("password"))?;
-        Ok((email, password))
+        let first = first.ok_or_else(|| required(names[0]))?;
+        let second = second.ok_or_else(|| required(names[1]))?;
+        Ok([first, second])
+    }
+
+    /// `input: GenerateCustomerTokenAsAdminInput!`: an object literal whose `customer_email` is a
+    /// string or a `String!` variable, or a variable of the input type whose value is an object
+    /// with a string `customer_email`. Returns that email.
+    fn as_admin_input(&mut self, field: &Field<'a, &'a str>) -> Result<String, Failure> {
+        let at = At::from(field.position);
+        let mut input = None;
+        for (name, value) in &field.arguments {
+            if *name != "input" {
+                return Err(Failure::invalid(
+                    format!("Unknown argument \"{name}\" on field \"{}\" of type \"Mutation\".", field.name),
+                    at,
+                ));
+            }
+            if input.is_some() {
+                return Err(Failure::invalid("There can be only one argument named \"input\".", at));
+            }
+            input = Some(value);
+        }
+        let not_provided = || {
+            Failure::invalid(
+                format!(
+                "Field \"{}\" argument \"input\" of type \"{AS_ADMIN_INPUT}!\" is required, but it was not provided.",
+                field.name
+            ),
+                at,
+            )
+        };
+        let email_missing = || {
+            Failure::invalid(
+                format!("Field \"{AS_ADMIN_INPUT}.customer_email\" of required type \"String!\" was not provided."),
+                at,
+            )
+        };
+        match input.ok_or_else(not_provided)? {
+            Value::Object(fields) => {
+                if let Some(other) = fields.keys().find(|k| k != &&"customer_email") {
+                    return Err(Failure::invalid(
+                        format!("Field \"{other}\" is not defined by type \"{AS_ADMIN_INPUT}\"."),
+                        at,
+                    ));
+                }
+                let value = fields.get(&"customer_email").ok_or_else(email_missing)?;
+                self.string_argument(value, at)
+            }
+            Value::Variable(name) => self.input_variable(name, at),
+            Value::Null => {
+                Err(Failure::invalid(format!("Expected value of type \"{AS_ADMIN_INPUT}!\", found null."), at))
+            }
+            other => Err(Failure::invalid(format!("Expected value of type \"{AS_ADMIN_INPUT}!\", found {other}."), at)),
+        }
+    }
+
+    /// A variable declared `GenerateCustomerTokenAsAdminInput!` standing for the whole input.
+    fn input_variable(&mut self, name: &'a str, at: At) -> Result<String, Failure> {
+        self.used.insert(name);
+        let Some(def) = self.defs.iter().find(|d| d.name == name) else {
+            let message = match self.op_name {
+                Some(op) => format!("Variable \"${name}\" is not defined by operation \"{op}\"."),
+                None => format!("Variable \"${name}\" is not defined."),
+            };
+            return Err(Failure::invalid(message, at));
+        };
+        let declared = def.var_type.to_string();
+        if !matches!(&def.var_type, Type::NonNullType(inner) if matches!(**inner, Type::NamedType(AS_ADMIN_INPUT))) {
+            return Err(Failure::invalid(
+                format!("Variable \"${name}\" of type \"{declared}\" used in position expecting type \"{AS_ADMIN_INPUT}!\"."),
+                at,
+            ));
+        }
+        let def_at = At::from(def.position);
+        match self.variables.get(name) {
+            Some(Json::Object(m)) => match m.get("customer_email") {
+                Some(Json::String(s)) => return Ok(s.clone()),
+                _ => self.coerce.push(Failure::invalid(
+                    format!("Variable \"${name}\" got invalid value {}; Field \"customer_email\" of required type \"String!\" was not provided.", Json::Object(m.clone())),
+                    def_at,
+                )),
+            },
+            None => self.coerce.push(Failure::invalid(
+                format!("Variable \"${name}\" of required type \"{declared}\" was not provided."),
+                def_at,
+            )),
+            Some(other) => self.coerce.push(Failure::invalid(
+                format!("Variable \"${name}\" got invalid value {other}; Expected type \"{AS_ADMIN_INPUT}\" to be an object."),
+                def_at,
+            )),
+        }
+        Ok(String::new())
     }
 
     /// A `String!` argument's value: a string literal, or a variable declared `String!` (or

@@ -655,7 +655,14 @@ async fn cloud_service_serves_graphql_under_the_tenant_and_no_rest_logins() {
     let a = send(client().get(format!("{base}/V1/customers/me")).header("store", "default").bearer_auth(&t)).await;
     assert_eq!((a.status, a.json()), (404, not_found.clone()));
     let a = send(client().post(format!("{base}/V1/customer/1/otp")).header("content-type", "application/json")).await;
-    assert_eq!((a.status, a.json()), (404, not_found), "the one-time code is not built yet");
+    assert_eq!(
+        (a.status, a.json()),
+        (
+            401,
+            json!({"message": "The consumer isn't authorized to access %resources.", "parameters": {"resources": "Magento_LoginAsCustomer::login"}})
+        ),
+        "the one-time code route wants an IMS token"
+    );
     // Outside the tenant: nothing, neither the on-premises REST nor /graphql.
     for path in ["/rest/V1/integration/customer/token", "/graphql", "/Ab3dEfGh1jK2x/graphql"] {
         let a = send(
