@@ -464,16 +464,22 @@ impl<'d, 'a> Walk<'d, 'a> {
         }
     }
 
-    /// A variable declared `GenerateCustomerTokenAsAdminInput!` standing for the whole input.
-    fn input_variable(&mut self, name: &'a str, at: At) -> Result<String, Failure> {
+    /// The definition of the variable `name`, used at `at` (and marked used), or the error of
+    /// one the operation does not define.
+    fn definition(&mut self, name: &'a str, at: At) -> Result<&'d VariableDefinition<'a, &'a str>, Failure> {
         self.used.insert(name);
-        let Some(def) = self.defs.iter().find(|d| d.name == name) else {
+        self.defs.iter().find(|d| d.name == name).ok_or_else(|| {
             let message = match self.op_name {
                 Some(op) => format!("Variable \"${name}\" is not defined by operation \"{op}\"."),
                 None => format!("Variable \"${name}\" is not defined."),
             };
-            return Err(Failure::invalid(message, at));
-        };
+            Failure::invalid(message, at)
+        })
+    }
+
+    /// A variable declared `GenerateCustomerTokenAsAdminInput!` standing for the whole input.
+    fn input_variable(&mut self, name: &'a str, at: At) -> Result<String, Failure> {
+        let def = self.definition(name, at)?;
         let declared = def.var_type.to_string();
         if !matches!(&def.var_type, Type::NonNullType(inner) if matches!(**inner, Type::NamedType(AS_ADMIN_INPUT))) {
             return Err(Failure::invalid(
@@ -514,14 +520,7 @@ impl<'d, 'a> Walk<'d, 'a> {
     }
 
     fn variable(&mut self, name: &'a str, at: At) -> Result<String, Failure> {
-        self.used.insert(name);
-        let Some(def) = self.defs.iter().find(|d| d.name == name) else {
-            let message = match self.op_name {
-                Some(op) => format!("Variable \"${name}\" is not defined by operation \"{op}\"."),
-                None => format!("Variable \"${name}\" is not defined."),
-            };
-            return Err(Failure::invalid(message, at));
-        };
+        let def = self.definition(name, at)?;
         let declared = def.var_type.to_string();
         let default = match &def.default_value {
             Some(Value::String(s)) => Some(s.as_str()),
