@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::admin::{decode_secret, totp_at};
+use crate::graphql::tests::{field_error, post, NOT_AUTHORIZED};
 use crate::tests::{claims, client, me, send, server, token, Answer, SIGN_IN};
 use crate::{CloudService, DevServer, DevServerArgs, DevServerOptions, GraphQlConvention, Route};
 
@@ -19,7 +20,6 @@ const SECRET: &str = "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ";
 const PATH_ADMIN: &str = "/rest/V1/integration/admin/token";
 const PATH_GOOGLE: &str = "/rest/V1/tfa/provider/google/authenticate";
 const TWO_FACTOR: &str = "Please use the 2fa provider-specific endpoints to obtain a token.";
-const NOT_AUTHORIZED: &str = "The current customer isn't authorized.";
 const AS_ADMIN: &str = "mutation($e:String!){generateCustomerTokenAsAdmin(input:{customer_email:$e}){customer_token}}";
 const AS_ADMIN_AT: (i64, i64) = (1, 22);
 const EXCHANGE: &str = "mutation($e:String!,$o:String!){exchangeOtpForCustomerToken(email:$e,otp:$o){token}}";
@@ -243,32 +243,8 @@ async fn wrong_codes_lock_the_admin() {
     assert_eq!(google(&s, ROBOT, ROBOT_PASSWORD, &fresh).await.json(), message(SIGN_IN));
 }
 
-/// A POST to the GraphQL endpoint with optional `Store` and bearer token.
-async fn gql(s: &DevServer, store: Option<&str>, bearer: Option<&str>, body: Value) -> Answer {
-    let mut req = client().post(s.graphql_url()).header("content-type", "application/json").body(body.to_string());
-    if let Some(store) = store {
-        req = req.header("store", store);
-    }
-    if let Some(t) = bearer {
-        req = req.bearer_auth(t);
-    }
-    send(req).await
-}
-
 async fn as_admin(s: &DevServer, bearer: Option<&str>, email: &str) -> Answer {
-    gql(s, None, bearer, json!({"query": AS_ADMIN, "variables": {"e": email}})).await
-}
-
-fn field_error(message: &str, category: &str, field: &str, (line, column): (i64, i64)) -> Value {
-    json!({
-        "errors": [{
-            "message": message,
-            "locations": [{"line": line, "column": column}],
-            "path": [field],
-            "extensions": {"category": category},
-        }],
-        "data": {field: null},
-    })
+    post(s, None, bearer, json!({"query": AS_ADMIN, "variables": {"e": email}})).await
 }
 
 fn as_admin_error(message: &str, category: &str) -> Value {
@@ -314,7 +290,7 @@ async fn login_as_customer_checks_in_order_in_both_conventions() {
         assert_eq!(t.len(), 32);
         assert!(t.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase()), "opaque, not a JWT: {t}");
         assert_eq!(me(&s, &t).await.json()["email"], ALICE);
-        let a = gql(&s, Some("default"), Some(&t), json!({"query": "{ customer { email } }"})).await;
+        let a = post(&s, Some("default"), Some(&t), json!({"query": "{ customer { email } }"})).await;
         assert_eq!((a.status, a.json()), (200, json!({"data": {"customer": {"email": ALICE}}})));
         assert!(s.issued(&t));
         assert_eq!(s.issuer_counts().login_as_customer_tokens, 1);
@@ -334,19 +310,19 @@ async fn login_as_customer_looks_in_the_store_headers_website_and_takes_the_inpu
     .await;
     let admin = admin_token(&s).await;
     let query = "mutation($i: GenerateCustomerTokenAsAdminInput!) { generateCustomerTokenAsAdmin(input: $i) { customer_token } }";
-    let a =
-        gql(&s, Some("de"), Some(&admin), json!({"query": query, "variables": {"i": {"customer_email": ALICE}}})).await;
+    let a = post(&s, Some("de"), Some(&admin), json!({"query": query, "variables": {"i": {"customer_email": ALICE}}}))
+        .await;
     assert_eq!(a.json()["errors"][0]["message"], "Customer email provided does not exist");
-    let a = gql(&s, None, Some(&admin), json!({"query": query, "variables": {"i": {"customer_email": ALICE}}})).await;
+    let a = post(&s, None, Some(&admin), json!({"query": query, "variables": {"i": {"customer_email": ALICE}}})).await;
     assert_eq!(a.json()["data"]["generateCustomerTokenAsAdmin"]["customer_token"].as_str().unwrap().len(), 32);
     // A literal input; a wrong input field is webonyx's.
     let literal = format!(
         "mutation {{ generateCustomerTokenAsAdmin(input: {{customer_email: \"{ALICE}\"}}) {{ customer_token }} }}"
     );
-    assert_eq!(gql(&s, None, Some(&admin), json!({"query": literal})).await.status, 200);
+    assert_eq!(post(&s, None, Some(&admin), json!({"query": literal})).await.status, 200);
     let bad = "mutation { generateCustomerTokenAsAdmin(input: {email: \"a\"}) { customer_token } }";
     assert_eq!(
-        gql(&s, None, Some(&admin), json!({"query": bad})).await.json()["errors"][0]["message"],
+        post(&s, None, Some(&admin), json!({"query": bad})).await.json()["errors"][0]["message"],
         "Field \"email\" is not defined by type \"GenerateCustomerTokenAsAdminInput\"."
     );
 }
@@ -370,7 +346,7 @@ async fn login_as_customer_tokens_expire_after_the_opaque_lifetime_and_are_revoc
     assert_eq!(me(&s, &t).await.status, 200);
     s.advance_clock(Duration::from_secs(1));
     assert_eq!(me(&s, &t).await.status, 401);
-    let a = gql(&s, None, Some(&t), json!({"query": "{ customer { email } }"})).await;
+    let a = post(&s, None, Some(&t), json!({"query": "{ customer { email } }"})).await;
     assert_eq!((a.status, a.json()["errors"][0]["message"].clone()), (401, json!("Consumer key has expired")));
     let t = issue().await;
     assert_eq!(me(&s, &t).await.status, 200);
@@ -449,7 +425,7 @@ async fn otp(s: &DevServer, bearer: &str) -> String {
 }
 
 async fn exchange(s: &DevServer, email: &str, code: &str) -> Answer {
-    gql(s, None, None, json!({"query": EXCHANGE, "variables": {"e": email, "o": code}})).await
+    post(s, None, None, json!({"query": EXCHANGE, "variables": {"e": email, "o": code}})).await
 }
 
 #[tokio::test]
@@ -566,7 +542,7 @@ async fn otp_exchange_is_single_use_bound_to_its_customer_and_expires() {
         assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
         let token = a.json()["data"]["exchangeOtpForCustomerToken"]["token"].as_str().unwrap().to_owned();
         assert_eq!(claims(&token)["utypid"], 3, "a customer JWT");
-        let a = gql(&s, Some("default"), Some(&token), json!({"query": "{ customer { email } }"})).await;
+        let a = post(&s, Some("default"), Some(&token), json!({"query": "{ customer { email } }"})).await;
         assert_eq!(a.json(), json!({"data": {"customer": {"email": ALICE}}}));
         let a = exchange(&s, ALICE, &code).await;
         assert_eq!((a.status, a.json()), (authn, err("The one-time password is invalid or has already been used.")));

@@ -21,7 +21,7 @@
 
 pub(crate) mod plan;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::time::Instant;
 

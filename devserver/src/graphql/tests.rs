@@ -16,7 +16,7 @@ const LOGIN_AT: (i64, i64) = (1, 33);
 /// The validation the daemon sends; the field starts at column 3.
 const ME: &str = "{ customer { email } }";
 const ME_AT: (i64, i64) = (1, 3);
-const NOT_AUTHORIZED: &str = "The current customer isn't authorized.";
+pub(crate) const NOT_AUTHORIZED: &str = "The current customer isn't authorized.";
 const UNCONFIRMED: &str = "This account isn't confirmed. Verify and try again.";
 
 async fn gql_server(convention: GraphQlConvention) -> DevServer {
@@ -24,7 +24,8 @@ async fn gql_server(convention: GraphQlConvention) -> DevServer {
 }
 
 /// A POST to the endpoint as the daemon sends it, with optional `Store` and bearer token.
-async fn post(s: &DevServer, store: Option<&str>, bearer: Option<&str>, body: Value) -> Answer {
+/// A POST to the GraphQL endpoint with optional `Store` and bearer token.
+pub(crate) async fn post(s: &DevServer, store: Option<&str>, bearer: Option<&str>, body: Value) -> Answer {
     let mut req = client().post(s.graphql_url()).header("content-type", "application/json").body(body.to_string());
     if let Some(store) = store {
         req = req.header("store", store);
@@ -50,7 +51,7 @@ async fn gql_me(s: &DevServer, store: Option<&str>, bearer: Option<&str>) -> Ans
 }
 
 /// A resolver's error as §1 shapes it: the item, then `data` with the field null.
-fn field_error(message: &str, category: &str, field: &str, (line, column): (i64, i64)) -> Value {
+pub(crate) fn field_error(message: &str, category: &str, field: &str, (line, column): (i64, i64)) -> Value {
     json!({
         "errors": [{
             "message": message,
