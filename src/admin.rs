@@ -475,6 +475,9 @@ struct StatusBody {
     /// `output.kubernetes`: this replica, the Lease and its holder.
     #[serde(skip_serializing_if = "Option::is_none")]
     leader: Option<crate::status::Leadership>,
+    /// `auth.method` other than `password`: the admin's or the IMS credential's token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    issuer: Option<crate::status::IssuerStatus>,
     customers: Vec<CustomerStatus>,
 }
 
@@ -482,6 +485,7 @@ async fn status(State(admin): State<Admin>) -> Json<StatusBody> {
     Json(StatusBody {
         version: env!("CARGO_PKG_VERSION"),
         leader: admin.metrics.board().leadership(),
+        issuer: admin.metrics.board().issuer(),
         customers: admin.metrics.board().snapshot(SystemTime::now()),
     })
 }

@@ -87,7 +87,7 @@ pub fn restore_ledger(
     r: &RefreshSettings,
 ) -> Option<AuthState> {
     let Recorded::Failures(recorded) = store.ledger(customer, now, r) else { return None };
-    account.restore(recorded.clone(), customer.password.read().ok());
+    account.restore(recorded.clone(), customer.read_password().ok());
     Some(recorded)
 }
 
@@ -121,13 +121,40 @@ enum Slot<'a> {
 /// The slot is always taken before the account's turn by such callers, so two entries of one
 /// username cannot each hold what the other waits for.
 pub async fn attempt_in_slot<M: Magento>(
-    mut a: Attempt<'_, M>,
+    a: Attempt<'_, M>,
     held: Option<OwnedSemaphorePermit>,
     stop: &CancellationToken,
 ) -> Result<Obtained, NoToken> {
+    let (magento, customer) = (a.magento, a.customer);
+    let endpoint = customer.endpoint();
+    let send = |password: Secret| async move {
+        magento.login(&endpoint, &customer.username, &password).await.map(|token| (token, None))
+    };
+    guarded(a, held, stop, send).await
+}
+
+/// What a login sent under the lockout policy gives: the token, and how long it lives when the
+/// answer says so (an IMS token's `expires_in`); `None`: read from the token itself.
+pub type Sent = Result<(Secret, Option<Duration>), LoginError>;
+
+/// A login of `a.customer`'s account under the lockout policy, whatever is sent: `send` gets the
+/// password (read now, or `a.password`) once the policy allows it and a slot is held. The
+/// customers' logins ([`attempt_in_slot`]) and the issuer's logins (an admin's, an IMS
+/// credential's: [`crate::issuer`]) both go through here, so every credential that Magento may
+/// lock out is spent by the same rules.
+pub async fn guarded<M, F, Fut>(
+    mut a: Attempt<'_, M>,
+    held: Option<OwnedSemaphorePermit>,
+    stop: &CancellationToken,
+    send: F,
+) -> Result<Obtained, NoToken>
+where
+    F: FnOnce(Secret) -> Fut,
+    Fut: Future<Output = Sent>,
+{
     let password = match a.password.take() {
         Some(password) => password,
-        None => a.customer.password.read().map_err(NoToken::Password)?,
+        None => a.customer.read_password().map_err(NoToken::Password)?,
     };
     // The account's turn: another entry of this username may be logging in, and its outcome
     // decides whether this login may be sent at all.
@@ -171,11 +198,11 @@ pub async fn attempt_in_slot<M: Magento>(
     }
     let started = a.clock.now();
     let timer = tokio::time::Instant::now();
-    let answer = a.magento.login(&a.customer.endpoint(), &a.customer.username, &password).await;
+    let answer = send(password.clone()).await;
     let took = timer.elapsed();
     drop(permit);
-    let obtained = answer.and_then(|token| {
-        let expiry = token::expiry(&token, started, a.refresh.default_lifetime)
+    let obtained = answer.and_then(|(token, lifetime)| {
+        let expiry = token::expiry(&token, started, lifetime.unwrap_or(a.refresh.default_lifetime))
             .map_err(|e| LoginError::new(Outcome::InvalidResponse, e.to_string()))?;
         Ok(Obtained { token, obtained_at: started, expiry, took })
     });

@@ -47,6 +47,7 @@ pub mod demo;
 pub mod dirlock;
 pub mod format;
 pub mod fs;
+pub mod issuer;
 pub mod ledger;
 pub mod logging;
 pub mod magento;
@@ -61,6 +62,7 @@ pub mod sink;
 pub mod status;
 pub mod store;
 pub mod token;
+pub mod totp;
 pub mod worker;
 
 /// The modules above form a graph without cycles: each one's `crate::` imports (outside its

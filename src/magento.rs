@@ -31,6 +31,7 @@ use serde::Serialize;
 use zeroize::Zeroizing;
 
 mod graphql;
+mod issuer;
 
 use crate::config::{Endpoint, MagentoSettings};
 use crate::logging::escape_controls;
@@ -586,6 +587,15 @@ fn shown_detail(
 /// request carried (the password, or the token): no server text that repeats a piece of it is
 /// shown.
 async fn error_answer(response: Response, secret: &Secret) -> LoginError {
+    error_answer_as(response, secret, classify).await
+}
+
+/// [`error_answer`] with another route's sorting of Magento's answers.
+async fn error_answer_as(
+    response: Response,
+    secret: &Secret,
+    classify: fn(StatusCode, bool, Option<&str>) -> Class,
+) -> LoginError {
     let head = Head::of(&response);
     let pieces = Pieces::of(secret.expose());
     if let Some(redirect) = head.redirected(&pieces) {
@@ -633,17 +643,56 @@ enum Class {
     /// GraphQL, a login refused for a bearer token it carried, which the daemon never sends with
     /// a login: something in between added one. Refused before the login ran: nothing counted.
     BearerOnLogin,
+    /// The admin token route's refusal when two-factor authentication is on: the password was
+    /// right, and a code is wanted (`auth.admin.totp_secret_file`).
+    TwoFactorRequired,
+    /// The 2FA provider refused the code (`Invalid code.`): a failure of the admin account.
+    WrongCode,
+    /// `generateCustomerTokenAsAdmin`: the setting or the admin's `::login` ACL is off.
+    LoginAsCustomerDisabled,
+    /// `generateCustomerTokenAsAdmin`: the admin lacks `::allow_shopping_assistance`.
+    AssistanceDisabled,
+    /// `generateCustomerTokenAsAdmin`: no customer of this email in the store view's website.
+    UnknownCustomer,
+    /// The issuer's token (the admin's, or the IMS access token) was refused: a new one is asked for.
+    IssuerTokenRefused,
+    /// IMS refused the client credentials.
+    ImsRefused,
+    /// The one-time code route refused the IMS credential (its ACL, API key or org).
+    OtpForbidden,
+    /// The one-time code route knows no customer of this id.
+    UnknownCustomerId,
+    /// The one-time code route failed with a 500: Adobe documents that a customer who has not
+    /// allowed remote shopping assistance may surface so.
+    OtpServerError,
+    /// The exchange refused the one-time code (expired, used, another customer's).
+    CodeRefused,
     Other,
 }
 
 impl Class {
     fn outcome(self) -> Outcome {
         match self {
-            Class::WrongPassword | Class::Unconfirmed | Class::TokenRefused => Outcome::AuthFailure,
-            Class::ReCaptcha => Outcome::Blocked,
-            Class::NotMagentos | Class::UnknownStore | Class::AccountRefused | Class::BearerOnLogin | Class::Other => {
-                Outcome::HttpError
-            }
+            Class::WrongPassword
+            | Class::Unconfirmed
+            | Class::TokenRefused
+            | Class::WrongCode
+            | Class::IssuerTokenRefused
+            | Class::ImsRefused => Outcome::AuthFailure,
+            Class::ReCaptcha
+            | Class::TwoFactorRequired
+            | Class::LoginAsCustomerDisabled
+            | Class::AssistanceDisabled
+            | Class::UnknownCustomer
+            | Class::OtpForbidden
+            | Class::UnknownCustomerId => Outcome::Blocked,
+            Class::NotMagentos
+            | Class::UnknownStore
+            | Class::AccountRefused
+            | Class::BearerOnLogin
+            | Class::OtpServerError
+            | Class::CodeRefused
+            | Class::Other => Outcome::HttpError,
         }
     }
 
@@ -659,6 +708,17 @@ impl Class {
             (Class::TokenRefused, _) => " (Magento no longer accepts this token: revoked, expired or unreadable)",
             (Class::AccountRefused, _) => " (the token is good but Magento refuses the account; a login now would be refused too, and counted towards its lock: the token is kept)",
             (Class::BearerOnLogin, _) => " (Magento read an Authorization header on the login, which the daemon never sends: a proxy in between adds one; the login never ran and nothing was counted)",
+            (Class::TwoFactorRequired, _) => " (two-factor authentication is on for admins, and the password was accepted: set auth.admin.totp_secret_file to the base32 secret of this admin's Google Authenticator, so the daemon logs in through the provider's route with a code; nothing was counted towards the admin's lock)",
+            (Class::WrongCode, _) => " (the password was accepted and the two-factor code refused: auth.admin.totp_secret_file does not hold this admin's Google Authenticator secret, or this machine's clock is off by more than 30 s; counted as a failure of the admin account)",
+            (Class::LoginAsCustomerDisabled, _) => " (in the Magento admin: Stores > Configuration > Customers > Login as Customer > Enable Login as Customer = Yes, and give the admin user's role the resource Magento_LoginAsCustomer::login; nothing was counted)",
+            (Class::AssistanceDisabled, _) => " (give the admin user's role the resource Magento_LoginAsCustomer::allow_shopping_assistance, Customers > All Customers > Actions > Remote shopping assistance opt-in; nothing was counted)",
+            (Class::UnknownCustomer, _) => " (no customer has this email in the website of the customer's store view (the Store header, its store_code): correct the customer's username or store_code; nothing was counted)",
+            (Class::IssuerTokenRefused, _) => " (the issuer's token was refused, revoked or expired early: a new one is asked for at once)",
+            (Class::ImsRefused, _) => " (IMS refused the credential: check auth.ims.client_id and the client secret of the server-to-server credential in the Adobe Developer Console)",
+            (Class::OtpForbidden, _) => " (the IMS credential may not ask for one-time codes: its integration's role needs Magento_LoginAsCustomer::login, and auth.ims.client_id and org_id must be that credential's; nothing was counted)",
+            (Class::UnknownCustomerId, _) => " (no customer has this id: correct customers[].customer_id, Magento's id of the customer)",
+            (Class::OtpServerError, _) => " (Adobe documents that a customer who has not allowed remote shopping assistance surfaces so: the customer must allow it (allow_remote_shopping_assistance) in its account; else see the store's logs)",
+            (Class::CodeRefused, _) => " (the one-time code was refused, expired or already used: the next try asks for a new one)",
             (Class::Other, Dialect::Rest) if status == StatusCode::NOT_FOUND => " (check base_url and store_code: an unknown store code also answers this)",
             (Class::Other, Dialect::GraphQl) if status == StatusCode::NOT_FOUND => " (check base_url and magento.graphql_path: the GraphQL endpoint is not there)",
             (Class::Other, _) => "",

@@ -64,6 +64,10 @@ enum Command {
         /// Log in and check tokens through GraphQL (`magento.api: graphql`) instead of REST.
         #[arg(long)]
         graphql: bool,
+        /// No customer password: tokens through an admin with two-factor authentication
+        /// (`auth.method: login_as_customer`).
+        #[arg(long)]
+        login_as_customer: bool,
     },
     /// Run only the built-in Magento-compatible server (tests and benchmarks).
     #[cfg(feature = "demo")]
@@ -139,7 +143,7 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Demo { graphql } => runtime.block_on(dev::run_demo(graphql)),
+        Command::Demo { graphql, login_as_customer } => runtime.block_on(dev::run_demo(graphql, login_as_customer)),
         #[cfg(feature = "demo")]
         Command::Devserver(args) => runtime.block_on(dev::run_devserver(*args)),
     };
@@ -195,8 +199,10 @@ async fn forget_failures(path: &Path, names: &[String]) -> u8 {
     };
     let mut code = 0;
     let mut customers = Vec::new();
+    // The issuer's credential (`auth.admin`, `auth.ims`) has a ledger of its own.
+    let issuer = magento_token_sidecar::issuer::ledger_entry(&config.auth);
     for name in names {
-        match config.customers.iter().find(|c| &c.name == name) {
+        match config.customers.iter().chain(&issuer).find(|c| &c.name == name) {
             Some(customer) => customers.push(customer),
             None => {
                 eprintln!("{}: no customer named {name:?}", path.display());
@@ -418,8 +424,8 @@ mod dev {
 
     use super::{serve, FAILED};
 
-    pub async fn run_demo(graphql: bool) -> u8 {
-        let demo = match demo::prepare(graphql).await {
+    pub async fn run_demo(graphql: bool, login_as_customer: bool) -> u8 {
+        let demo = match demo::prepare(graphql, login_as_customer).await {
             Ok(d) => d,
             Err(e) => {
                 eprintln!("demo: {e}");
@@ -464,6 +470,7 @@ mod dev {
             "\nmagento-token-sidecar demo\n\
              \n  Magento-compatible server  {base}  (alice@example.com, bob@example.com; tokens live {life})\
              \n  logins and checks          {dialect}\
+             \n  customer tokens            {how}\
              \n  token files                {tokens}/alice, {tokens}/bob.token (the token alone, no newline)\
              \n  status                     http://{admin}/status\
              \n  metrics                    http://{admin}/metrics\
@@ -471,6 +478,11 @@ mod dev {
              \n\n  use a token:\n    {use_token}\
              \n\n  Ctrl-C stops the demo and removes its directory.\n",
             life = humantime::format_duration(demo::DEMO_TOKEN_LIFETIME),
+            how = if login_as_customer {
+                "Login as Customer: no customer password; the admin \"token-robot\" with Google Authenticator 2FA (run `demo` for passwords)"
+            } else {
+                "each customer's password (run `demo --login-as-customer` for none)"
+            },
             config = config_path.display(),
             pid = std::process::id(),
         );
@@ -508,7 +520,7 @@ mod dev {
 /// A build without the dev server (the container image) has no demo: say how to get one.
 #[cfg(not(feature = "demo"))]
 mod dev {
-    pub async fn run_demo(_graphql: bool) -> u8 {
+    pub async fn run_demo(_graphql: bool, _login_as_customer: bool) -> u8 {
         eprintln!(
             "this build has no demo (built without the `demo` feature, as the container image is): run `cargo run --release -- demo` in the source tree"
         );

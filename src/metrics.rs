@@ -319,6 +319,81 @@ impl Collector for ClusterCollector {
     }
 }
 
+/// `auth.method` other than `password`: the issuer's own series, labelled `method`, read from
+/// the board (none without an issuer).
+#[derive(Clone)]
+struct IssuerCollector {
+    board: Board,
+    descs: Vec<Desc>,
+}
+
+const ISSUER_EXPIRY: (&str, &str) = (
+    "magento_token_issuer_expiry_timestamp_seconds",
+    "Unix time the issuer's credential (the admin token, or the IMS access token) expires (0: none).",
+);
+const ISSUER_HELD_BACK: (&str, &str) = (
+    "magento_token_issuer_held_back",
+    "1 while the issuer's lockout budget holds its logins back: fix the admin password, TOTP secret or IMS client secret.",
+);
+const ISSUER_REFRESHES: (&str, &str) = (
+    "magento_token_issuer_refresh_total",
+    "Logins of the issuer's credential (the admin's, or the IMS client's) by outcome.",
+);
+
+impl IssuerCollector {
+    fn new(board: Board) -> IssuerCollector {
+        let desc = |(name, help): (&str, &str), labels: &[&str]| {
+            Desc::new(name.into(), help.into(), labels.iter().map(|l| l.to_string()).collect(), HashMap::new())
+                .expect("valid names and help")
+        };
+        let descs = vec![
+            desc(ISSUER_EXPIRY, &["method"]),
+            desc(ISSUER_HELD_BACK, &["method"]),
+            desc(ISSUER_REFRESHES, &["method", "result"]),
+        ];
+        IssuerCollector { board, descs }
+    }
+}
+
+impl Collector for IssuerCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let Some(e) = self.board.issuer_metrics() else { return Vec::new() };
+        let family = |(name, help): (&str, &str), kind, series: Vec<(Option<&str>, f64)>| {
+            let mut mf = MetricFamily::default();
+            mf.set_name(name.into());
+            mf.set_help(help.into());
+            mf.set_field_type(kind);
+            for (result, value) in series {
+                let mut labels = vec![label_pair("method", e.method)];
+                labels.extend(result.map(|r| label_pair("result", r)));
+                let mut m = Metric::from_label(labels);
+                if kind == MetricType::COUNTER {
+                    let mut c = proto::Counter::default();
+                    c.set_value(value);
+                    m.set_counter(c);
+                } else {
+                    let mut g = proto::Gauge::default();
+                    g.set_value(value);
+                    m.set_gauge(g);
+                }
+                mf.mut_metric().push(m);
+            }
+            mf
+        };
+        let held_back = f64::from(u8::from(e.state == crate::status::IssuerState::HeldBack));
+        let refreshes = Outcome::SORTED.iter().map(|o| (Some(o.as_str()), f64::from(e.refreshes[o.index()]))).collect();
+        vec![
+            family(ISSUER_EXPIRY, MetricType::GAUGE, vec![(None, timestamp(e.expires_at))]),
+            family(ISSUER_HELD_BACK, MetricType::GAUGE, vec![(None, held_back)]),
+            family(ISSUER_REFRESHES, MetricType::COUNTER, refreshes),
+        ]
+    }
+}
+
 /// Every metric of the process, in an owned registry, and the board the per-customer series
 /// are read from.
 pub struct Metrics {
@@ -350,8 +425,10 @@ impl Metrics {
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         let process = || prometheus::process_collector::ProcessCollector::for_self();
         let cluster = ClusterCollector::new(m.board.clone());
-        let fixed: [Box<dyn Collector>; 5] = [
+        let issuer = IssuerCollector::new(m.board.clone());
+        let fixed: [Box<dyn Collector>; 6] = [
             Box::new(cluster.clone()),
+            Box::new(issuer.clone()),
             Box::new(m.board.login_times().clone()),
             Box::new(m.reloads.clone()),
             Box::new(build_info.clone()),
@@ -360,8 +437,9 @@ impl Metrics {
         for c in fixed {
             m.fixed.register(c).expect("metric names are unique");
         }
-        let all: [Box<dyn Collector>; 6] = [
+        let all: [Box<dyn Collector>; 7] = [
             Box::new(cluster),
+            Box::new(issuer),
             Box::new(CustomerCollector::new(m.board.clone())),
             Box::new(m.board.login_times().clone()),
             Box::new(m.reloads.clone()),

@@ -175,6 +175,10 @@ impl ErrorNote {
     fn boxed(class: &'static str, message: &str, at: SystemTime) -> Box<ErrorNote> {
         Box::new(ErrorNote { class, message: message.into(), at })
     }
+
+    fn shown(&self) -> LastError {
+        LastError { class: self.class, message: self.message.to_string(), at: rfc3339(self.at) }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -213,6 +217,94 @@ pub struct Board {
     tokens_changed: Arc<Notify>,
     /// `output.kubernetes`: the Lease and the API requests.
     cluster: Arc<Mutex<ClusterStatus>>,
+    /// `auth.method` other than `password`: the admin's or the IMS credential's token.
+    issuer: Arc<Mutex<Option<IssuerEntry>>>,
+}
+
+/// Where the issuer's own credential stands (`/status`'s `issuer.state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IssuerState {
+    /// Before its first token.
+    Starting,
+    /// Its token is good; the next login is planned.
+    Fresh,
+    /// Its last login failed; it tries again (customers go on with its token while it lasts).
+    Failing,
+    /// Its lockout budget holds every login back (paused, or spent): fix the secret.
+    HeldBack,
+}
+
+/// Everything known of the issuer: `/status`'s `issuer` and the `magento_token_issuer_*` series.
+#[derive(Debug, Clone)]
+pub(crate) struct IssuerEntry {
+    /// `auth.method`, the `method` label.
+    pub(crate) method: &'static str,
+    pub(crate) state: IssuerState,
+    pub(crate) expires_at: Option<SystemTime>,
+    pub(crate) next_refresh_at: Option<SystemTime>,
+    /// `magento_token_issuer_refresh_total`, indexed by [`Outcome::index`].
+    pub(crate) refreshes: [u32; Outcome::ALL.len()],
+    last_error: Option<Box<ErrorNote>>,
+}
+
+/// The issuer, as `/status` shows it. Never holds a token or a secret.
+#[derive(Debug, Clone, Serialize)]
+pub struct IssuerStatus {
+    pub method: &'static str,
+    pub state: IssuerState,
+    pub expires_at: Option<String>,
+    pub next_refresh_at: Option<String>,
+    pub last_error: Option<LastError>,
+}
+
+/// What the issuer reports to the board (one per process, the issuer's task holds it).
+#[derive(Clone)]
+pub struct IssuerReporter {
+    board: Board,
+}
+
+impl IssuerReporter {
+    fn update(&self, f: impl FnOnce(&mut IssuerEntry)) {
+        if let Some(e) = self.board.issuer_entry().as_mut() {
+            f(e);
+        }
+    }
+
+    /// A new token, valid until `expires_at`, renewed at `next`.
+    pub fn success(&self, expires_at: SystemTime, next: SystemTime) {
+        self.update(|e| {
+            e.refreshes[Outcome::Success.index()] += 1;
+            e.state = IssuerState::Fresh;
+            e.expires_at = Some(expires_at);
+            e.next_refresh_at = Some(next);
+        });
+    }
+
+    /// A login sent and failed (`outcome`), or a problem before any was sent (`None`: an
+    /// unreadable secret, the lockout budget); tried again at `next`.
+    pub fn failure(
+        &self,
+        outcome: Option<Outcome>,
+        message: &str,
+        at: SystemTime,
+        state: IssuerState,
+        next: Option<SystemTime>,
+    ) {
+        self.update(|e| {
+            if let Some(outcome) = outcome {
+                e.refreshes[outcome.index()] += 1;
+            }
+            e.state = state;
+            e.next_refresh_at = next;
+            e.last_error = Some(ErrorNote::boxed(outcome.map_or("issuer", Outcome::as_str), message, at));
+        });
+    }
+
+    /// Its token was refused before its expiry (revoked): renewed now.
+    pub fn token_refused(&self) {
+        self.update(|e| e.expires_at = None);
+    }
 }
 
 /// `output.kubernetes`: who holds the Lease, as this replica last saw it (`/status`,
@@ -327,7 +419,49 @@ impl Board {
             askers: Arc::default(),
             tokens_changed: Arc::default(),
             cluster: Arc::default(),
+            issuer: Arc::default(),
         }
+    }
+
+    fn issuer_entry(&self) -> std::sync::MutexGuard<'_, Option<IssuerEntry>> {
+        self.issuer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Puts the issuer of `method` on the board (every count at 0), or takes it off (`None`);
+    /// the same method again keeps what is known. Returns its reporter.
+    pub fn set_issuer(&self, method: Option<&'static str>) -> IssuerReporter {
+        let mut entry = self.issuer_entry();
+        match method {
+            Some(m) if entry.as_ref().is_some_and(|e| e.method == m) => {}
+            Some(method) => {
+                *entry = Some(IssuerEntry {
+                    method,
+                    state: IssuerState::Starting,
+                    expires_at: None,
+                    next_refresh_at: None,
+                    refreshes: [0; Outcome::ALL.len()],
+                    last_error: None,
+                })
+            }
+            None => *entry = None,
+        }
+        IssuerReporter { board: self.clone() }
+    }
+
+    /// The issuer as `/status` shows it, if there is one.
+    pub fn issuer(&self) -> Option<IssuerStatus> {
+        self.issuer_entry().as_ref().map(|e| IssuerStatus {
+            method: e.method,
+            state: e.state,
+            expires_at: e.expires_at.map(rfc3339),
+            next_refresh_at: e.next_refresh_at.map(rfc3339),
+            last_error: e.last_error.as_ref().map(|n| n.shown()),
+        })
+    }
+
+    /// The issuer's entry for the metrics.
+    pub(crate) fn issuer_metrics(&self) -> Option<IssuerEntry> {
+        self.issuer_entry().clone()
     }
 
     fn cluster(&self) -> std::sync::MutexGuard<'_, ClusterStatus> {
@@ -430,11 +564,7 @@ impl Board {
                     last_success_at: e.last_success_at.map(rfc3339),
                     next_refresh_at: e.next_refresh_at.map(rfc3339),
                     consecutive_failures: e.consecutive_failures,
-                    last_error: e.last_error.as_ref().map(|n| LastError {
-                        class: n.class,
-                        message: n.message.to_string(),
-                        at: rfc3339(n.at),
-                    }),
+                    last_error: e.last_error.as_ref().map(|n| n.shown()),
                     valid: e.valid(now),
                 })
                 .collect()

@@ -32,6 +32,7 @@ use crate::attempt::{self, Attempt, NoToken, Obtained};
 use crate::clock::{rfc3339, Clock};
 use crate::config::{CustomerConfig, RefreshSettings};
 use crate::format::Times;
+use crate::issuer::{Issuer, MintError};
 use crate::magento::{Client, LoginError, Magento, Outcome};
 use crate::schedule::{self, AuthState, AuthWait};
 use crate::secret::Secret;
@@ -55,6 +56,8 @@ pub struct Shared<M = Client> {
     pub notify: Arc<crate::notify::Notifier>,
     /// Where the tokens and the records of 401s go: files, or the Secret.
     pub store: Store,
+    /// `auth.method` other than `password`: customers' tokens are minted with its credential.
+    pub issuer: Option<Arc<Issuer>>,
 }
 
 impl<M: Clone> Clone for Shared<M> {
@@ -66,6 +69,7 @@ impl<M: Clone> Clone for Shared<M> {
             clock: self.clock,
             notify: self.notify.clone(),
             store: self.store.clone(),
+            issuer: self.issuer.clone(),
         }
     }
 }
@@ -94,6 +98,9 @@ pub struct Worker<M = Client> {
     asks: Arc<Mailbox>,
     /// The last answer to an ask, and when it was made: shared by asks within [`ASK_EVERY`].
     answered: Option<Box<(tokio::time::Instant, Answer)>>,
+    /// Held back by the issuer, which had no credential to offer: the generation it had then
+    /// (the worker tries again when it changes).
+    issuer_seen: Option<std::num::NonZeroU32>,
 }
 
 /// At most one check of the token on disk per customer per this long for `POST /refresh`:
@@ -154,6 +161,8 @@ enum Woken {
     Asked(Vec<Ask>),
     /// An operator reset Magento's count and ran `forget-failures`.
     Forgotten,
+    /// The issuer's credential changed while it held this customer back.
+    IssuerChanged,
 }
 
 impl<M: Magento> Worker<M> {
@@ -178,6 +187,7 @@ impl<M: Magento> Worker<M> {
             validation: Validation::default(),
             asks,
             answered: None,
+            issuer_seen: None,
         }
     }
 
@@ -229,6 +239,7 @@ impl<M: Magento> Worker<M> {
                     AuthWait::HeldBack => (State::HeldBack, None),
                     AuthWait::Paused(t) => (State::Paused, Some(next.max(t))),
                     AuthWait::Backoff(t) => (State::AuthBackoff, Some(next.max(t))),
+                    AuthWait::Clear if self.issuer_seen.is_some() => (State::HeldBack, Some(next)),
                     AuthWait::Clear if self.transient > 0 || self.pending.is_some() => (State::Retrying, Some(next)),
                     AuthWait::Clear => (State::Fresh, Some(next)),
                 };
@@ -242,6 +253,10 @@ impl<M: Magento> Worker<M> {
                     Woken::Stopped => break,
                     // Tried at once if the policy allows it.
                     Woken::PasswordChanged => self.span().in_scope(|| info!("the password changed since its last 401")),
+                    Woken::IssuerChanged => {
+                        next = self.now();
+                        continue;
+                    }
                     Woken::Forgotten => {
                         self.span().in_scope(|| {
                             warn!("an operator cleared this customer's failed logins (forget-failures): trying again")
@@ -503,7 +518,7 @@ impl<M: Magento> Worker<M> {
                 return Woken::Forgotten;
             }
             let refused = self.account.refused_password(self.now(), &self.shared.refresh);
-            if let (Some(refused), Ok(now)) = (&refused, self.customer.password.read()) {
+            if let (Some(refused), Ok(now)) = (&refused, self.customer.read_password()) {
                 if *refused != now {
                     return Woken::PasswordChanged;
                 }
@@ -527,6 +542,13 @@ impl<M: Magento> Worker<M> {
                     None => std::future::pending().await,
                 }
             };
+            // Boxed: only a customer the issuer holds back waits on it, and the idle task of
+            // every other stays small.
+            let issuer: futures::future::OptionFuture<_> = match (&self.shared.issuer, self.issuer_seen) {
+                (Some(issuer), Some(seen)) => Some(Box::pin(issuer.changed_since(seen))),
+                _ => None,
+            }
+            .into();
             tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => return Woken::Stopped,
@@ -536,6 +558,7 @@ impl<M: Magento> Worker<M> {
                         return Woken::Asked(asks);
                     }
                 }
+                Some(()) = issuer => return Woken::IssuerChanged,
                 _ = sleep => {}
             }
         }
@@ -545,6 +568,9 @@ impl<M: Magento> Worker<M> {
     /// returns when to try next, `None` when stopped before anything was sent.
     async fn refresh(&mut self, slot: Option<tokio::sync::OwnedSemaphorePermit>) -> Option<SystemTime> {
         self.report.state(State::Refreshing);
+        if let Some(issuer) = self.shared.issuer.clone() {
+            return self.mint(&issuer, slot).await;
+        }
         let attempt = Attempt {
             magento: &self.shared.magento,
             customer: &self.customer,
@@ -579,6 +605,40 @@ impl<M: Magento> Worker<M> {
             }
             Err(NoToken::Login { error, took }) => Some(self.failed(error, took)),
         }
+    }
+
+    /// A token minted by the issuer (no password: nothing counts towards a lock), and its write;
+    /// returns when to try next, `None` when stopped before anything was sent.
+    async fn mint(&mut self, issuer: &Issuer, slot: Option<tokio::sync::OwnedSemaphorePermit>) -> Option<SystemTime> {
+        let shared = &self.shared;
+        let minted = issuer.mint(&self.customer, &shared.refresh, &shared.logins, slot, shared.clock, &self.stop).await;
+        let now = self.now();
+        let (why, generation) = match minted {
+            Ok(obtained) => {
+                self.issuer_seen = None;
+                return Some(self.write(obtained, true).await);
+            }
+            Err(MintError::Stopped) => return None,
+            Err(MintError::Failed { error, took }) => {
+                self.issuer_seen = None;
+                return Some(self.failed(error, took));
+            }
+            Err(MintError::NoCredential { why: None, generation }) => {
+                // The issuer's first login is under way: waited for without a word.
+                self.issuer_seen = Some(generation);
+                return Some(now + self.shared.refresh.max_backoff);
+            }
+            Err(MintError::NoCredential { why: Some(why), generation }) => (why, generation),
+            Err(MintError::Refused { error, generation }) => (error.message, generation),
+        };
+        let message = format!("held back until the issuer has a credential: {why}");
+        if self.issuer_seen.is_none() {
+            warn!(error = %why, "held back until the issuer has a credential");
+        }
+        self.issuer_seen = Some(generation);
+        self.report.problem("issuer", &message, now);
+        // Woken as soon as the credential changes; this is only the latest.
+        Some(now + self.shared.refresh.max_backoff)
     }
 
     /// Writes an obtained token; returns when to log in next. `fresh`: it was just obtained

@@ -8,6 +8,7 @@
 //! effective URL, store code and file path are resolved here, once.
 
 mod api;
+pub mod auth;
 pub mod kubernetes;
 pub mod notify;
 mod output;
@@ -15,6 +16,7 @@ mod password;
 mod raw;
 
 pub use api::{Api, Endpoint};
+pub use auth::{AdminLogin, Auth, ImsCredential, Method};
 pub use output::NO_KUBERNETES;
 use output::{check_output, check_secret_size};
 pub use password::{PasswordError, PasswordSource, MAX_PASSWORD_FILE};
@@ -61,6 +63,8 @@ pub struct Config {
     pub customers: Vec<CustomerConfig>,
     /// `None` without a `notify` section.
     pub notify: Option<notify::NotifySettings>,
+    /// How customer tokens are obtained (`auth`): with their passwords, or without.
+    pub auth: Auth,
 }
 
 /// What the shared HTTP client is built from: a change here means a new client.
@@ -215,7 +219,10 @@ pub struct LogSettings {
 pub struct CustomerConfig {
     pub name: String,
     pub username: String,
-    pub password: PasswordSource,
+    /// `None` exactly when `auth.method` obtains tokens without customer passwords.
+    pub password: Option<PasswordSource>,
+    /// Magento's id of the customer (`cloud_service_otp` asks for its one-time code by it).
+    pub customer_id: Option<u64>,
     /// The base URL in effect for this customer (its own or `magento.base_url`): one copy shared
     /// by every customer that has no URL of its own (a `Url` is about 120 bytes).
     pub base_url: std::sync::Arc<Url>,
@@ -256,12 +263,28 @@ impl CustomerConfig {
         }
     }
 
+    /// Reads the customer's password afresh; an error when the customer has none (its tokens
+    /// come from an issuer, [`Auth`]).
+    pub fn read_password(&self) -> Result<Secret, PasswordError> {
+        match &self.password {
+            Some(source) => source.read(),
+            None => Err(PasswordError::NoPassword),
+        }
+    }
+
+    /// The GraphQL endpoint of this customer's store, whatever `magento.api` says: the admin's
+    /// and the one-time code's ways to a customer token are GraphQL mutations.
+    pub fn graphql_url(&self) -> Url {
+        api::joined(&self.base_url, self.api.graphql_path().unwrap_or("/graphql"))
+    }
+
     /// The settings whose change means the token on disk may belong to someone else.
     pub fn same_login(&self, other: &CustomerConfig) -> bool {
         self.username == other.username
             && self.base_url == other.base_url
             && self.store_code == other.store_code
             && self.password == other.password
+            && self.customer_id == other.customer_id
     }
 }
 
@@ -450,6 +473,14 @@ fn validate(raw: RawConfig, checks: Checks, keep: bool) -> Result<(Config, ReadP
     let output = check_output(&mut v, &raw.output, checks);
     let admin_listen = check_admin(&mut v, &raw.admin.listen);
     check_log(&mut v, &raw.log.level);
+    let auth = auth::check(
+        &mut v,
+        &raw.auth,
+        raw.magento.cloud_service,
+        raw.magento.allow_insecure_http,
+        base_url.as_ref(),
+        checks,
+    );
     let customers = check_customers(&mut v, &raw, base_url, &api, checks);
     check_index(&mut v, &raw);
     if let Some(Output::Kubernetes(k)) = &output {
@@ -461,8 +492,8 @@ fn validate(raw: RawConfig, checks: Checks, keep: bool) -> Result<(Config, ReadP
         }
     }
     let notify = raw.notify.as_ref().and_then(|n| notify::check(n, checks, &mut v.problems));
-    let output = match output {
-        Some(output) if v.problems.is_empty() => output,
+    let (output, auth) = match (output, auth) {
+        (Some(output), Some(auth)) if v.problems.is_empty() => (output, auth),
         _ => return Err(v.problems),
     };
     let config = Config {
@@ -473,6 +504,7 @@ fn validate(raw: RawConfig, checks: Checks, keep: bool) -> Result<(Config, ReadP
         log: LogSettings { format: raw.log.format, level: raw.log.level },
         customers,
         notify,
+        auth,
     };
     Ok((config, v.kept.unwrap_or_default()))
 }
@@ -638,7 +670,21 @@ fn check_customers(
                 ),
             );
         }
-        let password = password_source(v, &at, c, checks);
+        let password = match raw.auth.method {
+            Method::Password => password_source(v, &at, c, checks).map(Some),
+            method => {
+                no_password(v, &at, c, method);
+                Some(None)
+            }
+        };
+        match (c.customer_id, raw.auth.method) {
+            (None, Method::CloudServiceOtp) => v.problem(
+                &at("customer_id"),
+                "is required with auth.method cloud_service_otp: Magento's numeric id of this customer (the ID column of Customers > All Customers), which the one-time code route takes".into(),
+            ),
+            (Some(0), _) => v.problem(&at("customer_id"), "must be a customer id, 1 or more".into()),
+            _ => {}
+        }
         let url = match &c.base_url {
             Some(text) => {
                 let url = v.url(&at("base_url"), text, raw.magento.allow_insecure_http);
@@ -677,6 +723,7 @@ fn check_customers(
                 name: c.name.clone(),
                 username: c.username.clone(),
                 password,
+                customer_id: c.customer_id,
                 base_url,
                 store_code: c.store_code.clone().or_else(|| raw.magento.store_code.clone()),
                 file,
@@ -742,6 +789,26 @@ fn password_source(
     password
 }
 
+/// A customer of a method that obtains tokens without passwords: a password given is refused (it
+/// would never be used, and a secret held for nothing is one too many). `once` keeps no password
+/// read for it.
+fn no_password(v: &mut Validator, at: &dyn Fn(&str) -> String, c: &RawCustomer, method: Method) {
+    for (key, given) in [("password_file", c.password_file.is_some()), ("password_env", c.password_env.is_some())] {
+        if given {
+            v.problem(
+                &at(key),
+                format!(
+                    "auth.method {} obtains this customer's tokens without its password: remove {key}",
+                    method.as_str()
+                ),
+            );
+        }
+    }
+    if let Some(kept) = &mut v.kept {
+        kept.push(None);
+    }
+}
+
 /// The problem text for an unreadable password source, without the path repeated (the key
 /// path already says which customer).
 fn password_problem(e: &PasswordError) -> String {
@@ -753,6 +820,7 @@ fn password_problem(e: &PasswordError) -> String {
         PasswordError::NotText(path) => format!("{} is not UTF-8 text", path.display()),
         PasswordError::EnvMissing(var) => format!("environment variable {var} is not set"),
         PasswordError::EnvEmpty(var) => format!("environment variable {var} is empty"),
+        PasswordError::NoPassword => e.to_string(),
     }
 }
 

@@ -29,6 +29,9 @@ pub enum PasswordError {
     EnvMissing(String),
     #[error("password_env {0}: empty")]
     EnvEmpty(String),
+    /// The customer has no password: `auth.method` obtains its tokens otherwise.
+    #[error("no password is configured: auth.method obtains this customer's tokens without one")]
+    NoPassword,
 }
 
 impl PasswordSource {
@@ -61,10 +64,26 @@ impl PasswordSource {
         }
     }
 
+    /// The source's key in the configuration, for messages.
     pub(super) fn key(&self) -> &'static str {
         match self {
             PasswordSource::File(_) => "password_file",
             PasswordSource::Env(_) => "password_env",
+        }
+    }
+}
+
+impl PasswordError {
+    /// This error with the keys of another secret's source (`auth.admin.password_file`,
+    /// `auth.ims.client_secret_env`) in place of a customer's.
+    pub fn keyed(&self, file_key: &str, env_key: &str) -> String {
+        let text = self.to_string();
+        if let Some(rest) = text.strip_prefix("password_file") {
+            format!("{file_key}{rest}")
+        } else if let Some(rest) = text.strip_prefix("password_env") {
+            format!("{env_key}{rest}")
+        } else {
+            text
         }
     }
 }

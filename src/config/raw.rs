@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
-use super::{kubernetes, notify, Format, LogFormat, RefreshSettings};
+use super::{auth, kubernetes, notify, Format, LogFormat, RefreshSettings};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -23,6 +23,8 @@ pub(super) struct RawConfig {
     pub(super) customers: Vec<RawCustomer>,
     #[serde(default)]
     pub(super) notify: Option<notify::RawNotify>,
+    #[serde(default)]
+    pub(super) auth: auth::RawAuth,
 }
 
 #[derive(Debug, Deserialize)]
@@ -139,6 +141,9 @@ pub(super) struct RawCustomer {
     /// Overrides `output.format` for this customer's file.
     #[serde(default)]
     pub(super) format: Option<Format>,
+    /// Magento's id of the customer: the one-time code route of `cloud_service_otp` takes it.
+    #[serde(default)]
+    pub(super) customer_id: Option<u64>,
 }
 
 const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);

@@ -527,7 +527,7 @@ fn the_shipped_examples_are_valid() {
     assert_eq!(dir(&example).path(&example.customers[0]), PathBuf::from("/var/run/magento-tokens/alice.token"));
     assert_eq!((example.customers[0].format, example.customers[1].format), (Format::Env, Format::Raw));
     assert_eq!(dir(&example).index, Some(PathBuf::from("/var/run/magento-tokens/tokens.json")));
-    assert_eq!(example.customers[1].password, PasswordSource::Env("ERP_PASSWORD".into()));
+    assert_eq!(example.customers[1].password, Some(PasswordSource::Env("ERP_PASSWORD".into())));
     let demo =
         include_str!("../../config/demo.yaml").replace("{base_url}", "http://127.0.0.1:1").replace("{dir}", "/tmp");
     for (api, expected) in [("rest", Api::Rest), ("graphql", Api::GraphQl { path: "/graphql".into() })] {

@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 use crate::account::Accounts;
 use crate::clock::Clock;
 use crate::config::{self, Config, CustomerConfig, MagentoSettings, Output, RefreshSettings};
+use crate::issuer::Issuer;
 use crate::logging::Logging;
 use crate::magento::{Client, ClientError};
 use crate::metrics::Metrics;
@@ -95,6 +96,8 @@ pub struct Supervisor {
     workers: BTreeMap<String, Running>,
     /// Keeps `output.index` up to date, when there is one.
     index: Option<IndexWriter>,
+    /// The issuer's task (`auth.method` other than `password`); its handle is in `shared`.
+    issuer: Option<(CancellationToken, JoinHandle<()>)>,
 }
 
 /// What a reload does to the customers: worked out from the running and the wanted settings
@@ -142,9 +145,17 @@ impl Supervisor {
         store: Store,
         accounts: Arc<Accounts>,
     ) -> Result<Supervisor, ClientError> {
-        let shared = Arc::new(shared_for(&config, None, store)?);
-        let mut supervisor =
-            Supervisor { magento: config.magento, shared, board, accounts, workers: BTreeMap::new(), index: None };
+        let shared = Arc::new(shared_for(&config, None, store, &board)?);
+        let mut supervisor = Supervisor {
+            magento: config.magento,
+            shared,
+            board,
+            accounts,
+            workers: BTreeMap::new(),
+            index: None,
+            issuer: None,
+        };
+        supervisor.start_issuer();
         for customer in config.customers {
             supervisor.spawn(customer, true);
         }
@@ -175,6 +186,26 @@ impl Supervisor {
         }
     }
 
+    /// Starts the task of the issuer in `shared`, if there is one and it does not run yet.
+    fn start_issuer(&mut self) {
+        let Some(issuer) = self.shared.issuer.clone() else { return };
+        let stop = CancellationToken::new();
+        let s = &self.shared;
+        let task = issuer.run(s.refresh.clone(), s.logins.clone(), s.clock, s.store.clone(), stop.clone());
+        self.issuer = Some((stop, tokio::spawn(task)));
+    }
+
+    /// Stops the issuer's task, if one runs: a login in flight gets [`STOP_GRACE`].
+    async fn stop_issuer(&mut self) {
+        if let Some((stop, mut task)) = self.issuer.take() {
+            stop.cancel();
+            if tokio::time::timeout(STOP_GRACE, &mut task).await.is_err() {
+                warn!("the issuer is still busy after the grace period: abandoning it");
+                task.abort();
+            }
+        }
+    }
+
     fn spawn(&mut self, customer: CustomerConfig, adopt: bool) {
         let customer = Arc::new(customer);
         let stop = CancellationToken::new();
@@ -188,8 +219,9 @@ impl Supervisor {
     /// Applies a new configuration: customers added start at once, removed ones stop (their
     /// files stay), changed ones restart, the others go on undisturbed.
     pub async fn apply(&mut self, new: Config) -> Result<(), ClientError> {
-        let shared = shared_for(&new, Some(self), self.shared.store.reconfigured(&new.output))?;
+        let shared = shared_for(&new, Some(self), self.shared.store.reconfigured(&new.output), &self.board)?;
         let everyone = !shared.same_as(&self.shared);
+        let new_issuer = !same_issuer(&shared.issuer, &self.shared.issuer);
         let shared = Arc::new(shared);
         let plan = plan(self.workers.values().map(|r| &*r.customer), new.customers, everyone);
         // Stop the removed and the changed first, all together, so no two workers ever write
@@ -201,8 +233,17 @@ impl Supervisor {
             self.board.remove(name);
             info!(customer = %name, "customer removed; its token file stays");
         }
+        if new_issuer {
+            self.stop_issuer().await;
+        }
         self.magento = new.magento;
         self.shared = shared;
+        if new_issuer {
+            if self.shared.issuer.is_none() {
+                self.board.set_issuer(None);
+            }
+            self.start_issuer();
+        }
         for (customer, adopt) in plan.restart {
             info!(customer = %customer.name, "customer changed: restarting it");
             self.accounts.of(&customer).configuration_changed();
@@ -219,8 +260,9 @@ impl Supervisor {
 
     /// Stops every worker: waits end at once, logins and writes in flight get [`STOP_GRACE`].
     /// The index then gets what they wrote last.
-    pub async fn stop(self) {
-        join_all(self.workers.into_values().collect()).await;
+    pub async fn stop(mut self) {
+        join_all(std::mem::take(&mut self.workers).into_values().collect()).await;
+        self.stop_issuer().await;
         if let Some(writer) = self.index {
             writer.stop().await;
         }
@@ -242,7 +284,12 @@ async fn join_all(workers: Vec<Running>) {
 
 /// What the workers share, reusing the running client and login slots when their settings
 /// did not change (the connection pool survives a reload).
-fn shared_for(config: &Config, running: Option<&Supervisor>, store: Store) -> Result<Shared, ClientError> {
+fn shared_for(
+    config: &Config,
+    running: Option<&Supervisor>,
+    store: Store,
+    board: &Board,
+) -> Result<Shared, ClientError> {
     let client = match running {
         Some(s) if s.magento == config.magento => s.shared.magento.clone(),
         _ => Client::new(&config.magento)?,
@@ -254,13 +301,27 @@ fn shared_for(config: &Config, running: Option<&Supervisor>, store: Store) -> Re
         _ => Arc::new(Semaphore::new(config.refresh.max_concurrent_logins)),
     };
     Ok(Shared {
-        magento: client,
         refresh: Arc::new(config.refresh.clone()),
         logins,
         clock: Clock::System,
         notify: crate::notify::Notifier::for_config(config.notify.as_ref(), running.map(|s| &s.shared.notify)),
         store,
+        // The running issuer when it serves the same credential the same way: its token stays.
+        issuer: match running.and_then(|s| s.shared.issuer.clone()) {
+            Some(issuer) if issuer.serves(&config.auth, &client) => Some(issuer),
+            _ => Issuer::new(&config.auth, client.clone(), board),
+        },
+        magento: client,
     })
+}
+
+/// Whether two configurations' issuers are one (or both absent).
+fn same_issuer(a: &Option<Arc<Issuer>>, b: &Option<Arc<Issuer>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
 }
 
 /// Whether two sets of shared settings behave the same (if not, every worker restarts).
@@ -274,6 +335,7 @@ impl SameAs for Shared {
             && self.refresh == other.refresh
             && self.store.same_as(&other.store)
             && Arc::ptr_eq(&self.logins, &other.logins)
+            && same_issuer(&self.issuer, &other.issuer)
     }
 }
 

@@ -16,9 +16,11 @@ use crate::clock::rfc3339;
 use crate::clock::Clock;
 use crate::config::{Config, CustomerConfig, PasswordError, ReadPasswords};
 use crate::format::Times;
+use crate::issuer::{Issuer, MintError};
 use crate::magento::{Client, ClientError, LoginError, Outcome};
 use crate::schedule::{self, AuthState};
 use crate::secret::Secret;
+use crate::status::Board;
 use crate::store::{Batch, Store};
 
 /// Why `once` wrote no token for a customer.
@@ -31,6 +33,9 @@ pub enum OnceFailure {
     /// Earlier 401s are recorded for this customer: trying again now could lock the account.
     #[error("not trying: Magento refused this customer {in_a_row} time(s) in a row, last at {last}; to keep clear of its lock the next try waits until {next}")]
     HeldBack { in_a_row: u32, last: String, next: String },
+    /// The issuer (`auth.method` other than `password`) has no credential to mint tokens with.
+    #[error("not trying: {0}")]
+    Issuer(String),
     /// The record of earlier 401s cannot be read: taken as the lockout budget spent.
     #[error("not trying: the record of this customer's earlier 401s cannot be read ({0}): counted as the lockout budget spent; check Magento's failure count for this username (reset it if needed), then run forget-failures for this customer")]
     UnreadableLedger(String),
@@ -43,6 +48,7 @@ impl OnceFailure {
             OnceFailure::Password(_) => "password_error",
             OnceFailure::Login(e) => e.outcome.as_str(),
             OnceFailure::HeldBack { .. } | OnceFailure::UnreadableLedger(_) => "held_back",
+            OnceFailure::Issuer(_) => "issuer",
         }
     }
 }
@@ -81,7 +87,24 @@ pub async fn once(
     let accounts = Accounts::new();
     let deadline = Instant::now() + timeout;
     let batch = store.batch();
-    let pass = Pass { client: &client, logins: &logins, accounts: &accounts, config, deadline, store, batch: &batch };
+    // Without customer passwords: the issuer's credential first, once for every customer.
+    let issuer = Issuer::new(&config.auth, client.clone(), &Board::new());
+    let mut issuer_failure = None;
+    if let Some(issuer) = &issuer {
+        let obtained = issuer.obtain_before(&config.refresh, &logins, store, deadline.into()).await;
+        issuer_failure = obtained.err();
+    }
+    let pass = Pass {
+        client: &client,
+        logins: &logins,
+        accounts: &accounts,
+        config,
+        deadline,
+        store,
+        batch: &batch,
+        issuer: issuer.as_deref(),
+        issuer_failure: issuer_failure.as_deref(),
+    };
     let mut outcomes: Vec<Option<Result<SystemTime, OnceFailure>>> =
         (0..config.customers.len()).map(|_| None).collect();
     // `buffer_unordered` by hand: a closure mapping customers to futures would keep the pass
@@ -99,6 +122,7 @@ pub async fn once(
         outcomes[i] = Some(outcome);
     }
     drop(running);
+    drop(issuer);
     // The client and its connections (their buffers) go before the results are made, which
     // then reuse that memory: `once`'s peak is at the end of the pass (benches/RESULTS.md).
     drop(client);
@@ -139,6 +163,10 @@ struct Pass<'a> {
     store: &'a Store,
     /// Every token of the pass is written in it.
     batch: &'a Batch<'a>,
+    /// `auth.method` other than `password`: tokens are minted with its credential...
+    issuer: Option<&'a Issuer>,
+    /// ...unless it could not be had, for this reason.
+    issuer_failure: Option<&'a str>,
 }
 
 impl<'a> Pass<'a> {
@@ -161,6 +189,9 @@ impl<'a> Pass<'a> {
         customer: &CustomerConfig,
         mut password: Option<Secret>,
     ) -> Result<SystemTime, OnceFailure> {
+        if let Some(issuer) = self.issuer {
+            return self.minted(issuer, customer).await;
+        }
         let refresh = &self.config.refresh;
         let account = self.accounts.of(customer);
         let ledger_on_disk = self.batch.may_have_ledger(customer);
@@ -208,17 +239,51 @@ impl<'a> Pass<'a> {
                     Err(NoToken::Stopped) => timed_out_error(),
                     Err(NoToken::Login { error, .. }) => error,
                 };
-            // Neither a 401 nor a reCAPTCHA requirement changes within one pass.
-            if matches!(error.outcome, Outcome::AuthFailure | Outcome::Blocked) {
-                return Err(error.into());
-            }
-            failures += 1;
-            let wait = schedule::backoff(failures, refresh, error.retry_after, rand::thread_rng().gen());
-            if Instant::now() + wait >= self.deadline {
-                return Err(error.into());
-            }
-            warn!(customer = %customer.name, result = error.outcome.as_str(), error = %error.message, "login failed: retrying");
-            tokio::time::sleep(wait).await;
+            self.before_retry(customer, error, &mut failures).await?;
+        }
+    }
+
+    /// After a failed login: the error when it is final (a 401 or a reCAPTCHA requirement does
+    /// not change within one pass, and no retry may pass the deadline), else a backoff's wait.
+    async fn before_retry(
+        &self,
+        customer: &CustomerConfig,
+        error: LoginError,
+        failures: &mut u32,
+    ) -> Result<(), OnceFailure> {
+        if matches!(error.outcome, Outcome::AuthFailure | Outcome::Blocked) {
+            return Err(error.into());
+        }
+        *failures += 1;
+        let wait = schedule::backoff(*failures, &self.config.refresh, error.retry_after, rand::thread_rng().gen());
+        if Instant::now() + wait >= self.deadline {
+            return Err(error.into());
+        }
+        warn!(customer = %customer.name, result = error.outcome.as_str(), error = %error.message, "login failed: retrying");
+        tokio::time::sleep(wait).await;
+        Ok(())
+    }
+
+    /// One customer's token minted with the issuer's credential, retried as a login is.
+    async fn minted(&self, issuer: &Issuer, customer: &CustomerConfig) -> Result<SystemTime, OnceFailure> {
+        if let Some(why) = self.issuer_failure {
+            return Err(OnceFailure::Issuer(why.to_owned()));
+        }
+        let never = CancellationToken::new();
+        let mut failures = 0;
+        loop {
+            let mint = issuer.mint(customer, &self.config.refresh, self.logins, None, Clock::System, &never);
+            let error = match tokio::time::timeout_at(self.deadline.into(), mint).await {
+                Err(_) => timed_out_error(),
+                Ok(Ok(obtained)) => return self.write(customer, obtained).await,
+                Ok(Err(MintError::Failed { error, .. })) => error,
+                Ok(Err(MintError::Stopped)) => timed_out_error(),
+                Ok(Err(MintError::NoCredential { why, .. })) => {
+                    return Err(OnceFailure::Issuer(why.unwrap_or_else(|| "the issuer has no credential".into())))
+                }
+                Ok(Err(MintError::Refused { error, .. })) => return Err(OnceFailure::Issuer(error.message)),
+            };
+            self.before_retry(customer, error, &mut failures).await?;
         }
     }
 

@@ -41,6 +41,10 @@ pub(super) enum Op {
     Login,
     /// A check of a token: a refusal is the token's.
     Check,
+    /// `generateCustomerTokenAsAdmin` with the admin's token.
+    AsAdmin,
+    /// `exchangeOtpForCustomerToken`: a refusal is the one-time code's.
+    Exchange,
 }
 
 impl Op {
@@ -48,6 +52,8 @@ impl Op {
         match self {
             Op::Login => "the GraphQL login",
             Op::Check => "the GraphQL check of the token",
+            Op::AsAdmin => "generateCustomerTokenAsAdmin",
+            Op::Exchange => "exchangeOtpForCustomerToken",
         }
     }
 }
@@ -224,6 +230,45 @@ impl<'a> Item<'a> {
     }
 }
 
+impl Item<'_> {
+    /// What an error of `generateCustomerTokenAsAdmin` means (Magento's checks, in their order).
+    fn as_admin_class(&self) -> Class {
+        if self.unknown_store() {
+            Class::UnknownStore
+        } else if self.message_has("Login as Customer is disabled") {
+            Class::LoginAsCustomerDisabled
+        } else if self.message_has("remote shopping assistance is disabled") {
+            Class::AssistanceDisabled
+        } else if self.message_has("Customer email provided does not exist") {
+            Class::UnknownCustomer
+        } else if self.token_problem()
+            || self.message_has("isn't authorized")
+            || matches!(self.category, Some("graphql-authentication" | "graphql-authorization"))
+        {
+            // Not an admin's token any more: revoked, expired, or the request ran as a guest.
+            Class::IssuerTokenRefused
+        } else {
+            Class::Other
+        }
+    }
+
+    /// What an error of `exchangeOtpForCustomerToken` means.
+    fn exchange_class(&self) -> Class {
+        if self.message.is_some_and(super::is_recaptcha) {
+            Class::ReCaptcha
+        } else if self.unknown_store() {
+            Class::UnknownStore
+        } else if self.message_has("one-time password")
+            || self.message_has("sign-in was incorrect")
+            || self.category == Some("graphql-authentication")
+        {
+            Class::CodeRefused
+        } else {
+            Class::Other
+        }
+    }
+}
+
 /// The error of an answer with GraphQL errors: sorted by the first (2.4.8's status is that of the
 /// first categorised one; a daemon's request has one field, so one error), its message shown.
 fn error(head: &Head, errors: &[Value], body_len: usize, secret: &Secret, op: Op) -> LoginError {
@@ -235,6 +280,8 @@ fn error(head: &Head, errors: &[Value], body_len: usize, secret: &Secret, op: Op
         match op {
             Op::Login => first.login_class(),
             Op::Check => first.check_class(),
+            Op::AsAdmin => first.as_admin_class(),
+            Op::Exchange => first.exchange_class(),
         }
     };
     let pieces = Pieces::of(secret.expose());
