@@ -1320,8 +1320,9 @@ def materialize_auth(config: dict, tmp: pathlib.Path) -> pathlib.Path:
                 local.parent.mkdir(exist_ok=True)
                 local.write_text(TOTP_SECRET + "\n" if key == "totp_secret_file" else "s3cret\n")
                 cfg["auth"][section][key] = str(local)
-    (tmp / "tokens").mkdir()
-    cfg["output"]["dir"] = str(tmp / "tokens")
+    if "dir" in cfg["output"]:  # central mode's output.kubernetes stays as rendered
+        (tmp / "tokens").mkdir()
+        cfg["output"]["dir"] = str(tmp / "tokens")
     if "gid" in cfg["output"] and os.geteuid() != 0 and cfg["output"]["gid"] not in os.getgroups():
         cfg["output"]["gid"] = os.getegid()
     path = tmp / "config.yaml"

@@ -502,8 +502,13 @@ def test_binary_check_accepts_the_rendered_central_config(values, binary, tmp_pa
         c["password_file"] = str(secrets / key)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    # A kubeconfig pointing at a closed loopback port, should `check` look for one: nothing here
-    # may reach a real cluster.
+    proc = check_without_a_cluster(binary, path, tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def check_without_a_cluster(binary, path, tmp_path) -> subprocess.CompletedProcess:
+    """`check` on a central config, with a kubeconfig pointing at a closed loopback port, should
+    `check` look for one: nothing here may reach a real cluster."""
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "none",
@@ -513,8 +518,7 @@ def test_binary_check_accepts_the_rendered_central_config(values, binary, tmp_pa
     }))
     env = {k: v for k, v in os.environ.items() if k != "MAGENTO_TOKEN_SIDECAR_CONFIG"}
     env.update(KUBECONFIG=str(kubeconfig), POD_NAME=f"{FULLNAME}-0")
-    proc = subprocess.run([str(binary), "check", "--config", str(path)], capture_output=True, text=True, timeout=60, env=env)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return subprocess.run([str(binary), "check", "--config", str(path)], capture_output=True, text=True, timeout=60, env=env)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -587,22 +591,8 @@ def test_central_auth_refuses_customer_passwords_too():
 
 @pytest.mark.parametrize("values", AUTH_SETS)
 def test_binary_check_accepts_the_rendered_central_auth_config(values, binary, tmp_path):
-    cfg = config_of(render(central_auth(values)))
-    path = materialize_auth(cfg, tmp_path)
-    cfg = yaml.safe_load(path.read_text())
-    del cfg["output"]["dir"]
-    cfg["output"]["kubernetes"] = config_of(render(central_auth(values)))["output"]["kubernetes"]
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "none",
-        "clusters": [{"name": "none", "cluster": {"server": "https://127.0.0.1:1"}}],
-        "users": [{"name": "none", "user": {"token": "none"}}],
-        "contexts": [{"name": "none", "context": {"cluster": "none", "user": "none", "namespace": NAMESPACE}}],
-    }))
-    env = {k: v for k, v in os.environ.items() if k != "MAGENTO_TOKEN_SIDECAR_CONFIG"}
-    env.update(KUBECONFIG=str(kubeconfig), POD_NAME=f"{FULLNAME}-0")
-    proc = subprocess.run([str(binary), "check", "--config", str(path)], capture_output=True, text=True, timeout=60, env=env)
+    path = materialize_auth(config_of(render(central_auth(values))), tmp_path)
+    proc = check_without_a_cluster(binary, path, tmp_path)
     out = proc.stdout + proc.stderr
     if "unknown field `auth`" in out:
         pytest.skip("this build of the daemon has no auth section yet")
