@@ -15,7 +15,12 @@ monitoring on; tests/python/chart_values/):
   value and its examples (embedding in another chart, a plain manifest) render and validate;
 - the real binary accepts what the chart renders: `check` on the rendered config with the
   password files the Secret would provide, `once` against the dev server, and `run` answering
-  the probes the chart sets.
+  the probes the chart sets;
+- tokens without customer passwords (`auth.method` login_as_customer with and without the
+  admin's 2FA secret, cloud_service_otp; tests/python/chart_values/login-as-customer.yaml and
+  cloud-service-otp.yaml): the `auth` section of the config, no customer password anywhere, the
+  admin's or IMS credential's Secret mounted as the passwords are, the refusals, the schema, and
+  `check` on what is rendered.
 """
 from __future__ import annotations
 
@@ -1094,3 +1099,250 @@ def test_every_token_format_and_the_index_reach_the_daemons_config():
     assert out["index"] == "tokens.json"
     assert "index" not in config_of(render())["output"]
     assert "/output/index" in render_error({"output": {"index": "../escape"}})
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokens without customer passwords (`auth`, issue 22): login_as_customer with and without the
+# admin's 2FA secret, cloud_service_otp. Central mode's side is in test_chart_central.py.
+
+ADMIN_DIR = "/etc/magento-token-sidecar/admin"
+IMS_DIR = "/etc/magento-token-sidecar/ims"
+# A base32 Google Authenticator secret, as `check` reads auth.admin.totp_secret_file.
+TOTP_SECRET = "JBSWY3DPEHPK3PXP"
+
+
+def auth_values(name: str) -> dict:
+    """The auth value sets: tests/python/chart_values/<name>.yaml, and login-as-customer without
+    its 2FA secret."""
+    if name == "login-as-customer-no-totp":
+        v = load_values("login-as-customer")
+        v["auth"]["admin"]["totpSecretKey"] = ""
+        return v
+    return load_values(name)
+
+
+AUTH_SETS = ["login-as-customer", "login-as-customer-no-totp", "cloud-service-otp"]
+AUTH_VOLUME = {"login_as_customer": ("magento-token-sidecar-admin", ADMIN_DIR),
+               "cloud_service_otp": ("magento-token-sidecar-ims", IMS_DIR)}
+EXPECTED_AUTH = {
+    "login-as-customer": {
+        "method": "login_as_customer",
+        "admin": {"username": "token-robot", "password_file": f"{ADMIN_DIR}/password",
+                  "totp_secret_file": f"{ADMIN_DIR}/totp"},
+    },
+    "login-as-customer-no-totp": {
+        "method": "login_as_customer",
+        "admin": {"username": "token-robot", "password_file": f"{ADMIN_DIR}/password"},
+    },
+    "cloud-service-otp": {
+        "method": "cloud_service_otp",
+        "ims": {"client_id": "abc123", "org_id": "ABCDEF@AdobeOrg", "client_secret_file": f"{IMS_DIR}/secret"},
+    },
+}
+
+
+def auth_secret_name(values: dict) -> str:
+    a = values["auth"]
+    return (a["admin"] if a["method"] == "login_as_customer" else a["ims"])["existingSecret"]
+
+
+@pytest.mark.parametrize("kube", KUBE_VERSIONS)
+@pytest.mark.parametrize("values", AUTH_SETS)
+def test_auth_lint_strict_and_every_object_validates(values, kube):
+    report = helm.lint(CHART, auth_values(values), strict=True, namespace=NAMESPACE, kube_version="v" + kube)
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not problems and not report["errors"], report
+    for layout in ({}, {"nativeSidecar": False}):
+        checked = validate_strictly(render({**auth_values(values), **layout}, kube_version=kube), values, kube)
+        assert {"ConfigMap", "Deployment", "Pod"} <= set(checked)
+
+
+def test_auth_values_pass_the_schema():
+    with helm.Chart.load(CHART) as chart:
+        for values in AUTH_SETS:
+            chart.validate_schema(auth_values(values))
+
+
+@pytest.mark.parametrize("values", AUTH_SETS)
+def test_auth_section_reaches_the_config_and_customers_have_no_password(values):
+    v = auth_values(values)
+    cfg = config_of(render(v))
+    assert set(cfg) == CONFIG_KEYS | {"auth"}
+    assert cfg["auth"] == EXPECTED_AUTH[values]
+    for c, given in zip(cfg["customers"], v["customers"], strict=True):
+        assert "password_file" not in c and "password" not in c
+        assert c == {k: given[k] for k in given}, "customers pass through as they are"
+    if values == "cloud-service-otp":
+        assert [c["customer_id"] for c in cfg["customers"]] == [42, 4294967296]
+        cm = config_map(render(v))["data"]["config.yaml"]
+        assert re.search(r"^[\s-]+customer_id: 4294967296$", cm, re.M), "an integer, not 4.294967296e+09"
+
+
+def test_auth_ims_token_url_and_scopes_pass_through_when_set():
+    v = auth_values("cloud-service-otp")
+    assert "token_url" not in config_of(render(v))["auth"]["ims"] and "scopes" not in config_of(render(v))["auth"]["ims"]
+    v["auth"]["ims"].update(token_url="https://ims-na1-stg1.adobelogin.com/ims/token/v3", scopes=["openid", "commerce.accs"])
+    ims = config_of(render(v))["auth"]["ims"]
+    assert ims["token_url"] == "https://ims-na1-stg1.adobelogin.com/ims/token/v3"
+    assert ims["scopes"] == ["openid", "commerce.accs"]
+
+
+def test_auth_password_is_the_default_and_writes_no_auth_section():
+    assert render({"auth": {"method": "password"}}) == render({})
+    assert "auth" not in config_of(rendered_set("defaults"))
+    # The admin's or IMS values are ignored until their method is chosen.
+    assert config_of(render({"auth": {"admin": {"username": "token-robot", "existingSecret": "x"}}})) == config_of(rendered_set("defaults"))
+
+
+@pytest.mark.parametrize("nativeSidecar", [True, False])
+@pytest.mark.parametrize("values", AUTH_SETS)
+def test_auth_secret_is_mounted_like_the_passwords_and_no_password_secret_exists(values, nativeSidecar):
+    v = {**auth_values(values), "nativeSidecar": nativeSidecar}
+    objs = render(v)
+    volume, path = AUTH_VOLUME[v["auth"]["method"]]
+    assert not [o for o in objs if o["kind"] == "Secret"], "no password Secret without customer passwords"
+    spec = pod_spec(objs)
+    vol = by_name(spec["volumes"], volume)
+    assert vol["secret"] == {"secretName": auth_secret_name(v), "defaultMode": 0o440}
+    assert all(vol["name"] != "magento-token-sidecar-secrets" for vol in spec["volumes"])
+    daemons = daemon_containers(spec)
+    assert len(daemons) == (1 if nativeSidecar else 2)
+    for c in daemons:
+        assert by_name(c["volumeMounts"], volume) == {"name": volume, "mountPath": path, "readOnly": True}
+        assert all(m["name"] != "magento-token-sidecar-secrets" for m in c["volumeMounts"])
+    app = by_name(spec["containers"], "app")
+    assert all(m["name"] != volume for m in app["volumeMounts"]), "the app never sees the admin's or IMS secret"
+    # The `helm test` pod's `check` reads the same files.
+    test_pod = one(objs, "Pod", hook=True)
+    assert by_name(test_pod["spec"]["volumes"], volume)["secret"]["secretName"] == auth_secret_name(v)
+    (check,) = test_pod["spec"]["containers"]
+    assert by_name(check["volumeMounts"], volume)["mountPath"] == path
+    # Every secret path of the config is inside the mounted directory, one file per key.
+    auth = config_of(objs)["auth"]
+    files = [p for section in ("admin", "ims") for k, p in auth.get(section, {}).items() if k.endswith("_file")]
+    assert files and all(f.startswith(path + "/") and "/" not in f[len(path) + 1:] for f in files)
+
+
+def test_auth_secret_rolls_the_pods_when_it_is_another_secret_or_other_keys():
+    base = auth_values("login-as-customer")
+    a = annotations_for(base)
+    assert re.fullmatch(r"[0-9a-f]{64}", a["checksum/secret"])
+    assert annotations_for(base) == a, "stable across renders"
+    other = copy.deepcopy(base)
+    other["auth"]["admin"]["existingSecret"] = "other-admin"
+    b = annotations_for(other)
+    assert b["checksum/secret"] != a["checksum/secret"] and b["checksum/config"] == a["checksum/config"]
+    no_totp = annotations_for(auth_values("login-as-customer-no-totp"))
+    assert no_totp["checksum/secret"] != a["checksum/secret"] and no_totp["checksum/config"] != a["checksum/config"]
+    ims = auth_values("cloud-service-otp")
+    c = annotations_for(ims)
+    ims["auth"]["ims"]["existingSecret"] = "other-ims"
+    assert annotations_for(ims)["checksum/secret"] != c["checksum/secret"]
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        (lambda v: v["customers"][0].update(password="x"), "customers[0].password"),
+        (lambda v: v["customers"][1].update(passwordKey="bob"), "customers[1].passwordKey"),
+        (lambda v: v.update(existingSecret="shop-customer-passwords"), "existingSecret"),
+    ],
+)
+@pytest.mark.parametrize("values", ["login-as-customer", "cloud-service-otp"])
+def test_auth_refuses_customer_passwords_rather_than_ignoring_them(values, change, key):
+    v = auth_values(values)
+    change(v)
+    msg = render_error(v)
+    assert key in msg and v["auth"]["method"] in msg and "remove it" in msg, msg
+
+
+def test_auth_refuses_a_method_the_store_cannot_serve():
+    lac = auth_values("login-as-customer")
+    lac["magento"] = {"base_url": "https://na1.api.commerce.adobe.com/Tenant1234", "cloud_service": True}
+    msg = render_error(lac)
+    assert "auth.method" in msg and "cloud_service_otp" in msg, msg
+    otp = auth_values("cloud-service-otp")
+    otp["magento"] = {"base_url": "https://shop.example.com", "cloud_service": False}
+    msg = render_error(otp)
+    assert "auth.method" in msg and "magento.cloud_service" in msg, msg
+    otp = auth_values("cloud-service-otp")
+    del otp["customers"][1]["customer_id"]
+    msg = render_error(otp)
+    assert "customers[1].customer_id" in msg and "bob" in msg, msg
+
+
+@pytest.mark.parametrize(
+    "values, where",
+    [
+        ({"auth": {"method": "oauth"}}, "/auth/method"),
+        ({"auth": {"method": "login_as_customer"}}, "/auth/admin/username"),
+        ({"auth": {"method": "login_as_customer", "admin": {"username": "token-robot"}}}, "/auth/admin/existingSecret"),
+        ({"auth": {"method": "login_as_customer", "admin": {"username": "r", "existingSecret": "Not_A_Name"}}}, "/auth/admin/existingSecret"),
+        ({"auth": {"method": "login_as_customer", "admin": {"username": "r", "existingSecret": "s", "password": "x"}}}, "/auth/admin"),
+        ({"auth": {"method": "cloud_service_otp"}}, "/auth/ims/client_id"),
+        ({"auth": {"method": "cloud_service_otp", "ims": {"client_id": "a", "existingSecret": "s"}}}, "/auth/ims/org_id"),
+        ({"auth": {"method": "cloud_service_otp", "ims": {"client_id": "a", "org_id": "o"}}}, "/auth/ims/existingSecret"),
+        ({"auth": {"ims": {"scopes": "openid,email"}}}, "/auth/ims/scopes"),
+        ({"auth": {"ims": {"token_url": "ims-na1.adobelogin.com"}}}, "/auth/ims/token_url"),
+        ({"auth": {"admin": {"totpSecretKey": "a/b"}}}, "/auth/admin/totpSecretKey"),
+        ({"customers": [{"name": "a", "username": "a@b", "customer_id": "42"}]}, "/customers/0/customer_id"),
+        ({"customers": [{"name": "a", "username": "a@b", "customer_id": 0}]}, "/customers/0/customer_id"),
+    ],
+)
+def test_schema_rejects_wrong_auth_values(values, where):
+    with helm.Chart.load(CHART) as chart:
+        with pytest.raises(helm.HelmValuesError) as err:
+            chart.validate_schema(values)
+    assert where in str(err.value), str(err.value)
+
+
+def test_auth_notes_name_the_secret_and_its_keys():
+    notes = lambda values: render_raw(values)["magento-token-sidecar/templates/NOTES.txt"]
+    lac = notes(auth_values("login-as-customer"))
+    assert "The Secret shop-magento-admin must hold the keys: password totp" in lac
+    assert '"issuer" object of /status' in lac and "change-me" not in lac
+    assert "set auth.admin.totpSecretKey" in notes(auth_values("login-as-customer-no-totp"))
+    otp = notes(auth_values("cloud-service-otp"))
+    assert "The Secret shop-magento-ims must hold the key: secret" in otp
+    # Replicas: the admin's failed logins add up in Magento as a customer's do; IMS has no such lock.
+    lac3 = notes({**auth_values("login-as-customer"), "deployment": {"replicaCount": 3}})
+    assert "count of the admin's failed logins" in lac3 and "WARNING: that is more than 4" in lac3
+    assert "replicas each run a sidecar" not in notes({**auth_values("cloud-service-otp"), "deployment": {"replicaCount": 3}})
+
+
+def materialize_auth(config: dict, tmp: pathlib.Path) -> pathlib.Path:
+    """The rendered config with the auth Secret's files under `tmp` (as the pod would have them)."""
+    cfg = copy.deepcopy(config)
+    for section in ("admin", "ims"):
+        for key, path in cfg["auth"].get(section, {}).items():
+            if key.endswith("_file"):
+                local = tmp / "auth" / pathlib.PurePosixPath(path).name
+                local.parent.mkdir(exist_ok=True)
+                local.write_text(TOTP_SECRET + "\n" if key == "totp_secret_file" else "s3cret\n")
+                cfg["auth"][section][key] = str(local)
+    if "dir" in cfg["output"]:  # central mode's output.kubernetes stays as rendered
+        (tmp / "tokens").mkdir()
+        cfg["output"]["dir"] = str(tmp / "tokens")
+    if "gid" in cfg["output"] and os.geteuid() != 0 and cfg["output"]["gid"] not in os.getgroups():
+        cfg["output"]["gid"] = os.getegid()
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("values", AUTH_SETS)
+def test_binary_check_accepts_the_rendered_auth_config(values, binary, tmp_path):
+    """What the chart renders is what the daemon's `check` (the `helm test` pod's) accepts, with
+    the files the auth Secret would provide; without them it names the key."""
+    cfg = config_of(render(auth_values(values)))
+    proc = run_bin(binary, "check", "--config", materialize_auth(cfg, tmp_path))
+    out = proc.stdout + proc.stderr
+    if "unknown field `auth`" in out:
+        pytest.skip("this build of the daemon has no auth section yet")
+    assert proc.returncode == 0, out
+    # A key missing from the Secret: `check` names the key of the file it could not read.
+    for f in (tmp_path / "auth").iterdir():
+        f.unlink()
+    proc = run_bin(binary, "check", "--config", tmp_path / "config.yaml")
+    key = "auth.admin.password_file" if values.startswith("login") else "auth.ims.client_secret_file"
+    assert proc.returncode == 2 and key in proc.stdout + proc.stderr, proc.stdout + proc.stderr

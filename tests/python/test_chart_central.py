@@ -14,7 +14,10 @@ What is checked, with `mode: central` on the defaults and on tests/python/chart_
 - NOTES and the README show an app pod mounting the token Secret as a directory, and the
   snippet validates;
 - sidecar mode (the default) renders none of it;
-- the binary's `check` accepts the rendered central config (once the daemon side lands).
+- the binary's `check` accepts the rendered central config (once the daemon side lands);
+- without customer passwords (`auth`): the admin's or IMS credential's Secret mounted into the
+  central pods and the `helm test` pod only, out of the Role's reach, the same `auth` section as
+  in sidecar mode, and `check` on it.
 """
 from __future__ import annotations
 
@@ -499,8 +502,13 @@ def test_binary_check_accepts_the_rendered_central_config(values, binary, tmp_pa
         c["password_file"] = str(secrets / key)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    # A kubeconfig pointing at a closed loopback port, should `check` look for one: nothing here
-    # may reach a real cluster.
+    proc = check_without_a_cluster(binary, path, tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def check_without_a_cluster(binary, path, tmp_path) -> subprocess.CompletedProcess:
+    """`check` on a central config, with a kubeconfig pointing at a closed loopback port, should
+    `check` look for one: nothing here may reach a real cluster."""
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "none",
@@ -510,5 +518,82 @@ def test_binary_check_accepts_the_rendered_central_config(values, binary, tmp_pa
     }))
     env = {k: v for k, v in os.environ.items() if k != "MAGENTO_TOKEN_SIDECAR_CONFIG"}
     env.update(KUBECONFIG=str(kubeconfig), POD_NAME=f"{FULLNAME}-0")
-    proc = subprocess.run([str(binary), "check", "--config", str(path)], capture_output=True, text=True, timeout=60, env=env)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return subprocess.run([str(binary), "check", "--config", str(path)], capture_output=True, text=True, timeout=60, env=env)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokens without customer passwords (`auth`) in central mode: the auth Secret is mounted into the
+# central pods (and the `helm test` pod) only, the config carries the same `auth` section as in
+# sidecar mode, and no Role rule reaches the auth Secret.
+
+from test_chart import (  # noqa: E402
+    AUTH_SETS,
+    AUTH_VOLUME,
+    EXPECTED_AUTH,
+    auth_secret_name,
+    auth_values,
+    materialize_auth,
+)
+
+
+def central_auth(name: str) -> dict:
+    return {**auth_values(name), **CENTRAL}
+
+
+@pytest.mark.parametrize("kube", KUBE_VERSIONS)
+@pytest.mark.parametrize("values", AUTH_SETS)
+def test_central_auth_lint_strict_and_every_object_validates(values, kube):
+    report = helm.lint(CHART, central_auth(values), strict=True, namespace=NAMESPACE, kube_version="v" + kube)
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not problems and not report["errors"], report
+    checked = set(validate_strictly(render(central_auth(values), kube_version=kube), values, kube))
+    assert {"Deployment", "Role", "RoleBinding", "Pod", "ConfigMap"} <= checked
+
+
+@pytest.mark.parametrize("values", AUTH_SETS)
+def test_central_auth_secret_is_mounted_into_the_central_pods_only(values):
+    v = central_auth(values)
+    objs = render(v)
+    volume, path = AUTH_VOLUME[v["auth"]["method"]]
+    secret = auth_secret_name(v)
+    assert not [o for o in objs if o["kind"] == "Secret"], "no password Secret without customer passwords"
+    spec = pod_spec(objs)
+    assert [vol["name"] for vol in spec["volumes"]] == ["magento-token-sidecar-config", volume]
+    assert by_name(spec["volumes"], volume)["secret"] == {"secretName": secret, "defaultMode": 0o440}
+    daemon = daemon_of(objs)
+    assert [m["name"] for m in daemon["volumeMounts"]] == ["magento-token-sidecar-config", volume]
+    assert by_name(daemon["volumeMounts"], volume) == {"name": volume, "mountPath": path, "readOnly": True}
+    pod = one(objs, "Pod", hook=True)
+    assert [vol["name"] for vol in pod["spec"]["volumes"]] == ["magento-token-sidecar-config", volume]
+    # The daemon reads it from the mount, not through the API: no Role rule names it.
+    for rule in one(objs, "Role")["rules"]:
+        assert secret not in rule.get("resourceNames", [])
+    assert config_of(objs)["output"]["kubernetes"]["secret"] != secret
+
+
+@pytest.mark.parametrize("values", AUTH_SETS)
+def test_central_auth_config_writes_the_auth_section_and_the_secret_output(values):
+    cfg = config_of(render(central_auth(values)))
+    assert cfg["auth"] == EXPECTED_AUTH[values]
+    assert "dir" not in cfg["output"] and cfg["output"]["kubernetes"]["secret"] == TOKEN_SECRET
+    assert all("password_file" not in c for c in cfg["customers"])
+    # The same config as in sidecar mode but for the output.
+    sidecar = config_of(render(auth_values(values)))
+    assert {k: v for k, v in cfg.items() if k != "output"} == {k: v for k, v in sidecar.items() if k != "output"}
+
+
+def test_central_auth_refuses_customer_passwords_too():
+    v = central_auth("login-as-customer")
+    v["existingSecret"] = "shop-customer-passwords"
+    msg = render_error(v)
+    assert "existingSecret" in msg and "login_as_customer" in msg, msg
+
+
+@pytest.mark.parametrize("values", AUTH_SETS)
+def test_binary_check_accepts_the_rendered_central_auth_config(values, binary, tmp_path):
+    path = materialize_auth(config_of(render(central_auth(values))), tmp_path)
+    proc = check_without_a_cluster(binary, path, tmp_path)
+    out = proc.stdout + proc.stderr
+    if "unknown field `auth`" in out:
+        pytest.skip("this build of the daemon has no auth section yet")
+    assert proc.returncode == 0, out

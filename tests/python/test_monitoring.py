@@ -4,7 +4,9 @@ Static checks (no daemon needed): promtool accepts the rules and their unit test
 metric, label and `result` value the rules and the dashboard use is one the daemon exports (as the
 contract lists them, below); the dashboard's queries parse; every alert is documented and tested.
 Central mode's alerts and panels (the Lease holder, the Kubernetes API requests) are checked the
-same way, statically: the daemon below writes files and exports no API requests.
+same way, statically: the daemon below writes files and exports no API requests. So are the
+issuer's (auth.method login_as_customer or cloud_service_otp): the daemon below logs customers in
+with their passwords and must export no issuer metric.
 
 End to end: the daemon runs against the dev server, its /metrics passes `promtool check metrics`
 and holds every metric the rules and the dashboard use; a real Prometheus server scrapes it with
@@ -69,18 +71,29 @@ KUBERNETES_METRICS = {
     "magento_token_leader": ("gauge", set()),
     "magento_token_kubernetes_requests_total": ("counter", {"resource", "verb", "result"}),
 }
+# Tokens without customer passwords (auth.method login_as_customer or cloud_service_otp, issue 22):
+# the credential that gets every customer's token (the issuer: an admin token or an IMS access
+# token). None of these exists with auth.method password, the end-to-end daemon below: static
+# checks know them, and the end-to-end test checks that they are absent there.
+AUTH_METHODS = {"login_as_customer", "cloud_service_otp"}
+ISSUER_METRICS = {
+    "magento_token_issuer_refresh_total": ("counter", {"method", "result"}),
+    "magento_token_issuer_expiry_timestamp_seconds": ("gauge", {"method"}),
+    "magento_token_issuer_held_back": ("gauge", {"method"}),
+}
 LABEL_VALUES = {
     "magento_token_kubernetes_requests_total": {
         "resource": {"secret", "lease"},
         "verb": {"get", "create", "update", "patch"},
     },
-}
+} | {name: {"method": AUTH_METHODS} for name in ISSUER_METRICS}
 RESULT_VALUES = {
     "magento_token_refresh_total": REFRESH_RESULTS,
     "magento_token_config_reloads_total": RELOAD_RESULTS,
     "magento_token_validations_total": VALIDATION_RESULTS,
     "magento_token_notify_total": NOTIFY_RESULTS,
     "magento_token_kubernetes_requests_total": KUBERNETES_RESULTS,
+    "magento_token_issuer_refresh_total": REFRESH_RESULTS,
 }
 # The standard process collector's metrics (Linux).
 PROCESS_METRICS = {
@@ -98,7 +111,7 @@ TARGET_LABELS = {"job", "instance", "namespace", "app_kubernetes_io_instance"}
 def sample_labels() -> dict:
     """Every sample name the daemon exposes (histograms expanded), with the labels it carries."""
     out = {}
-    for name, (kind, labels) in (DAEMON_METRICS | KUBERNETES_METRICS).items():
+    for name, (kind, labels) in (DAEMON_METRICS | KUBERNETES_METRICS | ISSUER_METRICS).items():
         if kind == "histogram":
             out[name + "_bucket"] = labels | {"le"}
             out[name + "_sum"] = set(labels)
@@ -299,6 +312,12 @@ def central_only(expr: str) -> bool:
     return bool(names) and names <= KUBERNETES_METRICS.keys()
 
 
+def issuer_only(expr: str) -> bool:
+    """A query of the issuer's metrics alone: empty with auth.method password."""
+    names = metric_names(expr)
+    return bool(names) and names <= ISSUER_METRICS.keys()
+
+
 def test_central_mode_alerts_and_panels():
     """Issue 11: an alert when no replica holds the Lease, when two do, and when the daemon's
     API requests are refused (RBAC) or keep failing; panels of the holder per pod and of the
@@ -322,6 +341,38 @@ def test_central_mode_alerts_and_panels():
     assert api, "no 'Kubernetes API requests by result' panel"
     expr = api["targets"][0]["expr"]
     assert metric_names(expr) == {"magento_token_kubernetes_requests_total"} and "result" in grouping_labels(expr)
+
+
+def test_issuer_alerts_and_panels():
+    """Issue 22: alerts for an issuer that keeps failing, one held back by the admin's lockout
+    budget, one whose token is about to expire, and a customer Magento will not issue a token for;
+    panels of the issuer's token's time left and of its refreshes by result. The customer alerts
+    whose cause is the issuer's step aside for it."""
+    rules = {r["alert"]: r for r in load_rules()}
+    for name, metric, severity in [
+        ("MagentoTokenIssuerFailing", "magento_token_issuer_refresh_total", "warning"),
+        ("MagentoTokenIssuerHeldBack", "magento_token_issuer_held_back", "critical"),
+        ("MagentoTokenIssuerExpiringSoon", "magento_token_issuer_expiry_timestamp_seconds", "warning"),
+        ("MagentoTokenIssuerRefusesCustomer", "magento_token_refresh_total", "critical"),
+    ]:
+        assert name in rules, f"no alert {name}"
+        assert metric in metric_names(rules[name]["expr"]), name
+        assert rules[name]["labels"]["severity"] == severity, name
+        assert "$labels.method" in rules[name]["annotations"]["description"], f"{name}: description names no method"
+    for name in ("MagentoTokenLockoutBudgetSpent", "MagentoTokenRefreshFailing", "MagentoTokenLoginBlocked"):
+        assert "magento_token_issuer_held_back" in metric_names(rules[name]["expr"]), f"{name} does not step aside for the issuer"
+    panels = {p.get("title"): p for p in dashboard_panels(load_dashboard())}
+    left = panels.get("Issuer token time left")
+    assert left, "no 'Issuer token time left' panel"
+    expr = left["targets"][0]["expr"]
+    assert metric_names(expr) == {"magento_token_issuer_expiry_timestamp_seconds"} and "time()" in expr
+    assert left["fieldConfig"]["defaults"]["unit"] == "s"
+    refreshes = panels.get("Issuer refreshes by result")
+    assert refreshes, "no 'Issuer refreshes by result' panel"
+    expr = refreshes["targets"][0]["expr"]
+    assert metric_names(expr) == {"magento_token_issuer_refresh_total"} and "result" in grouping_labels(expr)
+    held = panels.get("Issuer held back")
+    assert held and metric_names(held["targets"][0]["expr"]) == {"magento_token_issuer_held_back"}
 
 
 def test_dashboard_shape():
@@ -606,11 +657,14 @@ def test_end_to_end_metrics_and_prometheus(stack):
             for series in samples.get(name, []):
                 assert set(series) == labels, f"{name} has labels {sorted(series)}, expected {sorted(labels)}"
     assert not samples.get("magento_token_kubernetes_requests_total"), "requests to a Kubernetes API with output.dir"
+    # No issuer with auth.method password (the default): none of its metrics, not even at 0.
+    issuer = sorted(n for n in ISSUER_METRICS if n in types or n in samples)
+    assert not issuer, f"{issuer} exported with auth.method password"
     assert samples["magento_token_build_info"] and all(s["version"] for s in samples["magento_token_build_info"])
 
     # What the rules and the dashboard query is really there (`up` comes from Prometheus), but
     # central mode's metrics: this daemon writes files and talks to no Kubernetes API.
-    exported = set(samples) | {"up"} | KUBERNETES_METRICS.keys()
+    exported = set(samples) | {"up"} | KUBERNETES_METRICS.keys() | ISSUER_METRICS.keys()
     for where, expr in used_exprs():
         missing = metric_names(expr) - exported
         assert not missing, f"{where} uses {sorted(missing)}, which /metrics does not have"
@@ -646,7 +700,7 @@ def test_end_to_end_metrics_and_prometheus(stack):
     # Every dashboard query runs on the real data and returns something.
     def dashboard_answers():
         empty = [(title, expr) for title, expr in dashboard_exprs(load_dashboard())
-                 if not central_only(expr) and not stack.query(grafana_to_promql(expr))]
+                 if not central_only(expr) and not issuer_only(expr) and not stack.query(grafana_to_promql(expr))]
         return not empty, empty
     wait_for("every dashboard query to return data", dashboard_answers, timeout=30,
              alive=[stack.daemon, stack.prometheus])

@@ -11,7 +11,7 @@ Public pieces, for a pod spec of your own:
   magento-token-sidecar.containers       items for `containers:` (the daemon in the classic layout; empty when native)
   magento-token-sidecar.container        the daemon container alone
   magento-token-sidecar.onceContainer    the `once` init container alone
-  magento-token-sidecar.volumes          items for `volumes:` (tokens, config, passwords)
+  magento-token-sidecar.volumes          items for `volumes:` (tokens, config, passwords or the auth Secret)
   magento-token-sidecar.volume           the token volume alone
   magento-token-sidecar.volumeMount      item for the app container's `volumeMounts:` (read-only tokens)
   magento-token-sidecar.podAnnotations   checksum/config and checksum/secret, for the pod template
@@ -103,6 +103,20 @@ image.centralSuffix appended. A digest names one image: in central mode, give th
 {{- define "magento-token-sidecar.configFile" -}}/etc/magento-token-sidecar/config/config.yaml{{- end }}
 {{- define "magento-token-sidecar.secretDir" -}}/etc/magento-token-sidecar/secrets{{- end }}
 
+{{- define "magento-token-sidecar.adminDir" -}}/etc/magento-token-sidecar/admin{{- end }}
+{{- define "magento-token-sidecar.imsDir" -}}/etc/magento-token-sidecar/ims{{- end }}
+
+{{/* auth.method: password (the default), login_as_customer or cloud_service_otp. */}}
+{{- define "magento-token-sidecar.authMethod" -}}
+{{- default "password" (.Values.auth | default dict).method }}
+{{- end }}
+
+{{/* "true" when customers log in with their own passwords (auth.method password), "" otherwise:
+then there is no password Secret, no password volume and no password_file. */}}
+{{- define "magento-token-sidecar.usesPasswords" -}}
+{{- if eq (include "magento-token-sidecar.authMethod" .) "password" }}true{{ end }}
+{{- end }}
+
 {{/* The key holding a customer's password in the Secret. */}}
 {{- define "magento-token-sidecar.passwordKey" -}}
 {{- default .name .passwordKey }}
@@ -113,15 +127,37 @@ image.centralSuffix appended. A digest names one image: in central mode, give th
 {{- if not .Values.customers }}
 {{- fail "customers: list at least one customer (name, username, password or existingSecret)" }}
 {{- end }}
+{{- $method := include "magento-token-sidecar.authMethod" . }}
+{{- $passwords := include "magento-token-sidecar.usesPasswords" . }}
 {{- $seen := dict }}
 {{- range $i, $c := .Values.customers }}
 {{- if hasKey $seen $c.name }}
 {{- fail (printf "customers[%d].name: %q is used twice; names must be unique" $i $c.name) }}
 {{- end }}
 {{- $_ := set $seen $c.name true }}
+{{- if $passwords }}
 {{- if and (not $.Values.existingSecret) (not $c.password) }}
 {{- fail (printf "customers[%d].password: required unless existingSecret names a Secret holding it (customer %q)" $i $c.name) }}
 {{- end }}
+{{- else }}
+{{- range $key := list "password" "passwordKey" }}
+{{- if not (kindIs "invalid" (index $c $key)) }}
+{{- fail (printf "customers[%d].%s: auth.method %s logs customers in without their passwords (the daemon refuses one): remove it (customer %q)" $i $key $method $c.name) }}
+{{- end }}
+{{- end }}
+{{- if and (eq $method "cloud_service_otp") (kindIs "invalid" $c.customer_id) }}
+{{- fail (printf "customers[%d].customer_id: required with auth.method cloud_service_otp: Magento's numeric id of customer %q (the ID column of Customers > All Customers)" $i $c.name) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and (not $passwords) .Values.existingSecret }}
+{{- fail (printf "existingSecret: names a Secret of customer passwords, which auth.method %s does not use: remove it" $method) }}
+{{- end }}
+{{- if and (eq $method "login_as_customer") .Values.magento.cloud_service }}
+{{- fail "auth.method: login_as_customer needs an admin token, which Adobe Commerce as a Cloud Service (magento.cloud_service: true) does not issue: use cloud_service_otp there" }}
+{{- end }}
+{{- if and (eq $method "cloud_service_otp") (not .Values.magento.cloud_service) }}
+{{- fail "auth.method: cloud_service_otp is Adobe Commerce as a Cloud Service's way: set magento.cloud_service: true (base_url https://<region>.api.commerce.adobe.com/<tenant-id>), or use login_as_customer on other stores" }}
 {{- end }}
 {{- if and .Values.nativeSidecar (not (include "magento-token-sidecar.isCentral" .)) (semverCompare "<1.29.0-0" .Capabilities.KubeVersion.Version) }}
 {{- fail (printf "nativeSidecar: native sidecar containers need Kubernetes 1.29 or later (this is %s); set nativeSidecar=false" .Capabilities.KubeVersion.Version) }}
@@ -184,16 +220,52 @@ Ids go out as integers (Helm reads numbers as floats: 4294967294 would become 4.
 {{- end }}
 
 {{/*
+The daemon's `auth`, for a method other than password: the admin's or the IMS credential's
+secrets are files in their Secret's directory (as passwords are), the other keys as they are;
+token_url and scopes left out when empty (the daemon's defaults).
+*/}}
+{{- define "magento-token-sidecar.authConfig" -}}
+{{- $method := include "magento-token-sidecar.authMethod" . }}
+{{- $auth := dict "method" $method }}
+{{- if eq $method "login_as_customer" }}
+{{- $a := .Values.auth.admin }}
+{{- $dir := include "magento-token-sidecar.adminDir" . }}
+{{- $admin := dict "username" $a.username "password_file" (printf "%s/%s" $dir $a.passwordKey) }}
+{{- with $a.totpSecretKey }}
+{{- $_ := set $admin "totp_secret_file" (printf "%s/%s" $dir .) }}
+{{- end }}
+{{- $_ := set $auth "admin" $admin }}
+{{- else if eq $method "cloud_service_otp" }}
+{{- $i := .Values.auth.ims }}
+{{- $ims := include "magento-token-sidecar.compact" (pick $i "token_url" "client_id" "org_id") | fromYaml }}
+{{- with $i.scopes }}
+{{- $_ := set $ims "scopes" . }}
+{{- end }}
+{{- $_ := set $ims "client_secret_file" (printf "%s/%s" (include "magento-token-sidecar.imsDir" .) $i.clientSecretKey) }}
+{{- $_ := set $auth "ims" $ims }}
+{{- end }}
+{{- toYaml $auth }}
+{{- end }}
+
+{{/*
 The daemon's config file. Password files point into the mounted Secret directory, one file
 per key (no subPath: a rotated Secret arrives through the kubelet's symlink swap and the
-daemon re-reads the file before each login).
+daemon re-reads the file before each login). Without customer passwords (auth.method other
+than password) `auth` says how tokens are obtained and customers have no password_file.
+Customer ids go out as integers (Helm reads numbers as floats).
 */}}
 {{- define "magento-token-sidecar.config" -}}
 {{- include "magento-token-sidecar.validate" . }}
+{{- $passwords := include "magento-token-sidecar.usesPasswords" . }}
 {{- $customers := list }}
 {{- range .Values.customers }}
-{{- $c := include "magento-token-sidecar.compact" (omit . "password" "passwordKey") | fromYaml }}
+{{- $c := include "magento-token-sidecar.compact" (omit . "password" "passwordKey" "customer_id") | fromYaml }}
+{{- if $passwords }}
 {{- $_ := set $c "password_file" (printf "%s/%s" (include "magento-token-sidecar.secretDir" $) (include "magento-token-sidecar.passwordKey" .)) }}
+{{- end }}
+{{- if not (kindIs "invalid" .customer_id) }}
+{{- $_ := set $c "customer_id" (int64 .customer_id) }}
+{{- end }}
 {{- $customers = append $customers $c }}
 {{- end }}
 {{- $cfg := dict
@@ -211,6 +283,9 @@ daemon re-reads the file before each login).
 {{- if $notify }}
 {{- with $n.timeout }}{{ $_ := set $notify "timeout" . }}{{ end }}
 {{- $_ := set $cfg "notify" $notify }}
+{{- end }}
+{{- if not $passwords }}
+{{- $_ := set $cfg "auth" (include "magento-token-sidecar.authConfig" . | fromYaml) }}
 {{- end }}
 {{- toYaml $cfg }}
 {{- end }}
@@ -230,9 +305,30 @@ keys:
 {{- end }}
 {{- end }}
 
+{{/*
+What checksum/secret covers: the password Secret (its content, or the existing Secret's name and
+keys), or without customer passwords the admin's or the IMS credential's Secret and keys (their
+content is not the chart's to see: the daemon reads a rotated secret before its next use).
+*/}}
+{{- define "magento-token-sidecar.secretsInUse" -}}
+{{- if include "magento-token-sidecar.usesPasswords" . }}
+{{- include "magento-token-sidecar.secretData" . }}
+{{- else }}
+{{- $method := include "magento-token-sidecar.authMethod" . }}
+method: {{ $method }}
+{{- if eq $method "login_as_customer" }}
+adminSecret: {{ .Values.auth.admin.existingSecret }}
+keys: {{ compact (list .Values.auth.admin.passwordKey .Values.auth.admin.totpSecretKey) | toJson }}
+{{- else }}
+imsSecret: {{ .Values.auth.ims.existingSecret }}
+keys: {{ list .Values.auth.ims.clientSecretKey | toJson }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{- define "magento-token-sidecar.podAnnotations" -}}
 checksum/config: {{ include "magento-token-sidecar.config" . | sha256sum }}
-checksum/secret: {{ include "magento-token-sidecar.secretData" . | sha256sum }}
+checksum/secret: {{ include "magento-token-sidecar.secretsInUse" . | sha256sum }}
 {{- end }}
 
 {{/* The volumes the daemon's containers mount. */}}
@@ -248,16 +344,32 @@ checksum/secret: {{ include "magento-token-sidecar.secretData" . | sha256sum }}
 {{ include "magento-token-sidecar.configVolumes" . }}
 {{- end }}
 
-{{/* The config and password volumes alone (central mode has no token directory). */}}
+{{/* The config and secret volumes alone (central mode has no token directory): the customer
+passwords, or without them the admin's or the IMS credential's Secret. */}}
 {{- define "magento-token-sidecar.configVolumes" -}}
+{{- $method := include "magento-token-sidecar.authMethod" . -}}
 - name: magento-token-sidecar-config
   configMap:
     name: {{ include "magento-token-sidecar.configMapName" . }}
+{{- if include "magento-token-sidecar.usesPasswords" . }}
 - name: magento-token-sidecar-secrets
   secret:
     secretName: {{ include "magento-token-sidecar.secretName" . }}
     # 0440: owned by root with the pod's fsGroup, readable by the daemon's group only.
     defaultMode: 288
+{{- else if eq $method "login_as_customer" }}
+- name: magento-token-sidecar-admin
+  secret:
+    secretName: {{ .Values.auth.admin.existingSecret }}
+    # 0440, as the customer passwords: readable by the daemon's group only.
+    defaultMode: 288
+{{- else if eq $method "cloud_service_otp" }}
+- name: magento-token-sidecar-ims
+  secret:
+    secretName: {{ .Values.auth.ims.existingSecret }}
+    # 0440, as the customer passwords: readable by the daemon's group only.
+    defaultMode: 288
+{{- end }}
 {{- end }}
 
 {{/* The app container's mount of the token directory: the whole directory, read-only. */}}
@@ -273,14 +385,26 @@ checksum/secret: {{ include "magento-token-sidecar.secretData" . | sha256sum }}
 {{ include "magento-token-sidecar.configMounts" . }}
 {{- end }}
 
-{{/* The daemon's mounts of its config and passwords, and sidecar.extraVolumeMounts. */}}
+{{/* The daemon's mounts of its config and passwords (or the admin's or IMS credential's
+Secret), and sidecar.extraVolumeMounts. */}}
 {{- define "magento-token-sidecar.configMounts" -}}
+{{- $method := include "magento-token-sidecar.authMethod" . -}}
 - name: magento-token-sidecar-config
   mountPath: {{ include "magento-token-sidecar.configDir" . }}
   readOnly: true
+{{- if include "magento-token-sidecar.usesPasswords" . }}
 - name: magento-token-sidecar-secrets
   mountPath: {{ include "magento-token-sidecar.secretDir" . }}
   readOnly: true
+{{- else if eq $method "login_as_customer" }}
+- name: magento-token-sidecar-admin
+  mountPath: {{ include "magento-token-sidecar.adminDir" . }}
+  readOnly: true
+{{- else if eq $method "cloud_service_otp" }}
+- name: magento-token-sidecar-ims
+  mountPath: {{ include "magento-token-sidecar.imsDir" . }}
+  readOnly: true
+{{- end }}
 {{- with .Values.sidecar.extraVolumeMounts }}
 {{ toYaml . }}
 {{- end }}
