@@ -13,6 +13,8 @@
 //! | [`shown`]    | what of a server's answer may be shown: bounded, escaped, never the password     |
 //! | [`token`]    | the accepted token form, and its expiry (JWT `exp`, clock skew, opaque tokens)   |
 //! | [`attempt`]  | one login under the lockout policy: the only path a password is sent by          |
+//! | [`issuer`]   | tokens without customer passwords: the admin's or IMS token, kept fresh; minting |
+//! | [`totp`]     | the admin's two-factor code (RFC 6238) from its base32 secret                     |
 //! | [`ledger`]   | the record of recent 401s that outlives the process, judged before it is believed|
 //! | [`format`]   | what a token file holds: the four formats, written and read back                 |
 //! | [`sink`]     | atomic, durable token files                                                      |

@@ -562,3 +562,125 @@ fn password_files_lose_one_trailing_newline_only() {
     let e = PasswordSource::File(file.clone()).read().unwrap_err();
     assert_eq!(e.to_string(), format!("password_file {} is larger than 4 KiB, the most it may hold", file.display()));
 }
+
+/// `MINIMAL` without its customer's password, with `auth` and more lines for the customer.
+fn without_password(auth: &str, customer: &str) -> String {
+    MINIMAL.replace("    password_env: ALICE_PASSWORD\n", customer) + auth
+}
+
+const ADMIN: &str = "auth:\n  method: login_as_customer\n  admin:\n    username: robot\n    password_env: ADMIN_PW\n";
+const IMS: &str = "auth:\n  method: cloud_service_otp\n  ims:\n    client_id: c1\n    client_secret_env: IMS_SECRET\n    org_id: O@AdobeOrg\n";
+
+#[test]
+fn login_as_customer_takes_an_admin_and_no_customer_password() {
+    let c = parse(&without_password(ADMIN, ""), Checks::Static).unwrap();
+    let Auth::LoginAsCustomer(admin) = &c.auth else { panic!("{:?}", c.auth) };
+    assert_eq!(admin.username, "robot");
+    assert_eq!(admin.password, PasswordSource::Env("ADMIN_PW".into()));
+    assert_eq!(admin.route().as_str(), "https://shop.example.com/rest/V1/integration/admin/token");
+    assert_eq!(c.customers[0].password, None);
+    assert_eq!(c.customers[0].graphql_url().as_str(), "https://shop.example.com/graphql");
+    let totp = without_password(&format!("{ADMIN}    totp_secret_file: /etc/totp\n"), "");
+    let Auth::LoginAsCustomer(admin) = parse(&totp, Checks::Static).unwrap().auth else { panic!() };
+    assert_eq!(admin.route().as_str(), "https://shop.example.com/rest/V1/tfa/provider/google/authenticate");
+    // The default stays the customers' passwords.
+    assert_eq!(parse(MINIMAL, Checks::Static).unwrap().auth, Auth::Password);
+}
+
+#[test]
+fn cloud_service_otp_takes_an_ims_credential_and_customer_ids() {
+    let cloud = "magento:\n  base_url: https://na1.api.commerce.adobe.com/T3nant\n  cloud_service: true\n";
+    let yaml = without_password(IMS, "    customer_id: 42\n")
+        .replace("magento:\n  base_url: https://shop.example.com\n", cloud);
+    let c = parse(&yaml, Checks::Static).unwrap();
+    let Auth::CloudServiceOtp(ims) = &c.auth else { panic!("{:?}", c.auth) };
+    assert_eq!(ims.token_url.as_str(), "https://ims-na1.adobelogin.com/ims/token/v3");
+    assert_eq!(ims.scopes, auth::DEFAULT_IMS_SCOPES.map(String::from));
+    assert_eq!((ims.client_id.as_str(), ims.org_id.as_str()), ("c1", "O@AdobeOrg"));
+    assert_eq!(c.customers[0].customer_id, Some(42));
+    assert_eq!(
+        c.customers[0].rest_url("V1/customer/42/otp").as_str(),
+        "https://na1.api.commerce.adobe.com/T3nant/V1/customer/42/otp"
+    );
+}
+
+#[test]
+fn check_refuses_an_auth_that_cannot_work_naming_the_key() {
+    // A customer password with a method that never sends one.
+    let p = problems(&MINIMAL.replace("customers:", &format!("{ADMIN}customers:")));
+    assert_eq!(p, ["customers[0].password_env: auth.method login_as_customer obtains this customer's tokens without its password: remove password_env"]);
+    // No customer id for the one-time codes, and not on the cloud service.
+    let p = problems(&without_password(IMS, ""));
+    assert!(
+        p.iter().any(|p| p.starts_with("auth.method: cloud_service_otp is Adobe Commerce as a Cloud Service's way")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter().any(|p| p.starts_with("customers[0].customer_id: is required with auth.method cloud_service_otp")),
+        "{p:?}"
+    );
+    // An admin token where there is none.
+    let cloud = without_password(ADMIN, "").replace(
+        "  base_url: https://shop.example.com\n",
+        "  base_url: https://na1.api.commerce.adobe.com/T\n  cloud_service: true\n",
+    );
+    assert!(problems(&cloud)[0].starts_with("auth.method: login_as_customer needs an admin token"));
+    // Each method's own section, and nothing of the other's.
+    assert_eq!(
+        problems(&without_password("auth:\n  method: login_as_customer\n", "")),
+        ["auth.admin: is required with auth.method login_as_customer: the admin user's username and password_file (or password_env)"]
+    );
+    let both =
+        without_password(&format!("{ADMIN}  ims:\n    client_id: c\n    client_secret_env: S\n    org_id: O\n"), "");
+    assert_eq!(
+        problems(&both),
+        ["auth.ims: is used only with auth.method cloud_service_otp, not login_as_customer: remove it"]
+    );
+    let no_secret = without_password(&ADMIN.replace("    password_env: ADMIN_PW\n", ""), "");
+    assert_eq!(
+        problems(&no_secret),
+        ["auth.admin.password_file: one of auth.admin.password_file and auth.admin.password_env is required"]
+    );
+    let p = problems(&MINIMAL.replace("customers:", "auth:\n  method: secret_handshake\ncustomers:"));
+    assert!(p[0].contains("unknown variant `secret_handshake`"), "{p:?}");
+    // Plain http to IMS only on loopback, and a scope list of words.
+    let ims = IMS.to_owned() + "    token_url: http://ims.example.com/token\n    scopes: [\"a b\"]\n";
+    let p = problems(&without_password(&ims, "    customer_id: 1\n").replace(
+        "  base_url: https://shop.example.com\n",
+        "  base_url: https://na1.api.commerce.adobe.com/T\n  cloud_service: true\n",
+    ));
+    assert!(
+        p.iter().any(|p| p.starts_with("auth.ims.token_url: \"http://ims.example.com/token\" uses plain http")),
+        "{p:?}"
+    );
+    assert!(p.iter().any(|p| p.starts_with("auth.ims.scopes:")), "{p:?}");
+}
+
+#[test]
+fn the_issuers_secrets_are_read_by_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let (password, totp) = (dir.path().join("pw"), dir.path().join("totp"));
+    let yaml = without_password(
+        &format!(
+            "auth:\n  method: login_as_customer\n  admin:\n    username: robot\n    password_file: {}\n    totp_secret_file: {}\n",
+            password.display(),
+            totp.display()
+        ),
+        "",
+    )
+    .replace("  dir: /tmp\n", &format!("  dir: {}\n", dir.path().display()));
+    let p: Vec<String> = parse(&yaml, Checks::Environment).unwrap_err().iter().map(|p| p.to_string()).collect();
+    assert_eq!(
+        p,
+        [
+            "auth.admin.password_file: no such file".to_owned(),
+            format!("auth.admin.totp_secret_file: {}: no such file", totp.display())
+        ]
+    );
+    std::fs::write(&password, "Adm1n-Pw\n").unwrap();
+    std::fs::write(&totp, "not base32 at all!\n").unwrap();
+    let p: Vec<String> = parse(&yaml, Checks::Environment).unwrap_err().iter().map(|p| p.to_string()).collect();
+    assert!(p.len() == 1 && p[0].contains("is not a base32 secret") && !p[0].contains("at all"), "{p:?}");
+    std::fs::write(&totp, "JBSWY3DPEHPK3PXP\n").unwrap();
+    assert!(parse(&yaml, Checks::Environment).is_ok());
+}
