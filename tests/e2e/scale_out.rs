@@ -711,3 +711,72 @@ async fn a_holder_that_lost_the_api_does_not_name_itself_as_the_holder_to_ask() 
     d.api.set_unavailable(false);
     assert_eq!(r.stop().await.code(), Some(0));
 }
+
+/// Central mode without customer passwords (`auth.method: login_as_customer`): only the holder
+/// keeps an admin token, one admin login for every customer, and the tokens it mints reach the
+/// Secret; a standby sends Magento nothing, and neither the admin's password nor its token shows
+/// in any replica's logs, `/status` or `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_without_customer_passwords_make_one_admin_login() {
+    let opts = DevServerOptions { login_as_customer: true, two_factor_auth: false, ..Default::default() };
+    let d = Deployment::new(opts, &[ALICE, BOB]).await;
+    const ADMIN_PW: &str = "Robot-Adm1n-pw";
+    d.w.server.add_admin("robot", ADMIN_PW, None).unwrap();
+    d.w.server.set_admin_acl("robot", true, true);
+    d.w.set_password("robot", ADMIN_PW);
+    let customers = [(ALICE.0, ALICE.1), (BOB.0, BOB.1)];
+    let auth = format!(
+        "auth:\n  method: login_as_customer\n  admin:\n    username: robot\n    password_file: {}\n",
+        d.w.secret_path("robot").display()
+    );
+    let replica = |name: &str| {
+        let port = free_port();
+        let path = d.w.dir.path().join(format!("{name}.yaml"));
+        let config: String = d
+            .config(&customers, "", port)
+            .lines()
+            .filter(|l| !l.contains("password_file"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&path, config + &auth).unwrap();
+        let log = d.w.dir.path().join(format!("{name}.log"));
+        let (kubeconfig, pod) = (d.kubeconfig.clone(), name.to_owned());
+        Daemon::spawn_with(&["run", "--config", path.to_str().unwrap()], &log, port, move |c| {
+            c.env("KUBECONFIG", kubeconfig).env("POD_NAME", pod).env_remove("HOME");
+        })
+        .guarded_by(&d.w)
+    };
+    let mut replicas = [replica("r1"), replica("r2")];
+    let alice = d.wait_token("alice", None, 20 * SEC).await;
+    let bob = d.wait_token("bob", None, 20 * SEC).await;
+    assert_eq!(d.w.server.check_token(&alice).as_deref(), Some(ALICE.1));
+    assert_eq!(d.w.server.check_token(&bob).as_deref(), Some(BOB.1));
+    let holder = d.holder().expect("a holder");
+    let counts = d.w.server.issuer_counts();
+    assert_eq!(counts.admin_tokens, 1, "one admin login for both customers: {counts:?}");
+    assert_eq!(counts.login_as_customer_tokens, 2, "{counts:?}");
+    assert_eq!(d.w.server.login_attempts(ALICE.1) + d.w.server.login_attempts(BOB.1), 0, "no customer login");
+    let mut secrets: Vec<String> = vec![ADMIN_PW.into(), alice, bob, kubeapi::TOKEN.into()];
+    secrets.extend(d.w.server.secrets().issuer_tokens());
+    for (name, r) in ["r1", "r2"].iter().zip(&replicas) {
+        let status: serde_json::Value = serde_json::from_str(&r.get("/status").await.unwrap().1).unwrap();
+        if *name == holder {
+            assert_eq!(status["issuer"]["method"], "login_as_customer", "{status}");
+            assert_eq!(status["issuer"]["state"], "fresh", "{status}");
+            assert_eq!(
+                r.metric("magento_token_issuer_refresh_total{method=\"login_as_customer\",result=\"success\"}").await,
+                Some(1.0)
+            );
+        } else {
+            assert!(status.get("issuer").is_none(), "a standby keeps no admin token: {status}");
+        }
+        r.assert_secrets_hidden(&secrets).await;
+    }
+    for r in &mut replicas {
+        assert_eq!(r.stop().await.code(), Some(0));
+    }
+    println!(
+        "central mode, 2 replicas, 2 customers without passwords: {} admin login, {} tokens minted",
+        counts.admin_tokens, counts.login_as_customer_tokens
+    );
+}
