@@ -295,6 +295,12 @@ impl Client {
         Ok(slot.get_or_init(|| client))
     }
 
+    /// A `POST` of a `content_type` body to `url`, asking for JSON.
+    fn post(&self, url: &Url, content_type: &'static str) -> Result<reqwest::RequestBuilder, LoginError> {
+        // A `Url`, not its text: reqwest would parse the text again.
+        Ok(self.for_url(url)?.post(url.clone()).header(ACCEPT, "application/json").header(CONTENT_TYPE, content_type))
+    }
+
     /// Whether `other` was built from the same settings (and so behaves the same).
     pub fn same_as(&self, other: &Client) -> bool {
         self.inner.settings == other.inner.settings
@@ -342,11 +348,7 @@ impl Client {
         serde_json::to_writer(&mut *body, &Body { username, password: password.expose() })
             .expect("two strings always serialize");
         let request = self
-            .for_url(url)?
-            // A `Url`, not its text: reqwest would parse the text again.
-            .post(url.clone())
-            .header(ACCEPT, "application/json")
-            .header(CONTENT_TYPE, "application/json")
+            .post(url, "application/json")?
             // The buffer itself, not a copy: wiped when the HTTP stack lets go of it.
             .body(hyper::body::Bytes::from_owner(body));
         let response = request.send().await.map_err(network_error)?;
@@ -394,11 +396,7 @@ impl Client {
         secret: &Secret,
         op: graphql::Op,
     ) -> Result<serde_json::Value, LoginError> {
-        let mut request = self
-            .for_url(url)?
-            .post(url.clone())
-            .header(ACCEPT, "application/json")
-            .header(CONTENT_TYPE, "application/json");
+        let mut request = self.post(url, "application/json")?;
         if let Some(store) = store {
             request = request.header(graphql::STORE, store);
         }

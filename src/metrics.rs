@@ -271,12 +271,37 @@ const API_REQUESTS: (&str, &str) = (
     "Kubernetes API requests (output.kubernetes) by object, verb and result.",
 );
 
+/// The description of a family that is not per customer: its name, help and label names.
+fn desc((name, help): (&str, &str), labels: &[&str]) -> Desc {
+    Desc::new(name.into(), help.into(), labels.iter().map(|l| l.to_string()).collect(), HashMap::new())
+        .expect("valid names and help")
+}
+
+/// A family that is not per customer, with one series for each of `series`: its labels (in the
+/// order of their names, as the text format lists them) and value.
+fn family((name, help): (&str, &str), kind: MetricType, series: Vec<(Vec<LabelPair>, f64)>) -> MetricFamily {
+    let mut mf = MetricFamily::default();
+    mf.set_name(name.into());
+    mf.set_help(help.into());
+    mf.set_field_type(kind);
+    for (labels, value) in series {
+        let mut m = Metric::from_label(labels);
+        if kind == MetricType::COUNTER {
+            let mut c = proto::Counter::default();
+            c.set_value(value);
+            m.set_counter(c);
+        } else {
+            let mut g = proto::Gauge::default();
+            g.set_value(value);
+            m.set_gauge(g);
+        }
+        mf.mut_metric().push(m);
+    }
+    mf
+}
+
 impl ClusterCollector {
     fn new(board: Board) -> ClusterCollector {
-        let desc = |(name, help): (&str, &str), labels: &[&str]| {
-            Desc::new(name.into(), help.into(), labels.iter().map(|l| l.to_string()).collect(), HashMap::new())
-                .expect("valid names and help")
-        };
         ClusterCollector { board, descs: vec![desc(LEADER, &[]), desc(API_REQUESTS, &["resource", "verb", "result"])] }
     }
 }
@@ -287,35 +312,24 @@ impl Collector for ClusterCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let family = |(name, help): (&str, &str), kind| {
-            let mut mf = MetricFamily::default();
-            mf.set_name(name.into());
-            mf.set_help(help.into());
-            mf.set_field_type(kind);
-            mf
-        };
-        let mut leader = family(LEADER, MetricType::GAUGE);
-        let mut g = proto::Gauge::default();
-        g.set_value(if self.board.leadership().is_some_and(|l| l.leading) { 1.0 } else { 0.0 });
-        let mut m = Metric::default();
-        m.set_gauge(g);
-        leader.mut_metric().push(m);
+        let leading = self.board.leadership().is_some_and(|l| l.leading);
+        let leader = family(LEADER, MetricType::GAUGE, vec![(Vec::new(), f64::from(u8::from(leading)))]);
         let requests = self.board.api_requests();
         if requests.is_empty() {
             return vec![leader];
         }
-        let mut api = family(API_REQUESTS, MetricType::COUNTER);
-        for ((resource, verb, result), n) in requests {
-            // In the order of their names, as the text format lists them.
-            let labels =
-                vec![label_pair("resource", resource), label_pair("result", result.as_str()), label_pair("verb", verb)];
-            let mut m = Metric::from_label(labels);
-            let mut c = proto::Counter::default();
-            c.set_value(n as f64);
-            m.set_counter(c);
-            api.mut_metric().push(m);
-        }
-        vec![leader, api]
+        let series = requests
+            .into_iter()
+            .map(|((resource, verb, result), n)| {
+                let labels = vec![
+                    label_pair("resource", resource),
+                    label_pair("result", result.as_str()),
+                    label_pair("verb", verb),
+                ];
+                (labels, n as f64)
+            })
+            .collect();
+        vec![leader, family(API_REQUESTS, MetricType::COUNTER, series)]
     }
 }
 
@@ -342,10 +356,6 @@ const ISSUER_REFRESHES: (&str, &str) = (
 
 impl IssuerCollector {
     fn new(board: Board) -> IssuerCollector {
-        let desc = |(name, help): (&str, &str), labels: &[&str]| {
-            Desc::new(name.into(), help.into(), labels.iter().map(|l| l.to_string()).collect(), HashMap::new())
-                .expect("valid names and help")
-        };
         let descs = vec![
             desc(ISSUER_EXPIRY, &["method"]),
             desc(ISSUER_HELD_BACK, &["method"]),
@@ -362,33 +372,15 @@ impl Collector for IssuerCollector {
 
     fn collect(&self) -> Vec<MetricFamily> {
         let Some(e) = self.board.issuer_metrics() else { return Vec::new() };
-        let family = |(name, help): (&str, &str), kind, series: Vec<(Option<&str>, f64)>| {
-            let mut mf = MetricFamily::default();
-            mf.set_name(name.into());
-            mf.set_help(help.into());
-            mf.set_field_type(kind);
-            for (result, value) in series {
-                let mut labels = vec![label_pair("method", e.method)];
-                labels.extend(result.map(|r| label_pair("result", r)));
-                let mut m = Metric::from_label(labels);
-                if kind == MetricType::COUNTER {
-                    let mut c = proto::Counter::default();
-                    c.set_value(value);
-                    m.set_counter(c);
-                } else {
-                    let mut g = proto::Gauge::default();
-                    g.set_value(value);
-                    m.set_gauge(g);
-                }
-                mf.mut_metric().push(m);
-            }
-            mf
-        };
+        let method = || vec![label_pair("method", e.method)];
         let held_back = f64::from(u8::from(e.state == crate::status::IssuerState::HeldBack));
-        let refreshes = Outcome::SORTED.iter().map(|o| (Some(o.as_str()), f64::from(e.refreshes[o.index()]))).collect();
+        let refreshes = Outcome::SORTED
+            .iter()
+            .map(|o| ([method(), vec![label_pair("result", o.as_str())]].concat(), f64::from(e.refreshes[o.index()])))
+            .collect();
         vec![
-            family(ISSUER_EXPIRY, MetricType::GAUGE, vec![(None, timestamp(e.expires_at))]),
-            family(ISSUER_HELD_BACK, MetricType::GAUGE, vec![(None, held_back)]),
+            family(ISSUER_EXPIRY, MetricType::GAUGE, vec![(method(), timestamp(e.expires_at))]),
+            family(ISSUER_HELD_BACK, MetricType::GAUGE, vec![(method(), held_back)]),
             family(ISSUER_REFRESHES, MetricType::COUNTER, refreshes),
         ]
     }

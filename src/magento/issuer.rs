@@ -11,7 +11,6 @@
 
 use std::time::Duration;
 
-use reqwest::header::{ACCEPT, CONTENT_TYPE};
 use reqwest::{StatusCode, Url};
 use serde::Serialize;
 use zeroize::Zeroizing;
@@ -71,15 +70,8 @@ impl Client {
             &[username, password.expose(), code.unwrap_or("")],
         );
         let answer = async {
-            let response = self
-                .for_url(url)?
-                .post(url.clone())
-                .header(ACCEPT, "application/json")
-                .header(CONTENT_TYPE, "application/json")
-                .body(hyper::body::Bytes::from_owner(body))
-                .send()
-                .await
-                .map_err(network_error)?;
+            let request = self.post(url, "application/json")?.body(hyper::body::Bytes::from_owner(body));
+            let response = request.send().await.map_err(network_error)?;
             if response.status() != StatusCode::OK {
                 return Err(error_answer_as(response, password, classify_admin).await);
             }
@@ -142,15 +134,9 @@ impl Client {
         }
         let url = &ims.token_url;
         let answer = async {
-            let response = self
-                .for_url(url)?
-                .post(url.clone())
-                .header(ACCEPT, "application/json")
-                .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
-                .body(hyper::body::Bytes::from_owner(body))
-                .send()
-                .await
-                .map_err(network_error)?;
+            let request =
+                self.post(url, "application/x-www-form-urlencoded")?.body(hyper::body::Bytes::from_owner(body));
+            let response = request.send().await.map_err(network_error)?;
             let head = Head::of(&response);
             let ok = head.status == StatusCode::OK;
             let body = read_body(response, ok).await?;
@@ -173,10 +159,7 @@ impl Client {
     ) -> Result<Secret, LoginError> {
         let answer = async {
             let response = self
-                .for_url(url)?
-                .post(url.clone())
-                .header(ACCEPT, "application/json")
-                .header(CONTENT_TYPE, "application/json")
+                .post(url, "application/json")?
                 .header("x-api-key", &ims.client_id)
                 .header("x-gw-ims-org-id", &ims.org_id)
                 .bearer_auth(ims_token.expose())

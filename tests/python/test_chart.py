@@ -168,12 +168,25 @@ def by_name(items: list[dict], name: str) -> dict:
 # Lint and schema validation of every object
 
 
+def assert_schema_refuses(values: dict, where: str) -> None:
+    """The chart's schema refuses `values`, naming `where` (a JSON pointer)."""
+    with helm.Chart.load(CHART) as chart:
+        with pytest.raises(helm.HelmValuesError) as err:
+            chart.validate_schema(values)
+    assert where in str(err.value), str(err.value)
+
+
+def assert_lints_strictly(values: dict, kube: str) -> None:
+    """`helm lint --strict` of `values` against Kubernetes `kube` finds nothing."""
+    report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE, kube_version="v" + kube)
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not problems and not report["errors"], report
+
+
 @pytest.mark.parametrize("kube", KUBE_VERSIONS)
 @pytest.mark.parametrize("values", VALUE_SETS)
 def test_lint_strict(values, kube):
-    report = helm.lint(CHART, load_values(values), strict=True, namespace=NAMESPACE, kube_version="v" + kube)
-    problems = [m for m in report["messages"] if m["severity"] >= 2]
-    assert not problems and not report["errors"], report
+    assert_lints_strictly(load_values(values), kube)
 
 
 def validate_strictly(objs: list[dict], values: str, kube: str) -> list[str]:
@@ -775,10 +788,7 @@ def test_schema_lists_only_real_values():
     ],
 )
 def test_schema_rejects_wrong_types(values, where):
-    with helm.Chart.load(CHART) as chart:
-        with pytest.raises(helm.HelmValuesError) as err:
-            chart.validate_schema(values)
-    assert where in str(err.value), str(err.value)
+    assert_schema_refuses(values, where)
 
 
 @pytest.mark.parametrize("values", VALUE_SETS)
@@ -1149,9 +1159,7 @@ def auth_secret_name(values: dict) -> str:
 @pytest.mark.parametrize("kube", KUBE_VERSIONS)
 @pytest.mark.parametrize("values", AUTH_SETS)
 def test_auth_lint_strict_and_every_object_validates(values, kube):
-    report = helm.lint(CHART, auth_values(values), strict=True, namespace=NAMESPACE, kube_version="v" + kube)
-    problems = [m for m in report["messages"] if m["severity"] >= 2]
-    assert not problems and not report["errors"], report
+    assert_lints_strictly(auth_values(values), kube)
     for layout in ({}, {"nativeSidecar": False}):
         checked = validate_strictly(render({**auth_values(values), **layout}, kube_version=kube), values, kube)
         assert {"ConfigMap", "Deployment", "Pod"} <= set(checked)
@@ -1290,10 +1298,7 @@ def test_auth_refuses_a_method_the_store_cannot_serve():
     ],
 )
 def test_schema_rejects_wrong_auth_values(values, where):
-    with helm.Chart.load(CHART) as chart:
-        with pytest.raises(helm.HelmValuesError) as err:
-            chart.validate_schema(values)
-    assert where in str(err.value), str(err.value)
+    assert_schema_refuses(values, where)
 
 
 def test_auth_notes_name_the_secret_and_its_keys():

@@ -36,6 +36,8 @@ from kubernetes_validate import utils as kv
 
 from test_chart import (
     CHART,
+    assert_lints_strictly,
+    assert_schema_refuses,
     CONFIG_FILE,
     DAEMON_UID,
     KUBE_VERSIONS,
@@ -95,9 +97,7 @@ def daemon_of(objs: list[dict]) -> dict:
 @pytest.mark.parametrize("kube", KUBE_VERSIONS)
 @pytest.mark.parametrize("values", list(CENTRAL_SETS))
 def test_central_lint_strict(values, kube):
-    report = helm.lint(CHART, central_values(values), strict=True, namespace=NAMESPACE, kube_version="v" + kube)
-    problems = [m for m in report["messages"] if m["severity"] >= 2]
-    assert not problems and not report["errors"], report
+    assert_lints_strictly(central_values(values), kube)
 
 
 @pytest.mark.parametrize("kube", KUBE_VERSIONS)
@@ -474,10 +474,7 @@ def test_readme_central_mode_example_validates():
     ],
 )
 def test_schema_rejects_wrong_central_values(values, where):
-    with helm.Chart.load(CHART) as chart:
-        with pytest.raises(helm.HelmValuesError) as err:
-            chart.validate_schema(values)
-    assert where in str(err.value), str(err.value)
+    assert_schema_refuses(values, where)
 
 
 def test_central_value_set_passes_the_schema():
@@ -543,9 +540,7 @@ def central_auth(name: str) -> dict:
 @pytest.mark.parametrize("kube", KUBE_VERSIONS)
 @pytest.mark.parametrize("values", AUTH_SETS)
 def test_central_auth_lint_strict_and_every_object_validates(values, kube):
-    report = helm.lint(CHART, central_auth(values), strict=True, namespace=NAMESPACE, kube_version="v" + kube)
-    problems = [m for m in report["messages"] if m["severity"] >= 2]
-    assert not problems and not report["errors"], report
+    assert_lints_strictly(central_auth(values), kube)
     checked = set(validate_strictly(render(central_auth(values), kube_version=kube), values, kube))
     assert {"Deployment", "Role", "RoleBinding", "Pod", "ConfigMap"} <= checked
 
