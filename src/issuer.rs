@@ -280,10 +280,7 @@ impl Issuer {
                         // Renewed after the second of the revocation; a token refused as soon as
                         // it was issued makes the next renewal wait longer, and so on.
                         fresh_refusals = if fresh { fresh_refusals + 1 } else { 0 };
-                        let wait = match fresh_refusals {
-                            0 | 1 => AFTER_REVOCATION,
-                            n => schedule::backoff(n - 1, &refresh, None, rand::thread_rng().gen()),
-                        };
+                        let wait = renewal_wait(fresh_refusals, &refresh, rand::thread_rng().gen());
                         tokio::select! {
                             _ = stop.cancelled() => break,
                             _ = tokio::time::sleep(wait) => {}
@@ -413,12 +410,7 @@ impl Issuer {
             NoToken::Password(e) => (None, format!("{} cannot be asked for: {e}", self.what()), AuthWait::Clear),
             NoToken::Stopped => return None,
         };
-        let (state, next) = match standing {
-            AuthWait::HeldBack => (IssuerState::HeldBack, None),
-            AuthWait::Paused(t) => (IssuerState::HeldBack, Some(t)),
-            AuthWait::Backoff(t) => (IssuerState::Failing, Some(t)),
-            AuthWait::Clear => (IssuerState::Failing, Some(now + r.min_backoff)),
-        };
+        let (state, next) = standing_state(standing, now, r);
         error!(result = outcome.map_or("held_back", Outcome::as_str), error = %message, "credential refused");
         self.set_problem(&message, now);
         self.report.failure(outcome, &message, now, state, next);
@@ -612,6 +604,28 @@ impl Issuer {
     }
 }
 
+/// How long after a report of its refused token the issuer asks for a new one: after the
+/// second of the revocation, then, while each new token is refused as soon as it is issued
+/// (`fresh_refusals` in a row), after a growing backoff, so that a store that refuses every new
+/// token gets no loop of logins. `random` in [0, 1) is the jitter.
+fn renewal_wait(fresh_refusals: u32, r: &RefreshSettings, random: f64) -> Duration {
+    match fresh_refusals {
+        0 | 1 => AFTER_REVOCATION,
+        n => schedule::backoff(n - 1, r, None, random),
+    }
+}
+
+/// What the lockout policy's word on the credential makes of the issuer: its state, and when it
+/// tries again (`None`: when a secret changes, or an operator clears the count).
+fn standing_state(wait: AuthWait, now: SystemTime, r: &RefreshSettings) -> (IssuerState, Option<SystemTime>) {
+    match wait {
+        AuthWait::HeldBack => (IssuerState::HeldBack, None),
+        AuthWait::Paused(t) => (IssuerState::HeldBack, Some(t)),
+        AuthWait::Backoff(t) => (IssuerState::Failing, Some(t)),
+        AuthWait::Clear => (IssuerState::Failing, Some(now + r.min_backoff)),
+    }
+}
+
 /// Why the issuer's wait ended.
 enum Woken {
     Due,
@@ -622,4 +636,65 @@ enum Woken {
         fresh: bool,
     },
     Stopped,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refresh() -> RefreshSettings {
+        crate::config::parse(crate::config::tests::MINIMAL, crate::config::Checks::Static).unwrap().refresh
+    }
+
+    #[test]
+    fn a_token_refused_at_once_again_and_again_is_renewed_ever_later() {
+        let r = refresh();
+        assert_eq!(renewal_wait(0, &r, 0.5), AFTER_REVOCATION);
+        assert_eq!(renewal_wait(1, &r, 0.5), AFTER_REVOCATION);
+        let waits: Vec<Duration> = (2..12).map(|n| renewal_wait(n, &r, 0.0)).collect();
+        assert!(waits.windows(2).all(|w| w[0] <= w[1]), "{waits:?}");
+        assert!(waits[0] >= r.min_backoff / 2 && *waits.last().unwrap() <= r.max_backoff, "{waits:?}");
+    }
+
+    #[test]
+    fn the_lockout_policy_decides_the_issuers_state() {
+        let r = refresh();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let later = now + Duration::from_secs(60);
+        assert_eq!(standing_state(AuthWait::HeldBack, now, &r), (IssuerState::HeldBack, None));
+        assert_eq!(standing_state(AuthWait::Paused(later), now, &r), (IssuerState::HeldBack, Some(later)));
+        assert_eq!(standing_state(AuthWait::Backoff(later), now, &r), (IssuerState::Failing, Some(later)));
+        assert_eq!(standing_state(AuthWait::Clear, now, &r), (IssuerState::Failing, Some(now + r.min_backoff)));
+    }
+
+    #[test]
+    fn a_credential_is_used_only_with_time_to_spare() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let token = Some(Arc::new(Secret::new("t0ken".into())));
+        let at = |secs: u64| Credential {
+            token: token.clone(),
+            expires_at: Some(now + Duration::from_secs(secs)),
+            ..Credential::default()
+        };
+        assert!(at(60).usable(now).is_some());
+        assert!(at(CREDENTIAL_MARGIN.as_secs()).usable(now).is_none(), "too close to its end");
+        assert!(Credential { token: None, ..at(3600) }.usable(now).is_none());
+        assert!(Credential::default().usable(now).is_none());
+    }
+
+    #[test]
+    fn the_ledger_entry_stands_for_the_credential_and_no_customer() {
+        let text = format!(
+            "{}auth:\n  method: login_as_customer\n  admin:\n    username: robot\n    password_env: ADMIN\n",
+            crate::config::tests::MINIMAL.replace("    password_env: ALICE_PASSWORD\n", "")
+        );
+        let config = crate::config::parse(&text, crate::config::Checks::Static).unwrap();
+        let entry = ledger_entry(&config.auth).unwrap();
+        assert_eq!(
+            (entry.name.as_str(), entry.username.as_str(), entry.file.as_str()),
+            ("auth.admin", "robot", LEDGER_KEY)
+        );
+        assert!(entry.file.starts_with('.'), "no customer's file can have its name");
+        assert!(ledger_entry(&Auth::Password).is_none());
+    }
 }
