@@ -86,8 +86,22 @@ pub fn restore_ledger(
     now: SystemTime,
     r: &RefreshSettings,
 ) -> Option<AuthState> {
+    restore_ledger_as(store, customer, account, now, r, || customer.read_password().ok())
+}
+
+/// [`restore_ledger`] for an account whose logins send more than the password the ledger's
+/// entry names (the issuer's: its lockout identity carries the TOTP secret too). `identity`,
+/// read only when there is a ledger, is what the account takes for the refused credential.
+pub fn restore_ledger_as(
+    store: &Store,
+    customer: &CustomerConfig,
+    account: &Account,
+    now: SystemTime,
+    r: &RefreshSettings,
+    identity: impl FnOnce() -> Option<Secret>,
+) -> Option<AuthState> {
     let Recorded::Failures(recorded) = store.ledger(customer, now, r) else { return None };
-    account.restore(recorded.clone(), customer.read_password().ok());
+    account.restore(recorded.clone(), identity());
     Some(recorded)
 }
 

@@ -211,6 +211,19 @@ impl Issuer {
         });
     }
 
+    /// Takes the credential's recorded 401s into its account, the secrets read now taken for the
+    /// ones refused (a change from here on is tried at once).
+    fn restore_ledger(
+        &self,
+        store: &Store,
+        now: SystemTime,
+        r: &RefreshSettings,
+    ) -> Option<crate::schedule::AuthState> {
+        attempt::restore_ledger_as(store, &self.entry, &self.account, now, r, || {
+            self.secrets().ok().map(|s| s.identity)
+        })
+    }
+
     /// Reads the secrets of a login.
     fn secrets(&self) -> Result<Secrets, String> {
         match &self.how {
@@ -253,7 +266,7 @@ impl Issuer {
         let span = tracing::info_span!("issuer", method = self.method());
         async move {
             let now = clock.now();
-            if let Some(recorded) = attempt::restore_ledger(&store, &self.entry, &self.account, now, &refresh) {
+            if let Some(recorded) = self.restore_ledger(&store, now, &refresh) {
                 info!(
                     failures_in_a_row = recorded.in_a_row,
                     "remembering the credential's 401s recorded before this start"
@@ -500,7 +513,7 @@ impl Issuer {
         deadline: tokio::time::Instant,
     ) -> Result<(), String> {
         let clock = Clock::System;
-        attempt::restore_ledger(store, &self.entry, &self.account, clock.now(), refresh);
+        self.restore_ledger(store, clock.now(), refresh);
         // `once` is never stopped early: its bound is the deadline.
         let never = CancellationToken::new();
         let mut transient = 0;
