@@ -79,9 +79,11 @@ impl Default for Credential {
 }
 
 impl Credential {
-    /// The token, if it is good for a request started at `now`.
-    fn usable(&self, now: SystemTime) -> Option<&Arc<Secret>> {
-        self.token.as_ref().filter(|_| self.expires_at.is_some_and(|t| t > now + CREDENTIAL_MARGIN))
+    /// The token, if it is good for a request started at `now`: with [`CREDENTIAL_MARGIN`] to
+    /// spare, or half of `before_expiry` where that is less (the issuer renews it then).
+    fn usable(&self, now: SystemTime, r: &RefreshSettings) -> Option<&Arc<Secret>> {
+        let margin = CREDENTIAL_MARGIN.min(r.before_expiry / 2);
+        self.token.as_ref().filter(|_| self.expires_at.is_some_and(|t| t > now + margin))
     }
 }
 
@@ -383,14 +385,14 @@ impl Issuer {
         let next = now + schedule::backoff(*transient, r, None, rand::thread_rng().gen());
         let message = format!("{} cannot be asked for: {why}", self.what());
         error!(error = %why, retry_at = %rfc3339(next), "cannot read the credential's secret");
-        self.set_problem(&message, now);
+        self.set_problem(&message, now, r);
         self.report.failure(None, &message, now, IssuerState::Failing, Some(next));
         Some(next)
     }
 
     /// Records why there is no token to use, when the one held is no longer good.
-    fn set_problem(&self, message: &str, now: SystemTime) {
-        let usable = self.state.borrow().usable(now).is_some();
+    fn set_problem(&self, message: &str, now: SystemTime, r: &RefreshSettings) {
+        let usable = self.state.borrow().usable(now, r).is_some();
         if !usable {
             self.publish(|c| c.problem = Some(message.to_owned()));
         }
@@ -416,7 +418,7 @@ impl Issuer {
                 };
                 let message = format!("{} could not be obtained: {}", self.what(), error.message);
                 warn!(result = error.outcome.as_str(), error = %error.message, retry_in = %humantime::format_duration(wait), "credential login failed");
-                self.set_problem(&message, now);
+                self.set_problem(&message, now, r);
                 self.report.failure(Some(error.outcome), &message, now, IssuerState::Failing, Some(now + wait));
                 return Some(now + wait);
             }
@@ -425,7 +427,7 @@ impl Issuer {
         };
         let (state, next) = standing_state(standing, now, r);
         error!(result = outcome.map_or("held_back", Outcome::as_str), error = %message, "credential refused");
-        self.set_problem(&message, now);
+        self.set_problem(&message, now, r);
         self.report.failure(outcome, &message, now, state, next);
         next
     }
@@ -575,7 +577,7 @@ impl Issuer {
         stop: &CancellationToken,
     ) -> Result<Obtained, MintError> {
         let credential = self.current();
-        let Some(token) = credential.usable(clock.now()).cloned() else {
+        let Some(token) = credential.usable(clock.now(), refresh).cloned() else {
             return Err(MintError::NoCredential { why: credential.problem.clone(), generation: credential.generation });
         };
         // Every request to Magento is sent in a login slot.
@@ -610,7 +612,9 @@ impl Issuer {
             Ok(obtained) => Ok(obtained),
             Err(error) if error.outcome == Outcome::AuthFailure => {
                 self.refused(&token, &error);
-                Err(MintError::Refused { error, generation: self.current().generation })
+                // The generation the request was sent with: a newer credential (another worker's
+                // report renewed it meanwhile) is tried at once.
+                Err(MintError::Refused { error, generation: credential.generation })
             }
             Err(error) => Err(MintError::Failed { error, took }),
         }
@@ -689,10 +693,16 @@ mod tests {
             expires_at: Some(now + Duration::from_secs(secs)),
             ..Credential::default()
         };
-        assert!(at(60).usable(now).is_some());
-        assert!(at(CREDENTIAL_MARGIN.as_secs()).usable(now).is_none(), "too close to its end");
-        assert!(Credential { token: None, ..at(3600) }.usable(now).is_none());
-        assert!(Credential::default().usable(now).is_none());
+        let r = refresh();
+        assert!(at(60).usable(now, &r).is_some());
+        assert!(at(CREDENTIAL_MARGIN.as_secs()).usable(now, &r).is_none(), "too close to its end");
+        assert!(Credential { token: None, ..at(3600) }.usable(now, &r).is_none());
+        assert!(Credential::default().usable(now, &r).is_none());
+        // A before_expiry under twice the margin: the issuer renews its token then, and until
+        // then it is used.
+        let short = RefreshSettings { before_expiry: Duration::from_secs(4), jitter: Duration::ZERO, ..r };
+        assert!(at(3).usable(now, &short).is_some());
+        assert!(at(2).usable(now, &short).is_none());
     }
 
     #[test]
