@@ -164,6 +164,12 @@ async fn issuer_status(d: &Daemon) -> serde_json::Value {
     status(d).await["issuer"].clone()
 }
 
+/// `/status`, or `None` while the daemon does not answer yet.
+async fn try_status(d: &Daemon) -> Option<serde_json::Value> {
+    let (_, body) = d.get("/status").await?;
+    serde_json::from_str(&body).ok()
+}
+
 fn issuer_refreshes(method: &str, result: &str) -> String {
     format!("magento_token_issuer_refresh_total{{method=\"{method}\",result=\"{result}\"}}")
 }
@@ -185,7 +191,8 @@ async fn wait_status(
     ok: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
     wait_for(limit, &format!("{customer}: {what}"), || async {
-        let s = d.status_of(customer).await;
+        let status = try_status(d).await?;
+        let s = status["customers"].as_array()?.iter().find(|c| c["name"] == customer)?.clone();
         ok(&s).then_some(s)
     })
     .await
@@ -194,7 +201,7 @@ async fn wait_status(
 /// Waits until the issuer's `/status` entry satisfies `ok`; returns it.
 async fn wait_issuer(d: &Daemon, what: &str, limit: Duration, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
     wait_for(limit, &format!("the issuer: {what}"), || async {
-        let s = issuer_status(d).await;
+        let s = try_status(d).await?["issuer"].clone();
         ok(&s).then_some(s)
     })
     .await
@@ -817,5 +824,130 @@ async fn forget_failures_auth_admin_lets_the_held_back_issuer_try_again() {
     assert!(d.logs().contains("forget-failures"), "the log says why it tried again");
     assert_eq!(w.server.admin_failures(ADMIN), 0);
     assert_eq!(w.server.issuer_counts().admin_tokens, 1);
+    assert_eq!(d.stop().await.code(), Some(0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The admin's 401s across a restart, and a reload that keeps the admin token
+
+/// A pod restarted with the same wrong admin password (a crash loop, a rollout) must not spend
+/// the admin's budget again: the 401s are recorded beside the token files (`.issuer`), and the
+/// new process starts held back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_remembers_the_admins_401s() {
+    let w = lac_world(&[ALICE], false, |o| {
+        o.cron = false;
+        o.lock_timeout = SEC;
+    })
+    .await;
+    w.set_password("admin", WRONG_ADMIN_PASSWORD);
+    w.write_config(&lac_config(&w, &[(ALICE.0, ALICE.1)], SCALED, false));
+    let mut d = w.start();
+    d.wait_metric(&issuer_series("magento_token_issuer_held_back", LAC), 1.0, 10 * SEC).await;
+    assert_eq!(d.stop().await.code(), Some(0));
+    assert_eq!(w.server.issuer_counts().admin_refusals, 3);
+
+    let mut d = w.start();
+    let issuer = wait_issuer(&d, "held back by the recorded 401s", 10 * SEC, |i| !i["last_error"].is_null()).await;
+    tokio::time::sleep(3 * SEC).await;
+    let counts = w.server.issuer_counts();
+    let highest = w.server.admin_max_failure_count(ADMIN);
+    println!("a restart with the same wrong admin password: {} admin logins in all, highest count {highest}; issuer {issuer}", counts.admin_refusals);
+    assert_eq!(counts.admin_refusals, 3, "the restarted daemon sent no admin login with the refused password");
+    assert!(highest <= 4, "{highest}");
+    assert_eq!(issuer["state"], "held_back", "{issuer}");
+    assert_eq!(d.status_of(ALICE.0).await["last_error"]["class"], "issuer");
+
+    // The fixed file still goes through at once.
+    w.set_password("admin", ADMIN_PASSWORD);
+    wait_accepted(&w, &[ALICE], &[], 10 * SEC).await;
+    assert_eq!(w.server.issuer_counts().admin_tokens, 1);
+    assert_eq!(d.stop().await.code(), Some(0));
+}
+
+/// A reload that restarts every worker (a changed refresh setting) keeps the issuer and its
+/// token: no second admin login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_the_admin_token() {
+    let w = lac_world(&[ALICE, BOB], true, |_| {}).await;
+    let customers = [(ALICE.0, ALICE.1), (BOB.0, BOB.1)];
+    let text = lac_config(&w, &customers, "", true);
+    w.write_config(&text);
+    let mut d = w.start();
+    wait_accepted(&w, &[ALICE, BOB], &[], 10 * SEC).await;
+    w.write_config(&text.replace("  min_backoff: 100ms", "  min_backoff: 150ms"));
+    d.signal("HUP");
+    d.wait_metric("magento_token_config_reloads_total{result=\"success\"}", 1.0, 10 * SEC).await;
+    tokio::time::sleep(2 * SEC).await;
+    for (name, email, _) in [ALICE, BOB] {
+        assert!(accepted(&w, name, email));
+    }
+    assert_eq!(w.server.issuer_counts().admin_tokens, 1, "the reload kept the admin token");
+    assert_eq!(issuer_status(&d).await["state"], "fresh");
+    assert_eq!(d.stop().await.code(), Some(0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The cloud service's per-customer refusals
+
+/// A customer id Magento does not know, and a customer who has not allowed remote shopping
+/// assistance (the code route's 500): each named on its own customer; the IMS token stays, and
+/// the third customer gets tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_service_otp_names_a_wrong_customer_id_and_a_customer_without_the_opt_in() {
+    let w = cloud_world(&[ALICE, BOB], |_| {}).await;
+    w.server.set_assistance_allowed(BOB.1, false);
+    let text = otp_config(&w, &[(ALICE.0, ALICE.1), (BOB.0, BOB.1)], "");
+    assert_eq!(text.matches("auth:\n").count(), 1);
+    let carol = format!("  - name: {}\n    username: {}\n    customer_id: 999\nauth:\n", CAROL.0, CAROL.1);
+    w.write_config(&text.replace("auth:\n", &carol));
+    let mut d = w.start();
+    wait_accepted(&w, &[ALICE], &[], 10 * SEC).await;
+    let bob = wait_status(&d, BOB.0, "the code route's 500", 10 * SEC, |s| !s["last_error"].is_null()).await;
+    assert!(message(&bob).contains("allow_remote_shopping_assistance"), "says what the customer must allow: {bob}");
+    let carol = wait_status(&d, CAROL.0, "the unknown id", 10 * SEC, |s| !s["last_error"].is_null()).await;
+    assert!(message(&carol).contains("customer_id"), "says what to correct: {carol}");
+    assert_eq!(carol["last_error"]["class"], "blocked", "{carol}");
+    tokio::time::sleep(2 * SEC).await;
+    assert!(w.read_token(BOB.0).is_none() && w.read_token(CAROL.0).is_none());
+    let counts = w.server.issuer_counts();
+    assert_eq!(counts.ims_tokens, 1, "a customer's refusal is not the IMS token's: {counts:?}");
+    assert_eq!(issuer_status(&d).await["state"], "fresh");
+    assert_eq!(d.metric(&issuer_refreshes(OTP, "auth_failure")).await, Some(0.0));
+    println!("cloud_service_otp refusals: bob (no opt-in): {}; carol (id 999): {}", message(&bob), message(&carol));
+
+    w.server.set_assistance_allowed(BOB.1, true);
+    wait_accepted(&w, &[ALICE, BOB], &[], 10 * SEC).await;
+    assert_eq!(w.server.issuer_counts().ims_tokens, 1);
+    assert_eq!(d.stop().await.code(), Some(0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// A customer's minted token revoked
+
+/// A customer's token revoked in Magento (a logout, an admin's "Force Sign-In"): the check of the
+/// token on disk sees it, and a new one is minted with the admin token (no admin login, no
+/// password).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_customer_token_is_replaced_by_a_new_mint() {
+    let w = lac_world(&[ALICE, BOB], false, |_| {}).await;
+    let customers = [(ALICE.0, ALICE.1), (BOB.0, BOB.1)];
+    w.write_config(&lac_config(&w, &customers, "  validate_every: 2s\n", false));
+    let mut d = w.start();
+    wait_accepted(&w, &[ALICE, BOB], &[], 10 * SEC).await;
+    let first = w.read_token(ALICE.0).unwrap();
+    let bob = w.read_token(BOB.0).unwrap();
+    w.server.revoke(ALICE.1);
+    assert!(!accepted(&w, ALICE.0, ALICE.1));
+    let timer = Instant::now();
+    wait_accepted(&w, &[ALICE], &[first], 10 * SEC).await;
+    let took = timer.elapsed();
+    println!("a revoked customer token (validate_every 2s) replaced by a new mint after {:.2}s", took.as_secs_f64());
+    // The next check (2 s), the wait after a revocation (1.1 s), and 4 s for a busy machine.
+    assert!(took < 8 * SEC, "{took:?}");
+    assert_eq!(w.read_token(BOB.0), Some(bob), "bob's token was left alone");
+    let counts = w.server.issuer_counts();
+    assert_eq!((counts.admin_tokens, counts.login_as_customer_tokens), (1, 3), "{counts:?}");
+    assert_eq!(customer_logins(&w), 0);
     assert_eq!(d.stop().await.code(), Some(0));
 }
