@@ -446,7 +446,11 @@ async fn a_wrong_totp_secret_counts_as_a_failure_and_a_fixed_file_is_picked_up()
     std::fs::write(w.secret_path("totp"), format!("{TOTP_SECRET}\n")).unwrap();
     let timer = Instant::now();
     wait_accepted(&w, &[ALICE], &[], 10 * SEC).await;
-    println!("wrong TOTP secret: {} codes refused; the fixed file was used, alice's token after {:.2}s", 3, timer.elapsed().as_secs_f64());
+    println!(
+        "wrong TOTP secret: {} codes refused; the fixed file was used, alice's token after {:.2}s",
+        w.server.issuer_counts().admin_refusals,
+        timer.elapsed().as_secs_f64()
+    );
     assert_eq!(w.server.admin_failures(ADMIN), 0);
     assert_eq!(w.server.issuer_counts().admin_tokens, 1);
     assert_eq!(d.stop().await.code(), Some(0));
@@ -832,28 +836,41 @@ async fn forget_failures_auth_admin_lets_the_held_back_issuer_try_again() {
 
 /// A pod restarted with the same wrong admin password (a crash loop, a rollout) must not spend
 /// the admin's budget again: the 401s are recorded beside the token files (`.issuer`), and the
-/// new process starts held back.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restart_remembers_the_admins_401s() {
-    let w = lac_world(&[ALICE], false, |o| {
+/// new process starts held back. With `totp`, the admin has 2FA and the TOTP secret file is set.
+async fn a_restart_remembers_the_admins_401s(totp: bool) {
+    let w = lac_world(&[ALICE], totp, |o| {
         o.cron = false;
         o.lock_timeout = SEC;
     })
     .await;
     w.set_password("admin", WRONG_ADMIN_PASSWORD);
-    w.write_config(&lac_config(&w, &[(ALICE.0, ALICE.1)], SCALED, false));
+    w.write_config(&lac_config(&w, &[(ALICE.0, ALICE.1)], SCALED, totp));
     let mut d = w.start();
     d.wait_metric(&issuer_series("magento_token_issuer_held_back", LAC), 1.0, 10 * SEC).await;
     assert_eq!(d.stop().await.code(), Some(0));
     assert_eq!(w.server.issuer_counts().admin_refusals, 3);
+    // What is recorded beside the token files holds no secret.
+    for entry in std::fs::read_dir(w.tokens()).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            let text = String::from_utf8_lossy(&std::fs::read(entry.path()).unwrap()).into_owned();
+            w.assert_no_secret(&entry.file_name().to_string_lossy(), &text);
+        }
+    }
 
     let mut d = w.start();
     let issuer = wait_issuer(&d, "held back by the recorded 401s", 10 * SEC, |i| !i["last_error"].is_null()).await;
     tokio::time::sleep(3 * SEC).await;
     let counts = w.server.issuer_counts();
     let highest = w.server.admin_max_failure_count(ADMIN);
-    println!("a restart with the same wrong admin password: {} admin logins in all, highest count {highest}; issuer {issuer}", counts.admin_refusals);
-    assert_eq!(counts.admin_refusals, 3, "the restarted daemon sent no admin login with the refused password");
+    println!(
+        "a restart with the same wrong admin password (2FA: {totp}): {} admin logins in all, highest count {highest}; \
+         issuer after the restart: {}: {}",
+        counts.admin_refusals,
+        issuer["state"],
+        message(&issuer)
+    );
+    assert_eq!(counts.admin_refusals, 3, "the restarted daemon sent an admin login with the refused password");
     assert!(highest <= 4, "{highest}");
     assert_eq!(issuer["state"], "held_back", "{issuer}");
     assert_eq!(d.status_of(ALICE.0).await["last_error"]["class"], "issuer");
@@ -863,6 +880,25 @@ async fn a_restart_remembers_the_admins_401s() {
     wait_accepted(&w, &[ALICE], &[], 10 * SEC).await;
     assert_eq!(w.server.issuer_counts().admin_tokens, 1);
     assert_eq!(d.stop().await.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_remembers_the_admins_401s_without_2fa() {
+    a_restart_remembers_the_admins_401s(false).await;
+}
+
+/// DAEMON BUG (fails until fixed): with `totp_secret_file` set, the restarted daemon sends one
+/// more admin login with the refused password at once, and then a fixed password file is no
+/// longer picked up (the budget is spent: only `forget-failures auth.admin` helps). The issuer's
+/// lockout identity is the password plus a digest of the TOTP secret (src/issuer.rs,
+/// `Issuer::secrets`), but the ledger is restored with the bare password
+/// (`attempt::restore_ledger` -> `CustomerConfig::read_password` of the issuer's ledger entry,
+/// whose `password` is `auth.admin`'s password source): the two never match, so the first login
+/// after the start takes the unchanged secret for a changed one and spends the try kept for a
+/// fixed secret. (`once` restores the ledger the same way: `Issuer::obtain_before`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_remembers_the_admins_401s_with_2fa() {
+    a_restart_remembers_the_admins_401s(true).await;
 }
 
 /// A reload that restarts every worker (a changed refresh setting) keeps the issuer and its
