@@ -417,6 +417,10 @@ async fn two_factor_required_without_a_totp_secret_names_the_key_and_counts_noth
     assert_eq!(w.server.issuer_counts().admin_tokens, 1);
     assert_eq!(requests_on(&w, Route::TfaGoogle).len(), 1);
     assert_eq!(w.server.admin_max_failure_count(ADMIN), 0);
+    // The replaced issuer stopped: no more logins on the plain route.
+    let plain = w.server.requests_to(Route::AdminToken);
+    tokio::time::sleep(2 * SEC).await;
+    assert_eq!(w.server.requests_to(Route::AdminToken), plain, "the issuer of the old configuration still runs");
     assert_eq!(d.stop().await.code(), Some(0));
 }
 
@@ -638,6 +642,35 @@ async fn cloud_service_otp_gives_two_customers_tokens_over_three_refreshes() {
     let expiry = d.metric(&issuer_series("magento_token_issuer_expiry_timestamp_seconds", OTP)).await.unwrap();
     let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs_f64();
     assert!(expiry > now + 86_000.0, "the IMS token's expires_in (24 h): {expiry} (now {now})");
+    assert_eq!(d.stop().await.code(), Some(0));
+}
+
+/// An IMS token that lives 12 s (renewed 6 s before its end, from its `expires_in`): renewed
+/// before it dies, and the customers' tokens keep coming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_service_otp_renews_a_short_lived_ims_token_by_its_expires_in() {
+    let w = cloud_world(&[ALICE], |o| {
+        o.token_lifetime = 10 * SEC;
+        o.ims_token_lifetime = 12 * SEC;
+    })
+    .await;
+    w.write_config(&otp_config(&w, &[(ALICE.0, ALICE.1)], &lifetimes(10)));
+    let mut d = w.start();
+    wait_accepted(&w, &[ALICE], &[], 10 * SEC).await;
+    let start = Instant::now();
+    while start.elapsed() < 13 * SEC {
+        assert!(accepted(&w, ALICE.0, ALICE.1), "alice's token is not accepted after {:?}", start.elapsed());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let counts = w.server.issuer_counts();
+    let refused = requests_on(&w, Route::CloudOtp).iter().filter(|r| r.status != 200).count();
+    println!(
+        "cloud_service_otp with IMS tokens of 12 s: {} IMS tokens in about 14 s, {} codes ({} refused)",
+        counts.ims_tokens, counts.otps_issued, refused
+    );
+    assert!((2..=4).contains(&counts.ims_tokens), "renewed by expires_in: {counts:?}");
+    assert_eq!(refused, 0, "no code was asked for with a dead IMS token");
+    assert_eq!(d.metric(&issuer_refreshes(OTP, "success")).await, Some(counts.ims_tokens as f64));
     assert_eq!(d.stop().await.code(), Some(0));
 }
 
