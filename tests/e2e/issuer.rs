@@ -18,7 +18,7 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::common::*;
-use magento_devserver::{CloudService, DevServerOptions, Route};
+use magento_devserver::{CloudService, DevServerOptions, GraphQlConvention, Route};
 
 const SEC: Duration = Duration::from_secs(1);
 
@@ -560,9 +560,12 @@ async fn an_unknown_customer_email_is_named_and_the_others_get_tokens() {
 /// The dev server cannot revoke an admin token, but its clock can move: an hour forward, the
 /// admin token the daemon holds (an hour's life by the daemon's clock) is expired for Magento,
 /// which refuses it as a revoked one. Customer tokens live 2 hours there, so only the admin's dies.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_admin_token_refused_early_is_replaced_and_customers_recover() {
-    let w = lac_world(&[ALICE, BOB], false, |o| o.opaque_token_lifetime = Some(Duration::from_secs(7200))).await;
+async fn an_admin_token_refused_early_is_replaced_and_customers_recover(convention: GraphQlConvention) {
+    let w = lac_world(&[ALICE, BOB], false, |o| {
+        o.opaque_token_lifetime = Some(Duration::from_secs(7200));
+        o.graphql_convention = convention;
+    })
+    .await;
     let customers = [(ALICE.0, ALICE.1), (BOB.0, BOB.1)];
     // Customer tokens renewed every 5 s (default_lifetime 10 s): a mint soon after the change.
     w.write_config(&lac_config(&w, &customers, &lifetimes(10), false));
@@ -580,7 +583,7 @@ async fn an_admin_token_refused_early_is_replaced_and_customers_recover() {
     wait_accepted(&w, &[ALICE, BOB], &old, 15 * SEC).await;
     let recovered = timer.elapsed();
     println!(
-        "admin token refused early (Magento's clock moved 1 h): new admin token {:.2}s later, both customers' new tokens after {:.2}s",
+        "{convention:?}: admin token refused early (Magento's clock moved 1 h): new admin token {:.2}s later, both customers' new tokens after {:.2}s",
         renewed.as_secs_f64(),
         recovered.as_secs_f64()
     );
@@ -596,6 +599,18 @@ async fn an_admin_token_refused_early_is_replaced_and_customers_recover() {
     let issuer = wait_issuer(&d, "fresh again", 5 * SEC, |i| i["state"] == "fresh").await;
     assert!(issuer["expires_at"].is_string(), "{issuer}");
     assert_eq!(d.stop().await.code(), Some(0));
+}
+
+/// 2.4.8 and later: GraphQL answers a dead bearer token with 401 by its category.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_token_refused_early_is_replaced_and_customers_recover_on_2_4_8() {
+    an_admin_token_refused_early_is_replaced_and_customers_recover(GraphQlConvention::V2_4_8).await;
+}
+
+/// Up to 2.4.7: every resolver error answers 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_token_refused_early_is_replaced_and_customers_recover_on_2_4_7() {
+    an_admin_token_refused_early_is_replaced_and_customers_recover(GraphQlConvention::V2_4_7).await;
 }
 
 // ---------------------------------------------------------------------------------------------
