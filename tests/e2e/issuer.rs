@@ -14,6 +14,8 @@
 //! Every daemon a [`World`] starts is checked at its stop for every secret of the world, the
 //! issuers' included (admin passwords, TOTP secrets, IMS client secrets, admin and IMS tokens,
 //! one-time codes: `common::Guard`).
+//!
+//! A test whose doc comment starts with DAEMON BUG fails until the daemon is fixed.
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -268,7 +270,8 @@ async fn login_as_customer_with_2fa_gives_three_customers_tokens_with_one_admin_
     );
     assert!((3..=4).contains(&counts.admin_tokens), "one admin login per admin-token life: {counts:?}");
     assert_eq!(logins.len(), counts.admin_tokens, "every admin login succeeded: {counts:?}");
-    assert!(gaps(&logins).iter().all(|g| *g >= RENEWAL - SEC), "admin logins closer than a token's life: {at:?}");
+    // (A JWT's iat is whole seconds: the first renewal may come up to a second sooner.)
+    assert!(gaps(&logins).iter().all(|g| *g >= RENEWAL - 2 * SEC), "admin logins closer than a token's life: {at:?}");
     // Customer tokens renewed every 5 s: 4 rounds in 18 s; at least 3 tokens (one per customer)
     // in each of 3 rounds, and the admin logged in far fewer times than customers got tokens.
     assert!(successes.iter().all(|s| *s >= 3), "every customer renewed at least 3 times: {successes:?}");
@@ -400,9 +403,10 @@ async fn two_factor_required_without_a_totp_secret_names_the_key_and_counts_noth
         assert!(w.read_token(name).is_none());
     }
     // A refusal that is no failed login, retried at max_backoff's pace (1 s), never counted.
+    let before = requests_on(&w, Route::AdminToken).len();
     tokio::time::sleep(3 * SEC).await;
-    let tries = requests_on(&w, Route::AdminToken).len();
-    assert!((1..=8).contains(&tries), "{tries} admin logins in about 3 s");
+    let tries = requests_on(&w, Route::AdminToken).len() - before;
+    assert!((1..=5).contains(&tries), "{tries} admin logins in 3 s");
     assert_eq!(w.server.admin_failures(ADMIN), 0, "nothing counted in the admin's row");
     assert_eq!(w.server.admin_max_failure_count(ADMIN), 0);
     assert!(!w.server.admin_locked(ADMIN));
@@ -538,12 +542,13 @@ async fn an_unknown_customer_email_is_named_and_the_others_get_tokens() {
     assert!(said.contains("username"), "says what to correct: {s}");
     assert_eq!(s["last_error"]["class"], "blocked", "{s}");
     assert!(w.read_token(CAROL.0).is_none());
-    tokio::time::sleep(2 * SEC).await;
-    let carol = requests_on(&w, Route::GraphQlLoginAsAdmin)
-        .iter()
-        .filter(|r| r.username.as_deref() == Some(CAROL.1))
-        .count();
-    assert!((1..=6).contains(&carol), "{carol} requests for carol in about 2 s: retried at max_backoff's pace");
+    let for_carol = || {
+        requests_on(&w, Route::GraphQlLoginAsAdmin).iter().filter(|r| r.username.as_deref() == Some(CAROL.1)).count()
+    };
+    let before = for_carol();
+    tokio::time::sleep(3 * SEC).await;
+    let carol = for_carol() - before;
+    assert!((1..=5).contains(&carol), "{carol} requests for carol in 3 s: retried at max_backoff's pace (1 s)");
     let counts = w.server.issuer_counts();
     assert_eq!((counts.admin_tokens, counts.admin_refusals), (1, 0), "one customer's error is not the admin's: {counts:?}");
     assert_eq!(issuer_status(&d).await["state"], "fresh");
