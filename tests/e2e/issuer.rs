@@ -269,9 +269,10 @@ async fn login_as_customer_with_2fa_gives_three_customers_tokens_with_one_admin_
         successes.push(d.metric(&refreshes(name, "success")).await.unwrap_or(0.0) as usize);
     }
     println!(
-        "login_as_customer with 2FA, 3 customers without passwords, admin tokens living {ADMIN_LIFE:?} renewed every {RENEWAL:?}: \
-         admin logins over 3 admin-token lives ({run:?}): {}; customer tokens minted: {} ({successes:?} per customer); \
-         admin logins refused: {}; admin logins at [{}] from the first; {samples} samples, every token accepted",
+        "login_as_customer with 2FA, 3 customers without passwords, admin tokens living {ADMIN_LIFE:?} renewed \
+         {RENEWAL:?} before expiry (one token serves {RENEWAL:?}): admin logins over 3 admin-token lives ({run:?} from the \
+         first): {}; customer tokens minted: {} ({successes:?} per customer); admin logins refused: {}; admin logins at [{}] \
+         (each opens a life); {samples} samples, every token accepted",
         counts.admin_tokens,
         counts.login_as_customer_tokens,
         counts.admin_refusals,
