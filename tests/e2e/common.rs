@@ -173,7 +173,9 @@ pub struct Guard {
 
 impl Guard {
     /// Every secret, in each form in which it could leak: as it is, JSON-escaped (a log
-    /// line is JSON), and a token in base64 too. [`assert_hidden`] adds a JWT's signature.
+    /// line is JSON), and a token in base64 too. With the issuers' (an admin's password and
+    /// TOTP secret, an IMS client secret, their tokens, one-time codes): see
+    /// [`magento_devserver::Secrets`]. [`assert_hidden`] adds a JWT's signature.
     pub fn secrets(&self) -> Vec<String> {
         let passwords = self.passwords.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut all: Vec<String> = Vec::new();
@@ -187,7 +189,15 @@ impl Guard {
             add(json[1..json.len() - 1].to_owned());
             add(p);
         }
-        for t in self.server.issued_tokens() {
+        // The credentials of customer tokens without customer passwords (admin passwords, TOTP
+        // secrets, IMS client secrets) are passwords too; admin and IMS tokens and one-time
+        // codes are tokens.
+        for c in self.server.issuer_credentials() {
+            let json = serde_json::to_string(&c).unwrap();
+            add(json[1..json.len() - 1].to_owned());
+            add(c);
+        }
+        for t in self.server.issued_tokens().into_iter().chain(self.server.issuer_tokens()).chain(self.server.otps()) {
             use base64::Engine as _;
             add(base64::engine::general_purpose::STANDARD.encode(&t));
             add(t);

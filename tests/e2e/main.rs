@@ -23,6 +23,7 @@ mod hardening_admin;
 mod hardening_answers;
 mod hardening_files;
 mod hardening_ledger;
+mod issuer;
 #[cfg(feature = "kubernetes")]
 mod kubeapi;
 #[cfg(feature = "kubernetes")]
