@@ -15,7 +15,8 @@
 //! issuers' included (admin passwords, TOTP secrets, IMS client secrets, admin and IMS tokens,
 //! one-time codes: `common::Guard`).
 //!
-//! A test whose doc comment starts with DAEMON BUG fails until the daemon is fixed.
+//! A test whose doc comment starts with "Was a daemon bug" failed before its fix (the fix's
+//! commit says which).
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -958,15 +959,11 @@ async fn a_restart_remembers_the_admins_401s_without_2fa() {
     a_restart_remembers_the_admins_401s(false).await;
 }
 
-/// DAEMON BUG (fails until fixed): with `totp_secret_file` set, the restarted daemon sends one
-/// more admin login with the refused password at once, and then a fixed password file is no
-/// longer picked up (the budget is spent: only `forget-failures auth.admin` helps). The issuer's
-/// lockout identity is the password plus a digest of the TOTP secret (src/issuer.rs,
-/// `Issuer::secrets`), but the ledger is restored with the bare password
-/// (`attempt::restore_ledger` -> `CustomerConfig::read_password` of the issuer's ledger entry,
-/// whose `password` is `auth.admin`'s password source): the two never match, so the first login
-/// after the start takes the unchanged secret for a changed one and spends the try kept for a
-/// fixed secret. (`once` restores the ledger the same way: `Issuer::obtain_before`.)
+/// Was a daemon bug: with `totp_secret_file` set, the restarted daemon sent one more admin login
+/// with the refused password at once, and a fixed password file was then no longer picked up
+/// (the budget spent). The issuer's lockout identity is the password plus a digest of the TOTP
+/// secret, and the ledger was restored with the bare password: the two never matched. It is now
+/// restored with the identity (`Issuer::restore_ledger`, for `run` and `once` alike).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_remembers_the_admins_401s_with_2fa() {
     a_restart_remembers_the_admins_401s(true).await;
@@ -1163,17 +1160,12 @@ impl Drop for SlowFront {
     }
 }
 
-/// DAEMON BUG (fails until fixed): two customers mint with the same admin token when Magento
-/// stops accepting it, both answered slowly. Alice's refusal comes back after 1 s: the issuer
-/// drops the token and gets a new one 1.1 s later. Bob's (3 s) comes back after the new admin
-/// token is out; the daemon then holds bob back "until the issuer has a credential" although it
-/// has one, and bob waits for the credential's next change (the next admin renewal) or
-/// `max_backoff`, whichever comes first (here 60 s; 5 minutes by default). In src/issuer.rs,
-/// `Issuer::mint` answers a refusal with `generation: self.current().generation`, the generation
-/// of the credential as it is when the answer comes back; the worker (src/worker.rs, `mint`)
-/// then waits for a generation other than that one. It should be the generation of the
-/// credential the request was sent with (`credential.generation`, read at the start of `mint`),
-/// so that a credential replaced meanwhile wakes the worker at once.
+/// Was a daemon bug: two customers mint with the same admin token when Magento stops accepting
+/// it, both answered slowly. Alice's refusal comes back after 1 s: the issuer drops the token and
+/// gets a new one 1.1 s later. Bob's (3 s) comes back after the new admin token is out, and bob
+/// was held back "until the issuer has a credential" for `max_backoff` (here 60 s), since the
+/// refusal named the credential's generation as it was when the answer came back. It now names
+/// the generation the request was sent with, so a credential replaced meanwhile is tried at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_refusal_after_the_admin_token_was_replaced_does_not_hold_the_customer_back() {
     let w = lac_world(&[ALICE, BOB], false, |o| o.opaque_token_lifetime = Some(Duration::from_secs(7200))).await;
