@@ -617,4 +617,77 @@ mod tests {
         let e = login_error(500, json!({"errors": [{"extensions": {"category": "graphql-input"}}]}));
         assert_eq!(e.message, "HTTP 500 Internal Server Error: a GraphQL error without a message");
     }
+
+    /// The answers of `generateCustomerTokenAsAdmin` and `exchangeOtpForCustomerToken` (§5, §9):
+    /// what the admin or the store must change is `blocked`, a dead admin token is the issuer's
+    /// `auth_failure` (renewed), a refused one-time code a transient error (a new code next try);
+    /// with 2.4.7's 200 and 2.4.8's 401/403 alike.
+    #[test]
+    fn issuer_answers_are_sorted_whatever_the_status() {
+        let token = "eyJhbGciOiJIUzI1NiJ9.eyJ1aWQiOjF9.c2lnbmF0dXJl";
+        let error =
+            |op: Op, status: u16, body: Value| read_answer(status, &JSON, &body.to_string(), token, op).unwrap_err();
+        let as_admin = "generateCustomerTokenAsAdmin";
+        for (message, category, outcome, says) in [
+            (
+                "Login as Customer is disabled.",
+                "graphql-authorization",
+                Outcome::Blocked,
+                "Enable Login as Customer = Yes",
+            ),
+            (
+                "Allow remote shopping assistance is disabled.",
+                "graphql-authorization",
+                Outcome::Blocked,
+                "allow_shopping_assistance",
+            ),
+            (
+                "Customer email provided does not exist",
+                "graphql-input",
+                Outcome::Blocked,
+                "correct the customer's username or store_code",
+            ),
+            (
+                "The current customer isn't authorized.",
+                "graphql-authorization",
+                Outcome::AuthFailure,
+                "a new one is asked for at once",
+            ),
+            (
+                "User token has been revoked",
+                "graphql-authentication",
+                Outcome::AuthFailure,
+                "a new one is asked for at once",
+            ),
+            (
+                "Unable to generate tokens. Please wait and try again later.",
+                "graphql",
+                Outcome::HttpError,
+                "Unable to generate tokens",
+            ),
+        ] {
+            for status in [200, 401, 403] {
+                let e = error(Op::AsAdmin, status, field_error(message, category, as_admin));
+                assert_eq!(e.outcome, outcome, "{message} ({status})");
+                assert!(e.message.contains(message) && e.message.contains(says), "{}", e.message);
+            }
+        }
+        let exchange = "exchangeOtpForCustomerToken";
+        for message in
+            ["The one-time password is invalid or has already been used.", "The one-time password has expired."]
+        {
+            let e = error(Op::Exchange, 200, field_error(message, "graphql-authentication", exchange));
+            assert_eq!(e.outcome, Outcome::HttpError, "{message}");
+            assert!(e.message.contains("the next try asks for a new one"), "{}", e.message);
+        }
+        let e = error(
+            Op::Exchange,
+            200,
+            field_error("ReCaptcha validation failed, please try again", "graphql-input", exchange),
+        );
+        assert_eq!(e.outcome, Outcome::Blocked);
+        let e = error(Op::AsAdmin, 500, early_error("Store code xx does not exist", "graphql"));
+        assert_eq!(e.outcome, Outcome::HttpError);
+        assert!(e.message.contains("Store header"), "{}", e.message);
+    }
 }
