@@ -270,6 +270,10 @@ const API_REQUESTS: (&str, &str) = (
     "magento_token_kubernetes_requests_total",
     "Kubernetes API requests (output.kubernetes) by object, verb and result.",
 );
+const SECRET_WRITES: (&str, &str) = (
+    "magento_token_kubernetes_writes_total",
+    "Updates of each Secret written (output.kubernetes): at most one a second per Secret, carrying every change made meanwhile.",
+);
 
 /// The description of a family that is not per customer: its name, help and label names.
 fn desc((name, help): (&str, &str), labels: &[&str]) -> Desc {
@@ -302,7 +306,12 @@ fn family((name, help): (&str, &str), kind: MetricType, series: Vec<(Vec<LabelPa
 
 impl ClusterCollector {
     fn new(board: Board) -> ClusterCollector {
-        ClusterCollector { board, descs: vec![desc(LEADER, &[]), desc(API_REQUESTS, &["resource", "verb", "result"])] }
+        let descs = vec![
+            desc(LEADER, &[]),
+            desc(API_REQUESTS, &["resource", "verb", "result"]),
+            desc(SECRET_WRITES, &["secret"]),
+        ];
+        ClusterCollector { board, descs }
     }
 }
 
@@ -314,9 +323,10 @@ impl Collector for ClusterCollector {
     fn collect(&self) -> Vec<MetricFamily> {
         let leading = self.board.leadership().is_some_and(|l| l.leading);
         let leader = family(LEADER, MetricType::GAUGE, vec![(Vec::new(), f64::from(u8::from(leading)))]);
+        let mut families = vec![leader];
         let requests = self.board.api_requests();
         if requests.is_empty() {
-            return vec![leader];
+            return families;
         }
         let series = requests
             .into_iter()
@@ -329,7 +339,14 @@ impl Collector for ClusterCollector {
                 (labels, n as f64)
             })
             .collect();
-        vec![leader, family(API_REQUESTS, MetricType::COUNTER, series)]
+        families.push(family(API_REQUESTS, MetricType::COUNTER, series));
+        let writes = self.board.secret_writes();
+        if !writes.is_empty() {
+            let series =
+                writes.into_iter().map(|(secret, n)| (vec![label_pair("secret", &secret)], n as f64)).collect();
+            families.push(family(SECRET_WRITES, MetricType::COUNTER, series));
+        }
+        families
     }
 }
 

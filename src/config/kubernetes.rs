@@ -124,14 +124,14 @@ pub fn check_size(rendered: &[usize], secret: &str) -> Result<(), String> {
         return Ok(());
     }
     Err(format!(
-        "{} customers' tokens would not fit in the Secret {secret:?}: with tokens of up to {ASSUMED_TOKEN_BYTES} bytes they take {} KiB, and Kubernetes stores at most 1024 KiB in one Secret; split the customers over two releases (two Secrets), or use format raw",
+        "{} customers' tokens would not fit in the Secret {secret:?}: with tokens of up to {ASSUMED_TOKEN_BYTES} bytes they take {} KiB, and Kubernetes stores at most 1024 KiB in one Secret; give some of them a Secret of their own (customers[].secret), or use format raw",
         rendered.len(),
         total.div_ceil(1024)
     ))
 }
 
 /// A DNS subdomain name (RFC 1123), as Kubernetes wants for a Secret's or a Lease's name.
-fn dns_subdomain(name: &str) -> Result<(), String> {
+pub(crate) fn dns_subdomain(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 253
         && name.split('.').all(|label| {
