@@ -877,3 +877,66 @@ async fn sixty_customers_over_three_secrets_are_written_in_batches_each_in_its_s
         closest.as_millis()
     );
 }
+
+/// A reload that moves a customer to another Secret: its token goes there (a login: the new
+/// Secret holds none), and its key leaves the old Secret only once the new one holds it; the
+/// other customer stays where it was, untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_customer_moved_to_another_secret_leaves_the_old_one_after_the_new_one_holds_it() {
+    const OTHER: &str = "shop-b-tokens";
+    let mut rules = KubeApi::role_for(SECRET);
+    rules.push(Rule { verbs: vec!["get", "update", "patch"], resource: "secrets", names: vec![OTHER.to_string()] });
+    let d = Deployment::with_role(DevServerOptions::default(), &[ALICE, BOB], rules).await;
+    let port = free_port();
+    let path = d.w.dir.path().join("r1.yaml");
+    let before = d.config(&[(ALICE.0, ALICE.1), (BOB.0, BOB.1)], "", port);
+    std::fs::write(&path, &before).unwrap();
+    let log = d.w.dir.path().join("r1.log");
+    let kubeconfig = d.kubeconfig.clone();
+    let mut r = Daemon::spawn_with(&["run", "--config", path.to_str().unwrap()], &log, port, move |c| {
+        c.env("KUBECONFIG", kubeconfig).env("POD_NAME", "r1").env_remove("HOME");
+    })
+    .guarded_by(&d.w);
+    let alice = d.wait_token("alice", None, 20 * SEC).await;
+    let bob = d.wait_token("bob", None, 20 * SEC).await;
+    // Alice moves to the other Secret.
+    let after = before.replacen(
+        &format!("    password_file: {}\n", d.w.secret_path("alice").display()),
+        &format!("    password_file: {}\n    secret: {OTHER}\n", d.w.secret_path("alice").display()),
+        1,
+    );
+    assert_ne!(after, before);
+    std::fs::write(&path, after).unwrap();
+    r.signal("HUP");
+    let moved = wait_for(20 * SEC, "alice's token in the other Secret", || async {
+        d.api.secret_data(NS, OTHER)?.get("alice").map(|t| String::from_utf8(t.clone()).unwrap())
+    })
+    .await;
+    assert_ne!(moved, alice, "a new login: the other Secret held no token of alice's");
+    assert_eq!(d.w.server.check_token(&moved).as_deref(), Some(ALICE.1));
+    wait_for(10 * SEC, "alice's key gone from the old Secret", || async {
+        (!d.api.secret_data(NS, SECRET)?.contains_key("alice")).then_some(())
+    })
+    .await;
+    // The key left the old Secret only after the new one held it.
+    let requests = d.api.requests();
+    let first_in_other = requests
+        .iter()
+        .position(|q| {
+            q.resource == "secrets"
+                && q.name.as_deref() == Some(OTHER)
+                && q.status < 300
+                && matches!(q.verb.as_str(), "create" | "update")
+        })
+        .expect("a write of the other Secret");
+    let removal = requests
+        .iter()
+        .rposition(|q| {
+            q.resource == "secrets" && q.name.as_deref() == Some(SECRET) && q.status < 300 && q.verb == "update"
+        })
+        .expect("an update of the old Secret");
+    assert!(first_in_other < removal, "the old Secret lost the key before the new one held it");
+    assert_eq!(d.token("bob").as_deref(), Some(bob.as_str()), "bob stays, untouched");
+    assert!(!d.api.secret_data(NS, OTHER).unwrap().contains_key("bob"));
+    assert_eq!(r.stop().await.code(), Some(0));
+}
