@@ -184,6 +184,18 @@ where
         return Err(NoToken::HeldBack { wait, password_bound, auth: a.account.auth() });
     }
     let booked = a.store.shared() && !a.account.proven(&password);
+    // A booking waits for the next update of the Secret (at most one a second): the slot held
+    // goes to another customer meanwhile, and one is taken again after. So thousands of first
+    // logins (a start, a failover) are booked together, a few updates in all, instead of each
+    // slot waiting a second per login. (No two entries share a username: no one waits for
+    // this account's turn while holding a slot this one waits for.)
+    let held = match held {
+        Some(permit) if booked => {
+            drop(permit);
+            None
+        }
+        held => held,
+    };
     if booked {
         let pessimistic = a.account.if_refused(&password, now, a.refresh);
         if let Err(e) = a.store.record_failures(a.customer, &pessimistic).await {
