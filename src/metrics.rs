@@ -271,6 +271,11 @@ const API_REQUESTS: (&str, &str) = (
     "Kubernetes API requests (output.kubernetes) by object, verb and result.",
 );
 
+const TOKEN_API_REQUESTS: (&str, &str) = (
+    "magento_token_api_requests_total",
+    "Token API requests (output.kubernetes.token_api) by route (token, refresh) and result (allowed, unauthenticated, forbidden, not_found, standby, unavailable).",
+);
+
 /// The description of a family that is not per customer: its name, help and label names.
 fn desc((name, help): (&str, &str), labels: &[&str]) -> Desc {
     Desc::new(name.into(), help.into(), labels.iter().map(|l| l.to_string()).collect(), HashMap::new())
@@ -302,7 +307,12 @@ fn family((name, help): (&str, &str), kind: MetricType, series: Vec<(Vec<LabelPa
 
 impl ClusterCollector {
     fn new(board: Board) -> ClusterCollector {
-        ClusterCollector { board, descs: vec![desc(LEADER, &[]), desc(API_REQUESTS, &["resource", "verb", "result"])] }
+        let descs = vec![
+            desc(LEADER, &[]),
+            desc(API_REQUESTS, &["resource", "verb", "result"]),
+            desc(TOKEN_API_REQUESTS, &["route", "result"]),
+        ];
+        ClusterCollector { board, descs }
     }
 }
 
@@ -314,9 +324,19 @@ impl Collector for ClusterCollector {
     fn collect(&self) -> Vec<MetricFamily> {
         let leading = self.board.leadership().is_some_and(|l| l.leading);
         let leader = family(LEADER, MetricType::GAUGE, vec![(Vec::new(), f64::from(u8::from(leading)))]);
+        let mut families = vec![leader];
+        if let Some(counts) = self.board.token_api_requests() {
+            let series = counts
+                .into_iter()
+                .map(|((route, result), n)| {
+                    (vec![label_pair("result", result.as_str()), label_pair("route", route.as_str())], n as f64)
+                })
+                .collect();
+            families.push(family(TOKEN_API_REQUESTS, MetricType::COUNTER, series));
+        }
         let requests = self.board.api_requests();
         if requests.is_empty() {
-            return vec![leader];
+            return families;
         }
         let series = requests
             .into_iter()
@@ -329,7 +349,8 @@ impl Collector for ClusterCollector {
                 (labels, n as f64)
             })
             .collect();
-        vec![leader, family(API_REQUESTS, MetricType::COUNTER, series)]
+        families.push(family(API_REQUESTS, MetricType::COUNTER, series));
+        families
     }
 }
 
