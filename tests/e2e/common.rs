@@ -91,6 +91,8 @@ impl World {
 
     /// Adds a secret that is neither a password nor the dev server's (a caller's service account
     /// token, an API credential) to what the daemons of this world are checked for: see [`Guard`].
+    /// (The token API's tests use it, which exist with the `kubernetes` feature only.)
+    #[cfg(feature = "kubernetes")]
     pub fn hide(&self, secret: &str) {
         self.passwords.lock().unwrap_or_else(|e| e.into_inner()).push(secret.to_owned());
     }
