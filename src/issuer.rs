@@ -148,6 +148,8 @@ pub fn ledger_entry(auth: &Auth) -> Option<CustomerConfig> {
         username,
         password: Some(password),
         customer_id: None,
+        // With output.kubernetes: the default Secret.
+        secret: None,
         base_url,
         store_code: None,
         file: LEDGER_KEY.into(),

@@ -270,6 +270,10 @@ const API_REQUESTS: (&str, &str) = (
     "magento_token_kubernetes_requests_total",
     "Kubernetes API requests (output.kubernetes) by object, verb and result.",
 );
+const SECRET_WRITES: (&str, &str) = (
+    "magento_token_kubernetes_writes_total",
+    "Updates of each Secret written (output.kubernetes): at most one a second per Secret, carrying every change made meanwhile.",
+);
 
 const TOKEN_API_REQUESTS: (&str, &str) = (
     "magento_token_api_requests_total",
@@ -311,6 +315,7 @@ impl ClusterCollector {
             desc(LEADER, &[]),
             desc(API_REQUESTS, &["resource", "verb", "result"]),
             desc(TOKEN_API_REQUESTS, &["route", "result"]),
+            desc(SECRET_WRITES, &["secret"]),
         ];
         ClusterCollector { board, descs }
     }
@@ -350,6 +355,12 @@ impl Collector for ClusterCollector {
             })
             .collect();
         families.push(family(API_REQUESTS, MetricType::COUNTER, series));
+        let writes = self.board.secret_writes();
+        if !writes.is_empty() {
+            let series =
+                writes.into_iter().map(|(secret, n)| (vec![label_pair("secret", &secret)], n as f64)).collect();
+            families.push(family(SECRET_WRITES, MetricType::COUNTER, series));
+        }
         families
     }
 }

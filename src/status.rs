@@ -425,6 +425,8 @@ struct ClusterStatus {
     requests: BTreeMap<ApiRequest, u64>,
     /// `magento_token_api_requests_total`: `None` while the token API is off.
     token_api: Option<BTreeMap<(TokenRoute, Granted), u64>>,
+    /// `magento_token_kubernetes_writes_total`, by Secret.
+    writes: BTreeMap<String, u64>,
 }
 
 /// An app's request (`POST /refresh/<name>`) to check the token on disk now and replace it if
@@ -566,6 +568,16 @@ impl Board {
     /// Counts one Kubernetes API request.
     pub fn api_request(&self, request: ApiRequest) {
         *self.cluster().requests.entry(request).or_default() += 1;
+    }
+
+    /// Counts one update (or creation) of the Secret `name` that was written.
+    pub fn secret_written(&self, name: &str) {
+        *self.cluster().writes.entry(name.into()).or_default() += 1;
+    }
+
+    /// Every Secret's updates written, by name.
+    pub fn secret_writes(&self) -> Vec<(String, u64)> {
+        self.cluster().writes.iter().map(|(k, v)| (k.clone(), *v)).collect()
     }
 
     /// Every Kubernetes API request counted, by labels.

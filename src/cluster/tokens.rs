@@ -81,6 +81,9 @@ pub enum Change {
     Token { key: String, content: zeroize::Zeroizing<Vec<u8>>, times: Times },
     /// `key`'s ledger: set, or removed (`None`).
     Ledger { key: String, entry: Option<Record> },
+    /// `key` leaves this Secret (token, times and ledger): its customer's token now lives in
+    /// another one, which already holds it.
+    Remove { key: String },
 }
 
 /// What the Secret holds, as last read or written.
@@ -169,6 +172,11 @@ impl Contents {
             Change::Ledger { key, entry: None } => {
                 self.ledgers.remove(key);
             }
+            Change::Remove { key } => {
+                self.data.remove(key);
+                self.times.remove(key);
+                self.ledgers.remove(key);
+            }
         }
     }
 
@@ -200,58 +208,119 @@ impl Contents {
 /// it).
 type Queued = (Change, Option<oneshot::Sender<Result<(), String>>>);
 
-/// The Secret as this replica knows it, and the queue of changes to it.
-pub struct Tokens {
-    cluster: Cluster,
-    term: watch::Receiver<Term>,
+/// One Secret as this replica knows it, and the queue of changes to it.
+struct Book {
+    name: String,
     contents: Mutex<Contents>,
     queue: Mutex<Vec<Queued>>,
     bell: Notify,
 }
 
-impl Tokens {
-    /// The Secret's keeper; its writer runs until `stop`.
-    pub fn start(cluster: Cluster, term: watch::Receiver<Term>, stop: CancellationToken) -> Arc<Tokens> {
-        let tokens = Arc::new(Tokens {
-            cluster,
-            term,
-            contents: Mutex::default(),
-            queue: Mutex::default(),
-            bell: Notify::new(),
-        });
-        tokio::spawn(tokens.clone().write_loop(stop));
-        tokens
-    }
-
+impl Book {
     fn contents(&self) -> MutexGuard<'_, Contents> {
         self.contents.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Reads the Secret (absent: empty, created by the first write).
+    fn queue(&self) -> MutexGuard<'_, Vec<Queued>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Every Secret the configuration writes (the default one, `output.kubernetes.secret`, and
+/// those of `customers[].secret`), each with its own contents, queue and writer: a customer's key
+/// lives in its Secret alone, and a Secret is written with its customers' changes only, at most
+/// once per [`WRITE_EVERY`].
+pub struct Tokens {
+    cluster: Cluster,
+    term: watch::Receiver<Term>,
+    stop: CancellationToken,
+    /// By the Secret's name.
+    books: Mutex<BTreeMap<String, Arc<Book>>>,
+}
+
+/// The least time between two updates of one Secret: the changes of every customer refreshed
+/// meanwhile go together (thousands of customers due at once cost one update a second per
+/// Secret, not one each: benches/RESULTS.md).
+pub const WRITE_EVERY: Duration = Duration::from_secs(1);
+
+impl Tokens {
+    /// The Secrets' keeper (the default Secret's book from the start); their writers run until
+    /// `stop`.
+    pub fn start(cluster: Cluster, term: watch::Receiver<Term>, stop: CancellationToken) -> Arc<Tokens> {
+        let tokens = Arc::new(Tokens { cluster, term, stop, books: Mutex::default() });
+        tokens.book(&tokens.cluster.settings.secret.clone());
+        tokens
+    }
+
+    /// The book of the Secret `name`, started at its first use.
+    fn book(self: &Arc<Self>, name: &str) -> Arc<Book> {
+        let mut books = self.books.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(book) = books.get(name) {
+            return book.clone();
+        }
+        let book = Arc::new(Book {
+            name: name.to_owned(),
+            contents: Mutex::default(),
+            queue: Mutex::default(),
+            bell: Notify::new(),
+        });
+        books.insert(name.to_owned(), book.clone());
+        tokio::spawn(self.clone().write_loop(book.clone(), self.stop.clone()));
+        book
+    }
+
+    fn books(&self) -> Vec<Arc<Book>> {
+        self.books.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+    }
+
+    /// The Secret `customer`'s token lives in.
+    pub fn secret_of<'a>(&'a self, customer: &'a crate::config::CustomerConfig) -> &'a str {
+        customer.secret.as_deref().unwrap_or(&self.cluster.settings.secret)
+    }
+
+    /// Makes sure every Secret of `customers` is known (read by the next [`Tokens::load`]).
+    pub fn know<'c>(self: &Arc<Self>, customers: impl IntoIterator<Item = &'c crate::config::CustomerConfig>) {
+        for c in customers {
+            self.book(self.secret_of(c));
+        }
+    }
+
+    /// Reads every Secret known (absent: empty, created by its first write).
     pub async fn load(&self) -> Result<(), ApiError> {
-        let k = &self.cluster.settings;
+        for book in self.books() {
+            self.load_book(&book).await?;
+        }
+        Ok(())
+    }
+
+    async fn load_book(&self, book: &Book) -> Result<(), ApiError> {
         let read =
-            self.cluster.call("secret", "get", super::REQUEST_TIMEOUT, self.cluster.secrets.get(&k.secret)).await;
+            self.cluster.call("secret", "get", super::REQUEST_TIMEOUT, self.cluster.secrets.get(&book.name)).await;
         let contents = match read {
             Ok(secret) => Contents::from_secret(secret),
             Err(ApiError::NotFound(_)) => Contents::default(),
             Err(e) => return Err(e),
         };
-        *self.contents() = contents;
+        *book.contents() = contents;
         Ok(())
     }
 
-    /// `key`'s content and times, if the Secret holds a token for it.
-    pub fn found(&self, key: &str) -> Option<(zeroize::Zeroizing<Vec<u8>>, Option<Times>)> {
-        let contents = self.contents();
+    fn known(&self, secret: &str) -> Option<Arc<Book>> {
+        self.books.lock().unwrap_or_else(|e| e.into_inner()).get(secret).cloned()
+    }
+
+    /// `key`'s content and times in `secret`, if it holds a token for it.
+    pub fn found(&self, secret: &str, key: &str) -> Option<(zeroize::Zeroizing<Vec<u8>>, Option<Times>)> {
+        let book = self.known(secret)?;
+        let contents = book.contents();
         let data = contents.data.get(key)?;
         Some((zeroize::Zeroizing::new(data.0.clone()), contents.times.get(key).copied()))
     }
 
-    /// `key`'s ledger entry as read, if there is one (or may have been: see
+    /// `key`'s ledger entry in `secret` as read, if there is one (or may have been: see
     /// [`LEDGER_UNREADABLE`]).
-    pub fn ledger(&self, key: &str) -> Option<ledger::Read> {
-        self.contents().ledger(key)
+    pub fn ledger(&self, secret: &str, key: &str) -> Option<ledger::Read> {
+        self.known(secret)?.contents().ledger(key)
     }
 
     /// Whether this replica holds the Lease now: the only one that may log in and write.
@@ -259,50 +328,82 @@ impl Tokens {
         self.term.borrow().leading()
     }
 
-    /// Whether any ledger is recorded: the holder then reads the Secret now and then, to see
+    /// Whether any ledger is recorded: the holder then reads the Secrets now and then, to see
     /// an operator's `forget-failures`.
     pub fn has_ledgers(&self) -> bool {
-        let contents = self.contents();
-        !contents.ledgers.is_empty() || contents.unreadable_ledgers.is_some()
+        self.books().iter().any(|book| {
+            let contents = book.contents();
+            !contents.ledgers.is_empty() || contents.unreadable_ledgers.is_some()
+        })
     }
 
-    /// The expiry of every key's token, as a worker would read the token it finds there (see
-    /// [`Contents::expiry`]).
-    pub fn expiries(&self, default_lifetime: Duration) -> BTreeMap<String, SystemTime> {
-        let contents = self.contents();
-        contents.data.keys().filter_map(|k| Some((k.clone(), contents.expiry(k, default_lifetime)?))).collect()
+    /// The expiry of every key's token in every Secret, by Secret and key, as a worker would
+    /// read the token it finds there (see [`Contents::expiry`]).
+    pub fn expiries(&self, default_lifetime: Duration) -> BTreeMap<(String, String), SystemTime> {
+        let mut all = BTreeMap::new();
+        for book in self.books() {
+            let contents = book.contents();
+            for key in contents.data.keys() {
+                if let Some(at) = contents.expiry(key, default_lifetime) {
+                    all.insert((book.name.clone(), key.clone()), at);
+                }
+            }
+        }
+        all
     }
 
-    /// Queues a change and waits until an update carried it (or failed).
-    pub async fn submit(&self, change: Change) -> Result<(), String> {
+    /// Queues a change to `secret` and waits until an update carried it (or failed).
+    pub async fn submit(self: &Arc<Self>, secret: &str, change: Change) -> Result<(), String> {
         let (tx, rx) = oneshot::channel();
-        self.queue.lock().unwrap_or_else(|e| e.into_inner()).push((change, Some(tx)));
-        self.bell.notify_one();
+        let book = self.book(secret);
+        book.queue().push((change, Some(tx)));
+        book.bell.notify_one();
         rx.await.unwrap_or_else(|_| Err("the Secret's writer stopped".into()))
     }
 
-    /// Queues a change no one waits for: it goes with the next update, and again with the one
-    /// after if that fails.
-    pub fn enqueue(&self, change: Change) {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner()).push((change, None));
-        self.bell.notify_one();
+    /// Queues a change to `secret` no one waits for: it goes with the next update, and again
+    /// with the one after if that fails.
+    pub fn enqueue(self: &Arc<Self>, secret: &str, change: Change) {
+        let book = self.book(secret);
+        book.queue().push((change, None));
+        book.bell.notify_one();
     }
 
-    async fn write_loop(self: Arc<Self>, stop: CancellationToken) {
+    /// After `key`'s token was written to `secret`: the key leaves every other Secret that
+    /// still holds it (its customer was moved there by a reload; keys are unique over the
+    /// configuration, so a copy elsewhere is stale).
+    pub fn moved(self: &Arc<Self>, secret: &str, key: &str) {
+        for book in self.books() {
+            if book.name != secret && book.contents().data.contains_key(key) {
+                debug!(key, from = %book.name, to = secret, "the key moved to another Secret: removing it");
+                self.enqueue(&book.name.clone(), Change::Remove { key: key.to_owned() });
+            }
+        }
+    }
+
+    async fn write_loop(self: Arc<Self>, book: Arc<Book>, stop: CancellationToken) {
+        // The earliest the next update may go.
+        let mut next = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = self.bell.notified() => {}
+                _ = book.bell.notified() => {}
             }
-            tokio::time::sleep(SETTLE).await;
-            let batch = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()));
+            let at = next.max(tokio::time::Instant::now() + SETTLE);
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep_until(at) => {}
+            }
+            let batch = std::mem::take(&mut *book.queue());
             if batch.is_empty() {
                 continue;
             }
+            next = tokio::time::Instant::now() + WRITE_EVERY;
             let changes: Vec<Change> = batch.iter().map(|(c, _)| c.clone()).collect();
-            let result = self.write(&changes).await;
-            if let Err(e) = &result {
-                warn!(error = %e, changes = changes.len(), "cannot update the Secret");
+            let result = self.write(&book, &changes).await;
+            match &result {
+                Ok(()) => self.cluster.board.secret_written(&book.name),
+                Err(e) => warn!(error = %e, secret = %book.name, changes = changes.len(), "cannot update the Secret"),
             }
             for (change, tx) in batch {
                 match tx {
@@ -310,24 +411,22 @@ impl Tokens {
                         let _ = tx.send(result.clone());
                     }
                     // Sent with the next update.
-                    None if result.is_err() => {
-                        self.queue.lock().unwrap_or_else(|e| e.into_inner()).push((change, None))
-                    }
+                    None if result.is_err() => book.queue().push((change, None)),
                     None => {}
                 }
             }
         }
-        for (_, tx) in std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner())) {
+        for (_, tx) in std::mem::take(&mut *book.queue()) {
             if let Some(tx) = tx {
                 let _ = tx.send(Err("stopping".into()));
             }
         }
     }
 
-    /// One update carrying `changes`, on what the Secret holds now; only while this replica
-    /// holds the Lease, and never after its deadline.
-    async fn write(&self, changes: &[Change]) -> Result<(), String> {
-        let name = &self.cluster.settings.secret;
+    /// One update of `book`'s Secret carrying `changes`, on what it holds now; only while this
+    /// replica holds the Lease, and never after its deadline.
+    async fn write(&self, book: &Book, changes: &[Change]) -> Result<(), String> {
+        let name = &book.name;
         let written = update(
             &self.cluster,
             name,
@@ -337,7 +436,7 @@ impl Tokens {
                     return Err("this replica does not hold the Lease: another one writes the Secret".into());
                 };
                 let within = until.saturating_duration_since(tokio::time::Instant::now());
-                let mut next = self.contents().clone();
+                let mut next = book.contents().clone();
                 for change in changes {
                     next.apply(change);
                 }
@@ -348,13 +447,13 @@ impl Tokens {
             move |e| {
                 let conflict = matches!(e, ApiError::Conflict(_) | ApiError::AlreadyExists(_) | ApiError::NotFound(_));
                 conflict.then_some(async move {
-                    self.load().await.map_err(|e| format!("cannot read the Secret {name}: {e}"))
+                    self.load_book(book).await.map_err(|e| format!("cannot read the Secret {name}: {e}"))
                 })
             },
         )
         .await?;
         if let ((), Some(written)) = written {
-            *self.contents() = Contents::from_secret(written);
+            *book.contents() = Contents::from_secret(written);
         }
         Ok(())
     }
@@ -376,7 +475,7 @@ enum Update<T> {
 /// was.
 async fn update<T, Next, Reread>(
     cluster: &Cluster,
-    shown: &str,
+    name: &str,
     mut next: impl FnMut() -> Next,
     mut conflicted: impl FnMut(&ApiError) -> Option<Reread>,
 ) -> Result<(T, Option<Secret>), String>
@@ -384,7 +483,7 @@ where
     Next: Future<Output = Result<Update<T>, String>>,
     Reread: Future<Output = Result<(), String>>,
 {
-    let (secrets, name) = (&cluster.secrets, &cluster.settings.secret);
+    let (secrets, shown) = (&cluster.secrets, format!("{}/{name}", cluster.namespace));
     for _ in 0..MAX_CONFLICTS {
         let (secret, exists, within, then) = match next().await? {
             Update::Done(answer) => return Ok((answer, None)),
@@ -407,33 +506,52 @@ where
     Err(format!("the Secret {shown} changed {MAX_CONFLICTS} times while being written"))
 }
 
-/// `forget-failures` with `output.kubernetes`: marks the ledger of each customer (its key in the
-/// Secret, and its username) as forgotten where [`ledger::forget`] says so (an update conditional on its resourceVersion, read
-/// again on a conflict), and says for each what was done. The Lease holder sees it at its next
-/// read of the Secret. A Secret that does not exist is an error: nothing can be forgotten there.
+/// `forget-failures` with `output.kubernetes`: marks the ledger of each customer (its Secret,
+/// its key there, and its username) as forgotten where [`ledger::forget`] says so (one update
+/// of each Secret concerned, conditional on its resourceVersion, read again on a conflict), and
+/// says for each what was done, in the order given. The Lease holder sees it at its next read of
+/// the Secrets. A Secret that does not exist is an error: nothing can be forgotten there.
 pub async fn forget(
     k: &crate::config::kubernetes::KubeSettings,
-    customers: &[(&str, &str)],
+    customers: &[(&str, &str, &str)],
 ) -> Result<Vec<ledger::Forget>, String> {
     let cluster = Cluster::connect(k, crate::status::Board::new(), Some("forget-failures")).await?;
-    let name = format!("{}/{}", cluster.namespace, k.secret);
-    let (verdicts, _) = update(
-        &cluster,
-        &name,
+    let mut verdicts: Vec<Option<ledger::Forget>> = customers.iter().map(|_| None).collect();
+    let secrets: std::collections::BTreeSet<&str> = customers.iter().map(|(secret, ..)| *secret).collect();
+    for secret in secrets {
+        let mine: Vec<usize> = (0..customers.len()).filter(|i| customers[*i].0 == secret).collect();
+        let (found, _) = forget_in(&cluster, secret, &mine.iter().map(|i| customers[*i]).collect::<Vec<_>>()).await?;
+        for (i, verdict) in mine.into_iter().zip(found) {
+            verdicts[i] = Some(verdict);
+        }
+    }
+    Ok(verdicts.into_iter().map(|v| v.expect("every customer's Secret was asked")).collect())
+}
+
+/// [`forget`] in the Secret `secret`, for its `customers`.
+async fn forget_in(
+    cluster: &Cluster,
+    secret: &str,
+    customers: &[(&str, &str, &str)],
+) -> Result<(Vec<ledger::Forget>, Option<Secret>), String> {
+    let name = format!("{}/{secret}", cluster.namespace);
+    update(
+        cluster,
+        secret,
         || async {
-            let read = cluster.call("secret", "get", super::REQUEST_TIMEOUT, cluster.secrets.get(&k.secret)).await;
+            let read = cluster.call("secret", "get", super::REQUEST_TIMEOUT, cluster.secrets.get(secret)).await;
             let mut contents = match read {
                 Ok(secret) => Contents::from_secret(secret),
                 Err(ApiError::NotFound(_)) => {
                     return Err(format!(
-                        "the Secret {name} does not exist: nothing is recorded there, nothing was forgotten (check output.kubernetes.namespace and secret, and the kubeconfig's context)"
+                        "the Secret {name} does not exist: nothing is recorded there, nothing was forgotten (check output.kubernetes.namespace, the Secret's name, and the kubeconfig's context)"
                     ))
                 }
                 Err(e) => return Err(format!("cannot read the Secret {name}: {e}")),
             };
             let verdicts: Vec<ledger::Forget> =
-                customers.iter().map(|(key, username)| ledger::forget(contents.ledger(key), username)).collect();
-            for ((key, username), verdict) in customers.iter().zip(&verdicts) {
+                customers.iter().map(|(_, key, username)| ledger::forget(contents.ledger(key), username)).collect();
+            for ((_, key, username), verdict) in customers.iter().zip(&verdicts) {
                 if let ledger::Forget::Forget { .. } = verdict {
                     let entry = Some(Record::forgotten(username));
                     contents.apply(&Change::Ledger { key: (*key).to_owned(), entry });
@@ -442,14 +560,13 @@ pub async fn forget(
             if !verdicts.iter().any(|v| matches!(v, ledger::Forget::Forget { .. })) {
                 return Ok(Update::Done(verdicts));
             }
-            let secret = Box::new(contents.to_secret(&k.secret));
-            Ok(Update::Send { secret, exists: contents.exists, within: super::REQUEST_TIMEOUT, then: verdicts })
+            let written = Box::new(contents.to_secret(secret));
+            Ok(Update::Send { secret: written, exists: contents.exists, within: super::REQUEST_TIMEOUT, then: verdicts })
         },
         // Read again by the next try.
         |e| matches!(e, ApiError::Conflict(_)).then_some(std::future::ready(Ok(()))),
     )
-    .await?;
-    Ok(verdicts)
+    .await
 }
 
 #[cfg(test)]
@@ -581,7 +698,7 @@ mod tests {
             *rereads.lock().unwrap() += 1;
             matches!(e, ApiError::Conflict(_)).then_some(std::future::ready(Ok(())))
         };
-        let answer = update(&cluster, "ns/s", send, reread).await.map(|(answer, _)| answer);
+        let answer = update(&cluster, "s", send, reread).await.map(|(answer, _)| answer);
         let updates = *updates.lock().unwrap();
         (answer, updates, rereads.into_inner().unwrap())
     }

@@ -114,12 +114,11 @@ pub(crate) fn check(raw: &RawKubernetes, problems: &mut Vec<Problem>) -> Option<
     })
 }
 
-/// The Secret that holds `customer`'s token: the one the token API asks SubjectAccessReview
-/// whether a caller may `get`. Every customer's is `output.kubernetes.secret` for now; a
-/// customer's own Secret (`customers[].secret`) is looked up here.
+/// The Secret that holds `customer`'s token: its own (`customers[].secret`), else
+/// `output.kubernetes.secret`. The one the token API asks SubjectAccessReview whether a caller
+/// may `get`.
 pub fn secret_of<'a>(customer: &'a super::CustomerConfig, k: &'a KubeSettings) -> &'a str {
-    let _ = customer;
-    &k.secret
+    customer.secret.as_deref().unwrap_or(&k.secret)
 }
 
 /// A Secret's key: what the API accepts (`[-._a-zA-Z0-9]+`, at most 253 characters), for a
@@ -145,14 +144,14 @@ pub fn check_size(rendered: &[usize], secret: &str) -> Result<(), String> {
         return Ok(());
     }
     Err(format!(
-        "{} customers' tokens would not fit in the Secret {secret:?}: with tokens of up to {ASSUMED_TOKEN_BYTES} bytes they take {} KiB, and Kubernetes stores at most 1024 KiB in one Secret; split the customers over two releases (two Secrets), or use format raw",
+        "{} customers' tokens would not fit in the Secret {secret:?}: with tokens of up to {ASSUMED_TOKEN_BYTES} bytes they take {} KiB, and Kubernetes stores at most 1024 KiB in one Secret; give some of them a Secret of their own (customers[].secret), or use format raw",
         rendered.len(),
         total.div_ceil(1024)
     ))
 }
 
 /// A DNS subdomain name (RFC 1123), as Kubernetes wants for a Secret's or a Lease's name.
-fn dns_subdomain(name: &str) -> Result<(), String> {
+pub(crate) fn dns_subdomain(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 253
         && name.split('.').all(|label| {

@@ -224,6 +224,9 @@ pub struct CustomerConfig {
     pub password: Option<PasswordSource>,
     /// Magento's id of the customer (`cloud_service_otp` asks for its one-time code by it).
     pub customer_id: Option<u64>,
+    /// `output.kubernetes`: the Secret of its own (`customers[].secret`); `None`: the default,
+    /// `output.kubernetes.secret`.
+    pub secret: Option<String>,
     /// The base URL in effect for this customer (its own or `magento.base_url`): one copy shared
     /// by every customer that has no URL of its own (a `Url` is about 120 bytes).
     pub base_url: std::sync::Arc<Url>,
@@ -710,6 +713,15 @@ fn check_customers(
         if let Some(code) = &c.store_code {
             v.store_code(&at("store_code"), code, api);
         }
+        if let Some(secret) = &c.secret {
+            let checked = match raw.output.kubernetes {
+                Some(_) => kubernetes::dns_subdomain(secret),
+                None => Err("applies only to output.kubernetes: with output.dir every token is a file".into()),
+            };
+            if let Err(why) = checked {
+                v.problem(&at("secret"), why);
+            }
+        }
         let file = c.file.clone().unwrap_or_else(|| c.name.clone());
         if c.file.is_some() {
             let checked = match raw.output.kubernetes {
@@ -734,6 +746,7 @@ fn check_customers(
                 username: c.username.clone(),
                 password,
                 customer_id: c.customer_id,
+                secret: c.secret.clone(),
                 base_url,
                 store_code: c.store_code.clone().or_else(|| raw.magento.store_code.clone()),
                 file,

@@ -125,10 +125,16 @@ pub const NO_KUBERNETES: &str =
 pub(super) fn check_secret_size(v: &mut Validator, k: &kubernetes::KubeSettings, customers: &[CustomerConfig]) {
     let token = crate::secret::Secret::new("x".repeat(kubernetes::ASSUMED_TOKEN_BYTES));
     let when = std::time::UNIX_EPOCH + Duration::from_secs(4_000_000_000);
-    let sizes: Vec<usize> =
-        customers.iter().map(|c| crate::format::render(c.format, &c.name, &token, when, when).len()).collect();
-    if let Err(why) = kubernetes::check_size(&sizes, &k.secret) {
-        v.problem("customers", why);
+    // Each Secret holds its own customers' tokens.
+    let mut by_secret: std::collections::BTreeMap<&str, Vec<usize>> = std::collections::BTreeMap::new();
+    for c in customers {
+        let size = crate::format::render(c.format, &c.name, &token, when, when).len();
+        by_secret.entry(c.secret.as_deref().unwrap_or(&k.secret)).or_default().push(size);
+    }
+    for (secret, sizes) in by_secret {
+        if let Err(why) = kubernetes::check_size(&sizes, secret) {
+            v.problem("customers", why);
+        }
     }
 }
 

@@ -147,6 +147,9 @@ pub(super) struct RawCustomer {
     /// Magento's id of the customer: the one-time code route of `cloud_service_otp` takes it.
     #[serde(default)]
     pub(super) customer_id: Option<u64>,
+    /// `output.kubernetes`: the Secret this customer's token lives in, instead of the default.
+    #[serde(default)]
+    pub(super) secret: Option<String>,
 }
 
 const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);

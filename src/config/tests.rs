@@ -719,3 +719,34 @@ fn the_issuers_secrets_are_read_by_check() {
     std::fs::write(&totp, "JBSWY3DPEHPK3PXP\n").unwrap();
     assert!(parse(&yaml, Checks::Environment).is_ok());
 }
+
+#[test]
+fn a_customer_may_have_a_secret_of_its_own_with_output_kubernetes_only() {
+    let kube = MINIMAL.replace("  dir: /tmp\n", "  kubernetes:\n    secret: magento-tokens\n");
+    let own = format!("{kube}    secret: shop-a-tokens\n");
+    assert_eq!(parse(&own, Checks::Static).unwrap().customers[0].secret.as_deref(), Some("shop-a-tokens"));
+    assert_eq!(parse(&kube, Checks::Static).unwrap().customers[0].secret, None, "the default Secret");
+    let p = problems(&format!("{MINIMAL}    secret: shop-a-tokens\n"));
+    assert_eq!(p, ["customers[0].secret: applies only to output.kubernetes: with output.dir every token is a file"]);
+    let p = problems(&format!("{kube}    secret: Shop_A\n"));
+    assert!(p[0].starts_with("customers[0].secret: \"Shop_A\" is not a Kubernetes object name"), "{p:?}");
+    // Each Secret's customers must fit in it: 600 json tokens do not fit one, they fit two.
+    let mut many = kube.replace(
+        "customers:\n  - name: alice\n    username: alice@example.com\n    password_env: ALICE_PASSWORD\n",
+        "  format: json\ncustomers:\n",
+    );
+    for i in 0..600 {
+        many.push_str(&format!("  - name: c{i}\n    username: c{i}@x.com\n    password_env: P\n"));
+    }
+    let p = problems(&many);
+    assert!(p.len() == 1 && p[0].contains("would not fit in the Secret \"magento-tokens\""), "{p:?}");
+    let mut split = String::new();
+    for (i, line) in many.lines().enumerate() {
+        split.push_str(line);
+        split.push('\n');
+        if line.starts_with("    password_env: P") && i % 2 == 0 {
+            split.push_str("    secret: more-tokens\n");
+        }
+    }
+    assert!(parse(&split, Checks::Static).is_ok(), "{:?}", problems(&split));
+}

@@ -51,6 +51,8 @@ pub async fn run_central(
     let stop = CancellationToken::new();
     let (mut term, elector) = lease::spawn(cluster.clone(), stop.clone());
     let tokens = Tokens::start(cluster.clone(), term.clone(), stop.clone());
+    // Every Secret the customers name is read, by a standby too (its readiness).
+    tokens.know(&config.customers);
     let mut supervisor: Option<Supervisor> = None;
     let accounts = Arc::new(Accounts::new());
     // When the Secret is next read: by a standby for readiness, by the holder to see an
@@ -98,7 +100,7 @@ pub async fn run_central(
                     break;
                 }
                 Some(Signal::Reload) => {
-                    let result = reload_central(config_path, &mut config, supervisor.as_mut()).await;
+                    let result = reload_central(config_path, &mut config, supervisor.as_mut(), &tokens).await;
                     if result.is_ok() && supervisor.is_none() {
                         stand_by(&config, &board, &tokens);
                     }
@@ -150,9 +152,16 @@ async fn reload_central(
     path: &Path,
     config: &mut Config,
     supervisor: Option<&mut Supervisor>,
+    tokens: &Arc<Tokens>,
 ) -> Result<String, String> {
     let new = config::load(path, Checks::Environment).map_err(|e| e.to_string())?;
     check_reload(config, &new)?;
+    // A Secret new to the configuration is read before its customers' workers start (their
+    // tokens there are adopted; the holder writes it from then on).
+    tokens.know(&new.customers);
+    if supervisor.is_some() {
+        tokens.load().await.map_err(|e| format!("cannot read the Secrets: {e}"))?;
+    }
     if let Some(running) = supervisor {
         running.apply(new.clone()).await.map_err(|e| e.to_string())?;
     }
@@ -164,9 +173,10 @@ async fn reload_central(
 /// A standby's board: every configured customer with the expiry of its token in the Secret, so
 /// `/readyz` is 200 on every replica when the Secret holds an unexpired token for each. Only a
 /// token in the Secret's data counts, not the times annotation alone; one gone is gone here too.
-fn stand_by(config: &Config, board: &Board, tokens: &Tokens) {
+fn stand_by(config: &Config, board: &Board, tokens: &Arc<Tokens>) {
     // No worker here answers POST /refresh: the admin server says who does.
     board.close_askers();
+    tokens.know(&config.customers);
     let expiries = tokens.expiries(config.refresh.default_lifetime);
     let wanted: std::collections::HashSet<&str> = config.customers.iter().map(|c| c.name.as_str()).collect();
     for name in board.names() {
@@ -176,7 +186,7 @@ fn stand_by(config: &Config, board: &Board, tokens: &Tokens) {
     }
     for customer in &config.customers {
         let report = Reporter::new(&customer.name, board.clone());
-        match expiries.get(&customer.file) {
+        match expiries.get(&(tokens.secret_of(customer).to_owned(), customer.file.clone())) {
             Some(expires_at) => report.token_on_disk(*expires_at),
             None => report.no_token_on_disk(),
         }
@@ -193,6 +203,7 @@ pub async fn once_central(config: &Config, timeout: Duration, board: Board) -> R
     let stop = CancellationToken::new();
     let (mut term, elector) = lease::spawn(cluster.clone(), stop.clone());
     let tokens = Tokens::start(cluster.clone(), term.clone(), stop.clone());
+    tokens.know(&config.customers);
     let finish = |stop: CancellationToken, elector: JoinHandle<()>| async move {
         stop.cancel();
         let _ = elector.await;

@@ -124,7 +124,7 @@ impl Store {
         match self {
             Store::Files(dir) => dir.path(customer).display().to_string(),
             #[cfg(feature = "kubernetes")]
-            Store::Kubernetes(_) => format!("the Secret's key {:?}", customer.file),
+            Store::Kubernetes(tokens) => format!("the Secret {}'s key {:?}", tokens.secret_of(customer), customer.file),
         }
     }
 
@@ -134,7 +134,7 @@ impl Store {
             Store::Files(dir) => files::read_existing(&dir.path(customer)),
             #[cfg(feature = "kubernetes")]
             Store::Kubernetes(tokens) => {
-                let (content, times) = tokens.found(&customer.file)?;
+                let (content, times) = tokens.found(tokens.secret_of(customer), &customer.file)?;
                 let (token, expires_at, format) = format::parse_token_content(&content)?;
                 crate::token::check_form(token.expose()).ok()?;
                 Some(Found {
@@ -180,10 +180,16 @@ impl Store {
                     .unwrap_or_else(|e| Err(io::Error::other(format!("the write task failed: {e}"))))
             }
             #[cfg(feature = "kubernetes")]
-            Store::Kubernetes(tokens) => tokens
-                .submit(Change::Token { key: customer.file.clone(), content, times })
-                .await
-                .map_err(io::Error::other),
+            Store::Kubernetes(tokens) => {
+                let secret = tokens.secret_of(customer);
+                tokens
+                    .submit(secret, Change::Token { key: customer.file.clone(), content, times })
+                    .await
+                    .map_err(io::Error::other)?;
+                // A customer a reload moved to another Secret leaves the old one now.
+                tokens.moved(secret, &customer.file);
+                Ok(())
+            }
         }
     }
 
@@ -192,7 +198,7 @@ impl Store {
         match self {
             Store::Files(dir) => ledger::read_ledger(&dir.path(customer)),
             #[cfg(feature = "kubernetes")]
-            Store::Kubernetes(tokens) => tokens.ledger(&customer.file),
+            Store::Kubernetes(tokens) => tokens.ledger(tokens.secret_of(customer), &customer.file),
         }
     }
 
@@ -201,7 +207,9 @@ impl Store {
         match self {
             Store::Files(dir) => ledger::ledger_path(&dir.path(customer)).display().to_string(),
             #[cfg(feature = "kubernetes")]
-            Store::Kubernetes(_) => format!("the Secret's ledger entry {:?}", customer.file),
+            Store::Kubernetes(tokens) => {
+                format!("the Secret {}'s ledger entry {:?}", tokens.secret_of(customer), customer.file)
+            }
         }
     }
 
@@ -228,7 +236,7 @@ impl Store {
             #[cfg(feature = "kubernetes")]
             Store::Kubernetes(tokens) => {
                 let change = Change::Ledger { key: customer.file.clone(), entry: Some(record) };
-                tokens.submit(change).await.map_err(io::Error::other)
+                tokens.submit(tokens.secret_of(customer), change).await.map_err(io::Error::other)
             }
         }
     }
@@ -240,8 +248,10 @@ impl Store {
             Store::Files(dir) => ledger::remove_ledger(&dir.path(customer)),
             #[cfg(feature = "kubernetes")]
             Store::Kubernetes(tokens) => {
-                if tokens.ledger(&customer.file).is_some_and(|read| !read.as_ref().is_ok_and(Record::is_empty)) {
-                    tokens.enqueue(Change::Ledger { key: customer.file.clone(), entry: None });
+                let secret = tokens.secret_of(customer);
+                if tokens.ledger(secret, &customer.file).is_some_and(|read| !read.as_ref().is_ok_and(Record::is_empty))
+                {
+                    tokens.enqueue(secret, Change::Ledger { key: customer.file.clone(), entry: None });
                 }
             }
         }
@@ -349,7 +359,10 @@ pub async fn forget_failures(
             .collect()),
         #[cfg(feature = "kubernetes")]
         Output::Kubernetes(k) => {
-            let keys: Vec<(&str, &str)> = customers.iter().map(|c| (c.file.as_str(), c.username.as_str())).collect();
+            let keys: Vec<(&str, &str, &str)> = customers
+                .iter()
+                .map(|c| (c.secret.as_deref().unwrap_or(&k.secret), c.file.as_str(), c.username.as_str()))
+                .collect();
             let verdicts = crate::cluster::tokens::forget(k, &keys).await?;
             Ok(verdicts.into_iter().map(Ok).collect())
         }
@@ -362,6 +375,8 @@ pub async fn forget_failures(
 pub fn ledger_place(output: &Output, customer: &CustomerConfig) -> String {
     match output {
         Output::Files(dir) => ledger::ledger_path(&dir.path(customer)).display().to_string(),
-        Output::Kubernetes(k) => format!("the Secret {}'s ledger entry {:?}", k.secret, customer.file),
+        Output::Kubernetes(k) => {
+            format!("the Secret {}'s ledger entry {:?}", customer.secret.as_deref().unwrap_or(&k.secret), customer.file)
+        }
     }
 }

@@ -780,3 +780,163 @@ async fn two_replicas_without_customer_passwords_make_one_admin_login() {
         counts.admin_tokens, counts.login_as_customer_tokens
     );
 }
+
+/// 60 customers over 3 Secrets (`customers[].secret`), two replicas: each key lives in its own
+/// Secret only, and each Secret is updated at most once a second with every change made
+/// meanwhile (`WRITE_EVERY`), so the writes stay well below the refreshes; the standby is ready
+/// from all three Secrets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_customers_over_three_secrets_are_written_in_batches_each_in_its_secret() {
+    const SECRETS: [&str; 3] = ["shop-a-tokens", "shop-b-tokens", "shop-c-tokens"];
+    let opts = DevServerOptions { token_lifetime: 8 * SEC, ..Default::default() };
+    let mut rules = KubeApi::role_for(SECRET);
+    for secret in SECRETS {
+        rules.push(Rule {
+            verbs: vec!["get", "update", "patch"],
+            resource: "secrets",
+            names: vec![secret.to_string()],
+        });
+    }
+    let d = Deployment::with_role(opts, &[], rules).await;
+    let names: Vec<String> = (0..60).map(|i| format!("c{i:02}")).collect();
+    let mut customers = String::new();
+    for (i, name) in names.iter().enumerate() {
+        let email = format!("{name}@example.com");
+        let password = format!("{name}-Pa55-word");
+        d.w.server.add_customer(&email, &password);
+        d.w.set_password(name, &password);
+        customers.push_str(&format!(
+            "  - name: {name}\n    username: {email}\n    password_file: {}\n    secret: {}\n",
+            d.w.secret_path(name).display(),
+            SECRETS[i % 3]
+        ));
+    }
+    let refresh = "  before_expiry: 4s\n  jitter: 2s\n  max_concurrent_logins: 8\n";
+    let replica = |name: &str| {
+        let port = free_port();
+        let path = d.w.dir.path().join(format!("{name}.yaml"));
+        let head = d.config(&[], refresh, port);
+        std::fs::write(&path, head + &customers).unwrap();
+        let log = d.w.dir.path().join(format!("{name}.log"));
+        let (kubeconfig, pod) = (d.kubeconfig.clone(), name.to_owned());
+        Daemon::spawn_with(&["run", "--config", path.to_str().unwrap()], &log, port, move |c| {
+            c.env("KUBECONFIG", kubeconfig).env("POD_NAME", pod).env_remove("HOME");
+        })
+        .guarded_by(&d.w)
+    };
+    let mut replicas = [replica("r1"), replica("r2")];
+    let started = Instant::now();
+    let in_secret = |secret: &str| d.api.secret_data(NS, secret).unwrap_or_default();
+    wait_for(30 * SEC, "every customer's token in its Secret", || async {
+        let held: usize = SECRETS.iter().map(|s| in_secret(s).len()).sum();
+        (held == 60).then_some(())
+    })
+    .await;
+    for r in &replicas {
+        r.wait_ready(15 * SEC).await;
+    }
+    // Three more refreshes of every customer (8 s tokens, renewed 2 to 4 s before their end).
+    tokio::time::sleep(16 * SEC).await;
+    for (i, name) in names.iter().enumerate() {
+        for (j, secret) in SECRETS.iter().enumerate() {
+            assert_eq!(in_secret(secret).contains_key(name), i % 3 == j, "{name} in {secret}");
+        }
+    }
+    assert!(d.api.secret_data(NS, SECRET).is_none_or(|data| data.is_empty()), "the default Secret holds no customer");
+    for r in &mut replicas {
+        assert_eq!(r.stop().await.code(), Some(0));
+    }
+    let elapsed = started.elapsed();
+    let logins: usize = names.iter().map(|n| d.w.server.login_attempts(&format!("{n}@example.com"))).sum();
+    let writes: Vec<_> = d
+        .api
+        .requests()
+        .into_iter()
+        .filter(|r| r.resource == "secrets" && matches!(r.verb.as_str(), "update" | "create") && r.status < 300)
+        .collect();
+    let (mut most_in_a_second, mut closest) = (0, Duration::MAX);
+    for secret in SECRETS {
+        let at: Vec<Instant> = writes.iter().filter(|r| r.name.as_deref() == Some(secret)).map(|r| r.at).collect();
+        for (i, t) in at.iter().enumerate() {
+            let within = at[i..].iter().take_while(|u| u.duration_since(*t) < SEC).count();
+            most_in_a_second = most_in_a_second.max(within);
+            if let Some(next) = at.get(i + 1) {
+                closest = closest.min(next.duration_since(*t));
+            }
+        }
+    }
+    // One update a second per Secret, timed from the start of the one before: its request may
+    // arrive a little later than the next one's does after it, so two can share a second.
+    assert!(most_in_a_second <= 2, "{most_in_a_second} updates of one Secret within a second");
+    assert!(logins >= 180, "every customer refreshed at least three times: {logins}");
+    assert!(writes.len() * 2 < logins, "{} writes for {logins} refreshes", writes.len());
+    println!(
+        "60 customers over 3 Secrets, 2 replicas, {:.0} s: {logins} refreshes written in {} Secret writes (the most any Secret took in one second: {most_in_a_second}; the closest two writes of one Secret arrived {} ms apart); every key in its own Secret only",
+        elapsed.as_secs_f64(),
+        writes.len(),
+        closest.as_millis()
+    );
+}
+
+/// A reload that moves a customer to another Secret: its token goes there (a login: the new
+/// Secret holds none), and its key leaves the old Secret only once the new one holds it; the
+/// other customer stays where it was, untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_customer_moved_to_another_secret_leaves_the_old_one_after_the_new_one_holds_it() {
+    const OTHER: &str = "shop-b-tokens";
+    let mut rules = KubeApi::role_for(SECRET);
+    rules.push(Rule { verbs: vec!["get", "update", "patch"], resource: "secrets", names: vec![OTHER.to_string()] });
+    let d = Deployment::with_role(DevServerOptions::default(), &[ALICE, BOB], rules).await;
+    let port = free_port();
+    let path = d.w.dir.path().join("r1.yaml");
+    let before = d.config(&[(ALICE.0, ALICE.1), (BOB.0, BOB.1)], "", port);
+    std::fs::write(&path, &before).unwrap();
+    let log = d.w.dir.path().join("r1.log");
+    let kubeconfig = d.kubeconfig.clone();
+    let mut r = Daemon::spawn_with(&["run", "--config", path.to_str().unwrap()], &log, port, move |c| {
+        c.env("KUBECONFIG", kubeconfig).env("POD_NAME", "r1").env_remove("HOME");
+    })
+    .guarded_by(&d.w);
+    let alice = d.wait_token("alice", None, 20 * SEC).await;
+    let bob = d.wait_token("bob", None, 20 * SEC).await;
+    // Alice moves to the other Secret.
+    let after = before.replacen(
+        &format!("    password_file: {}\n", d.w.secret_path("alice").display()),
+        &format!("    password_file: {}\n    secret: {OTHER}\n", d.w.secret_path("alice").display()),
+        1,
+    );
+    assert_ne!(after, before);
+    std::fs::write(&path, after).unwrap();
+    r.signal("HUP");
+    let moved = wait_for(20 * SEC, "alice's token in the other Secret", || async {
+        d.api.secret_data(NS, OTHER)?.get("alice").map(|t| String::from_utf8(t.clone()).unwrap())
+    })
+    .await;
+    assert_ne!(moved, alice, "a new login: the other Secret held no token of alice's");
+    assert_eq!(d.w.server.check_token(&moved).as_deref(), Some(ALICE.1));
+    wait_for(10 * SEC, "alice's key gone from the old Secret", || async {
+        (!d.api.secret_data(NS, SECRET)?.contains_key("alice")).then_some(())
+    })
+    .await;
+    // The key left the old Secret only after the new one held it.
+    let requests = d.api.requests();
+    let first_in_other = requests
+        .iter()
+        .position(|q| {
+            q.resource == "secrets"
+                && q.name.as_deref() == Some(OTHER)
+                && q.status < 300
+                && matches!(q.verb.as_str(), "create" | "update")
+        })
+        .expect("a write of the other Secret");
+    let removal = requests
+        .iter()
+        .rposition(|q| {
+            q.resource == "secrets" && q.name.as_deref() == Some(SECRET) && q.status < 300 && q.verb == "update"
+        })
+        .expect("an update of the old Secret");
+    assert!(first_in_other < removal, "the old Secret lost the key before the new one held it");
+    assert_eq!(d.token("bob").as_deref(), Some(bob.as_str()), "bob stays, untouched");
+    assert!(!d.api.secret_data(NS, OTHER).unwrap().contains_key("bob"));
+    assert_eq!(r.stop().await.code(), Some(0));
+}

@@ -11,6 +11,8 @@ use magento_devserver::DevServerOptions;
 
 const NS: &str = "shop";
 const SECRET: &str = "magento-tokens";
+/// bob's own Secret, in [`the_holder_answers_the_token_to_an_allowed_caller_only`].
+const BOB_SECRET: &str = "shop-b-tokens";
 const SEC: Duration = Duration::from_secs(1);
 
 /// The dev server, the stand-in API with the chart's Role (and, `delegating`, the chart's
@@ -19,23 +21,44 @@ struct Central {
     w: World,
     api: KubeApi,
     kubeconfig: std::path::PathBuf,
+    /// (customer, Secret): the customers whose token lives in a Secret of its own
+    /// (`customers[].secret`).
+    own: Vec<(&'static str, &'static str)>,
 }
 
 impl Central {
     async fn new(customers: &[(&str, &str, &str)], delegating: bool) -> Central {
+        Central::with_secrets(customers, delegating, &[]).await
+    }
+
+    /// [`Central::new`] with the customers of `own` in Secrets of their own (the chart's Role
+    /// then names each).
+    async fn with_secrets(
+        customers: &[(&str, &str, &str)],
+        delegating: bool,
+        own: &[(&'static str, &'static str)],
+    ) -> Central {
         let w = World::new(DevServerOptions::default()).await;
         for (name, email, password) in customers {
             w.server.add_customer(email, password);
             w.set_password(name, password);
         }
-        let api = KubeApi::start(KubeApi::role_for(SECRET)).await;
+        let mut rules = KubeApi::role_for(SECRET);
+        let names = own.iter().map(|(_, secret)| secret.to_string()).collect();
+        rules.push(Rule { verbs: vec!["get", "update", "patch"], resource: "secrets", names });
+        let api = KubeApi::start(rules).await;
         if delegating {
             api.bind_cluster_role(Subject::service_account(DAEMON.0, DAEMON.1), KubeApi::auth_delegator());
         }
         w.hide(kubeapi::TOKEN);
         let kubeconfig = w.dir.path().join("kubeconfig");
         api.write_kubeconfig(&kubeconfig, NS);
-        Central { w, api, kubeconfig }
+        Central { w, api, kubeconfig, own: own.to_vec() }
+    }
+
+    /// The Secret `customer`'s token lives in.
+    fn secret_of(&self, customer: &str) -> &'static str {
+        self.own.iter().find(|(c, _)| *c == customer).map_or(SECRET, |(_, secret)| secret)
     }
 
     /// A service account of the app's namespace `web` allowed to `get` the Secrets `secrets` in
@@ -67,6 +90,9 @@ impl Central {
                 "  - name: {customer}\n    username: {email}\n    password_file: {}\n",
                 self.w.secret_path(customer).display()
             ));
+            if let Some((_, secret)) = self.own.iter().find(|(c, _)| c == customer) {
+                y.push_str(&format!("    secret: {secret}\n"));
+            }
         }
         let path = self.w.dir.path().join(format!("{name}.yaml"));
         std::fs::write(&path, y).unwrap();
@@ -79,7 +105,7 @@ impl Central {
     }
 
     fn token(&self, key: &str) -> Option<String> {
-        let data = self.api.secret_data(NS, SECRET)?;
+        let data = self.api.secret_data(NS, self.secret_of(key))?;
         data.get(key).map(|t| String::from_utf8(t.clone()).unwrap())
     }
 
@@ -127,15 +153,16 @@ fn shown(status: u16, body: &str) -> String {
     }
 }
 
-/// Two replicas with the token API: the holder answers an allowed caller the token in the
-/// Secret (which the dev server accepts as alice's), and nobody else; the standby answers 503
-/// naming the holder; no caller's token, customer token or API credential shows in any log,
-/// `/status` or `/metrics`.
+/// Two replicas with the token API, alice's token in the default Secret and bob's in a Secret of
+/// its own: the holder answers an allowed caller the token in the customer's Secret (which the
+/// dev server accepts as the customer's), and nobody else: an app allowed only bob's Secret gets
+/// bob's token and a 403 for alice's; the standby answers 503 naming the holder; no caller's
+/// token, customer token or API credential shows in any log, `/status` or `/metrics`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_holder_answers_the_token_to_an_allowed_caller_only() {
-    let c = Central::new(&[ALICE, BOB], true).await;
+    let c = Central::with_secrets(&[ALICE, BOB], true, &[("bob", BOB_SECRET)]).await;
     let storefront = c.app("storefront", &[SECRET]);
-    let other = c.app("other", &["other-app-tokens"]);
+    let other = c.app("other", &[BOB_SECRET]);
     let customers = [(ALICE.0, ALICE.1), (BOB.0, BOB.1)];
     let mut replicas = [c.replica("r1", &customers), c.replica("r2", &customers)];
     let secret_token = c.wait_token("alice", 20 * SEC).await;
@@ -154,9 +181,13 @@ async fn the_holder_answers_the_token_to_an_allowed_caller_only() {
     assert_eq!(c.w.server.check_token(&secret_token).as_deref(), Some(ALICE.1), "which Magento accepts as alice's");
     let status = holder_r.status_of("alice").await;
     assert_eq!(json["expires_at"], status["expires_at"]);
-    let bob = get_token(holder_r, "bob", Some(&storefront)).await;
+    // bob's token lives in its own Secret: the caller allowed that one gets it, not the other.
+    let bob = get_token(holder_r, "bob", Some(&other)).await;
     assert_eq!(bob.0, 200, "{}", bob.1);
     assert!(bob.1.contains(&c.token("bob").unwrap()));
+    let (code, body) = get_token(holder_r, "bob", Some(&storefront)).await;
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains(&format!("may not get the Secret shop/{BOB_SECRET}")), "{body}");
 
     let only_another = get_token(holder_r, "alice", Some(&other)).await;
     assert_eq!(only_another.0, 403, "{}", only_another.1);
@@ -194,7 +225,7 @@ async fn the_holder_answers_the_token_to_an_allowed_caller_only() {
     };
     for (route, result, n) in [
         ("token", "allowed", 2.0),
-        ("token", "forbidden", 1.0),
+        ("token", "forbidden", 2.0),
         ("token", "unauthenticated", 2.0),
         ("token", "not_found", 1.0),
         ("refresh", "allowed", 1.0),

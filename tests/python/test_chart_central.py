@@ -187,6 +187,24 @@ def test_central_standard_labels(values):
             assert o["metadata"]["namespace"] == NAMESPACE
 
 
+
+def test_customers_in_secrets_of_their_own_are_in_the_config_and_the_role():
+    customers = [
+        {"name": "alice", "username": "alice@example.com", "password": "pw-a", "secret": "shop-a-tokens"},
+        {"name": "bob", "username": "bob@example.com", "password": "pw-b", "secret": "shop-a-tokens"},
+        {"name": "carol", "username": "carol@example.com", "password": "pw-c"},
+    ]
+    objs = render({**CENTRAL, "customers": customers})
+    config = config_of(objs)
+    assert [c.get("secret") for c in config["customers"]] == ["shop-a-tokens", "shop-a-tokens", None]
+    # Every Secret written is named once, the release's token Secret first.
+    rules = one(objs, "Role")["rules"]
+    assert rules[0]["resourceNames"] == [TOKEN_SECRET, "shop-a-tokens"]
+    # Sidecar mode writes files: a Secret there is refused by name, and the schema wants a name.
+    error = render_error({"customers": customers})
+    assert "customers[0].secret: applies only to mode: central" in error, error
+    assert_schema_refuses({**CENTRAL, "customers": [{**customers[0], "secret": "Shop_A"}]}, "/customers/0/secret")
+
 def test_central_role_grants_exactly_the_daemons_verbs():
     objs = rendered("central-defaults")
     role = one(objs, "Role")

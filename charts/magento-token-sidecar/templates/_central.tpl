@@ -25,6 +25,15 @@ the app's pods mount. Sidecar mode (the default) uses none of these templates.
 {{- if and (include "magento-token-sidecar.isCentral" .) $k.token_api }}true{{ end }}
 {{- end }}
 
+{{/* Every Secret the holder writes, as a JSON list: the token Secret, then each customers[].secret. */}}
+{{- define "magento-token-sidecar.tokenSecretNames" -}}
+{{- $names := list (include "magento-token-sidecar.tokenSecretName" .) }}
+{{- range .Values.customers }}
+{{- if .secret }}{{ $names = append $names .secret }}{{ end }}
+{{- end }}
+{{- toJson ($names | uniq) }}
+{{- end }}
+
 {{/* The Lease: output.kubernetes.lease, else the token Secret's name. */}}
 {{- define "magento-token-sidecar.leaseName" -}}
 {{- $k := include "magento-token-sidecar.kubernetesOutput" . | fromYaml }}

@@ -135,6 +135,9 @@ then there is no password Secret, no password volume and no password_file. */}}
 {{- fail (printf "customers[%d].name: %q is used twice; names must be unique" $i $c.name) }}
 {{- end }}
 {{- $_ := set $seen $c.name true }}
+{{- if and $c.secret (not (include "magento-token-sidecar.isCentral" $)) }}
+{{- fail (printf "customers[%d].secret: applies only to mode: central, where tokens go into Secrets; in sidecar mode every token is a file" $i) }}
+{{- end }}
 {{- if $passwords }}
 {{- if and (not $.Values.existingSecret) (not $c.password) }}
 {{- fail (printf "customers[%d].password: required unless existingSecret names a Secret holding it (customer %q)" $i $c.name) }}
