@@ -6,7 +6,8 @@
 //! | `GET /readyz`  | 200 `ready` when every customer has an unexpired token on disk; else 503 and the names that have none (startup and readiness probes) |
 //! | `GET /status`  | 200 JSON for people: per customer its state, expiry, last success, next refresh, failures in a row and last error; never a token or a password |
 //! | `GET /metrics` | Prometheus text format                                                       |
-//! | `POST /refresh/<name>` | for an app that got a 401: the customer's worker checks the token on disk now and, if Magento refuses it, logs in (under the lockout policy) and writes a new one, then answers 200 `{"name","replaced","expires_at"}`; 404 for an unknown name; 503 with the reason when no valid token can be had now; 403 with the reason for what a web page sends (an `Origin`, a `Host` that is not this daemon's: see below). One check per customer per 10 s, shared by the asks that come meanwhile |
+//! | `POST /refresh/<name>` | for an app that got a 401: the customer's worker checks the token on disk now and, if Magento refuses it, logs in (under the lockout policy) and writes a new one, then answers 200 `{"name","replaced","expires_at"}`; 404 for an unknown name; 503 with the reason when no valid token can be had now; 403 with the reason for what a web page sends (an `Origin`, a `Host` that is not this daemon's: see below). One check per customer per 10 s, shared by the asks that come meanwhile. With the token API, a caller the token API would answer gets `"token"` in the answer too |
+//! | `GET /token/<name>` | the token API (`output.kubernetes.token_api`, on the Lease holder): 200 `{"name","token","expires_at"}` to a caller whose `Authorization: Bearer` is a service account token TokenReview accepts and SubjectAccessReview allows to `get` the customer's Secret ([`crate::cluster::gate`]); 401 without one, 403 when not allowed, 404 for an unknown name (or with the API off), 503 naming the holder on a standby, 503 with the reason when the reviews fail or no valid token is there |
 //!
 //! The port may face anyone who can reach it, so a connection costs little and never lasts:
 //!
@@ -31,6 +32,10 @@
 //! refused with 403 (see [`Addressed`]). `GET` routes change nothing and answer whatever the
 //! `Host`: the kubelet's probes and Prometheus name the pod's address, or whatever their
 //! configuration says.
+//!
+//! A token is answered only by the token API, only to a caller Kubernetes vouches for, with
+//! `Cache-Control: no-store`; a standby's 503 closes the connection (`Connection: close`), so the
+//! caller's next try through the Service opens a new one, which may reach the holder.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -63,13 +68,35 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::clock::rfc3339;
+use crate::config::CustomerConfig;
 use crate::metrics::Metrics;
-use crate::status::{Answer, CustomerStatus};
+use crate::status::{Answer, Board, CustomerStatus, Granted, Mailbox, TokenRoute};
 
 #[derive(Clone)]
 pub struct Admin {
     /// The metrics and, through them, the status board (one per process).
     pub metrics: Arc<Metrics>,
+    /// `output.kubernetes.token_api`: who may have a customer's token (`None`: the API is off).
+    pub token_api: Option<Arc<dyn Reviews>>,
+}
+
+/// The token API's decision about a caller, for one customer: what TokenReview and
+/// SubjectAccessReview said of its bearer token ([`crate::cluster::gate`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The caller, this user, may `get` the customer's Secret.
+    Allowed { user: String },
+    /// TokenReview did not authenticate the bearer token.
+    Unauthenticated,
+    /// SubjectAccessReview did not allow this user to `get` the Secret (`<namespace>/<name>`).
+    Forbidden { user: String, secret: String },
+    /// A review could not be made: why (never a token).
+    Unavailable(String),
+}
+
+/// Who may have a customer's token: the token API's gate.
+pub trait Reviews: Send + Sync {
+    fn review<'a>(&'a self, bearer: &'a str, customer: &'a CustomerConfig) -> futures::future::BoxFuture<'a, Verdict>;
 }
 
 pub fn router(admin: Admin) -> Router {
@@ -79,6 +106,7 @@ pub fn router(admin: Admin) -> Router {
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/refresh/{name}", post(refresh))
+        .route("/token/{name}", get(token))
         .with_state(admin)
         .layer(middleware::from_fn_with_state(Arc::new(Addressed::from_env()), addressed_here))
 }
@@ -502,38 +530,210 @@ struct Refreshed {
     expires_at: String,
 }
 
-async fn refresh(State(admin): State<Admin>, Path(name): Path<String>) -> Response {
-    let unavailable = |why: String| (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
+/// The token API's answer: [`Refreshed`] (`replaced` only from `POST /refresh`) with the token.
+#[derive(Serialize)]
+struct Handed<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replaced: Option<bool>,
+    token: &'a str,
+    expires_at: String,
+}
+
+/// The longest bearer token taken (a service account token is 1 to 2 KiB).
+const MAX_BEARER: usize = 8 * 1024;
+
+/// The token of `Authorization: Bearer <token>` (RFC 6750: the scheme in any case, a b64token),
+/// when the request has exactly one `Authorization` header and it is that.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let (Some(value), None) = (values.next(), values.next()) else { return None };
+    let (scheme, token) = value.to_str().ok()?.split_once(' ')?;
+    let token = token.trim_matches(' ');
+    let b64token =
+        |t: &str| t.trim_end_matches('=').bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b));
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() && token.len() <= MAX_BEARER && b64token(token))
+        .then_some(token)
+}
+
+/// Why `name`'s worker does not run in this process.
+enum Elsewhere {
+    /// A standby (`output.kubernetes`), or a holder that cannot renew its Lease: why.
+    Standby(String),
+    /// No customer of that name.
+    NotFound,
+}
+
+impl Elsewhere {
+    /// 503 naming the holder, or 404.
+    fn answer(self, name: &str) -> (Granted, Response) {
+        match self {
+            // The caller's next try through the Service opens a new connection, which may reach
+            // the holder (one kept alive would come back here).
+            Elsewhere::Standby(why) => (
+                Granted::Standby,
+                (StatusCode::SERVICE_UNAVAILABLE, [(header::CONNECTION, "close")], why).into_response(),
+            ),
+            Elsewhere::NotFound => {
+                (Granted::NotFound, (StatusCode::NOT_FOUND, format!("no customer named {name:?}")).into_response())
+            }
+        }
+    }
+}
+
+/// Where `name`'s worker runs in this process: its mailbox.
+fn worker_of(board: &Board, name: &str) -> Result<Arc<Mailbox>, Elsewhere> {
+    if let Some(mailbox) = board.asker(name) {
+        return Ok(mailbox);
+    }
+    // A standby knows the customer but does not log in.
+    let Some(l) = board.leadership().filter(|l| !l.leading && board.names().iter().any(|n| n == name)) else {
+        return Err(Elsewhere::NotFound);
+    };
+    Err(Elsewhere::Standby(match l.holder.as_deref() {
+        // The Lease still names this replica, which could not renew it (the API away).
+        Some(holder) if holder == l.identity => format!(
+            "this replica ({holder}) held the Lease {} but cannot renew it now: it neither logs in nor writes until it holds it again or another replica takes it over; ask again shortly",
+            l.lease
+        ),
+        holder => format!(
+            "this replica ({}) stands by: the holder of the Lease {}, {}, logs in and writes the Secret; ask it (through the Service)",
+            l.identity,
+            l.lease,
+            holder.unwrap_or("no replica (yet)")
+        ),
+    }))
+}
+
+fn unavailable(why: String) -> Response {
+    (StatusCode::SERVICE_UNAVAILABLE, why).into_response()
+}
+
+/// 401, with the scheme to use (RFC 6750).
+fn unauthenticated(why: &str) -> Response {
+    (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], why.to_owned()).into_response()
+}
+
+/// 200 with the token: never kept by a cache on the way.
+fn handed(body: &Handed<'_>) -> Response {
+    let json = zeroize::Zeroizing::new(serde_json::to_vec(body).expect("the answer serializes"));
+    let headers = [(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-store")];
+    (StatusCode::OK, headers, json.to_vec()).into_response()
+}
+
+async fn refresh(State(admin): State<Admin>, Path(name): Path<String>, headers: HeaderMap) -> Response {
     let board = admin.metrics.board();
-    let Some(asker) = board.asker(&name) else {
-        // A standby (output.kubernetes) knows the customer but does not log in.
-        if let Some(l) = board.leadership().filter(|l| !l.leading && board.names().contains(&name)) {
-            let why = match l.holder.as_deref() {
-                // The Lease still names this replica, which could not renew it (the API away).
-                Some(holder) if holder == l.identity => format!(
-                    "this replica ({holder}) held the Lease {} but cannot renew it now: it neither logs in nor writes until it holds it again or another replica takes it over; ask again shortly",
-                    l.lease
-                ),
-                holder => format!(
-                    "this replica ({}) stands by: the holder of the Lease {}, {}, logs in and writes the Secret; ask it (through the Service)",
-                    l.identity,
-                    l.lease,
-                    holder.unwrap_or("no replica (yet)")
-                ),
-            };
+    // The token API: a caller that sends a bearer token asks for the token in the answer.
+    let reviews = admin.token_api.as_deref().filter(|_| headers.contains_key(header::AUTHORIZATION));
+    let count = |result| {
+        if reviews.is_some() {
+            board.token_api_request(TokenRoute::Refresh, result);
+        }
+    };
+    let asker = match worker_of(board, &name) {
+        Ok(asker) => asker,
+        Err(elsewhere) => {
+            let (result, answer) = elsewhere.answer(&name);
+            count(result);
+            return answer;
+        }
+    };
+    let keeper = asker.keeper();
+    let review = async {
+        let reviews = reviews?;
+        Some(match (bearer(&headers), &keeper) {
+            (None, _) => Verdict::Unauthenticated,
+            (Some(bearer), Some(keeper)) => reviews.review(bearer, keeper.customer()).await,
+            (Some(_), None) => Verdict::Unavailable("this customer's worker is starting".into()),
+        })
+    };
+    let ask = async {
+        let (ask, answer) = tokio::sync::oneshot::channel();
+        asker.post(ask);
+        match tokio::time::timeout(ANSWER_WITHIN, answer).await {
+            Ok(Ok(Answer::Token { replaced, expires_at })) => Ok((replaced, expires_at)),
+            Ok(Ok(Answer::Unavailable(why))) => Err(why),
+            Ok(Err(_)) => Err("the customer's worker stopped: ask again".into()),
+            Err(_) => Err("still checking the token with Magento: ask again in a few seconds".into()),
+        }
+    };
+    let (answer, verdict) = tokio::join!(ask, review);
+    let (replaced, expires_at) = match answer {
+        Ok(token) => token,
+        Err(why) => {
+            count(Granted::Unavailable);
             return unavailable(why);
         }
-        return (StatusCode::NOT_FOUND, format!("no customer named {name:?}")).into_response();
     };
-    let (ask, answer) = tokio::sync::oneshot::channel();
-    asker.post(ask);
-    match tokio::time::timeout(ANSWER_WITHIN, answer).await {
-        Ok(Ok(Answer::Token { replaced, expires_at })) => {
-            Json(Refreshed { name, replaced, expires_at: rfc3339(expires_at) }).into_response()
+    let result = match verdict {
+        None => None,
+        Some(Verdict::Allowed { .. }) => match keeper.as_ref().and_then(|k| k.token()) {
+            Some(token) => {
+                count(Granted::Allowed);
+                let expires_at = rfc3339(expires_at);
+                return handed(&Handed { name: &name, replaced: Some(replaced), token: &token, expires_at });
+            }
+            None => Some(Granted::Unavailable),
+        },
+        Some(Verdict::Unauthenticated) => Some(Granted::Unauthenticated),
+        Some(Verdict::Forbidden { .. }) => Some(Granted::Forbidden),
+        Some(Verdict::Unavailable(_)) => Some(Granted::Unavailable),
+    };
+    // A caller the token API does not answer gets what everyone gets: no token.
+    if let Some(result) = result {
+        count(result);
+    }
+    Json(Refreshed { name, replaced, expires_at: rfc3339(expires_at) }).into_response()
+}
+
+/// `GET /token/<name>`: the token API (see the module doc).
+async fn token(State(admin): State<Admin>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+    let Some(reviews) = admin.token_api.as_deref() else {
+        let why = "GET /token/<name> is the token API, which is off: output.kubernetes.token_api: true turns it on";
+        return (StatusCode::NOT_FOUND, why).into_response();
+    };
+    let board = admin.metrics.board();
+    let (result, answer) = token_answer(board, reviews, &name, &headers).await;
+    board.token_api_request(TokenRoute::Token, result);
+    answer
+}
+
+async fn token_answer(board: &Board, reviews: &dyn Reviews, name: &str, headers: &HeaderMap) -> (Granted, Response) {
+    let Some(bearer) = bearer(headers) else {
+        let why = "no bearer token: send Authorization: Bearer <the pod's service account token, /var/run/secrets/kubernetes.io/serviceaccount/token>";
+        return (Granted::Unauthenticated, unauthenticated(why));
+    };
+    let keeper = match worker_of(board, name) {
+        Ok(asker) => asker.keeper(),
+        Err(elsewhere) => return elsewhere.answer(name),
+    };
+    let Some(keeper) = keeper else {
+        return (Granted::Unavailable, unavailable("this customer's worker is starting: ask again shortly".into()));
+    };
+    match reviews.review(bearer, keeper.customer()).await {
+        Verdict::Allowed { .. } => {}
+        Verdict::Unauthenticated => {
+            let why = "the bearer token is not a service account token the Kubernetes API accepts (TokenReview)";
+            return (Granted::Unauthenticated, unauthenticated(why));
         }
-        Ok(Ok(Answer::Unavailable(why))) => unavailable(why),
-        Ok(Err(_)) => unavailable("the customer's worker stopped: ask again".into()),
-        Err(_) => unavailable("still checking the token with Magento: ask again in a few seconds".into()),
+        Verdict::Forbidden { user, secret } => {
+            let why = format!(
+                "{user} may not get the Secret {secret}, which holds {name}'s token (SubjectAccessReview): grant it get on that Secret (a Role with resourceNames, bound to its service account)"
+            );
+            return (Granted::Forbidden, (StatusCode::FORBIDDEN, why).into_response());
+        }
+        Verdict::Unavailable(why) => return (Granted::Unavailable, unavailable(format!("no token answered: {why}"))),
+    }
+    let now = SystemTime::now();
+    match (board.expiry(name).filter(|t| *t > now), keeper.token()) {
+        (Some(expires_at), Some(token)) => {
+            (Granted::Allowed, handed(&Handed { name, replaced: None, token: &token, expires_at: rfc3339(expires_at) }))
+        }
+        _ => {
+            let why =
+                format!("no valid token for {name} now: POST /refresh/{name} logs in and answers once there is one");
+            (Granted::Unavailable, unavailable(why))
+        }
     }
 }
 
@@ -563,7 +763,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let admin = Admin { metrics: Arc::new(Metrics::new(crate::status::Board::new())) };
+        let admin = Admin { metrics: Arc::new(Metrics::new(crate::status::Board::new())), token_api: None };
         let server = tokio::spawn(serve(listener, admin, async move {
             let _ = stopped.await;
         }));
@@ -668,5 +868,258 @@ mod tests {
         {
             assert_eq!(limit_for(open_files), cap, "{open_files:?}");
         }
+    }
+
+    #[test]
+    fn bearer_tokens_are_taken_as_rfc_6750_says() {
+        let with = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::AUTHORIZATION, v.parse().unwrap());
+            }
+            bearer(&h).map(str::to_owned)
+        };
+        assert_eq!(with(&["Bearer eyJhbGci.eyJpc3Mi.c2ln-_~+/=="]).as_deref(), Some("eyJhbGci.eyJpc3Mi.c2ln-_~+/=="));
+        assert_eq!(with(&["bearer abc"]).as_deref(), Some("abc"), "the scheme in any case");
+        assert_eq!(with(&["Bearer  abc "]).as_deref(), Some("abc"));
+        for refused in [
+            &["Basic YWxpY2U6cHc="][..],
+            &["Bearer"],
+            &["Bearer "],
+            &["Bearer a b"],
+            &["Bearer a\"b"],
+            &["Bearer a", "Bearer b"],
+            &[],
+        ] {
+            assert_eq!(with(refused), None, "{refused:?}");
+        }
+        assert_eq!(with(&[&format!("Bearer {}", "a".repeat(MAX_BEARER + 1))]), None);
+    }
+
+    /// The gate as the tests want it: a verdict per bearer token, every review counted.
+    struct FakeGate {
+        verdicts: std::collections::HashMap<&'static str, Verdict>,
+        reviews: AtomicUsize,
+    }
+
+    impl Reviews for FakeGate {
+        fn review<'a>(
+            &'a self,
+            bearer: &'a str,
+            customer: &'a CustomerConfig,
+        ) -> futures::future::BoxFuture<'a, Verdict> {
+            assert_eq!(customer.name, "alice");
+            self.reviews.fetch_add(1, Ordering::SeqCst);
+            let verdict = self.verdicts.get(bearer).cloned().unwrap_or(Verdict::Unauthenticated);
+            Box::pin(async move { verdict })
+        }
+    }
+
+    struct FakeKeeper {
+        customer: CustomerConfig,
+        token: &'static str,
+    }
+
+    impl crate::status::Keeper for FakeKeeper {
+        fn customer(&self) -> &CustomerConfig {
+            &self.customer
+        }
+
+        fn token(&self) -> Option<zeroize::Zeroizing<String>> {
+            Some(zeroize::Zeroizing::new(self.token.to_owned()))
+        }
+    }
+
+    const KEPT: &str = "kept-token-q3w8e7r6t5y4u3i2o1p0";
+
+    /// An admin server for `alice`, whose worker keeps [`KEPT`] (expiring in an hour) and answers
+    /// every POST /refresh with `replaced: true`; its URL and board.
+    async fn holder(token_api: bool) -> (String, Board, Arc<FakeGate>) {
+        let board = Board::new();
+        let report = crate::status::Reporter::new("alice", board.clone());
+        let expires_at = SystemTime::now() + Duration::from_secs(3600);
+        report.token_on_disk(expires_at);
+        let mailbox = report.listen();
+        let customer = crate::config::parse(crate::config::tests::MINIMAL, crate::config::Checks::Static)
+            .unwrap()
+            .customers
+            .remove(0);
+        mailbox.keep(Arc::new(FakeKeeper { customer, token: KEPT }));
+        tokio::spawn(async move {
+            loop {
+                mailbox.rung().await;
+                for ask in mailbox.take() {
+                    let _ = ask.send(Answer::Token { replaced: true, expires_at });
+                }
+            }
+        });
+        let verdicts = [
+            ("allowed", Verdict::Allowed { user: "system:serviceaccount:web:storefront".into() }),
+            (
+                "other",
+                Verdict::Forbidden {
+                    user: "system:serviceaccount:web:other".into(),
+                    secret: "shop/magento-tokens".into(),
+                },
+            ),
+            ("down", Verdict::Unavailable("the daemon's service account may not create tokenreviews (403)".into())),
+        ];
+        let gate = Arc::new(FakeGate { verdicts: verdicts.into_iter().collect(), reviews: AtomicUsize::new(0) });
+        if token_api {
+            board.token_api_on();
+        }
+        let admin = Admin {
+            metrics: Arc::new(Metrics::new(board.clone())),
+            token_api: token_api.then(|| gate.clone() as Arc<dyn Reviews>),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(serve(listener, admin, std::future::pending()));
+        (url, board, gate)
+    }
+
+    async fn ask(
+        method: reqwest::Method,
+        url: &str,
+        bearer: Option<&str>,
+    ) -> (u16, reqwest::header::HeaderMap, String) {
+        let mut request = reqwest::Client::new().request(method, url);
+        if let Some(b) = bearer {
+            request = request.bearer_auth(b);
+        }
+        let answer = request.send().await.unwrap();
+        let (status, headers) = (answer.status().as_u16(), answer.headers().clone());
+        (status, headers, answer.text().await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn get_token_answers_only_a_caller_kubernetes_vouches_for() {
+        let (url, board, gate) = holder(true).await;
+        let alice = format!("{url}/token/alice");
+        let token = |bearer| ask(reqwest::Method::GET, &alice, bearer);
+        let (status, headers, body) = token(Some("allowed")).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(headers[header::CACHE_CONTROL.as_str()], "no-store");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!((json["name"].as_str(), json["token"].as_str()), (Some("alice"), Some(KEPT)));
+        assert_eq!(json["expires_at"].as_str().map(str::len), Some(20));
+        assert!(json.get("replaced").is_none(), "{json}");
+        let (status, headers, body) = token(None).await;
+        assert_eq!(status, 401);
+        assert_eq!(headers[header::WWW_AUTHENTICATE.as_str()], "Bearer");
+        assert!(body.starts_with("no bearer token") && !body.contains(KEPT), "{body}");
+        let (status, _, body) = token(Some("unknown")).await;
+        assert_eq!(status, 401, "{body}");
+        let (status, _, body) = token(Some("other")).await;
+        assert_eq!(status, 403);
+        assert!(
+            body.starts_with(
+                "system:serviceaccount:web:other may not get the Secret shop/magento-tokens, which holds alice's token"
+            ),
+            "{body}"
+        );
+        let (status, _, body) = token(Some("down")).await;
+        assert_eq!(status, 503);
+        assert!(body.contains("may not create tokenreviews") && !body.contains(KEPT), "{body}");
+        let (status, _, _) = ask(reqwest::Method::GET, &format!("{url}/token/nobody"), Some("allowed")).await;
+        assert_eq!(status, 404);
+        // An expired token is not handed out.
+        crate::status::Reporter::new("alice", board.clone()).token_on_disk(SystemTime::now() - Duration::from_secs(1));
+        let (status, _, body) = token(Some("allowed")).await;
+        assert_eq!(status, 503);
+        assert!(body.starts_with("no valid token for alice now"), "{body}");
+        assert_eq!(gate.reviews.load(Ordering::SeqCst), 5, "no review without a bearer token or a customer");
+        let counted: Vec<_> = board.token_api_requests().unwrap().into_iter().filter(|(_, n)| *n > 0).collect();
+        let want = [
+            ((TokenRoute::Token, Granted::Allowed), 1),
+            ((TokenRoute::Token, Granted::Unauthenticated), 2),
+            ((TokenRoute::Token, Granted::Forbidden), 1),
+            ((TokenRoute::Token, Granted::NotFound), 1),
+            ((TokenRoute::Token, Granted::Unavailable), 2),
+        ];
+        assert_eq!(counted, want);
+        let (_, _, metrics) = ask(reqwest::Method::GET, &format!("{url}/metrics"), None).await;
+        assert!(
+            metrics.contains("magento_token_api_requests_total{result=\"allowed\",route=\"token\"} 1"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("magento_token_api_requests_total{result=\"standby\",route=\"refresh\"} 0"),
+            "{metrics}"
+        );
+        assert!(!metrics.contains(KEPT));
+    }
+
+    #[tokio::test]
+    async fn post_refresh_carries_the_token_only_to_an_allowed_caller() {
+        let (url, board, _) = holder(true).await;
+        let alice = format!("{url}/refresh/alice");
+        let refresh = |bearer| ask(reqwest::Method::POST, &alice, bearer);
+        let (status, headers, body) = refresh(Some("allowed")).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(headers[header::CACHE_CONTROL.as_str()], "no-store");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!((json["token"].as_str(), json["replaced"].as_bool()), (Some(KEPT), Some(true)));
+        // Anyone else gets the answer as before, without the token.
+        for bearer in [None, Some("unknown"), Some("other"), Some("down")] {
+            let (status, _, body) = refresh(bearer).await;
+            assert_eq!(status, 200, "{bearer:?}: {body}");
+            let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(json["replaced"], true, "{bearer:?}");
+            assert!(json.get("token").is_none() && !body.contains(KEPT), "{bearer:?}: {body}");
+        }
+        // Counted only for callers that sent a bearer token.
+        let counted: Vec<_> = board.token_api_requests().unwrap().into_iter().filter(|(_, n)| *n > 0).collect();
+        let want = [
+            ((TokenRoute::Refresh, Granted::Allowed), 1),
+            ((TokenRoute::Refresh, Granted::Unauthenticated), 1),
+            ((TokenRoute::Refresh, Granted::Forbidden), 1),
+            ((TokenRoute::Refresh, Granted::Unavailable), 1),
+        ];
+        assert_eq!(counted, want);
+        // With the token API off: no token, no count, and GET /token is not there.
+        let (url, board, gate) = holder(false).await;
+        let (status, _, body) = ask(reqwest::Method::POST, &format!("{url}/refresh/alice"), Some("allowed")).await;
+        assert!(status == 200 && !body.contains(KEPT), "{body}");
+        let (status, _, body) = ask(reqwest::Method::GET, &format!("{url}/token/alice"), Some("allowed")).await;
+        assert_eq!(status, 404);
+        assert!(body.contains("output.kubernetes.token_api: true"), "{body}");
+        assert_eq!(gate.reviews.load(Ordering::SeqCst), 0);
+        assert_eq!(board.token_api_requests(), None);
+    }
+
+    #[tokio::test]
+    async fn a_standby_names_the_holder_and_closes_the_connection() {
+        let (url, board, gate) = holder(true).await;
+        board.close_askers();
+        board.set_leadership(crate::status::Leadership {
+            identity: "r1".into(),
+            lease: "shop/magento-tokens".into(),
+            secret: "shop/magento-tokens".into(),
+            holder: Some("r2".into()),
+            leading: false,
+        });
+        for method in [reqwest::Method::GET, reqwest::Method::POST] {
+            let route = if method == reqwest::Method::GET { "token" } else { "refresh" };
+            let (status, headers, body) = ask(method, &format!("{url}/{route}/alice"), Some("allowed")).await;
+            assert_eq!(status, 503, "{route}");
+            assert!(body.contains("this replica (r1) stands by") && body.contains("r2"), "{route}: {body}");
+            assert_eq!(headers[header::CONNECTION.as_str()], "close", "{route}");
+        }
+        // Closed indeed, though HTTP/1.1 keeps connections alive.
+        let mut stream = TcpStream::connect(url.trim_start_matches("http://")).await.unwrap();
+        let started = Instant::now();
+        stream
+            .write_all(b"GET /token/alice HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer allowed\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_to_end(&mut stream).await;
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(started.elapsed() < Duration::from_secs(5), "the connection was kept open");
+        assert_eq!(gate.reviews.load(Ordering::SeqCst), 0, "a standby reviews no one");
+        let standby = |route| {
+            board.token_api_requests().unwrap().into_iter().find(|(k, _)| *k == (route, Granted::Standby)).unwrap().1
+        };
+        assert_eq!((standby(TokenRoute::Token), standby(TokenRoute::Refresh)), (2, 1));
     }
 }

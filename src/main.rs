@@ -307,15 +307,22 @@ async fn start(
             // reaper would take.
             reaper::adopt();
             let store = Store::files(dir.clone());
-            let admin = AdminServer::start(admin_listener, &config, &metrics).await?;
+            let admin = AdminServer::start(admin_listener, &config, &metrics, None).await?;
             let result = daemon::run(config_path, config, store, lock, metrics, logging, signals).await;
             admin.stop().await;
             result
         }
         #[cfg(feature = "kubernetes")]
-        Output::Kubernetes(_) => {
-            let admin = AdminServer::start(admin_listener, &config, &metrics).await?;
-            let result = daemon::run_central(config_path, config, metrics, logging, signals).await;
+        Output::Kubernetes(k) => {
+            // output.kubernetes.token_api: the admin server asks the gate, which reaches the API
+            // once run_central has found it.
+            let gate = k.token_api.then(|| Arc::new(magento_token_sidecar::cluster::gate::Gate::new(k.clone())));
+            if gate.is_some() {
+                metrics.board().token_api_on();
+            }
+            let reviews = gate.clone().map(|g| g as Arc<dyn admin::Reviews>);
+            let admin = AdminServer::start(admin_listener, &config, &metrics, reviews).await?;
+            let result = daemon::run_central(config_path, config, metrics, logging, signals, gate).await;
             admin.stop().await;
             result
         }
@@ -336,6 +343,7 @@ impl AdminServer {
         listener: Option<TcpListener>,
         config: &Config,
         metrics: &Arc<Metrics>,
+        token_api: Option<Arc<dyn admin::Reviews>>,
     ) -> Result<AdminServer, StartError> {
         let listener = match (listener, config.admin_listen) {
             (Some(l), _) => Some(l),
@@ -349,7 +357,7 @@ impl AdminServer {
             if let Ok(addr) = listener.local_addr() {
                 info!(address = %addr, max_connections = admin::connection_limit(), "admin server listening");
             }
-            let admin = admin::Admin { metrics: metrics.clone() };
+            let admin = admin::Admin { metrics: metrics.clone(), token_api };
             tokio::spawn(admin::serve(listener, admin, stop.clone().cancelled_owned()))
         });
         Ok(AdminServer { stop, task })

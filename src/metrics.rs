@@ -275,6 +275,11 @@ const SECRET_WRITES: (&str, &str) = (
     "Updates of each Secret written (output.kubernetes): at most one a second per Secret, carrying every change made meanwhile.",
 );
 
+const TOKEN_API_REQUESTS: (&str, &str) = (
+    "magento_token_api_requests_total",
+    "Token API requests (output.kubernetes.token_api) by route (token, refresh) and result (allowed, unauthenticated, forbidden, not_found, standby, unavailable).",
+);
+
 /// The description of a family that is not per customer: its name, help and label names.
 fn desc((name, help): (&str, &str), labels: &[&str]) -> Desc {
     Desc::new(name.into(), help.into(), labels.iter().map(|l| l.to_string()).collect(), HashMap::new())
@@ -309,6 +314,7 @@ impl ClusterCollector {
         let descs = vec![
             desc(LEADER, &[]),
             desc(API_REQUESTS, &["resource", "verb", "result"]),
+            desc(TOKEN_API_REQUESTS, &["route", "result"]),
             desc(SECRET_WRITES, &["secret"]),
         ];
         ClusterCollector { board, descs }
@@ -324,6 +330,15 @@ impl Collector for ClusterCollector {
         let leading = self.board.leadership().is_some_and(|l| l.leading);
         let leader = family(LEADER, MetricType::GAUGE, vec![(Vec::new(), f64::from(u8::from(leading)))]);
         let mut families = vec![leader];
+        if let Some(counts) = self.board.token_api_requests() {
+            let series = counts
+                .into_iter()
+                .map(|((route, result), n)| {
+                    (vec![label_pair("result", result.as_str()), label_pair("route", route.as_str())], n as f64)
+                })
+                .collect();
+            families.push(family(TOKEN_API_REQUESTS, MetricType::COUNTER, series));
+        }
         let requests = self.board.api_requests();
         if requests.is_empty() {
             return families;

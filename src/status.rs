@@ -355,10 +355,76 @@ impl ApiResult {
 /// One API request's labels: the object kind (`secret`, `lease`), the verb and the outcome.
 pub type ApiRequest = (&'static str, &'static str, ApiResult);
 
+/// The route of a token API request (`output.kubernetes.token_api`), the `route` label of
+/// `magento_token_api_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TokenRoute {
+    /// `GET /token/<name>`.
+    Token,
+    /// `POST /refresh/<name>` with an `Authorization` header.
+    Refresh,
+}
+
+impl TokenRoute {
+    pub const ALL: [TokenRoute; 2] = [TokenRoute::Refresh, TokenRoute::Token];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenRoute::Token => "token",
+            TokenRoute::Refresh => "refresh",
+        }
+    }
+}
+
+/// How a token API request was answered, the `result` label of
+/// `magento_token_api_requests_total`: a closed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Granted {
+    /// 200 with the token.
+    Allowed,
+    /// No bearer token, or one TokenReview did not authenticate: 401 (`GET /token`), or the
+    /// answer without the token (`POST /refresh`).
+    Unauthenticated,
+    /// SubjectAccessReview did not allow `get` on the customer's Secret: 403, or the answer
+    /// without the token.
+    Forbidden,
+    /// No such customer: 404.
+    NotFound,
+    /// This replica does not hold the Lease: 503 naming the holder.
+    Standby,
+    /// The reviews failed (the API away, the daemon not bound to `system:auth-delegator`), or
+    /// no valid token can be had now: 503 with the reason, never a token.
+    Unavailable,
+}
+
+impl Granted {
+    pub const ALL: [Granted; 6] = [
+        Granted::Allowed,
+        Granted::Forbidden,
+        Granted::NotFound,
+        Granted::Standby,
+        Granted::Unauthenticated,
+        Granted::Unavailable,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Granted::Allowed => "allowed",
+            Granted::Unauthenticated => "unauthenticated",
+            Granted::Forbidden => "forbidden",
+            Granted::NotFound => "not_found",
+            Granted::Standby => "standby",
+            Granted::Unavailable => "unavailable",
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct ClusterStatus {
     leadership: Option<Leadership>,
     requests: BTreeMap<ApiRequest, u64>,
+    /// `magento_token_api_requests_total`: `None` while the token API is off.
+    token_api: Option<BTreeMap<(TokenRoute, Granted), u64>>,
     /// `magento_token_kubernetes_writes_total`, by Secret.
     writes: BTreeMap<String, u64>,
 }
@@ -373,9 +439,29 @@ pub type Ask = oneshot::Sender<Answer>;
 pub struct Mailbox {
     asks: Mutex<Vec<Ask>>,
     bell: Notify,
+    /// `output.kubernetes`: where the token API reads the worker's token.
+    keeper: Mutex<Option<Arc<dyn Keeper>>>,
+}
+
+/// What the token API (`output.kubernetes.token_api`) reads of a customer whose worker runs in
+/// this process: its settings (its Secret is worked out from them) and the token it keeps now.
+pub trait Keeper: Send + Sync {
+    fn customer(&self) -> &crate::config::CustomerConfig;
+    /// The token kept now (the one in the Secret), if there is one.
+    fn token(&self) -> Option<zeroize::Zeroizing<String>>;
 }
 
 impl Mailbox {
+    /// Tells the token API where this customer's token is (the worker, as it starts).
+    pub fn keep(&self, keeper: Arc<dyn Keeper>) {
+        *self.keeper.lock().unwrap_or_else(|e| e.into_inner()) = Some(keeper);
+    }
+
+    /// Where this customer's token is read, if its worker said.
+    pub fn keeper(&self) -> Option<Arc<dyn Keeper>> {
+        self.keeper.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Leaves an ask for the worker and wakes it.
     pub fn post(&self, ask: Ask) {
         self.asks.lock().unwrap_or_else(|e| e.into_inner()).push(ask);
@@ -499,6 +585,30 @@ impl Board {
         self.cluster().requests.iter().map(|(k, v)| (*k, *v)).collect()
     }
 
+    /// The token API is on: every series of `magento_token_api_requests_total` exists from now
+    /// on, at 0 until counted.
+    pub fn token_api_on(&self) {
+        let mut cluster = self.cluster();
+        let counts = cluster.token_api.get_or_insert_with(BTreeMap::new);
+        for route in TokenRoute::ALL {
+            for result in Granted::ALL {
+                counts.entry((route, result)).or_default();
+            }
+        }
+    }
+
+    /// Counts one token API request (once the API is on).
+    pub fn token_api_request(&self, route: TokenRoute, result: Granted) {
+        if let Some(counts) = self.cluster().token_api.as_mut() {
+            *counts.entry((route, result)).or_default() += 1;
+        }
+    }
+
+    /// Every token API request counted, by labels; `None` while the API is off.
+    pub fn token_api_requests(&self) -> Option<Vec<((TokenRoute, Granted), u64)>> {
+        self.cluster().token_api.as_ref().map(|counts| counts.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+
     /// The histogram of login request times, for the metrics registry.
     pub(crate) fn login_times(&self) -> &Histogram {
         &self.login_times
@@ -549,6 +659,11 @@ impl Board {
     /// whether it is still starting (its token on disk not looked at yet).
     pub fn expiries(&self) -> Vec<(String, Option<SystemTime>, bool)> {
         self.with(|m| m.iter().map(|(n, e)| (n.to_string(), e.expires_at, e.state == State::Starting)).collect())
+    }
+
+    /// When `name`'s token on disk (in the Secret) expires, if one is known.
+    pub fn expiry(&self, name: &str) -> Option<SystemTime> {
+        self.with(|m| m.get(name).and_then(|e| e.expires_at))
     }
 
     /// Where to leave an [`Ask`] for `name`; `None` for an unknown customer.

@@ -37,7 +37,7 @@ use crate::magento::{Client, LoginError, Magento, Outcome};
 use crate::schedule::{self, AuthState, AuthWait};
 use crate::secret::Secret;
 use crate::sink::Durability;
-use crate::status::{Answer, Ask, Check, Mailbox, Reporter, State};
+use crate::status::{Answer, Ask, Check, Keeper, Mailbox, Reporter, State};
 use crate::store::Store;
 use crate::token;
 
@@ -101,6 +101,24 @@ pub struct Worker<M = Client> {
     /// Held back by the issuer, which had no credential to offer: the generation it had then
     /// (the worker tries again when it changes).
     issuer_seen: Option<std::num::NonZeroU32>,
+}
+
+/// What the token API (`output.kubernetes.token_api`) reads of a worker's customer: the token in
+/// the Secret, as this replica last read or wrote it.
+struct Keeping {
+    customer: Arc<CustomerConfig>,
+    store: Store,
+}
+
+impl Keeper for Keeping {
+    fn customer(&self) -> &CustomerConfig {
+        &self.customer
+    }
+
+    fn token(&self) -> Option<zeroize::Zeroizing<String>> {
+        let found = self.store.found(&self.customer)?;
+        Some(zeroize::Zeroizing::new(found.token.expose().to_owned()))
+    }
 }
 
 /// At most one check of the token on disk per customer per this long for `POST /refresh`:
@@ -174,6 +192,10 @@ impl<M: Magento> Worker<M> {
         stop: CancellationToken,
     ) -> Worker<M> {
         let asks = report.listen();
+        if shared.store.shared() {
+            // output.kubernetes: the token API (on the Lease holder) reads the token here.
+            asks.keep(Arc::new(Keeping { customer: customer.clone(), store: shared.store.clone() }));
+        }
         Worker {
             customer,
             shared,

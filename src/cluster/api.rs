@@ -1,5 +1,6 @@
-//! The three requests of central mode (get, create, replace of one named object) sent through
-//! kube-rs's client, their answers read here: bounded, and never shown.
+//! The requests of central mode (get, create, replace of one named object, and the create of a
+//! review for the token API) sent through kube-rs's client, their answers read here: bounded,
+//! and never shown.
 //!
 //! kube-rs's own `Api` reads every answer whole and logs an answer it cannot parse, body and
 //! all (a Secret's `data` is its customers' tokens), and its errors carry the body or the values
@@ -11,7 +12,7 @@ use std::marker::PhantomData;
 
 use crate::shown::Malformed;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::{ClusterResourceScope, NamespaceResourceScope};
 use kube::api::PostParams;
 use kube::core::Status;
 use kube::Resource;
@@ -23,6 +24,9 @@ use serde::Serialize;
 pub const SECRET_LIMIT: usize = 3 << 20;
 /// The most read of an answer about the Lease: a few hundred bytes of spec and metadata.
 pub const LEASE_LIMIT: usize = 64 << 10;
+/// The most read of a TokenReview's or a SubjectAccessReview's answer: the spec sent (a service
+/// account token is 1 to 2 KiB), a user's name, uid, groups and extra, a reason.
+pub const REVIEW_LIMIT: usize = 64 << 10;
 /// The most of a `Status` message shown in an error (a message, but the API server's words).
 const MESSAGE_LIMIT: usize = 300;
 
@@ -73,13 +77,37 @@ pub fn size(bytes: u64) -> String {
 
 impl<K> Objects<K>
 where
-    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Serialize + DeserializeOwned,
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
 {
     pub fn namespaced(client: kube::Client, namespace: &str, limit: usize) -> Objects<K> {
         let request = kube::core::Request::new(K::url_path(&(), Some(namespace)));
         Objects { client, request, limit, kind: PhantomData }
     }
+}
 
+impl<K> Objects<K>
+where
+    K: Resource<Scope = ClusterResourceScope, DynamicType = ()>,
+{
+    /// A kind of object that lives in no namespace (a TokenReview, a SubjectAccessReview).
+    pub fn cluster_scoped(client: kube::Client, limit: usize) -> Objects<K> {
+        let request = kube::core::Request::new(K::url_path(&(), None));
+        Objects { client, request, limit, kind: PhantomData }
+    }
+}
+
+impl<K> Objects<K> {
+    /// The client these objects are reached through (for another kind, through the same
+    /// connections).
+    pub fn client(&self) -> kube::Client {
+        self.client.clone()
+    }
+}
+
+impl<K> Objects<K>
+where
+    K: Resource<DynamicType = ()> + Serialize + DeserializeOwned,
+{
     pub async fn get(&self, name: &str) -> Result<K, Refusal> {
         let request = self.request.get(name, &Default::default());
         self.send(request).await

@@ -13,9 +13,11 @@
 //! and every write is conditional on the Secret's resourceVersion, so there are never two
 //! writers. The ledger of 401s lives in the Secret beside the tokens, so the lockout budget
 //! survives failovers. The API calls are exactly get, create, update and patch on one Secret
-//! and one Lease, each answer read only up to a limit and never logged ([`api`]).
+//! and one Lease, each answer read only up to a limit and never logged ([`api`]); with the token
+//! API on, also the create of TokenReviews and SubjectAccessReviews ([`gate`]).
 
 pub mod api;
+pub mod gate;
 pub mod lease;
 pub mod tokens;
 

@@ -672,6 +672,7 @@ mod tests {
             namespace: Some("ns".into()),
             lease: "l".into(),
             lease_duration: Duration::from_secs(15),
+            token_api: false,
         };
         let cluster = Cluster {
             secrets: crate::cluster::api::Objects::namespaced(client.clone(), "ns", crate::cluster::api::SECRET_LIMIT),

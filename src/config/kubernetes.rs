@@ -29,6 +29,14 @@ pub(crate) struct RawKubernetes {
     lease: Option<String>,
     #[serde(default = "default_lease_duration", deserialize_with = "crate::config::duration")]
     lease_duration: Duration,
+    #[serde(default)]
+    token_api: bool,
+}
+
+impl RawKubernetes {
+    pub(crate) fn token_api(&self) -> bool {
+        self.token_api
+    }
 }
 
 fn default_lease_duration() -> Duration {
@@ -44,6 +52,10 @@ pub struct KubeSettings {
     pub lease: String,
     /// A standby takes the Lease over at most this long after its holder last renewed it.
     pub lease_duration: Duration,
+    /// `GET /token/<name>` (and the token in `POST /refresh/<name>`'s answer) for a caller whose
+    /// service account token TokenReview accepts and SubjectAccessReview allows to `get` the
+    /// customer's Secret ([`crate::cluster::gate`]).
+    pub token_api: bool,
 }
 
 impl KubeSettings {
@@ -98,7 +110,15 @@ pub(crate) fn check(raw: &RawKubernetes, problems: &mut Vec<Problem>) -> Option<
         namespace: raw.namespace.clone(),
         lease: raw.lease.clone().unwrap_or_else(|| raw.secret.clone()),
         lease_duration: raw.lease_duration,
+        token_api: raw.token_api,
     })
+}
+
+/// The Secret that holds `customer`'s token: its own (`customers[].secret`), else
+/// `output.kubernetes.secret`. The one the token API asks SubjectAccessReview whether a caller
+/// may `get`.
+pub fn secret_of<'a>(customer: &'a super::CustomerConfig, k: &'a KubeSettings) -> &'a str {
+    customer.secret.as_deref().unwrap_or(&k.secret)
 }
 
 /// A Secret's key: what the API accepts (`[-._a-zA-Z0-9]+`, at most 253 characters), for a
@@ -174,6 +194,7 @@ mod tests {
         assert_eq!(k.lease_duration, Duration::from_secs(15));
         assert_eq!((k.renew_deadline(), k.retry_period()), (Duration::from_secs(10), Duration::from_secs(3)));
         assert_eq!(k.namespace, None);
+        assert!(!k.token_api, "the token API is off unless asked for");
         assert!(problems.is_empty());
     }
 

@@ -18,7 +18,7 @@ mod raw;
 pub use api::{Api, Endpoint};
 pub use auth::{AdminLogin, Auth, ImsCredential, Method};
 pub use output::NO_KUBERNETES;
-use output::{check_output, check_secret_size};
+use output::{check_output, check_secret_size, check_token_api};
 pub use password::{PasswordError, PasswordSource, MAX_PASSWORD_FILE};
 use raw::{Dur, RawApi, RawConfig, RawCustomer, RawMagento};
 
@@ -176,10 +176,11 @@ impl Output {
         match self {
             Output::Files(dir) => format!("tokens in {}", dir.dir.display()),
             Output::Kubernetes(k) => format!(
-                "tokens in the Secret {}{}, written by the holder of the Lease {}",
+                "tokens in the Secret {}{}, written by the holder of the Lease {}{}",
                 k.namespace.as_ref().map(|ns| format!("{ns}/")).unwrap_or_default(),
                 k.secret,
-                k.lease
+                k.lease,
+                if k.token_api { ", and answered by its token API (GET /token/<name>)" } else { "" }
             ),
         }
     }
@@ -412,6 +413,14 @@ impl Config {
     pub fn warnings(&self) -> Vec<Problem> {
         use std::os::unix::fs::PermissionsExt;
         let mut warnings = Vec::new();
+        if let (Output::Kubernetes(k), Some(listen)) = (&self.output, self.admin_listen) {
+            if k.token_api && listen.ip().is_loopback() {
+                warnings.push(Problem {
+                    path: "admin.listen".into(),
+                    message: format!("{listen} is a loopback address: output.kubernetes.token_api is served there, where no other pod reaches it; listen on the pod's address (the chart's admin.bindAddress, 0.0.0.0)"),
+                });
+            }
+        }
         let Output::Files(output) = &self.output else { return warnings };
         if output.mode & 0o004 != 0 {
             warnings.push(Problem {
@@ -475,6 +484,7 @@ fn validate(raw: RawConfig, checks: Checks, keep: bool) -> Result<(Config, ReadP
     check_refresh(&mut v, &raw.refresh);
     let output = check_output(&mut v, &raw.output, checks);
     let admin_listen = check_admin(&mut v, &raw.admin.listen);
+    check_token_api(&mut v, &raw.output, admin_listen);
     check_log(&mut v, &raw.log.level);
     let auth = auth::check(
         &mut v,

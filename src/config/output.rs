@@ -97,6 +97,25 @@ pub(super) fn check_kubernetes_output(
     kubernetes::check(k, &mut v.problems)
 }
 
+/// `output.kubernetes.token_api` where it cannot work, and `token_api` where it is no key: the
+/// token API is served by the admin server (none with `admin.listen: ""`) of central mode (with
+/// `output.dir` the app reads the token file beside it).
+pub(super) fn check_token_api(v: &mut Validator, o: &RawOutput, admin_listen: Option<std::net::SocketAddr>) {
+    if o.token_api.is_some() {
+        let why = match o.kubernetes {
+            Some(_) => "is a key of output.kubernetes: write it as output.kubernetes.token_api",
+            None => "the token API answers tokens from the Secret of output.kubernetes (central mode), as output.kubernetes.token_api; with output.dir the app reads its token file, or asks POST /refresh/<name> after a 401",
+        };
+        v.problem("output.token_api", why.into());
+    }
+    if o.kubernetes.as_ref().is_some_and(|k| k.token_api()) && admin_listen.is_none() {
+        v.problem(
+            "output.kubernetes.token_api",
+            "the token API is served on admin.listen, which is \"\" (no admin server): give admin.listen an address the apps reach (the chart binds the pod's)".into(),
+        );
+    }
+}
+
 /// Why a build without the `kubernetes` feature refuses `output.kubernetes`, which it still
 /// parses and checks like any other key: every command reports it as a bad configuration.
 pub const NO_KUBERNETES: &str =

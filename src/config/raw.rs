@@ -81,6 +81,9 @@ pub(super) struct RawOutput {
     pub(super) uid: Option<u32>,
     #[serde(default)]
     pub(super) gid: Option<u32>,
+    /// Not a key of `output`: read only to say where it belongs (`output.kubernetes.token_api`).
+    #[serde(default)]
+    pub(super) token_api: Option<serde_yaml::Value>,
 }
 
 fn default_mode() -> Mode {

@@ -68,6 +68,41 @@ fn output_kubernetes_replaces_output_dir() {
 }
 
 #[test]
+fn the_token_api_is_a_key_of_output_kubernetes_served_on_admin_listen() {
+    let kube = MINIMAL.replace("  dir: /tmp\n", "  kubernetes:\n    secret: magento-tokens\n    token_api: true\n");
+    let listening = format!("{kube}admin:\n  listen: 0.0.0.0:9102\n");
+    let c = parse(&listening, Checks::Static).unwrap();
+    let Output::Kubernetes(k) = &c.output else { panic!("{:?}", c.output) };
+    assert!(k.token_api);
+    assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+    // On loopback (the default admin.listen) no other pod reaches it: allowed, with a warning.
+    let c = parse(&kube, Checks::Static).unwrap();
+    let w: Vec<String> = c.warnings().iter().map(|p| p.to_string()).collect();
+    assert!(w.len() == 1 && w[0].starts_with("admin.listen: 127.0.0.1:9102 is a loopback address"), "{w:?}");
+    // Without an admin server there is nothing to serve it on.
+    let none = format!("{kube}admin:\n  listen: \"\"\n");
+    let p = problems(&none);
+    assert!(
+        p.len() == 1
+            && p[0].starts_with("output.kubernetes.token_api: the token API is served on admin.listen, which is \"\""),
+        "{p:?}"
+    );
+    // Not a key of output, with files or with the Secret: where it belongs is said.
+    let p = problems(&MINIMAL.replace("  dir: /tmp\n", "  dir: /tmp\n  token_api: true\n"));
+    assert!(
+        p.len() == 1
+            && p[0].starts_with(
+                "output.token_api: the token API answers tokens from the Secret of output.kubernetes (central mode)"
+            ),
+        "{p:?}"
+    );
+    let p = problems(&kube.replace("    token_api: true\n", "  token_api: true\n"));
+    assert_eq!(p, ["output.token_api: is a key of output.kubernetes: write it as output.kubernetes.token_api"]);
+    let p = problems(&kube.replace("token_api: true", "token_api: yes please"));
+    assert!(p.len() == 1 && p[0].contains("token_api"), "{p:?}");
+}
+
+#[test]
 fn defaults_are_the_contracts() {
     let c = parse(MINIMAL, Checks::Static).unwrap();
     assert_eq!(c.magento.timeout, Duration::from_secs(10));

@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 use super::once::{once, OnceResult};
 use super::{check_reload, reloaded, StartError, Supervisor};
 use crate::account::Accounts;
-use crate::cluster::{lease, tokens::Tokens, Cluster};
+use crate::cluster::{gate::Gate, lease, tokens::Tokens, Cluster};
 use crate::config::kubernetes::KubeSettings;
 use crate::config::{self, Checks, Config, Output};
 use crate::logging::Logging;
@@ -24,17 +24,22 @@ use crate::store::Store;
 
 /// `run` with `output.kubernetes`: one replica of a Deployment. It stands by, reading the
 /// Secret for `/readyz` and `/status`, until it holds the Lease; then it runs the workers as
-/// with files, writing the Secret, until it stops or no longer holds the Lease.
+/// with files, writing the Secret, until it stops or no longer holds the Lease. `token_api`: the
+/// gate of the admin server's token API, given the API once it is found.
 pub async fn run_central(
     config_path: &Path,
     mut config: Config,
     metrics: Arc<Metrics>,
     logging: &Logging,
     mut signals: impl Stream<Item = Signal> + Unpin,
+    token_api: Option<Arc<Gate>>,
 ) -> Result<(), StartError> {
     let k = kube_settings(&config)?;
     let board = metrics.board().clone();
     let cluster = Cluster::connect(&k, board.clone(), None).await.map_err(StartError::Cluster)?;
+    if let Some(gate) = &token_api {
+        gate.connect(cluster.clone());
+    }
     info!(
         customers = config.customers.len(),
         version = env!("CARGO_PKG_VERSION"),

@@ -89,6 +89,14 @@ impl World {
         std::fs::write(self.secret_path(name), format!("{password}\n")).unwrap();
     }
 
+    /// Adds a secret that is neither a password nor the dev server's (a caller's service account
+    /// token, an API credential) to what the daemons of this world are checked for: see [`Guard`].
+    /// (The token API's tests use it, which exist with the `kubernetes` feature only.)
+    #[cfg(feature = "kubernetes")]
+    pub fn hide(&self, secret: &str) {
+        self.passwords.lock().unwrap_or_else(|e| e.into_inner()).push(secret.to_owned());
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("config.yaml")
     }

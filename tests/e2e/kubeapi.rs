@@ -1,6 +1,8 @@
 //! A stand-in Kubernetes API server on loopback, for exactly the calls the daemon's
 //! `output.kubernetes` makes with kube-rs: get, create, update (PUT) and patch (merge or strategic
-//! merge) of Secrets and `coordination.k8s.io/v1` Leases in a namespace. list and watch are only
+//! merge) of Secrets and `coordination.k8s.io/v1` Leases in a namespace, and the reviews of its
+//! token API (`output.kubernetes.token_api`): `TokenReview` and `SubjectAccessReview`, answered
+//! from the service accounts and the RBAC grants set up here. list and watch are only
 //! authorized (a 403 when the rules do not grant them; 405 when they do: not served), and kube-rs
 //! makes no discovery request for these calls (`/api`, `/apis`, `/version`: 404). Each behaviour's doc comment names the Kubernetes documentation it follows:
 //!
@@ -10,6 +12,13 @@
 //!   <https://kubernetes.io/docs/reference/access-authn-authz/rbac/>
 //! - Secrets (1 MiB limit, `stringData`, key names): <https://kubernetes.io/docs/concepts/configuration/secret/>
 //! - Leases: <https://kubernetes.io/docs/concepts/architecture/leases/>
+//! - Authentication (service account tokens, their user name and groups, TokenReview):
+//!   <https://kubernetes.io/docs/reference/access-authn-authz/authentication/>,
+//!   <https://kubernetes.io/docs/reference/kubernetes-api/authentication-resources/token-review-v1/>
+//! - Authorization (SubjectAccessReview, the default ClusterRole `system:auth-delegator`):
+//!   <https://kubernetes.io/docs/reference/access-authn-authz/authorization/#checking-api-access>,
+//!   <https://kubernetes.io/docs/reference/kubernetes-api/authorization-resources/subject-access-review-v1/>,
+//!   <https://kubernetes.io/docs/reference/access-authn-authz/rbac/#other-component-roles>
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -22,15 +31,20 @@ use axum::http::{header, Method, Request, Response, StatusCode};
 use base64::Engine as _;
 use serde_json::{json, Map, Value};
 
-/// The bearer token the stand-in accepts (written into the kubeconfig).
+/// The bearer token of the daemon's service account (written into the kubeconfig).
 pub const TOKEN: &str = "stand-in-token-7f3a";
 /// The user that token authenticates as, as it appears in Forbidden messages.
 pub const USER: &str = "system:serviceaccount:test:magento-token-sidecar";
+/// The daemon's service account (namespace, name): the one [`KubeApi::start`]'s rules are bound to.
+pub const DAEMON: (&str, &str) = ("test", "magento-token-sidecar");
+/// The audience of the API server itself (`--api-audiences`, by default its issuer): a TokenReview
+/// without `spec.audiences` checks a token against it, and so does every request's authentication.
+pub const API_AUDIENCE: &str = "https://kubernetes.default.svc.cluster.local";
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
-/// One RBAC grant: `verbs` on `resource` ("secrets" or "leases"), limited to `names` when not empty.
-/// Rules apply in every namespace (a Role per namespace, all alike).
+/// One RBAC rule: `verbs` on `resource` (in its API group: see [`group_of`]), limited to `names`
+/// when not empty. `"*"` stands for every verb or every resource.
 #[derive(Clone, Debug)]
 pub struct Rule {
     pub verbs: Vec<&'static str>,
@@ -38,13 +52,100 @@ pub struct Rule {
     pub names: Vec<String>,
 }
 
+/// The API group of a resource the stand-in knows of (`""`, the core group, for any other).
+pub fn group_of(resource: &str) -> &'static str {
+    match resource {
+        "leases" => "coordination.k8s.io",
+        "tokenreviews" => "authentication.k8s.io",
+        "subjectaccessreviews" | "localsubjectaccessreviews" | "selfsubjectaccessreviews" => "authorization.k8s.io",
+        _ => "",
+    }
+}
+
+/// Whom a binding grants its rules to (RBAC's `subjects`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Subject {
+    /// `kind: ServiceAccount` (namespace, name): the user `system:serviceaccount:<ns>:<name>`.
+    ServiceAccount(String, String),
+    User(String),
+    Group(String),
+}
+
+impl Subject {
+    pub fn service_account(namespace: &str, name: &str) -> Subject {
+        Subject::ServiceAccount(namespace.into(), name.into())
+    }
+
+    fn matches(&self, user: &UserInfo) -> bool {
+        match self {
+            Subject::ServiceAccount(ns, name) => user.username == format!("system:serviceaccount:{ns}:{name}"),
+            Subject::User(name) => user.username == *name,
+            Subject::Group(group) => user.groups.contains(group),
+        }
+    }
+
+    /// As RBAC's reasons name it: `ServiceAccount "name/namespace"`, `User "x"`, `Group "y"`.
+    fn shown(&self) -> String {
+        match self {
+            Subject::ServiceAccount(ns, name) => format!("ServiceAccount \"{name}/{ns}\""),
+            Subject::User(name) => format!("User \"{name}\""),
+            Subject::Group(name) => format!("Group \"{name}\""),
+        }
+    }
+}
+
+/// A binding of rules to a subject: a RoleBinding in `namespace` (its rules hold there only,
+/// never for cluster-scoped resources), or a ClusterRoleBinding (`None`: everywhere).
+#[derive(Clone, Debug)]
+struct Grant {
+    name: String,
+    subject: Subject,
+    namespace: Option<String>,
+    rules: Vec<Rule>,
+}
+
+/// A user as authentication makes it and as a SubjectAccessReview names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct UserInfo {
+    username: String,
+    uid: String,
+    groups: Vec<String>,
+}
+
+/// A service account token the stand-in issued: whose, and for which audiences.
+#[derive(Clone, Debug)]
+struct Account {
+    namespace: String,
+    name: String,
+    uid: String,
+    audiences: Vec<String>,
+}
+
+impl Account {
+    /// What authentication makes of a service account's token: the user
+    /// `system:serviceaccount:<ns>:<name>` in the groups `system:serviceaccounts`,
+    /// `system:serviceaccounts:<ns>` and `system:authenticated`.
+    fn user(&self) -> UserInfo {
+        UserInfo {
+            username: format!("system:serviceaccount:{}:{}", self.namespace, self.name),
+            uid: self.uid.clone(),
+            groups: vec![
+                "system:serviceaccounts".into(),
+                format!("system:serviceaccounts:{}", self.namespace),
+                "system:authenticated".into(),
+            ],
+        }
+    }
+}
+
 /// One request the stand-in received.
 #[derive(Clone, Debug)]
 pub struct Seen {
     /// get list watch create update patch delete deletecollection (or the HTTP method, lower case,
-    /// for paths outside the two resources).
+    /// for paths outside the resources served).
     pub verb: String,
-    /// "secrets", "leases", or the path for anything else (404 NotFound).
+    /// "secrets", "leases", "tokenreviews", "subjectaccessreviews", or the path for anything else
+    /// (404 NotFound).
     pub resource: String,
     pub namespace: String,
     /// The name in the path; for a create, the name in the body.
@@ -52,7 +153,9 @@ pub struct Seen {
     pub status: u16,
     pub at: Instant,
     /// The object as it is after the request, when it exists: for secrets the keys of `data`
-    /// joined by ",", for leases `spec.holderIdentity`. Empty otherwise.
+    /// joined by ",", for leases `spec.holderIdentity`; for a TokenReview `authenticated <user>`
+    /// or `not authenticated` (never the token), for a SubjectAccessReview `<user> <verb>
+    /// <resource> <namespace>/<name>: allowed` (or `denied`). Empty otherwise.
     pub detail: String,
 }
 
@@ -84,7 +187,10 @@ fn kind_of(resource: &str) -> &'static Kind {
 
 #[derive(Default)]
 struct State {
-    rules: Vec<Rule>,
+    /// Every RoleBinding and ClusterRoleBinding.
+    grants: Vec<Grant>,
+    /// Bearer token -> the service account it belongs to.
+    accounts: BTreeMap<String, Account>,
     /// (resource, namespace, name) -> the object as a GET returns it.
     objects: BTreeMap<(String, String, String), Value>,
     /// One counter for every write, as etcd's revision.
@@ -141,11 +247,28 @@ impl Drop for KubeApi {
 }
 
 impl KubeApi {
-    /// Starts on 127.0.0.1:0 with `rules` as the only RBAC grants of the bearer token it expects.
+    /// Starts on 127.0.0.1:0 with `rules` as the only RBAC grants of the daemon's service account
+    /// ([`DAEMON`], whose token is [`TOKEN`]), in every namespace (a Role in each, all alike).
     pub async fn start(rules: Vec<Rule>) -> KubeApi {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let state = Arc::new(Mutex::new(State { rules, ..State::default() }));
+        let daemon = Account {
+            namespace: DAEMON.0.into(),
+            name: DAEMON.1.into(),
+            uid: "5eed0000-0000-4000-8000-da3a0a000000".into(),
+            audiences: vec![API_AUDIENCE.into()],
+        };
+        let grant = Grant {
+            name: DAEMON.1.into(),
+            subject: Subject::service_account(DAEMON.0, DAEMON.1),
+            namespace: None,
+            rules,
+        };
+        let state = Arc::new(Mutex::new(State {
+            grants: vec![grant],
+            accounts: BTreeMap::from([(TOKEN.to_string(), daemon)]),
+            ..State::default()
+        }));
         let st = state.clone();
         let task = tokio::spawn(async move {
             // The connections live in this set: aborting the accept loop drops (aborts) them all.
@@ -177,6 +300,71 @@ impl KubeApi {
             rules.push(Rule { verbs: vec!["create"], resource, names: vec![] });
         }
         rules
+    }
+
+    /// The rules of the default ClusterRole `system:auth-delegator`: `create` on `tokenreviews`
+    /// and `subjectaccessreviews`, what a server that delegates authentication and authorization
+    /// to the API server needs.
+    pub fn auth_delegator() -> Vec<Rule> {
+        ["tokenreviews", "subjectaccessreviews"]
+            .map(|resource| Rule { verbs: vec!["create"], resource, names: vec![] })
+            .into()
+    }
+
+    /// A service account `namespace/name` (created if new) and a new token of it for the API
+    /// server's audience, as the kubelet projects into its pods
+    /// (`/var/run/secrets/kubernetes.io/serviceaccount/token`).
+    pub fn service_account(&self, namespace: &str, name: &str) -> String {
+        self.service_account_token(namespace, name, &[API_AUDIENCE])
+    }
+
+    /// [`KubeApi::service_account`] with a token for `audiences` (a projected token's
+    /// `audience`): it authenticates only where one of them is expected. A JWT in form
+    /// (header, claims, a random signature), though the stand-in only looks it up.
+    pub fn service_account_token(&self, namespace: &str, name: &str, audiences: &[&str]) -> String {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+        let mut st = self.state.lock().unwrap();
+        let uid = st
+            .accounts
+            .values()
+            .find(|a| a.namespace == namespace && a.name == name)
+            .map(|a| a.uid.clone())
+            .unwrap_or_else(|| format!("5eed0000-0000-4000-8000-{:012x}", rand::random::<u64>() >> 16));
+        let header = B64URL.encode(r#"{"alg":"RS256","kid":"stand-in"}"#);
+        let claims = json!({"aud": audiences, "iss": API_AUDIENCE, "sub": format!("system:serviceaccount:{namespace}:{name}"),
+            "kubernetes.io": {"namespace": namespace, "serviceaccount": {"name": name, "uid": uid}}});
+        let signature = B64URL.encode(rand::random::<[u8; 32]>());
+        let token = format!("{header}.{}.{signature}", B64URL.encode(claims.to_string()));
+        let account = Account {
+            namespace: namespace.into(),
+            name: name.into(),
+            uid,
+            audiences: audiences.iter().map(|a| a.to_string()).collect(),
+        };
+        st.accounts.insert(token.clone(), account);
+        token
+    }
+
+    /// Revokes a token (its service account or its pod deleted): it authenticates no more.
+    pub fn revoke_token(&self, token: &str) {
+        self.state.lock().unwrap().accounts.remove(token);
+    }
+
+    /// A Role in `namespace` with `rules`, and a RoleBinding of it to `subject` there.
+    pub fn bind_role(&self, namespace: &str, subject: Subject, rules: Vec<Rule>) {
+        self.bind(Some(namespace), subject, rules);
+    }
+
+    /// A ClusterRole with `rules` and a ClusterRoleBinding of it to `subject` (the chart's binding
+    /// of the daemon to `system:auth-delegator`, with [`KubeApi::auth_delegator`]).
+    pub fn bind_cluster_role(&self, subject: Subject, rules: Vec<Rule>) {
+        self.bind(None, subject, rules);
+    }
+
+    fn bind(&self, namespace: Option<&str>, subject: Subject, rules: Vec<Rule>) {
+        let mut st = self.state.lock().unwrap();
+        let name = format!("binding-{}", st.grants.len());
+        st.grants.push(Grant { name, subject, namespace: namespace.map(str::to_string), rules });
     }
 
     pub fn url(&self) -> String {
@@ -318,6 +506,9 @@ async fn handle(state: &Mutex<State>, req: Request<Body>) -> Response<Body> {
         ["apis", "coordination.k8s.io", "v1", "namespaces", ns, "leases", rest @ ..] if rest.len() <= 1 => {
             ("leases", *ns, rest.first())
         }
+        // Cluster-scoped, and only ever created (POST): nothing is stored.
+        ["apis", "authentication.k8s.io", "v1", "tokenreviews"] => ("tokenreviews", "", None),
+        ["apis", "authorization.k8s.io", "v1", "subjectaccessreviews"] => ("subjectaccessreviews", "", None),
         _ => ("", "", None),
     };
     let verb = match (&parts.method, name.is_some()) {
@@ -355,7 +546,12 @@ async fn handle(state: &Mutex<State>, req: Request<Body>) -> Response<Body> {
         Some(Hostile::Json(code, v)) => respond(code, &v),
         Some(Hostile::Endless { bytes, declared }) => endless(bytes, declared),
         None => match serve(&mut st, auth, &verb, resource, ns, seen.name.as_deref(), &path, &ctype, &body) {
-            Ok((code, v)) => respond(code, &v),
+            Ok((code, v)) => {
+                if is_review(resource) {
+                    seen.detail = review_detail(resource, &v);
+                }
+                respond(code, &v)
+            }
             Err(f) => status_response(f),
         },
     };
@@ -391,16 +587,32 @@ fn serve(
         return Err(fail(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", msg));
     }
     // Authentication (<https://kubernetes.io/docs/reference/access-authn-authz/authentication/>):
-    // a request without the one bearer token known here is 401 Unauthorized, before any other check.
-    if auth != Some(format!("Bearer {TOKEN}").as_str()) {
-        return Err(fail(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized".into()));
-    }
+    // a request without a bearer token known here, for the API server's audience, is 401
+    // Unauthorized, before any other check.
+    let user = auth
+        .and_then(|a| a.strip_prefix("Bearer "))
+        .and_then(|token| authenticate(st, token, &[API_AUDIENCE.to_string()]))
+        .ok_or_else(|| fail(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized".into()))?;
     if resource.is_empty() {
         let msg = format!("the server could not find the requested resource ({path})");
         return Err(fail(StatusCode::NOT_FOUND, "NotFound", msg));
     }
+    if is_review(resource) {
+        if verb != "create" {
+            let msg = format!("the server does not allow this method on the requested resource ({verb} {resource})");
+            return Err(fail(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", msg));
+        }
+        authorize(st, &user, "create", resource, "", None)?;
+        let review = parse_body(ctype, body)?;
+        return match resource {
+            "tokenreviews" => token_review(st, review),
+            _ => subject_access_review(st, review),
+        };
+    }
     let kind = kind_of(resource);
-    authorize(st, kind, verb, ns, name)?;
+    // create, list and watch carry no name to the authorizer (RBAC: resourceNames cannot restrict them).
+    let authz_name = if matches!(verb, "create" | "list" | "watch" | "deletecollection") { None } else { name };
+    authorize(st, &user, verb, kind.resource, ns, authz_name)?;
     let key = |n: &str| (resource.to_string(), ns.to_string(), n.to_string());
     match verb {
         // Get: 200 with the object, or 404 NotFound (the Status kind's reasons:
@@ -456,30 +668,208 @@ fn serve(
     }
 }
 
-/// RBAC (<https://kubernetes.io/docs/reference/access-authn-authz/rbac/>): a request is allowed
-/// only when a rule grants its verb on its resource and, if the rule lists resourceNames, its name.
-/// create, list and watch carry no name to the authorizer, so a rule with names never grants them.
-/// Denied: 403 Forbidden, worded as the apiserver words it.
-fn authorize(st: &State, kind: &Kind, verb: &str, ns: &str, name: Option<&str>) -> Result<(), Failure> {
-    let authz_name = if matches!(verb, "create" | "list" | "watch" | "deletecollection") { None } else { name };
-    let allowed = st.rules.iter().any(|r| {
-        r.resource == kind.resource
-            && r.verbs.iter().any(|v| *v == verb || *v == "*")
-            && (r.names.is_empty() || authz_name.is_some_and(|n| r.names.iter().any(|x| x == n)))
-    });
-    if allowed {
+/// The user a bearer token authenticates as, when it is a service account token the stand-in
+/// issued for one of `audiences` (the projected token's `aud` claim; a token for another audience
+/// is not accepted: <https://kubernetes.io/docs/reference/access-authn-authz/authentication/#service-account-tokens>).
+fn authenticate(st: &State, token: &str, audiences: &[String]) -> Option<UserInfo> {
+    let account = st.accounts.get(token)?;
+    account.audiences.iter().any(|a| audiences.contains(a)).then(|| account.user())
+}
+
+/// RBAC (<https://kubernetes.io/docs/reference/access-authn-authz/rbac/>): `verb` on `resource`
+/// (in its group), named `name` when the request carries a name, in namespace `ns` (`""`: a
+/// cluster-scoped resource) is allowed only when a binding to `user` (its name, or one of its
+/// groups) has a rule that grants the verb on the resource and, if the rule lists resourceNames,
+/// that name. A RoleBinding grants only in its namespace; a ClusterRoleBinding everywhere. The
+/// reason of an allowed request as the RBAC authorizer gives it; `None` when denied (RBAC has no
+/// opinion then, and says nothing).
+fn allowed_by(
+    st: &State,
+    user: &UserInfo,
+    verb: &str,
+    group: &str,
+    resource: &str,
+    ns: &str,
+    name: Option<&str>,
+) -> Option<String> {
+    st.grants.iter().find_map(|g| {
+        let in_scope = g.namespace.as_deref().is_none_or(|n| !ns.is_empty() && n == ns);
+        let granted = g.rules.iter().any(|r| {
+            (r.resource == "*" || (r.resource == resource && group_of(r.resource) == group))
+                && r.verbs.iter().any(|v| *v == verb || *v == "*")
+                && (r.names.is_empty() || name.is_some_and(|n| r.names.iter().any(|x| x == n)))
+        });
+        (in_scope && granted && g.subject.matches(user)).then(|| match &g.namespace {
+            Some(n) => format!(
+                "RBAC: allowed by RoleBinding \"{}/{n}\" of Role \"{}\" to {}",
+                g.name,
+                g.name,
+                g.subject.shown()
+            ),
+            None => format!(
+                "RBAC: allowed by ClusterRoleBinding \"{}\" of ClusterRole \"{}\" to {}",
+                g.name,
+                g.name,
+                g.subject.shown()
+            ),
+        })
+    })
+}
+
+/// A request `user` makes: allowed as [`allowed_by`] says, else 403 Forbidden, worded as the
+/// apiserver words it (`... in the namespace "x"`, or `... at the cluster scope`).
+fn authorize(
+    st: &State,
+    user: &UserInfo,
+    verb: &str,
+    resource: &str,
+    ns: &str,
+    name: Option<&str>,
+) -> Result<(), Failure> {
+    let group = group_of(resource);
+    if allowed_by(st, user, verb, group, resource, ns, name).is_some() {
         return Ok(());
     }
-    let subject = match authz_name {
-        Some(n) => format!("{} \"{n}\"", kind.qualified),
-        None => kind.qualified.to_string(),
+    let qualified = if group.is_empty() { resource.to_string() } else { format!("{resource}.{group}") };
+    let subject = match name {
+        Some(n) => format!("{qualified} \"{n}\""),
+        None => qualified,
     };
+    let scope = if ns.is_empty() { "at the cluster scope".to_string() } else { format!("in the namespace \"{ns}\"") };
     let msg = format!(
-        "{subject} is forbidden: User \"{USER}\" cannot {verb} resource \"{}\" in API group \"{}\" in the namespace \"{ns}\"",
-        kind.resource, kind.group
+        "{subject} is forbidden: User \"{}\" cannot {verb} resource \"{resource}\" in API group \"{group}\" {scope}",
+        user.username
     );
-    let d = json!({"name": authz_name.unwrap_or(""), "group": kind.group, "kind": kind.resource});
+    let d = json!({"name": name.unwrap_or(""), "group": group, "kind": resource});
     Err(Failure(StatusCode::FORBIDDEN, msg, "Forbidden", d))
+}
+
+fn is_review(resource: &str) -> bool {
+    matches!(resource, "tokenreviews" | "subjectaccessreviews")
+}
+
+/// The review as created: the object sent, with `status` set, 201 Created (the API server stores
+/// nothing and echoes the spec: a TokenReview's answer holds the token it was asked about).
+fn reviewed(mut review: Value, kind: &str, group: &str, status: Value) -> Result<(StatusCode, Value), Failure> {
+    review["apiVersion"] = json!(format!("{group}/v1"));
+    review["kind"] = json!(kind);
+    if !review["metadata"].is_object() {
+        review["metadata"] = json!({});
+    }
+    review["metadata"]["creationTimestamp"] = Value::Null;
+    review["status"] = status;
+    Ok((StatusCode::CREATED, review))
+}
+
+/// TokenReview (authentication.k8s.io/v1): is `spec.token` a token the API server accepts, for
+/// `spec.audiences` (none: the API server's own)? 201 either way: `status.authenticated`, and
+/// when it is, `status.user` (the service account's user name, uid and groups) and
+/// `status.audiences` (those of the request the token is for). A token for none of the audiences,
+/// or unknown, is not authenticated, with `status.error` saying so. An empty `spec.token` is
+/// refused (400).
+fn token_review(st: &State, review: Value) -> Result<(StatusCode, Value), Failure> {
+    let token = review["spec"]["token"].as_str().unwrap_or("");
+    if token.is_empty() {
+        return Err(bad_request("token is required for TokenReview in authentication".into()));
+    }
+    let asked: Vec<String> = match review["spec"]["audiences"].as_array() {
+        Some(list) if !list.is_empty() => list.iter().filter_map(|a| a.as_str().map(str::to_string)).collect(),
+        _ => vec![API_AUDIENCE.to_string()],
+    };
+    let status = match authenticate(st, token, &asked) {
+        Some(user) => {
+            let account = &st.accounts[token];
+            let audiences: Vec<&String> = account.audiences.iter().filter(|a| asked.contains(a)).collect();
+            json!({"authenticated": true, "audiences": audiences,
+                "user": {"username": user.username, "uid": user.uid, "groups": user.groups}})
+        }
+        None if st.accounts.contains_key(token) => json!({"authenticated": false,
+            "error": format!("[invalid bearer token, token audiences {:?} is invalid for the target audiences {asked:?}]", st.accounts[token].audiences)}),
+        None => {
+            json!({"authenticated": false, "error": "[invalid bearer token, square/go-jose: error in cryptographic primitive]"})
+        }
+    };
+    reviewed(review, "TokenReview", "authentication.k8s.io", status)
+}
+
+/// SubjectAccessReview (authorization.k8s.io/v1): may `spec.user` with `spec.groups` do what
+/// `spec.resourceAttributes` say (namespace, verb, group, resource, name)? Evaluated with the
+/// stand-in's RBAC exactly as a request of that user (resourceNames against `name`). 201 with
+/// `status.allowed` and, when allowed, RBAC's `reason`. Exactly one of resourceAttributes and
+/// nonResourceAttributes, and a user or a group, else 422 Invalid, as the API server validates
+/// it. (Non-resource URLs are granted by no rule here.)
+fn subject_access_review(st: &State, review: Value) -> Result<(StatusCode, Value), Failure> {
+    let spec = &review["spec"];
+    let invalid = |field: &str, detail: String| {
+        let msg = format!("SubjectAccessReview.authorization.k8s.io \"\" is invalid: {field}: {detail}");
+        let d = json!({"group": "authorization.k8s.io", "kind": "SubjectAccessReview",
+            "causes": [{"reason": "FieldValueInvalid", "message": detail, "field": field}]});
+        Failure(StatusCode::UNPROCESSABLE_ENTITY, msg, "Invalid", d)
+    };
+    let (attrs, non_resource) = (&spec["resourceAttributes"], &spec["nonResourceAttributes"]);
+    match (attrs.is_object(), non_resource.is_object()) {
+        (false, false) => {
+            let detail = "Required value: exactly one of nonResourceAttributes or resourceAttributes must be specified";
+            return Err(invalid("spec.resourceAttributes", detail.into()));
+        }
+        (true, true) => {
+            let detail =
+                format!("Invalid value: {non_resource}: cannot be specified in combination with resourceAttributes");
+            return Err(invalid("spec.nonResourceAttributes", detail));
+        }
+        _ => {}
+    }
+    let user = UserInfo {
+        username: spec["user"].as_str().unwrap_or("").to_string(),
+        uid: spec["uid"].as_str().unwrap_or("").to_string(),
+        groups: spec["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|g| g.as_str().map(str::to_string))
+            .collect(),
+    };
+    if user.username.is_empty() && user.groups.is_empty() {
+        return Err(invalid(
+            "spec.user",
+            "Invalid value: \"\": at least one of user or group must be specified".into(),
+        ));
+    }
+    let reason = attrs.is_object().then(|| {
+        let field = |k: &str| attrs[k].as_str().unwrap_or("");
+        let name = Some(field("name")).filter(|n| !n.is_empty());
+        allowed_by(st, &user, field("verb"), field("group"), field("resource"), field("namespace"), name)
+    });
+    let status = match reason.flatten() {
+        Some(reason) => json!({"allowed": true, "reason": reason}),
+        None => json!({"allowed": false}),
+    };
+    reviewed(review, "SubjectAccessReview", "authorization.k8s.io", status)
+}
+
+/// What [`Seen::detail`] says of a review: who was authenticated, or what was asked and decided;
+/// never the token asked about.
+fn review_detail(resource: &str, answer: &Value) -> String {
+    let status = &answer["status"];
+    match resource {
+        "tokenreviews" => match status["user"]["username"].as_str() {
+            Some(user) if status["authenticated"] == true => format!("authenticated {user}"),
+            _ => "not authenticated".into(),
+        },
+        _ => {
+            let (spec, attrs) = (&answer["spec"], &answer["spec"]["resourceAttributes"]);
+            let field = |v: &Value, k: &str| v[k].as_str().unwrap_or("").to_string();
+            format!(
+                "{} {} {} {}/{}: {}",
+                field(spec, "user"),
+                field(attrs, "verb"),
+                field(attrs, "resource"),
+                field(attrs, "namespace"),
+                field(attrs, "name"),
+                if status["allowed"] == true { "allowed" } else { "denied" }
+            )
+        }
+    }
 }
 
 fn bad_request(msg: String) -> Failure {

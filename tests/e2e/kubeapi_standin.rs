@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::kubeapi::{self, KubeApi, Rule, USER};
+use crate::kubeapi::{self, KubeApi, Rule, Subject, API_AUDIENCE, DAEMON, USER};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::ByteString;
@@ -371,4 +373,222 @@ async fn requests_records_every_call_and_kube_makes_no_other() {
     assert_eq!(seen, want);
     let at: Vec<_> = api.requests().iter().map(|s| s.at).collect();
     assert!(at.windows(2).all(|w| w[0] <= w[1]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The reviews of the token API (`output.kubernetes.token_api`): TokenReview and
+// SubjectAccessReview, created by a client whose service account may (system:auth-delegator).
+
+/// The daemon's rules of the chart (its Role) and the binding to `system:auth-delegator`.
+async fn delegating_api() -> KubeApi {
+    let api = KubeApi::start(KubeApi::role_for(NAME)).await;
+    api.bind_cluster_role(Subject::service_account(DAEMON.0, DAEMON.1), KubeApi::auth_delegator());
+    api
+}
+
+fn token_review(token: &str, audiences: Option<Vec<String>>) -> TokenReview {
+    TokenReview { spec: TokenReviewSpec { token: Some(token.into()), audiences }, ..TokenReview::default() }
+}
+
+/// The SubjectAccessReview the daemon sends: may `user` (in `groups`) get the Secret `name` in
+/// `namespace`?
+fn may_get_secret(user: &str, groups: &[String], namespace: &str, name: &str) -> SubjectAccessReview {
+    SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(user.into()),
+            groups: Some(groups.to_vec()),
+            resource_attributes: Some(ResourceAttributes {
+                namespace: Some(namespace.into()),
+                verb: Some("get".into()),
+                group: Some(String::new()),
+                version: Some("v1".into()),
+                resource: Some("secrets".into()),
+                name: Some(name.into()),
+                ..ResourceAttributes::default()
+            }),
+            ..SubjectAccessReviewSpec::default()
+        },
+        ..SubjectAccessReview::default()
+    }
+}
+
+/// A service account's token is authenticated as `system:serviceaccount:<ns>:<name>` in its three
+/// groups, 201 Created, the spec echoed; an unknown token, a revoked one and one for another
+/// audience are not authenticated (201 too, `status.error` says why); a token for an audience
+/// asked for by name is.
+#[tokio::test]
+async fn a_token_review_authenticates_a_service_account_token_and_no_other() {
+    let api = delegating_api().await;
+    let reviews: Api<TokenReview> = Api::all(client(&api, false).await);
+    let token = api.service_account("web", "storefront");
+    let made = reviews.create(&PostParams::default(), &token_review(&token, None)).await.unwrap();
+    let status = made.status.expect("a status");
+    assert_eq!(status.authenticated, Some(true));
+    let user = status.user.expect("the user");
+    assert_eq!(user.username.as_deref(), Some("system:serviceaccount:web:storefront"));
+    assert!(user.uid.as_deref().is_some_and(|u| !u.is_empty()));
+    let groups = ["system:serviceaccounts", "system:serviceaccounts:web", "system:authenticated"];
+    assert_eq!(user.groups, Some(groups.map(String::from).to_vec()));
+    assert_eq!(status.audiences, Some(vec![API_AUDIENCE.to_string()]));
+    assert_eq!(made.spec.token.as_deref(), Some(token.as_str()), "the API server echoes the spec");
+    // The same account's next token is the same user.
+    let again = api.service_account("web", "storefront");
+    let made = reviews.create(&PostParams::default(), &token_review(&again, None)).await.unwrap();
+    assert_eq!(made.status.unwrap().user.unwrap().uid, Some(user.uid.clone().unwrap()));
+
+    for (case, t, audiences) in [
+        ("unknown", "eyJhbGciOiJSUzI1NiJ9.e30.c2lnbmF0dXJl".to_string(), None),
+        ("for another audience", api.service_account_token("web", "storefront", &["vault"]), None),
+        ("asked for another audience", token.clone(), Some(vec!["vault".to_string()])),
+    ] {
+        let made = reviews.create(&PostParams::default(), &token_review(&t, audiences)).await.unwrap();
+        let status = made.status.unwrap();
+        assert_eq!(status.authenticated, Some(false), "{case}");
+        assert_eq!(status.user, None, "{case}");
+        assert!(status.error.is_some_and(|e| e.contains("invalid bearer token")), "{case}");
+    }
+    let vault = api.service_account_token("web", "storefront", &["vault"]);
+    let made = reviews.create(&PostParams::default(), &token_review(&vault, Some(vec!["vault".into()]))).await;
+    assert_eq!(made.unwrap().status.unwrap().audiences, Some(vec!["vault".to_string()]));
+    api.revoke_token(&token);
+    let made = reviews.create(&PostParams::default(), &token_review(&token, None)).await.unwrap();
+    assert_eq!(made.status.unwrap().authenticated, Some(false), "revoked");
+    // An empty token is refused.
+    let (code, reason, _) = api_error(reviews.create(&PostParams::default(), &token_review("", None)).await);
+    assert_eq!((code, reason.as_str()), (400, "BadRequest"));
+    // 201 Created, and what the stand-in records never holds the token.
+    let seen = api.requests();
+    assert!(seen.iter().all(|s| s.resource == "tokenreviews" && s.verb == "create" && s.name.is_none()));
+    assert_eq!(seen[0].status, 201);
+    assert_eq!(seen[0].detail, "authenticated system:serviceaccount:web:storefront");
+    assert_eq!(seen[2].detail, "not authenticated");
+    assert!(seen.iter().all(|s| !s.detail.contains(&token)));
+}
+
+/// A SubjectAccessReview is decided by RBAC for the user and groups it names: a Role with
+/// resourceNames allows `get` on that Secret in that namespace only (not another name, not
+/// another namespace, not another verb); a binding to a group counts for a user in it; a
+/// ClusterRoleBinding counts everywhere. 201 either way, with RBAC's reason when allowed.
+#[tokio::test]
+async fn a_subject_access_review_is_decided_by_rbac_for_the_user_and_groups_named() {
+    let api = delegating_api().await;
+    let reviews: Api<SubjectAccessReview> = Api::all(client(&api, false).await);
+    let web = |ns: &str| {
+        vec!["system:serviceaccounts".into(), format!("system:serviceaccounts:{ns}"), "system:authenticated".into()]
+    };
+    let storefront = "system:serviceaccount:web:storefront";
+    let get_tokens = || vec![Rule { verbs: vec!["get"], resource: "secrets", names: vec!["shop-a-tokens".into()] }];
+    api.bind_role("shop", Subject::service_account("web", "storefront"), get_tokens());
+    let ask = |user: &str, groups: Vec<String>, ns: &str, name: &str| {
+        let review = may_get_secret(user, &groups, ns, name);
+        let reviews = reviews.clone();
+        async move { reviews.create(&PostParams::default(), &review).await.unwrap().status.unwrap() }
+    };
+    let allowed = ask(storefront, web("web"), "shop", "shop-a-tokens").await;
+    assert!(allowed.allowed, "{allowed:?}");
+    let reason = allowed.reason.unwrap();
+    assert!(
+        reason.starts_with("RBAC: allowed by RoleBinding") && reason.ends_with("to ServiceAccount \"storefront/web\""),
+        "{reason}"
+    );
+    for (case, user, ns, name) in [
+        ("another Secret", storefront, "shop", "shop-b-tokens"),
+        ("another namespace", storefront, "web", "shop-a-tokens"),
+        ("another service account", "system:serviceaccount:web:admin", "shop", "shop-a-tokens"),
+    ] {
+        let denied = ask(user, web("web"), ns, name).await;
+        assert!(!denied.allowed, "{case}: {denied:?}");
+        assert_eq!(denied.reason, None, "{case}: RBAC has no opinion, and says nothing");
+    }
+    // Another verb on the same Secret.
+    let mut review = may_get_secret(storefront, &web("web"), "shop", "shop-a-tokens");
+    review.spec.resource_attributes.as_mut().unwrap().verb = Some("update".into());
+    assert!(!reviews.create(&PostParams::default(), &review).await.unwrap().status.unwrap().allowed);
+    // The resource in another group is another resource.
+    let mut review = may_get_secret(storefront, &web("web"), "shop", "shop-a-tokens");
+    review.spec.resource_attributes.as_mut().unwrap().group = Some("apps".into());
+    assert!(!reviews.create(&PostParams::default(), &review).await.unwrap().status.unwrap().allowed);
+    // A Role bound to a group: every service account of the namespace `batch`.
+    api.bind_role("shop", Subject::Group("system:serviceaccounts:batch".into()), get_tokens());
+    assert!(ask("system:serviceaccount:batch:nightly", web("batch"), "shop", "shop-a-tokens").await.allowed);
+    assert!(
+        !ask("system:serviceaccount:batch:nightly", vec![], "shop", "shop-a-tokens").await.allowed,
+        "groups as named"
+    );
+    // A ClusterRole bound cluster-wide: every Secret in every namespace.
+    let all_secrets = vec![Rule { verbs: vec!["get"], resource: "secrets", names: vec![] }];
+    api.bind_cluster_role(Subject::User("ops".into()), all_secrets);
+    assert!(ask("ops", vec![], "anywhere", "shop-b-tokens").await.allowed);
+    // Without a user or a group, or without attributes: 422 Invalid.
+    let (code, reason, message) =
+        api_error(reviews.create(&PostParams::default(), &may_get_secret("", &[], "shop", "x")).await);
+    assert_eq!((code, reason.as_str()), (422, "Invalid"));
+    assert!(
+        message.ends_with("spec.user: Invalid value: \"\": at least one of user or group must be specified"),
+        "{message}"
+    );
+    let mut review = may_get_secret(storefront, &[], "shop", "x");
+    review.spec.resource_attributes = None;
+    let (code, _, message) = api_error(reviews.create(&PostParams::default(), &review).await);
+    assert_eq!(code, 422);
+    assert!(message.contains("exactly one of nonResourceAttributes or resourceAttributes"), "{message}");
+    let seen = api.requests();
+    assert_eq!(seen[0].detail, format!("{storefront} get secrets shop/shop-a-tokens: allowed"));
+    assert_eq!(seen[1].detail, format!("{storefront} get secrets shop/shop-b-tokens: denied"));
+}
+
+/// Creating either review needs `create` on it (what system:auth-delegator grants): without it,
+/// 403 Forbidden at the cluster scope, as the API server words it; a service account token is a
+/// client of the API like any other, with its own grants.
+#[tokio::test]
+async fn creating_a_review_needs_create_on_it() {
+    let api = KubeApi::start(KubeApi::role_for(NAME)).await;
+    let client = client(&api, false).await;
+    let tokens: Api<TokenReview> = Api::all(client.clone());
+    let access: Api<SubjectAccessReview> = Api::all(client);
+    let token = api.service_account("web", "storefront");
+    let forbidden = |resource: &str, group: &str| {
+        let msg = format!("{resource}.{group} is forbidden: User \"{USER}\" cannot create resource \"{resource}\" in API group \"{group}\" at the cluster scope");
+        (403, "Forbidden".to_string(), msg)
+    };
+    let made = tokens.create(&PostParams::default(), &token_review(&token, None)).await;
+    assert_eq!(api_error(made), forbidden("tokenreviews", "authentication.k8s.io"));
+    let made = access.create(&PostParams::default(), &may_get_secret("u", &[], "shop", NAME)).await;
+    assert_eq!(api_error(made), forbidden("subjectaccessreviews", "authorization.k8s.io"));
+    // A Role (namespaced) never grants a cluster-scoped resource; the ClusterRoleBinding does.
+    api.bind_role(NS, Subject::service_account(DAEMON.0, DAEMON.1), KubeApi::auth_delegator());
+    assert_eq!(api_error(tokens.create(&PostParams::default(), &token_review(&token, None)).await).0, 403);
+    api.bind_cluster_role(Subject::service_account(DAEMON.0, DAEMON.1), KubeApi::auth_delegator());
+    assert_eq!(
+        tokens.create(&PostParams::default(), &token_review(&token, None)).await.unwrap().status.unwrap().authenticated,
+        Some(true)
+    );
+    access.create(&PostParams::default(), &may_get_secret("u", &[], "shop", NAME)).await.unwrap();
+
+    // The app's own token, sent to the API: its user, its grants (none here), its words.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&path, NS);
+    let text = std::fs::read_to_string(&path).unwrap().replace(kubeapi::TOKEN, &token);
+    let config = Config::from_custom_kubeconfig(Kubeconfig::from_yaml(&text).unwrap(), &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    let app = Client::try_from(config).unwrap();
+    let (code, _, message) = api_error(Api::<Secret>::namespaced(app.clone(), NS).get(NAME).await);
+    assert_eq!(code, 403);
+    assert!(
+        message.contains("User \"system:serviceaccount:web:storefront\" cannot get resource \"secrets\""),
+        "{message}"
+    );
+    let (code, _, _) =
+        api_error(Api::<TokenReview>::all(app).create(&PostParams::default(), &token_review(&token, None)).await);
+    assert_eq!(code, 403);
+    // A token for another audience does not authenticate to the API at all.
+    let vault = api.service_account_token("web", "storefront", &["vault"]);
+    let text = std::fs::read_to_string(&path).unwrap().replace(kubeapi::TOKEN, &vault);
+    let config = Config::from_custom_kubeconfig(Kubeconfig::from_yaml(&text).unwrap(), &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    let (code, reason, _) = api_error(Api::<Secret>::namespaced(Client::try_from(config).unwrap(), NS).get(NAME).await);
+    assert_eq!((code, reason.as_str()), (401, "Unauthorized"));
 }

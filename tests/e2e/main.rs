@@ -37,3 +37,5 @@ mod robust;
 #[cfg(feature = "kubernetes")]
 mod scale_out;
 mod security;
+#[cfg(feature = "kubernetes")]
+mod token_api;

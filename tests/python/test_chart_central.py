@@ -2,7 +2,8 @@
 several replicas, one of which (the holder of a coordination.k8s.io Lease) writes every token
 into a Secret that the app's pods mount.
 
-What is checked, with `mode: central` on the defaults and on tests/python/chart_values/central.yaml:
+What is checked, with `mode: central` on the defaults, on tests/python/chart_values/central.yaml and
+with the token API on:
 
 - `helm lint --strict` and `kubernetes-validate --strict` for Kubernetes 1.29 and 1.33;
 - the objects: the Deployment (replicas, the daemon alone, POD_NAME from the downward API,
@@ -11,6 +12,9 @@ What is checked, with `mode: central` on the defaults and on tests/python/chart_
   verbs the daemon uses (get, create, update, patch on its Secret and its Lease; resourceNames
   wherever Kubernetes allows them) and its RoleBinding, the password Secret mounted only there,
   the config with `output.kubernetes` and no `output.dir`, the metrics Service;
+- the token API (`output.kubernetes.token_api`): off, nothing more; on, a ClusterRoleBinding of
+  the daemon to system:auth-delegator and the Service `<fullname>` on the admin port, refused in
+  sidecar mode and on a loopback admin.bindAddress;
 - NOTES and the README show an app pod mounting the token Secret as a directory, and the
   snippet validates;
 - sidecar mode (the default) renders none of it;
@@ -65,7 +69,8 @@ from test_chart import (
 FULLNAME = "shop-magento-token-sidecar"
 TOKEN_SECRET = f"{FULLNAME}-tokens"
 CENTRAL = {"mode": "central"}
-CENTRAL_SETS = {"central-defaults": CENTRAL, "central": None}
+TOKEN_API = {"mode": "central", "output": {"kubernetes": {"token_api": True}}}
+CENTRAL_SETS = {"central-defaults": CENTRAL, "central": None, "central-token-api": TOKEN_API}
 NOTES = "magento-token-sidecar/templates/NOTES.txt"
 
 
@@ -176,7 +181,10 @@ def test_central_standard_labels(values):
         labels = o["metadata"]["labels"]
         assert STANDARD_LABELS <= set(labels), (o["kind"], labels)
         assert labels["app.kubernetes.io/instance"] == RELEASE
-        assert o["metadata"]["namespace"] == NAMESPACE
+        if o["kind"] == "ClusterRoleBinding":
+            assert "namespace" not in o["metadata"], "cluster-scoped"
+        else:
+            assert o["metadata"]["namespace"] == NAMESPACE
 
 
 
@@ -399,6 +407,83 @@ def test_central_helm_test_pod_runs_check_without_a_token_directory():
 
 
 # ------------------------------------------------------------------------------------------------
+# The token API (output.kubernetes.token_api): the daemon bound to system:auth-delegator and the
+# admin port behind the Service <fullname>, only when it is on.
+
+
+def test_token_api_off_renders_neither_the_binding_nor_the_service():
+    for values in ("central-defaults", "central"):
+        objs = rendered(values)
+        assert not [o for o in objs if o["kind"] == "ClusterRoleBinding"], kinds(objs)
+        assert [o["metadata"]["name"] for o in objs if o["kind"] == "Service"] == [f"{FULLNAME}-metrics"]
+        assert "token_api" not in config_of(objs)["output"]["kubernetes"]
+        assert "Token API" not in render_raw(central_values(values))[NOTES]
+
+
+def test_token_api_on_binds_the_daemon_to_auth_delegator_and_exposes_the_admin_port():
+    objs = rendered("central-token-api")
+    assert kinds(objs) == sorted(kinds(rendered("central-defaults")) + [
+        f"ClusterRoleBinding/{NAMESPACE}-{FULLNAME}-auth-delegator",
+        f"Service/{FULLNAME}",
+    ])
+    binding = one(objs, "ClusterRoleBinding")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:auth-delegator"}
+    sa = one(objs, "ServiceAccount")["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}]
+    # The Role is unchanged: the reviews are the binding's, nothing more in the namespace.
+    assert one(objs, "Role")["rules"] == one(rendered("central-defaults"), "Role")["rules"]
+    (svc,) = [o for o in objs if o["kind"] == "Service" and o["metadata"]["name"] == FULLNAME]
+    assert svc["spec"]["type"] == "ClusterIP"
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 9102, "targetPort": "admin", "protocol": "TCP"}]
+    pod_labels = one(objs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= pod_labels.items()
+    assert "admin" in [p["name"] for p in daemon_of(objs)["ports"]]
+    # Not the metrics Service: a ServiceMonitor does not scrape the pods twice through it.
+    assert svc["metadata"]["labels"]["app.kubernetes.io/component"] == "token-api"
+    # The daemon's config turns it on, and listens on the pod's address.
+    cfg = config_of(objs)
+    assert cfg["output"]["kubernetes"]["token_api"] is True
+    assert cfg["admin"]["listen"] == "0.0.0.0:9102"
+    # A release's own service account is bound too, and the port follows admin.port.
+    objs = render({**TOKEN_API, "serviceAccount": {"create": False, "name": "token-writer"}, "admin": {"port": 9200}})
+    assert one(objs, "ClusterRoleBinding")["subjects"][0]["name"] == "token-writer"
+    (svc,) = [o for o in objs if o["kind"] == "Service" and o["metadata"]["name"] == FULLNAME]
+    assert svc["spec"]["ports"][0]["port"] == 9200
+
+
+def test_token_api_is_refused_where_it_cannot_work():
+    msg = render_error({"output": {"kubernetes": {"token_api": True}}})
+    assert "output.kubernetes.token_api" in msg and "mode: central" in msg, msg
+    msg = render_error({**TOKEN_API, "admin": {"bindAddress": "127.0.0.1"}})
+    assert "admin.bindAddress" in msg and "loopback" in msg, msg
+
+
+def test_token_api_notes_show_the_request_through_the_service():
+    notes = render_raw(TOKEN_API)[NOTES]
+    assert "Token API" in notes
+    assert "/var/run/secrets/kubernetes.io/serviceaccount/token" in notes
+    assert f"http://{FULLNAME}.{NAMESPACE}.svc:9102/refresh/demo" in notes
+    assert f"get secret/{TOKEN_SECRET}" in notes
+
+
+def test_readme_token_api_example_validates():
+    """The README's Role and RoleBinding that let an app's service account have the token."""
+    files = readme_examples("central-token-api/")
+    objs = [d for body in files.values() for d in yaml.safe_load_all(body) if d]
+    for kube in KUBE_VERSIONS:
+        for obj in objs:
+            kv.validate(obj, kube, strict=True)
+    role = one(objs, "Role")
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": [TOKEN_SECRET], "verbs": ["get"]}]
+    binding = one(objs, "RoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"][0]["kind"] == "ServiceAccount"
+    text = readme_text()
+    assert "`output.kubernetes.token_api`" in text and "system:auth-delegator" in text
+
+
+# ------------------------------------------------------------------------------------------------
 # The app's side: NOTES and README
 
 
@@ -489,6 +574,7 @@ def test_readme_central_mode_example_validates():
         ({"output": {"kubernetes": {"secret": "Not_A_Name"}}}, "/output/kubernetes/secret"),
         ({"output": {"kubernetes": {"lease_duration": 15}}}, "/output/kubernetes/lease_duration"),
         ({"output": {"kubernetes": {"namespace": "shop"}}}, "/output/kubernetes"),
+        ({"output": {"kubernetes": {"token_api": "yes"}}}, "/output/kubernetes/token_api"),
     ],
 )
 def test_schema_rejects_wrong_central_values(values, where):

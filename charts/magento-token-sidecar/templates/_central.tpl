@@ -19,6 +19,12 @@ the app's pods mount. Sidecar mode (the default) uses none of these templates.
 {{- default (include "magento-token-sidecar.suffixed" (list . "tokens")) $k.secret }}
 {{- end }}
 
+{{/* "true" when central mode's token API is on (output.kubernetes.token_api), "" otherwise. */}}
+{{- define "magento-token-sidecar.tokenApi" -}}
+{{- $k := include "magento-token-sidecar.kubernetesOutput" . | fromYaml }}
+{{- if and (include "magento-token-sidecar.isCentral" .) $k.token_api }}true{{ end }}
+{{- end }}
+
 {{/* Every Secret the holder writes, as a JSON list: the token Secret, then each customers[].secret. */}}
 {{- define "magento-token-sidecar.tokenSecretNames" -}}
 {{- $names := list (include "magento-token-sidecar.tokenSecretName" .) }}
@@ -52,6 +58,9 @@ Secret is the index of every token already: those settings are refused rather th
   "namespace" .Release.Namespace
   "lease" (include "magento-token-sidecar.leaseName" .)
   "lease_duration" (default "15s" $k.lease_duration) }}
+{{- if $k.token_api }}
+{{- $_ := set $kube "token_api" true }}
+{{- end }}
 {{- toYaml (dict "kubernetes" $kube "format" $o.format) }}
 {{- end }}
 

@@ -162,6 +162,13 @@ then there is no password Secret, no password volume and no password_file. */}}
 {{- if and (eq $method "cloud_service_otp") (not .Values.magento.cloud_service) }}
 {{- fail "auth.method: cloud_service_otp is Adobe Commerce as a Cloud Service's way: set magento.cloud_service: true (base_url https://<region>.api.commerce.adobe.com/<tenant-id>), or use login_as_customer on other stores" }}
 {{- end }}
+{{- $k := include "magento-token-sidecar.kubernetesOutput" . | fromYaml }}
+{{- if and $k.token_api (not (include "magento-token-sidecar.isCentral" .)) }}
+{{- fail "output.kubernetes.token_api: the token API is central mode's (mode: central), which keeps the tokens in a Secret; in sidecar mode the app reads its token file beside it and asks POST /refresh/<name> on localhost after a 401" }}
+{{- end }}
+{{- if and $k.token_api (has (toString .Values.admin.bindAddress) (list "127.0.0.1" "localhost" "[::1]" "::1")) }}
+{{- fail (printf "admin.bindAddress: %s is loopback, where no app pod reaches the token API (output.kubernetes.token_api); use 0.0.0.0 (or [::] on IPv6-only clusters)" .Values.admin.bindAddress) }}
+{{- end }}
 {{- if and .Values.nativeSidecar (not (include "magento-token-sidecar.isCentral" .)) (semverCompare "<1.29.0-0" .Capabilities.KubeVersion.Version) }}
 {{- fail (printf "nativeSidecar: native sidecar containers need Kubernetes 1.29 or later (this is %s); set nativeSidecar=false" .Capabilities.KubeVersion.Version) }}
 {{- end }}
