@@ -58,9 +58,14 @@ impl Deployment {
 
     /// Starts replica `name` (its POD_NAME) of `run` on its own configuration file.
     fn replica(&self, name: &str, customers: &[(&str, &str)], refresh: &str) -> Daemon {
+        self.replica_with(name, |port| self.config(customers, refresh, port))
+    }
+
+    /// Starts replica `name` of `run` on the configuration `config` makes for its admin port.
+    fn replica_with(&self, name: &str, config: impl FnOnce(u16) -> String) -> Daemon {
         let port = free_port();
         let path = self.w.dir.path().join(format!("{name}.yaml"));
-        std::fs::write(&path, self.config(customers, refresh, port)).unwrap();
+        std::fs::write(&path, config(port)).unwrap();
         let log = self.w.dir.path().join(format!("{name}.log"));
         let kubeconfig = self.kubeconfig.clone();
         let name = name.to_owned();
@@ -730,21 +735,15 @@ async fn two_replicas_without_customer_passwords_make_one_admin_login() {
         d.w.secret_path("robot").display()
     );
     let replica = |name: &str| {
-        let port = free_port();
-        let path = d.w.dir.path().join(format!("{name}.yaml"));
-        let config: String = d
-            .config(&customers, "", port)
-            .lines()
-            .filter(|l| !l.contains("password_file"))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        std::fs::write(&path, config + &auth).unwrap();
-        let log = d.w.dir.path().join(format!("{name}.log"));
-        let (kubeconfig, pod) = (d.kubeconfig.clone(), name.to_owned());
-        Daemon::spawn_with(&["run", "--config", path.to_str().unwrap()], &log, port, move |c| {
-            c.env("KUBECONFIG", kubeconfig).env("POD_NAME", pod).env_remove("HOME");
+        d.replica_with(name, |port| {
+            let config: String = d
+                .config(&customers, "", port)
+                .lines()
+                .filter(|l| !l.contains("password_file"))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            config + &auth
         })
-        .guarded_by(&d.w)
     };
     let mut replicas = [replica("r1"), replica("r2")];
     let alice = d.wait_token("alice", None, 20 * SEC).await;
@@ -812,18 +811,7 @@ async fn sixty_customers_over_three_secrets_are_written_in_batches_each_in_its_s
         ));
     }
     let refresh = "  before_expiry: 4s\n  jitter: 2s\n  max_concurrent_logins: 8\n";
-    let replica = |name: &str| {
-        let port = free_port();
-        let path = d.w.dir.path().join(format!("{name}.yaml"));
-        let head = d.config(&[], refresh, port);
-        std::fs::write(&path, head + &customers).unwrap();
-        let log = d.w.dir.path().join(format!("{name}.log"));
-        let (kubeconfig, pod) = (d.kubeconfig.clone(), name.to_owned());
-        Daemon::spawn_with(&["run", "--config", path.to_str().unwrap()], &log, port, move |c| {
-            c.env("KUBECONFIG", kubeconfig).env("POD_NAME", pod).env_remove("HOME");
-        })
-        .guarded_by(&d.w)
-    };
+    let replica = |name: &str| d.replica_with(name, |port| d.config(&[], refresh, port) + &customers);
     let mut replicas = [replica("r1"), replica("r2")];
     let started = Instant::now();
     let in_secret = |secret: &str| d.api.secret_data(NS, secret).unwrap_or_default();
@@ -887,16 +875,10 @@ async fn a_customer_moved_to_another_secret_leaves_the_old_one_after_the_new_one
     let mut rules = KubeApi::role_for(SECRET);
     rules.push(Rule { verbs: vec!["get", "update", "patch"], resource: "secrets", names: vec![OTHER.to_string()] });
     let d = Deployment::with_role(DevServerOptions::default(), &[ALICE, BOB], rules).await;
-    let port = free_port();
+    let mut r = d.replica("r1", &[(ALICE.0, ALICE.1), (BOB.0, BOB.1)], "");
+    // The file `replica` wrote, to edit for the reload.
     let path = d.w.dir.path().join("r1.yaml");
-    let before = d.config(&[(ALICE.0, ALICE.1), (BOB.0, BOB.1)], "", port);
-    std::fs::write(&path, &before).unwrap();
-    let log = d.w.dir.path().join("r1.log");
-    let kubeconfig = d.kubeconfig.clone();
-    let mut r = Daemon::spawn_with(&["run", "--config", path.to_str().unwrap()], &log, port, move |c| {
-        c.env("KUBECONFIG", kubeconfig).env("POD_NAME", "r1").env_remove("HOME");
-    })
-    .guarded_by(&d.w);
+    let before = std::fs::read_to_string(&path).unwrap();
     let alice = d.wait_token("alice", None, 20 * SEC).await;
     let bob = d.wait_token("bob", None, 20 * SEC).await;
     // Alice moves to the other Secret.
