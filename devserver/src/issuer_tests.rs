@@ -9,8 +9,8 @@ use serde_json::{json, Value};
 
 use crate::admin::{decode_secret, totp_at};
 use crate::graphql::tests::{field_error, post, NOT_AUTHORIZED};
-use crate::tests::{claims, client, me, send, server, token, Answer, SIGN_IN};
-use crate::{CloudService, DevServer, DevServerArgs, DevServerOptions, GraphQlConvention, Route};
+use crate::tests::{claims, client, me, send, server, token, Answer, Cli, SIGN_IN};
+use crate::{CloudService, DevServer, DevServerOptions, GraphQlConvention, Route};
 
 const ALICE: &str = "alice@example.com";
 const ROBOT: &str = "token-robot";
@@ -601,11 +601,6 @@ async fn otp_exchange_exists_only_on_the_cloud_service() {
 #[tokio::test]
 async fn cli_flags_of_the_issuers() {
     use clap::Parser;
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: DevServerArgs,
-    }
     let cli = Cli::try_parse_from([
         "devserver",
         "--customer",

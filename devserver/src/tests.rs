@@ -8,6 +8,13 @@ use serde_json::{json, Value};
 
 use super::*;
 
+/// The dev server's command line as `clap` reads it, for the tests of its flags.
+#[derive(clap::Parser)]
+pub(crate) struct Cli {
+    #[command(flatten)]
+    pub(crate) args: DevServerArgs,
+}
+
 const PATH_TOKEN: &str = "/rest/V1/integration/customer/token";
 const PATH_ME: &str = "/rest/V1/customers/me";
 const PATH_REVOKE: &str = "/rest/V1/integration/customer/revoke-customer-token";
@@ -1189,11 +1196,6 @@ async fn many_logins_on_keep_alive() {
 #[tokio::test]
 async fn cli_args_and_customers_file() {
     use clap::Parser;
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: DevServerArgs,
-    }
     let dir = std::env::temp_dir().join(format!("devserver-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("customers.txt");
@@ -1242,11 +1244,6 @@ async fn cli_args_and_customers_file() {
 #[tokio::test]
 async fn cli_flags_of_store_variants() {
     use clap::Parser;
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: DevServerArgs,
-    }
     let cli = Cli::try_parse_from([
         "devserver",
         "--customer",
@@ -1295,11 +1292,6 @@ async fn cli_flags_of_store_variants() {
 #[tokio::test]
 async fn run_cli_stops_on_signal() {
     use clap::Parser;
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: DevServerArgs,
-    }
     let cli = Cli::try_parse_from(["devserver"]).unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(run_cli(cli.args, async {
@@ -1388,11 +1380,6 @@ async fn login_latency_does_not_serialize_connections() {
 
 #[test]
 fn login_latency_flag_parses() {
-    #[derive(clap::Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: crate::cli::DevServerArgs,
-    }
     use clap::Parser as _;
     assert_eq!(Cli::parse_from(["devserver"]).args.login_latency, Duration::ZERO);
     assert_eq!(Cli::parse_from(["devserver", "--login-latency", "20ms"]).args.login_latency, Duration::from_millis(20));
