@@ -10,7 +10,7 @@ use std::sync::Arc;
 use reqwest::Url;
 use serde::Deserialize;
 
-use super::{password_problem, Checks, PasswordSource, Validator};
+use super::{secret_source, Checks, PasswordSource, Validator};
 
 /// `auth.method`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -175,12 +175,9 @@ pub(super) fn check(
             if admin.username.trim().is_empty() {
                 v.problem("auth.admin.username", "must not be empty".into());
             }
-            let password = secret_source(
-                v,
-                ("auth.admin.password_file", &admin.password_file),
-                ("auth.admin.password_env", &admin.password_env),
-                checks,
-            );
+            let keys = ("auth.admin.password_file", "auth.admin.password_env");
+            let (password, _) =
+                secret_source(v, &str::to_owned, keys, (&admin.password_file, &admin.password_env), checks);
             if let (Some(path), Checks::Environment) = (&admin.totp_secret_file, checks) {
                 if let Err(e) = crate::totp::read_secret(path) {
                     v.problem("auth.admin.totp_secret_file", e.to_string());
@@ -223,12 +220,9 @@ pub(super) fn check(
                     scopes.clone()
                 }
             };
-            let secret = secret_source(
-                v,
-                ("auth.ims.client_secret_file", &ims.client_secret_file),
-                ("auth.ims.client_secret_env", &ims.client_secret_env),
-                checks,
-            );
+            let keys = ("auth.ims.client_secret_file", "auth.ims.client_secret_env");
+            let (secret, _) =
+                secret_source(v, &str::to_owned, keys, (&ims.client_secret_file, &ims.client_secret_env), checks);
             Some(Auth::CloudServiceOtp(ImsCredential {
                 token_url: token_url?,
                 client_id: ims.client_id.clone(),
@@ -238,36 +232,4 @@ pub(super) fn check(
             }))
         }
     }
-}
-
-/// Exactly one of a file and an environment variable, readable with `Checks::Environment`.
-fn secret_source(
-    v: &mut Validator,
-    (file_key, file): (&str, &Option<PathBuf>),
-    (env_key, env): (&str, &Option<String>),
-    checks: Checks,
-) -> Option<PasswordSource> {
-    let source = match (file, env) {
-        (Some(path), None) => PasswordSource::File(path.clone()),
-        (None, Some(var)) if !var.is_empty() => PasswordSource::Env(var.clone()),
-        (None, Some(_)) => {
-            v.problem(env_key, "must name an environment variable".into());
-            return None;
-        }
-        (Some(_), Some(_)) => {
-            v.problem(file_key, format!("give exactly one of {file_key} and {env_key}, not both"));
-            return None;
-        }
-        (None, None) => {
-            v.problem(file_key, format!("one of {file_key} and {env_key} is required"));
-            return None;
-        }
-    };
-    if checks == Checks::Environment {
-        if let Err(e) = source.read() {
-            let key = if matches!(source, PasswordSource::File(_)) { file_key } else { env_key };
-            v.problem(key, password_problem(&e));
-        }
-    }
-    Some(source)
 }

@@ -783,33 +783,51 @@ fn password_source(
     c: &RawCustomer,
     checks: Checks,
 ) -> Option<PasswordSource> {
-    let password = match (&c.password_file, &c.password_env) {
-        (Some(path), None) => Some(PasswordSource::File(path.clone())),
-        (None, Some(var)) if var.is_empty() => {
-            v.problem(&at("password_env"), "must name an environment variable".into());
-            None
-        }
-        (None, Some(var)) => Some(PasswordSource::Env(var.clone())),
-        (Some(_), Some(_)) => {
-            v.problem(&at("password_file"), "give exactly one of password_file and password_env, not both".into());
-            None
-        }
-        (None, None) => {
-            v.problem(&at("password_file"), "one of password_file and password_env is required".into());
-            None
-        }
-    };
-    let mut read = None;
-    if let (Some(source), Checks::Environment) = (&password, checks) {
-        match source.read() {
-            Ok(secret) => read = Some(secret),
-            Err(e) => v.problem(&at(source.key()), password_problem(&e)),
-        }
-    }
+    let keys = ("password_file", "password_env");
+    let (password, read) = secret_source(v, at, keys, (&c.password_file, &c.password_env), checks);
     if let Some(kept) = &mut v.kept {
         kept.push(read);
     }
     password
+}
+
+/// A secret's source: exactly one of a file and an environment variable (`keys`, as a message
+/// names them; `at` makes a key the problem's path), and with `Checks::Environment` the secret
+/// read from it. A customer's password, and the issuer's admin password and IMS client secret.
+fn secret_source(
+    v: &mut Validator,
+    at: &dyn Fn(&str) -> String,
+    (file_key, env_key): (&str, &str),
+    (file, env): (&Option<PathBuf>, &Option<String>),
+    checks: Checks,
+) -> (Option<PasswordSource>, Option<Secret>) {
+    let source = match (file, env) {
+        (Some(path), None) => PasswordSource::File(path.clone()),
+        (None, Some(var)) if !var.is_empty() => PasswordSource::Env(var.clone()),
+        (None, Some(_)) => {
+            v.problem(&at(env_key), "must name an environment variable".into());
+            return (None, None);
+        }
+        (Some(_), Some(_)) => {
+            v.problem(&at(file_key), format!("give exactly one of {file_key} and {env_key}, not both"));
+            return (None, None);
+        }
+        (None, None) => {
+            v.problem(&at(file_key), format!("one of {file_key} and {env_key} is required"));
+            return (None, None);
+        }
+    };
+    let mut read = None;
+    if checks == Checks::Environment {
+        match source.read() {
+            Ok(secret) => read = Some(secret),
+            Err(e) => {
+                let key = if matches!(source, PasswordSource::File(_)) { file_key } else { env_key };
+                v.problem(&at(key), password_problem(&e));
+            }
+        }
+    }
+    (Some(source), read)
 }
 
 /// A customer of a method that obtains tokens without passwords: a password given is refused (it

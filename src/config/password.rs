@@ -63,14 +63,6 @@ impl PasswordSource {
             },
         }
     }
-
-    /// The source's key in the configuration, for messages.
-    pub(super) fn key(&self) -> &'static str {
-        match self {
-            PasswordSource::File(_) => "password_file",
-            PasswordSource::Env(_) => "password_env",
-        }
-    }
 }
 
 impl PasswordError {
