@@ -413,11 +413,7 @@ impl Issuer {
             }
             NoToken::Login { error, .. } => {
                 *transient += 1;
-                let wait = match error.outcome {
-                    // Nothing a retry can change until the store's settings or ours do.
-                    Outcome::Blocked => r.max_backoff,
-                    _ => schedule::backoff(*transient, r, error.retry_after, rand::thread_rng().gen()),
-                };
+                let wait = error.retry_in(*transient, r, rand::thread_rng().gen());
                 let message = format!("{} could not be obtained: {}", self.what(), error.message);
                 warn!(result = error.outcome.as_str(), error = %error.message, retry_in = %humantime::format_duration(wait), "credential login failed");
                 self.set_problem(&message, now, r);

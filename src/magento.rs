@@ -130,6 +130,17 @@ impl LoginError {
         LoginError { outcome, message: message.into(), retry_after: None, final_for_password: false }
     }
 
+    /// How long to wait before trying again after this failure (not a 401, which the lockout
+    /// policy decides), the `failures`-th in a row: `max_backoff` for what a retry cannot change
+    /// until the store's settings (or ours) do, else the jittered backoff, `Retry-After`
+    /// honoured. `random` in [0, 1) is the jitter.
+    pub fn retry_in(&self, failures: u32, r: &crate::config::RefreshSettings, random: f64) -> Duration {
+        match self.outcome {
+            Outcome::Blocked => r.max_backoff,
+            _ => crate::schedule::backoff(failures, r, self.retry_after, random),
+        }
+    }
+
     /// The last safety net before logs and `/status`: an exact copy of `secret` masked, control
     /// characters escaped. Server text was already checked piece by piece (`Pieces`) where it
     /// entered the message; this catches what came another way (an error's cause).

@@ -756,12 +756,7 @@ impl<M: Magento> Worker<M> {
             return next;
         }
         self.transient += 1;
-        let wait = match e.outcome {
-            // Nothing a retry can change until the store's settings do: no more than once per
-            // max_backoff.
-            Outcome::Blocked => r.max_backoff,
-            _ => schedule::backoff(self.transient, &r, e.retry_after, rand::thread_rng().gen()),
-        };
+        let wait = e.retry_in(self.transient, &r, rand::thread_rng().gen());
         warn!(
             result = e.outcome.as_str(),
             error = %e.message,
