@@ -352,12 +352,7 @@ impl Client {
             username: &'a str,
             password: &'a str,
         }
-        // Room for the JSON at its longest (every character escaped as \uXXXX), so that the
-        // buffer never grows: growing would leave a copy of the password behind, unwiped.
-        let room = 32 + 6 * (username.len() + password.expose().len());
-        let mut body = Zeroizing::new(Vec::with_capacity(room));
-        serde_json::to_writer(&mut *body, &Body { username, password: password.expose() })
-            .expect("two strings always serialize");
+        let body = json_buffer(&Body { username, password: password.expose() }, &[username, password.expose()]);
         let request = self
             .post(url, "application/json")?
             // The buffer itself, not a copy: wiped when the HTTP stack lets go of it.
@@ -424,6 +419,16 @@ impl Client {
         };
         graphql::read(&head, &body, secret, op)
     }
+}
+
+/// `value` as JSON in a zeroizing buffer with room for it at its longest (every character of
+/// `strings`, the strings it holds, escaped as `\uXXXX`), so that the buffer never grows: growing
+/// would leave a copy of a password or secret behind, unwiped.
+fn json_buffer(value: &impl Serialize, strings: &[&str]) -> Zeroizing<Vec<u8>> {
+    let room = 64 + strings.iter().map(|s| 6 * s.len() + 8).sum::<usize>();
+    let mut body = Zeroizing::new(Vec::with_capacity(room));
+    serde_json::to_writer(&mut *body, value).expect("strings always serialize");
+    body
 }
 
 /// Parses a successful login's body: a JSON string holding a token of the accepted form.
@@ -872,6 +877,23 @@ mod tests {
         let settings = MagentoSettings { timeout: Duration::from_secs(5), ca_file: Some(pem) };
         let e = Client::new(&settings).unwrap_err();
         assert!(matches!(e, ClientError::Build(_) | ClientError::CaFile { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_json_buffer_never_grows_whatever_its_strings_hold() {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            username: &'a str,
+            password: &'a str,
+        }
+        let controls: String = (1u8..32).map(char::from).collect();
+        for (username, password) in [("", ""), (controls.as_str(), controls.as_str()), ("é✓", "\"\\\"\\")] {
+            let body = json_buffer(&Body { username, password }, &[username, password]);
+            let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(value["password"], password);
+            let room = 64 + 6 * username.len() + 6 * password.len() + 16;
+            assert_eq!(body.capacity(), room, "the buffer grew for {username:?}");
+        }
     }
 
     #[test]

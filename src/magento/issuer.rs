@@ -17,8 +17,8 @@ use zeroize::Zeroizing;
 
 use super::graphql::{self, Op};
 use super::{
-    error_answer_as, network_error, not_magentos_json, read_body, shown_detail, Class, Client, Dialect, Head,
-    LoginError, Outcome,
+    error_answer_as, json_buffer, network_error, not_magentos_json, read_body, shown_detail, Class, Client, Dialect,
+    Head, LoginError, Outcome,
 };
 use crate::config::ImsCredential;
 use crate::secret::Secret;
@@ -36,15 +36,6 @@ const EXCHANGE: &str = "mutation($e:String!,$o:String!){exchangeOtpForCustomerTo
 pub struct ImsToken {
     pub token: Secret,
     pub expires_in: Duration,
-}
-
-/// A JSON document written into a buffer that never grows (every character of the strings
-/// escaped at worst): growing would leave a copy of a secret behind, unwiped.
-fn json_buffer(value: &impl Serialize, strings: &[&str]) -> Zeroizing<Vec<u8>> {
-    let room = 64 + strings.iter().map(|s| 6 * s.len() + 8).sum::<usize>();
-    let mut body = Zeroizing::new(Vec::with_capacity(room));
-    serde_json::to_writer(&mut *body, value).expect("strings always serialize");
-    body
 }
 
 impl Client {
